@@ -1,0 +1,88 @@
+"""RELION CTF parameters and their 2D CTF images (computed with torch-ctf).
+
+Convention (docs/conventions.md, "CTF"): RELION's parameters — rlnDefocusU/V in
+Å (positive = underfocus), rlnDefocusAngle in degrees (azimuth of the defocus-U
+axis from +x), rlnVoltage in kV, rlnSphericalAberration in mm,
+rlnAmplitudeContrast as a fraction, rlnPhaseShift in degrees. The CTF is
+RELION's ``-sin(chi)`` form, positive at low frequency for underfocus. torch-ctf
+uses mean defocus and half the astigmatism in µm with the same angle and sign;
+``tests/test_ctf.py`` checks it against RELION's formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch_ctf import calculate_ctf_2d
+
+__all__ = ["CtfParams", "ctf_rfft"]
+
+
+@dataclass(frozen=True)
+class CtfParams:
+    """Per-particle CTF parameters, RELION units; every field a `(n,)` tensor."""
+
+    defocus_u_angstrom: torch.Tensor
+    defocus_v_angstrom: torch.Tensor
+    defocus_angle_degrees: torch.Tensor
+    voltage_kv: torch.Tensor
+    spherical_aberration_mm: torch.Tensor
+    amplitude_contrast: torch.Tensor
+    phase_shift_degrees: torch.Tensor
+
+    def __getitem__(self, index: torch.Tensor | slice) -> CtfParams:
+        """Parameters of a subset of particles."""
+        return CtfParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def __len__(self) -> int:
+        return int(self.defocus_u_angstrom.shape[0])
+
+    @classmethod
+    def from_arrays(cls, **values: object) -> CtfParams:
+        """Build from array-likes (float64 tensors, broadcast to a common length)."""
+        tensors = {k: torch.as_tensor(v, dtype=torch.float64).reshape(-1) for k, v in values.items()}
+        n = max(t.numel() for t in tensors.values())
+        return cls(**{k: t.expand(n).clone() for k, t in tensors.items()})
+
+
+def ctf_rfft(params: CtfParams, box: int, apix: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """CTF of each particle on the rfft grid of a ``box x box`` image.
+
+    Parameters
+    ----------
+    params: CtfParams
+        `n` particles' parameters.
+    box: int
+        Image side in pixels (the padded side when images are padded: the
+        frequency spacing is ``1 / (box * apix)`` 1/Å).
+    apix: float
+        Pixel size in Å.
+    device: torch.device | str
+        Where to compute.
+
+    Returns
+    -------
+    ctf: torch.Tensor
+        `(n, box, box // 2 + 1)` float32, DC at index 0 (layout of
+        :func:`~cryofastar.recon.fourier.rfft2_centered`).
+    """
+    def as_dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=torch.float32)
+
+    defocus_um = as_dev((params.defocus_u_angstrom + params.defocus_v_angstrom) / 2e4)
+    astigmatism_um = as_dev((params.defocus_u_angstrom - params.defocus_v_angstrom) / 2e4)
+    ctf = calculate_ctf_2d(
+        defocus=defocus_um,
+        astigmatism=astigmatism_um,
+        astigmatism_angle=as_dev(params.defocus_angle_degrees),
+        voltage=as_dev(params.voltage_kv),
+        spherical_aberration=as_dev(params.spherical_aberration_mm),
+        amplitude_contrast=as_dev(params.amplitude_contrast),
+        phase_shift=as_dev(params.phase_shift_degrees),
+        pixel_size=float(apix),
+        image_shape=(box, box),
+        rfft=True,
+        fftshift=False,
+    )
+    return ctf.reshape(len(params), box, box // 2 + 1).to(torch.float32)
