@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch_ctf import calculate_ctf_2d
 
@@ -41,7 +42,7 @@ class CtfParams:
     @classmethod
     def from_arrays(cls, **values: object) -> CtfParams:
         """Build from array-likes (float64 tensors, broadcast to a common length)."""
-        tensors = {k: torch.as_tensor(v, dtype=torch.float64).reshape(-1) for k, v in values.items()}
+        tensors = {k: torch.tensor(np.array(v, dtype=np.float64)).reshape(-1) for k, v in values.items()}
         n = max(t.numel() for t in tensors.values())
         return cls(**{k: t.expand(n).clone() for k, t in tensors.items()})
 

@@ -1,0 +1,259 @@
+"""RELION particle STAR files (starfile): read with validation, write RELION 3.1.
+
+A RELION 3.1 particle set has a ``data_optics`` block (rlnOpticsGroup,
+rlnImagePixelSize Å, rlnImageSize px, rlnVoltage kV, rlnSphericalAberration mm,
+rlnAmplitudeContrast) and a ``data_particles`` block (rlnImageName as
+``N@stack.mrcs`` with N 1-based, rlnAngleRot/Tilt/Psi in degrees,
+rlnOriginXAngst/YAngst, rlnDefocusU/V Å, rlnDefocusAngle degrees, rlnOpticsGroup).
+Stack paths in rlnImageName are resolved relative to the STAR file's directory,
+then to the working directory (RELION's project directory). RELION 3.0 files
+(one block, rlnOriginX/Y in pixels) are read too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+import torch
+
+from ..ctf import CtfParams
+from ..euler import euler_to_matrix
+from ..half_sets import half_sets_for_stack
+from .atomic import atomic_path
+from .errors import ParticleFileError
+from .mrc import read_images, stack_shape
+
+__all__ = ["ParticleTable", "read_particles", "write_particles"]
+
+_ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+_OPTICS_CTF = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
+
+
+@dataclass
+class ParticleTable:
+    """A validated particle set: one row per particle, stacks resolved and checked.
+
+    Attributes
+    ----------
+    star_path: Path
+        The STAR file read.
+    particles: pd.DataFrame
+        The particles block, optics columns merged in (one row per particle).
+    optics: pd.DataFrame | None
+        The optics block as read (``None`` for RELION 3.0 files).
+    stack_paths: np.ndarray
+        `(n,)` resolved stack path (str) of each particle.
+    image_indices: np.ndarray
+        `(n,)` int64 1-based index of each particle in its stack.
+    apix: float
+        Pixel size in Å (one for the whole set).
+    box: int
+        Image side in pixels.
+    """
+
+    star_path: Path
+    particles: pd.DataFrame
+    optics: pd.DataFrame | None
+    stack_paths: np.ndarray
+    image_indices: np.ndarray
+    apix: float
+    box: int
+
+    def __len__(self) -> int:
+        return len(self.particles)
+
+    def rotations(self) -> torch.Tensor:
+        """`(n, 3, 3)` RELION matrices from rlnAngleRot/Tilt/Psi."""
+        angles = torch.as_tensor(self.particles[_ANGLES].to_numpy(np.float64))
+        return euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+
+    def origins_angstrom(self) -> torch.Tensor:
+        """`(n, 2)` float64 rlnOriginXAngst/YAngst (from rlnOriginX/Y px x apix for 3.0; else 0)."""
+        p = self.particles
+        if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(p.columns):
+            values = p[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64)
+        elif {"rlnOriginX", "rlnOriginY"} <= set(p.columns):
+            values = p[["rlnOriginX", "rlnOriginY"]].to_numpy(np.float64) * self.apix
+        else:
+            values = np.zeros((len(p), 2))
+        return torch.as_tensor(values)
+
+    def ctf(self) -> CtfParams | None:
+        """Per-particle CTF parameters, or ``None`` if the set has no rlnDefocusU."""
+        p = self.particles
+        if "rlnDefocusU" not in p.columns:
+            return None
+
+        def col(name: str, default: float | None = None) -> np.ndarray:
+            if name in p.columns:
+                return p[name].to_numpy(np.float64)
+            if default is None:
+                raise ParticleFileError(f"{self.star_path}: rlnDefocusU given but column {name} is missing")
+            return np.full(len(p), default)
+
+        return CtfParams.from_arrays(
+            defocus_u_angstrom=col("rlnDefocusU"),
+            defocus_v_angstrom=col("rlnDefocusV", None) if "rlnDefocusV" in p.columns else col("rlnDefocusU"),
+            defocus_angle_degrees=col("rlnDefocusAngle", 0.0),
+            voltage_kv=col("rlnVoltage"),
+            spherical_aberration_mm=col("rlnSphericalAberration"),
+            amplitude_contrast=col("rlnAmplitudeContrast"),
+            phase_shift_degrees=col("rlnPhaseShift", 0.0),
+        )
+
+    def half_sets(self) -> torch.Tensor:
+        """`(n,)` int64 half set (1/2): rlnRandomSubset if present, else the stable hash."""
+        if "rlnRandomSubset" in self.particles.columns:
+            halves = torch.as_tensor(self.particles["rlnRandomSubset"].to_numpy(np.int64))
+            if bool(((halves == 1) | (halves == 2)).all()):
+                return halves
+            raise ParticleFileError(f"{self.star_path}: rlnRandomSubset must be 1 or 2")
+        halves = torch.empty(len(self), dtype=torch.int64)
+        for stack in np.unique(self.stack_paths):  # one hash per stack, vectorised within
+            rows = np.nonzero(self.stack_paths == stack)[0]
+            halves[rows] = half_sets_for_stack(stack, torch.as_tensor(self.image_indices[rows]))
+        return halves
+
+    def images(self, rows: np.ndarray) -> torch.Tensor:
+        """`(len(rows), B, B)` float32 images of the given particle rows (one read per stack)."""
+        rows = np.asarray(rows)
+        out = torch.empty((len(rows), self.box, self.box), dtype=torch.float32)
+        stacks = self.stack_paths[rows]
+        for stack in np.unique(stacks):
+            where = np.nonzero(stacks == stack)[0]
+            out[where] = read_images(stack, self.image_indices[rows[where]])
+        return out
+
+
+def _fail(path: Path, message: str) -> ParticleFileError:
+    return ParticleFileError(f"{path}: {message}")
+
+
+def _particles_block(path: Path, blocks: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    if "particles" in tables:
+        return tables["particles"], tables.get("optics")
+    with_images = [t for t in tables.values() if "rlnImageName" in t.columns]
+    if len(with_images) == 1:
+        return with_images[0], tables.get("optics")
+    raise _fail(path, "no data_particles block (nor a single block with rlnImageName)")
+
+
+def _merge_optics(path: Path, particles: pd.DataFrame, optics: pd.DataFrame | None) -> pd.DataFrame:
+    if optics is None:
+        return particles
+    if "rlnOpticsGroup" not in optics.columns:
+        raise _fail(path, "data_optics has no rlnOpticsGroup column")
+    if "rlnOpticsGroup" not in particles.columns:
+        if len(optics) != 1:
+            raise _fail(path, "particles lack rlnOpticsGroup but there are several optics groups")
+        particles = particles.assign(rlnOpticsGroup=optics["rlnOpticsGroup"].iloc[0])
+    extra = [c for c in optics.columns if c not in particles.columns or c == "rlnOpticsGroup"]
+    merged = particles.merge(optics[extra], on="rlnOpticsGroup", how="left", validate="many_to_one")
+    unknown = merged[extra[1:]].isna().all(axis=1) if len(extra) > 1 else pd.Series(False, index=merged.index)
+    if bool(unknown.any()):
+        group = particles["rlnOpticsGroup"].iloc[int(np.argmax(unknown.to_numpy()))]
+        raise _fail(path, f"particles refer to optics group {group}, which data_optics does not define")
+    return merged
+
+
+def _pixel_size(path: Path, particles: pd.DataFrame, apix: float | None) -> float:
+    for column in ("rlnImagePixelSize", "rlnPixelSize"):
+        if column in particles.columns:
+            values = particles[column].to_numpy(np.float64)
+            if not np.allclose(values, values[0], rtol=1e-4):
+                raise _fail(path, f"{column} differs between optics groups; one pixel size is required")
+            return float(values[0])
+    if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(particles.columns):
+        return float(particles["rlnDetectorPixelSize"].iloc[0] * 1e4 / particles["rlnMagnification"].iloc[0])
+    if apix is not None:
+        return float(apix)
+    raise _fail(path, "no pixel size (rlnImagePixelSize in data_optics); pass --apix")
+
+
+def _resolve_stack(star_dir: Path, name: str) -> Path | None:
+    candidate = Path(name)
+    if candidate.is_absolute():
+        return candidate if candidate.is_file() else None
+    for base in (star_dir, Path.cwd()):
+        if (base / candidate).is_file():
+            return (base / candidate).resolve()
+    return None
+
+
+def read_particles(path: str | os.PathLike[str], apix: float | None = None) -> ParticleTable:
+    """Read and validate a RELION particle STAR file.
+
+    Every stack named is opened once to check that it exists, is MRC, holds the
+    indices asked for and has the same square box as the others (and as
+    rlnImageSize). Any problem raises :class:`ParticleFileError` with one line.
+
+    Parameters
+    ----------
+    path: str | os.PathLike[str]
+        STAR file.
+    apix: float | None
+        Pixel size (Å) to use when the file gives none.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "file not found")
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:  # noqa: BLE001 - starfile raises many types on bad input
+        raise _fail(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(blocks, dict) or not blocks:
+        raise _fail(path, "not a STAR file with data blocks")
+    particles, optics = _particles_block(path, blocks)
+    missing = [c for c in ["rlnImageName", *_ANGLES] if c not in particles.columns]
+    if missing:
+        raise _fail(path, f"missing required column(s): {', '.join(missing)}")
+    if len(particles) == 0:
+        raise _fail(path, "the particle block is empty")
+    particles = _merge_optics(path, particles.reset_index(drop=True), optics)
+    numeric = [c for c in _ANGLES if not pd.api.types.is_numeric_dtype(particles[c])]
+    if numeric or not np.isfinite(particles[_ANGLES].to_numpy(np.float64)).all():
+        raise _fail(path, "rlnAngleRot/Tilt/Psi must be finite numbers")
+    pixel_size = _pixel_size(path, particles, apix)
+
+    names = particles["rlnImageName"].astype(str)
+    parts = names.str.split("@", n=1, expand=True)
+    if parts.shape[1] != 2 or parts[1].isna().any() or not parts[0].str.fullmatch(r"\d+").all():
+        bad = names[~names.str.fullmatch(r"\d+@.+")].iloc[0]
+        raise _fail(path, f"rlnImageName {bad!r} is not of the form N@stack.mrcs")
+    indices = parts[0].astype(np.int64).to_numpy()
+    stack_names = parts[1].to_numpy(dtype=str)
+
+    stack_paths = np.empty(len(particles), dtype=object)
+    box = None
+    for name in np.unique(stack_names):
+        resolved = _resolve_stack(path.parent, name)
+        if resolved is None:
+            raise _fail(path, f"image name points at missing stack {name!r}")
+        n_images, side, _ = stack_shape(resolved)
+        rows = stack_names == name
+        if int(indices[rows].max()) > n_images or int(indices[rows].min()) < 1:
+            raise _fail(path, f"stack {name!r} holds {n_images} images but image {int(indices[rows].max())} is requested")
+        if box is None:
+            box = side
+        elif side != box:
+            raise _fail(path, f"stack {name!r} has box {side} px but other stacks have {box} px")
+        stack_paths[rows] = str(resolved)
+    assert box is not None
+    if "rlnImageSize" in particles.columns and not (particles["rlnImageSize"] == box).all():
+        raise _fail(path, f"rlnImageSize {int(particles['rlnImageSize'].iloc[0])} does not match the stacks' box {box}")
+    return ParticleTable(
+        star_path=path, particles=particles, optics=optics, stack_paths=stack_paths.astype(str),
+        image_indices=indices, apix=pixel_size, box=int(box),
+    )
+
+
+def write_particles(path: str | os.PathLike[str], particles: pd.DataFrame, optics: pd.DataFrame) -> None:
+    """Write a RELION 3.1 particle STAR file (data_optics + data_particles), atomically."""
+    with atomic_path(path) as tmp:
+        starfile.write({"optics": optics, "particles": particles}, tmp, overwrite=True)
