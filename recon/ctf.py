@@ -42,7 +42,12 @@ class CtfParams:
     @classmethod
     def from_arrays(cls, **values: object) -> CtfParams:
         """Build from array-likes (float64 tensors, broadcast to a common length)."""
-        tensors = {k: torch.tensor(np.array(v, dtype=np.float64)).reshape(-1) for k, v in values.items()}
+        def as_float64(v: object) -> torch.Tensor:
+            if isinstance(v, torch.Tensor):
+                return v.detach().to(torch.float64).reshape(-1)
+            return torch.tensor(np.asarray(v, dtype=np.float64)).reshape(-1)  # copies
+
+        tensors = {k: as_float64(v) for k, v in values.items()}
         n = max(t.numel() for t in tensors.values())
         return cls(**{k: t.expand(n).clone() for k, t in tensors.items()})
 

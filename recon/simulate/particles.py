@@ -7,7 +7,8 @@ particle at RELION matrix ``A`` is the projection along z of the map sampled at
 in ``[-max_shift_px, max_shift_px]`` per axis) and its origin recorded as
 ``rlnOriginX/YAngst = -d * apix`` (the shift that re-centres it). Optional CTF
 (RELION formula, defocus uniform in a range, random astigmatism) multiplies the
-spectrum. Gaussian noise is added at the requested SNR, defined as
+spectrum of a field of view twice the box, from which the particle is then boxed
+out, as on a micrograph. Gaussian noise is added at the requested SNR, defined as
 ``SNR = mean over particles of var(clean image) / sigma_noise^2`` with the
 variance taken over the whole box (docs/conventions.md, "SNR").
 """
@@ -18,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch_fourier_slice import project_3d_to_2d
 
 from ..ctf import CtfParams, ctf_rfft
@@ -130,12 +132,17 @@ def simulate_particles(
     rot, tilt, psi = matrix_to_euler(rotations)
     projections = project_3d_to_2d(volume.to(torch.float32), rotations.transpose(-1, -2).float(), pad_factor=2.0)
     displacement = (torch.rand(n, 2, generator=generator, dtype=torch.float64) * 2 - 1) * max_shift_px
-    spectrum = phase_shift_rfft2(rfft2_centered(projections), displacement, box)
     params = None
-    if ctf is not None:
+    if ctf is None:
+        clean = irfft2_centered(phase_shift_rfft2(rfft2_centered(projections), displacement, box), box)
+    else:
+        # As on a micrograph: the CTF acts on a field of view twice the box, then
+        # the particle is boxed out (signal delocalised beyond the box is lost).
         params = ctf.sample(n, generator)
-        spectrum = spectrum * ctf_rfft(params, box, apix)
-    clean = irfft2_centered(spectrum, box)
+        big, lo = 2 * box, box // 2
+        padded = F.pad(projections, (lo, big - box - lo, lo, big - box - lo))
+        spectrum = phase_shift_rfft2(rfft2_centered(padded), displacement, big) * ctf_rfft(params, big, apix)
+        clean = irfft2_centered(spectrum, big)[:, lo : lo + box, lo : lo + box]
     sigma = 0.0
     if noise_sigma is not None:
         sigma = float(noise_sigma)

@@ -1,0 +1,152 @@
+"""HalfSetAccumulator: additivity, half sets, CTF, state, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cryofastar.recon import CtfParams, HalfSetAccumulator, fsc, half_sets_for_stack
+from cryofastar.recon.simulate import CtfRange, simulate_particles
+
+
+@pytest.fixture(scope="module")
+def particles(phantom32: torch.Tensor):
+    g = torch.Generator().manual_seed(7)
+    sim = simulate_particles(phantom32, 240, apix=1.5, snr=None, generator=g, max_shift_px=3.0)
+    halves = half_sets_for_stack("stack.mrcs", torch.arange(1, 241))
+    return sim, halves
+
+
+def _filled(sim, halves, chunks: list[int], **kwargs) -> HalfSetAccumulator:
+    acc = HalfSetAccumulator(32, 1.5, **kwargs)
+    start = 0
+    for size in chunks:
+        sl = slice(start, start + size)
+        acc.add(sim.images[sl], sim.rotations[sl], sim.origins_angstrom[sl], halves[sl])
+        start += size
+    return acc
+
+
+@pytest.mark.parametrize("interpolation", ["trilinear", "nearest"])
+def test_result_does_not_depend_on_how_particles_are_split(particles, interpolation: str) -> None:
+    sim, halves = particles
+    whole = _filled(sim, halves, [240], interpolation=interpolation)
+    pieces = _filled(sim, halves, [1, 17, 100, 2, 120], interpolation=interpolation)
+    torch.testing.assert_close(pieces.grids, whole.grids, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(pieces.volume(), whole.volume(), rtol=1e-4, atol=1e-5)
+    assert pieces.particle_counts.tolist() == whole.particle_counts.tolist()
+
+
+@pytest.mark.parametrize("interpolation", ["trilinear", "nearest"])
+def test_noise_free_reconstruction_matches_the_map(particles, phantom32: torch.Tensor, interpolation: str) -> None:
+    sim, halves = particles
+    acc = _filled(sim, halves, [240], interpolation=interpolation)
+    curve = fsc(acc.volume(), phantom32)
+    assert float(curve[1:11].min()) > 0.97  # 240 particles cover shells to ~0.6 Nyquist densely
+    assert acc.volume().dtype == torch.float32
+
+
+def test_half_sets_are_independent_grids(particles) -> None:
+    sim, halves = particles
+    acc = _filled(sim, halves, [240])
+    assert acc.particle_counts.tolist() == [int((halves == 1).sum()), int((halves == 2).sum())]
+    only_half1 = HalfSetAccumulator(32, 1.5)
+    mask = halves == 1
+    only_half1.add(sim.images[mask], sim.rotations[mask], sim.origins_angstrom[mask], halves[mask])
+    torch.testing.assert_close(only_half1.grids[0], acc.grids[0], rtol=1e-5, atol=1e-4)
+    assert float(only_half1.grids[1].abs().sum()) == 0.0
+    assert 2 * 1.5 <= acc.resolution_angstrom() < 4.0  # noise-free: FSC 0.143 near Nyquist (3 Å)
+
+
+def test_half_set_rule_is_stable_and_balanced() -> None:
+    idx = torch.arange(1, 10001)
+    a = half_sets_for_stack("/data/session/mic_0001.mrcs", idx)
+    b = half_sets_for_stack("mic_0001.mrcs", idx)
+    assert torch.equal(a, b)
+    assert set(a.unique().tolist()) == {1, 2}
+    assert abs(int((a == 1).sum()) - 5000) < 200
+    assert not torch.equal(a, half_sets_for_stack("mic_0002.mrcs", idx))
+
+
+def test_ctf_weighted_insertion_recovers_the_map(phantom32: torch.Tensor) -> None:
+    g = torch.Generator().manual_seed(8)
+    ctf = CtfRange(defocus_min_angstrom=5000.0, defocus_max_angstrom=15000.0)
+    sim = simulate_particles(phantom32, 400, apix=3.0, snr=None, generator=g, ctf=ctf, max_shift_px=2.0)
+    halves = 1 + (torch.arange(400) % 2)
+    with_ctf = HalfSetAccumulator(32, 3.0)
+    with_ctf.add(sim.images, sim.rotations, sim.origins_angstrom, halves, ctf=sim.ctf)
+    without = HalfSetAccumulator(32, 3.0)
+    without.add(sim.images, sim.rotations, sim.origins_angstrom, halves)
+    good = float(fsc(with_ctf.volume(), phantom32)[1:12].mean())
+    assert good > 0.9
+    assert good > float(fsc(without.volume(), phantom32)[1:12].mean()) + 0.1
+
+
+def test_state_round_trip_resumes_exactly(particles, tmp_path) -> None:
+    sim, halves = particles
+    acc = _filled(sim, halves, [100])
+    path = tmp_path / "state" / "accumulator.pt"
+    acc.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["accumulator.pt"]  # no temporary left behind
+    resumed = HalfSetAccumulator.load(path)
+    assert torch.equal(resumed.grids, acc.grids)
+    for a in (acc, resumed):
+        a.add(sim.images[100:], sim.rotations[100:], sim.origins_angstrom[100:], halves[100:])
+    assert torch.equal(resumed.grids, acc.grids)
+    assert resumed.n_particles == 240
+    assert torch.equal(resumed.volume(), acc.volume())
+
+
+def test_save_failure_keeps_previous_state(particles, tmp_path, monkeypatch) -> None:
+    sim, halves = particles
+    acc = _filled(sim, halves, [10])
+    path = tmp_path / "acc.pt"
+    acc.save(path)
+    before = path.read_bytes()
+    acc.add(sim.images[10:20], sim.rotations[10:20], sim.origins_angstrom[10:20], halves[10:20])
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        acc.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["acc.pt"]
+
+
+def test_load_rejects_other_files(tmp_path) -> None:
+    bogus = tmp_path / "x.pt"
+    bogus.write_bytes(b"not a state")
+    with pytest.raises(ValueError, match="accumulator state"):
+        HalfSetAccumulator.load(bogus)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda im, r, s, h: (im[:, :-1], r, s, h), "images must be"),
+        (lambda im, r, s, h: (im.clone().index_fill_(0, torch.tensor([3]), float("nan")), r, s, h), "NaN"),
+        (lambda im, r, s, h: (im, r, s, h.clone().fill_(3)), "half sets"),
+        (lambda im, r, s, h: (im, r[:-1], s, h), "rotations"),
+    ],
+)
+def test_bad_input_raises_and_leaves_grids_untouched(particles, mutate, message: str) -> None:
+    sim, halves = particles
+    acc = _filled(sim, halves, [20])
+    before = acc.grids.clone()
+    args = mutate(sim.images[20:40], sim.rotations[20:40], sim.origins_angstrom[20:40], halves[20:40])
+    with pytest.raises(ValueError, match=message):
+        acc.add(*args)
+    assert torch.equal(acc.grids, before)
+    assert acc.n_particles == 20
+
+
+def test_ctf_count_mismatch_is_rejected(particles) -> None:
+    sim, halves = particles
+    acc = HalfSetAccumulator(32, 1.5)
+    ctf = CtfParams.from_arrays(defocus_u_angstrom=[1e4], defocus_v_angstrom=[1e4], defocus_angle_degrees=0,
+                                voltage_kv=300, spherical_aberration_mm=2.7, amplitude_contrast=0.1,
+                                phase_shift_degrees=0)
+    with pytest.raises(ValueError, match="CTF"):
+        acc.add(sim.images[:5], sim.rotations[:5], sim.origins_angstrom[:5], halves[:5], ctf=ctf)
