@@ -10,9 +10,7 @@ rounding). State is saved atomically so a run can resume exactly.
 from __future__ import annotations
 
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +20,7 @@ from .fourier import phase_shift_rfft2, rfft2_centered
 from .fsc import fsc, resolution_at_threshold
 from .gridding import grid_to_volume
 from .insertion import Interpolation, grid_shape, insert_slices
+from .io.atomic import atomic_path
 
 __all__ = ["HalfSetAccumulator"]
 
@@ -235,19 +234,9 @@ class HalfSetAccumulator:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state atomically: to a temporary file beside ``path``, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save({k: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                            for k, v in self.state_dict().items()}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        state = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> HalfSetAccumulator:

@@ -16,13 +16,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``.
 
     Readers never see a half-written file; on error the temporary file is removed
-    and any previous ``path`` is left as it was. The temporary name keeps the
-    suffix of ``path`` (libraries that pick a format by suffix still work) and
-    starts with ``.`` so directory watchers can ignore it.
+    and any previous ``path`` is left as it was. The temporary name starts with
+    ``.`` and ends in ``.tmp``, so watchers filtering on ``*.mrcs`` / ``*.star``
+    never see it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
