@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .fourier import irfft3_centered
-from .insertion import Interpolation, hermitian_symmetrize_x0
+from .insertion import Interpolation, fold_grid
 
 __all__ = ["gridding_correction", "grid_to_volume"]
 
@@ -46,7 +46,7 @@ def grid_to_volume(
     Parameters
     ----------
     grid: torch.Tensor
-        `(N, N, N // 2 + 2, 3)` accumulation grid filled by
+        `(N + 2, N + 2, N // 2 + 2, 3)` accumulation grid filled by
         :func:`~cryofastar.recon.insertion.insert_slices`.
     box: int
         Output box ``B`` (pixels); ``N = oversampling * B``.
@@ -65,9 +65,8 @@ def grid_to_volume(
         the input images (a map whose projections are the images).
     """
     n = box * oversampling
-    data, weight = hermitian_symmetrize_x0(grid)
-    half = n // 2 + 1
-    spectrum = data[..., :half] / torch.clamp(weight[..., :half], min=min_weight)
+    data, weight = fold_grid(grid)
+    spectrum = data / torch.clamp(weight, min=min_weight)
     volume = irfft3_centered(spectrum, n)
     start = n // 2 - box // 2
     volume = volume[start : start + box, start : start + box, start : start + box]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up .venv for cryofastar-stream on a fresh machine (CPU). Idempotent.
+#   bash scripts/setup.sh          # the package and its command-line tool
+#   bash scripts/setup.sh --test   # ... plus the test dependencies
+# torch is installed FIRST and pinned (torch==2.13.0, the CPU build), so that no
+# dependency can pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null 2>&1 || python=python3
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+target="."
+[ "${1:-}" = "--test" ] && target=".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$target"
+.venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
