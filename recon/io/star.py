@@ -109,7 +109,7 @@ class ParticleTable:
     def half_sets(self) -> torch.Tensor:
         """`(n,)` int64 half set (1/2): rlnRandomSubset if present, else the stable hash."""
         if "rlnRandomSubset" in self.particles.columns:
-            halves = torch.as_tensor(self.particles["rlnRandomSubset"].to_numpy(np.int64))
+            halves = torch.tensor(np.array(self.particles["rlnRandomSubset"], dtype=np.int64))
             if bool(((halves == 1) | (halves == 2)).all()):
                 return halves
             raise ParticleFileError(f"{self.star_path}: rlnRandomSubset must be 1 or 2")
@@ -153,13 +153,12 @@ def _merge_optics(path: Path, particles: pd.DataFrame, optics: pd.DataFrame | No
         if len(optics) != 1:
             raise _fail(path, "particles lack rlnOpticsGroup but there are several optics groups")
         particles = particles.assign(rlnOpticsGroup=optics["rlnOpticsGroup"].iloc[0])
-    extra = [c for c in optics.columns if c not in particles.columns or c == "rlnOpticsGroup"]
-    merged = particles.merge(optics[extra], on="rlnOpticsGroup", how="left", validate="many_to_one")
-    unknown = merged[extra[1:]].isna().all(axis=1) if len(extra) > 1 else pd.Series(False, index=merged.index)
-    if bool(unknown.any()):
-        group = particles["rlnOpticsGroup"].iloc[int(np.argmax(unknown.to_numpy()))]
+    undefined = ~particles["rlnOpticsGroup"].isin(optics["rlnOpticsGroup"])
+    if bool(undefined.any()):
+        group = particles["rlnOpticsGroup"][undefined].iloc[0]
         raise _fail(path, f"particles refer to optics group {group}, which data_optics does not define")
-    return merged
+    extra = [c for c in optics.columns if c not in particles.columns or c == "rlnOpticsGroup"]
+    return particles.merge(optics[extra], on="rlnOpticsGroup", how="left", validate="many_to_one")
 
 
 def _pixel_size(path: Path, particles: pd.DataFrame, apix: float | None) -> float:
@@ -231,14 +230,16 @@ def read_particles(path: str | os.PathLike[str], apix: float | None = None) -> P
 
     stack_paths = np.empty(len(particles), dtype=object)
     box = None
-    for name in np.unique(stack_names):
+    for name in map(str, np.unique(stack_names)):
         resolved = _resolve_stack(path.parent, name)
         if resolved is None:
             raise _fail(path, f"image name points at missing stack {name!r}")
         n_images, side, _ = stack_shape(resolved)
         rows = stack_names == name
-        if int(indices[rows].max()) > n_images or int(indices[rows].min()) < 1:
-            raise _fail(path, f"stack {name!r} holds {n_images} images but image {int(indices[rows].max())} is requested")
+        wanted = indices[rows]
+        bad = wanted[(wanted < 1) | (wanted > n_images)]
+        if bad.size:
+            raise _fail(path, f"stack {name!r} holds images 1..{n_images} but image {int(bad[0])} is requested")
         if box is None:
             box = side
         elif side != box:

@@ -11,6 +11,11 @@ from typing import Annotated
 
 import typer
 
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
 from cryofastar import __version__
 from cryofastar.recon.io import ParticleFileError
 
@@ -103,5 +108,17 @@ def backproject(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors too end in one ``error:`` line, status 2."""
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx is not None else str(exc))
+        code = 0
+    except UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
