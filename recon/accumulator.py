@@ -26,8 +26,9 @@ __all__ = ["HalfSetAccumulator"]
 
 _STATE_VERSION = 1
 # Samples per insert call: bounds the temporary memory of one scatter
-# (trilinear: 8 corners x 3 channels x 4 bytes per sample).
-_SAMPLES_PER_CALL = 2_000_000
+# (trilinear: 8 corners x 3 channels x 4 bytes per sample) and keeps the
+# temporaries cache-friendly (250k was fastest of 0.25M-8M at box 128).
+_SAMPLES_PER_CALL = 250_000
 
 
 class HalfSetAccumulator:
@@ -165,11 +166,19 @@ class HalfSetAccumulator:
                     slice_weights=weights, interpolation=self.interpolation,
                 )
 
-        # The two halves write disjoint grids: insert them concurrently
-        # (torch releases the GIL inside its kernels).
-        if len(jobs) == 2:
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                list(pool.map(insert_half, jobs))
+        # On a multi-core CPU the two halves (disjoint grids) are inserted by two
+        # threads at once, each running torch single-threaded: the scatter at the
+        # heart of insertion is serial, so this uses the cores better than
+        # intra-op threads (measured ~1.6x at box 128 on 2 cores). The intra-op
+        # thread count is restored afterwards.
+        threads = torch.get_num_threads()
+        if len(jobs) == 2 and self.device.type == "cpu" and threads > 1:
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(max_workers=2) as pool:
+                    list(pool.map(insert_half, jobs))
+            finally:
+                torch.set_num_threads(threads)
         else:
             for job in jobs:
                 insert_half(job)
@@ -205,9 +214,7 @@ class HalfSetAccumulator:
         return self._volume_of(self.grids[0] + self.grids[1])
 
     def _volume_of(self, grid: torch.Tensor) -> torch.Tensor:
-        return grid_to_volume(
-            grid, self.box, self.oversampling, self.interpolation, self.min_weight
-        )
+        return grid_to_volume(grid, self.box, self.interpolation, self.min_weight)
 
     def half_map_fsc(self) -> torch.Tensor:
         """`(B // 2 + 1,)` FSC between the two half maps (see :mod:`~cryofastar.recon.fsc`)."""

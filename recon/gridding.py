@@ -19,14 +19,14 @@ __all__ = ["gridding_correction", "grid_to_volume"]
 
 
 def gridding_correction(
-    box: int, oversampling: int, interpolation: Interpolation, device: torch.device | None = None
+    box: int, size: int, interpolation: Interpolation, device: torch.device | None = None
 ) -> torch.Tensor:
     """`(B, B, B)` real-space apodisation of the insertion kernel, centre at B // 2.
 
     Voxel ``i`` of the cropped box sits at ``(i - B//2) / N`` cycles of the
-    oversampled grid of side ``N = oversampling * B``.
+    oversampled grid of side ``N = size``.
     """
-    n = box * oversampling
+    n = size
     u = (torch.arange(box, device=device, dtype=torch.float64) - box // 2) / n
     per_axis = torch.sinc(u)
     if interpolation == "trilinear":
@@ -37,7 +37,6 @@ def gridding_correction(
 def grid_to_volume(
     grid: torch.Tensor,
     box: int,
-    oversampling: int,
     interpolation: Interpolation,
     min_weight: float = 1.0,
 ) -> torch.Tensor:
@@ -49,9 +48,7 @@ def grid_to_volume(
         `(N + 2, N + 2, N // 2 + 2, 3)` accumulation grid filled by
         :func:`~cryofastar.recon.insertion.insert_slices`.
     box: int
-        Output box ``B`` (pixels); ``N = oversampling * B``.
-    oversampling: int
-        Grid oversampling factor.
+        Output box ``B`` (pixels); the grid's side ``N`` may be larger (oversampling).
     interpolation: Interpolation
         Kernel used for insertion (selects the gridding correction).
     min_weight: float
@@ -64,11 +61,11 @@ def grid_to_volume(
         `(B, B, B)` float32 [z, y, x] map, centre at ``B // 2``, in the units of
         the input images (a map whose projections are the images).
     """
-    n = box * oversampling
+    n = grid.shape[0] - 2
     data, weight = fold_grid(grid)
     spectrum = data / torch.clamp(weight, min=min_weight)
     volume = irfft3_centered(spectrum, n)
     start = n // 2 - box // 2
     volume = volume[start : start + box, start : start + box, start : start + box]
-    correction = gridding_correction(box, oversampling, interpolation, device=volume.device)
+    correction = gridding_correction(box, n, interpolation, device=volume.device)
     return (volume / correction).to(torch.float32).contiguous()
