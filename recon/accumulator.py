@@ -13,10 +13,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 from .ctf import CtfParams, ctf_rfft
-from .fourier import phase_shift_rfft2, rfft2_centered
+from .fourier import phase_shift_rfft2
 from .fsc import fsc, resolution_at_threshold
 from .gridding import grid_to_volume
 from .insertion import Interpolation, grid_shape, insert_slices
@@ -193,11 +192,12 @@ class HalfSetAccumulator:
         CTF^2 weights (``None`` without CTF).
         """
         images = images.to(self.device, torch.float32)
-        before = self.size // 2 - self.box // 2
-        after = self.size - self.box - before
-        padded = F.pad(images, (before, after, before, after))
-        slices = rfft2_centered(padded)
-        shifts_px = shifts_angstrom.to(self.device, torch.float32) / self.apix
+        # Zero-padding to N and centring: torch pads at the end (image centre
+        # B//2 lands at index B//2 of the padded array), so moving the centre to
+        # index 0 is a phase ramp of -B//2 px, folded into the re-centring shift.
+        # Identical to rfft2_centered(pad(images)) without materialising the pad.
+        slices = torch.fft.rfftn(images, s=(self.size, self.size), dim=(-2, -1))
+        shifts_px = shifts_angstrom.to(self.device, torch.float64) / self.apix - self.box // 2
         slices = phase_shift_rfft2(slices, shifts_px, self.size)
         if ctf is None:
             return slices, None

@@ -150,3 +150,17 @@ def test_ctf_count_mismatch_is_rejected(particles) -> None:
                                 phase_shift_degrees=0)
     with pytest.raises(ValueError, match="CTF"):
         acc.add(sim.images[:5], sim.rotations[:5], sim.origins_angstrom[:5], halves[:5], ctf=ctf)
+
+
+def test_prepare_equals_centred_transform_of_the_padded_image(particles) -> None:
+    from torch.nn.functional import pad
+
+    from cryofastar.recon.fourier import phase_shift_rfft2, rfft2_centered
+
+    sim, _ = particles
+    acc = HalfSetAccumulator(32, 1.5)
+    slices, weights = acc._prepare(sim.images[:4], sim.origins_angstrom[:4], None)
+    padded = pad(sim.images[:4], (16, 16, 16, 16))  # centre 16 -> 32 = N // 2
+    expected = phase_shift_rfft2(rfft2_centered(padded), sim.origins_angstrom[:4] / 1.5, 64)
+    assert weights is None
+    torch.testing.assert_close(slices, expected, rtol=1e-4, atol=1e-3)
