@@ -143,13 +143,9 @@ class HalfSetAccumulator:
         if n == 0:
             return
 
-        counts = torch.bincount(half_sets.long().cpu() - 1, minlength=2)
-        halves = half_sets.to(self.device)
-        jobs = []
-        for h in (0, 1):
-            members = torch.nonzero(halves == h + 1).squeeze(-1)
-            if members.numel():
-                jobs.append((h, members))
+        halves = half_sets.long().cpu()
+        counts = torch.bincount(halves - 1, minlength=2)
+        jobs = [(h, torch.nonzero(halves == h + 1).squeeze(-1)) for h in (0, 1) if counts[h] > 0]
         per_call = max(1, _SAMPLES_PER_CALL // (self.size * (self.size // 2 + 1)))
 
         def insert_half(job: tuple[int, torch.Tensor]) -> None:
@@ -157,11 +153,10 @@ class HalfSetAccumulator:
             for start in range(0, members.numel(), per_call):
                 part = members[start : start + per_call]
                 slices, weights = self._prepare(
-                    images[part.cpu()], shifts_angstrom[part.cpu()],
-                    None if ctf is None else ctf[part.cpu()],
+                    images[part], shifts_angstrom[part], None if ctf is None else ctf[part]
                 )
                 insert_slices(
-                    self.grids[h], slices, rotations[part.cpu()].to(self.device),
+                    self.grids[h], slices, rotations[part].to(self.device),
                     slice_weights=weights, interpolation=self.interpolation,
                 )
 

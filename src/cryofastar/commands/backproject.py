@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cryofastar.recon import HalfSetAccumulator
-from cryofastar.recon.fsc import resolution_at_threshold
+from cryofastar.recon.fsc import fsc, resolution_at_threshold
 from cryofastar.recon.insertion import Interpolation
 from cryofastar.recon.io import read_particles, write_volume
 
@@ -78,9 +78,7 @@ def main(
     half1, half2 = acc.half_volumes()
     volume = acc.volume()
     seconds = time.perf_counter() - start
-    from cryofastar.recon.fsc import fsc as fsc_of
-
-    curve = fsc_of(half1, half2)
+    curve = fsc(half1, half2)
     resolution = resolution_at_threshold(curve, table.apix, 0.143)
     outputs = [output]
     write_volume(output, volume, table.apix)
