@@ -34,3 +34,14 @@ def test_console_script_prints_help_with_both_commands() -> None:
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "simulate" in result.stdout and "backproject" in result.stdout
+
+
+def test_exported_members() -> None:
+    import cryofastar.recon as recon
+    import cryofastar.recon.io as io
+    import cryofastar.recon.simulate as simulate
+
+    for module in (recon, io, simulate):
+        assert module.__all__ == sorted(module.__all__), module.__name__
+        for name in module.__all__:
+            assert getattr(module, name).__module__.startswith(module.__name__), (module.__name__, name)
