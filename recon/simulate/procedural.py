@@ -16,8 +16,8 @@ Recipe (also in docs/simulation.md):
 3. Atoms per residue: N, CA, C, O of the backbone and 1–5 side-chain atoms
    (C/N/O/S) on the side facing away from the chain, so there are ~7.5 heavy
    atoms per residue, as in real proteins.
-4. Oligomers: subunits placed with cyclic (Cn) symmetry about z, each at a
-   radius that keeps them in contact.
+4. Oligomers: subunits placed with cyclic (Cn) symmetry about z, neighbouring
+   centres 1.5x the chain's 90th-percentile radius apart (in contact).
 5. B-factors: one value per molecule uniform in [10, 60] Å^2, ±20 % per atom.
 
 Everything is drawn from ``numpy.random.default_rng(seed)``: the same seed gives
@@ -141,8 +141,9 @@ def procedural_molecule(seed: int, settings: ProceduralSettings | None = None) -
     positions, elements = _backbone_and_side_chains(_fold_chain(per_chain, rng), rng)
     positions = positions - positions.mean(0)
     if order > 1:
-        extent = np.linalg.norm(positions[:, :2], axis=-1).max()
-        offset = np.array([0.8 * extent / np.sin(np.pi / order) if order > 2 else 0.8 * extent, 0.0, 0.0])
+        # neighbouring subunit centres 1.5 x the chain's 90th-percentile radius apart: in contact
+        extent = np.quantile(np.linalg.norm(positions[:, :2], axis=-1), 0.9)
+        offset = np.array([0.75 * extent / np.sin(np.pi / order), 0.0, 0.0])
         copies = []
         for k in range(order):
             a = 2 * np.pi * k / order
