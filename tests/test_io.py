@@ -604,3 +604,25 @@ def test_error_messages_are_one_line_and_name_the_file(relion31: Path) -> None:
     assert "\n" not in message
     assert str(relion31) in message or "stack_a.mrcs" in message
     assert isinstance(info.value, ValueError)
+
+
+def test_stack_names_relative_to_a_relion_project_directory(tmp_path: Path, monkeypatch) -> None:
+    """RELION writes Refine3D/job012/run_data.star with names relative to the project."""
+    project = tmp_path / "project"
+    (project / "Extract" / "job005").mkdir(parents=True)
+    write_stack(project / "Extract" / "job005" / "p.mrcs", torch.zeros(3, 16, 16), 1.0)
+    job = project / "Refine3D" / "job012"
+    job.mkdir(parents=True)
+    import pandas as pd
+
+    from cryofastar.recon.io import write_particles
+
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [1.0], "rlnImageSize": [16]})
+    particles = pd.DataFrame({
+        "rlnImageName": [f"{i}@Extract/job005/p.mrcs" for i in (1, 2, 3)],
+        "rlnAngleRot": [0.0] * 3, "rlnAngleTilt": [0.0] * 3, "rlnAnglePsi": [0.0] * 3, "rlnOpticsGroup": [1] * 3,
+    })
+    write_particles(job / "run_data.star", particles, optics)
+    monkeypatch.chdir(tmp_path)  # not the project directory
+    table = read_particles(job / "run_data.star")
+    assert set(table.stack_paths) == {str((project / "Extract" / "job005" / "p.mrcs").resolve())}

@@ -6,7 +6,9 @@ rlnAmplitudeContrast) and a ``data_particles`` block (rlnImageName as
 ``N@stack.mrcs`` with N 1-based, rlnAngleRot/Tilt/Psi in degrees,
 rlnOriginXAngst/YAngst, rlnDefocusU/V Å, rlnDefocusAngle degrees, rlnOpticsGroup).
 Stack paths in rlnImageName are resolved relative to the STAR file's directory,
-then to the working directory (RELION's project directory). RELION 3.0 files
+then its parents up to three levels (a RELION job folder such as
+``Refine3D/job012/`` sits two below the project directory the names are relative
+to), then the working directory. RELION 3.0 files
 (one block, rlnOriginX/Y in pixels) are read too.
 """
 
@@ -179,7 +181,10 @@ def _resolve_stack(star_dir: Path, name: str) -> Path | None:
     candidate = Path(name)
     if candidate.is_absolute():
         return candidate if candidate.is_file() else None
-    for base in (star_dir, Path.cwd()):
+    # the STAR file's folder, then up to 3 of its parents (RELION job folders sit
+    # 2 levels below the project directory the names are relative to), then cwd
+    bases = [star_dir, *list(star_dir.resolve().parents)[:3], Path.cwd()]
+    for base in bases:
         if (base / candidate).is_file():
             return (base / candidate).resolve()
     return None
