@@ -28,12 +28,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch_fourier_slice import insert_central_slices_rfft_3d
-from torch_fourier_slice.volume_utils import separable_sinc2_correction
-
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
 from cryofastar.recon.fourier import irfft2_centered, phase_shift_rfft2, rfft2_centered
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, random_rotations
+from torch_fourier_slice import insert_central_slices_rfft_3d
+from torch_fourier_slice.volume_utils import separable_sinc2_correction
 
 
 def project_real_space(volume: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ import platform
 import time
 
 import torch
-
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.simulate import random_rotations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cryofastar.recon import CtfParams, HalfSetAccumulator, fsc, half_sets_for_stack
 from cryofastar.recon.simulate import CtfRange, simulate_particles
 
@@ -153,9 +152,8 @@ def test_ctf_count_mismatch_is_rejected(particles) -> None:
 
 
 def test_prepare_equals_centred_transform_of_the_padded_image(particles) -> None:
-    from torch.nn.functional import pad
-
     from cryofastar.recon.fourier import phase_shift_rfft2, rfft2_centered
+    from torch.nn.functional import pad
 
     sim, _ = particles
     acc = HalfSetAccumulator(32, 1.5)

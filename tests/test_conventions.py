@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.ndimage import shift as nd_shift
-
 from cryofastar.recon import HalfSetAccumulator, euler_to_matrix, fsc, matrix_to_euler
 from cryofastar.recon.ctf import CtfParams, ctf_rfft
 from cryofastar.recon.fourier import irfft2_centered, phase_shift_rfft2, rfft2_centered
 from cryofastar.recon.simulate import random_rotations, simulate_particles
+from scipy.ndimage import shift as nd_shift
 
 
 def _passive_z(a: float) -> np.ndarray:
@@ -107,7 +106,9 @@ def test_backprojection_of_real_space_projections_with_relion_origins(phantom32:
     assert fsc(transposed, phantom32)[1:12].mean() < score - 0.2
 
 
-def _relion_ctf(du: float, dv: float, angle: float, kv: float, cs: float, q0: float, box: int, apix: float) -> torch.Tensor:
+def _relion_ctf(
+    du: float, dv: float, angle: float, kv: float, cs: float, q0: float, box: int, apix: float
+) -> torch.Tensor:
     """RELION's CTF::getCTF, written out independently (ctf.h)."""
     wavelength = 12.2643247 / math.sqrt(kv * 1e3 * (1 + kv * 1e3 * 0.978466e-6))
     ky = torch.fft.fftfreq(box, dtype=torch.float64) / apix

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cryofastar.recon import fsc
 from cryofastar.recon.io import read_volume
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cryofastar.recon import fsc, resolution_at_threshold, shell_resolutions_angstrom
 
 

@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 import starfile
 import torch
-
 from cryofastar.recon.io import (
     ParticleFileError,
     ParticleTable,
@@ -614,7 +613,6 @@ def test_stack_names_relative_to_a_relion_project_directory(tmp_path: Path, monk
     job = project / "Refine3D" / "job012"
     job.mkdir(parents=True)
     import pandas as pd
-
     from cryofastar.recon.io import write_particles
 
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [1.0], "rlnImageSize": [16]})

@@ -11,7 +11,6 @@ import gemmi
 import numpy as np
 import pytest
 import torch
-
 from cryofastar.recon.io import ParticleFileError, read_particles, read_volume
 from cryofastar.recon.simulate import (
     Atoms,
