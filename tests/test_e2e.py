@@ -27,8 +27,12 @@ def test_noise_free_session_reconstructs_to_near_nyquist(tmp_path: Path, interpo
     run("simulate", "--out", str(tmp_path), "--n", "1500", "--box", "48", "--apix", "2.5",
         "--no-noise", "--per-stack", "500", "--seed", "4")
     out = run("backproject", str(tmp_path / "particles.star"), "-o", str(tmp_path / "map.mrc"),
-              "--interpolation", interpolation)
-    assert "resolution" in out.stdout
+              "--interpolation", interpolation, "--reference", str(tmp_path / "reference.mrc"))
+    assert "FSC 0.5 resolution against" in out.stdout
+    assert float(out.stdout.split("reference.mrc:")[1].split("Å")[0]) == pytest.approx(5.0, abs=0.3)  # Nyquist
+    table = (tmp_path / "map_fsc.tsv").read_text().splitlines()
+    assert table[0].split("\t") == ["shell", "resolution_angstrom", "fsc_half_maps", "fsc_vs_reference"]
+    assert len(table) == 1 + 25
     ours, apix = read_volume(tmp_path / "map.mrc")
     truth, _ = read_volume(tmp_path / "reference.mrc")
     assert apix == pytest.approx(2.5)

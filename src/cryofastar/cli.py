@@ -88,21 +88,28 @@ def backproject(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     apix: Annotated[float | None, typer.Option(help="Pixel size in Å if the STAR file gives none.")] = None,
     use_ctf: Annotated[bool, typer.Option("--ctf/--no-ctf", help="Use the CTF columns when present (Wiener-style insertion).")] = True,
+    reference: Annotated[Path | None, typer.Option(help="Known map (MRC, same box): also report the FSC-0.5 resolution against it.")] = None,
 ) -> None:
-    """Reconstruct a map from the poses in a particle STAR file; print the half-map FSC resolution."""
+    """Reconstruct a map from the poses in a particle STAR file; print the half-map FSC resolution.
+
+    Writes MAP.mrc (both half sets), MAP_half1/2.mrc with --half-maps, and MAP_fsc.tsv
+    (per shell: resolution in Å, half-map FSC, and the FSC against --reference if given).
+    """
     from cryofastar.commands import backproject as command
 
     if interpolation not in ("trilinear", "nearest"):
         raise _fail(f"--interpolation must be trilinear or nearest, got {interpolation!r}")
     try:
         result = command.main(particles, output, half_maps, interpolation, oversampling, batch,  # type: ignore[arg-type]
-                              device, apix, use_ctf)
+                              device, apix, use_ctf, reference)
     except (ParticleFileError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(
         f"{result.n_particles} particles (half sets {result.half_counts[0]}/{result.half_counts[1]}) "
         f"in {result.seconds:.1f} s; half-map FSC 0.143 resolution {result.resolution_angstrom:.2f} Å"
     )
+    if result.reference_resolution_angstrom is not None:
+        typer.echo(f"FSC 0.5 resolution against {reference}: {result.reference_resolution_angstrom:.2f} Å")
     for path in result.outputs:
         typer.echo(f"wrote {path}")
 

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from cryofastar.recon import HalfSetAccumulator
-from cryofastar.recon.fsc import fsc, resolution_at_threshold
+from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.insertion import Interpolation
-from cryofastar.recon.io import read_particles, write_volume
+from cryofastar.recon.io import read_particles, read_volume, write_volume
+from cryofastar.recon.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class BackprojectResult:
     fsc: torch.Tensor
     seconds: float
     outputs: list[Path]
+    reference_resolution_angstrom: float | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -56,12 +58,18 @@ def main(
     device: str,
     apix: float | None,
     use_ctf: bool,
+    reference: Path | None = None,
 ) -> BackprojectResult:
-    """Read, insert in batches, write the map (and half maps); returns figures."""
+    """Read, insert in batches, write the map, half maps and FSC table; returns figures."""
     if batch < 1:
         raise ValueError(f"--batch must be at least 1, got {batch}")
     dev = resolve_device(device)
     table = read_particles(particles, apix=apix)
+    reference_map = None
+    if reference is not None:
+        reference_map, _ = read_volume(reference)
+        if reference_map.shape[0] != table.box:
+            raise ValueError(f"--reference {reference} has box {reference_map.shape[0]} px, particles {table.box} px")
     ctf = table.ctf() if use_ctf else None
     rotations = table.rotations()
     origins = table.origins_angstrom()
@@ -87,5 +95,23 @@ def main(
             path = output.with_name(f"{output.stem}_half{k}{output.suffix or '.mrc'}")
             write_volume(path, half, table.apix)
             outputs.append(path)
+    columns = {"resolution_angstrom": shell_resolutions_angstrom(table.box, table.apix), "fsc_half_maps": curve}
+    reference_resolution = None
+    if reference_map is not None:
+        columns["fsc_vs_reference"] = fsc(volume, reference_map)
+        reference_resolution = resolution_at_threshold(columns["fsc_vs_reference"], table.apix, 0.5)
+    fsc_path = output.with_name(f"{output.stem}_fsc.tsv")
+    write_fsc_table(fsc_path, columns)
+    outputs.append(fsc_path)
     counts = acc.particle_counts.tolist()
-    return BackprojectResult(len(table), (counts[0], counts[1]), resolution, curve, seconds, outputs)
+    return BackprojectResult(len(table), (counts[0], counts[1]), resolution, curve, seconds, outputs,
+                             reference_resolution)
+
+
+def write_fsc_table(path: Path, columns: dict[str, torch.Tensor]) -> None:
+    """Tab-separated FSC table: one row per shell, a header naming the columns."""
+    with atomic_path(path) as tmp:
+        lines = ["shell\t" + "\t".join(columns)]
+        for shell in range(len(next(iter(columns.values())))):
+            lines.append(f"{shell}\t" + "\t".join(f"{float(c[shell]):.6g}" for c in columns.values()))
+        tmp.write_text("\n".join(lines) + "\n")
