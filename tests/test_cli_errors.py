@@ -97,6 +97,13 @@ def _non_mrc_stack(d: Path) -> list[str]:
     return ["backproject", str(star), "-o", str(d / "map.mrc")]
 
 
+def _nan_pixels(d: Path) -> list[str]:
+    star = make_set(d)
+    with mrcfile.open(d / "stack_b.mrcs", mode="r+") as mrc:
+        mrc.data[2, 3, 4] = np.nan
+    return ["backproject", str(star), "-o", str(d / "map.mrc")]
+
+
 def _nonexistent_star(d: Path) -> list[str]:
     d.mkdir(parents=True)
     return ["backproject", str(d / "no_such.star"), "-o", str(d / "map.mrc")]
@@ -130,6 +137,7 @@ CASES: dict[str, Case] = {
     "missing-stack": Case(_missing_stack, "stack_b.mrcs", "map.mrc"),
     "mismatched-boxes": Case(_mismatched_boxes, "box", "map.mrc"),
     "non-mrc-stack": Case(_non_mrc_stack, "MRC", "map.mrc"),
+    "nan-pixels": Case(_nan_pixels, "000003@stack_b.mrcs contains NaN", "map.mrc"),
     "nonexistent-star": Case(_nonexistent_star, "not found", "map.mrc"),
     "bad-interpolation": Case(_bad_interpolation, "--interpolation", "map.mrc"),
     "simulate-odd-box": Case(_odd_box, "--box", "sim/particles.star"),

@@ -18,7 +18,7 @@ import torch
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.insertion import Interpolation
-from cryofastar.recon.io import read_particles, read_volume, write_volume
+from cryofastar.recon.io import ParticleFileError, read_particles, read_volume, write_volume
 from cryofastar.recon.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,12 @@ def main(
     start = time.perf_counter()
     for first in range(0, len(table), batch):
         rows = np.arange(first, min(first + batch, len(table)))
-        acc.add(table.images(rows), rotations[rows], origins[rows], halves[rows],
+        images = table.images(rows)
+        finite = torch.isfinite(images).all(dim=(-2, -1))
+        if not bool(finite.all()):
+            name = table.particles["rlnImageName"].iloc[int(rows[int((~finite).nonzero()[0])])]
+            raise ParticleFileError(f"{particles}: image {name} contains NaN or Inf pixels")
+        acc.add(images, rotations[rows], origins[rows], halves[rows],
                 None if ctf is None else ctf[torch.as_tensor(rows)])
     half1, half2 = acc.half_volumes()
     volume = acc.volume()
