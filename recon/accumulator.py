@@ -120,6 +120,13 @@ class HalfSetAccumulator:
         ValueError
             On inconsistent shapes, non-finite values or half sets not in {1, 2};
             the grids are untouched.
+
+        Notes
+        -----
+        On a multi-core CPU the two halves are inserted by two threads at once and
+        torch's intra-op thread count is set to 1 for the duration of the call
+        (restored afterwards), which affects torch work running concurrently in
+        other threads of the process.
         """
         images = torch.as_tensor(images)
         n = images.shape[0] if images.ndim == 3 else -1
