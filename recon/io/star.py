@@ -100,7 +100,7 @@ class ParticleTable:
 
         return CtfParams.from_arrays(
             defocus_u_angstrom=col("rlnDefocusU"),
-            defocus_v_angstrom=col("rlnDefocusV", None) if "rlnDefocusV" in p.columns else col("rlnDefocusU"),
+            defocus_v_angstrom=col("rlnDefocusV" if "rlnDefocusV" in p.columns else "rlnDefocusU"),
             defocus_angle_degrees=col("rlnDefocusAngle", 0.0),
             voltage_kv=col("rlnVoltage"),
             spherical_aberration_mm=col("rlnSphericalAberration"),
