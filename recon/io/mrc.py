@@ -28,16 +28,20 @@ def _open(path: Path) -> mrcfile.mrcmmap.MrcMemmap:
         raise ParticleFileError(f"{path}: not a readable MRC file ({exc})") from exc
 
 
+def _stack_data(mrc: mrcfile.mrcmmap.MrcMemmap, path: Path) -> np.ndarray:
+    """The open file's data as `(n_images, B, B)` (a single 2D image counts as 1)."""
+    data = mrc.data if mrc.data.ndim != 2 else mrc.data[None]
+    if data.ndim != 3 or data.shape[1] != data.shape[2]:
+        raise ParticleFileError(f"{path}: expected a stack of square images, got shape {mrc.data.shape}")
+    return data
+
+
 def stack_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     """`(n_images, B, B)` of a particle stack (a single 2D image counts as 1)."""
     path = Path(path)
     with _open(path) as mrc:
-        shape = mrc.data.shape
-    if len(shape) == 2:
-        shape = (1, *shape)
-    if len(shape) != 3 or shape[1] != shape[2]:
-        raise ParticleFileError(f"{path}: expected a stack of square images, got shape {shape}")
-    return (int(shape[0]), int(shape[1]), int(shape[2]))
+        n_images, box, _ = _stack_data(mrc, path).shape
+    return (int(n_images), int(box), int(box))
 
 
 def read_images(path: str | os.PathLike[str], indices: np.ndarray | None = None) -> torch.Tensor:
@@ -56,12 +60,12 @@ def read_images(path: str | os.PathLike[str], indices: np.ndarray | None = None)
         `(n, B, B)` float32 [n, y, x].
     """
     path = Path(path)
-    n_images, box, _ = stack_shape(path)
     with _open(path) as mrc:
-        data = mrc.data if mrc.data.ndim == 3 else mrc.data[None]
+        data = _stack_data(mrc, path)
         if indices is None:
             out = np.array(data, dtype=np.float32)
         else:
+            n_images = data.shape[0]
             idx = np.asarray(indices, dtype=np.int64)
             bad = idx[(idx < 1) | (idx > n_images)]
             if bad.size:

@@ -121,7 +121,7 @@ def write_session(
     generator = torch.Generator().manual_seed(seed)
     write_volume(out / "reference.mrc", volume, apix)
 
-    noise_sigma = None
+    noise_sigma = 0.0
     if snr is not None and math.isfinite(snr):
         # One noise level for the whole session, from a probe of 64 particles.
         probe = simulate_particles(volume, 64, apix, snr, torch.Generator().manual_seed(seed + 1),
@@ -134,7 +134,7 @@ def write_session(
     for k in range(n_stacks):
         count = min(per_stack, n_particles - k * per_stack)
         sim = simulate_particles(volume, count, apix, None, generator, max_shift_px=max_shift_px,
-                                 ctf=ctf, noise_sigma=noise_sigma if noise_sigma is not None else 0.0)
+                                 ctf=ctf, noise_sigma=noise_sigma)
         name = f"particles_{k + 1:05d}.mrcs"
         if rate is not None:
             due = start + (k * per_stack + count) / rate
@@ -148,7 +148,7 @@ def write_session(
     write_particles(star, pd.concat(tables, ignore_index=True), _optics_table(box, apix, ctf or CtfRange()))
     info = {
         "n_particles": n_particles, "box": box, "apix_angstrom": apix, "snr": snr,
-        "noise_sigma": noise_sigma or 0.0, "seed": seed, "per_stack": per_stack, "rate": rate,
+        "noise_sigma": noise_sigma, "seed": seed, "per_stack": per_stack, "rate": rate,
         "max_shift_px": max_shift_px, "ctf": asdict(ctf) if ctf is not None else None,
         **(metadata or {}),
     }
