@@ -104,6 +104,7 @@ def simulate_particles(
     max_shift_px: float = 4.0,
     ctf: CtfRange | None = None,
     noise_sigma: float | None = None,
+    rotations: torch.Tensor | None = None,
 ) -> SimulatedParticles:
     """Simulate ``n`` particles of ``volume``.
 
@@ -126,9 +127,16 @@ def simulate_particles(
     noise_sigma: float | None
         Use this noise level instead of deriving it from ``snr`` (lets a session
         written in chunks keep one noise level).
+    rotations: torch.Tensor | None
+        `(n, 3, 3)` RELION matrices to use instead of SO(3)-uniform ones (e.g. the
+        restricted pose distributions of a training curriculum).
     """
     box = volume.shape[-1]
-    rotations = random_rotations(n, generator)
+    if rotations is None:
+        rotations = random_rotations(n, generator)
+    elif rotations.shape != (n, 3, 3):
+        raise ValueError(f"rotations must be ({n}, 3, 3), got {tuple(rotations.shape)}")
+    rotations = rotations.to(torch.float64)
     rot, tilt, psi = matrix_to_euler(rotations)
     projections = project_3d_to_2d(volume.to(torch.float32), rotations.transpose(-1, -2).float(), pad_factor=2.0)
     displacement = (torch.rand(n, 2, generator=generator, dtype=torch.float64) * 2 - 1) * max_shift_px

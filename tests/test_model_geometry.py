@@ -1,0 +1,126 @@
+"""FPM geometry, the polar input and the Kabsch pose solver (no network)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from cryofastar.model.curriculum import Stage
+from cryofastar.model.fpm import fourier_planar_map, mirror_fpm, origins_to_tau, relative_rotations
+from cryofastar.model.kabsch import fpm_to_poses, weighted_kabsch
+from cryofastar.model.loss import fpm_loss, geodesic_degrees
+from cryofastar.model.polar import planar_coordinates, polar_lines
+from cryofastar.model.training_data import MoleculeBank, sample_rotations, simulate_sets
+from cryofastar.recon.simulate.particles import random_rotations
+
+
+@pytest.fixture(scope="module")
+def bank() -> MoleculeBank:
+    return MoleculeBank(64, 2, [], 0.0, seed_start=7, generator=torch.Generator().manual_seed(0))
+
+
+def test_kabsch_recovers_rotations_and_shifts_from_exact_fpm():
+    g = torch.Generator().manual_seed(0)
+    rotations = random_rotations(12, g).view(2, 6, 3, 3)
+    origins = (torch.rand(2, 6, 2, generator=g, dtype=torch.float64) - 0.5) * 8
+    x0 = planar_coordinates(16, 8, 0.75).double()
+    fpm = fourier_planar_map(relative_rotations(rotations), origins_to_tau(origins, 64), x0)
+    weights = torch.rand(fpm.shape[:-1], generator=g) + 0.1
+    rel, got = fpm_to_poses(fpm, weights, x0, 64)
+    assert torch.allclose(rel, relative_rotations(rotations), atol=1e-10)
+    assert torch.allclose(got, origins, atol=1e-9)
+    assert torch.allclose(torch.linalg.det(rel), torch.ones(2, 6, dtype=torch.float64))
+    # the reference view comes out as the identity
+    assert torch.allclose(rel[:, 0], torch.eye(3, dtype=torch.float64).expand(2, 3, 3), atol=1e-10)
+
+
+def test_kabsch_weights_ignore_outliers():
+    g = torch.Generator().manual_seed(1)
+    rotation = random_rotations(1, g)[0]
+    x0 = planar_coordinates(12, 6, 0.75).double().reshape(-1, 3)
+    x = x0 @ rotation.T
+    bad = torch.zeros(len(x0), dtype=torch.bool)
+    bad[::5] = True
+    x[bad] = torch.randn(int(bad.sum()), 3, generator=g, dtype=torch.float64)
+    weights = torch.where(bad, 1e-9, 1.0)
+    fitted, _ = weighted_kabsch(x0, x, weights)
+    assert float(geodesic_degrees(fitted, rotation)) < 1e-4
+    unweighted, _ = weighted_kabsch(x0, x, torch.ones(len(x0)))
+    assert float(geodesic_degrees(unweighted, rotation)) > 1.0
+
+
+def test_mirrored_fpm_is_the_fpm_of_mirrored_poses():
+    g = torch.Generator().manual_seed(2)
+    rotations = random_rotations(5, g)
+    j = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+    x0 = planar_coordinates(8, 4, 0.75).double()
+    tau = origins_to_tau(torch.randn(5, 2, generator=g, dtype=torch.float64), 64)
+    direct = fourier_planar_map(relative_rotations(rotations), tau, x0)
+    mirrored = fourier_planar_map(relative_rotations(j @ rotations @ j), tau, x0)
+    assert torch.allclose(mirror_fpm(direct), mirrored, atol=1e-12)
+
+
+def test_loss_is_hand_invariant_per_set():
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(3, 4, 8, 6, 3, generator=g)
+    confidence = 1 + torch.rand(3, 4, 8, 6, generator=g)
+    pred = torch.stack([target[0], mirror_fpm(target[1]), target[2] + 0.3])
+    loss, mirrored = fpm_loss(pred, confidence, target)
+    loss_true, _ = fpm_loss(torch.stack([target[0], target[1], target[2] + 0.3]), confidence, target)
+    assert torch.allclose(loss, loss_true)
+    assert mirrored.tolist()[:2] == [False, True]
+    # mirroring single views is not forgiven
+    mixed = target.clone()
+    mixed[:, 1] = mirror_fpm(target[:, 1])
+    assert float(fpm_loss(mixed, confidence, target)[0]) > float(fpm_loss(target, confidence, target)[0]) + 0.01
+
+
+def test_common_line_of_two_simulated_views_is_where_the_fpm_says(bank):
+    """The FPM convention against simulated images: the sample of view 1 whose FPM lies in
+    the reference plane (z = 0) is the reference's sample at the same (x, y)."""
+    g = torch.Generator().manual_seed(4)
+    sets = simulate_sets(bank, Stage("t", "full", views=3), 1, g)
+    n_lines, n_radii = 180, 24
+    lines = polar_lines(sets.images[0], n_lines, n_radii, 0.75)  # (3, 2, L, 2R)
+    rel = relative_rotations(sets.rotations)[0]
+    theta = torch.arange(n_lines, dtype=torch.float64) * math.pi / n_lines
+    directions = torch.stack([torch.cos(theta), torch.sin(theta), torch.zeros_like(theta)], -1) @ rel[1].T
+    line = int(directions[:, 2].abs().argmin())
+    angle = math.atan2(float(directions[line, 1]), float(directions[line, 0]))
+    match = round((angle % math.pi) / (math.pi / n_lines)) % n_lines
+    ref = lines[0, :, match].flip(-1) if angle < 0 else lines[0, :, match]
+    other = lines[0, :, (match + n_lines // 3) % n_lines]
+    same = torch.nn.functional.cosine_similarity(lines[1, :, line].flatten(), ref.flatten(), 0)
+    different = torch.nn.functional.cosine_similarity(lines[1, :, line].flatten(), other.flatten(), 0)
+    assert float(same) > 0.9
+    assert float(different) < 0.5
+
+
+def test_polar_lines_turn_a_quarter_rotation_into_a_cyclic_shift():
+    g = torch.Generator().manual_seed(5)
+    box, n_lines = 63, 24  # odd box: rot90 turns about index B // 2
+    image = torch.randn(box, box, generator=g)
+    image = torch.nn.functional.avg_pool2d(image[None, None], 5, 1, 2)[0, 0]
+    lines = polar_lines(torch.stack([image, torch.rot90(image, 1, (0, 1))]), n_lines, 10, 0.7)
+    q = n_lines // 2  # 90 degrees
+    # line l of the rotated image is line l + q of the original; lines that wrap past
+    # 180 degrees come back as the other half of the line (signed radius reversed)
+    expected = torch.cat([lines[0, :, q:], lines[0, :, :q].flip(-1)], 1)
+    assert float((lines[1] - expected).abs().mean()) < 1e-4 * float(lines[0].abs().mean())
+    unreversed = torch.cat([lines[0, :, q:], lines[0, :, :q]], 1)
+    assert float((lines[1] - unreversed).abs().mean()) > 0.1 * float(lines[0].abs().mean())
+
+
+@pytest.mark.parametrize("poses", ["inplane", "cone"])
+def test_curriculum_pose_distributions(poses):
+    g = torch.Generator().manual_seed(6)
+    stage = Stage("t", poses, views=200, cone_degrees=20.0)
+    rotations = sample_rotations(stage, 200, g)
+    rel = relative_rotations(rotations)
+    # the viewing direction (third row of A) moves by at most 2 x the cone (0 for in-plane)
+    directions = rotations[:, 2]
+    spread = torch.rad2deg(torch.acos((directions @ directions[0]).clamp(-1, 1))).max()
+    limit = 1e-6 if poses == "inplane" else 40.0 + 1e-6
+    assert float(spread) <= limit
+    assert float(geodesic_degrees(rel[1:], torch.eye(3, dtype=torch.float64)).max()) > 90  # in-plane angles free
