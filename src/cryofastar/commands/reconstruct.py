@@ -16,6 +16,7 @@ predicted rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst and rlnCryofastarConfidence),
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,13 @@ def _optics_for_output(table: ParticleTable) -> pd.DataFrame:
     return pd.DataFrame(optics)
 
 
-def _particles_for_output(table: ParticleTable, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
+def _image_names_from(table: ParticleTable, outdir: Path) -> list[str]:
+    """rlnImageName of every particle with its stack path relative to ``outdir`` (so the file resolves there)."""
+    relative = {stack: os.path.relpath(Path(stack).resolve(), outdir.resolve()) for stack in np.unique(table.stack_paths)}
+    return [f"{int(i):06d}@{relative[stack]}" for i, stack in zip(table.image_indices, table.stack_paths, strict=True)]
+
+
+def _particles_for_output(table: ParticleTable, outdir: Path, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
                           confidence: torch.Tensor) -> pd.DataFrame:
     merged = set(table.optics.columns) - {"rlnOpticsGroup"} if table.optics is not None else set()
     rows = table.particles.drop(columns=[c for c in table.particles.columns if c in merged])
@@ -79,7 +86,7 @@ def _particles_for_output(table: ParticleTable, rotations: torch.Tensor, origins
     if "rlnOpticsGroup" not in rows.columns:
         rows = rows.assign(rlnOpticsGroup=1)
     rot, tilt, psi = matrix_to_euler(rotations)
-    return rows.assign(rlnAngleRot=rot.numpy(), rlnAngleTilt=tilt.numpy(), rlnAnglePsi=psi.numpy(),
+    return rows.assign(rlnImageName=_image_names_from(table, outdir), rlnAngleRot=rot.numpy(), rlnAngleTilt=tilt.numpy(), rlnAnglePsi=psi.numpy(),
                        rlnOriginXAngst=origins_angstrom[:, 0].numpy(), rlnOriginYAngst=origins_angstrom[:, 1].numpy(),
                        **{CONFIDENCE_COLUMN: confidence.double().numpy()})
 
@@ -162,7 +169,7 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
 
     outdir.mkdir(parents=True, exist_ok=True)
     star_out = outdir / "particles.star"
-    write_particles(star_out, _particles_for_output(table, rotations, origins, confidence), _optics_for_output(table))
+    write_particles(star_out, _particles_for_output(table, outdir, rotations, origins, confidence), _optics_for_output(table))
     half1, half2 = acc.half_volumes()
     volume = acc.volume()
     outputs = [star_out, outdir / "volume.mrc", outdir / "volume_half1.mrc", outdir / "volume_half2.mrc"]
