@@ -34,8 +34,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from cryofastar.recon.simulate.particles import random_rotations
 
-from ..recon.simulate.particles import random_rotations
+from .rotations import geodesic_degrees, mirror_rotations
 
 __all__ = [
     "Alignment",
@@ -47,9 +48,6 @@ __all__ = [
     "mirror_rotations",
     "pose_errors",
 ]
-
-_MIRROR = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
-
 
 @dataclass(frozen=True)
 class Alignment:
@@ -154,38 +152,6 @@ def _as_rotations(rot: torch.Tensor, name: str) -> torch.Tensor:
     if rot.ndim != 3 or rot.shape[-2:] != (3, 3) or rot.shape[0] == 0:
         raise ValueError(f"{name} must be (n, 3, 3) rotation matrices with n >= 1, got {tuple(rot.shape)}")
     return rot
-
-
-def mirror_rotations(rot: torch.Tensor) -> torch.Tensor:
-    """``J @ A @ J`` with ``J = diag(1, 1, -1)``: the poses of the mirrored map.
-
-    Parameters
-    ----------
-    rot: torch.Tensor
-        `(..., 3, 3)` RELION matrices.
-
-    Returns
-    -------
-    mirrored: torch.Tensor
-        `(..., 3, 3)` same dtype; for Euler angles, ``(rot + 180, tilt, psi + 180)``.
-    """
-    j = _MIRROR.to(rot.dtype).to(rot.device)
-    return rot * j[:, None] * j[None, :]
-
-
-def geodesic_degrees(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`(...)` angle (degrees, [0, 180]) of the rotation ``a.T @ b``, accurate near 0 and 180.
-
-    Parameters
-    ----------
-    a, b: torch.Tensor
-        `(..., 3, 3)` rotation matrices.
-    """
-    rel = a.transpose(-1, -2) @ b
-    cos = (rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
-    skew = torch.stack([rel[..., 2, 1] - rel[..., 1, 2], rel[..., 0, 2] - rel[..., 2, 0],
-                        rel[..., 1, 0] - rel[..., 0, 1]], -1)
-    return torch.rad2deg(torch.atan2(skew.norm(dim=-1) / 2, cos))
 
 
 def _project_so3(m: torch.Tensor) -> torch.Tensor:

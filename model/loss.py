@@ -15,7 +15,7 @@ import torch
 
 from .fpm import mirror_fpm
 
-__all__ = ["fpm_loss", "geodesic_degrees"]
+__all__ = ["fpm_loss"]
 
 
 def fpm_loss(fpm: torch.Tensor, confidence: torch.Tensor, target: torch.Tensor,
@@ -47,11 +47,3 @@ def fpm_loss(fpm: torch.Tensor, confidence: torch.Tensor, target: torch.Tensor,
                            (confidence * flipped - alpha * log_c).mean(dims)], -1)
     best, mirrored = per_set.min(-1)
     return best.mean(), mirrored.bool()
-
-
-def geodesic_degrees(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`(..., 3, 3)` rotations -> `(...)` angle of ``aᵀ b`` in degrees."""
-    trace = (a.transpose(-1, -2) @ b).diagonal(dim1=-2, dim2=-1).sum(-1)
-    return torch.rad2deg(torch.acos(((trace - 1) / 2).clamp(-1.0, 1.0)))
-
-

@@ -26,13 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from .kabsch import fpm_to_poses
-from .loss import geodesic_degrees
 from .network import CryoFastAR
+from .rotations import geodesic_degrees, mirror_rotations
 
 __all__ = ["PoseBatch", "SessionFrame"]
-
-_J = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
-
 
 @dataclass
 class PoseBatch:
@@ -149,9 +146,9 @@ class SessionFrame:
                 rel, orig, conf = self._forward(sets)
                 if a:
                     direct = geodesic_degrees(rel[:, 1 : 1 + a], self.anchor_rotations).mean(-1)
-                    flipped = geodesic_degrees(_J @ rel[:, 1 : 1 + a] @ _J, self.anchor_rotations).mean(-1)
+                    flipped = geodesic_degrees(mirror_rotations(rel[:, 1 : 1 + a]), self.anchor_rotations).mean(-1)
                     flip = flipped < direct
-                    rel = torch.where(flip[:, None, None, None], _J @ rel @ _J, rel)
+                    rel = torch.where(flip[:, None, None, None], mirror_rotations(rel), rel)
                     disagreement.extend(torch.minimum(direct, flipped).tolist())
                     mirrored.extend(flip.tolist())
                 else:

@@ -30,8 +30,9 @@ from cryofastar.recon.io.atomic import atomic_path
 from .curriculum import CURRICULUM, Stage
 from .fpm import fourier_planar_map, origins_to_tau, relative_rotations
 from .kabsch import fpm_to_poses
-from .loss import fpm_loss, geodesic_degrees
+from .loss import fpm_loss
 from .network import CryoFastAR, ModelConfig
+from .rotations import geodesic_degrees, mirror_rotations
 from .training_data import VALIDATION_SEED_START, MoleculeBank, ParticleSets, simulate_sets
 from .weights import load_model, save_weights
 
@@ -109,9 +110,8 @@ def pose_errors_of_sets(fpm: torch.Tensor, confidence: torch.Tensor, x0: torch.T
     """
     rel_pred, origins_pred = fpm_to_poses(fpm.float(), confidence.float(), x0, box)
     rel_true = relative_rotations(rotations)
-    j = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
     direct = geodesic_degrees(rel_pred, rel_true)[:, 1:]
-    mirrored = geodesic_degrees(rel_pred, j @ rel_true @ j)[:, 1:]
+    mirrored = geodesic_degrees(rel_pred, mirror_rotations(rel_true))[:, 1:]
     use_mirror = mirrored.mean(-1, keepdim=True) < direct.mean(-1, keepdim=True)
     degrees = torch.where(use_mirror, mirrored, direct)
     shift = (origins_pred - origins_px.double()).norm(dim=-1)[:, 1:]

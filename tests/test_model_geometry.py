@@ -9,8 +9,9 @@ import torch
 from cryofastar.model.curriculum import Stage
 from cryofastar.model.fpm import fourier_planar_map, mirror_fpm, origins_to_tau, relative_rotations
 from cryofastar.model.kabsch import fpm_to_poses, weighted_kabsch
-from cryofastar.model.loss import fpm_loss, geodesic_degrees
+from cryofastar.model.loss import fpm_loss
 from cryofastar.model.polar import planar_coordinates, polar_lines
+from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.training_data import MoleculeBank, sample_rotations, simulate_sets
 from cryofastar.recon.simulate.particles import random_rotations
 

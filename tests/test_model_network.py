@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from cryofastar.model import blocks
 from cryofastar.model.curriculum import Stage
 from cryofastar.model.fpm import fourier_planar_map, mirror_fpm, origins_to_tau, relative_rotations
-from cryofastar.model.loss import geodesic_degrees
 from cryofastar.model.network import CryoFastAR, ModelConfig
 from cryofastar.model.reference import select_reference
+from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.train import TrainSettings, train
 from cryofastar.model.weights import WeightsError, load_model, read_metadata, save_weights

@@ -129,7 +129,7 @@ def evaluate(
         result = command.main(pred, truth, json_out, apix, seed)
     except (ParticleFileError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"matched {result.n_matched} particles by rlnImageName "
+    typer.echo(f"matched {result.n_matched} particles by image (stack file and index) "
                f"({result.only_in_pred} only in {pred.name}, {result.only_in_truth} only in {truth.name})")
     typer.echo(command.format_table(result))
     if json_out is not None:

@@ -1,8 +1,10 @@
 """Pose accuracy of predicted poses against true poses of the same particles.
 
-Rows of the two STAR files are matched by rlnImageName (``N@stack``, N compared as a
-number); poses are compared after the one global rotation / handedness that best maps
-the predicted frame onto the true one (:mod:`cryofastar.model.evaluation`), next to the
+Rows of the two STAR files are matched by image: the stack file each rlnImageName
+resolves to and the index in it (so ``1@../session/a.mrcs`` written beside a
+reconstruction matches ``000001@a.mrcs`` in the session's own STAR file). Poses are
+compared after the one global rotation / handedness that best maps the predicted frame
+onto the true one (:mod:`cryofastar.model.evaluation`), next to the
 same figures for SO(3)-uniform random poses (chance level).
 
 Example usage::
@@ -56,9 +58,10 @@ class EvaluateResult:
 
 
 def _keys(table: ParticleTable) -> pd.Index:
-    """`(n,)` image keys ``"N@stack"`` with N as a plain integer (``000001@a`` == ``1@a``)."""
-    stacks = table.particles["rlnImageName"].astype(str).str.split("@", n=1).str[1]
-    keys = pd.Index(pd.Series(table.image_indices, index=stacks.index).astype(str) + "@" + stacks)
+    """`(n,)` image keys ``"N@/resolved/stack"`` (N a plain integer, the stack's resolved absolute path)."""
+    resolved = {stack: str(Path(stack).resolve()) for stack in set(table.stack_paths)}
+    keys = pd.Index([f"{int(i)}@{resolved[stack]}" for i, stack in zip(table.image_indices, table.stack_paths,
+                                                                         strict=True)])
     if keys.has_duplicates:
         raise ValueError(f"{table.star_path}: rlnImageName {keys[keys.duplicated()][0]!r} appears more than once")
     return keys

@@ -74,7 +74,8 @@ def _optics_for_output(table: ParticleTable) -> pd.DataFrame:
 
 def _image_names_from(table: ParticleTable, outdir: Path) -> list[str]:
     """rlnImageName of every particle with its stack path relative to ``outdir`` (so the file resolves there)."""
-    relative = {stack: os.path.relpath(Path(stack).resolve(), outdir.resolve()) for stack in np.unique(table.stack_paths)}
+    relative = {stack: os.path.relpath(Path(stack).resolve(), outdir.resolve())
+                for stack in np.unique(table.stack_paths)}
     return [f"{int(i):06d}@{relative[stack]}" for i, stack in zip(table.image_indices, table.stack_paths, strict=True)]
 
 
@@ -86,7 +87,8 @@ def _particles_for_output(table: ParticleTable, outdir: Path, rotations: torch.T
     if "rlnOpticsGroup" not in rows.columns:
         rows = rows.assign(rlnOpticsGroup=1)
     rot, tilt, psi = matrix_to_euler(rotations)
-    return rows.assign(rlnImageName=_image_names_from(table, outdir), rlnAngleRot=rot.numpy(), rlnAngleTilt=tilt.numpy(), rlnAnglePsi=psi.numpy(),
+    return rows.assign(rlnImageName=_image_names_from(table, outdir),
+                       rlnAngleRot=rot.numpy(), rlnAngleTilt=tilt.numpy(), rlnAnglePsi=psi.numpy(),
                        rlnOriginXAngst=origins_angstrom[:, 0].numpy(), rlnOriginYAngst=origins_angstrom[:, 1].numpy(),
                        **{CONFIDENCE_COLUMN: confidence.double().numpy()})
 
@@ -169,7 +171,8 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
 
     outdir.mkdir(parents=True, exist_ok=True)
     star_out = outdir / "particles.star"
-    write_particles(star_out, _particles_for_output(table, outdir, rotations, origins, confidence), _optics_for_output(table))
+    rows_out = _particles_for_output(table, outdir, rotations, origins, confidence)
+    write_particles(star_out, rows_out, _optics_for_output(table))
     half1, half2 = acc.half_volumes()
     volume = acc.volume()
     outputs = [star_out, outdir / "volume.mrc", outdir / "volume_half1.mrc", outdir / "volume_half2.mrc"]
