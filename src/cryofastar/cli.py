@@ -149,6 +149,7 @@ def train(
     time_limit: Annotated[float | None, typer.Option(help="Stop after this many minutes (with a checkpoint).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the run.")] = 0,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 3e-4,
+    bank_size: Annotated[int, typer.Option(help="Molecules held in memory at once (one is replaced per step).")] = 64,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Train the pose network on particles simulated on the fly (curriculum, checkpoints, resume)."""
@@ -156,7 +157,7 @@ def train(
 
     try:
         val = command.main(out, steps, size, images_per_step, device, resume, init_weights, real_structures,
-                           time_limit, seed, lr, progress)
+                           time_limit, seed, lr, bank_size, progress)
     except (ParticleFileError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     if val is not None:

@@ -31,13 +31,13 @@ def _structures(use_real: bool) -> list[Path]:
 
 def main(out: Path, steps: int, size: str, images_per_step: int, device: str, resume: bool,
          init_weights: Path | None, use_real: bool, time_limit_minutes: float | None, seed: int,
-         lr: float, progress: bool) -> ValidationResult | None:
+         lr: float, bank_size: int, progress: bool) -> ValidationResult | None:
     """Run :func:`cryofastar.model.train.train` with settings from the command line."""
     if size not in MODEL_SIZES:
         raise ValueError(f"--size must be one of {', '.join(MODEL_SIZES)}, got {size!r}")
-    if steps < 1 or images_per_step < 3:
-        raise ValueError("--steps must be >= 1 and --images-per-step >= 3")
-    settings = TrainSettings(steps=steps, images_per_step=images_per_step, seed=seed, lr=lr,
+    if steps < 1 or images_per_step < 3 or bank_size < 1:
+        raise ValueError("--steps must be >= 1, --images-per-step >= 3 and --bank-size >= 1")
+    settings = TrainSettings(steps=steps, images_per_step=images_per_step, seed=seed, lr=lr, bank_size=bank_size,
                              time_limit_s=None if time_limit_minutes is None else 60.0 * time_limit_minutes,
                              model=MODEL_SIZES[size].to_dict())
     dev = resolve_device(device)
