@@ -16,7 +16,16 @@ __all__ = ["CrossBlock", "SelfBlock"]
 
 
 class Attention(nn.Module):
-    """Multi-head attention; RoPE on queries and keys when given (self-attention only)."""
+    """Multi-head attention.
+
+    With ``rope``, queries and keys are rotated by their positions (self-attention:
+    scores depend on relative position). With ``relative_values`` (cross-attention),
+    scores stay content-only but each value is rotated by its key's position and the
+    result rotated back by the query's: the output carries the *angular offset* between
+    a token and the tokens it matched — for two views related by an in-plane rotation
+    that offset is the rotation itself, and for a common line it is where the line sits
+    in each view.
+    """
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -25,14 +34,19 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, rope: RotaryEmbedding2D | None = None) -> torch.Tensor:
-        """`(b, T, D)` queries attend to `(b, M, D)` memory -> `(b, T, D)`."""
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, rope: RotaryEmbedding2D | None = None,
+                relative_values: RotaryEmbedding2D | None = None) -> torch.Tensor:
+        """`(b, T, D)` queries attend to `(b, M, D)` memory (M a multiple of T) -> `(b, T, D)`."""
         b, t, d = x.shape
         q = self.q(x).view(b, t, self.heads, -1).transpose(1, 2)
         k, v = self.kv(memory).view(b, memory.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = rope(q), rope(k)
+        if relative_values is not None:
+            v = relative_values(v)
         y = F.scaled_dot_product_attention(q, k, v)
+        if relative_values is not None:
+            y = relative_values(y, inverse=True)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -78,5 +92,5 @@ class CrossBlock(nn.Module):
         """`(b, T, D)` tokens, `(b, M, D)` memory -> `(b, T, D)`."""
         h = self.norm1(x)
         x = x + self.self_attn(h, h, rope)
-        x = x + self.cross_attn(self.norm2(x), self.norm_memory(memory))
+        x = x + self.cross_attn(self.norm2(x), self.norm_memory(memory), relative_values=rope)
         return x + self.mlp(self.norm3(x))

@@ -43,8 +43,15 @@ class RotaryEmbedding2D(torch.nn.Module):
         self.register_buffer("cos", torch.cos(phases).repeat_interleave(2, -1), persistent=False)  # (T, head_dim)
         self.register_buffer("sin", torch.sin(phases).repeat_interleave(2, -1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate `(..., T, head_dim)` queries or keys by their tokens' positions."""
+    def forward(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Rotate `(..., k T, head_dim)` vectors by their tokens' positions (``-position`` if ``inverse``).
+
+        The token axis may hold ``k`` whole grids one after the other (the tokens of
+        several views), each rotated by the same table.
+        """
+        repeats = x.shape[-2] // self.cos.shape[0]
+        cos = self.cos.to(x.dtype).repeat(repeats, 1)
+        sin = self.sin.to(x.dtype).repeat(repeats, 1)
         pairs = x.unflatten(-1, (-1, 2))
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
-        return x * self.cos.to(x.dtype) + rotated * self.sin.to(x.dtype)
+        return x * cos - rotated * sin if inverse else x * cos + rotated * sin
