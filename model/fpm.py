@@ -54,7 +54,7 @@ def fourier_planar_map(rel_rotations: torch.Tensor, tau: torch.Tensor, x0: torch
     tau: torch.Tensor
         `(..., 3)` shift offsets (:func:`origins_to_tau`).
     x0: torch.Tensor
-        `(P..., 3)` planar coordinates of the samples, e.g. `(L, 2R, 3)`.
+        `(P..., 3)` planar coordinates of the samples, e.g. `(L, R, 3)`.
 
     Returns
     -------

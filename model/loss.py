@@ -25,9 +25,9 @@ def fpm_loss(fpm: torch.Tensor, confidence: torch.Tensor, target: torch.Tensor,
     Parameters
     ----------
     fpm, target: torch.Tensor
-        `(S, V, L, 2R, 3)` predicted and true FPM.
+        `(S, V, L, R, 3)` predicted and true FPM.
     confidence: torch.Tensor
-        `(S, V, L, 2R)` predicted confidence (> 1).
+        `(S, V, L, R)` predicted confidence (> 1).
     alpha: float
         Weight of the ``-log C`` term.
 

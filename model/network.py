@@ -2,26 +2,30 @@
 
 Input: sets of ``V`` particle images of one molecule at the model box, view 0 of each
 set the **reference**. Each image becomes tokens (:mod:`cryofastar.model.polar`): its
-Fourier transform on ``L`` central lines, grouped ``lines_per_token`` lines × one of
-``bands`` radial bands per token, so ``T = L / lines_per_token * bands`` tokens per view.
+Fourier transform on ``L`` rays over a full turn, grouped ``lines_per_token`` rays ×
+one of ``bands`` radial bands per token, so ``T = L / lines_per_token * bands`` tokens
+per view. An in-plane rotation is a cyclic shift of tokens along the angle axis.
 
 - **Encoder** (shared by all views): linear patch embedding of each token's samples,
   a fixed Fourier-feature embedding of the token's line angle and band (absolute
   position, needed because the output is in absolute coordinates), a learnable
   embedding marking the reference view vs the others, then ``enc_depth`` ViT blocks
-  (self-attention within the view, 2D RoPE on the (angle, band) grid).
+  (self-attention within the view, 2D RoPE on the (angle, band) grid, cyclic in angle).
 - **Decoder**: ``dec_depth`` pairs of a *View Integration* block (reference tokens:
   self-attention, then cross-attention to the tokens of all other views) and a *View
   Update* block (each other view: self-attention, then cross-attention to the reference
   tokens only). No attention between two non-reference views: cost is linear in ``V``.
+  Cross-attention scores are content-only; its values carry the angular offset between
+  the matched tokens (:class:`cryofastar.model.blocks.Attention`).
 - **Heads** (one for the reference, one for the other views): per token a linear map to
   every sample's FPM (3 values) and confidence logit. The FPM is predicted in the
-  sample's *line frame* and rotated by the line angle ``theta``:
-  ``X = Rz(theta) · u``, which makes the reference view's target ``u = (s, 0, 0) + ...``
-  the same on every line. Confidence is ``1 + exp(logit)`` (> 1).
+  sample's *ray frame* and rotated by the ray angle ``theta``:
+  ``X = Rz(theta) · u``, which makes the reference view's target ``u = (r, 0, 0) + ...``
+  the same on every ray, and a view rotated in-plane by ``a`` from the reference
+  ``u = r (cos a, sin a, 0)`` on every ray. Confidence is ``1 + exp(logit)`` (> 1).
 
-Outputs are `(S, V, L, 2R, 3)` FPM (Nyquist units, reference frame, see
-:mod:`cryofastar.model.fpm`) and `(S, V, L, 2R)` confidence.
+Outputs are `(S, V, L, R, 3)` FPM (Nyquist units, reference frame, see
+:mod:`cryofastar.model.fpm`) and `(S, V, L, R)` confidence.
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ class ModelConfig:
     """Size and input geometry of the network (stored with the weights)."""
 
     box: int = 64
-    n_lines: int = 48
+    n_lines: int = 96
     n_radii: int = 16
     max_radius_fraction: float = 0.75
-    lines_per_token: int = 2
+    lines_per_token: int = 4
     bands: int = 2
     dim: int = 128
     heads: int = 4
@@ -68,13 +72,13 @@ class ModelConfig:
 
     @property
     def angle_positions(self) -> int:
-        """Token positions along the angle axis (per half turn)."""
+        """Token positions along the angle axis (a full turn)."""
         return self.n_lines // self.lines_per_token
 
     @property
     def samples_per_token(self) -> int:
-        """Line samples per token and line."""
-        return 2 * self.n_radii // self.bands
+        """Ray samples per token and ray."""
+        return self.n_radii // self.bands
 
     @property
     def tokens_per_view(self) -> int:
@@ -89,16 +93,6 @@ class ModelConfig:
             raise ValueError("n_radii must be divisible by bands")
         if self.dim % (4 * self.heads):
             raise ValueError("dim must be divisible by 4 * heads")
-
-
-def _band_sample_index(n_radii: int, bands: int) -> torch.Tensor:
-    """`(bands, 2R / bands)` sample indices of each band (both signs of its radii)."""
-    per = n_radii // bands
-    rows = []
-    for b in range(bands):
-        j = torch.arange(b * per, (b + 1) * per)
-        rows.append(torch.cat([(n_radii - 1 - j).flip(0), n_radii + j]))
-    return torch.stack(rows)
 
 
 class CryoFastAR(nn.Module):
@@ -116,12 +110,10 @@ class CryoFastAR(nn.Module):
         config.validate()
         c = config
         p, bands, m = c.angle_positions, c.bands, c.samples_per_token
-        self.register_buffer("band_index", _band_sample_index(c.n_radii, bands), persistent=False)
-        self.register_buffer("inverse_band_index", torch.argsort(self.band_index.flatten()), persistent=False)
         angle_pos = torch.arange(p).repeat_interleave(bands)  # token order: angle-major, band-minor
         band_pos = torch.arange(bands).repeat(p)
-        self.rope = RotaryEmbedding2D(c.dim // c.heads, angle_pos, band_pos, period=2 * p)
-        token_angle = (angle_pos.float() + 0.5 * (c.lines_per_token - 1) / c.lines_per_token) * (math.pi / p)
+        self.rope = RotaryEmbedding2D(c.dim // c.heads, angle_pos, band_pos, period=p)
+        token_angle = (angle_pos.float() + 0.5 * (c.lines_per_token - 1) / c.lines_per_token) * (2 * math.pi / p)
         harmonics = torch.arange(1, c.angle_harmonics + 1, dtype=torch.float32)
         position = torch.cat([torch.cos(token_angle[:, None] * harmonics), torch.sin(token_angle[:, None] * harmonics),
                               nn.functional.one_hot(band_pos, bands).float()], -1)
@@ -146,25 +138,24 @@ class CryoFastAR(nn.Module):
 
     @property
     def planar_coordinates(self) -> torch.Tensor:
-        """`(L, 2R, 3)` planar coordinates ``x0`` of the output samples (Nyquist units)."""
+        """`(L, R, 3)` planar coordinates ``x0`` of the output samples (Nyquist units)."""
         c = self.config
         return planar_coordinates(c.n_lines, c.n_radii, c.max_radius_fraction, self.line_cos.device)
 
     def tokenize(self, lines: torch.Tensor) -> torch.Tensor:
-        """`(n, 2, L, 2R)` line samples -> `(n, T, 2 * lines_per_token * 2R / bands)` token features."""
+        """`(n, 2, L, R)` ray samples -> `(n, T, 2 * lines_per_token * R / bands)` token features."""
         c = self.config
         n = lines.shape[0]
-        grouped = lines.view(n, 2, c.angle_positions, c.lines_per_token, 2 * c.n_radii)[..., self.band_index]
+        grouped = lines.view(n, 2, c.angle_positions, c.lines_per_token, c.bands, c.samples_per_token)
         # (n, 2, P, lpt, bands, m) -> (n, P, bands, 2, lpt, m)
         return grouped.permute(0, 2, 4, 1, 3, 5).reshape(n, c.tokens_per_view, -1)
 
     def untokenize(self, values: torch.Tensor) -> torch.Tensor:
-        """`(n, T, lines_per_token * m * k)` head outputs -> `(n, L, 2R, k)` per sample."""
+        """`(n, T, lines_per_token * m * k)` head outputs -> `(n, L, R, k)` per sample."""
         c = self.config
         n = values.shape[0]
         v = values.view(n, c.angle_positions, c.bands, c.lines_per_token, c.samples_per_token, -1)
-        v = v.permute(0, 1, 3, 2, 4, 5).reshape(n, c.n_lines, 2 * c.n_radii, -1)
-        return v[:, :, self.inverse_band_index]
+        return v.permute(0, 1, 3, 2, 4, 5).reshape(n, c.n_lines, c.n_radii, -1)
 
     def encode(self, images: torch.Tensor, is_reference: bool) -> torch.Tensor:
         """`(n, B, B)` images -> `(n, T, D)` encoded tokens."""
@@ -177,7 +168,7 @@ class CryoFastAR(nn.Module):
         return self.encoder_norm(x)
 
     def _head(self, head: nn.Linear, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.untokenize(head(tokens))  # (n, L, 2R, 4)
+        out = self.untokenize(head(tokens))  # (n, L, R, 4)
         u, logit = out[..., :3], out[..., 3]
         cos, sin = self.line_cos[:, None], self.line_sin[:, None]
         fpm = torch.stack([cos * u[..., 0] - sin * u[..., 1], sin * u[..., 0] + cos * u[..., 1], u[..., 2]], -1)
@@ -194,9 +185,9 @@ class CryoFastAR(nn.Module):
         Returns
         -------
         fpm: torch.Tensor
-            `(S, V, L, 2R, 3)` in the reference view's frame (Nyquist units).
+            `(S, V, L, R, 3)` in the reference view's frame (Nyquist units).
         confidence: torch.Tensor
-            `(S, V, L, 2R)`, > 1.
+            `(S, V, L, R)`, > 1.
         """
         s, v, box = images.shape[0], images.shape[1], images.shape[-1]
         if v < 2:

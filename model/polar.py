@@ -2,13 +2,12 @@
 
 Cryo-EM views of one molecule are related through **common lines**: by the Fourier
 slice theorem any two views share one central line of the map's 3D transform. So the
-network does not see pixels: it sees each image's transform resampled on ``L`` central
-lines (angles ``theta_l = pi * l / L`` from +x towards +y, in [0, pi)), each sampled at
-``2 * R`` signed radii ``s = ±(j + 1) * r_max / R`` (pixels of frequency, the DC term
-excluded). An in-plane rotation of the particle becomes a cyclic shift of lines, and
-a common line is a 1-D match between two tokens.
-
-Sampling order of the last axis: ``s = -R*dr, ..., -dr, +dr, ..., +R*dr``.
+network does not see pixels: it sees each image's transform resampled on ``L`` rays
+from the origin (angles ``theta_l = 2 pi l / L`` from +x towards +y, a full turn), each
+sampled at ``R`` radii ``r_j = (j + 1) * r_max / R`` (pixels of frequency, the DC term
+excluded). An in-plane rotation of the particle is then exactly a cyclic shift of the
+rays (a half-turn set of lines would wrap with a reversal), and a common line is a 1-D
+match between two rays (or a ray and the opposite, conjugate, ray).
 
 Normalisation, per image: zero mean and unit variance in real space, then every
 radius is divided by the image's RMS amplitude at that radius (spectral whitening),
@@ -26,14 +25,13 @@ __all__ = ["line_angles", "line_radii", "planar_coordinates", "polar_lines"]
 
 
 def line_angles(n_lines: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`(L,)` line angles in radians, ``pi * l / L``."""
-    return torch.arange(n_lines, device=device, dtype=torch.float32) * (math.pi / n_lines)
+    """`(L,)` ray angles in radians, ``2 pi l / L``."""
+    return torch.arange(n_lines, device=device, dtype=torch.float32) * (2 * math.pi / n_lines)
 
 
 def line_radii(n_radii: int, max_radius_px: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`(2R,)` signed sample radii in frequency pixels: ``-R..-1, 1..R`` times ``max_radius_px / R``."""
-    j = torch.arange(1, n_radii + 1, device=device, dtype=torch.float32) * (max_radius_px / n_radii)
-    return torch.cat([-j.flip(0), j])
+    """`(R,)` sample radii: ``1..R`` times ``max_radius_px / R``."""
+    return torch.arange(1, n_radii + 1, device=device, dtype=torch.float32) * (max_radius_px / n_radii)
 
 
 def planar_coordinates(n_lines: int, n_radii: int, max_radius_fraction: float,
@@ -43,7 +41,7 @@ def planar_coordinates(n_lines: int, n_radii: int, max_radius_fraction: float,
     Parameters
     ----------
     n_lines, n_radii: int
-        ``L`` lines of ``2R`` samples.
+        ``L`` rays of ``R`` samples.
     max_radius_fraction: float
         Outermost radius as a fraction of Nyquist.
     device: torch.device | str
@@ -52,7 +50,7 @@ def planar_coordinates(n_lines: int, n_radii: int, max_radius_fraction: float,
     Returns
     -------
     x0: torch.Tensor
-        `(L, 2R, 3)` vectors ``(kx, ky, 0)`` in units of Nyquist (|x0| <= max_radius_fraction),
+        `(L, R, 3)` vectors ``(kx, ky, 0)`` in units of Nyquist (|x0| <= max_radius_fraction),
         vector order (x, y, z); the view's own frame.
     """
     theta = line_angles(n_lines, device)
@@ -63,21 +61,21 @@ def planar_coordinates(n_lines: int, n_radii: int, max_radius_fraction: float,
 
 
 def polar_lines(images: torch.Tensor, n_lines: int, n_radii: int, max_radius_fraction: float) -> torch.Tensor:
-    """Resample images' Fourier transforms on central lines (bilinear), normalised.
+    """Resample images' Fourier transforms on rays (bilinear), normalised.
 
     Parameters
     ----------
     images: torch.Tensor
         `(n, B, B)` real images [y, x], centre ``B // 2``, at the model box.
     n_lines, n_radii: int
-        ``L`` lines over [0, pi), ``R`` radii per half-line.
+        ``L`` rays over a full turn, ``R`` radii per ray.
     max_radius_fraction: float
         Outermost radius as a fraction of Nyquist (``B / 2`` frequency pixels).
 
     Returns
     -------
     lines: torch.Tensor
-        `(n, 2, L, 2R)` float32: real and imaginary parts (channel 0, 1), whitened per
+        `(n, 2, L, R)` float32: real and imaginary parts (channel 0, 1), whitened per
         radius. Phase origin at the box centre, so a shift of the particle is a phase ramp.
     """
     n, box = images.shape[0], images.shape[-1]
@@ -90,6 +88,5 @@ def polar_lines(images: torch.Tensor, n_lines: int, n_radii: int, max_radius_fra
     # grid_sample with align_corners=True maps -1..1 onto pixel indices 0..B-1.
     grid = (x0 + box // 2) * (2.0 / (box - 1)) - 1.0
     sampled = F.grid_sample(planes, grid[None].expand(n, -1, -1, -1), mode="bilinear", align_corners=True)
-    power = sampled.square().sum(dim=1, keepdim=True).mean(dim=2, keepdim=True)  # (n, 1, 1, 2R)
-    power = 0.5 * (power + power.flip(-1))  # the same radius on both sides
+    power = sampled.square().sum(dim=1, keepdim=True).mean(dim=2, keepdim=True)  # (n, 1, 1, R)
     return sampled / power.sqrt().clamp_min(1e-6)

@@ -78,39 +78,37 @@ def test_loss_is_hand_invariant_per_set():
 
 
 def test_common_line_of_two_simulated_views_is_where_the_fpm_says(bank):
-    """The FPM convention against simulated images: the sample of view 1 whose FPM lies in
-    the reference plane (z = 0) is the reference's sample at the same (x, y)."""
+    """The FPM convention against simulated images: the ray of view 1 whose FPM lies in
+    the reference plane (z = 0) is the reference's ray at the same (x, y) direction."""
     g = torch.Generator().manual_seed(4)
     sets = simulate_sets(bank, Stage("t", "full", views=3), 1, g)
-    n_lines, n_radii = 180, 24
-    lines = polar_lines(sets.images[0], n_lines, n_radii, 0.75)  # (3, 2, L, 2R)
+    n_rays, n_radii = 360, 24
+    rays = polar_lines(sets.images[0], n_rays, n_radii, 0.75)  # (3, 2, L, R)
     rel = relative_rotations(sets.rotations)[0]
-    theta = torch.arange(n_lines, dtype=torch.float64) * math.pi / n_lines
+    theta = torch.arange(n_rays, dtype=torch.float64) * 2 * math.pi / n_rays
     directions = torch.stack([torch.cos(theta), torch.sin(theta), torch.zeros_like(theta)], -1) @ rel[1].T
-    line = int(directions[:, 2].abs().argmin())
-    angle = math.atan2(float(directions[line, 1]), float(directions[line, 0]))
-    match = round((angle % math.pi) / (math.pi / n_lines)) % n_lines
-    ref = lines[0, :, match].flip(-1) if angle < 0 else lines[0, :, match]
-    other = lines[0, :, (match + n_lines // 3) % n_lines]
-    same = torch.nn.functional.cosine_similarity(lines[1, :, line].flatten(), ref.flatten(), 0)
-    different = torch.nn.functional.cosine_similarity(lines[1, :, line].flatten(), other.flatten(), 0)
+    ray = int(directions[:, 2].abs().argmin())
+    angle = math.atan2(float(directions[ray, 1]), float(directions[ray, 0])) % (2 * math.pi)
+    match = round(angle / (2 * math.pi / n_rays)) % n_rays
+    same = torch.nn.functional.cosine_similarity(rays[1, :, ray].flatten(), rays[0, :, match].flatten(), 0)
+    for other in (match + n_rays // 3, match + n_rays // 2):  # elsewhere, and the opposite (conjugate) ray
+        different = torch.nn.functional.cosine_similarity(rays[1, :, ray].flatten(),
+                                                          rays[0, :, other % n_rays].flatten(), 0)
+        assert float(different) < 0.5
     assert float(same) > 0.9
-    assert float(different) < 0.5
 
 
-def test_polar_lines_turn_a_quarter_rotation_into_a_cyclic_shift():
+def test_polar_rays_turn_a_quarter_rotation_into_a_cyclic_shift():
     g = torch.Generator().manual_seed(5)
-    box, n_lines = 63, 24  # odd box: rot90 turns about index B // 2
+    box, n_rays = 63, 24  # odd box: rot90 turns about index B // 2
     image = torch.randn(box, box, generator=g)
     image = torch.nn.functional.avg_pool2d(image[None, None], 5, 1, 2)[0, 0]
-    lines = polar_lines(torch.stack([image, torch.rot90(image, 1, (0, 1))]), n_lines, 10, 0.7)
-    q = n_lines // 2  # 90 degrees
-    # line l of the rotated image is line l + q of the original; lines that wrap past
-    # 180 degrees come back as the other half of the line (signed radius reversed)
-    expected = torch.cat([lines[0, :, q:], lines[0, :, :q].flip(-1)], 1)
-    assert float((lines[1] - expected).abs().mean()) < 1e-4 * float(lines[0].abs().mean())
-    unreversed = torch.cat([lines[0, :, q:], lines[0, :, :q]], 1)
-    assert float((lines[1] - unreversed).abs().mean()) > 0.1 * float(lines[0].abs().mean())
+    rays = polar_lines(torch.stack([image, torch.rot90(image, 1, (0, 1))]), n_rays, 10, 0.7)
+    q = n_rays // 4  # 90 degrees: ray l of the rotated image is ray l + q of the original
+    expected = torch.roll(rays[0], -q, dims=1)
+    assert float((rays[1] - expected).abs().mean()) < 1e-4 * float(rays[0].abs().mean())
+    wrong_way = torch.roll(rays[0], q, dims=1)
+    assert float((rays[1] - wrong_way).abs().mean()) > 0.1 * float(rays[0].abs().mean())
 
 
 @pytest.mark.parametrize("poses", ["inplane", "cone"])

@@ -26,8 +26,8 @@ def test_forward_shapes_and_positive_confidence():
     model = CryoFastAR(TINY).eval()
     with torch.no_grad():
         fpm, conf = model(torch.randn(2, 5, 32, 32))
-    assert fpm.shape == (2, 5, 8, 8, 3)
-    assert conf.shape == (2, 5, 8, 8)
+    assert fpm.shape == (2, 5, 8, 4, 3)
+    assert conf.shape == (2, 5, 8, 4)
     assert bool((conf > 1).all())
 
 
@@ -181,3 +181,20 @@ def test_train_smoke_checkpoints_and_resumes(tmp_path):
     train(out, settings, torch.device("cpu"), curriculum=stages, resume=True, progress=False)
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["step"] == 5 and state["stage_index"] == 1
+
+
+def test_rope_inverse_and_cyclic_relative_offsets():
+    from cryofastar.model.rope import RotaryEmbedding2D
+
+    period = 12
+    angle = torch.arange(period // 2).repeat_interleave(2)
+    band = torch.arange(2).repeat(period // 2)
+    rope = RotaryEmbedding2D(16, angle, band, period=period)
+    x = torch.randn(3, len(angle), 16)
+    assert torch.allclose(rope(rope(x), inverse=True), x, atol=1e-5)
+    # a value rotated by its key's angle and brought back by the query's angle is rotated
+    # by the angular offset only; a full turn of offset (period) is no rotation at all
+    shifted = RotaryEmbedding2D(16, angle + period, band, period=period)
+    assert torch.allclose(shifted(x), rope(x), atol=1e-4)
+    half_turn = RotaryEmbedding2D(16, angle + period // 2, band, period=period)
+    assert not torch.allclose(half_turn(x), rope(x), atol=1e-2)
