@@ -11,6 +11,12 @@ per view. An in-plane rotation is a cyclic shift of tokens along the angle axis.
   position, needed because the output is in absolute coordinates), a learnable
   embedding marking the reference view vs the others, then ``enc_depth`` ViT blocks
   (self-attention within the view, 2D RoPE on the (angle, band) grid, cyclic in angle).
+- **Correlation features** (a cost volume, as optical-flow networks use): for every
+  non-reference view, the correlation of each of its rays with every ray of the
+  reference, per radial band, as complex values and as amplitude profiles (the latter
+  shift-invariant), arranged by cyclic angular *offset* and averaged over the token's
+  rays, is projected and added to the view's encoded tokens. An in-plane rotation is a
+  peak at one offset on every ray; a common line a peak at one ray pair.
 - **Decoder**: ``dec_depth`` pairs of a *View Integration* block (reference tokens:
   self-attention, then cross-attention to the tokens of all other views) and a *View
   Update* block (each other view: self-attention, then cross-attention to the reference
@@ -124,6 +130,9 @@ class CryoFastAR(nn.Module):
 
         token_features = 2 * c.lines_per_token * m
         self.patch_embed = nn.Linear(token_features, c.dim)
+        offsets = (torch.arange(c.n_lines)[:, None] + torch.arange(c.n_lines)[None, :]) % c.n_lines
+        self.register_buffer("offset_index", offsets, persistent=False)  # [ray, offset] -> reference ray
+        self.correlation_embed = nn.Linear(2 * c.n_lines, c.dim)
         self.position_embed = nn.Linear(position.shape[1], c.dim)
         self.view_embed = nn.Parameter(torch.zeros(2, c.dim))  # 0: reference, 1: other views
         nn.init.normal_(self.view_embed, std=0.02)
@@ -157,10 +166,52 @@ class CryoFastAR(nn.Module):
         v = values.view(n, c.angle_positions, c.bands, c.lines_per_token, c.samples_per_token, -1)
         return v.permute(0, 1, 3, 2, 4, 5).reshape(n, c.n_lines, c.n_radii, -1)
 
-    def encode(self, images: torch.Tensor, is_reference: bool) -> torch.Tensor:
-        """`(n, B, B)` images -> `(n, T, D)` encoded tokens."""
+    def correlation(self, rays: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Ray-to-ray correlations of views with their reference, per token and angular offset.
+
+        Parameters
+        ----------
+        rays: torch.Tensor
+            `(S, W, 2, L, R)` ray samples of W views of each of S sets.
+        reference: torch.Tensor
+            `(S, 2, L, R)` ray samples of each set's reference.
+
+        Returns
+        -------
+        features: torch.Tensor
+            `(S * W, T, 2 L)`: for each token, the complex and the amplitude correlation
+            of its rays with the reference ray ``offset`` further round (offset 0..L-1),
+            band by band, averaged over the token's rays.
+        """
         c = self.config
-        lines = polar_lines(images, c.n_lines, c.n_radii, c.max_radius_fraction)
+        s, w = rays.shape[:2]
+
+        def banded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = x.unflatten(-1, (c.bands, c.samples_per_token)).movedim(-2, -3)  # (..., 2, bands, L, m)
+            z = torch.complex(x[..., 0, :, :, :], x[..., 1, :, :, :])
+            z = z / z.abs().square().sum(-1, keepdim=True).sqrt().clamp_min(1e-6)
+            a = z.abs()
+            a = a - a.mean(-1, keepdim=True)
+            return z, a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+        z_v, a_v = banded(rays)  # (S, W, bands, L, m)
+        z_r, a_r = banded(reference[:, None])  # (S, 1, bands, L, m)
+        complex_corr = torch.einsum("swblm,sxbkm->swblk", z_v, z_r.conj()).real
+        amplitude_corr = torch.einsum("swblm,sxbkm->swblk", a_v, a_r)
+        corr = torch.stack([complex_corr, amplitude_corr], -2)  # (S, W, bands, L, 2, L_ref)
+        index = self.offset_index.view(1, 1, 1, c.n_lines, 1, c.n_lines).expand_as(corr)
+        by_offset = torch.gather(corr, -1, index)  # [..., ray, channel, offset]
+        by_offset = by_offset.view(s * w, c.bands, c.angle_positions, c.lines_per_token, 2 * c.n_lines).mean(3)
+        return by_offset.transpose(1, 2).reshape(s * w, c.tokens_per_view, 2 * c.n_lines)
+
+    def rays(self, images: torch.Tensor) -> torch.Tensor:
+        """`(n, B, B)` images -> `(n, 2, L, R)` normalised ray samples (:func:`polar_lines`)."""
+        c = self.config
+        return polar_lines(images, c.n_lines, c.n_radii, c.max_radius_fraction)
+
+    def encode(self, lines: torch.Tensor, is_reference: bool) -> torch.Tensor:
+        """`(n, 2, L, R)` ray samples -> `(n, T, D)` encoded tokens."""
+        c = self.config
         x = self.patch_embed(self.tokenize(lines)) + self.position_embed(self.position_features)
         x = x + self.view_embed[0 if is_reference else 1]
         for block in self.encoder:
@@ -194,8 +245,10 @@ class CryoFastAR(nn.Module):
             raise ValueError(f"a set needs the reference and at least one other view, got {v} view(s)")
         if box != self.config.box:
             raise ValueError(f"images are {box} px; the network's box is {self.config.box} px")
-        ref = self.encode(images[:, 0], is_reference=True)  # (S, T, D)
-        others = self.encode(images[:, 1:].reshape(-1, box, box), is_reference=False)  # (S(V-1), T, D)
+        rays = self.rays(images.reshape(-1, box, box)).unflatten(0, (s, v))  # (S, V, 2, L, R)
+        ref = self.encode(rays[:, 0], is_reference=True)  # (S, T, D)
+        others = self.encode(rays[:, 1:].flatten(0, 1), is_reference=False)  # (S(V-1), T, D)
+        others = others + self.correlation_embed(self.correlation(rays[:, 1:], rays[:, 0]))
         t, d = ref.shape[1], ref.shape[2]
         for integrate, update in zip(self.integration, self.update, strict=True):
             ref = integrate(ref, others.view(s, (v - 1) * t, d), self.rope)
