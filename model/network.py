@@ -211,7 +211,6 @@ class CryoFastAR(nn.Module):
 
     def encode(self, lines: torch.Tensor, is_reference: bool) -> torch.Tensor:
         """`(n, 2, L, R)` ray samples -> `(n, T, D)` encoded tokens."""
-        c = self.config
         x = self.patch_embed(self.tokenize(lines)) + self.position_embed(self.position_features)
         x = x + self.view_embed[0 if is_reference else 1]
         for block in self.encoder:
