@@ -13,10 +13,14 @@ per view. An in-plane rotation is a cyclic shift of tokens along the angle axis.
   (self-attention within the view, 2D RoPE on the (angle, band) grid, cyclic in angle).
 - **Correlation features** (a cost volume, as optical-flow networks use): for every
   non-reference view, the correlation of each of its rays with every ray of the
-  reference, per radial band, as complex values and as amplitude profiles (the latter
-  shift-invariant), arranged by cyclic angular *offset* and averaged over the token's
-  rays, is projected and added to the view's encoded tokens. An in-plane rotation is a
-  peak at one offset on every ray; a common line a peak at one ray pair.
+  reference — per radial band as complex values and as amplitude profiles, and over the
+  whole ray as a *shift-tolerant* complex match (the largest low-frequency Fourier
+  coefficient, along the radius, of the product ``z_view · conj(z_ref)``: a relative
+  shift makes that product's phase linear in the radius) — arranged by cyclic angular
+  *offset* and averaged over the token's rays, is projected and added to the view's
+  encoded tokens. An in-plane rotation is a peak at one offset on every ray, a common
+  line a peak at one ray pair; amplitudes cannot tell a ray from the opposite one,
+  the complex matches can. No parameters: computed without gradients.
 - **Decoder**: ``dec_depth`` pairs of a *View Integration* block (reference tokens:
   self-attention, then cross-attention to the tokens of all other views) and a *View
   Update* block (each other view: self-attention, then cross-attention to the reference
@@ -46,7 +50,14 @@ from .blocks import CrossBlock, SelfBlock
 from .polar import line_angles, planar_coordinates, polar_lines
 from .rope import RotaryEmbedding2D
 
-__all__ = ["CryoFastAR", "ModelConfig"]
+__all__ = ["CORRELATION_CHANNELS", "CryoFastAR", "ModelConfig"]
+
+CORRELATION_CHANNELS = 3
+"""Correlation features per angular offset: complex, amplitude, shift-tolerant complex."""
+
+MAX_SHIFT_BIN = 6
+"""Largest radial-frequency bin searched by the shift-tolerant match (of ``2R``): a relative
+shift of up to ~``MAX_SHIFT_BIN * B / (2 r_max)`` pixels along the ray."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +143,7 @@ class CryoFastAR(nn.Module):
         self.patch_embed = nn.Linear(token_features, c.dim)
         offsets = (torch.arange(c.n_lines)[:, None] + torch.arange(c.n_lines)[None, :]) % c.n_lines
         self.register_buffer("offset_index", offsets, persistent=False)  # [ray, offset] -> reference ray
-        self.correlation_embed = nn.Linear(2 * c.n_lines, c.dim)
+        self.correlation_embed = nn.Linear(CORRELATION_CHANNELS * c.n_lines, c.dim)
         self.position_embed = nn.Linear(position.shape[1], c.dim)
         self.view_embed = nn.Parameter(torch.zeros(2, c.dim))  # 0: reference, 1: other views
         nn.init.normal_(self.view_embed, std=0.02)
@@ -179,10 +190,14 @@ class CryoFastAR(nn.Module):
         Returns
         -------
         features: torch.Tensor
-            `(S * W, T, 2 L)`: for each token, the complex and the amplitude correlation
-            of its rays with the reference ray ``offset`` further round (offset 0..L-1),
-            band by band, averaged over the token's rays.
+            `(S * W, T, 3 L)`: for each token, the complex, amplitude and shift-tolerant
+            correlation of its rays with the reference ray ``offset`` further round
+            (offset 0..L-1), band by band, averaged over the token's rays.
         """
+        with torch.no_grad():
+            return self._correlation(rays.float(), reference.float())
+
+    def _correlation(self, rays: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         c = self.config
         s, w = rays.shape[:2]
 
@@ -198,11 +213,22 @@ class CryoFastAR(nn.Module):
         z_r, a_r = banded(reference[:, None])  # (S, 1, bands, L, m)
         complex_corr = torch.einsum("swblm,sxbkm->swblk", z_v, z_r.conj()).real
         amplitude_corr = torch.einsum("swblm,sxbkm->swblk", a_v, a_r)
-        corr = torch.stack([complex_corr, amplitude_corr], -2)  # (S, W, bands, L, 2, L_ref)
+        # shift-tolerant: |low-frequency DFT along the radius of z_view(r) conj z_ref(r)|, whole rays
+        full_v = torch.complex(rays[:, :, 0], rays[:, :, 1])
+        full_r = torch.complex(reference[:, 0], reference[:, 1])[:, None]
+        full_v = full_v / full_v.abs().square().sum(-1, keepdim=True).sqrt().clamp_min(1e-6)
+        full_r = full_r / full_r.abs().square().sum(-1, keepdim=True).sqrt().clamp_min(1e-6)
+        product = full_v[:, :, :, None, :] * full_r[:, :, None, :, :].conj()  # (S, W, L, L_ref, R)
+        spectrum = torch.fft.fft(product, n=2 * c.n_radii, dim=-1)
+        bins = torch.cat([torch.arange(MAX_SHIFT_BIN + 1), torch.arange(-MAX_SHIFT_BIN, 0)]) % (2 * c.n_radii)
+        tolerant = spectrum[..., bins.to(spectrum.device)].abs().amax(-1)  # (S, W, L, L_ref)
+        tolerant = tolerant[:, :, None].expand(-1, -1, c.bands, -1, -1)
+        corr = torch.stack([complex_corr, amplitude_corr, tolerant], -2)  # (S, W, bands, L, 3, L_ref)
         index = self.offset_index.view(1, 1, 1, c.n_lines, 1, c.n_lines).expand_as(corr)
         by_offset = torch.gather(corr, -1, index)  # [..., ray, channel, offset]
-        by_offset = by_offset.view(s * w, c.bands, c.angle_positions, c.lines_per_token, 2 * c.n_lines).mean(3)
-        return by_offset.transpose(1, 2).reshape(s * w, c.tokens_per_view, 2 * c.n_lines)
+        channels = CORRELATION_CHANNELS * c.n_lines
+        by_offset = by_offset.reshape(s * w, c.bands, c.angle_positions, c.lines_per_token, channels).mean(3)
+        return by_offset.transpose(1, 2).reshape(s * w, c.tokens_per_view, channels)
 
     def rays(self, images: torch.Tensor) -> torch.Tensor:
         """`(n, B, B)` images -> `(n, 2, L, R)` normalised ray samples (:func:`polar_lines`)."""
