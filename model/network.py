@@ -218,10 +218,14 @@ class CryoFastAR(nn.Module):
         full_r = torch.complex(reference[:, 0], reference[:, 1])[:, None]
         full_v = full_v / full_v.abs().square().sum(-1, keepdim=True).sqrt().clamp_min(1e-6)
         full_r = full_r / full_r.abs().square().sum(-1, keepdim=True).sqrt().clamp_min(1e-6)
-        product = full_v[:, :, :, None, :] * full_r[:, :, None, :, :].conj()  # (S, W, L, L_ref, R)
-        spectrum = torch.fft.fft(product, n=2 * c.n_radii, dim=-1)
-        bins = torch.cat([torch.arange(MAX_SHIFT_BIN + 1), torch.arange(-MAX_SHIFT_BIN, 0)]) % (2 * c.n_radii)
-        tolerant = spectrum[..., bins.to(spectrum.device)].abs().amax(-1)  # (S, W, L, L_ref)
+        # DFT bins k of the product along r, as matrix products: sum_r (z_v(l, r) e^{-2 pi i k r / 2R}) conj z_ref(l', r)
+        k = torch.cat([torch.arange(MAX_SHIFT_BIN + 1), torch.arange(-MAX_SHIFT_BIN, 0)]).to(rays.device)
+        r = torch.arange(c.n_radii, device=rays.device)
+        modulation = torch.polar(torch.ones(len(k), c.n_radii, device=rays.device),
+                                 -torch.pi * k[:, None].float() * r[None, :].float() / c.n_radii)  # (K, R)
+        modulated = full_v[:, :, None] * modulation[:, None, :]  # (S, W, K, L, R)
+        bins = modulated @ full_r.conj().transpose(-1, -2)[:, :, None]  # (S, W, K, L, L_ref)
+        tolerant = bins.abs().amax(2)  # (S, W, L, L_ref)
         tolerant = tolerant[:, :, None].expand(-1, -1, c.bands, -1, -1)
         corr = torch.stack([complex_corr, amplitude_corr, tolerant], -2)  # (S, W, bands, L, 3, L_ref)
         index = self.offset_index.view(1, 1, 1, c.n_lines, 1, c.n_lines).expand_as(corr)
