@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -201,14 +200,7 @@ def test_alignment_formulas_match_projections(make_phantom, projector) -> None:
 # --------------------------------------------------------------------------- the console script
 
 
-def _console_script() -> str:
-    beside = Path(sys.executable).parent / "cryofastar-stream"
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("cryofastar-stream")
-    if found is None:
-        pytest.skip("cryofastar-stream console script is not installed")
-    return found
+SCRIPT = str(Path(sys.executable).parent / "cryofastar-stream")
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
@@ -249,7 +241,7 @@ def test_evaluate_command(tmp_path: Path) -> None:
         "disjoint": ["evaluate", "other.star", "truth.star"],
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {k: pool.submit(subprocess.run, [_console_script(), *a], cwd=tmp_path, env=ENV, text=True,
+        futures = {k: pool.submit(subprocess.run, [SCRIPT, *a], cwd=tmp_path, env=ENV, text=True,
                                   capture_output=True, timeout=120) for k, a in argv.items()}
         runs = {k: f.result() for k, f in futures.items()}
 

@@ -65,11 +65,7 @@ def main(
         raise ValueError(f"--batch must be at least 1, got {batch}")
     dev = resolve_device(device)
     table = read_particles(particles, apix=apix)
-    reference_map = None
-    if reference is not None:
-        reference_map, _ = read_volume(reference)
-        if reference_map.shape[0] != table.box:
-            raise ValueError(f"--reference {reference} has box {reference_map.shape[0]} px, particles {table.box} px")
+    reference_map = read_reference_map(reference, table.box)
     ctf = table.ctf() if use_ctf else None
     rotations = table.rotations()
     origins = table.origins_angstrom()
@@ -111,6 +107,16 @@ def main(
     counts = acc.particle_counts.tolist()
     return BackprojectResult(len(table), (counts[0], counts[1]), resolution, curve, seconds, outputs,
                              reference_resolution)
+
+
+def read_reference_map(reference: Path | None, box: int) -> torch.Tensor | None:
+    """The ``--reference`` map, checked to have the particles' box (``None`` if not given)."""
+    if reference is None:
+        return None
+    reference_map, _ = read_volume(reference)
+    if reference_map.shape[0] != box:
+        raise ValueError(f"--reference {reference} has box {reference_map.shape[0]} px, particles {box} px")
+    return reference_map
 
 
 def write_fsc_table(path: Path, columns: dict[str, torch.Tensor]) -> None:

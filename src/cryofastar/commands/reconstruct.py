@@ -32,10 +32,10 @@ from cryofastar.model.weights import load_model
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
-from cryofastar.recon.io import ParticleFileError, read_particles, read_volume, write_volume
+from cryofastar.recon.io import ParticleFileError, read_particles, write_volume
 from cryofastar.recon.io.star import ParticleTable, write_particles
 
-from .backproject import resolve_device, write_fsc_table
+from .backproject import read_reference_map, resolve_device, write_fsc_table
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +111,7 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
     start = time.perf_counter()
     dev = resolve_device(device)
     table = read_particles(particles, apix=apix)
-    reference_map = None
-    if reference is not None:
-        reference_map, _ = read_volume(reference)
-        if reference_map.shape[0] != table.box:
-            raise ValueError(f"--reference {reference} has box {reference_map.shape[0]} px, particles {table.box} px")
+    reference_map = read_reference_map(reference, table.box)
     model = load_model(weights, dev)
     model_box = model.config.box
     apix_model = model_pixel_size(table.box, table.apix, model_box)
