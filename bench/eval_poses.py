@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 import torch
+from cryofastar.model.curriculum import Stage
 from cryofastar.model.evaluation import apply_alignment_to_rotations, chance_level, pose_errors
 from cryofastar.model.preprocess import to_model_box
 from cryofastar.model.reference import select_reference
 from cryofastar.model.session_frame import SessionFrame
-from cryofastar.model.training_data import EVAL_SEED_START
+from cryofastar.model.training_data import EVAL_SEED_START, sample_rotations
 from cryofastar.model.weights import DEFAULT_WEIGHTS, load_model
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, random_rotations
@@ -60,9 +61,15 @@ def map_resolution(images: torch.Tensor, rotations: torch.Tensor, origins_angstr
 
 
 def evaluate_one(model, volume: torch.Tensor, apix: float, snr: float, views: int, n: int, max_shift: float,
-                 ctf: bool, seed: int) -> dict[str, object]:
+                 ctf: bool, seed: int, poses: str = "full") -> dict[str, object]:
     g = torch.Generator().manual_seed(seed)
-    sim = simulate_particles(volume, n, apix, snr, g, max_shift_px=max_shift, ctf=CtfRange() if ctf else None)
+    rotations = None
+    if poses != "full":  # the restricted distributions of the training curriculum, for diagnosis
+        rotations = sample_rotations(Stage(poses, "cone" if poses.startswith("cone") else "inplane", views=n,
+                                           cone_degrees=float(poses[4:] or 0) if poses.startswith("cone") else 0.0),
+                                     n, g)
+    sim = simulate_particles(volume, n, apix, snr, g, max_shift_px=max_shift, ctf=CtfRange() if ctf else None,
+                             rotations=rotations)
     images = to_model_box(sim.images, model.config.box)
     true_rot, true_origin_px = sim.rotations, sim.origins_angstrom / apix
     t0 = time.perf_counter()
@@ -109,12 +116,15 @@ def main() -> None:
     parser.add_argument("--max-shift", type=float, default=3.0, help="largest shift per axis, px")
     parser.add_argument("--ctf", action="store_true", help="simulate with a CTF")
     parser.add_argument("--fill", type=float, default=0.6, help="molecule diameter / box")
+    parser.add_argument("--poses", default="full",
+                        help="full (SO(3)-uniform, the real task), or a curriculum distribution for diagnosis: "
+                             "inplane, cone30 (views within 30 degrees of one direction, any in-plane angle)")
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_model(args.weights)
     print(f"weights {args.weights}; {model.n_parameters() / 1e6:.2f} M parameters; box {model.config.box}; "
-          f"{torch.get_num_threads()} CPU threads")
+          f"{torch.get_num_threads()} CPU threads; poses {args.poses}; {args.particles} particles per row")
     rows = []
     header = (f"{'molecule':<26}{'SNR':>6}{'views':>6}{'med geo°':>9}{'chance':>8}{'mean|dR|F':>10}{'chance':>8}"
               f"{'trans px':>9}{'chance':>8}{'FSC.5 pred':>11}{'true':>7}{'random':>8}{'ms/ptcl':>8}")
@@ -127,7 +137,7 @@ def main() -> None:
         for snr in args.snr:
             for views in args.views:
                 row = evaluate_one(model, volume, apix, snr, views, args.particles, args.max_shift, args.ctf,
-                                   seed=1000 * k + int(10 * snr) + views)
+                                   seed=1000 * k + int(10 * snr) + views, poses=args.poses)
                 row.update(molecule=name, apix=apix)
                 rows.append(row)
                 print(f"{name:<26}{snr:>6g}{views:>6}{row['median_geodesic_deg']:>9.1f}"
