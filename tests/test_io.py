@@ -624,3 +624,16 @@ def test_stack_names_relative_to_a_relion_project_directory(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)  # not the project directory
     table = read_particles(job / "run_data.star")
     assert set(table.stack_paths) == {str((project / "Extract" / "job005" / "p.mrcs").resolve())}
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    from cryofastar.recon.io.atomic import atomic_path
+
+    old = os.umask(0o022)
+    os.umask(old)
+    target = tmp_path / "map.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("x")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~old  # readable by the group, not 0600

@@ -10,6 +10,9 @@ from pathlib import Path
 
 __all__ = ["atomic_path"]
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -18,7 +21,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     Readers never see a half-written file; on error the temporary file is removed
     and any previous ``path`` is left as it was. The temporary name starts with
     ``.`` and ends in ``.tmp``, so watchers filtering on ``*.mrcs`` / ``*.star``
-    never see it.
+    never see it. The file gets the usual permissions for a new file (``0o666`` less
+    the umask), not the owner-only mode of a temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +33,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
