@@ -8,6 +8,7 @@ read back through the public API. Bad input must raise
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -467,24 +468,15 @@ def test_index_beyond_stack_length(relion31: Path) -> None:
         read_particles(relion31)
 
 
-def test_index_zero_is_named_in_the_error(relion31: Path) -> None:
+def test_index_zero_is_rejected_and_named(relion31: Path) -> None:
     def zero(particles: pd.DataFrame, optics: pd.DataFrame):
         particles.loc[0, "rlnImageName"] = "000000@stack_a.mrcs"
         return particles, optics
 
     rewrite_particles(relion31, zero)
-    with pytest.raises(ParticleFileError, match=r"image 0\b"):
+    with pytest.raises(ParticleFileError, match=r"stack_a.mrcs") as info:
         read_particles(relion31)
-
-
-def test_index_zero_is_rejected(relion31: Path) -> None:
-    def zero(particles: pd.DataFrame, optics: pd.DataFrame):
-        particles.loc[0, "rlnImageName"] = "000000@stack_a.mrcs"
-        return particles, optics
-
-    rewrite_particles(relion31, zero)
-    with pytest.raises(ParticleFileError, match="stack_a.mrcs"):
-        read_particles(relion31)
+    assert re.search(r"image 0\b", str(info.value))
 
 
 def test_stacks_with_mismatched_box_sizes(relion31: Path) -> None:
