@@ -20,6 +20,7 @@ from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions
 from cryofastar.recon.insertion import Interpolation
 from cryofastar.recon.io import ParticleFileError, read_particles, read_volume, write_volume
 from cryofastar.recon.io.atomic import atomic_path
+from cryofastar.recon.io.star import ParticleTable
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +78,7 @@ def main(
     start = time.perf_counter()
     for first in range(0, len(table), batch):
         rows = np.arange(first, min(first + batch, len(table)))
-        images = table.images(rows)
-        finite = torch.isfinite(images).all(dim=(-2, -1))
-        if not bool(finite.all()):
-            name = table.particles["rlnImageName"].iloc[int(rows[int((~finite).nonzero()[0])])]
-            raise ParticleFileError(f"{particles}: image {name} contains NaN or Inf pixels")
+        images = read_finite_images(table, rows)
         acc.add(images, rotations[rows], origins[rows], halves[rows],
                 None if ctf is None else ctf[torch.as_tensor(rows)])
     half1, half2 = acc.half_volumes()
@@ -107,6 +104,16 @@ def main(
     counts = acc.particle_counts.tolist()
     return BackprojectResult(len(table), (counts[0], counts[1]), resolution, curve, seconds, outputs,
                              reference_resolution)
+
+
+def read_finite_images(table: ParticleTable, rows: np.ndarray) -> torch.Tensor:
+    """`(len(rows), B, B)` images of these particle rows; a NaN or Inf pixel is a ParticleFileError naming the image."""
+    images = table.images(rows)
+    finite = torch.isfinite(images).all(dim=(-2, -1))
+    if not bool(finite.all()):
+        name = table.particles["rlnImageName"].iloc[int(rows[int((~finite).nonzero()[0])])]
+        raise ParticleFileError(f"{table.star_path}: image {name} contains NaN or Inf pixels")
+    return images
 
 
 def read_reference_map(reference: Path | None, box: int) -> torch.Tensor | None:

@@ -32,10 +32,10 @@ from cryofastar.model.weights import load_model
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
-from cryofastar.recon.io import ParticleFileError, read_particles, write_volume
+from cryofastar.recon.io import read_particles, write_volume
 from cryofastar.recon.io.star import ParticleTable, write_particles
 
-from .backproject import read_reference_map, resolve_device, write_fsc_table
+from .backproject import read_finite_images, read_reference_map, resolve_device, write_fsc_table
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +93,6 @@ def _particles_for_output(table: ParticleTable, outdir: Path, rotations: torch.T
                        **{CONFIDENCE_COLUMN: confidence.double().numpy()})
 
 
-def _checked_images(table: ParticleTable, rows: np.ndarray, star: Path) -> torch.Tensor:
-    images = table.images(rows)
-    finite = torch.isfinite(images).all(dim=(-2, -1))
-    if not bool(finite.all()):
-        name = table.particles["rlnImageName"].iloc[int(rows[int((~finite).nonzero()[0])])]
-        raise ParticleFileError(f"{star}: image {name} contains NaN or Inf pixels")
-    return images
-
-
 def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, weights: Path | None = None,
          apix: float | None = None, use_ctf: bool = True, chunk: int = 2048, candidates: int = 64,
          reference: Path | None = None, progress: bool = False, seed: int = 0) -> ReconstructResult:
@@ -118,7 +109,7 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
     n = len(table)
     generator = torch.Generator().manual_seed(seed)
     candidate_rows = np.sort(torch.randperm(n, generator=generator)[: min(candidates, n)].numpy())
-    candidate_images = to_model_box(_checked_images(table, candidate_rows, particles), model_box)
+    candidate_images = to_model_box(read_finite_images(table, candidate_rows), model_box)
     best, _ = select_reference(model, candidate_images) if len(candidate_rows) >= 2 else (0, None)
     reference_row = int(candidate_rows[best])
     frame = SessionFrame(model, candidate_images[best], views=views, sets_per_pass=4 if dev.type == "cuda" else 1)
@@ -138,7 +129,7 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
     try:
         for first in range(0, len(others), chunk):
             rows = others[first : first + chunk]
-            images = _checked_images(table, rows, particles)
+            images = read_finite_images(table, rows)
             t0 = time.perf_counter()
             batch = frame.pose(to_model_box(images, model_box))
             t1 = time.perf_counter()
@@ -154,7 +145,7 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
                 bar[0].update(bar[1], advance=len(rows))
         # the reference itself: identity rotation, its shift as the network sees it in a pass of its own
         ref_rows = np.array([reference_row])
-        ref_images = _checked_images(table, ref_rows, particles)
+        ref_images = read_finite_images(table, ref_rows)
         rotations[reference_row] = torch.eye(3, dtype=torch.float64)
         ref_pose = frame.pose(to_model_box(ref_images, model_box))
         origins[reference_row] = ref_pose.origins_px[0] * apix_model
