@@ -21,6 +21,13 @@ per view. An in-plane rotation is a cyclic shift of tokens along the angle axis.
   encoded tokens. An in-plane rotation is a peak at one offset on every ray, a common
   line a peak at one ray pair; amplitudes cannot tell a ray from the opposite one,
   the complex matches can. No parameters: computed without gradients.
+- **Anchor correlations**: the same cost volume of every non-reference view with each of
+  the set's first ``anchor_views`` non-reference views (the *anchors*; the session frame
+  places its anchors there), projected by its own layer and added too. A view's common
+  line with the reference fixes two of its three angles; the dihedral angle about that
+  line needs a third view, so without these the decoder would have to discover
+  view-to-view matches through the reference alone. Still linear in ``V``: each view is
+  correlated with ``1 + anchor_views`` views.
 - **Decoder**: ``dec_depth`` pairs of a *View Integration* block (reference tokens:
   self-attention, then cross-attention to the tokens of all other views) and a *View
   Update* block (each other view: self-attention, then cross-attention to the reference
@@ -76,11 +83,17 @@ class ModelConfig:
     dec_depth: int = 2
     mlp_ratio: int = 4
     angle_harmonics: int = 8
+    anchor_views: int = 2
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> ModelConfig:
-        """Build from a dict, ignoring unknown keys (forward compatibility)."""
+        """Build from a dict, ignoring unknown keys (forward compatibility).
+
+        A dict without ``anchor_views`` (weights written before anchor correlations
+        existed) gets 0, which is the network those weights were trained as.
+        """
         names = {f.name for f in fields(cls)}
+        values = {"anchor_views": 0, **values}
         return cls(**{k: v for k, v in values.items() if k in names})  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:
@@ -110,6 +123,8 @@ class ModelConfig:
             raise ValueError("n_radii must be divisible by bands")
         if self.dim % (4 * self.heads):
             raise ValueError("dim must be divisible by 4 * heads")
+        if self.anchor_views < 0:
+            raise ValueError("anchor_views must be >= 0")
 
 
 class CryoFastAR(nn.Module):
@@ -144,6 +159,11 @@ class CryoFastAR(nn.Module):
         offsets = (torch.arange(c.n_lines)[:, None] + torch.arange(c.n_lines)[None, :]) % c.n_lines
         self.register_buffer("offset_index", offsets, persistent=False)  # [ray, offset] -> reference ray
         self.correlation_embed = nn.Linear(CORRELATION_CHANNELS * c.n_lines, c.dim)
+        if c.anchor_views:
+            # zero-initialised: a network warm-started from weights without anchors starts unchanged
+            self.anchor_embed = nn.Linear(c.anchor_views * CORRELATION_CHANNELS * c.n_lines, c.dim)
+            nn.init.zeros_(self.anchor_embed.weight)
+            nn.init.zeros_(self.anchor_embed.bias)
         self.position_embed = nn.Linear(position.shape[1], c.dim)
         self.view_embed = nn.Parameter(torch.zeros(2, c.dim))  # 0: reference, 1: other views
         nn.init.normal_(self.view_embed, std=0.02)
@@ -196,6 +216,32 @@ class CryoFastAR(nn.Module):
         """
         with torch.no_grad():
             return self._correlation(rays.float(), reference.float())
+
+    def anchor_correlation(self, rays: torch.Tensor) -> torch.Tensor:
+        """Correlations of every non-reference view with the set's anchor views.
+
+        The anchors are the first ``anchor_views`` non-reference views of each set (the
+        session frame puts its anchors there). A view's correlation with itself carries
+        nothing and is zero, as are the features of anchors a short set does not have.
+
+        Parameters
+        ----------
+        rays: torch.Tensor
+            `(S, W, 2, L, R)` ray samples of the W non-reference views of each set.
+
+        Returns
+        -------
+        features: torch.Tensor
+            `(S * W, T, anchor_views * 3 L)`: :meth:`correlation` with anchor 1, 2, ...
+        """
+        c = self.config
+        s, w = rays.shape[:2]
+        t, channels = c.tokens_per_view, CORRELATION_CHANNELS * c.n_lines
+        features = rays.new_zeros(s, w, t, c.anchor_views, channels, dtype=torch.float32)
+        for k in range(min(c.anchor_views, w)):  # a handful of anchors, not a loop over particles
+            features[:, :, :, k] = self.correlation(rays, rays[:, k]).view(s, w, t, channels)
+            features[:, k, :, k] = 0.0
+        return features.view(s * w, t, c.anchor_views * channels)
 
     def _correlation(self, rays: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -278,6 +324,8 @@ class CryoFastAR(nn.Module):
         ref = self.encode(rays[:, 0], is_reference=True)  # (S, T, D)
         others = self.encode(rays[:, 1:].flatten(0, 1), is_reference=False)  # (S(V-1), T, D)
         others = others + self.correlation_embed(self.correlation(rays[:, 1:], rays[:, 0]))
+        if self.config.anchor_views:
+            others = others + self.anchor_embed(self.anchor_correlation(rays[:, 1:]))
         t, d = ref.shape[1], ref.shape[2]
         for integrate, update in zip(self.integration, self.update, strict=True):
             ref = integrate(ref, others.view(s, (v - 1) * t, d), self.rope)

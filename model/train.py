@@ -34,7 +34,7 @@ from .loss import fpm_loss
 from .network import CryoFastAR, ModelConfig
 from .rotations import geodesic_degrees, mirror_rotations
 from .training_data import VALIDATION_SEED_START, MoleculeBank, ParticleSets, simulate_sets
-from .weights import load_model, save_weights
+from .weights import WeightsError, read_metadata, save_weights, warm_start
 
 __all__ = ["TrainSettings", "ValidationResult", "pose_errors_of_sets", "train"]
 
@@ -130,10 +130,17 @@ class _Run:
                  curriculum: Sequence[Stage], init_weights: Path | None):
         self.out, self.settings, self.device, self.curriculum = out, settings, device, tuple(curriculum)
         if init_weights is not None:
-            self.model = load_model(init_weights, device).train()
-            settings.model = self.model.config.to_dict()
+            # the init weights' sizes; fields they predate take this run's settings
+            source = read_metadata(init_weights).get("config")
+            if not isinstance(source, dict):
+                raise WeightsError(f"{init_weights}: no model config in the metadata; not a cryofastar weights file")
+            settings.model = {**settings.model, **source}
+            self.model = CryoFastAR(ModelConfig.from_dict(settings.model))
+            self.warm_started = warm_start(self.model, init_weights)
+            self.model = self.model.to(device)
         else:
             self.model = CryoFastAR(ModelConfig.from_dict(settings.model)).to(device)
+            self.warm_started = []
         self.config = self.model.config
         self.x0 = self.model.planar_coordinates.detach()
         decay = [p for n, p in self.model.named_parameters() if p.dim() > 1]
@@ -243,14 +250,23 @@ def _log(out: Path, record: dict[str, object]) -> None:
 
 def train(out: Path, settings: TrainSettings, device: torch.device, structures: Sequence[Path] = (),
           resume: bool = False, init_weights: Path | None = None, curriculum: Sequence[Stage] = CURRICULUM,
-          progress: bool = True) -> ValidationResult | None:
+          progress: bool = True, start_stage: str | None = None) -> ValidationResult | None:
     """Train (or resume training) a network into ``out``; return the last validation.
+
+    ``init_weights`` warm-starts the network (:func:`~cryofastar.model.weights.warm_start`:
+    tensors whose name and shape match are copied); ``start_stage`` names the curriculum
+    stage a new run starts at (ignored on resume, which goes on where it stopped).
 
     Raises
     ------
     FileExistsError
         ``out`` already holds a checkpoint and ``resume`` is False.
+    ValueError
+        ``start_stage`` is not a stage of ``curriculum``.
     """
+    names = [stage.name for stage in curriculum]
+    if start_stage is not None and start_stage not in names:
+        raise ValueError(f"--start-stage must be one of {', '.join(names)}, got {start_stage!r}")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not resume:
@@ -261,8 +277,12 @@ def train(out: Path, settings: TrainSettings, device: torch.device, structures: 
         run.load_state_dict(state)
         log.info("resumed %s at step %d (stage %s)", out, run.step, run.stage.name)
     else:
+        if start_stage is not None:
+            run.stage_index = names.index(start_stage)
         _log(out, {"kind": "start", "settings": asdict(settings), "parameters": run.model.n_parameters(),
-                   "device": str(device), "structures": [str(p) for p in structures]})
+                   "device": str(device), "structures": [str(p) for p in structures],
+                   "stage": run.stage.name, "init_weights": None if init_weights is None else str(init_weights),
+                   "not_warm_started": run.warm_started})
     started, last_val = time.monotonic(), None
     losses: list[float] = []
     bar = _progress(progress, settings.steps, run.step)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .network import CryoFastAR, ModelConfig
 
-__all__ = ["DEFAULT_WEIGHTS", "WeightsError", "load_model", "read_metadata", "save_weights"]
+__all__ = ["DEFAULT_WEIGHTS", "WeightsError", "load_model", "read_metadata", "save_weights", "warm_start"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "cryofastar-small.safetensors"
 
@@ -65,3 +65,32 @@ def load_model(path: str | os.PathLike[str] | None = None, device: torch.device 
     except (RuntimeError, SafetensorError) as exc:
         raise WeightsError(f"{path}: tensors do not fit the network ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval()
+
+
+def warm_start(model: CryoFastAR, path: str | os.PathLike[str]) -> list[str]:
+    """Copy into ``model`` every tensor of a weights file whose name and shape match.
+
+    Used to go on training from weights of a slightly different network (e.g. one that
+    gained a layer): matching tensors are copied, the rest keep their initialisation.
+
+    Returns
+    -------
+    names: list[str]
+        The model's tensors that were *not* copied (left at their initialisation).
+
+    Raises
+    ------
+    WeightsError
+        The file is missing or unreadable, or no tensor matches at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    read_metadata(path)  # a clear error for a file that is not safetensors
+    source = load_file(str(path))
+    own = model.state_dict()
+    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise WeightsError(f"{path}: no tensor fits this network; not weights of a related model")
+    model.load_state_dict(matched, strict=False)
+    return sorted(k for k in own if k not in matched)

