@@ -264,7 +264,8 @@ class CryoFastAR(nn.Module):
         full_r = torch.complex(reference[:, 0], reference[:, 1])[:, None]
         full_v = full_v / full_v.abs().square().sum(-1, keepdim=True).sqrt().clamp_min(1e-6)
         full_r = full_r / full_r.abs().square().sum(-1, keepdim=True).sqrt().clamp_min(1e-6)
-        # DFT bins k of the product along r, as matrix products: sum_r (z_v(l, r) e^{-2 pi i k r / 2R}) conj z_ref(l', r)
+        # DFT bins k of the product along r, as matrix products:
+        # sum_r (z_v(l, r) e^{-2 pi i k r / 2R}) conj z_ref(l', r)
         k = torch.cat([torch.arange(MAX_SHIFT_BIN + 1), torch.arange(-MAX_SHIFT_BIN, 0)]).to(rays.device)
         r = torch.arange(c.n_radii, device=rays.device)
         modulation = torch.polar(torch.ones(len(k), c.n_radii, device=rays.device),

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from cryofastar.model import blocks
 from cryofastar.model.curriculum import Stage
 from cryofastar.model.fpm import fourier_planar_map, mirror_fpm, origins_to_tau, relative_rotations
@@ -20,6 +19,7 @@ from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.train import TrainSettings, train
 from cryofastar.model.weights import WeightsError, load_model, read_metadata, save_weights, warm_start
 from cryofastar.recon.simulate.particles import random_rotations
+from safetensors.torch import save_file
 
 TINY = ModelConfig(box=32, n_lines=8, n_radii=4, bands=2, dim=32, heads=2, enc_depth=1, dec_depth=1)
 
@@ -86,7 +86,7 @@ def test_anchor_correlation_matches_views_and_leaves_self_and_missing_anchors_em
     model = CryoFastAR(TINY)
     rays = model.rays(torch.randn(4, 32, 32)).unflatten(0, (1, 4))  # (S=1, W=4, 2, L, R)
     rays[:, 3] = rays[:, 0]  # view 3 is a copy of anchor 1
-    t, channels = TINY.tokens_per_view, 3 * TINY.n_lines
+    t = TINY.tokens_per_view
     features = model.anchor_correlation(rays).view(4, t, 2, 3, TINY.n_lines)  # view, token, anchor, channel, offset
     assert bool((features[0, :, 0] == 0).all()) and bool((features[1, :, 1] == 0).all())  # self: nothing
     assert torch.allclose(features[3, :, 0, 0, 0], torch.ones(t), atol=1e-5)  # complex match at offset 0
