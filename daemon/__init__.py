@@ -1,5 +1,12 @@
-"""The streaming daemon: watcher -> reader -> batcher -> model -> accumulator -> publishers.
+"""The streaming daemon: watcher -> reader -> poser -> accumulator -> publishers.
 
 Built on :mod:`cryofastar.recon` and :mod:`cryofastar.model`; adds no maths.
-(The pipeline lands with the streaming-daemon issue; this package is empty until then.)
+
+- :mod:`~cryofastar.daemon.watcher`: complete particle files under a directory (inotify or polling);
+- :mod:`~cryofastar.daemon.ingest`: checks a file, lists its new particles, reads their images;
+- :mod:`~cryofastar.daemon.journal`: which particles the session holds;
+- :mod:`~cryofastar.daemon.state`: the accumulated session, its checkpoint and output files;
+- :mod:`~cryofastar.daemon.pipeline`: the threads and bounded queues that wire it together;
+- :mod:`~cryofastar.daemon.protocol` / :mod:`~cryofastar.daemon.publisher`: the ZeroMQ stream;
+- :mod:`~cryofastar.daemon.metrics`: Prometheus metrics.
 """

@@ -1,4 +1,6 @@
-"""Metrics, subscribers and the dashboard; reads only the published protocol and metrics.
+"""Subscribers and (with the dashboard issue) the dashboard.
 
-(Lands with the daemon and dashboard issues; this package is empty until then.)
+Reads only the published protocol (:mod:`cryofastar.daemon.protocol`) and the metrics,
+never the daemon's internals. :mod:`~cryofastar.monitoring.subscriber` is the reference
+subscriber behind ``cryofastar-stream subscribe``.
 """

@@ -254,14 +254,22 @@ class HalfSetAccumulator:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error
             raise ValueError(f"{path}: not a readable accumulator state ({exc})") from exc
+        try:
+            return cls.from_state_dict(state, device)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object], device: torch.device | str = "cpu") -> HalfSetAccumulator:
+        """Restore an accumulator from :meth:`state_dict` (ValueError if it does not fit)."""
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"{path}: not an accumulator state of version {_STATE_VERSION}")
+            raise ValueError(f"not an accumulator state of version {_STATE_VERSION}")
         acc = cls(
             box=state["box"], apix=state["apix"], oversampling=state["oversampling"],
             interpolation=state["interpolation"], min_weight=state["min_weight"], device=device,
         )
         if tuple(state["grids"].shape) != tuple(acc.grids.shape):
-            raise ValueError(f"{path}: grid shape {tuple(state['grids'].shape)} does not match its box")
+            raise ValueError(f"grid shape {tuple(state['grids'].shape)} does not match its box")
         acc.grids.copy_(state["grids"])
         acc.particle_counts.copy_(state["particle_counts"])
         return acc

@@ -199,10 +199,78 @@ def reconstruct(
         typer.echo(f"wrote {path}")
 
 
+@app.command()
+def watch(
+    directory: Annotated[Path, typer.Argument(help="Directory the session writes particle stacks (.mrcs/.mrc) and RELION particle STAR files into; watched recursively.")],
+    out: Annotated[Path | None, typer.Option(help="Output directory (maps, particles.star, checkpoint, rejected.tsv); default DIRECTORY/cryofastar. Restarting with the same --out resumes.")] = None,
+    zmq: Annotated[str, typer.Option(help="ZeroMQ PUB endpoint for maps, poses and status (docs/protocol.md); local only by default, tcp://*:5555 for all interfaces.")] = "tcp://127.0.0.1:5555",
+    metrics_port: Annotated[int, typer.Option(help="Port of the Prometheus /metrics endpoint (0: any free port; -1: none).")] = 9108,
+    metrics_host: Annotated[str, typer.Option(help="Address the /metrics endpoint binds to.")] = "127.0.0.1",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch: Annotated[int, typer.Option(help="Views per forward pass, the session reference and anchors included.")] = 128,
+    apix: Annotated[float | None, typer.Option(help="Pixel size in Å, overriding the files' (for stacks whose header has none).")] = None,
+    poll: Annotated[float | None, typer.Option(help="Poll the directory every SECONDS instead of inotify (NFS, SMB, GPFS).")] = None,
+    settle: Annotated[float, typer.Option(help="A file written in place is taken once unchanged for this many seconds.")] = 1.0,
+    flush: Annotated[float, typer.Option(help="Seconds after which a partial pass is run anyway (slow sessions still update).")] = 5.0,
+    publish_every: Annotated[float, typer.Option(help="Write and publish the map at least this often, in seconds...")] = 10.0,
+    publish_particles: Annotated[int, typer.Option(help="...or whenever this many particles were added.")] = 2000,
+    checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints (also written at exit).")] = 60.0,
+    interpolation: Annotated[str, typer.Option(help="Fourier insertion: nearest (fast) or trilinear.")] = "nearest",
+    weights: Annotated[Path | None, typer.Option(help="Network weights (safetensors); default: the shipped weights.")] = None,
+    idle_exit: Annotated[float | None, typer.Option(help="Exit (cleanly) after this many seconds without new particles; default: run until SIGINT/SIGTERM.")] = None,
+) -> None:
+    """Watch DIRECTORY and keep a live map (also: cryofastar-stream --watch DIRECTORY)."""
+    from cryofastar.commands import watch as command
+    from cryofastar.daemon.pipeline import DaemonSettings
+    from cryofastar.daemon.publisher import PublisherError
+
+    settings = DaemonSettings(
+        watch=directory, out=out if out is not None else directory / "cryofastar", zmq=zmq,
+        metrics_port=None if metrics_port < 0 else metrics_port, metrics_host=metrics_host, device=device,
+        batch=batch, apix=apix, poll_seconds=poll, settle_seconds=settle, flush_seconds=flush,
+        publish_seconds=publish_every, publish_particles=publish_particles, checkpoint_seconds=checkpoint_every,
+        interpolation=interpolation, weights=weights)
+    try:
+        command.main(settings, idle_exit=idle_exit, echo=typer.echo)
+    except (ParticleFileError, ValueError, PublisherError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+@app.command()
+def subscribe(
+    address: Annotated[str, typer.Argument(help="ZeroMQ endpoint of a running daemon, e.g. tcp://127.0.0.1:5555.")] = "tcp://127.0.0.1:5555",
+    save: Annotated[Path | None, typer.Option(help="Write every received map here as MRC (volume.mrc, volume_<particles>.mrc, volume_fsc.tsv).")] = None,
+    count: Annotated[int | None, typer.Option(help="Exit after this many messages.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Exit after this many seconds without a message.")] = None,
+) -> None:
+    """Print a running daemon's status, poses and maps (the reference subscriber)."""
+    from cryofastar.commands import subscribe as command
+
+    try:
+        command.main(address, save, count, timeout)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def _watch_alias(argv: list[str]) -> list[str]:
+    """``--watch DIR ...`` / ``--watch=DIR ...`` anywhere before a subcommand -> ``watch DIR ...``."""
+    for i, arg in enumerate(argv):
+        if arg == "--watch" and i + 1 < len(argv):
+            return [*argv[:i], "watch", argv[i + 1], *argv[i + 2 :]]
+        if arg.startswith("--watch="):
+            return [*argv[:i], "watch", arg.split("=", 1)[1], *argv[i + 1 :]]
+        if not arg.startswith("-"):
+            break
+    return argv
+
+
 def main() -> None:
     """Console-script entry point: usage errors too end in one ``error:`` line, status 2."""
     try:
-        code = app(standalone_mode=False)
+        code = app(args=_watch_alias(sys.argv[1:]), standalone_mode=False)
     except NoArgsIsHelpError as exc:
         typer.echo(exc.ctx.get_help() if exc.ctx is not None else str(exc))
         code = 0

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.device import resolve_device
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.insertion import Interpolation
 from cryofastar.recon.io import ParticleFileError, read_particles, read_volume, write_volume
@@ -36,17 +37,6 @@ class BackprojectResult:
     seconds: float
     outputs: list[Path]
     reference_resolution_angstrom: float | None = None
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is available")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return torch.device(device)
 
 
 def main(

@@ -30,12 +30,13 @@ from cryofastar.model.reference import select_reference
 from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.weights import load_model
 from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.io import read_particles, write_volume
 from cryofastar.recon.io.star import ParticleTable, write_particles
 
-from .backproject import read_finite_images, read_reference_map, resolve_device, write_fsc_table
+from .backproject import read_finite_images, read_reference_map, write_fsc_table
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,7 @@ import torch
 
 from cryofastar.model.network import ModelConfig
 from cryofastar.model.train import TrainSettings, ValidationResult, train
-
-from .backproject import resolve_device
+from cryofastar.recon.device import resolve_device
 
 __all__ = ["MODEL_SIZES", "main"]
 

@@ -1,0 +1,94 @@
+"""Which particles a session holds: the ingestion journal.
+
+A particle is identified by its resolved stack path and its 1-based index in that
+stack (RELION's ``N@stack``), whichever file (a bare stack or a STAR naming it)
+brought it. The journal records those identities as one boolean mask per stack, so
+"is this particle new?" is a vectorised lookup, not a loop over particles.
+
+The daemon keeps two journals (see :mod:`cryofastar.daemon.pipeline`): *taken*
+(read from disk and in flight) and *accumulated* (inserted into the map). Only the
+accumulated journal is checkpointed, atomically with the accumulator: after a crash
+the daemon re-reads what it had taken but not yet accumulated, and never inserts a
+particle twice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["IngestJournal"]
+
+
+class IngestJournal:
+    """Set of ``(stack, index)`` particle identities, stored per stack as a mask."""
+
+    def __init__(self) -> None:
+        self._masks: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(sum(int(mask.sum()) for mask in self._masks.values()))
+
+    def __repr__(self) -> str:
+        return f"IngestJournal(stacks={len(self._masks)}, particles={len(self)})"
+
+    @property
+    def stacks(self) -> list[str]:
+        """Stacks with at least one particle recorded."""
+        return [s for s, m in self._masks.items() if m.any()]
+
+    def count(self, stack: str) -> int:
+        """Particles of ``stack`` recorded."""
+        mask = self._masks.get(stack)
+        return 0 if mask is None else int(mask.sum())
+
+    def contains(self, stack: str, indices: np.ndarray) -> np.ndarray:
+        """`(n,)` bool: which of the 1-based ``indices`` of ``stack`` are recorded."""
+        indices = np.asarray(indices, dtype=np.int64)
+        mask = self._masks.get(stack)
+        if mask is None:
+            return np.zeros(indices.shape, dtype=bool)
+        inside = indices <= mask.size
+        out = np.zeros(indices.shape, dtype=bool)
+        out[inside] = mask[indices[inside] - 1]
+        return out
+
+    def add(self, stack: str, indices: np.ndarray) -> None:
+        """Record the 1-based ``indices`` of ``stack`` (recording twice is harmless)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size == 0:
+            return
+        if int(indices.min()) < 1:
+            raise ValueError("particle indices are 1-based")
+        mask = self._masks.get(stack, np.zeros(0, dtype=bool))
+        top = int(indices.max())
+        if top > mask.size:
+            mask = np.concatenate([mask, np.zeros(top - mask.size, dtype=bool)])
+        mask[indices - 1] = True
+        self._masks[stack] = mask
+
+    def remove(self, stack: str, indices: np.ndarray) -> None:
+        """Forget the 1-based ``indices`` of ``stack`` (e.g. particles that failed downstream)."""
+        mask = self._masks.get(stack)
+        if mask is None:
+            return
+        indices = np.asarray(indices, dtype=np.int64)
+        indices = indices[(indices >= 1) & (indices <= mask.size)]
+        mask[indices - 1] = False
+
+    def copy(self) -> IngestJournal:
+        """An independent copy."""
+        other = IngestJournal()
+        other._masks = {s: m.copy() for s, m in self._masks.items()}
+        return other
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """``{stack: 1-based indices}`` (compact, picklable)."""
+        return {s: np.nonzero(m)[0].astype(np.int64) + 1 for s, m in self._masks.items() if m.any()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray]) -> IngestJournal:
+        """Inverse of :meth:`state_dict`."""
+        journal = cls()
+        for stack, indices in state.items():
+            journal.add(stack, indices)
+        return journal

@@ -1,0 +1,575 @@
+"""The streaming daemon: watcher -> reader -> poser -> accumulator -> publishers.
+
+Threads and the bounded queues between them (``put`` blocks when a queue is full, so
+a slow stage holds the earlier ones back; nothing is dropped)::
+
+    StackWatcher --files--> reader --chunks--> poser --posed--> accumulator --> Publisher (ZeroMQ)
+                                                                      \\--> --out files, checkpoint
+    status thread: status messages and gauges every second;  /metrics: prometheus-client
+
+- **reader** (:mod:`~cryofastar.daemon.ingest`): checks each complete file, lists its
+  particles the session has not taken, and reads their images ``read_chunk`` at a time.
+  A bad file gets one log line, a metric and a row in ``rejected.tsv``.
+- **poser**: gathers particles until one forward pass is full (``batch`` views: the
+  session reference, its anchors, and ``batch - 1 - anchors`` new particles), or
+  ``flush_seconds`` after the first waiting particle; Fourier-crops them to the model
+  box and poses them in the session frame
+  (:class:`~cryofastar.model.session_frame.SessionFrame`). The first particles choose
+  the session reference (:func:`~cryofastar.model.reference.select_reference`).
+- **accumulator**: inserts each posed particle at the input's own box and pixel size
+  into the half-set volumes (:class:`~cryofastar.daemon.state.SessionState`),
+  publishes its poses, and every ``publish_seconds`` or ``publish_particles`` writes and
+  publishes the map; every ``checkpoint_seconds`` writes ``particles.star`` and the
+  checkpoint.
+
+On a CPU the poser and the accumulator take turns (one lock), so the two do not fight
+over the cores; on a GPU they overlap.
+
+Stopping (:meth:`Daemon.stop`, SIGINT/SIGTERM in the CLI): the watcher stops, the
+reader stops between chunks, whatever is queued is posed and accumulated, then the map,
+``particles.star`` and the checkpoint are written. Particles read but never accumulated
+are not in the checkpoint's journal, so a restart reads them again: nothing is lost and
+nothing is counted twice, also after ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryofastar.model.preprocess import model_pixel_size, to_model_box
+from cryofastar.model.reference import select_reference
+from cryofastar.model.session_frame import PoseBatch, SessionFrame
+from cryofastar.model.weights import load_model
+from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.device import resolve_device
+from cryofastar.recon.fsc import shell_resolutions_angstrom
+
+from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file
+from .metrics import DaemonMetrics, serve_metrics
+from .protocol import POSE_COLUMNS, PosesMessage, StatusMessage, VolumeMessage
+from .publisher import DEFAULT_ADDRESS, Publisher
+from .state import CHECKPOINT_NAME, SessionState
+from .watcher import StackWatcher
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Daemon", "DaemonSettings"]
+
+_STOP = object()
+
+
+@dataclass
+class DaemonSettings:
+    """Everything ``cryofastar-stream --watch`` can set (units in the names or below).
+
+    Attributes
+    ----------
+    watch, out: Path
+        The watched directory (recursive) and the output directory (may sit inside it;
+        it is never watched).
+    zmq: str
+        ZeroMQ PUB endpoint (local only by default).
+    metrics_port: int | None
+        Port of the Prometheus ``/metrics`` server on ``metrics_host``; ``None``: no server.
+    device: str
+        ``auto``, ``cpu`` or ``cuda``.
+    batch: int
+        Views per forward pass, reference and anchors included (>= 3).
+    anchors: int
+        Anchor particles in every pass (fix the hand across passes).
+    apix: float | None
+        Pixel size (Å) overriding the files'.
+    poll_seconds: float | None
+        Poll the directory every this many seconds (network file systems) instead of inotify.
+    settle_seconds: float
+        A file written in place is complete once unchanged for this long.
+    flush_seconds: float
+        A partial pass is run this long after its first particle arrived.
+    publish_seconds, publish_particles: float, int
+        The map is written and published when either this much time has passed or this
+        many particles were added since the last map.
+    republish_seconds: float
+        The latest map is re-sent this often (late subscribers).
+    checkpoint_seconds: float
+        Period of checkpoints (and particles.star); also written at stop.
+    status_seconds: float
+        Period of status messages.
+    interpolation: str
+        ``nearest`` (fast, the default) or ``trilinear`` insertion.
+    weights: Path | None
+        Network weights (default: the shipped ones).
+    queue_size: int
+        Capacity of each queue between stages.
+    read_chunk: int
+        Images read from disk at a time.
+    candidates: int
+        Particles scored to choose the session reference.
+    """
+
+    watch: Path
+    out: Path
+    zmq: str = DEFAULT_ADDRESS
+    metrics_port: int | None = 9108
+    metrics_host: str = "127.0.0.1"
+    device: str = "auto"
+    batch: int = 128
+    anchors: int = 8
+    apix: float | None = None
+    poll_seconds: float | None = None
+    settle_seconds: float = 1.0
+    flush_seconds: float = 5.0
+    publish_seconds: float = 10.0
+    publish_particles: int = 2000
+    republish_seconds: float = 5.0
+    checkpoint_seconds: float = 60.0
+    status_seconds: float = 1.0
+    interpolation: str = "nearest"
+    weights: Path | None = None
+    queue_size: int = 4
+    read_chunk: int = 512
+    candidates: int = 64
+
+    def validate(self) -> None:
+        """Raise ValueError (one line, naming the option) on impossible settings."""
+        if not self.watch.is_dir():
+            raise ValueError(f"--watch {self.watch}: not an existing directory")
+        if self.batch < 3:
+            raise ValueError(f"--batch must be at least 3, got {self.batch}")
+        if self.anchors < 0 or self.anchors > self.batch - 2:
+            raise ValueError(f"--anchors must be between 0 and batch - 2 = {self.batch - 2}, got {self.anchors}")
+        if self.apix is not None and not self.apix > 0:
+            raise ValueError(f"--apix must be positive, got {self.apix}")
+        if self.poll_seconds is not None and not self.poll_seconds > 0:
+            raise ValueError(f"--poll must be positive, got {self.poll_seconds}")
+        for name in ("settle_seconds", "flush_seconds", "publish_seconds", "republish_seconds",
+                     "checkpoint_seconds", "status_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.interpolation not in ("nearest", "trilinear"):
+            raise ValueError(f"--interpolation must be nearest or trilinear, got {self.interpolation!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port must be 0..65535, got {self.metrics_port}")
+
+
+@dataclass
+class _Posed:
+    chunks: list[ParticleChunk]
+    batch: PoseBatch
+    apix_model: float
+    frame_state: dict
+
+
+class Daemon:
+    """One streaming session (see module docstring). Use :meth:`start`, then :meth:`stop`."""
+
+    def __init__(self, settings: DaemonSettings) -> None:
+        settings.validate()
+        self.settings = s = settings
+        self.out = s.out
+        self.device = resolve_device(s.device)
+        self.model = load_model(s.weights, self.device)
+        self.metrics = DaemonMetrics()
+        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint = self.out / CHECKPOINT_NAME
+        if checkpoint.exists():
+            self.state = SessionState.load(checkpoint, self.device)
+            logger.info("resuming %s: %d particles in the map", checkpoint, self.state.n_particles)
+        else:
+            self.state = SessionState()
+        self.taken = self.state.journal.copy()  # reader's view: accumulated + in flight
+        self.geometry = self.state.geometry
+        self.frame: SessionFrame | None = None
+        if self.state.frame is not None:
+            self.frame = SessionFrame.from_state_dict(self.model, self.state.frame,
+                                                      sets_per_pass=4 if self.device.type == "cuda" else 1)
+        self.files: queue.Queue = queue.Queue(s.queue_size)
+        self.chunks: queue.Queue = queue.Queue(s.queue_size)
+        self.posed: queue.Queue = queue.Queue(s.queue_size)
+        self._compute = threading.Lock() if self.device.type == "cpu" else contextlib.nullcontext()
+        self._reading = threading.Event()
+        self._reading.set()
+        self._done = threading.Event()
+        self._status_stop = threading.Event()
+        self._rejected_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._batch_counter = 0
+        self._rate_window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        self._started_at = time.time()
+        self._last_map = (time.monotonic(), self.state.n_particles)
+        self._last_checkpoint = time.monotonic()
+        self._errors: list[str] = []
+        self._counts = collections.Counter()  # this run's totals, for status messages
+        self._buffered = 0  # particles waiting in the poser for a full pass
+        self.publisher: Publisher | None = None
+        self.watcher: StackWatcher | None = None
+        self._metrics_server = None
+        self.metrics.particles_in_map.set(self.state.n_particles)
+        if self.state.fsc_history:
+            self.metrics.set_resolution_angstrom(self.state.fsc_history[-1][2])
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Bind the publisher and metrics server, start the stages, then the watcher."""
+        s = self.settings
+        self.publisher = Publisher(s.zmq, republish_seconds=s.republish_seconds)
+        try:
+            if s.metrics_port is not None:
+                self._metrics_server = serve_metrics(self.metrics, s.metrics_port, s.metrics_host)
+        except OSError:
+            self.publisher.close()
+            raise
+        for name, target in (("reader", self._reader), ("poser", self._poser), ("accumulator", self._accumulator),
+                             ("status", self._status)):
+            thread = threading.Thread(target=self._guard(target), name=f"cryofastar-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self.state.n_particles and self.state.geometry is not None:
+            self._publish_map()  # a restarted session shows its map at once
+        self.watcher = StackWatcher(s.watch, self._on_file, poll_seconds=s.poll_seconds,
+                                    settle_seconds=s.settle_seconds, ignore=[s.out])
+        self.watcher.start()
+        logger.info("watching %s (%s); outputs in %s; publishing on %s%s", s.watch,
+                    f"polling every {s.poll_seconds} s" if s.poll_seconds else "inotify", s.out,
+                    self.publisher.address,
+                    f"; metrics on http://{s.metrics_host}:{self.metrics_port}/metrics" if self._metrics_server else "")
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on (the chosen one if 0 was asked)."""
+        return None if self._metrics_server is None else int(self._metrics_server.server_port)
+
+    def stop(self, timeout: float = 600.0) -> None:
+        """Stop watching, drain what is queued, write the map and the checkpoint."""
+        self._reading.clear()  # the reader skips what is still queued (read again after a restart)
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.files.put(_STOP)
+        self._done.wait(timeout)
+        self._status_stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._publish_status()
+        if self.publisher is not None:
+            self.publisher.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        logger.info("stopped: %d particles in the map", self.state.n_particles)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every queue is empty and nothing is in flight (tests, demo)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.files.unfinished_tasks == 0 and self.chunks.unfinished_tasks == 0 and self._buffered == 0
+                    and self.posed.unfinished_tasks == 0 and self.watcher is not None and self.watcher.pending == 0
+                    and self.watcher.queued == 0):
+                return True
+            time.sleep(0.05)
+        return False
+
+    @property
+    def errors(self) -> list[str]:
+        """Unexpected failures of pipeline threads (each also logged)."""
+        return list(self._errors)
+
+    # ------------------------------------------------------------------ stages
+    def _guard(self, target):  # noqa: ANN001, ANN202 - thread wrapper
+        def run() -> None:
+            try:
+                target()
+            except Exception as exc:  # noqa: BLE001 - a dying stage must be visible, and must not hang stop()
+                logger.exception("pipeline thread failed")
+                self._errors.append(f"{type(exc).__name__}: {exc}")
+                self._done.set()
+        return run
+
+    def _on_file(self, path: Path) -> None:
+        self.metrics.files_seen.inc()
+        self.state.counters["files_seen"] = self.state.counters.get("files_seen", 0) + 1
+        self.files.put(path)  # blocks when the reader is behind: back-pressure on the watcher
+
+    def _reader(self) -> None:
+        while True:
+            item = self.files.get()
+            try:
+                if item is _STOP:
+                    self.chunks.put(_STOP)
+                    return
+                if self._reading.is_set():
+                    self._read(item)
+            finally:
+                self.files.task_done()
+
+    def _read(self, path: Path) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        try:
+            plan, geometry = plan_particle_file(path, s.watch, self.geometry, self.taken, s.apix)
+        except NotParticles as exc:
+            logger.info("skipped: %s", exc)
+            return
+        except Rejected as exc:
+            self._reject(path, str(exc))
+            return
+        self.geometry = geometry
+        if len(plan) == 0:
+            return
+        dropped = 0
+        try:
+            for chunk in plan.chunks(s.read_chunk):
+                dropped += chunk.dropped
+                if len(chunk):
+                    for stack in np.unique(chunk.stacks):
+                        self.taken.add(str(stack), chunk.indices[chunk.stacks == stack])
+                    self._count("particles_ingested", len(chunk))
+                    self.chunks.put(chunk)
+                if not self._reading.is_set():
+                    break  # stopping: the rest is read again after a restart
+        except Rejected as exc:
+            self._reject(path, str(exc))
+        if dropped:
+            self._count("particles_rejected", dropped)
+            self._reject(path, f"{path}: {dropped} image(s) contain NaN or Inf pixels and were skipped; "
+                               "the file's other images were taken", count_file=False)
+        self.metrics.latency.labels("read").observe(time.perf_counter() - t0)
+
+    def _poser(self) -> None:
+        s = self.settings
+        waiting: list[ParticleChunk] = []
+        first_at: float | None = None
+        stopping = False
+        while True:
+            per_pass = s.batch - 1 - (s.anchors if self.frame is not None else 0)
+            wanted = max(per_pass, s.candidates if self.frame is None else 0)
+            n = sum(len(c) for c in waiting)
+            due = first_at is not None and time.monotonic() - first_at >= s.flush_seconds
+            if waiting and (n >= wanted or due or stopping):
+                self._pose(waiting)
+                waiting, first_at = [], None
+                self._buffered = 0
+                continue
+            if stopping:
+                self.posed.put(_STOP)
+                return
+            timeout = None if first_at is None else max(0.01, s.flush_seconds - (time.monotonic() - first_at))
+            try:
+                item = self.chunks.get(timeout=timeout)
+            except queue.Empty:
+                continue
+            self.chunks.task_done()
+            if item is _STOP:
+                stopping = True
+                continue
+            waiting.append(item)
+            self._buffered += len(item)
+            first_at = first_at or time.monotonic()
+
+    def _pose(self, chunks: list[ParticleChunk]) -> None:
+        s = self.settings
+        assert self.geometry is not None
+        images = torch.cat([c.images for c in chunks])
+        t0 = time.perf_counter()
+        try:
+            with self._compute:
+                small = to_model_box(images, self.model.config.box)
+                if self.frame is None:
+                    candidates = small[: s.candidates]
+                    best, _ = select_reference(self.model, candidates) if len(candidates) >= 2 else (0, None)
+                    self.frame = SessionFrame(self.model, candidates[best], views=s.batch, anchors=s.anchors,
+                                              sets_per_pass=4 if self.device.type == "cuda" else 1)
+                    logger.info("session reference chosen among %d particles by confidence", len(candidates))
+                batch = self.frame.pose(small)
+        except Exception as exc:  # noqa: BLE001 - a failed pass loses its particles, never the session
+            logger.exception("forward pass failed")
+            for chunk in chunks:
+                self._forget(chunk)
+                self._reject(chunk.source, f"{chunk.source}: pose estimation failed ({exc})", count_file=False)
+            self._count("particles_rejected", len(images))
+            return
+        self._batch_counter += 1
+        self.metrics.batches.inc(max(1, math.ceil(len(images) / max(1, s.batch - 1 - s.anchors))))
+        self._count("particles_posed", len(images))
+        self.metrics.latency.labels("pose").observe(time.perf_counter() - t0)
+        apix_model = model_pixel_size(self.geometry.box, self.geometry.apix, self.model.config.box)
+        self.posed.put(_Posed(chunks, batch, apix_model, self.frame.state_dict()))
+
+    def _accumulator(self) -> None:
+        try:
+            while True:
+                timeout = self.settings.publish_seconds / 4
+                try:
+                    item = self.posed.get(timeout=timeout)
+                except queue.Empty:
+                    self._maybe_publish_and_checkpoint()
+                    continue
+                try:
+                    if item is _STOP:
+                        break
+                    self._accumulate(item)
+                    self._maybe_publish_and_checkpoint()
+                finally:
+                    self.posed.task_done()
+            if self.state.n_particles and (self.state.n_particles != self._last_map[1] or not self.state.fsc_history):
+                self._publish_map()
+            self._checkpoint()
+        finally:
+            self._done.set()
+
+    def _accumulate(self, posed: _Posed) -> None:
+        s, st = self.settings, self.state
+        assert self.geometry is not None
+        t0 = time.perf_counter()
+        if st.accumulator is None:
+            st.geometry = self.geometry
+            st.accumulator = HalfSetAccumulator(self.geometry.box, self.geometry.apix,
+                                                interpolation=s.interpolation, device=self.device)  # type: ignore[arg-type]
+        start = 0
+        for chunk in posed.chunks:  # a few chunks (files) per pass, not particles
+            n = len(chunk)
+            rotations = posed.batch.rotations[start : start + n]
+            origins = posed.batch.origins_px[start : start + n] * posed.apix_model
+            confidence = posed.batch.confidence[start : start + n]
+            start += n
+            try:
+                with self._compute:
+                    st.accumulator.add(chunk.images, rotations, origins, chunk.half_sets, chunk.ctf)
+            except ValueError as exc:
+                self._forget(chunk)
+                self._reject(chunk.source, f"{chunk.source}: insertion failed ({exc})", count_file=False)
+                self._count("particles_rejected", n)
+                continue
+            for stack in np.unique(chunk.stacks):
+                st.journal.add(str(stack), chunk.indices[chunk.stacks == stack])
+            st.poses.append(chunk.stacks, chunk.indices, rotations, origins, confidence, chunk.half_sets, chunk.ctf)
+            if chunk.optics and not st.optics:
+                st.optics = dict(chunk.optics)
+            self.metrics.particles_accumulated.inc(n)
+            self._publish_poses(chunk, rotations, origins, confidence)
+        st.frame = posed.frame_state
+        self.metrics.particles_in_map.set(st.n_particles)
+        self._rate_window.append((time.monotonic(), st.n_particles))
+        self.metrics.latency.labels("accumulate").observe(time.perf_counter() - t0)
+
+    def _publish_poses(self, chunk: ParticleChunk, rotations: torch.Tensor, origins: torch.Tensor,
+                       confidence: torch.Tensor) -> None:
+        from cryofastar.recon.euler import matrix_to_euler
+
+        rot, tilt, psi = matrix_to_euler(rotations.double())
+        table = torch.stack([rot, tilt, psi, origins[:, 0], origins[:, 1], confidence.double()], -1)
+        names = [self._particle_id(stack, index) for stack, index in zip(chunk.stacks, chunk.indices, strict=True)]
+        assert self.publisher is not None and len(POSE_COLUMNS) == table.shape[1]
+        self.publisher.publish(PosesMessage(table.float().numpy(), names, self._batch_counter,
+                                            chunk.half_sets.tolist()))
+
+    def _particle_id(self, stack: str, index: int) -> str:
+        try:
+            name = Path(stack).relative_to(self.settings.watch.resolve()).as_posix()
+        except ValueError:
+            name = stack
+        return f"{int(index):06d}@{name}"
+
+    def _maybe_publish_and_checkpoint(self) -> None:
+        s, st = self.settings, self.state
+        now = time.monotonic()
+        last_t, last_n = self._last_map
+        if st.n_particles and st.n_particles != last_n and (now - last_t >= s.publish_seconds
+                                                              or st.n_particles - last_n >= s.publish_particles):
+            self._publish_map()
+        if now - self._last_checkpoint >= s.checkpoint_seconds and st.accumulator is not None:
+            self._checkpoint()
+
+    def _publish_map(self) -> None:
+        st = self.state
+        assert st.geometry is not None and st.accumulator is not None
+        t0 = time.perf_counter()
+        with self._compute:
+            volume, curve, resolution = st.write_maps(self.out)
+        shells = shell_resolutions_angstrom(st.geometry.box, st.geometry.apix)
+        assert self.publisher is not None
+        self.publisher.publish(VolumeMessage(volume.float().cpu().numpy(), st.geometry.apix, st.n_particles,
+                                             resolution if math.isfinite(resolution) else None,
+                                             shells.float().numpy(), curve.float().cpu().numpy()))
+        self._last_map = (time.monotonic(), st.n_particles)
+        self.metrics.maps_published.inc()
+        self.metrics.set_resolution_angstrom(resolution)
+        self.metrics.latency.labels("map").observe(time.perf_counter() - t0)
+        logger.info("map: %d particles, %.2f Å", st.n_particles, resolution)
+
+    def _checkpoint(self) -> None:
+        if self.state.accumulator is None:
+            return
+        t0 = time.perf_counter()
+        self.state.write_particles(self.out)
+        self.state.save(self.out / CHECKPOINT_NAME)
+        self._last_checkpoint = time.monotonic()
+        self.metrics.latency.labels("checkpoint").observe(time.perf_counter() - t0)
+
+    def _status(self) -> None:
+        while not self._status_stop.wait(self.settings.status_seconds):
+            self._publish_status()
+
+    def status(self) -> dict[str, object]:
+        """Counts, rates and queue depths (the ``status`` message's body)."""
+        st = self.state
+        window = list(self._rate_window)
+        rate = 0.0
+        if len(window) >= 2 and window[-1][0] > window[0][0]:
+            rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+        queues = {"files": self.files.qsize(), "chunks": self.chunks.qsize(), "posed": self.posed.qsize()}
+        for name, depth in queues.items():
+            self.metrics.queue_depth.labels(name).set(depth)
+        return {
+            "particles_in_map": st.n_particles,
+            "particles_ingested": self._counts["particles_ingested"],
+            "particles_posed": self._counts["particles_posed"],
+            "particles_rejected": self._counts["particles_rejected"],
+            "particles_per_second": rate,
+            "files_seen": st.counters.get("files_seen", 0),
+            "files_rejected": st.counters.get("files_rejected", 0),
+            "files_pending": 0 if self.watcher is None else self.watcher.pending,
+            "queues": queues,
+            "resolution_angstrom": st.fsc_history[-1][2] if st.fsc_history and math.isfinite(
+                st.fsc_history[-1][2]) else None,
+            "box": None if st.geometry is None and self.geometry is None else (st.geometry or self.geometry).box,
+            "apix": None if st.geometry is None and self.geometry is None else (st.geometry or self.geometry).apix,
+            "model_box": self.model.config.box,
+            "device": str(self.device),
+            "uptime_seconds": time.time() - self._started_at,
+        }
+
+    def _publish_status(self) -> None:
+        if self.publisher is not None and not self.publisher.closed:
+            self.publisher.publish(StatusMessage(self.status()))
+
+    def _count(self, name: str, n: int) -> None:
+        self._counts[name] += n
+        getattr(self.metrics, name).inc(n)
+
+    # ------------------------------------------------------------------ bad input
+    def _forget(self, chunk: ParticleChunk) -> None:
+        for stack in np.unique(chunk.stacks):
+            self.taken.remove(str(stack), chunk.indices[chunk.stacks == stack])
+
+    def _reject(self, path: Path, reason: str, count_file: bool = True) -> None:
+        logger.warning("rejected: %s", reason)
+        if count_file:
+            self.metrics.files_rejected.inc()
+            self.state.counters["files_rejected"] = self.state.counters.get("files_rejected", 0) + 1
+        line = f"{time.time():.3f}\t{path}\t{reason.replace(chr(9), ' ').replace(chr(10), ' ')}\n"
+        with self._rejected_lock:
+            target = self.out / "rejected.tsv"
+            new = not target.exists()
+            with open(target, "a", encoding="utf-8") as handle:
+                if new:
+                    handle.write("unix_time\tpath\treason\n")
+                handle.write(line)

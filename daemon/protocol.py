@@ -1,0 +1,423 @@
+"""The wire protocol of the published stream: three ZeroMQ frames per message.
+
+Every message is ``[topic, header, payload]``:
+
+1. topic: ASCII bytes, one of :data:`TOPICS` (``volume``, ``poses``, ``status``);
+   subscribers filter on it.
+2. header: a UTF-8 JSON object with at least ``protocol`` (int, :data:`PROTOCOL_VERSION`),
+   ``kind`` (the topic), ``seq`` (int, increasing per publisher), ``time`` (unix seconds)
+   and ``session`` (the daemon session's id); payload-carrying kinds add ``dtype``
+   (``"<f4"``) and ``shape`` (list of ints).
+3. payload: raw little-endian float32 in C order (``b""`` for ``status``).
+
+This module is shared by the daemon's publisher and by every subscriber in
+:mod:`cryofastar.monitoring`, so it imports nothing else from the daemon. The
+documented form is ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time as _time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = [
+    "DTYPE",
+    "FSC_THRESHOLD",
+    "POSE_COLUMNS",
+    "PROTOCOL_VERSION",
+    "TOPICS",
+    "Message",
+    "PosesMessage",
+    "ProtocolError",
+    "StatusMessage",
+    "VolumeMessage",
+    "decode",
+    "encode",
+]
+
+PROTOCOL_VERSION = 1
+"""Version written in every header; a subscriber refuses messages with a higher one."""
+
+TOPICS: tuple[str, ...] = ("volume", "poses", "status")
+"""Every topic (= header ``kind``)."""
+
+DTYPE = "<f4"
+"""Payload element type: little-endian float32 (numpy's dtype string)."""
+
+FSC_THRESHOLD = 0.143
+"""Half-map FSC threshold that defines a volume message's ``resolution_angstrom``."""
+
+POSE_COLUMNS: tuple[str, ...] = (
+    "rlnAngleRot",
+    "rlnAngleTilt",
+    "rlnAnglePsi",
+    "rlnOriginXAngst",
+    "rlnOriginYAngst",
+    "confidence",
+)
+"""Columns of a poses payload: three ZYZ Euler angles (degrees), two origins (Å), confidence."""
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol (the text is one line saying why)."""
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars / arrays made plain and NaN / Inf made ``None`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return _finite_or_none(value)
+    return value
+
+
+def _float_array(values: Any, name: str, ndim: int) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float32)
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(array.shape)}")
+    return array
+
+
+@dataclass
+class VolumeMessage:
+    """The current map and its half-map FSC (topic ``volume``).
+
+    Attributes
+    ----------
+    volume: np.ndarray
+        `(B, B, B)` float32 map, [z, y, x] (mrcfile's order, x fastest in the payload).
+    apix: float
+        Pixel size in Å.
+    particles: int
+        Particles inserted into the map so far.
+    resolution_angstrom: float | None
+        Resolution (Å) where the half-map FSC drops below ``fsc_threshold``; ``None``
+        when undefined (too few particles, or no half-set split yet).
+    fsc_resolution_angstrom: np.ndarray
+        `(S,)` float64 resolution in Å of each FSC shell (``inf`` for the DC shell).
+    fsc: np.ndarray
+        `(S,)` float64 half-map FSC per shell (``nan`` where undefined).
+    fsc_threshold: float
+        Threshold used for ``resolution_angstrom`` (0.143).
+    seq, time, session:
+        Header fields; :class:`~cryofastar.daemon.publisher.Publisher` stamps ``seq``
+        and ``session``; ``time`` (unix seconds) defaults to creation time.
+    """
+
+    kind: ClassVar[str] = "volume"
+    volume: np.ndarray
+    apix: float
+    particles: int
+    resolution_angstrom: float | None
+    fsc_resolution_angstrom: np.ndarray
+    fsc: np.ndarray
+    fsc_threshold: float = FSC_THRESHOLD
+    seq: int = 0
+    time: float = field(default_factory=_time.time)
+    session: str = ""
+
+    def __post_init__(self) -> None:
+        self.volume = _float_array(self.volume, "volume", 3)
+        if len(set(self.volume.shape)) != 1 or self.volume.shape[0] < 1:
+            raise ValueError(f"volume must be a non-empty cube, got shape {tuple(self.volume.shape)}")
+        self.apix = float(self.apix)
+        if not (math.isfinite(self.apix) and self.apix > 0):
+            raise ValueError(f"apix must be a positive number of Å, got {self.apix}")
+        self.particles = int(self.particles)
+        if self.particles < 0:
+            raise ValueError(f"particles must be >= 0, got {self.particles}")
+        if self.resolution_angstrom is not None:
+            self.resolution_angstrom = _finite_or_none(self.resolution_angstrom)
+        self.fsc_resolution_angstrom = np.asarray(self.fsc_resolution_angstrom, dtype=np.float64).reshape(-1)
+        self.fsc = np.asarray(self.fsc, dtype=np.float64).reshape(-1)
+        if self.fsc.shape != self.fsc_resolution_angstrom.shape:
+            raise ValueError(
+                f"fsc has {self.fsc.size} shells but fsc resolution_angstrom has {self.fsc_resolution_angstrom.size}"
+            )
+        self.fsc_threshold = float(self.fsc_threshold)
+
+    @property
+    def box(self) -> int:
+        """Box size B in pixels."""
+        return int(self.volume.shape[0])
+
+
+@dataclass
+class PosesMessage:
+    """Poses of one batch of particles (topic ``poses``).
+
+    Attributes
+    ----------
+    poses: np.ndarray
+        `(n, 6)` float32, columns :data:`POSE_COLUMNS`: rlnAngleRot, rlnAngleTilt,
+        rlnAnglePsi (degrees, RELION ZYZ), rlnOriginXAngst, rlnOriginYAngst (Å), confidence.
+    particle_ids: list[str]
+        `n` RELION image names, ``index@stack`` (e.g. ``000012@Movies/a.mrcs``).
+    batch: int
+        Batch number within the session.
+    half_sets: list[int] | None
+        `n` half-set labels (1 or 2, rlnRandomSubset), or ``None``.
+    seq, time, session:
+        Header fields, as for :class:`VolumeMessage`.
+    """
+
+    kind: ClassVar[str] = "poses"
+    poses: np.ndarray
+    particle_ids: list[str]
+    batch: int
+    half_sets: list[int] | None = None
+    seq: int = 0
+    time: float = field(default_factory=_time.time)
+    session: str = ""
+
+    def __post_init__(self) -> None:
+        self.poses = _float_array(self.poses, "poses", 2)
+        if self.poses.shape[1] != len(POSE_COLUMNS):
+            raise ValueError(f"poses must be (n, {len(POSE_COLUMNS)}), got shape {tuple(self.poses.shape)}")
+        self.particle_ids = [str(p) for p in self.particle_ids]
+        n = self.poses.shape[0]
+        if len(self.particle_ids) != n:
+            raise ValueError(f"{len(self.particle_ids)} particle_ids for {n} poses")
+        self.batch = int(self.batch)
+        if self.half_sets is not None:
+            self.half_sets = [int(h) for h in self.half_sets]
+            if len(self.half_sets) != n:
+                raise ValueError(f"{len(self.half_sets)} half_sets for {n} poses")
+            if any(h not in (1, 2) for h in self.half_sets):
+                raise ValueError("half_sets must each be 1 or 2")
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """`(n,)` float32 confidence column."""
+        return self.poses[:, 5]
+
+
+@dataclass
+class StatusMessage:
+    """Counters of the running daemon (topic ``status``; no payload).
+
+    Attributes
+    ----------
+    status: dict[str, Any]
+        Free JSON object, e.g. ``particles_ingested``, ``particles_posed``,
+        ``particles_per_second``, ``files_seen``, ``files_rejected``, ``queues``
+        (name -> depth). NaN / Inf values are sent as ``null``.
+    seq, time, session:
+        Header fields, as for :class:`VolumeMessage`.
+    """
+
+    kind: ClassVar[str] = "status"
+    status: dict[str, Any]
+    seq: int = 0
+    time: float = field(default_factory=_time.time)
+    session: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, dict):
+            raise ValueError(f"status must be a dict, got {type(self.status).__name__}")
+
+
+Message = VolumeMessage | PosesMessage | StatusMessage
+"""Any decoded message."""
+
+
+def _payload(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype=DTYPE).tobytes(order="C")
+
+
+def encode(message: Message) -> list[bytes]:
+    """The three frames of ``message``: ``[topic, header JSON, payload]``.
+
+    The payload is copied, so the caller may change its arrays afterwards.
+
+    Parameters
+    ----------
+    message: Message
+        A :class:`VolumeMessage`, :class:`PosesMessage` or :class:`StatusMessage`.
+
+    Returns
+    -------
+    frames: list[bytes]
+        Topic (ASCII), header (UTF-8 JSON), payload (little-endian float32, C order;
+        ``b""`` for status).
+    """
+    if not isinstance(message, (VolumeMessage, PosesMessage, StatusMessage)):
+        raise TypeError(f"cannot encode {type(message).__name__}; expected a Volume/Poses/StatusMessage")
+    header: dict[str, Any] = {
+        "protocol": PROTOCOL_VERSION,
+        "kind": message.kind,
+        "seq": int(message.seq),
+        "time": float(message.time),
+        "session": str(message.session),
+    }
+    if isinstance(message, VolumeMessage):
+        payload = _payload(message.volume)
+        header.update(
+            dtype=DTYPE,
+            shape=list(message.volume.shape),
+            box=message.box,
+            apix=message.apix,
+            particles=message.particles,
+            resolution_angstrom=message.resolution_angstrom,
+            fsc={
+                "resolution_angstrom": message.fsc_resolution_angstrom,
+                "fsc": message.fsc,
+            },
+            fsc_threshold=message.fsc_threshold,
+        )
+    elif isinstance(message, PosesMessage):
+        payload = _payload(message.poses)
+        header.update(
+            dtype=DTYPE,
+            shape=list(message.poses.shape),
+            columns=list(POSE_COLUMNS),
+            particle_ids=message.particle_ids,
+            batch=message.batch,
+        )
+        if message.half_sets is not None:
+            header["half_sets"] = message.half_sets
+    else:
+        payload = b""
+        header["status"] = message.status
+    text = json.dumps(_jsonable(header), allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+    return [message.kind.encode("ascii"), text.encode("utf-8"), payload]
+
+
+def _field(header: dict[str, Any], name: str, kind: str) -> Any:
+    if name not in header:
+        raise ProtocolError(f"{kind} header lacks field {name!r}")
+    return header[name]
+
+
+def _array(header: dict[str, Any], payload: bytes, kind: str) -> np.ndarray:
+    dtype = _field(header, "dtype", kind)
+    if dtype != DTYPE:
+        raise ProtocolError(f"{kind} payload dtype {dtype!r} is not supported (expected {DTYPE!r})")
+    shape = _field(header, "shape", kind)
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                              for s in shape):
+        raise ProtocolError(f"{kind} header shape must be a list of non-negative ints, got {shape!r}")
+    expected = math.prod(shape) * np.dtype(DTYPE).itemsize
+    if len(payload) != expected:
+        raise ProtocolError(f"{kind} payload is {len(payload)} bytes but shape {shape} of {DTYPE} needs {expected}")
+    return np.frombuffer(payload, dtype=DTYPE).astype(np.float32).reshape(shape)
+
+
+def _as_float(value: Any, default: float) -> float:
+    return default if value is None else float(value)
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Parse the three frames of one message.
+
+    Parameters
+    ----------
+    frames: Sequence[bytes]
+        ``[topic, header, payload]`` as received (bytes-like; ``zmq.Frame`` works too).
+
+    Returns
+    -------
+    message: Message
+        A :class:`VolumeMessage`, :class:`PosesMessage` or :class:`StatusMessage`,
+        with freshly allocated native float32 arrays. Header fields this version does
+        not know are ignored.
+
+    Raises
+    ------
+    ProtocolError
+        Wrong frame count, unknown topic, header not a JSON object, missing or wrong
+        fields, a protocol version newer than :data:`PROTOCOL_VERSION`, or a payload
+        whose size does not match ``shape`` and ``dtype``.
+    """
+    if isinstance(frames, (bytes, bytearray, str)) or len(frames) != 3:
+        count = "a single" if isinstance(frames, (bytes, bytearray, str)) else len(frames)
+        raise ProtocolError(f"expected 3 frames (topic, header, payload), got {count}")
+    topic_frame, header_frame, payload = (bytes(getattr(f, "bytes", f)) for f in frames)
+    try:
+        topic = topic_frame.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"topic {topic_frame[:40]!r} is not ASCII") from None
+    if topic not in TOPICS:
+        raise ProtocolError(f"unknown topic {topic!r} (known: {', '.join(TOPICS)})")
+    try:
+        header = json.loads(header_frame.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{topic} header is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"{topic} header must be a JSON object, got {type(header).__name__}")
+    version = _field(header, "protocol", topic)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ProtocolError(f"{topic} header protocol must be an int, got {version!r}")
+    if version > PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"message uses protocol {version}, newer than this subscriber's {PROTOCOL_VERSION}; "
+            "upgrade cryofastar-stream"
+        )
+    kind = _field(header, "kind", topic)
+    if kind != topic:
+        raise ProtocolError(f"header kind {kind!r} does not match topic {topic!r}")
+    try:
+        common = {
+            "seq": int(_field(header, "seq", kind)),
+            "time": float(_field(header, "time", kind)),
+            "session": str(_field(header, "session", kind)),
+        }
+        if kind == "status":
+            if payload:
+                raise ProtocolError(f"status payload must be empty, got {len(payload)} bytes")
+            return StatusMessage(status=_field(header, "status", kind), **common)
+        array = _array(header, payload, kind)
+        if kind == "volume":
+            curve = _field(header, "fsc", kind)
+            if not isinstance(curve, dict):
+                raise ProtocolError(f"volume header fsc must be an object, got {type(curve).__name__}")
+            shells = [_as_float(v, math.inf) for v in _field(curve, "resolution_angstrom", "volume fsc")]
+            values = [_as_float(v, math.nan) for v in _field(curve, "fsc", "volume fsc")]
+            resolution = _field(header, "resolution_angstrom", kind)
+            box = int(_field(header, "box", kind))
+            if array.ndim != 3 or array.shape[0] != box:
+                raise ProtocolError(f"volume shape {list(array.shape)} does not match box {box}")
+            return VolumeMessage(
+                volume=array,
+                apix=float(_field(header, "apix", kind)),
+                particles=int(_field(header, "particles", kind)),
+                resolution_angstrom=None if resolution is None else float(resolution),
+                fsc_resolution_angstrom=np.asarray(shells, dtype=np.float64),
+                fsc=np.asarray(values, dtype=np.float64),
+                fsc_threshold=float(header.get("fsc_threshold", FSC_THRESHOLD)),
+                **common,
+            )
+        columns = _field(header, "columns", kind)
+        if list(columns) != list(POSE_COLUMNS):
+            raise ProtocolError(f"poses columns {columns!r} are not {list(POSE_COLUMNS)}")
+        particle_ids = _field(header, "particle_ids", kind)
+        if not isinstance(particle_ids, list):
+            raise ProtocolError(f"poses particle_ids must be a list, got {type(particle_ids).__name__}")
+        return PosesMessage(
+            poses=array,
+            particle_ids=particle_ids,
+            batch=int(_field(header, "batch", kind)),
+            half_sets=header.get("half_sets"),
+            **common,
+        )
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"malformed {topic} message: {exc}") from None

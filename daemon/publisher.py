@@ -1,0 +1,315 @@
+"""Publish the stream (map, poses, status) on a ZeroMQ PUB socket, from a thread of its own.
+
+ZeroMQ sockets are not thread-safe, so one thread owns the socket from bind to close;
+the pipeline threads hand it messages with :meth:`Publisher.publish`, which encodes
+them (:mod:`cryofastar.daemon.protocol`) and returns at once. The latest map is re-sent
+every ``republish_seconds`` so a subscriber that connects late gets it within one period.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from types import TracebackType
+
+import zmq
+
+from .protocol import TOPICS, Message, encode
+
+__all__ = ["DEFAULT_ADDRESS", "AddressInUseError", "Publisher", "PublisherError"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+
+class PublisherError(OSError):
+    """The publisher could not bind its address (the text says which and why)."""
+
+
+class AddressInUseError(PublisherError):
+    """Another process (or publisher) already listens on the address."""
+
+
+@dataclasses.dataclass
+class _Pending:
+    kind: str
+    frames: list[bytes]
+
+
+class Publisher:
+    """A ZeroMQ PUB socket in its own thread, with a bounded send queue and map re-publishing.
+
+    Parameters
+    ----------
+    address: str
+        ZeroMQ endpoint to bind, e.g. ``tcp://127.0.0.1:5555`` (local only) or
+        ``tcp://*:5555`` (all interfaces). Port ``0`` or ``*`` binds a free port;
+        :attr:`address` then gives the one chosen.
+    session: str | None
+        Session id put in every header; ``None`` makes a random 12-hex-digit one.
+    republish_seconds: float | None
+        Period (s) of re-sending the latest volume; ``None`` never re-sends.
+    queue_size: int
+        Messages that may wait for the socket thread. When full, the oldest pending
+        ``status`` is dropped first, then the oldest ``poses``; a ``volume`` is never
+        dropped (it is queued even past the bound).
+    sndhwm: int
+        ZeroMQ send high-water mark (messages queued per subscriber). Past it PUB drops
+        messages for that slow subscriber. Payloads of 64 KiB or more are sent without
+        copying, so re-sent maps queued for a stalled subscriber share one buffer.
+
+    Raises
+    ------
+    AddressInUseError
+        The address is already bound by someone else.
+    PublisherError
+        The address is malformed or cannot be bound.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        session: str | None = None,
+        republish_seconds: float | None = 5.0,
+        queue_size: int = 64,
+        sndhwm: int = 100,
+    ) -> None:
+        if republish_seconds is not None and not republish_seconds > 0:
+            raise ValueError(f"republish_seconds must be > 0 (or None), got {republish_seconds}")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if sndhwm < 1:
+            raise ValueError(f"sndhwm must be >= 1, got {sndhwm}")
+        self.session = session if session is not None else uuid.uuid4().hex[:12]
+        self.republish_seconds = republish_seconds
+        self.queue_size = queue_size
+        self._requested = address
+        self._sndhwm = sndhwm
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._seq = 0
+        self._closing = False
+        self._closed = False
+        self._latest_volume: list[bytes] | None = None
+        self._republish_due = 0.0
+        self._sent = dict.fromkeys(TOPICS, 0)
+        self._dropped = dict.fromkeys(TOPICS, 0)
+        self._republished = 0
+        self._address: str | None = None
+        self._startup_error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cryofastar-publisher", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            self._thread.join()
+            self._closed = True
+            raise self._startup_error
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """The bound endpoint, e.g. ``tcp://127.0.0.1:40123`` (the real port when 0 was asked)."""
+        assert self._address is not None
+        return self._address
+
+    @property
+    def sent(self) -> dict[str, int]:
+        """Messages handed to the socket per kind, re-sent volumes included."""
+        with self._cond:
+            return dict(self._sent)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Messages dropped per kind because the internal queue was full (or a send failed)."""
+        with self._cond:
+            return dict(self._dropped)
+
+    @property
+    def republished(self) -> int:
+        """How many times the latest volume was re-sent."""
+        with self._cond:
+            return self._republished
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting for the socket thread."""
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def publish(self, message: Message) -> int:
+        """Queue ``message`` for sending; thread-safe, never blocks on the network.
+
+        The message is encoded here (its arrays are copied, so the caller may reuse
+        them), stamped with this publisher's ``session`` and the next ``seq`` (in the
+        order messages enter the queue); ``time`` is kept as set.
+
+        Parameters
+        ----------
+        message: Message
+            A ``VolumeMessage``, ``PosesMessage`` or ``StatusMessage``.
+
+        Returns
+        -------
+        seq: int
+            The sequence number given to the message.
+
+        Raises
+        ------
+        RuntimeError
+            The publisher is closed.
+        """
+        if self._closing:
+            raise RuntimeError("publisher is closed")
+        frames = encode(dataclasses.replace(message, seq=0, session=self.session))
+        pending = _Pending(message.kind, frames)
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("publisher is closed")
+            # seq is given here, under the lock, so it increases in queue (= wire) order
+            seq = self._seq
+            self._seq += 1
+            header = json.loads(frames[1])
+            header["seq"] = seq
+            frames[1] = json.dumps(header, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(self._queue) >= self.queue_size and not self._make_room():
+                if pending.kind != "volume":
+                    self._dropped[pending.kind] += 1
+                    logger.debug("publisher queue full of volumes: dropped %s seq %d", pending.kind, seq)
+                    return seq
+            self._queue.append(pending)
+            self._cond.notify()
+        return seq
+
+    def close(self) -> None:
+        """Hand what is queued to the socket, stop the thread, close the socket and context; idempotent.
+
+        With LINGER 0, whatever the socket has not transmitted yet is discarded at once,
+        so a daemon stops promptly even with a stalled subscriber.
+        """
+        with self._cond:
+            if self._closed:
+                return
+            self._closing = True
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Publisher({self._address or self._requested!r}, session={self.session!r})"
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _make_room(self) -> bool:
+        """Drop the oldest pending status, else the oldest pending poses; False if only volumes wait."""
+        for kind in ("status", "poses"):
+            for index, item in enumerate(self._queue):
+                if item.kind == kind:
+                    del self._queue[index]
+                    self._dropped[kind] += 1
+                    logger.debug("publisher queue full: dropped the oldest pending %s", kind)
+                    return True
+        return False
+
+    def _bind(self, socket: zmq.Socket) -> str:
+        address = self._requested
+        scheme, sep, rest = address.partition("://")
+        if sep and scheme == "tcp" and rest.rsplit(":", 1)[-1] == "0":
+            address = f"{scheme}://{rest.rsplit(':', 1)[0]}:*"
+        try:
+            socket.bind(address)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EADDRINUSE:
+                raise AddressInUseError(
+                    f"cannot publish on {self._requested}: address already in use "
+                    "(another cryofastar-stream daemon?); choose another address"
+                ) from None
+            raise PublisherError(f"cannot publish on {self._requested!r}: {exc.strerror}") from None
+        return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _run(self) -> None:
+        context = zmq.Context()
+        socket = context.socket(zmq.PUB)
+        try:
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, self._sndhwm)
+            self._address = self._bind(socket)
+        except BaseException as exc:
+            self._startup_error = exc
+            socket.close(linger=0)
+            context.term()
+            self._ready.set()
+            return
+        logger.info("publishing on %s (session %s)", self._address, self.session)
+        self._ready.set()
+        try:
+            self._loop(socket)
+        finally:
+            socket.close(linger=0)
+            context.term()
+            logger.info("publisher on %s closed: sent %s, dropped %s", self._address, self._sent, self._dropped)
+
+    def _loop(self, socket: zmq.Socket) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    if self._latest_volume is not None and self.republish_seconds is not None:
+                        wait = self._republish_due - time.monotonic()
+                        if wait <= 0:
+                            break
+                        self._cond.wait(wait)
+                    else:
+                        self._cond.wait()
+                if self._queue:
+                    item = self._queue.popleft()
+                    resend = False
+                elif self._closing:
+                    return
+                else:
+                    assert self._latest_volume is not None
+                    item = _Pending("volume", self._latest_volume)
+                    resend = True
+            self._send(socket, item, resend)
+
+    def _send(self, socket: zmq.Socket, item: _Pending, resend: bool) -> None:
+        try:
+            # PUB never blocks: past SNDHWM it drops for the slow subscriber itself.
+            socket.send_multipart(item.frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            logger.warning("could not publish a %s message: %s", item.kind, exc)
+            with self._cond:
+                self._dropped[item.kind] += 1
+            return
+        with self._cond:
+            self._sent[item.kind] += 1
+            if item.kind == "volume":
+                self._latest_volume = item.frames
+                if self.republish_seconds is not None:
+                    self._republish_due = time.monotonic() + self.republish_seconds
+                if resend:
+                    self._republished += 1
+

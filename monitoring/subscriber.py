@@ -1,0 +1,244 @@
+"""The reference subscriber: receive the published stream, print it, optionally save the maps.
+
+Reads only the wire protocol (:mod:`cryofastar.daemon.protocol`, ``docs/protocol.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import torch
+import zmq
+from cryofastar.daemon.protocol import (
+    TOPICS,
+    Message,
+    ProtocolError,
+    StatusMessage,
+    VolumeMessage,
+    decode,
+)
+from cryofastar.recon.io import write_volume
+from cryofastar.recon.io.atomic import atomic_path
+
+__all__ = ["Subscriber", "describe", "run_subscriber", "save_volume"]
+
+logger = logging.getLogger(__name__)
+
+
+class Subscriber:
+    """A ZeroMQ SUB socket connected to a publisher, decoding each message.
+
+    Parameters
+    ----------
+    address: str
+        Publisher endpoint, e.g. ``tcp://127.0.0.1:5555``. Connecting never fails
+        for a publisher that is not up yet: ZeroMQ keeps retrying in the background.
+    topics: Iterable[str]
+        Topics to receive, a subset of :data:`~cryofastar.daemon.protocol.TOPICS`.
+    rcvhwm: int
+        ZeroMQ receive high-water mark (messages); past it messages are dropped.
+
+    Attributes
+    ----------
+    last_receive: float | None
+        ``time.monotonic()`` when the last message (well-formed or not) arrived.
+
+    Raises
+    ------
+    ValueError
+        Unknown topic or malformed address.
+    """
+
+    def __init__(self, address: str, topics: Iterable[str] = TOPICS, *, rcvhwm: int = 100) -> None:
+        topics = list(topics)
+        unknown = [t for t in topics if t not in TOPICS]
+        if unknown or not topics:
+            raise ValueError(f"topics must be among {', '.join(TOPICS)}, got {topics!r}")
+        self.address = address
+        self.topics = tuple(topics)
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        try:
+            self._socket.connect(address)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ValueError(f"cannot connect to {address!r}: {exc.strerror}") from None
+        for topic in self.topics:
+            self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+        self.last_receive: float | None = None
+
+    def receive(self, timeout_s: float | None = None) -> Message | None:
+        """The next message, or ``None`` if none arrives within ``timeout_s`` seconds.
+
+        Parameters
+        ----------
+        timeout_s: float | None
+            Seconds to wait; ``None`` waits for ever, ``0`` only looks.
+
+        Raises
+        ------
+        ProtocolError
+            The message received was malformed (it is consumed; the next call goes on).
+        """
+        timeout_ms = None if timeout_s is None else max(0, math.ceil(timeout_s * 1000))
+        if not self._socket.poll(timeout_ms, zmq.POLLIN):
+            return None
+        frames = self._socket.recv_multipart()
+        self.last_receive = time.monotonic()
+        return decode(frames)
+
+    def close(self) -> None:
+        """Close the socket and its context; idempotent."""
+        if not self._socket.closed:
+            self._socket.close(linger=0)
+        if not self._context.closed:
+            self._context.term()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def save_volume(message: VolumeMessage, save_dir: Path) -> Path:
+    """Write a volume message as MRC maps and an FSC table (each file atomically).
+
+    Writes ``volume_<particles:08d>.mrc`` and ``volume.mrc`` (the latest), both with
+    the voxel size set to ``apix``, and ``volume_fsc.tsv`` (tab-separated columns
+    ``resolution_angstrom`` and ``fsc``, one row per shell, ``inf`` for DC).
+
+    Parameters
+    ----------
+    message: VolumeMessage
+        The received map, `(B, B, B)` [z, y, x].
+    save_dir: Path
+        Directory, created if missing.
+
+    Returns
+    -------
+    path: Path
+        The numbered map written.
+    """
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    volume = torch.from_numpy(np.ascontiguousarray(message.volume, dtype=np.float32))
+    numbered = save_dir / f"volume_{message.particles:08d}.mrc"
+    write_volume(numbered, volume, message.apix)
+    write_volume(save_dir / "volume.mrc", volume, message.apix)
+    lines = ["resolution_angstrom\tfsc"]
+    lines += [f"{r:.6g}\t{f:.6g}" for r, f in zip(message.fsc_resolution_angstrom.tolist(), message.fsc.tolist(),
+                                                 strict=True)]
+    with atomic_path(save_dir / "volume_fsc.tsv") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return numbered
+
+
+def _value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def describe(message: Message, saved: Path | None = None, repeat: bool = False) -> str:
+    """One human line for a message (what :func:`run_subscriber` prints)."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(message.time))
+    if isinstance(message, StatusMessage):
+        parts = []
+        for key, value in message.status.items():
+            if isinstance(value, dict):
+                inner = " ".join(f"{k}={_value(v)}" for k, v in value.items())
+                parts.append(f"{key}: {inner}" if inner else f"{key}: -")
+            else:
+                parts.append(f"{key}={_value(value)}")
+        return f"{stamp} status  seq {message.seq}  " + "  ".join(parts)
+    if isinstance(message, VolumeMessage):
+        resolution = "undefined" if message.resolution_angstrom is None else f"{message.resolution_angstrom:.2f} Å"
+        line = (f"{stamp} volume  seq {message.seq}  {message.particles} particles  resolution {resolution}  "
+                f"box {message.box} at {message.apix:.3g} Å/px")
+        if repeat:
+            return line + "  (re-sent)"
+        return line + (f"  -> {saved}" if saved is not None else "")
+    confidence = float(np.mean(message.confidence)) if len(message.particle_ids) else math.nan
+    return (f"{stamp} poses   seq {message.seq}  batch {message.batch}  {len(message.particle_ids)} particles  "
+            f"mean confidence {confidence:.3f}")
+
+
+def run_subscriber(
+    address: str,
+    save_dir: Path | None,
+    max_messages: int | None,
+    timeout_s: float | None,
+    echo: Callable[[str], None],
+) -> int:
+    """Receive messages, print one line each, and save every new map when asked.
+
+    Parameters
+    ----------
+    address: str
+        Publisher endpoint, e.g. ``tcp://127.0.0.1:5555``.
+    save_dir: Path | None
+        Where to write each new volume (:func:`save_volume`); ``None`` saves nothing.
+        A volume re-sent by the publisher (same session and seq) is not written again.
+    max_messages: int | None
+        Stop after this many well-formed messages; ``None``: no limit.
+    timeout_s: float | None
+        Stop after this many seconds without a message (malformed ones count as traffic);
+        ``None``: wait for ever. The publisher re-sends its map every few seconds, so a
+        timeout longer than that period ends only when the daemon stops.
+    echo: Callable[[str], None]
+        Prints one line (e.g. ``typer.echo``).
+
+    Returns
+    -------
+    received: int
+        Well-formed messages received (malformed ones print a warning and do not count).
+    """
+    if max_messages is not None and max_messages < 1:
+        raise ValueError(f"--count must be at least 1, got {max_messages}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {timeout_s}")
+    received = 0
+    last_volume: tuple[str, int] | None = None
+    with Subscriber(address) as subscriber:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while max_messages is None or received < max_messages:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                break
+            try:
+                message = subscriber.receive(wait)
+            except ProtocolError as exc:
+                message = None
+                echo(f"warning: skipped a malformed message: {exc}")
+            if timeout_s is not None and subscriber.last_receive is not None:
+                deadline = subscriber.last_receive + timeout_s
+            if message is None:
+                continue
+            received += 1
+            if isinstance(message, VolumeMessage):
+                key = (message.session, message.seq)
+                repeat = key == last_volume
+                saved = None
+                if save_dir is not None and not repeat:
+                    saved = save_volume(message, save_dir)
+                last_volume = key
+                echo(describe(message, saved=saved, repeat=repeat))
+            else:
+                echo(describe(message))
+    return received

@@ -1,0 +1,149 @@
+"""The daemon's ingestion journal, file checks and session state (real files on disk)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from cryofastar.daemon.ingest import NotParticles, Rejected, SessionGeometry, plan_particle_file
+from cryofastar.daemon.journal import IngestJournal
+from cryofastar.daemon.state import SessionState
+from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.io import read_particles, write_stack, write_volume
+from cryofastar.recon.io.star import write_particles
+from cryofastar.recon.simulate.particles import random_rotations
+
+
+def _stack(path, n=5, box=16, apix=2.0, seed=0):
+    images = torch.randn(n, box, box, generator=torch.Generator().manual_seed(seed))
+    write_stack(path, images, apix)
+    return images
+
+
+def test_journal_records_membership_per_stack_and_round_trips():
+    journal = IngestJournal()
+    journal.add("a.mrcs", np.array([1, 3, 5]))
+    journal.add("b.mrcs", np.array([2]))
+    journal.add("a.mrcs", np.array([3]))  # twice is harmless
+    assert len(journal) == 4 and journal.count("a.mrcs") == 3
+    assert journal.contains("a.mrcs", np.array([1, 2, 3, 9])).tolist() == [True, False, True, False]
+    assert journal.contains("c.mrcs", np.array([1])).tolist() == [False]
+    copy = IngestJournal.from_state_dict(journal.state_dict())
+    assert copy.contains("b.mrcs", np.array([1, 2])).tolist() == [False, True]
+    copy.remove("a.mrcs", np.array([1]))
+    assert journal.count("a.mrcs") == 3 and copy.count("a.mrcs") == 2
+    with pytest.raises(ValueError, match="1-based"):
+        journal.add("a.mrcs", np.array([0]))
+
+
+def test_a_stack_brings_every_image_once(tmp_path):
+    images = _stack(tmp_path / "s.mrcs")
+    taken = IngestJournal()
+    plan, geometry = plan_particle_file(tmp_path / "s.mrcs", tmp_path, None, taken)
+    assert geometry == SessionGeometry(16, 2.0)
+    chunks = list(plan.chunks(2))
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    assert torch.equal(torch.cat([c.images for c in chunks]), images)
+    assert np.concatenate([c.indices for c in chunks]).tolist() == [1, 2, 3, 4, 5]
+    for c in chunks:
+        taken.add(str(c.stacks[0]), c.indices)
+    again, _ = plan_particle_file(tmp_path / "s.mrcs", tmp_path, geometry, taken)
+    assert len(again) == 0
+
+
+def test_a_star_naming_stacks_already_taken_adds_only_new_rows_with_ctf(tmp_path):
+    _stack(tmp_path / "s.mrcs", n=4)
+    rows = pd.DataFrame({"rlnImageName": [f"{i:06d}@s.mrcs" for i in (1, 2, 3, 4)],
+                         "rlnAngleRot": 0.0, "rlnAngleTilt": 0.0, "rlnAnglePsi": 0.0,
+                         "rlnDefocusU": 12000.0, "rlnDefocusV": 11000.0, "rlnDefocusAngle": 10.0,
+                         "rlnOpticsGroup": 1})
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [2.0], "rlnImageSize": [16],
+                           "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
+    write_particles(tmp_path / "p.star", rows, optics)
+    taken = IngestJournal()
+    taken.add(str((tmp_path / "s.mrcs").resolve()), np.array([1, 2]))
+    plan, _ = plan_particle_file(tmp_path / "p.star", tmp_path, SessionGeometry(16, 2.0), taken)
+    assert plan.indices.tolist() == [3, 4]
+    chunk = next(plan.chunks())
+    assert chunk.ctf is not None and torch.allclose(chunk.ctf.defocus_u_angstrom, torch.full((2,), 12000.0).double())
+    assert chunk.optics["rlnVoltage"] == 300.0
+
+
+@pytest.mark.parametrize("case", ["truncated", "volume", "box", "apix", "outside", "missing", "text"])
+def test_bad_files_are_rejected_with_one_clear_line(tmp_path, case):
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    geometry = SessionGeometry(16, 2.0)
+    expected = {"truncated": "not a readable MRC", "volume": "3D map", "box": "box 32 px differs",
+                "apix": "pixel size 2.5000 Å differs", "outside": "outside the watched directory",
+                "missing": "missing stack", "text": "not a (readable )?STAR file"}[case]
+    if case == "truncated":
+        _stack(watched / "t.mrcs", n=8)
+        data = (watched / "t.mrcs").read_bytes()
+        (watched / "t.mrcs").write_bytes(data[: len(data) - 700])
+        path = watched / "t.mrcs"
+    elif case == "volume":
+        write_volume(watched / "map.mrc", torch.zeros(16, 16, 16), 2.0)
+        path = watched / "map.mrc"
+    elif case in ("box", "apix"):
+        _stack(watched / "x.mrcs", box=32 if case == "box" else 16, apix=2.0 if case == "box" else 2.5)
+        path = watched / "x.mrcs"
+    else:
+        if case == "outside":
+            _stack(tmp_path / "elsewhere.mrcs", n=2)
+            name = "../elsewhere.mrcs"
+        else:
+            name = "gone.mrcs"
+        rows = pd.DataFrame({"rlnImageName": [f"000001@{name}"], "rlnAngleRot": [0.0], "rlnAngleTilt": [0.0],
+                             "rlnAnglePsi": [0.0]})
+        path = watched / "p.star"
+        if case == "text":
+            path.write_text("this is not a star file\n\x00\x01")
+        else:
+            write_particles(path, rows, pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [2.0]}))
+    with pytest.raises(Rejected, match=expected) as info:
+        plan_particle_file(path, watched, geometry, IngestJournal())
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, NotParticles) == (case == "volume")  # a map is skipped, not an error
+
+
+def test_non_finite_images_are_dropped_and_counted(tmp_path):
+    images = torch.randn(4, 16, 16)
+    images[1, 3, 3] = float("nan")
+    images[2, 0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning):  # mrcfile warns when it writes non-finite data
+        write_stack(tmp_path / "n.mrcs", images, 2.0)
+    plan, _ = plan_particle_file(tmp_path / "n.mrcs", tmp_path, None, IngestJournal())
+    chunk = next(plan.chunks())
+    assert chunk.indices.tolist() == [1, 4] and chunk.dropped == 2
+    assert bool(torch.isfinite(chunk.images).all())
+
+
+def test_session_state_checkpoint_round_trip_and_particles_star(tmp_path):
+    _stack(tmp_path / "s.mrcs", n=6)
+    plan, geometry = plan_particle_file(tmp_path / "s.mrcs", tmp_path, None, IngestJournal())
+    chunk = next(plan.chunks())
+    state = SessionState(geometry=geometry, accumulator=HalfSetAccumulator(16, 2.0, interpolation="nearest"))
+    rotations = random_rotations(6, torch.Generator().manual_seed(0))
+    origins = torch.randn(6, 2, dtype=torch.float64)
+    state.accumulator.add(chunk.images, rotations, origins, chunk.half_sets)
+    state.journal.add(str(chunk.stacks[0]), chunk.indices)
+    state.poses.append(chunk.stacks, chunk.indices, rotations, origins, torch.ones(6) * 1.5, chunk.half_sets, None)
+    out = tmp_path / "out"
+    out.mkdir()
+    state.save(out / "checkpoint.pt")
+    state.write_particles(out)
+    volume, curve, resolution = state.write_maps(out)
+    loaded = SessionState.load(out / "checkpoint.pt")
+    assert loaded.n_particles == 6 and len(loaded.journal) == 6 and len(loaded.poses) == 6
+    assert torch.equal(loaded.accumulator.grids, state.accumulator.grids)
+    table = read_particles(out / "particles.star")
+    assert len(table) == 6 and table.apix == 2.0 and table.box == 16  # image names resolve from --out
+    assert torch.allclose(table.rotations(), rotations, atol=1e-6)
+    assert torch.allclose(table.origins_angstrom(), origins, atol=1e-5)
+    assert table.half_sets().tolist() == chunk.half_sets.tolist()
+    assert (out / "volume_half1.mrc").exists() and (out / "fsc_history.tsv").read_text().count("\n") == 2
+    (out / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable session checkpoint"):
+        SessionState.load(out / "bad.pt")

@@ -1,0 +1,230 @@
+"""The streaming daemon end to end: the real console script on a real directory, a real
+ZeroMQ subscriber, a real HTTP scrape of /metrics, SIGTERM drains, SIGKILL + restart."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import starfile
+import torch
+from cryofastar.daemon.protocol import StatusMessage, VolumeMessage
+from cryofastar.monitoring.subscriber import Subscriber
+from cryofastar.recon.io import read_volume, write_stack
+from cryofastar.recon.io.star import write_particles
+
+SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
+ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+BOX = 48
+PER_STACK = 40
+N_STACKS = 6
+FAST = ["--settle", "0.3", "--flush", "1", "--publish-every", "1", "--checkpoint-every", "1", "--batch", "48",
+        "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "0"]
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory) -> list[Path]:
+    """A simulated session's stacks (written elsewhere; tests move them into the watched directory)."""
+    out = tmp_path_factory.mktemp("simulated")
+    result = subprocess.run([str(SCRIPT), "simulate", "--out", str(out), "--n", str(PER_STACK * N_STACKS), "--box",
+                             str(BOX), "--apix", "3.0", "--snr", "1", "--per-stack", str(PER_STACK), "--seed", "11"],
+                            capture_output=True, text=True, env=ENV, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    return sorted(out.glob("particles_*.mrcs"))
+
+
+class Daemon:
+    """The console script in a subprocess, its stdout collected by a thread."""
+
+    def __init__(self, watch: Path, out: Path, *extra: str) -> None:
+        self.process = subprocess.Popen([str(SCRIPT), "--watch", str(watch), "--out", str(out), *FAST, *extra],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        self.zmq, self.metrics = self._endpoints()
+
+    def _collect(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def _endpoints(self) -> tuple[str, str]:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                match = re.search(r"ZeroMQ (tcp://\S+?);? metrics (http://\S+)", line)
+                if match:
+                    return match.group(1), match.group(2)
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited: {self.process.stderr.read()}")  # type: ignore[union-attr]
+            time.sleep(0.05)
+        raise AssertionError("daemon did not report its endpoints")
+
+    def scrape(self) -> dict[str, float]:
+        text = urllib.request.urlopen(self.metrics, timeout=10).read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout=120)
+        return code, self.process.stderr.read()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def daemons():
+    """Start daemons with ``daemons(watch, out, ...)``; every one is closed after the test."""
+    started: list[Daemon] = []
+
+    def start(*args) -> Daemon:
+        started.append(Daemon(*args))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        daemon.close()
+
+
+def place(stack: Path, directory: Path) -> Path:
+    """Write a stack the way acquisition software should: a hidden name, then a rename into place."""
+    target = directory / stack.name
+    shutil.copy(stack, directory / f".{stack.name}.part")
+    os.replace(directory / f".{stack.name}.part", target)
+    return target
+
+
+def wait_for_map(subscriber: Subscriber, particles: int, timeout: float = 180) -> VolumeMessage:
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        message = subscriber.receive(timeout_s=1.0)
+        if isinstance(message, VolumeMessage):
+            seen = message.particles
+            if message.particles >= particles:
+                return message
+    raise AssertionError(f"no map with {particles} particles within {timeout} s (last: {seen})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("poll", [None, "0.2"], ids=["inotify", "polling"])
+def test_a_live_session_streams_to_a_published_map_and_metrics(stacks, tmp_path, poll, daemons):
+    watch, out = tmp_path / "session", tmp_path / "out"
+    watch.mkdir()
+    place(stacks[0], watch)  # present before the daemon starts
+    daemon = daemons(watch, out, *([] if poll is None else ["--poll", poll]))
+    with Subscriber(daemon.zmq) as subscriber:
+        wait_for_map(subscriber, PER_STACK)
+        (watch / "run1").mkdir()
+        for stack in stacks[1:3]:
+            place(stack, watch / "run1")  # a new subfolder: the watch is recursive
+        with open(watch / stacks[3].name, "wb") as handle:  # a writer that writes in place, slowly
+            data = stacks[3].read_bytes()
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            time.sleep(0.15)
+            handle.write(data[len(data) // 2 :])
+        volume = wait_for_map(subscriber, 4 * PER_STACK)
+        assert volume.volume.shape == (BOX, BOX, BOX) and volume.apix == pytest.approx(3.0)
+        assert volume.fsc.shape == (BOX // 2 + 1,)
+        deadline = time.monotonic() + 30
+        status = None
+        while time.monotonic() < deadline and not isinstance(status, StatusMessage):
+            status = subscriber.receive(timeout_s=2.0)
+        assert isinstance(status, StatusMessage) and status.status["particles_in_map"] >= 4 * PER_STACK
+    metrics = daemon.scrape()
+    assert metrics["cryofastar_particles_accumulated_total"] == 4 * PER_STACK
+    assert metrics["cryofastar_particles_ingested_total"] == 4 * PER_STACK
+    assert metrics["cryofastar_files_seen_total"] >= 4
+    assert metrics["cryofastar_batches_total"] >= 2
+    assert 'cryofastar_stage_latency_seconds_count{stage="pose"}' in metrics
+    assert metrics["cryofastar_map_resolution_meters"] > 0
+    code, stderr = daemon.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert "160 particles in the map" in "".join(daemon.lines)
+    particles = starfile.read(out / "particles.star")["particles"]
+    assert len(particles) == 4 * PER_STACK and particles["rlnImageName"].is_unique
+    volume, apix = read_volume(out / "volume.mrc")
+    assert volume.shape == (BOX, BOX, BOX) and apix == pytest.approx(3.0)
+    for name in ("volume_half1.mrc", "volume_half2.mrc", "volume_fsc.tsv", "fsc_history.tsv", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_bad_files_are_rejected_and_the_session_goes_on(stacks, tmp_path, daemons):
+    watch, out = tmp_path / "session", tmp_path / "out"
+    watch.mkdir()
+    place(stacks[0], watch)
+    daemon = daemons(watch, out)
+    with Subscriber(daemon.zmq) as subscriber:
+        wait_for_map(subscriber, PER_STACK)
+        data = stacks[1].read_bytes()
+        (watch / "truncated.mrcs").write_bytes(data[: len(data) // 2])
+        write_stack(watch / "wrong_box.mrcs", torch.randn(3, BOX + 16, BOX + 16), 3.0)
+        nan_images = torch.randn(5, BOX, BOX)
+        nan_images[2, 0, 0] = float("nan")
+        with pytest.warns(RuntimeWarning):
+            write_stack(watch / "with_nan.mrcs", nan_images, 3.0)
+        write_particles(watch / "outside.star", pd.DataFrame({"rlnImageName": [f"000001@{stacks[2]}"],
+                                                              "rlnAngleRot": [0.0], "rlnAngleTilt": [0.0],
+                                                              "rlnAnglePsi": [0.0], "rlnOpticsGroup": [1]}),
+                        pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [3.0]}))
+        place(stacks[2], watch)
+        wait_for_map(subscriber, 2 * PER_STACK + 4)
+    code, stderr = daemon.stop(signal.SIGINT)
+    assert code == 0, stderr
+    rejected = (out / "rejected.tsv").read_text()
+    for reason in ("truncated.mrcs: not a readable MRC", "wrong_box.mrcs: box 64 px differs",
+                   "with_nan.mrcs: 1 image(s) contain NaN", "outside the watched directory"):
+        assert reason in rejected, rejected
+    assert len(starfile.read(out / "particles.star")["particles"]) == 2 * PER_STACK + 4
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_loses_and_duplicates_nothing(stacks, tmp_path, daemons):
+    watch, out = tmp_path / "session", tmp_path / "out"
+    watch.mkdir()
+    daemon = daemons(watch, out)
+    with Subscriber(daemon.zmq) as subscriber:
+        for stack in stacks[:2]:
+            place(stack, watch)
+        wait_for_map(subscriber, PER_STACK)
+        for stack in stacks[2:4]:
+            place(stack, watch)
+        time.sleep(1.5)  # mid-flight: some of these are posed or queued, some checkpointed
+    daemon.process.kill()
+    daemon.process.wait(timeout=30)
+    for stack in stacks[4:]:
+        place(stack, watch)  # the session goes on while the daemon is down
+    restarted = daemons(watch, out)
+    with Subscriber(restarted.zmq) as subscriber:
+        wait_for_map(subscriber, N_STACKS * PER_STACK)
+    code, stderr = restarted.stop()
+    assert code == 0, stderr
+    particles = starfile.read(out / "particles.star")["particles"]
+    assert len(particles) == N_STACKS * PER_STACK
+    assert particles["rlnImageName"].is_unique
+    assert "240 particles in the map" in "".join(restarted.lines)

@@ -1,0 +1,301 @@
+"""Publisher and subscriber over real ZeroMQ PUB/SUB sockets on 127.0.0.1 (random free ports).
+
+PUB/SUB drops what is published before a subscription has reached the publisher
+("slow joiner"), so tests publish pings until the subscriber hears one, with a
+deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from cryofastar.daemon.protocol import Message, PosesMessage, StatusMessage, VolumeMessage, encode
+from cryofastar.daemon.publisher import AddressInUseError, Publisher, PublisherError
+from cryofastar.monitoring.subscriber import Subscriber, run_subscriber
+from cryofastar.recon.io import read_volume
+
+from cryofastar.commands import subscribe
+
+ANY_PORT = "tcp://127.0.0.1:0"
+DEADLINE_S = 10.0
+
+
+def volume_message(particles: int = 1234, box: int = 16, apix: float = 1.75, seed: int = 0) -> VolumeMessage:
+    rng = np.random.default_rng(seed)
+    shells = np.arange(box // 2 + 1)
+    with np.errstate(divide="ignore"):
+        resolution = box * apix / shells
+    return VolumeMessage(
+        volume=rng.normal(size=(box, box, box)).astype(np.float32),
+        apix=apix,
+        particles=particles,
+        resolution_angstrom=6.5,
+        fsc_resolution_angstrom=resolution,
+        fsc=np.linspace(1.0, -0.05, box // 2 + 1),
+    )
+
+
+def poses_message(batch: int = 0, n: int = 4) -> PosesMessage:
+    poses = np.zeros((n, 6), np.float32)
+    poses[:, 0] = np.arange(n) * 10.0
+    poses[:, 5] = 0.5
+    return PosesMessage(poses=poses, particle_ids=[f"{i + 1}@a.mrcs" for i in range(n)], batch=batch,
+                        half_sets=[1, 2] * (n // 2))
+
+
+def receive_matching(subscriber: Subscriber, accept: Callable[[Message], bool],
+                     timeout_s: float = DEADLINE_S) -> Message:
+    """The first message ``accept`` takes, skipping others; fails after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        message = subscriber.receive(left)
+        if message is not None and accept(message):
+            return message
+    pytest.fail(f"no matching message within {timeout_s} s")
+
+
+def is_ping(message: Message) -> bool:
+    return isinstance(message, StatusMessage) and "ping" in message.status
+
+
+def wait_connected(publisher: Publisher, subscriber: Subscriber) -> None:
+    """Publish status pings until the subscriber hears one (the subscription has reached the publisher)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        publisher.publish(StatusMessage(status={"ping": True}))
+        if subscriber.receive(0.05) is not None:
+            return
+    pytest.fail("subscriber never connected")
+
+
+def test_subscriber_receives_poses_status_and_volume_in_order():
+    with Publisher(ANY_PORT, session="test-session", republish_seconds=None) as publisher, \
+            Subscriber(publisher.address) as subscriber:
+        assert publisher.address.startswith("tcp://127.0.0.1:") and not publisher.address.endswith(":0")
+        wait_connected(publisher, subscriber)
+        sent_poses = poses_message(batch=5)
+        sent_volume = volume_message()
+        status = {"particles_ingested": 100, "particles_per_second": 12.5, "queues": {"reader": 2}}
+        seqs = [publisher.publish(sent_poses), publisher.publish(StatusMessage(status=status)),
+                publisher.publish(sent_volume)]
+        assert seqs == sorted(seqs)
+
+        poses = receive_matching(subscriber, lambda m: not is_ping(m))
+        assert isinstance(poses, PosesMessage)
+        np.testing.assert_array_equal(poses.poses, sent_poses.poses)
+        assert poses.particle_ids == sent_poses.particle_ids and poses.batch == 5 and poses.half_sets == [1, 2, 1, 2]
+        got_status = receive_matching(subscriber, lambda m: not is_ping(m))
+        assert isinstance(got_status, StatusMessage) and got_status.status == status
+        volume = receive_matching(subscriber, lambda m: not is_ping(m))
+        assert isinstance(volume, VolumeMessage)
+        np.testing.assert_array_equal(volume.volume, sent_volume.volume)
+        assert volume.apix == 1.75 and volume.particles == 1234 and volume.resolution_angstrom == 6.5
+        assert [poses.seq, got_status.seq, volume.seq] == seqs
+        assert {poses.session, got_status.session, volume.session} == {"test-session"}
+        sent = publisher.sent
+        assert sent["poses"] == 1 and sent["volume"] == 1 and sent["status"] >= 2
+        assert publisher.dropped == {"volume": 0, "poses": 0, "status": 0}
+
+
+def test_subscriber_filters_topics():
+    with Publisher(ANY_PORT, republish_seconds=None) as publisher, \
+            Subscriber(publisher.address, topics=("poses",)) as subscriber:
+        deadline = time.monotonic() + DEADLINE_S
+        message = None
+        while message is None and time.monotonic() < deadline:  # slow joiner: poses until one arrives
+            publisher.publish(StatusMessage(status={"files_seen": 1}))
+            publisher.publish(poses_message(batch=1))
+            message = subscriber.receive(0.05)
+        assert isinstance(message, PosesMessage)
+        while (message := subscriber.receive(0.2)) is not None:
+            assert isinstance(message, PosesMessage)
+    with pytest.raises(ValueError, match="topics must be among"):
+        Subscriber("tcp://127.0.0.1:5555", topics=("map",))
+
+
+def test_late_subscriber_gets_the_latest_volume_within_one_republish_period():
+    period = 0.3
+    with Publisher(ANY_PORT, republish_seconds=period) as publisher:
+        publisher.publish(volume_message(particles=100, seed=1))
+        latest = volume_message(particles=200, seed=2)
+        publisher.publish(latest)
+        time.sleep(2 * period)  # both sent, and re-sent, to nobody
+        assert publisher.republished >= 1
+        with Subscriber(publisher.address, topics=("volume",)) as subscriber:
+            start = time.monotonic()
+            message = receive_matching(subscriber, lambda m: True)
+            waited = time.monotonic() - start
+        assert isinstance(message, VolumeMessage) and message.particles == 200
+        np.testing.assert_array_equal(message.volume, latest.volume)
+        assert waited < period + 1.0  # one period plus connection set-up (generous for a loaded machine)
+        assert publisher.sent["volume"] >= 3
+
+
+def test_run_subscriber_saves_each_new_volume_as_mrc_with_fsc_table(tmp_path: Path):
+    published = volume_message(particles=4321, box=16, apix=1.75)
+    lines: list[str] = []
+    with Publisher(ANY_PORT, republish_seconds=0.3) as publisher:
+        publisher.publish(published)
+        # the map is re-sent every 0.3 s: the first copy is saved, the second is recognised as a repeat
+        received = run_subscriber(publisher.address, tmp_path, max_messages=2, timeout_s=DEADLINE_S,
+                                  echo=lines.append)
+    assert received == 2
+    numbered = tmp_path / "volume_00004321.mrc"
+    assert "4321 particles" in lines[0] and "resolution 6.50 Å" in lines[0] and str(numbered) in lines[0]
+    assert "re-sent" in lines[1]
+    for path in (numbered, tmp_path / "volume.mrc"):
+        data, apix = read_volume(path)
+        np.testing.assert_array_equal(data.numpy(), published.volume)
+        assert apix == pytest.approx(1.75)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume.mrc", "volume_00004321.mrc", "volume_fsc.tsv"]
+    table = (tmp_path / "volume_fsc.tsv").read_text().splitlines()
+    assert table[0] == "resolution_angstrom\tfsc"
+    rows = np.array([[float(v) for v in row.split("\t")] for row in table[1:]])
+    assert rows.shape == (9, 2) and np.isinf(rows[0, 0])
+    np.testing.assert_allclose(rows[1:, 0], published.fsc_resolution_angstrom[1:], rtol=1e-5)
+    np.testing.assert_allclose(rows[:, 1], published.fsc, rtol=1e-5, atol=1e-6)
+
+
+def test_run_subscriber_prints_status_and_poses_lines():
+    lines: list[str] = []
+    stop = threading.Event()
+    with Publisher(ANY_PORT, republish_seconds=None) as publisher:
+        def feed() -> None:
+            while not stop.is_set():
+                publisher.publish(StatusMessage(status={"particles_ingested": 10, "particles_per_second": 2.5}))
+                publisher.publish(poses_message(batch=9))
+                stop.wait(0.05)
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        try:
+            received = run_subscriber(publisher.address, None, max_messages=4, timeout_s=DEADLINE_S,
+                                      echo=lines.append)
+        finally:
+            stop.set()
+            feeder.join()
+    assert received == 4
+    status = next(line for line in lines if " status " in line)
+    assert "particles_ingested=10" in status and "particles_per_second=2.5" in status
+    poses = next(line for line in lines if " poses " in line)
+    assert "batch 9" in poses and "4 particles" in poses and "mean confidence 0.500" in poses
+
+
+def test_run_subscriber_skips_malformed_messages_with_a_warning():
+    context = zmq.Context()
+    socket = context.socket(zmq.PUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def feed() -> None:  # the socket is used by this thread only until joined (the test thread binds and closes it)
+        good = encode(StatusMessage(status={"files_seen": 3}))
+        while not stop.is_set():
+            socket.send_multipart([b"volume", b"{not json", b""])
+            socket.send_multipart(good)
+            stop.wait(0.05)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    lines: list[str] = []
+    try:
+        received = run_subscriber(f"tcp://127.0.0.1:{port}", None, max_messages=2, timeout_s=DEADLINE_S,
+                                  echo=lines.append)
+    finally:
+        stop.set()
+        feeder.join()
+        socket.close(linger=0)
+        context.term()
+    assert received == 2
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert warnings and "volume header is not valid UTF-8 JSON" in warnings[0]
+    assert sum("files_seen=3" in line for line in lines) == 2
+
+
+def test_run_subscriber_times_out_and_checks_its_arguments():
+    start = time.monotonic()
+    assert run_subscriber("tcp://127.0.0.1:1", None, max_messages=None, timeout_s=0.2, echo=print) == 0
+    assert time.monotonic() - start < 2.0
+    with pytest.raises(ValueError, match="--count"):
+        run_subscriber("tcp://127.0.0.1:1", None, max_messages=0, timeout_s=1.0, echo=print)
+    with pytest.raises(ValueError, match="--timeout"):
+        run_subscriber("tcp://127.0.0.1:1", None, max_messages=1, timeout_s=0.0, echo=print)
+    with pytest.raises(ValueError, match="cannot connect"):
+        Subscriber("tcp://127.0.0.1")
+
+
+def test_run_subscriber_timeout_counts_from_the_last_message():
+    lines: list[str] = []
+    with Publisher(ANY_PORT, republish_seconds=0.1) as publisher:
+        publisher.publish(volume_message())
+        start = time.monotonic()
+        # re-sent every 0.1 s: never 0.5 s without a message, so all 8 arrive (~0.8 s > 0.5 s)
+        received = run_subscriber(publisher.address, None, max_messages=8, timeout_s=0.5, echo=lines.append)
+        elapsed = time.monotonic() - start
+    assert received == 8 and elapsed > 0.5
+    assert sum("re-sent" in line for line in lines) == 7
+
+
+def test_subscribe_command_prints_the_volume_and_saves_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    with Publisher(ANY_PORT, republish_seconds=0.2) as publisher:
+        publisher.publish(volume_message(particles=7))
+        assert subscribe.main(publisher.address, tmp_path / "maps", count=1, timeout=DEADLINE_S) == 1
+    out = capsys.readouterr().out
+    assert "7 particles" in out and "volume_00000007.mrc" in out
+    assert (tmp_path / "maps" / "volume.mrc").is_file()
+
+
+def test_address_in_use_is_a_clear_error():
+    with Publisher(ANY_PORT) as first:
+        with pytest.raises(AddressInUseError, match="already in use") as info:
+            Publisher(first.address)
+        assert first.address in str(info.value) and isinstance(info.value, OSError)
+    with pytest.raises(PublisherError, match="cannot publish on 'nonsense'"):
+        Publisher("nonsense")
+    with pytest.raises(ValueError, match="republish_seconds"):
+        Publisher(ANY_PORT, republish_seconds=0)
+
+
+def test_close_is_idempotent_and_publish_after_close_is_an_error():
+    publisher = Publisher(ANY_PORT)
+    address = publisher.address
+    publisher.close()
+    publisher.close()
+    assert publisher.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        publisher.publish(StatusMessage(status={}))
+    with Publisher(address) as again:  # the port is free again once closed
+        assert again.address == address
+    subscriber = Subscriber(address)
+    subscriber.close()
+    subscriber.close()
+
+
+def test_full_queue_drops_the_oldest_status_first_and_never_a_volume():
+    publisher = Publisher(ANY_PORT, queue_size=3, republish_seconds=None)
+    try:
+        # Holding the queue's (re-entrant) lock keeps the socket thread from taking anything,
+        # so the queue fills deterministically while this thread still publishes.
+        with publisher._cond:
+            publisher.publish(StatusMessage(status={"n": 0}))
+            publisher.publish(poses_message())
+            publisher.publish(StatusMessage(status={"n": 1}))
+            publisher.publish(volume_message())  # full: drops status n=0
+            assert publisher.dropped == {"volume": 0, "poses": 0, "status": 1}
+            publisher.publish(volume_message())  # full: drops status n=1
+            publisher.publish(volume_message())  # full: drops the poses
+            assert publisher.dropped == {"volume": 0, "poses": 1, "status": 2}
+            publisher.publish(volume_message())  # only volumes wait: queued past the bound
+            publisher.publish(StatusMessage(status={"n": 2}))  # nothing to make room: this status is dropped
+            assert publisher.dropped == {"volume": 0, "poses": 1, "status": 3}
+            assert publisher.pending == 4
+    finally:
+        publisher.close()  # sends what is queued
+    assert publisher.sent == {"volume": 4, "poses": 0, "status": 0}
+    assert publisher.pending == 0
