@@ -228,3 +228,30 @@ def test_sigkill_then_restart_loses_and_duplicates_nothing(stacks, tmp_path, dae
     assert len(particles) == N_STACKS * PER_STACK
     assert particles["rlnImageName"].is_unique
     assert "240 particles in the map" in "".join(restarted.lines)
+
+
+@pytest.mark.slow
+def test_demo_runs_a_simulated_session_to_a_map(tmp_path):
+    result = subprocess.run([str(SCRIPT), "demo", "--out", str(tmp_path), "--n", "240", "--box", "48", "--apix",
+                             "3.0", "--rate", "400", "--no-live", "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "0"],
+                            capture_output=True, text=True, env=ENV, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "240 particles in the map" in result.stdout and "FSC 0.5 against the true map" in result.stdout
+    volume, apix = read_volume(tmp_path / "cryofastar" / "volume.mrc")
+    assert volume.shape == (48, 48, 48) and apix == pytest.approx(3.0)
+    assert not (tmp_path / "cryofastar" / "rejected.tsv").exists()  # the true map beside the stacks is skipped
+
+
+def test_watch_help_explains_every_option_and_bad_options_fail_cleanly(tmp_path):
+    help_text = subprocess.run([str(SCRIPT), "watch", "--help"], capture_output=True, text=True, env=ENV,
+                               timeout=120, check=False).stdout
+    for option in ("--out", "--zmq", "--metrics-port", "--device", "--batch", "--apix", "--poll", "--settle",
+                   "--flush", "--interpolation", "--weights"):
+        assert option in help_text
+    assert "Å" in help_text and "seconds" in help_text.lower()
+    for args, message in ((["--watch", str(tmp_path / "missing")], "not an existing directory"),
+                          (["--watch", str(tmp_path), "--batch", "2"], "--batch must be at least 3"),
+                          (["--watch", str(tmp_path), "--poll", "0"], "--poll must be positive")):
+        result = subprocess.run([str(SCRIPT), *args, "--metrics-port", "-1", "--zmq", "tcp://127.0.0.1:0"],
+                                capture_output=True, text=True, env=ENV, timeout=120, check=False)
+        assert result.returncode == 2 and result.stderr.strip().startswith("error:") and message in result.stderr

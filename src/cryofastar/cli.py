@@ -255,6 +255,34 @@ def subscribe(
         raise _fail(str(exc)) from None
 
 
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option(help="Directory for the simulated session and the outputs; default: a new temporary directory (kept).")] = None,
+    n: Annotated[int, typer.Option("--n", help="Particles the simulated microscope writes.")] = 4000,
+    box: Annotated[int, typer.Option(help="Particle box in pixels (the network works on a 64 px Fourier crop).")] = 96,
+    apix: Annotated[float, typer.Option(help="Pixel size in Å.")] = 2.0,
+    snr: Annotated[float, typer.Option(help="Signal-to-noise ratio of the particles.")] = 0.5,
+    rate: Annotated[float, typer.Option(help="Particles per second the microscope writes.")] = 100.0,
+    seed: Annotated[int, typer.Option(help="Seed: molecule (from the evaluation range, never trained on), poses, noise.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    zmq: Annotated[str, typer.Option(help="ZeroMQ PUB endpoint the daemon publishes on.")] = "tcp://127.0.0.1:5555",
+    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port (0: any free port; -1: none).")] = 9108,
+    live: Annotated[bool, typer.Option("--live/--no-live", help="Live terminal table (--no-live: a line every 5 s).")] = True,
+) -> None:
+    """Simulate a live microscope session and run the daemon on it (the README's first command)."""
+    from cryofastar.commands import demo as command
+    from cryofastar.daemon.publisher import PublisherError
+
+    try:
+        command.main(out, n, box, apix, snr, rate, seed=seed, device=device, zmq=zmq,
+                     metrics_port=None if metrics_port < 0 else metrics_port, live=live, echo=typer.echo)
+    except (ParticleFileError, ValueError, PublisherError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+
+
 def _watch_alias(argv: list[str]) -> list[str]:
     """``--watch DIR ...`` / ``--watch=DIR ...`` anywhere before a subcommand -> ``watch DIR ...``."""
     for i, arg in enumerate(argv):
