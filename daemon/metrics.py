@@ -5,22 +5,8 @@ counters, base units (seconds; the map resolution in **metres**, so 4.2 Å is
 ``4.2e-10``; multiply by 1e10 for Å). Each daemon owns its own registry, so several
 can live in one process (tests) without clashing.
 
-===========================================  =========  ======================================
-name                                         type       meaning
-===========================================  =========  ======================================
-cryofastar_files_seen_total                  counter    complete particle files the watcher gave
-cryofastar_files_rejected_total              counter    files rejected (see rejected.tsv)
-cryofastar_particles_ingested_total          counter    particles read from disk
-cryofastar_particles_posed_total             counter    particles posed by the network
-cryofastar_particles_accumulated_total       counter    particles inserted into the map
-cryofastar_particles_rejected_total          counter    particles dropped (NaN/Inf, failed)
-cryofastar_batches_total                     counter    forward passes run
-cryofastar_maps_published_total              counter    maps written and published
-cryofastar_stage_latency_seconds{stage}      histogram  time per item: read, pose, accumulate, map, checkpoint
-cryofastar_queue_depth{queue}                gauge      items waiting: files, chunks, posed
-cryofastar_particles_in_map                  gauge      particles in the running map
-cryofastar_map_resolution_meters             gauge      half-map FSC 0.143 resolution (NaN before a map)
-===========================================  =========  ======================================
+The metrics and their meaning are listed in docs/daemon.md ("Metrics"); a test
+scrapes every one of them from a running daemon.
 """
 
 from __future__ import annotations
