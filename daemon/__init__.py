@@ -6,7 +6,8 @@ Built on :mod:`cryofastar.recon` and :mod:`cryofastar.model`; adds no maths.
 - :mod:`~cryofastar.daemon.ingest`: checks a file, lists its new particles, reads their images;
 - :mod:`~cryofastar.daemon.journal`: which particles the session holds;
 - :mod:`~cryofastar.daemon.state`: the accumulated session, its checkpoint and output files;
-- :mod:`~cryofastar.daemon.pipeline`: the threads and bounded queues that wire it together;
+- :mod:`~cryofastar.daemon.pipeline`: the threads and bounded queues that wire it together
+  (:mod:`~cryofastar.daemon.settings`: what can be set);
 - :mod:`~cryofastar.daemon.protocol` / :mod:`~cryofastar.daemon.publisher`: the ZeroMQ stream;
 - :mod:`~cryofastar.daemon.metrics`: Prometheus metrics.
 """
