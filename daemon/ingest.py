@@ -105,6 +105,16 @@ class ParticleChunk:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def split(self, k: int) -> tuple[ParticleChunk, ParticleChunk]:
+        """The first ``k`` particles and the rest (``dropped`` stays with the first part)."""
+
+        def part(rows: slice, dropped: int) -> ParticleChunk:
+            return ParticleChunk(self.source, self.stacks[rows], self.indices[rows], self.images[rows],
+                                 self.half_sets[rows], None if self.ctf is None else self.ctf[rows], self.optics,
+                                 dropped)
+
+        return part(slice(0, k), self.dropped), part(slice(k, None), 0)
+
 
 @dataclass
 class ParticlePlan:

@@ -77,6 +77,21 @@ class _Posed:
     frame_state: dict
 
 
+def _take(chunks: list[ParticleChunk], k: int) -> tuple[list[ParticleChunk], list[ParticleChunk]]:
+    """The first ``k`` particles of ``chunks`` and the rest (a chunk is split where needed)."""
+    head: list[ParticleChunk] = []
+    for i, chunk in enumerate(chunks):
+        if k <= 0:
+            return head, chunks[i:]
+        if len(chunk) <= k:
+            head.append(chunk)
+            k -= len(chunk)
+        else:
+            first, rest = chunk.split(k)
+            return [*head, first], [rest, *chunks[i + 1 :]]
+    return head, []
+
+
 class Daemon:
     """One streaming session (see module docstring). Use :meth:`start`, then :meth:`stop`."""
 
@@ -85,6 +100,7 @@ class Daemon:
         self.settings = s = settings
         self.out = s.out
         self.device = resolve_device(s.device)
+        self._sets_per_pass = 4 if self.device.type == "cuda" else 1  # passes per forward call
         self.model = load_model(s.weights, self.device)
         self.metrics = DaemonMetrics()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +115,7 @@ class Daemon:
         self.frame: SessionFrame | None = None
         if self.state.frame is not None:
             self.frame = SessionFrame.from_state_dict(self.model, self.state.frame,
-                                                      sets_per_pass=4 if self.device.type == "cuda" else 1)
+                                                      sets_per_pass=self._sets_per_pass)
         self.files: queue.Queue = queue.Queue(s.queue_size)
         self.chunks: queue.Queue = queue.Queue(s.queue_size)
         self.posed: queue.Queue = queue.Queue(s.queue_size)
@@ -257,14 +273,18 @@ class Daemon:
         first_at: float | None = None
         stopping = False
         while True:
-            per_pass = s.batch - 1 - (s.anchors if self.frame is not None else 0)
-            wanted = max(per_pass, s.candidates if self.frame is None else 0)
+            # one forward call holds sets_per_pass passes of batch - 1 - anchors new particles each
+            unit = (s.batch - 1 - s.anchors) * self._sets_per_pass
+            wanted = unit if self.frame is not None else max(s.batch - 1, s.candidates)
             n = sum(len(c) for c in waiting)
             due = first_at is not None and time.monotonic() - first_at >= s.flush_seconds
             if waiting and (n >= wanted or due or stopping):
-                self._pose(waiting)
-                waiting, first_at = [], None
-                self._buffered = 0
+                # full calls only; the remainder waits for more particles (or the flush timeout)
+                take = n if (due or stopping or self.frame is None) else (n // unit) * unit
+                batch, waiting = _take(waiting, take)
+                self._pose(batch)
+                self._buffered = sum(len(c) for c in waiting)
+                first_at = time.monotonic() if waiting else None
                 continue
             if stopping:
                 self.posed.put(_STOP)
@@ -286,6 +306,10 @@ class Daemon:
         s = self.settings
         assert self.geometry is not None
         images = torch.cat([c.images for c in chunks])
+        if self.device.type == "cpu":
+            # the accumulator goes first: posed particles reach the map before the next pass starts
+            while self.posed.unfinished_tasks and not self._done.is_set():
+                time.sleep(0.002)
         t0 = time.perf_counter()
         try:
             with self._compute:
@@ -294,7 +318,7 @@ class Daemon:
                     candidates = small[: s.candidates]
                     best, _ = select_reference(self.model, candidates) if len(candidates) >= 2 else (0, None)
                     self.frame = SessionFrame(self.model, candidates[best], views=s.batch, anchors=s.anchors,
-                                              sets_per_pass=4 if self.device.type == "cuda" else 1)
+                                              sets_per_pass=self._sets_per_pass)
                     logger.info("session reference chosen among %d particles by confidence", len(candidates))
                 batch = self.frame.pose(small)
         except Exception as exc:  # noqa: BLE001 - a failed pass loses its particles, never the session
@@ -364,6 +388,8 @@ class Daemon:
             self.metrics.particles_accumulated.inc(n)
             self._publish_poses(chunk, rotations, origins, confidence)
         st.frame = posed.frame_state
+        if self._last_map[1] == 0 and not st.fsc_history:
+            self._last_map = (time.monotonic(), 0)  # the map clock starts with the session's first particles
         self.metrics.particles_in_map.set(st.n_particles)
         self._rate_window.append((time.monotonic(), st.n_particles))
         self.metrics.latency.labels("accumulate").observe(time.perf_counter() - t0)
