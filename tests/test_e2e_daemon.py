@@ -155,6 +155,20 @@ def test_a_live_session_streams_to_a_published_map_and_metrics(stacks, tmp_path,
         while time.monotonic() < deadline and not isinstance(status, StatusMessage):
             status = subscriber.receive(timeout_s=2.0)
         assert isinstance(status, StatusMessage) and status.status["particles_in_map"] >= 4 * PER_STACK
+    # a late subscriber (the real `subscribe` command) gets the latest map within one re-publish period (5 s)
+    saved = tmp_path / "received"
+    late = subprocess.Popen([str(SCRIPT), "subscribe", daemon.zmq, "--save", str(saved)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (saved / "volume.mrc").exists():
+            time.sleep(0.1)
+    finally:
+        late.terminate()
+        late_out, _ = late.communicate(timeout=30)
+    received, received_apix = read_volume(saved / "volume.mrc")
+    assert received.shape == (BOX, BOX, BOX) and received_apix == pytest.approx(3.0)
+    assert "160" in late_out  # its status/volume lines name the particle count
     metrics = daemon.scrape()
     assert metrics["cryofastar_particles_accumulated_total"] == 4 * PER_STACK
     assert metrics["cryofastar_particles_ingested_total"] == 4 * PER_STACK
