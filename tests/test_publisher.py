@@ -98,6 +98,9 @@ def test_subscriber_receives_poses_status_and_volume_in_order():
         assert volume.apix == 1.75 and volume.particles == 1234 and volume.resolution_angstrom == 6.5
         assert [poses.seq, got_status.seq, volume.seq] == seqs
         assert {poses.session, got_status.session, volume.session} == {"test-session"}
+        deadline = time.monotonic() + DEADLINE_S  # the socket thread counts a message just after sending it
+        while publisher.sent["volume"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         sent = publisher.sent
         assert sent["poses"] == 1 and sent["volume"] == 1 and sent["status"] >= 2
         assert publisher.dropped == {"volume": 0, "poses": 0, "status": 0}
