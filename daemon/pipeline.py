@@ -18,12 +18,13 @@ a slow stage holds the earlier ones back; nothing is dropped)::
   the session reference (:func:`~cryofastar.model.reference.select_reference`).
 - **accumulator**: inserts each posed particle at the input's own box and pixel size
   into the half-set volumes (:class:`~cryofastar.daemon.state.SessionState`),
-  publishes its poses, and every ``publish_seconds`` or ``publish_particles`` writes and
-  publishes the map; every ``checkpoint_seconds`` writes ``particles.star`` and the
+  publishes its poses, writes and publishes the map after the first pass and then every
+  ``publish_seconds`` or ``publish_particles``; every ``checkpoint_seconds`` writes ``particles.star`` and the
   checkpoint.
 
-On a CPU the poser and the accumulator take turns (one lock), so the two do not fight
-over the cores; on a GPU they overlap.
+The poser and the accumulator run at the same time: the next pass is posed while the
+last one is inserted (and while a map is computed), with ``queue_size`` posed passes of
+slack between them. (Making them take turns on a 2-core CPU was measured slower.)
 
 Stopping (:meth:`Daemon.stop`, SIGINT/SIGTERM in the CLI): the watcher stops, the
 reader stops between chunks, whatever is queued is posed and accumulated, then the map,
@@ -35,7 +36,6 @@ nothing is counted twice, also after ``kill -9``.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
 import queue
@@ -119,7 +119,6 @@ class Daemon:
         self.files: queue.Queue = queue.Queue(s.queue_size)
         self.chunks: queue.Queue = queue.Queue(s.queue_size)
         self.posed: queue.Queue = queue.Queue(s.queue_size)
-        self._compute = threading.Lock() if self.device.type == "cpu" else contextlib.nullcontext()
         self._reading = threading.Event()
         self._reading.set()
         self._done = threading.Event()
@@ -306,21 +305,16 @@ class Daemon:
         s = self.settings
         assert self.geometry is not None
         images = torch.cat([c.images for c in chunks])
-        if self.device.type == "cpu":
-            # the accumulator goes first: posed particles reach the map before the next pass starts
-            while self.posed.unfinished_tasks and not self._done.is_set():
-                time.sleep(0.002)
         t0 = time.perf_counter()
         try:
-            with self._compute:
-                small = to_model_box(images, self.model.config.box)
-                if self.frame is None:
-                    candidates = small[: s.candidates]
-                    best, _ = select_reference(self.model, candidates) if len(candidates) >= 2 else (0, None)
-                    self.frame = SessionFrame(self.model, candidates[best], views=s.batch, anchors=s.anchors,
-                                              sets_per_pass=self._sets_per_pass)
-                    logger.info("session reference chosen among %d particles by confidence", len(candidates))
-                batch = self.frame.pose(small)
+            small = to_model_box(images, self.model.config.box)
+            if self.frame is None:
+                candidates = small[: s.candidates]
+                best, _ = select_reference(self.model, candidates) if len(candidates) >= 2 else (0, None)
+                self.frame = SessionFrame(self.model, candidates[best], views=s.batch, anchors=s.anchors,
+                                          sets_per_pass=self._sets_per_pass)
+                logger.info("session reference chosen among %d particles by confidence", len(candidates))
+            batch = self.frame.pose(small)
         except Exception as exc:  # noqa: BLE001 - a failed pass loses its particles, never the session
             logger.exception("forward pass failed")
             for chunk in chunks:
@@ -373,8 +367,7 @@ class Daemon:
             confidence = posed.batch.confidence[start : start + n]
             start += n
             try:
-                with self._compute:
-                    st.accumulator.add(chunk.images, rotations, origins, chunk.half_sets, chunk.ctf)
+                st.accumulator.add(chunk.images, rotations, origins, chunk.half_sets, chunk.ctf)
             except ValueError as exc:
                 self._forget(chunk)
                 self._reject(chunk.source, f"{chunk.source}: insertion failed ({exc})", count_file=False)
@@ -416,7 +409,8 @@ class Daemon:
         s, st = self.settings, self.state
         now = time.monotonic()
         last_t, last_n = self._last_map
-        if st.n_particles and st.n_particles != last_n and (now - last_t >= s.publish_seconds
+        first = not st.fsc_history  # the first map goes out with the first pass: something to look at at once
+        if st.n_particles and st.n_particles != last_n and (first or now - last_t >= s.publish_seconds
                                                               or st.n_particles - last_n >= s.publish_particles):
             self._publish_map()
         if now - self._last_checkpoint >= s.checkpoint_seconds and st.accumulator is not None:
@@ -426,8 +420,7 @@ class Daemon:
         st = self.state
         assert st.geometry is not None and st.accumulator is not None
         t0 = time.perf_counter()
-        with self._compute:
-            volume, curve, resolution = st.write_maps(self.out)
+        volume, curve, resolution = st.write_maps(self.out)
         shells = shell_resolutions_angstrom(st.geometry.box, st.geometry.apix)
         assert self.publisher is not None
         self.publisher.publish(VolumeMessage(volume.float().cpu().numpy(), st.geometry.apix, st.n_particles,
