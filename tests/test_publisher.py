@@ -302,3 +302,31 @@ def test_full_queue_drops_the_oldest_status_first_and_never_a_volume():
         publisher.close()  # sends what is queued
     assert publisher.sent == {"volume": 4, "poses": 0, "status": 0}
     assert publisher.pending == 0
+
+
+def test_the_example_subscriber_in_docs_protocol_md_runs_against_a_publisher(tmp_path: Path):
+    """docs/protocol.md's pyzmq + numpy example, run as written (address and loop bound substituted)."""
+    import re
+    import subprocess
+    import sys
+
+    doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    example = re.search(r"```python\n(.*?)```", doc, re.DOTALL).group(1)
+    assert "while True:" in example and "tcp://127.0.0.1:5555" in example
+    with Publisher(ANY_PORT, republish_seconds=None) as publisher:
+        script = tmp_path / "example.py"
+        script.write_text(example.replace("tcp://127.0.0.1:5555", publisher.address)
+                          .replace("while True:", "for _ in range(3):"))
+        process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:  # slow joiner: publish until it has 3
+            publisher.publish(volume_message(box=8))
+            publisher.publish(StatusMessage(status={"files_seen": 1}))
+            time.sleep(0.05)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and all(line.split()[0] in ("volume", "status") for line in lines)
+    # volume and status alternate, so 3 consecutive messages hold a volume
+    assert any(line.startswith("volume") and line.endswith("(8, 8, 8)") for line in lines), lines
