@@ -14,19 +14,26 @@ particle twice.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 __all__ = ["IngestJournal"]
 
 
 class IngestJournal:
-    """Set of ``(stack, index)`` particle identities, stored per stack as a mask."""
+    """Set of ``(stack, index)`` particle identities, stored per stack as a mask.
+
+    Safe to share between threads (the daemon's reader adds, later stages may remove).
+    """
 
     def __init__(self) -> None:
         self._masks: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return int(sum(int(mask.sum()) for mask in self._masks.values()))
+        with self._lock:
+            return int(sum(int(mask.sum()) for mask in self._masks.values()))
 
     def __repr__(self) -> str:
         return f"IngestJournal(stacks={len(self._masks)}, particles={len(self)})"
@@ -34,22 +41,25 @@ class IngestJournal:
     @property
     def stacks(self) -> list[str]:
         """Stacks with at least one particle recorded."""
-        return [s for s, m in self._masks.items() if m.any()]
+        with self._lock:
+            return [s for s, m in self._masks.items() if m.any()]
 
     def count(self, stack: str) -> int:
         """Particles of ``stack`` recorded."""
-        mask = self._masks.get(stack)
-        return 0 if mask is None else int(mask.sum())
+        with self._lock:
+            mask = self._masks.get(stack)
+            return 0 if mask is None else int(mask.sum())
 
     def contains(self, stack: str, indices: np.ndarray) -> np.ndarray:
         """`(n,)` bool: which of the 1-based ``indices`` of ``stack`` are recorded."""
         indices = np.asarray(indices, dtype=np.int64)
-        mask = self._masks.get(stack)
-        if mask is None:
-            return np.zeros(indices.shape, dtype=bool)
-        inside = indices <= mask.size
-        out = np.zeros(indices.shape, dtype=bool)
-        out[inside] = mask[indices[inside] - 1]
+        with self._lock:
+            mask = self._masks.get(stack)
+            if mask is None:
+                return np.zeros(indices.shape, dtype=bool)
+            inside = indices <= mask.size
+            out = np.zeros(indices.shape, dtype=bool)
+            out[inside] = mask[indices[inside] - 1]
         return out
 
     def add(self, stack: str, indices: np.ndarray) -> None:
@@ -59,31 +69,35 @@ class IngestJournal:
             return
         if int(indices.min()) < 1:
             raise ValueError("particle indices are 1-based")
-        mask = self._masks.get(stack, np.zeros(0, dtype=bool))
-        top = int(indices.max())
-        if top > mask.size:
-            mask = np.concatenate([mask, np.zeros(top - mask.size, dtype=bool)])
-        mask[indices - 1] = True
-        self._masks[stack] = mask
+        with self._lock:
+            mask = self._masks.get(stack, np.zeros(0, dtype=bool))
+            top = int(indices.max())
+            if top > mask.size:
+                mask = np.concatenate([mask, np.zeros(top - mask.size, dtype=bool)])
+            mask[indices - 1] = True
+            self._masks[stack] = mask
 
     def remove(self, stack: str, indices: np.ndarray) -> None:
         """Forget the 1-based ``indices`` of ``stack`` (e.g. particles that failed downstream)."""
-        mask = self._masks.get(stack)
-        if mask is None:
-            return
         indices = np.asarray(indices, dtype=np.int64)
-        indices = indices[(indices >= 1) & (indices <= mask.size)]
-        mask[indices - 1] = False
+        with self._lock:
+            mask = self._masks.get(stack)
+            if mask is None:
+                return
+            indices = indices[(indices >= 1) & (indices <= mask.size)]
+            mask[indices - 1] = False
 
     def copy(self) -> IngestJournal:
         """An independent copy."""
         other = IngestJournal()
-        other._masks = {s: m.copy() for s, m in self._masks.items()}
+        with self._lock:
+            other._masks = {s: m.copy() for s, m in self._masks.items()}
         return other
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """``{stack: 1-based indices}`` (compact, picklable)."""
-        return {s: np.nonzero(m)[0].astype(np.int64) + 1 for s, m in self._masks.items() if m.any()}
+        with self._lock:
+            return {s: np.nonzero(m)[0].astype(np.int64) + 1 for s, m in self._masks.items() if m.any()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, np.ndarray]) -> IngestJournal:
