@@ -52,6 +52,7 @@ from cryofastar.model.session_frame import PoseBatch, SessionFrame
 from cryofastar.model.weights import load_model
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.device import resolve_device
+from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import shell_resolutions_angstrom
 
 from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file
@@ -389,8 +390,6 @@ class Daemon:
 
     def _publish_poses(self, chunk: ParticleChunk, rotations: torch.Tensor, origins: torch.Tensor,
                        confidence: torch.Tensor) -> None:
-        from cryofastar.recon.euler import matrix_to_euler
-
         rot, tilt, psi = matrix_to_euler(rotations.double())
         table = torch.stack([rot, tilt, psi, origins[:, 0], origins[:, 1], confidence.double()], -1)
         names = [self._particle_id(stack, index) for stack, index in zip(chunk.stacks, chunk.indices, strict=True)]
@@ -452,6 +451,7 @@ class Daemon:
         rate = 0.0
         if len(window) >= 2 and window[-1][0] > window[0][0]:
             rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+        geometry = st.geometry or self.geometry
         queues = {"files": self.files.qsize(), "chunks": self.chunks.qsize(), "posed": self.posed.qsize()}
         for name, depth in queues.items():
             self.metrics.queue_depth.labels(name).set(depth)
@@ -467,8 +467,8 @@ class Daemon:
             "queues": queues,
             "resolution_angstrom": st.fsc_history[-1][2] if st.fsc_history and math.isfinite(
                 st.fsc_history[-1][2]) else None,
-            "box": None if st.geometry is None and self.geometry is None else (st.geometry or self.geometry).box,
-            "apix": None if st.geometry is None and self.geometry is None else (st.geometry or self.geometry).apix,
+            "box": None if geometry is None else geometry.box,
+            "apix": None if geometry is None else geometry.apix,
             "model_box": self.model.config.box,
             "device": str(self.device),
             "uptime_seconds": time.time() - self._started_at,
