@@ -265,12 +265,5 @@ def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None,
         geometry = SessionGeometry(int(box), float(file_apix))
     else:
         geometry.check(path, int(box), float(file_apix))
-    return plan.select(~_taken(taken, plan)), geometry
+    return plan.select(~taken.contains(plan.stacks, plan.indices)), geometry
 
-
-def _taken(journal: IngestJournal, plan: ParticlePlan) -> np.ndarray:
-    seen = np.zeros(len(plan), dtype=bool)
-    for stack in np.unique(plan.stacks):  # one lookup per stack, vectorised within
-        rows = plan.stacks == stack
-        seen[rows] = journal.contains(str(stack), plan.indices[rows])
-    return seen

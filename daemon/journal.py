@@ -50,42 +50,54 @@ class IngestJournal:
             mask = self._masks.get(stack)
             return 0 if mask is None else int(mask.sum())
 
-    def contains(self, stack: str, indices: np.ndarray) -> np.ndarray:
-        """`(n,)` bool: which of the 1-based ``indices`` of ``stack`` are recorded."""
+    def contains(self, stacks: str | np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """`(n,)` bool: which particles are recorded.
+
+        ``stacks`` is one stack for all ``indices`` or `(n,)` stacks, one per index
+        (grouped per stack, vectorised within).
+        """
         indices = np.asarray(indices, dtype=np.int64)
+        out = np.zeros(indices.shape, dtype=bool)
         with self._lock:
-            mask = self._masks.get(stack)
-            if mask is None:
-                return np.zeros(indices.shape, dtype=bool)
-            inside = indices <= mask.size
-            out = np.zeros(indices.shape, dtype=bool)
-            out[inside] = mask[indices[inside] - 1]
+            for stack, rows in _groups(stacks, indices):
+                mask = self._masks.get(stack)
+                if mask is None:
+                    continue
+                wanted = indices[rows]
+                inside = wanted <= mask.size
+                found = np.zeros(wanted.shape, dtype=bool)
+                found[inside] = mask[wanted[inside] - 1]
+                out[rows] = found
         return out
 
-    def add(self, stack: str, indices: np.ndarray) -> None:
-        """Record the 1-based ``indices`` of ``stack`` (recording twice is harmless)."""
+    def add(self, stacks: str | np.ndarray, indices: np.ndarray) -> None:
+        """Record particles (recording twice is harmless); ``stacks`` as in :meth:`contains`."""
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size == 0:
             return
         if int(indices.min()) < 1:
             raise ValueError("particle indices are 1-based")
         with self._lock:
-            mask = self._masks.get(stack, np.zeros(0, dtype=bool))
-            top = int(indices.max())
-            if top > mask.size:
-                mask = np.concatenate([mask, np.zeros(top - mask.size, dtype=bool)])
-            mask[indices - 1] = True
-            self._masks[stack] = mask
+            for stack, rows in _groups(stacks, indices):
+                wanted = indices[rows]
+                mask = self._masks.get(stack, np.zeros(0, dtype=bool))
+                top = int(wanted.max())
+                if top > mask.size:
+                    mask = np.concatenate([mask, np.zeros(top - mask.size, dtype=bool)])
+                mask[wanted - 1] = True
+                self._masks[stack] = mask
 
-    def remove(self, stack: str, indices: np.ndarray) -> None:
-        """Forget the 1-based ``indices`` of ``stack`` (e.g. particles that failed downstream)."""
+    def remove(self, stacks: str | np.ndarray, indices: np.ndarray) -> None:
+        """Forget particles (e.g. ones that failed downstream); ``stacks`` as in :meth:`contains`."""
         indices = np.asarray(indices, dtype=np.int64)
         with self._lock:
-            mask = self._masks.get(stack)
-            if mask is None:
-                return
-            indices = indices[(indices >= 1) & (indices <= mask.size)]
-            mask[indices - 1] = False
+            for stack, rows in _groups(stacks, indices):
+                mask = self._masks.get(stack)
+                if mask is None:
+                    continue
+                wanted = indices[rows]
+                wanted = wanted[(wanted >= 1) & (wanted <= mask.size)]
+                mask[wanted - 1] = False
 
     def copy(self) -> IngestJournal:
         """An independent copy."""
@@ -106,3 +118,15 @@ class IngestJournal:
         for stack, indices in state.items():
             journal.add(stack, indices)
         return journal
+
+
+def _groups(stacks: str | np.ndarray, indices: np.ndarray):  # noqa: ANN202 - a generator of (str, rows)
+    """``(stack, rows)`` for one stack name, or for each distinct name of a `(n,)` array."""
+    if isinstance(stacks, str):
+        yield stacks, slice(None)
+        return
+    stacks = np.asarray(stacks)
+    if stacks.shape != indices.shape:
+        raise ValueError(f"{stacks.shape[0]} stacks for {indices.shape[0]} indices")
+    for stack in np.unique(stacks):  # one group per stack, not per particle
+        yield str(stack), stacks == stack

@@ -44,7 +44,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from cryofastar.model.preprocess import model_pixel_size, to_model_box
 from cryofastar.model.reference import select_reference
@@ -253,8 +252,7 @@ class Daemon:
             for chunk in plan.chunks(s.read_chunk):
                 dropped += chunk.dropped
                 if len(chunk):
-                    for stack in np.unique(chunk.stacks):
-                        self.taken.add(str(stack), chunk.indices[chunk.stacks == stack])
+                    self.taken.add(chunk.stacks, chunk.indices)
                     self._count("particles_ingested", len(chunk))
                     self.chunks.put(chunk)
                 if not self._reading.is_set():
@@ -374,8 +372,7 @@ class Daemon:
                 self._reject(chunk.source, f"{chunk.source}: insertion failed ({exc})", count_file=False)
                 self._count("particles_rejected", n)
                 continue
-            for stack in np.unique(chunk.stacks):
-                st.journal.add(str(stack), chunk.indices[chunk.stacks == stack])
+            st.journal.add(chunk.stacks, chunk.indices)
             st.poses.append(chunk.stacks, chunk.indices, rotations, origins, confidence, chunk.half_sets, chunk.ctf)
             if chunk.optics and not st.optics:
                 st.optics = dict(chunk.optics)
@@ -484,8 +481,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ bad input
     def _forget(self, chunk: ParticleChunk) -> None:
-        for stack in np.unique(chunk.stacks):
-            self.taken.remove(str(stack), chunk.indices[chunk.stacks == stack])
+        self.taken.remove(chunk.stacks, chunk.indices)
 
     def _reject(self, path: Path, reason: str, count_file: bool = True) -> None:
         logger.warning("rejected: %s", reason)

@@ -35,6 +35,14 @@ def test_journal_records_membership_per_stack_and_round_trips():
     assert journal.count("a.mrcs") == 3 and copy.count("a.mrcs") == 2
     with pytest.raises(ValueError, match="1-based"):
         journal.add("a.mrcs", np.array([0]))
+    # one stack per particle, as chunks carry them: grouped per stack
+    stacks = np.array(["c.mrcs", "d.mrcs", "c.mrcs"])
+    journal.add(stacks, np.array([4, 1, 2]))
+    assert journal.contains(stacks, np.array([4, 1, 3])).tolist() == [True, True, False]
+    journal.remove(stacks[:1], np.array([4]))
+    assert journal.count("c.mrcs") == 1 and journal.count("d.mrcs") == 1
+    with pytest.raises(ValueError, match="2 stacks for 3 indices"):
+        journal.contains(stacks[:2], np.array([1, 2, 3]))
 
 
 def test_a_stack_brings_every_image_once(tmp_path):
