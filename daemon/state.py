@@ -32,7 +32,7 @@ from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
-from cryofastar.recon.io import write_volume
+from cryofastar.recon.io import write_fsc_table, write_volume
 from cryofastar.recon.io.atomic import atomic_path
 from cryofastar.recon.io.star import write_particles
 
@@ -241,11 +241,7 @@ class SessionState:
         write_volume(out / "volume_half1.mrc", halves[0], apix)
         write_volume(out / "volume_half2.mrc", halves[1], apix)
         shells = shell_resolutions_angstrom(acc.box, apix)
-        with atomic_path(out / "volume_fsc.tsv") as tmp:
-            lines = ["shell\tresolution_angstrom\tfsc"]
-            lines += [f"{i}\t{float(r):.4f}\t{float(f):.6f}" for i, (r, f) in enumerate(zip(shells, curve,
-                                                                                               strict=True))]
-            tmp.write_text("\n".join(lines) + "\n")
+        write_fsc_table(out / "volume_fsc.tsv", {"resolution_angstrom": shells, "fsc": curve})
         self.fsc_history.append((time.time(), acc.n_particles, float(resolution)))
         with atomic_path(out / "fsc_history.tsv") as tmp:
             lines = ["unix_time\tparticles\tresolution_angstrom"]

@@ -3,6 +3,7 @@
 from .errors import ParticleFileError
 from .mrc import read_images, read_volume, stack_shape, write_stack, write_volume
 from .star import ParticleTable, read_particles, write_particles
+from .tables import write_fsc_table
 
 __all__ = [
     "ParticleFileError",
@@ -11,6 +12,7 @@ __all__ = [
     "read_particles",
     "read_volume",
     "stack_shape",
+    "write_fsc_table",
     "write_particles",
     "write_stack",
     "write_volume",

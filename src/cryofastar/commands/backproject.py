@@ -19,8 +19,7 @@ from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.insertion import Interpolation
-from cryofastar.recon.io import ParticleFileError, read_particles, read_volume, write_volume
-from cryofastar.recon.io.atomic import atomic_path
+from cryofastar.recon.io import ParticleFileError, read_particles, read_volume, write_fsc_table, write_volume
 from cryofastar.recon.io.star import ParticleTable
 
 logger = logging.getLogger(__name__)
@@ -114,12 +113,3 @@ def read_reference_map(reference: Path | None, box: int) -> torch.Tensor | None:
     if reference_map.shape[0] != box:
         raise ValueError(f"--reference {reference} has box {reference_map.shape[0]} px, particles {box} px")
     return reference_map
-
-
-def write_fsc_table(path: Path, columns: dict[str, torch.Tensor]) -> None:
-    """Tab-separated FSC table: one row per shell, a header naming the columns."""
-    with atomic_path(path) as tmp:
-        lines = ["shell\t" + "\t".join(columns)]
-        for shell in range(len(next(iter(columns.values())))):
-            lines.append(f"{shell}\t" + "\t".join(f"{float(c[shell]):.6g}" for c in columns.values()))
-        tmp.write_text("\n".join(lines) + "\n")

@@ -33,10 +33,10 @@ from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
-from cryofastar.recon.io import read_particles, write_volume
+from cryofastar.recon.io import read_particles, write_fsc_table, write_volume
 from cryofastar.recon.io.star import ParticleTable, write_particles
 
-from .backproject import read_finite_images, read_reference_map, write_fsc_table
+from .backproject import read_finite_images, read_reference_map
 
 logger = logging.getLogger(__name__)
 
