@@ -1,12 +1,14 @@
-"""Orientation grids and classical projection matching (recon), on clean simulated particles."""
+"""Map slices, orientation grids and classical projection matching (recon), on simulated particles."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from cryofastar.model.rotations import geodesic_degrees
+from cryofastar.recon.fourier import rfft2_centered
+from cryofastar.recon.map_slices import MapSlicer, band_frequencies
 from cryofastar.recon.orientation_grids import global_rotation_grid, local_rotation_grid
-from cryofastar.recon.projection_matching import match_projections
+from cryofastar.recon.projection_matching import refine_local, search_global
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, random_rotations
 from cryofastar.recon.simulate.particles import simulate_particles
 
@@ -16,6 +18,26 @@ BOX, APIX = 32, 4.0
 @pytest.fixture(scope="module")
 def volume() -> torch.Tensor:
     return atoms_to_volume(procedural_molecule(1_000_000_005), BOX, APIX)
+
+
+def test_band_frequencies_are_a_half_plane_disk():
+    k = band_frequencies(32, 0.25)
+    assert bool(((k[:, 0] > 0) | ((k[:, 0] == 0) & (k[:, 1] > 0))).all())
+    assert float(k.norm(dim=-1).max()) <= 0.25 + 1e-6 and float(k.norm(dim=-1).min()) > 0
+    full = torch.cat([k, -k])  # with the Friedel mates: every pixel of the disk but DC, once
+    assert len(torch.unique((full * 32).round().long(), dim=0)) == len(full)
+    with pytest.raises(ValueError, match="band limit"):
+        band_frequencies(32, 0.6)
+
+
+def test_slices_equal_the_spectra_of_projections(volume):
+    """The slicer's slice at A is rfft2_centered of the simulator's projection at A (central-slice theorem)."""
+    sim = simulate_particles(volume, 4, APIX, None, torch.Generator().manual_seed(0), max_shift_px=0.0)
+    k = band_frequencies(BOX, 0.25)
+    slices = MapSlicer(volume, 0.25).slices(sim.rotations, k)
+    spectra = rfft2_centered(sim.images)[:, (k[:, 1] * BOX).round().long() % BOX, (k[:, 0] * BOX).round().long()]
+    ncc = (slices * spectra.conj()).sum(-1).real / (slices.abs().norm(dim=-1) * spectra.abs().norm(dim=-1))
+    assert bool((ncc > 0.999).all())
 
 
 def test_global_grid_covers_so3_at_its_step():
@@ -38,33 +60,49 @@ def test_local_grid_is_a_ball_around_the_identity():
         local_rotation_grid(2.0, 3.0)
 
 
-def test_local_search_recovers_known_poses_and_shifts(volume):
-    generator = torch.Generator().manual_seed(1)
-    sim = simulate_particles(volume, 4, APIX, None, generator, max_shift_px=3.0)
-    kick = local_rotation_grid(7.0, 7.0)[1:5]  # start 7° away from the truth
+def test_local_refinement_recovers_known_poses_and_shifts(volume):
+    sim = simulate_particles(volume, 16, APIX, None, torch.Generator().manual_seed(1), max_shift_px=3.0)
+    kick = local_rotation_grid(8.0, 8.0)[1:7].repeat(3, 1, 1)[:16]  # start 8° away from the truth
     start = sim.rotations @ kick
-    assert bool((geodesic_degrees(start, sim.rotations) > 6.9).all())
-    coarse = match_projections(sim.images, volume, start[:, None] @ local_rotation_grid(9.0, 3.0)[None], APIX)
-    fine = match_projections(sim.images, volume, coarse.rotations[:, None] @ local_rotation_grid(2.0, 0.5)[None],
-                             APIX)
-    assert float(geodesic_degrees(fine.rotations, sim.rotations).max()) < 2.0
     true_origins = sim.origins_angstrom / APIX
-    assert float((fine.origins_px - true_origins).abs().max()) <= 0.5 + 1e-6  # integer shifts: nearest pixel
-    assert bool((fine.scores > 0.95).all()) and fine.all_scores.shape == (4, len(local_rotation_grid(2.0, 0.5)))
+    start_origins = true_origins.round() + torch.tensor([1.0, -1.0])  # and 1-2 px off
+    assert bool((geodesic_degrees(start, sim.rotations) > 7.9).all())
+    result = refine_local(sim.images, MapSlicer(volume, 0.5), start, start_origins, range_degrees=10.0,
+                          step_degrees=5.0, stages=4, max_shift_px=2)
+    assert float(geodesic_degrees(result.rotations, sim.rotations).max()) < 2.0
+    assert float((result.origins_px - true_origins).abs().max()) < 0.35  # sub-pixel
+    assert bool((result.scores > 0.95).all())
+    assert result.spread_degrees.shape == (16,) and bool((result.spread_degrees < 10.0).all())
 
 
 def test_global_search_finds_the_neighbourhood_of_any_pose(volume):
-    sim = simulate_particles(volume, 3, APIX, None, torch.Generator().manual_seed(2), max_shift_px=2.0)
-    result = match_projections(sim.images, volume, global_rotation_grid(20.0), APIX, max_shift_px=3,
-                               resolution_angstrom=12.0)
-    assert float(geodesic_degrees(result.rotations, sim.rotations).max()) < 20.0
-    assert bool((result.scores == result.all_scores.max(dim=1).values).all())
+    sim = simulate_particles(volume, 8, APIX, None, torch.Generator().manual_seed(2), max_shift_px=2.0)
+    result = search_global(sim.images, MapSlicer(volume, APIX / 12.0), global_rotation_grid(15.0), max_shift_px=3)
+    assert float(geodesic_degrees(result.rotations, sim.rotations).max()) < 15.0
+    assert float((result.origins_px - sim.origins_angstrom / APIX).abs().max()) < 1.0
+
+
+def test_spread_is_large_where_the_data_cannot_tell(volume):
+    """Pure noise has no preferred orientation; a clean particle has one."""
+    clean = simulate_particles(volume, 8, APIX, None, torch.Generator().manual_seed(3), max_shift_px=0.0)
+    noise = torch.randn(8, BOX, BOX, generator=torch.Generator().manual_seed(4))
+    slicer, grid = MapSlicer(volume, APIX / 12.0), global_rotation_grid(30.0)
+    sure = search_global(clean.images, slicer, grid, max_shift_px=0)
+    unsure = search_global(noise, slicer, grid, max_shift_px=0)
+    # a clean particle between two grid points may share its weight with the neighbour (30° away)
+    assert float(sure.spread_degrees.median()) < 5.0 and float(sure.spread_degrees.max()) < 30.0
+    assert float(unsure.spread_degrees.min()) > 40.0
+    assert float(unsure.scores.max()) < float(sure.scores.min())
 
 
 def test_bad_shapes_are_refused(volume):
-    with pytest.raises(ValueError, match="share the box"):
-        match_projections(torch.zeros(2, 16, 16), volume, global_rotation_grid(60.0), APIX)
-    with pytest.raises(ValueError, match="candidates"):
-        match_projections(torch.zeros(2, BOX, BOX), volume, torch.eye(3)[None, None].expand(3, 1, 3, 3), APIX)
+    slicer = MapSlicer(volume, 0.25)
+    with pytest.raises(ValueError, match="like the map"):
+        search_global(torch.zeros(2, 16, 16), slicer, global_rotation_grid(60.0))
     with pytest.raises(ValueError, match="max_shift_px"):
-        match_projections(torch.zeros(2, BOX, BOX), volume, global_rotation_grid(60.0), APIX, max_shift_px=16)
+        search_global(torch.zeros(2, BOX, BOX), slicer, global_rotation_grid(60.0), max_shift_px=16)
+    with pytest.raises(ValueError, match="rotations"):
+        refine_local(torch.zeros(2, BOX, BOX), slicer, torch.eye(3)[None].expand(3, 3, 3),
+                     torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="cube"):
+        MapSlicer(torch.zeros(4, 4, 5))
