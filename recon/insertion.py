@@ -76,8 +76,9 @@ def insert_slices(
         `(n, 3, 3)` RELION matrices ``A`` of the slices: the sample at 2D
         frequency ``k`` lands at ``A.T @ (kx, ky, 0)``.
     slice_weights: torch.Tensor | None
-        `(n, N, N // 2 + 1)` real per-sample weights (CTF^2 for Wiener-style
-        insertion); ``None`` means 1 per sample.
+        `(n, N, N // 2 + 1)` real per-sample weights added to the weight channel
+        (CTF^2 for Wiener-style insertion, the data being already ``CTF * F``);
+        ``None`` means 1 per sample. The data are not multiplied by them.
     interpolation: Interpolation
         ``"trilinear"`` spreads each sample over its 8 neighbouring voxels;
         ``"nearest"`` adds it to the closest voxel (8x fewer scatters).
@@ -105,7 +106,6 @@ def insert_slices(
         rows[:, 2] = 1.0
     else:
         w = slice_weights.reshape(n_img, -1)[:, index].to(torch.float32).reshape(n_samples)
-        rows[:, :2] *= w[:, None]
         rows[:, 2] = w
     strides = (grid.shape[1] * grid.shape[2], grid.shape[2], 1)
     # shifted z/y rows: index = k + N // 2 >= 0, so no wrapping is needed

@@ -78,6 +78,10 @@ def test_ctf_weighted_insertion_recovers_the_map(phantom32: torch.Tensor) -> Non
     without.add(sim.images, sim.rotations, sim.origins_angstrom, halves)
     good = float(fsc(with_ctf.volume(), phantom32)[1:12].mean())
     assert good > 0.9
+    # Wiener-style: data sum CTF * F_obs over weight sum CTF^2, so amplitudes come back at the
+    # map's own scale (the data were once also multiplied by the CTF^2 weight: scale ~0.35)
+    scale = float((with_ctf.volume() * phantom32).sum() / (phantom32 * phantom32).sum())
+    assert 0.7 < scale < 1.2, scale
     assert good > float(fsc(without.volume(), phantom32)[1:12].mean()) + 0.1
 
 
