@@ -128,6 +128,27 @@ class HalfSetAccumulator:
         (restored afterwards), which affects torch work running concurrently in
         other threads of the process.
         """
+        self._insert(images, rotations, shifts_angstrom, half_sets, ctf, sign=1.0)
+
+    def remove(
+        self,
+        images: torch.Tensor,
+        rotations: torch.Tensor,
+        shifts_angstrom: torch.Tensor,
+        half_sets: torch.Tensor,
+        ctf: CtfParams | None = None,
+    ) -> None:
+        """Take out particles inserted earlier with exactly these images, poses, half sets and CTF.
+
+        The grids only ever hold sums, so subtracting a particle's contribution leaves
+        them as if it had never been added (up to float32 rounding). Arguments and
+        errors as for :meth:`add`; re-posing a particle is ``remove`` with its old pose,
+        then :meth:`add` with the new one.
+        """
+        self._insert(images, rotations, shifts_angstrom, half_sets, ctf, sign=-1.0)
+
+    def _insert(self, images: torch.Tensor, rotations: torch.Tensor, shifts_angstrom: torch.Tensor,
+                half_sets: torch.Tensor, ctf: CtfParams | None, sign: float) -> None:
         images = torch.as_tensor(images)
         n = images.shape[0] if images.ndim == 3 else -1
         if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
@@ -162,6 +183,9 @@ class HalfSetAccumulator:
                 slices, weights = self._prepare(
                     images[part], shifts_angstrom[part], None if ctf is None else ctf[part]
                 )
+                if sign < 0:  # removal: negative data and weight
+                    slices = -slices
+                    weights = torch.full(slices.shape, -1.0, device=self.device) if weights is None else -weights
                 insert_slices(
                     self.grids[h], slices, rotations[part].to(self.device),
                     slice_weights=weights, interpolation=self.interpolation,
@@ -183,7 +207,7 @@ class HalfSetAccumulator:
         else:
             for job in jobs:
                 insert_half(job)
-        self.particle_counts += counts
+        self.particle_counts += counts if sign > 0 else -counts
 
     def _prepare(
         self, images: torch.Tensor, shifts_angstrom: torch.Tensor, ctf: CtfParams | None

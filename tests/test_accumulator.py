@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cryofastar.recon import CtfParams, HalfSetAccumulator, fsc, half_sets_for_stack
-from cryofastar.recon.simulate import CtfRange, simulate_particles
+from cryofastar.recon.simulate import CtfRange, random_rotations, simulate_particles
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +166,41 @@ def test_prepare_equals_centred_transform_of_the_padded_image(particles) -> None
     expected = phase_shift_rfft2(rfft2_centered(padded), sim.origins_angstrom[:4] / 1.5, 64)
     assert weights is None
     torch.testing.assert_close(slices, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("interpolation", ["trilinear", "nearest"])
+def test_reposing_equals_a_fresh_insertion_with_the_new_pose(particles, interpolation) -> None:
+    """remove(old pose) + add(new pose) leaves the grids as if the new pose had been inserted from the start."""
+    sim, halves = particles
+    n = len(sim.images)
+    ctf = CtfParams.from_arrays(defocus_u_angstrom=torch.full((n,), 1.5e4), defocus_v_angstrom=torch.full((n,), 1.4e4),
+                                defocus_angle_degrees=30.0, voltage_kv=300.0, spherical_aberration_mm=2.7,
+                                amplitude_contrast=0.1, phase_shift_degrees=0.0)
+    new_rotations = random_rotations(n, torch.Generator().manual_seed(11))
+    new_shifts = sim.origins_angstrom + 1.5
+    moved = torch.arange(n) % 3 == 0
+    new_rotations[~moved], new_shifts[~moved] = sim.rotations[~moved], sim.origins_angstrom[~moved]
+
+    reposed = HalfSetAccumulator(32, 3.0, interpolation=interpolation)
+    reposed.add(sim.images, sim.rotations, sim.origins_angstrom, halves, ctf=ctf)
+    reposed.remove(sim.images[moved], sim.rotations[moved], sim.origins_angstrom[moved], halves[moved], ctf=ctf[moved])
+    reposed.add(sim.images[moved], new_rotations[moved], new_shifts[moved], halves[moved], ctf=ctf[moved])
+    fresh = HalfSetAccumulator(32, 3.0, interpolation=interpolation)
+    fresh.add(sim.images, new_rotations, new_shifts, halves, ctf=ctf)
+
+    assert torch.equal(reposed.particle_counts, fresh.particle_counts)
+    scale = float(fresh.grids.abs().max())
+    assert float((reposed.grids - fresh.grids).abs().max()) < 1e-4 * scale
+    assert float(fsc(reposed.volume(), fresh.volume())[1:].min()) > 0.9999
+
+
+def test_removing_everything_empties_the_grids(particles) -> None:
+    sim, halves = particles
+    acc = HalfSetAccumulator(32, 3.0)
+    acc.add(sim.images, sim.rotations, sim.origins_angstrom, halves)
+    full = float(acc.grids.abs().max())
+    acc.remove(sim.images, sim.rotations, sim.origins_angstrom, halves)
+    assert acc.n_particles == 0
+    assert float(acc.grids.abs().max()) < 1e-5 * full  # float32 rounding of the sums only
+    with pytest.raises(ValueError, match="NaN"):
+        acc.remove(sim.images[:1] * float("nan"), sim.rotations[:1], sim.origins_angstrom[:1], halves[:1])
