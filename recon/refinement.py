@@ -1,0 +1,225 @@
+"""Pose refinement of particle sets against half maps: the policy around projection matching.
+
+Shared by the offline ``reconstruct --refine`` and the streaming daemon. Rules
+(docs/refinement.md):
+
+- **Working box.** Matching runs at a working box ``W`` (Fourier-cropped particles and
+  maps, pixel size ``apix * B / W``); shifts are returned in Å, so they apply at any box.
+- **Band.** The reference is low-passed to the current resolution (the half-map FSC
+  0.143 resolution, never finer than Nyquist of the working box, never coarser than
+  ``4 / W`` cycles/px), so noise beyond it is not fitted.
+- **Gold standard.** In ``local`` mode each particle is matched against its *own* half
+  map, so the two halves stay independent and the FSC stays a gold-standard estimate.
+  ``global`` mode (a search of all SO(3)) is used only at low resolution (the band is
+  capped at ``global_resolution_angstrom``, 20 Å by default) and matches against the
+  map of both halves, as RELION starts both halves from one low-pass-filtered
+  reference: below that resolution the halves share their information by design.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch_fourier_rescale import fourier_rescale_2d, fourier_rescale_3d
+
+from .map_slices import MapSlicer
+from .orientation_grids import global_rotation_grid
+from .projection_matching import PoseMatch, refine_local, search_global
+
+__all__ = ["RefineSettings", "RefinementReference", "band_limit", "refine_half_sets", "to_working_box"]
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """How particles are matched (units: degrees, Å, pixels of the working box).
+
+    Attributes
+    ----------
+    working_box: int
+        Box (px) particles and maps are Fourier-cropped to for matching.
+    local_range_degrees, local_step_degrees: float
+        First stage's search radius and step around each pose (:func:`refine_local`).
+    local_stages: int
+        Coarse-to-fine stages (final step ``local_step / 2^(stages-1)``).
+    local_max_shift_px: int
+        Shift search radius (working-box px) of the first local stage.
+    global_step_degrees: float
+        Grid step of the global search (about 4,400 orientations at 15°).
+    global_max_shift_px: int
+        Shift search radius (working-box px) of the global search.
+    global_resolution_angstrom: float
+        Finest resolution compared in a global search (the map of both halves).
+    """
+
+    working_box: int = 64
+    local_range_degrees: float = 10.0
+    local_step_degrees: float = 5.0
+    local_stages: int = 3
+    local_max_shift_px: int = 2
+    global_step_degrees: float = 15.0
+    global_max_shift_px: int = 4
+    global_resolution_angstrom: float = 20.0
+
+
+def to_working_box(data: torch.Tensor, working_box: int) -> torch.Tensor:
+    """`(n, B, B)` images or `(B, B, B)` map -> the same field of view at ``W`` px (Fourier crop/pad)."""
+    box = data.shape[-1]
+    if box == working_box:
+        return data.float()
+    if data.ndim == 3 and data.shape[0] == box and data.shape[1] == box:  # a cubic map
+        out, _ = fourier_rescale_3d(data.float(), target_shape=(working_box,) * 3)
+    else:
+        out, _ = fourier_rescale_2d(data.float(), target_shape=(working_box, working_box))
+    return out.float()
+
+
+def band_limit(resolution_angstrom: float | None, apix: float, box: int) -> float:
+    """Band limit (cycles/px) for a map at ``resolution_angstrom``: within ``[4 / box, 0.5]``.
+
+    ``None``, NaN or infinity (no resolution yet) give the coarsest band.
+    """
+    floor = min(0.5, 4.0 / box)
+    if resolution_angstrom is None or not math.isfinite(resolution_angstrom) or resolution_angstrom <= 0:
+        return floor
+    return float(min(0.5, max(floor, apix / resolution_angstrom)))
+
+
+class RefinementReference:
+    """The half maps of one moment, at the working box, ready to match particles against.
+
+    Slicers (padded spectra) are built on first use and kept, so many batches can be
+    matched against the same maps at the cost of one build.
+
+    Parameters
+    ----------
+    half_volumes: torch.Tensor
+        `(2, B, B, B)` half maps [z, y, x] at pixel size ``apix`` (Å).
+    apix: float
+        Pixel size of the half maps (Å).
+    resolution_angstrom: float | None
+        Their half-map FSC 0.143 resolution (sets the local band; ``None``/inf: coarsest).
+    settings: RefineSettings | None
+        Search settings (defaults: :class:`RefineSettings`).
+    device: torch.device | str
+        Where matching runs.
+    """
+
+    def __init__(self, half_volumes: torch.Tensor, apix: float, resolution_angstrom: float | None,
+                 settings: RefineSettings | None = None, device: torch.device | str = "cpu") -> None:
+        self.settings = s = settings or RefineSettings()
+        box = half_volumes.shape[-1]
+        if half_volumes.shape != (2, box, box, box):
+            raise ValueError(f"half maps must be (2, B, B, B), got {tuple(half_volumes.shape)}")
+        self.box, self.apix = box, float(apix)
+        self.work = min(s.working_box, box)
+        self.apix_work = self.apix * box / self.work
+        self.device = torch.device(device)
+        self.resolution_angstrom = resolution_angstrom
+        self.half_volumes = torch.stack([to_working_box(v, self.work) for v in half_volumes.float()]).to(self.device)
+        self._local: dict[int, MapSlicer] = {}
+        self._global: MapSlicer | None = None
+
+    @property
+    def local_band(self) -> float:
+        """Band limit (cycles/px of the working box) of local searches: the FSC resolution."""
+        return band_limit(self.resolution_angstrom, self.apix_work, self.work)
+
+    @property
+    def global_band(self) -> float:
+        """Band limit of global searches: the FSC resolution, capped at ``global_resolution_angstrom``."""
+        r, cap = self.resolution_angstrom, self.settings.global_resolution_angstrom
+        known = r is not None and math.isfinite(r) and r > 0
+        return band_limit(max(cap, r) if known else cap, self.apix_work, self.work)
+
+    def local_slicer(self, half: int) -> MapSlicer:
+        """Slicer of half map ``half`` (1 or 2) at the local band."""
+        if half not in self._local:
+            self._local[half] = MapSlicer(self.half_volumes[half - 1], self.local_band)
+        return self._local[half]
+
+    def global_slicer(self) -> MapSlicer:
+        """Slicer of the map of both halves at the global band."""
+        if self._global is None:
+            self._global = MapSlicer(self.half_volumes.sum(0), self.global_band)
+        return self._global
+
+    def match(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor | None,
+              origins_angstrom: torch.Tensor, mode: str = "local") -> tuple[PoseMatch, torch.Tensor]:
+        """Refine (``local``) or search (``global``, ``best``) the poses of particles.
+
+        Parameters
+        ----------
+        images: torch.Tensor
+            `(n, B, B)` particles at the maps' box and pixel size.
+        half_sets: torch.Tensor
+            `(n,)` 1 or 2.
+        rotations: torch.Tensor | None
+            `(n, 3, 3)` current RELION matrices (needed for ``local`` and ``best``).
+        origins_angstrom: torch.Tensor
+            `(n, 2)` current rlnOriginX/YAngst.
+        mode: str
+            ``"local"``: coarse-to-fine search around ``rotations`` against the
+            particle's own half map; ``"global"``: a search of SO(3) against the map of
+            both halves (band :attr:`global_band`), then a local search around its best
+            against the particle's own half map; ``"best"``: both, keeping per particle
+            the pose whose final local score is higher (poses of unknown quality).
+
+        Returns
+        -------
+        match, origins_angstrom: tuple[PoseMatch, torch.Tensor]
+            The match (``origins_px`` in working-box px; ``spread_degrees`` of the
+            global search where one ran) and `(n, 2)` float64 new rlnOriginX/YAngst.
+        """
+        if mode not in ("local", "global", "best"):
+            raise ValueError(f"mode must be 'local', 'global' or 'best', got {mode!r}")
+        n = images.shape[0]
+        if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
+            raise ValueError(f"images must be (n, {self.box}, {self.box}), got {tuple(images.shape)}")
+        if mode != "global" and (rotations is None or rotations.shape != (n, 3, 3)):
+            raise ValueError(f"mode {mode!r} needs rotations (n, 3, 3)")
+        small = to_working_box(images, self.work).to(self.device)
+        origins_px = origins_angstrom.double().cpu() / self.apix_work
+        halves = torch.as_tensor(half_sets).long().cpu()
+        s = self.settings
+        if mode == "local":
+            out = self._local_per_half(small, halves, rotations.double().cpu(), origins_px)
+            return out, out.origins_px * self.apix_work
+        found = search_global(small, self.global_slicer(), global_rotation_grid(s.global_step_degrees),
+                              max_shift_px=min(s.global_max_shift_px, self.work // 2 - 1), origins_px=origins_px)
+        polished = self._local_per_half(small, halves, found.rotations, found.origins_px)
+        polished.spread_degrees = found.spread_degrees  # the global search's uncertainty covers all of SO(3)
+        if mode == "global":
+            return polished, polished.origins_px * self.apix_work
+        local = self._local_per_half(small, halves, rotations.double().cpu(), origins_px)
+        better = polished.scores > local.scores
+        for name in ("rotations", "origins_px", "scores", "spread_degrees"):
+            getattr(local, name)[better] = getattr(polished, name)[better]
+        return local, local.origins_px * self.apix_work
+
+    def _local_per_half(self, small: torch.Tensor, halves: torch.Tensor, rotations: torch.Tensor,
+                        origins_px: torch.Tensor) -> PoseMatch:
+        """Local search of each half's particles against that half's map (working box)."""
+        n, s = small.shape[0], self.settings
+        out = PoseMatch(torch.empty(n, 3, 3, dtype=torch.float64), torch.empty(n, 2, dtype=torch.float64),
+                        torch.empty(n), torch.empty(n))
+        for h in (1, 2):
+            members = torch.nonzero(halves == h).squeeze(-1)
+            if members.numel() == 0:
+                continue
+            match = refine_local(small[members], self.local_slicer(h), rotations[members], origins_px[members],
+                                 range_degrees=s.local_range_degrees, step_degrees=s.local_step_degrees,
+                                 stages=s.local_stages, max_shift_px=min(s.local_max_shift_px, self.work // 2 - 1))
+            out.rotations[members], out.origins_px[members] = match.rotations, match.origins_px
+            out.scores[members], out.spread_degrees[members] = match.scores, match.spread_degrees
+        return out
+
+
+def refine_half_sets(images: torch.Tensor, half_sets: torch.Tensor, half_volumes: torch.Tensor, apix: float,
+                     rotations: torch.Tensor | None, origins_angstrom: torch.Tensor,
+                     resolution_angstrom: float | None, settings: RefineSettings | None = None, mode: str = "local",
+                     device: torch.device | str = "cpu") -> tuple[PoseMatch, torch.Tensor]:
+    """One-shot :meth:`RefinementReference.match` (builds the reference from ``half_volumes`` `(2, B, B, B)`)."""
+    reference = RefinementReference(half_volumes, apix, resolution_angstrom, settings, device)
+    return reference.match(images, half_sets, rotations, origins_angstrom, mode)
