@@ -97,6 +97,7 @@ class HalfSetAccumulator:
         shifts_angstrom: torch.Tensor,
         half_sets: torch.Tensor,
         ctf: CtfParams | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
         """Insert particles into their half set's grid.
 
@@ -114,6 +115,11 @@ class HalfSetAccumulator:
         ctf: CtfParams | None
             Per-particle CTF: insert ``CTF * F`` with weight ``CTF^2``
             (Wiener-style). ``None``: plain insertion, weight 1.
+        weights: torch.Tensor | None
+            `(n,)` non-negative per-particle weights: data and weight channels of a
+            particle are both scaled by its weight (soft assignment inserts one
+            particle at several poses whose weights sum to 1). ``None``: 1 each.
+            ``particle_counts`` still counts particles (one per row), whatever the weight.
 
         Raises
         ------
@@ -128,7 +134,7 @@ class HalfSetAccumulator:
         (restored afterwards), which affects torch work running concurrently in
         other threads of the process.
         """
-        self._insert(images, rotations, shifts_angstrom, half_sets, ctf, sign=1.0)
+        self._insert(images, rotations, shifts_angstrom, half_sets, ctf, sign=1.0, weights=weights)
 
     def remove(
         self,
@@ -137,18 +143,20 @@ class HalfSetAccumulator:
         shifts_angstrom: torch.Tensor,
         half_sets: torch.Tensor,
         ctf: CtfParams | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
-        """Take out particles inserted earlier with exactly these images, poses, half sets and CTF.
+        """Take out particles inserted earlier with exactly these images, poses, half sets, CTF and weights.
 
         The grids only ever hold sums, so subtracting a particle's contribution leaves
         them as if it had never been added (up to float32 rounding). Arguments and
         errors as for :meth:`add`; re-posing a particle is ``remove`` with its old pose,
         then :meth:`add` with the new one.
         """
-        self._insert(images, rotations, shifts_angstrom, half_sets, ctf, sign=-1.0)
+        self._insert(images, rotations, shifts_angstrom, half_sets, ctf, sign=-1.0, weights=weights)
 
     def _insert(self, images: torch.Tensor, rotations: torch.Tensor, shifts_angstrom: torch.Tensor,
-                half_sets: torch.Tensor, ctf: CtfParams | None, sign: float) -> None:
+                half_sets: torch.Tensor, ctf: CtfParams | None, sign: float,
+                weights: torch.Tensor | None = None) -> None:
         images = torch.as_tensor(images)
         n = images.shape[0] if images.ndim == 3 else -1
         if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
@@ -165,6 +173,12 @@ class HalfSetAccumulator:
             raise ValueError(f"{len(ctf)} CTF parameter sets for {n} images")
         if not bool(((half_sets == 1) | (half_sets == 2)).all()):
             raise ValueError("half sets must be 1 or 2")
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float32)
+            if weights.shape != (n,):
+                raise ValueError(f"for {n} images expected weights (n,), got {tuple(weights.shape)}")
+            if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+                raise ValueError("weights must be finite and non-negative")
         for name, t in (("images", images), ("rotations", rotations), ("shifts", shifts_angstrom)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contain NaN or Inf")
@@ -180,15 +194,19 @@ class HalfSetAccumulator:
             h, members = job
             for start in range(0, members.numel(), per_call):
                 part = members[start : start + per_call]
-                slices, weights = self._prepare(
+                slices, sample_weights = self._prepare(
                     images[part], shifts_angstrom[part], None if ctf is None else ctf[part]
                 )
+                scale = None if weights is None else weights[part].to(self.device)[:, None, None]
                 if sign < 0:  # removal: negative data and weight
-                    slices = -slices
-                    weights = torch.full(slices.shape, -1.0, device=self.device) if weights is None else -weights
+                    scale = torch.full((part.numel(), 1, 1), -1.0, device=self.device) if scale is None else -scale
+                if scale is not None:
+                    slices = slices * scale
+                    sample_weights = (scale.expand(slices.shape) if sample_weights is None
+                                      else sample_weights * scale)
                 insert_slices(
                     self.grids[h], slices, rotations[part].to(self.device),
-                    slice_weights=weights, interpolation=self.interpolation,
+                    slice_weights=sample_weights, interpolation=self.interpolation,
                 )
 
         # On a multi-core CPU the two halves (disjoint grids) are inserted by two

@@ -204,3 +204,45 @@ def test_removing_everything_empties_the_grids(particles) -> None:
     assert float(acc.grids.abs().max()) < 1e-5 * full  # float32 rounding of the sums only
     with pytest.raises(ValueError, match="NaN"):
         acc.remove(sim.images[:1] * float("nan"), sim.rotations[:1], sim.origins_angstrom[:1], halves[:1])
+
+
+@pytest.mark.parametrize("with_ctf", [False, True])
+def test_weights_scale_data_and_weight_and_remove_is_their_inverse(particles, with_ctf: bool) -> None:
+    """add(weights=w) equals the plain insertion with both channels scaled by w; remove(weights=w) undoes it."""
+    sim, halves = particles
+    n = 12
+    images, rot, shifts, h = sim.images[:n], sim.rotations[:n], sim.origins_angstrom[:n], halves[:n]
+    ctf = None
+    if with_ctf:
+        ctf = CtfParams.from_arrays(defocus_u_angstrom=torch.full((n,), 1.5e4),
+                                    defocus_v_angstrom=torch.full((n,), 1.4e4), defocus_angle_degrees=30.0,
+                                    voltage_kv=300.0, spherical_aberration_mm=2.7, amplitude_contrast=0.1,
+                                    phase_shift_degrees=0.0)
+    w = torch.linspace(0.1, 2.0, n)
+    weighted = HalfSetAccumulator(32, 3.0)
+    weighted.add(images, rot, shifts, h, ctf=ctf, weights=w)
+    expected = HalfSetAccumulator(32, 3.0)  # particle i alone, scaled by w_i, summed
+    for i in range(n):
+        one = HalfSetAccumulator(32, 3.0)
+        one.add(images[i : i + 1], rot[i : i + 1], shifts[i : i + 1], h[i : i + 1],
+                ctf=None if ctf is None else ctf[i : i + 1])
+        expected.grids += w[i] * one.grids
+    scale = float(expected.grids.abs().max())
+    assert float((weighted.grids - expected.grids).abs().max()) < 1e-5 * scale
+    assert weighted.particle_counts.tolist() == [int((h == 1).sum()), int((h == 2).sum())]
+    ones = HalfSetAccumulator(32, 3.0)
+    ones.add(images, rot, shifts, h, ctf=ctf, weights=torch.ones(n))
+    plain = HalfSetAccumulator(32, 3.0)
+    plain.add(images, rot, shifts, h, ctf=ctf)
+    assert torch.equal(ones.grids, plain.grids)
+
+    weighted.add(sim.images[n:], sim.rotations[n:], sim.origins_angstrom[n:], halves[n:])
+    weighted.remove(images, rot, shifts, h, ctf=ctf, weights=w)
+    rest = HalfSetAccumulator(32, 3.0)
+    rest.add(sim.images[n:], sim.rotations[n:], sim.origins_angstrom[n:], halves[n:])
+    assert torch.equal(weighted.particle_counts, rest.particle_counts)
+    assert float((weighted.grids - rest.grids).abs().max()) < 1e-5 * float(rest.grids.abs().max())
+    with pytest.raises(ValueError, match="weights"):
+        weighted.add(images, rot, shifts, h, weights=torch.ones(n + 1))
+    with pytest.raises(ValueError, match="non-negative"):
+        weighted.add(images, rot, shifts, h, weights=-torch.ones(n))
