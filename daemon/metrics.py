@@ -39,6 +39,10 @@ class DaemonMetrics:
         self.particles_rejected = Counter("cryofastar_particles_rejected",
                                           "Particles dropped (NaN/Inf pixels or a failed batch).", registry=r)
         self.batches = Counter("cryofastar_batches", "Network forward passes run.", registry=r)
+        self.particles_refined = Counter("cryofastar_particles_refined",
+                                         "New particles whose poses were refined against the running map.", registry=r)
+        self.particles_reposed = Counter("cryofastar_particles_reposed",
+                                         "Particles already in the map re-posed against a newer map.", registry=r)
         self.maps_published = Counter("cryofastar_maps_published", "Maps written and published.", registry=r)
         self.latency = Histogram("cryofastar_stage_latency_seconds", "Wall time per item of a pipeline stage.",
                                  ["stage"], buckets=_LATENCY_BUCKETS, registry=r)

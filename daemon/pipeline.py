@@ -44,20 +44,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from cryofastar.model.preprocess import model_pixel_size, to_model_box
 from cryofastar.model.reference import select_reference
 from cryofastar.model.session_frame import PoseBatch, SessionFrame
-from cryofastar.model.weights import load_model
+from cryofastar.model.weights import WeightsError, load_model
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import shell_resolutions_angstrom
+from cryofastar.recon.io import ParticleFileError
+from cryofastar.recon.simulate import random_rotations
 
 from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file
 from .metrics import DaemonMetrics, serve_metrics
 from .protocol import POSE_COLUMNS, PosesMessage, StatusMessage, VolumeMessage
 from .publisher import Publisher
+from .refiner import UNREADABLE, StreamingRefiner, read_stack_rows
 from .settings import DaemonSettings
 from .state import CHECKPOINT_NAME, SessionState
 from .watcher import StackWatcher
@@ -101,7 +105,9 @@ class Daemon:
         self.out = s.out
         self.device = resolve_device(s.device)
         self._sets_per_pass = 4 if self.device.type == "cuda" else 1  # passes per forward call
-        self.model = load_model(s.weights, self.device)
+        self.model = self._load_model()
+        self.refiner = StreamingRefiner(s, self.device)
+        self._random = torch.Generator().manual_seed(0)  # poses before refinement starts, map-only sessions
         self.metrics = DaemonMetrics()
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint = self.out / CHECKPOINT_NAME
@@ -113,7 +119,7 @@ class Daemon:
         self.taken = self.state.journal.copy()  # reader's view: accumulated + in flight
         self.geometry = self.state.geometry
         self.frame: SessionFrame | None = None
-        if self.state.frame is not None:
+        if self.state.frame is not None and self.model is not None:
             self.frame = SessionFrame.from_state_dict(self.model, self.state.frame,
                                                       sets_per_pass=self._sets_per_pass)
         self.files: queue.Queue = queue.Queue(s.queue_size)
@@ -139,6 +145,21 @@ class Daemon:
         self.metrics.particles_in_map.set(self.state.n_particles)
         if self.state.fsc_history:
             self.metrics.set_resolution_angstrom(self.state.fsc_history[-1][2])
+
+    def _load_model(self):  # noqa: ANN202 - CryoFastAR | None
+        """The network, or ``None`` for map-only sessions (also when the shipped weights cannot be loaded)."""
+        s = self.settings
+        if s.poses_from == "map-only":
+            return None
+        try:
+            return load_model(s.weights, self.device)
+        except WeightsError as exc:
+            if s.weights is not None:
+                raise ValueError(str(exc)) from None  # weights the user named must load
+            logger.warning("%s: the network is unavailable, poses come from the map only (--poses-from map-only)",
+                           exc)
+            s.poses_from = "map-only"
+            return None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -305,6 +326,13 @@ class Daemon:
         assert self.geometry is not None
         images = torch.cat([c.images for c in chunks])
         t0 = time.perf_counter()
+        if self.model is None:  # map-only: random poses, which refinement replaces
+            n = len(images)
+            batch = PoseBatch(random_rotations(n, self._random), torch.zeros(n, 2, dtype=torch.float64),
+                              torch.zeros(n), torch.empty(0), torch.zeros(0, dtype=torch.bool))
+            self._count("particles_posed", n)
+            self.posed.put(_Posed(chunks, batch, self.geometry.apix, {}))
+            return
         try:
             small = to_model_box(images, self.model.config.box)
             if self.frame is None:
@@ -358,12 +386,19 @@ class Daemon:
             st.geometry = self.geometry
             st.accumulator = HalfSetAccumulator(self.geometry.box, self.geometry.apix,
                                                 interpolation=s.interpolation, device=self.device)  # type: ignore[arg-type]
+        pass_rotations = posed.batch.rotations
+        pass_origins = posed.batch.origins_px * posed.apix_model
+        refined = self._refine_pass(posed.chunks, pass_rotations, pass_origins)
         start = 0
         for chunk in posed.chunks:  # a few chunks (files) per pass, not particles
             n = len(chunk)
-            rotations = posed.batch.rotations[start : start + n]
-            origins = posed.batch.origins_px[start : start + n] * posed.apix_model
-            confidence = posed.batch.confidence[start : start + n]
+            rows = slice(start, start + n)
+            rotations, origins = pass_rotations[rows], pass_origins[rows]
+            confidence = posed.batch.confidence[rows]
+            score = spread = None
+            if refined is not None:
+                rotations, origins = refined.rotations[rows], refined.origins_angstrom[rows]
+                score, spread = refined.scores[rows], refined.spread_degrees[rows]
             start += n
             try:
                 st.accumulator.add(chunk.images, rotations, origins, chunk.half_sets, chunk.ctf)
@@ -373,17 +408,65 @@ class Daemon:
                 self._count("particles_rejected", n)
                 continue
             st.journal.add(chunk.stacks, chunk.indices)
-            st.poses.append(chunk.stacks, chunk.indices, rotations, origins, confidence, chunk.half_sets, chunk.ctf)
+            st.poses.append(chunk.stacks, chunk.indices, rotations, origins, confidence, chunk.half_sets, chunk.ctf,
+                            score, spread, 0 if refined is None else refined.version)
             if chunk.optics and not st.optics:
                 st.optics = dict(chunk.optics)
             self.metrics.particles_accumulated.inc(n)
             self._publish_poses(chunk, rotations, origins, confidence)
-        st.frame = posed.frame_state
+        if posed.frame_state:
+            st.frame = posed.frame_state
+        if refined is not None:
+            self._repose()
         if self._last_map[1] == 0 and not st.fsc_history:
             self._last_map = (time.monotonic(), 0)  # the map clock starts with the session's first particles
         self.metrics.particles_in_map.set(st.n_particles)
         self._rate_window.append((time.monotonic(), st.n_particles))
         self.metrics.latency.labels("accumulate").observe(time.perf_counter() - t0)
+
+    def _refine_pass(self, chunks: list[ParticleChunk], rotations: torch.Tensor, origins: torch.Tensor):  # noqa: ANN202
+        """The pass's poses refined against the running map (``None`` before refinement starts or on failure)."""
+        if not self.refiner.active:
+            return None
+        t0 = time.perf_counter()
+        images = torch.cat([c.images for c in chunks])
+        halves = torch.cat([c.half_sets for c in chunks])
+        try:
+            refined = self.refiner.refine(images, halves, rotations, origins, network_poses=self.model is not None)
+        except Exception:  # noqa: BLE001 - a failed refinement keeps the network's poses, never loses particles
+            logger.exception("refinement failed; this pass keeps its unrefined poses")
+            return None
+        self._count("particles_refined", len(images))
+        self.metrics.latency.labels("refine").observe(time.perf_counter() - t0)
+        return refined
+
+    def _repose(self) -> None:
+        """Re-pose up to ``repose_per_pass`` particles already in the map (docs/refinement.md)."""
+        st, table = self.state, self.state.poses
+        rows = self.refiner.pick_stale(table.column("refined"), table.column("spread"))
+        if len(rows) == 0:
+            return
+        t0 = time.perf_counter()
+        rows = np.sort(rows)
+        stack_ids, indices = table.column("stack_id")[rows], table.column("index")[rows]
+        try:
+            images = read_stack_rows(table.stack_names, stack_ids, indices)
+            ctf = table.ctf(rows)
+        except (ParticleFileError, ValueError) as exc:
+            logger.warning("cannot re-pose %d particles (%s); they keep their poses", len(rows), exc)
+            table.column("refined")[rows] = UNREADABLE
+            return
+        halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
+        old_rotations = table.rotations(rows)
+        old_origins = torch.from_numpy(table.column("origins")[rows])
+        new = self.refiner.repose(images, halves, old_rotations, old_origins)
+        assert st.accumulator is not None
+        # both calls validate the same shapes and values first, so the add cannot fail after the remove
+        st.accumulator.remove(images, old_rotations, old_origins, halves, ctf)
+        st.accumulator.add(images, new.rotations, new.origins_angstrom, halves, ctf)
+        table.update(rows, new.rotations, new.origins_angstrom, new.scores, new.spread_degrees, new.version)
+        self._count("particles_reposed", len(rows))
+        self.metrics.latency.labels("repose").observe(time.perf_counter() - t0)
 
     def _publish_poses(self, chunk: ParticleChunk, rotations: torch.Tensor, origins: torch.Tensor,
                        confidence: torch.Tensor) -> None:
@@ -416,7 +499,8 @@ class Daemon:
         st = self.state
         assert st.geometry is not None and st.accumulator is not None
         t0 = time.perf_counter()
-        volume, curve, resolution = st.write_maps(self.out)
+        volume, curve, resolution, halves = st.write_maps(self.out)
+        self.refiner.update_reference(halves, st.geometry.apix, resolution, st.n_particles)
         shells = shell_resolutions_angstrom(st.geometry.box, st.geometry.apix)
         assert self.publisher is not None
         self.publisher.publish(VolumeMessage(volume.float().cpu().numpy(), st.geometry.apix, st.n_particles,
@@ -457,6 +541,9 @@ class Daemon:
             "particles_ingested": self._counts["particles_ingested"],
             "particles_posed": self._counts["particles_posed"],
             "particles_rejected": self._counts["particles_rejected"],
+            "particles_refined": self._counts["particles_refined"],
+            "particles_reposed": self._counts["particles_reposed"],
+            "refinement": self._refinement_status(),
             "particles_per_second": rate,
             "files_seen": st.counters.get("files_seen", 0),
             "files_rejected": st.counters.get("files_rejected", 0),
@@ -466,10 +553,17 @@ class Daemon:
                 st.fsc_history[-1][2]) else None,
             "box": None if geometry is None else geometry.box,
             "apix": None if geometry is None else geometry.apix,
-            "model_box": self.model.config.box,
+            "model_box": None if self.model is None else self.model.config.box,
+            "poses_from": self.settings.poses_from,
             "device": str(self.device),
             "uptime_seconds": time.time() - self._started_at,
         }
+
+    def _refinement_status(self) -> dict[str, object]:
+        r = self.refiner
+        return {"active": r.active, "reference_version": r.version, "network_informative": r.network_informative,
+                "working_box": None if r.reference is None else r.reference.work,
+                "band_angstrom": None if r.reference is None else r.reference.apix_work / r.reference.local_band}
 
     def _publish_status(self) -> None:
         if self.publisher is not None and not self.publisher.closed:

@@ -56,6 +56,20 @@ class DaemonSettings:
         Images read from disk at a time.
     candidates: int
         Particles scored to choose the session reference.
+    poses_from: str
+        ``network`` (the CryoFastAR network; refinement finishes its poses) or
+        ``map-only`` (no network: random poses until refinement starts, then global
+        search against the running map, a streaming ab initio).
+    refine: bool
+        Refine poses against the running map (docs/refinement.md).
+    refine_after: int
+        Refinement starts with the first map holding at least this many particles.
+    repose_per_pass: int
+        Particles already in the map re-posed after each refined pass (0: none).
+    refine_box: int
+        Working box (px) of refinement (particles and maps Fourier-cropped to it).
+    probe_every: int
+        Every this many refined passes, compare the network's poses with a global search.
     """
 
     watch: Path
@@ -80,6 +94,12 @@ class DaemonSettings:
     queue_size: int = 4
     read_chunk: int = 512
     candidates: int = 64
+    poses_from: str = "network"
+    refine: bool = True
+    refine_after: int = 1000
+    repose_per_pass: int = 128
+    refine_box: int = 64
+    probe_every: int = 8
 
     def validate(self) -> None:
         """Raise ValueError (one line, naming the option) on impossible settings."""
@@ -99,5 +119,18 @@ class DaemonSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.interpolation not in ("nearest", "trilinear"):
             raise ValueError(f"--interpolation must be nearest or trilinear, got {self.interpolation!r}")
+        if self.poses_from not in ("network", "map-only"):
+            raise ValueError(f"--poses-from must be network or map-only, got {self.poses_from!r}")
+        if self.poses_from == "map-only" and not self.refine:
+            raise ValueError("--poses-from map-only needs refinement (it is the only source of poses): "
+                             "drop --no-refine")
+        if self.refine_after < 2:
+            raise ValueError(f"--refine-after must be at least 2 particles, got {self.refine_after}")
+        if self.repose_per_pass < 0:
+            raise ValueError(f"--repose-per-pass must be >= 0, got {self.repose_per_pass}")
+        if not 16 <= self.refine_box <= 512:
+            raise ValueError(f"--refine-box must be 16..512 px, got {self.refine_box}")
+        if self.probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"--metrics-port must be 0..65535, got {self.metrics_port}")

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
-from cryofastar.recon.euler import matrix_to_euler
+from cryofastar.recon.euler import euler_to_matrix, matrix_to_euler
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.io import write_fsc_table, write_volume
 from cryofastar.recon.io.atomic import atomic_path
@@ -39,10 +39,14 @@ from cryofastar.recon.io.star import write_particles
 from .ingest import SessionGeometry
 from .journal import IngestJournal
 
-__all__ = ["CHECKPOINT_NAME", "CONFIDENCE_COLUMN", "PoseTable", "SessionState"]
+__all__ = ["CHECKPOINT_NAME", "CONFIDENCE_COLUMN", "SCORE_COLUMN", "SPREAD_COLUMN", "PoseTable", "SessionState"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIDENCE_COLUMN = "rlnCryofastarConfidence"
+SCORE_COLUMN = "rlnCryofastarRefineScore"
+"""Projection-matching score (normalised cross-correlation) of a refined particle; NaN if not refined."""
+SPREAD_COLUMN = "rlnCryofastarAngularSpread"
+"""Posterior angular spread (degrees) of a refined particle's orientation; NaN if not refined."""
 _STATE_VERSION = 1
 _CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift")
 
@@ -59,13 +63,18 @@ class PoseTable:
         self._stack_ids: dict[str, int] = {}
         self._parts: dict[str, list[np.ndarray]] = {k: [] for k in self._COLUMNS}
 
-    _COLUMNS = ("stack_id", "index", "angles", "origins", "confidence", "half_set", "ctf")
+    _COLUMNS = ("stack_id", "index", "angles", "origins", "confidence", "half_set", "ctf", "ctf_optics", "score",
+                "spread", "refined")
+    # columns added after the first checkpoints: their value for particles of an older checkpoint
+    _DEFAULTS = {"ctf_optics": (3, np.nan, np.float64), "score": (0, np.nan, np.float64),
+                 "spread": (0, np.nan, np.float64), "refined": (0, 0, np.int32)}
 
     def __len__(self) -> int:
         return int(sum(len(a) for a in self._parts["index"]))
 
     def append(self, stacks: np.ndarray, indices: np.ndarray, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
-               confidence: torch.Tensor, half_sets: torch.Tensor, ctf: CtfParams | None) -> None:
+               confidence: torch.Tensor, half_sets: torch.Tensor, ctf: CtfParams | None,
+               score: torch.Tensor | None = None, spread: torch.Tensor | None = None, refined: int = 0) -> None:
         """Add a batch of `n` particles.
 
         Parameters
@@ -80,6 +89,10 @@ class PoseTable:
             `(n,)` network confidence and half set (1/2).
         ctf: CtfParams | None
             Their CTF, if known (defocus columns are written only if every particle has one).
+        score, spread: torch.Tensor | None
+            `(n,)` projection-matching score and angular spread (degrees), if refined.
+        refined: int
+            Version of the map they were matched against (0: not refined).
         """
         ids = np.empty(len(indices), dtype=np.int32)
         for stack in np.unique(stacks):  # one dictionary lookup per stack
@@ -100,12 +113,50 @@ class PoseTable:
             values = torch.stack([ctf.defocus_u_angstrom, ctf.defocus_v_angstrom, ctf.defocus_angle_degrees,
                                   ctf.phase_shift_degrees], -1).double().numpy()
         self._parts["ctf"].append(values)
+        self._parts["ctf_optics"].append(np.full((len(indices), 3), np.nan) if ctf is None else torch.stack(
+            [ctf.voltage_kv, ctf.spherical_aberration_mm, ctf.amplitude_contrast], -1).double().numpy())
+        n = len(indices)
+        self._parts["score"].append(np.full(n, np.nan) if score is None else score.double().numpy())
+        self._parts["spread"].append(np.full(n, np.nan) if spread is None else spread.double().numpy())
+        self._parts["refined"].append(np.full(n, refined, dtype=np.int32))
+
+    def update(self, rows: np.ndarray, rotations: torch.Tensor, origins_angstrom: torch.Tensor, score: torch.Tensor,
+               spread: torch.Tensor, refined: int | np.ndarray) -> None:
+        """Replace the pose of particles ``rows`` (re-posed; shapes as in :meth:`append`)."""
+        rot, tilt, psi = matrix_to_euler(rotations.double())
+        self.column("angles")[rows] = torch.stack([rot, tilt, psi], -1).numpy()
+        self.column("origins")[rows] = origins_angstrom.double().numpy()
+        self.column("score")[rows] = score.double().numpy()
+        self.column("spread")[rows] = spread.double().numpy()
+        self.column("refined")[rows] = refined
+
+    def rotations(self, rows: np.ndarray) -> torch.Tensor:
+        """`(k, 3, 3)` float64 RELION matrices of particles ``rows``."""
+        angles = torch.from_numpy(self.column("angles")[rows])
+        return euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+
+    def ctf(self, rows: np.ndarray) -> CtfParams | None:
+        """CTF of particles ``rows`` as inserted (``None`` if they had none).
+
+        Raises ValueError if some have one and others not, or its optics were not kept
+        (particles of a checkpoint written before they were).
+        """
+        defocus, optics = self.column("ctf")[rows], self.column("ctf_optics")[rows]
+        known = np.isfinite(defocus[:, 0])
+        if not known.any():
+            return None
+        if not known.all() or not np.isfinite(optics).all():
+            raise ValueError("the CTF these particles were inserted with is not fully known")
+        return CtfParams.from_arrays(defocus_u_angstrom=defocus[:, 0], defocus_v_angstrom=defocus[:, 1],
+                                     defocus_angle_degrees=defocus[:, 2], phase_shift_degrees=defocus[:, 3],
+                                     voltage_kv=optics[:, 0], spherical_aberration_mm=optics[:, 1],
+                                     amplitude_contrast=optics[:, 2])
 
     def column(self, name: str) -> np.ndarray:
         """One column over all particles (``stack_id``, ``index``, ``angles`` (n, 3), ...)."""
         parts = self._parts[name]
         if not parts:
-            widths = {"angles": (0, 3), "origins": (0, 2), "ctf": (0, 4)}
+            widths = {"angles": (0, 3), "origins": (0, 2), "ctf": (0, 4), "ctf_optics": (0, 3)}
             return np.zeros(widths.get(name, (0,)))
         joined = np.concatenate(parts)
         self._parts[name] = [joined]
@@ -122,8 +173,13 @@ class PoseTable:
         table = cls()
         table.stack_names = list(state["stack_names"])  # type: ignore[arg-type]
         table._stack_ids = {s: i for i, s in enumerate(table.stack_names)}
+        n = len(state["index"])  # type: ignore[arg-type]
         for k in cls._COLUMNS:
-            table._parts[k] = [state[k].numpy()]  # type: ignore[union-attr]
+            if k in state:
+                table._parts[k] = [state[k].numpy()]  # type: ignore[union-attr]
+            else:  # a checkpoint written before this column existed
+                width, fill, dtype = cls._DEFAULTS[k]
+                table._parts[k] = [np.full((n, width) if width else n, fill, dtype=dtype)]
         return table
 
     def to_star(self, out: Path, geometry: SessionGeometry, optics: dict[str, float]) -> tuple[pd.DataFrame,
@@ -140,6 +196,8 @@ class PoseTable:
             "rlnOpticsGroup": np.ones(len(indices), dtype=np.int64),
             "rlnRandomSubset": self.column("half_set").astype(np.int64),
             CONFIDENCE_COLUMN: self.column("confidence"),
+            SCORE_COLUMN: self.column("score"),
+            SPREAD_COLUMN: self.column("spread"),
         }
         ctf = self.column("ctf")
         if len(ctf) and np.isfinite(ctf).all():
@@ -225,11 +283,12 @@ class SessionState:
                    dict(state["optics"]), [tuple(row) for row in state["fsc_history"]], dict(state["counters"]))
 
     # ------------------------------------------------------------------ outputs
-    def write_maps(self, out: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Write the maps, the FSC curve and a history row; return `(map, fsc, resolution Å)`.
+    def write_maps(self, out: Path) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+        """Write the maps, the FSC curve and a history row; return `(map, fsc, resolution Å, half maps)`.
 
         ``map`` is `(B, B, B)` [z, y, x]; ``fsc`` `(B // 2 + 1,)` per shell; the
-        resolution is the half-map FSC = 0.143 crossing (``inf`` while undefined).
+        resolution is the half-map FSC = 0.143 crossing (``inf`` while undefined); the
+        half maps are `(2, B, B, B)`.
         """
         assert self.accumulator is not None and self.geometry is not None
         acc, apix = self.accumulator, self.geometry.apix
@@ -247,7 +306,7 @@ class SessionState:
             lines = ["unix_time\tparticles\tresolution_angstrom"]
             lines += [f"{t:.3f}\t{n}\t{r:.4f}" for t, n, r in self.fsc_history]
             tmp.write_text("\n".join(lines) + "\n")
-        return volume, curve, float(resolution)
+        return volume, curve, float(resolution), halves
 
     def write_particles(self, out: Path) -> None:
         """Write ``particles.star`` (RELION 3.1) with every accumulated particle's pose."""

@@ -152,7 +152,8 @@ class RefinementReference:
         Parameters
         ----------
         images: torch.Tensor
-            `(n, B, B)` particles at the maps' box and pixel size.
+            `(n, B, B)` particles at the maps' box and pixel size, or `(n, W, W)` already at
+            the working box (:func:`to_working_box`).
         half_sets: torch.Tensor
             `(n,)` 1 or 2.
         rotations: torch.Tensor | None
@@ -175,8 +176,9 @@ class RefinementReference:
         if mode not in ("local", "global", "best"):
             raise ValueError(f"mode must be 'local', 'global' or 'best', got {mode!r}")
         n = images.shape[0]
-        if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
-            raise ValueError(f"images must be (n, {self.box}, {self.box}), got {tuple(images.shape)}")
+        if images.ndim != 3 or images.shape[1:] not in ((self.box, self.box), (self.work, self.work)):
+            raise ValueError(f"images must be (n, {self.box}, {self.box}) or at the working box {self.work}, got "
+                             f"{tuple(images.shape)}")
         if mode != "global" and (rotations is None or rotations.shape != (n, 3, 3)):
             raise ValueError(f"mode {mode!r} needs rotations (n, 3, 3)")
         small = to_working_box(images, self.work).to(self.device)

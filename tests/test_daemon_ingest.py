@@ -142,7 +142,8 @@ def test_session_state_checkpoint_round_trip_and_particles_star(tmp_path):
     out.mkdir()
     state.save(out / "checkpoint.pt")
     state.write_particles(out)
-    volume, curve, resolution = state.write_maps(out)
+    volume, curve, resolution, halves = state.write_maps(out)
+    assert halves.shape == (2, 16, 16, 16)
     loaded = SessionState.load(out / "checkpoint.pt")
     assert loaded.n_particles == 6 and len(loaded.journal) == 6 and len(loaded.poses) == 6
     assert torch.equal(loaded.accumulator.grids, state.accumulator.grids)

@@ -179,19 +179,28 @@ def reconstruct(
     reference: Annotated[Path | None, typer.Option(help="Known map (MRC, same box): also report the FSC-0.5 resolution against it (after no alignment).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the choice of reference candidates.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    poses_from: Annotated[str, typer.Option(help="network: the CryoFastAR network's poses start refinement; map-only: random starting poses, global search against the map (no network).")] = "network",
+    refine: Annotated[bool, typer.Option("--refine/--no-refine", help="Refine poses by projection matching against the half maps (docs/refinement.md); --no-refine keeps the network's poses.")] = True,
+    refine_rounds: Annotated[int, typer.Option(help="Rounds of refinement, each followed by a fresh back-projection.")] = 4,
+    refine_box: Annotated[int, typer.Option(help="Working box in px for refinement (particles and maps Fourier-cropped to it).")] = 64,
 ) -> None:
-    """Ab initio: predict every particle's pose with the network, then back-project the map."""
+    """Ab initio: poses from the network (or the map alone), refined against the map, then the map."""
     from cryofastar.commands import reconstruct as command
 
     try:
         result = command.main(particles, outdir, device, views, weights, apix, use_ctf, reference=reference,
-                              progress=progress, seed=seed)
+                              progress=progress, seed=seed, poses_from=poses_from, refine=refine,
+                              refine_rounds=refine_rounds, refine_box=refine_box)
     except (ParticleFileError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"{result.n_particles} particles posed in {result.pose_seconds:.1f} s, inserted in "
                f"{result.insert_seconds:.1f} s ({result.total_seconds:.1f} s in all); half-map FSC 0.143 "
                f"resolution {result.resolution_angstrom:.2f} Å; anchor disagreement "
                f"{result.anchor_disagreement_degrees:.1f}°, {result.mirrored_passes} passes mirrored")
+    if result.refine_modes:
+        won = "" if result.network_won_fraction is None else \
+            f"; the network's poses were the better start for {100 * result.network_won_fraction:.0f}% of particles"
+        typer.echo(f"refined in {result.refine_seconds:.1f} s ({', '.join(result.refine_modes)}){won}")
     if result.reference_resolution_angstrom is not None:
         typer.echo(f"FSC 0.5 resolution against {reference}: {result.reference_resolution_angstrom:.2f} Å "
                    "(frames not aligned: ab initio maps are in the reference particle's frame)")
@@ -218,6 +227,11 @@ def watch(
     interpolation: Annotated[str, typer.Option(help="Fourier insertion: nearest (fast) or trilinear.")] = "nearest",
     weights: Annotated[Path | None, typer.Option(help="Network weights (safetensors); default: the shipped weights.")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="Exit (cleanly) after this many seconds without new particles; default: run until SIGINT/SIGTERM.")] = None,
+    poses_from: Annotated[str, typer.Option(help="network: the CryoFastAR network gives poses, refinement finishes them; map-only: no network, a streaming ab initio by global search against the running map (docs/refinement.md).")] = "network",
+    refine: Annotated[bool, typer.Option("--refine/--no-refine", help="Refine poses against the running map once it holds --refine-after particles, and re-pose older particles as it improves.")] = True,
+    refine_after: Annotated[int, typer.Option(help="Particles the map must hold before refinement starts.")] = 1000,
+    repose_per_pass: Annotated[int, typer.Option(help="Particles already in the map re-posed after each refined pass (bounded work; 0: none).")] = 128,
+    refine_box: Annotated[int, typer.Option(help="Working box in px for refinement (particles and maps Fourier-cropped to it).")] = 64,
 ) -> None:
     """Watch DIRECTORY and keep a live map (also: cryofastar-stream --watch DIRECTORY)."""
     from cryofastar.commands import watch as command
@@ -229,7 +243,8 @@ def watch(
         metrics_port=None if metrics_port < 0 else metrics_port, metrics_host=metrics_host, device=device,
         batch=batch, apix=apix, poll_seconds=poll, settle_seconds=settle, flush_seconds=flush,
         publish_seconds=publish_every, publish_particles=publish_particles, checkpoint_seconds=checkpoint_every,
-        interpolation=interpolation, weights=weights)
+        interpolation=interpolation, weights=weights, poses_from=poses_from, refine=refine,
+        refine_after=refine_after, repose_per_pass=repose_per_pass, refine_box=refine_box)
     try:
         command.main(settings, idle_exit=idle_exit, echo=typer.echo)
     except (ParticleFileError, ValueError, PublisherError, OSError) as exc:

@@ -1,0 +1,101 @@
+"""The daemon's refinement policy (daemon.refiner) and the pose table it updates (daemon.state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryofastar.daemon.refiner import StreamingRefiner, read_stack_rows
+from cryofastar.daemon.settings import DaemonSettings
+from cryofastar.daemon.state import PoseTable
+from cryofastar.model.rotations import geodesic_degrees
+from cryofastar.recon import CtfParams
+from cryofastar.recon.io import ParticleFileError, write_stack
+from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, random_rotations
+from cryofastar.recon.simulate.particles import simulate_particles
+
+
+def _settings(tmp_path: Path, **kw) -> DaemonSettings:
+    return DaemonSettings(watch=tmp_path, out=tmp_path / "out", **kw)
+
+
+def _table(n: int, ctf: bool = True) -> PoseTable:
+    table = PoseTable()
+    params = None
+    if ctf:
+        params = CtfParams.from_arrays(defocus_u_angstrom=torch.linspace(1e4, 2e4, n), defocus_v_angstrom=1.1e4,
+                                       defocus_angle_degrees=10.0, voltage_kv=300.0, spherical_aberration_mm=2.7,
+                                       amplitude_contrast=0.07, phase_shift_degrees=0.0)
+    table.append(np.array(["/a.mrcs"] * n), np.arange(1, n + 1), random_rotations(n, torch.Generator().manual_seed(0)),
+                 torch.zeros(n, 2, dtype=torch.float64), torch.ones(n), 1 + torch.arange(n) % 2, params)
+    return table
+
+
+def test_pose_table_updates_poses_and_returns_what_was_inserted():
+    table = _table(6)
+    rows = np.array([1, 4])
+    new = random_rotations(2, torch.Generator().manual_seed(1))
+    table.update(rows, new, torch.ones(2, 2, dtype=torch.float64), torch.tensor([0.3, 0.4]), torch.tensor([2.0, 3.0]),
+                 5)
+    assert float(geodesic_degrees(table.rotations(rows), new).max()) < 1e-4
+    assert table.column("refined").tolist() == [0, 5, 0, 0, 5, 0]
+    assert np.isnan(table.column("score")[0]) and table.column("score")[4] == pytest.approx(0.4)
+    ctf = table.ctf(rows)
+    assert ctf.defocus_u_angstrom.tolist() == pytest.approx([12000.0, 18000.0])
+    assert ctf.voltage_kv.tolist() == [300.0, 300.0] and ctf.amplitude_contrast.tolist() == pytest.approx([0.07] * 2)
+    assert _table(3, ctf=False).ctf(np.array([0, 2])) is None
+
+
+def test_pose_table_from_an_older_checkpoint_gets_defaults_and_refuses_unknown_ctf():
+    state = _table(4).state_dict()
+    for column in ("ctf_optics", "score", "spread", "refined"):  # written before these columns existed
+        del state[column]
+    table = PoseTable.from_state_dict(state)
+    assert table.column("refined").tolist() == [0, 0, 0, 0] and np.isnan(table.column("spread")).all()
+    with pytest.raises(ValueError, match="not fully known"):
+        table.ctf(np.array([0, 1]))
+
+
+def test_stale_particles_are_picked_never_refined_first_then_oldest_map_least_sure(tmp_path):
+    refiner = StreamingRefiner(_settings(tmp_path, repose_per_pass=4), torch.device("cpu"))
+    refiner.version = 3
+    refined = np.array([3, 0, 1, 0, 2, 1, 3])
+    spread = np.array([1.0, np.nan, 5.0, np.nan, 1.0, 9.0, 1.0])
+    assert refiner.pick_stale(refined, spread).tolist() == [1, 3, 5, 2]
+    assert len(StreamingRefiner(_settings(tmp_path, repose_per_pass=0), torch.device("cpu"))
+               .pick_stale(refined, spread)) == 0
+
+
+def test_refinement_starts_with_enough_particles_and_probes_the_network(tmp_path):
+    box, apix = 32, 4.0
+    volume = atoms_to_volume(procedural_molecule(1_000_000_005), box, apix)
+    refiner = StreamingRefiner(_settings(tmp_path, refine_after=100, refine_box=32, probe_every=2), torch.device("cpu"))
+    halves = torch.stack([volume, volume])
+    refiner.update_reference(halves, apix, 10.0, n_particles=50)
+    assert not refiner.active  # too few particles
+    refiner.update_reference(halves, apix, 10.0, n_particles=100)
+    assert refiner.active and refiner.version == 1 and refiner.network_informative is None
+    sim = simulate_particles(volume, 16, apix, 2.0, torch.Generator().manual_seed(2), max_shift_px=1.0)
+    half_sets = 1 + torch.arange(16) % 2
+    random_poses = random_rotations(16, torch.Generator().manual_seed(3))
+    first = refiner.refine(sim.images, half_sets, random_poses, torch.zeros(16, 2))
+    assert first.mode == "best" and refiner.network_informative is False  # random "network" poses lose
+    assert float(geodesic_degrees(first.rotations, sim.rotations).median()) < 6.0
+    assert refiner.refine(sim.images, half_sets, random_poses, torch.zeros(16, 2)).mode == "global"
+    good = refiner.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom)  # a probe again
+    assert good.mode == "best"
+    # probes won 0 % then 100 %: on average at least half, so the network counts as informative
+    assert refiner.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom).mode == "local"
+
+
+def test_images_are_read_again_per_stack(tmp_path):
+    images = torch.randn(5, 8, 8)
+    write_stack(tmp_path / "a.mrcs", images, 1.0)
+    write_stack(tmp_path / "b.mrcs", -images, 1.0)
+    names = [str(tmp_path / "a.mrcs"), str(tmp_path / "b.mrcs")]
+    got = read_stack_rows(names, np.array([1, 0, 1]), np.array([2, 5, 1]))
+    assert torch.equal(got, torch.stack([-images[1], images[4], -images[0]]))
+    with pytest.raises(ParticleFileError):
+        read_stack_rows(names, np.array([0]), np.array([9]))
