@@ -59,6 +59,13 @@ def test_reconstruct_writes_poses_and_maps_that_evaluate_reads(session: Path, tm
     assert 0 <= figures["predicted"]["geodesic_median_degrees"] <= 180
     assert figures["chance"]["geodesic_median_degrees"] > 90  # chance level, measured the same way
     assert "random poses" in report.stdout
+    # refinement (the default) kept the network's own poses beside the refined ones; evaluate reports both
+    assert "refined in" in result.stdout
+    for column in ("rlnCryofastarNetworkAngleRot", "rlnCryofastarNetworkOriginYAngst", "rlnCryofastarRefineScore",
+                   "rlnCryofastarAngularSpread"):
+        assert column in particles.columns
+    assert "network (before refinement)" in report.stdout
+    assert figures["network"]["n_particles"] == 400
 
 
 @pytest.mark.slow

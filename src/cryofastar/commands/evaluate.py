@@ -24,8 +24,11 @@ import pandas as pd
 import torch
 
 from cryofastar.model.evaluation import PoseErrors, chance_level, pose_errors
+from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.io import ParticleTable, read_particles
 from cryofastar.recon.io.atomic import atomic_path
+
+from .reconstruct import NETWORK_COLUMNS
 
 CONFIDENCE_COLUMN = "rlnCryofastarConfidence"
 # Offset of the chance-level generator's seed: `simulate --seed S` draws its true poses from a
@@ -44,6 +47,7 @@ class EvaluateResult:
     chance: PoseErrors
     has_confidence: bool = False
     confidence_spearman: float | None = None
+    network: PoseErrors | None = None
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready figures."""
@@ -52,6 +56,7 @@ class EvaluateResult:
             "only_in_pred": self.only_in_pred,
             "only_in_truth": self.only_in_truth,
             "predicted": self.predicted.summary(),
+            "network": None if self.network is None else self.network.summary(),
             "chance": self.chance.summary(),
             "confidence_spearman": self.confidence_spearman,
         }
@@ -95,6 +100,13 @@ def main(pred: Path, truth: Path, json_out: Path | None = None, apix: float | No
         pred_shift = pred_table.origins_angstrom()[pred_rows] / pred_table.apix
         true_shift = true_table.origins_angstrom()[true_rows] / true_table.apix
     predicted = pose_errors(pred_rot, true_rot, pred_shift, true_shift)
+    network = None
+    if set(NETWORK_COLUMNS) <= set(pred_table.particles.columns):  # reconstruct --refine kept the network's poses
+        values = pred_table.particles[list(NETWORK_COLUMNS)].to_numpy(np.float64)[pred_rows]
+        angles = torch.from_numpy(values[:, :3])
+        net_rot = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+        net_shift = None if true_shift is None else torch.from_numpy(values[:, 3:]) / pred_table.apix
+        network = pose_errors(net_rot, true_rot, net_shift, true_shift)
     chance = chance_level(true_rot, torch.Generator().manual_seed(_CHANCE_SEED_OFFSET + seed), pred_shift, true_shift)
     spearman = None
     has_confidence = CONFIDENCE_COLUMN in pred_table.particles.columns
@@ -102,7 +114,7 @@ def main(pred: Path, truth: Path, json_out: Path | None = None, apix: float | No
         confidence = pd.to_numeric(pred_table.particles[CONFIDENCE_COLUMN], errors="coerce").to_numpy(np.float64)
         spearman = _spearman(confidence[pred_rows], predicted.geodesic_degrees.numpy())
     result = EvaluateResult(len(common), len(pred_keys) - len(common), len(true_keys) - len(common),
-                            predicted, chance, has_confidence, spearman)
+                            predicted, chance, has_confidence, spearman, network)
     if json_out is not None:
         with atomic_path(json_out) as tmp:
             tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -114,26 +126,33 @@ def _fmt(value: float | None, digits: int) -> str:
 
 
 def format_table(result: EvaluateResult) -> str:
-    """The figures as an aligned text table: metric | predicted | random poses (chance)."""
-    p, c = result.predicted, result.chance
+    """The figures as an aligned text table: metric | predicted | [network before refinement |] random poses."""
+    sets = [result.predicted, *([result.network] if result.network is not None else []), result.chance]
 
     def hand(errors: PoseErrors) -> str:
         return "mirrored" if errors.alignment.mirrored else "original"
 
+    def row(label: str, value) -> tuple[str, ...]:  # noqa: ANN001 - a function of PoseErrors
+        return (label, *(value(e) for e in sets))
+
+    header = ("metric", "predicted", *(["network (before refinement)"] if result.network is not None else []),
+              "random poses (chance)")
     rows = [
-        ("metric", "predicted", "random poses (chance)"),
-        ("particles", str(len(p)), str(len(c))),
-        ("handedness", hand(p), hand(c)),
-        ("mean ‖ΔR‖_F", _fmt(p.frobenius_mean, 4), _fmt(c.frobenius_mean, 4)),
-        ("median ‖ΔR‖_F", _fmt(p.frobenius_median, 4), _fmt(c.frobenius_median, 4)),
-        ("median geodesic (°)", _fmt(p.geodesic_median_degrees, 2), _fmt(c.geodesic_median_degrees, 2)),
-        ("mean geodesic (°)", _fmt(p.geodesic_mean_degrees, 2), _fmt(c.geodesic_mean_degrees, 2)),
-        ("median translation (px)", _fmt(p.translation_median_px, 2), _fmt(c.translation_median_px, 2)),
-        ("mean translation (px)", _fmt(p.translation_mean_px, 2), _fmt(c.translation_mean_px, 2)),
+        header,
+        row("particles", lambda e: str(len(e))),
+        row("handedness", hand),
+        row("mean ‖ΔR‖_F", lambda e: _fmt(e.frobenius_mean, 4)),
+        row("median ‖ΔR‖_F", lambda e: _fmt(e.frobenius_median, 4)),
+        row("median geodesic (°)", lambda e: _fmt(e.geodesic_median_degrees, 2)),
+        row("mean geodesic (°)", lambda e: _fmt(e.geodesic_mean_degrees, 2)),
+        row("median translation (px)", lambda e: _fmt(e.translation_median_px, 2)),
+        row("mean translation (px)", lambda e: _fmt(e.translation_mean_px, 2)),
     ]
     if result.has_confidence:
-        rows.append(("confidence vs geodesic (Spearman)", _fmt(result.confidence_spearman, 3), "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
+        rows.append(("confidence vs geodesic (Spearman)", _fmt(result.confidence_spearman, 3),
+                     *["-"] * (len(header) - 2)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join([f"{r[0]:<{widths[0]}}", *(f"{v:>{w}}" for v, w in zip(r[1:], widths[1:], strict=True))])
+             for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

@@ -1,16 +1,26 @@
-"""Ab initio reconstruction of a RELION particle set: network poses, then back-projection.
+"""Ab initio reconstruction of a RELION particle set: network poses, refinement, back-projection.
 
 Example usage::
 
     cryofastar-stream reconstruct session/particles.star -o recon/
+    cryofastar-stream reconstruct session/particles.star -o recon/ --no-refine           # network only
+    cryofastar-stream reconstruct session/particles.star -o recon/ --poses-from map-only  # no network
 
-Steps: choose the session reference among up to 64 candidates by confidence; pose
-every particle in the reference's frame, ``--views`` images per forward pass
-(:class:`cryofastar.model.session_frame.SessionFrame`); insert every particle with its
-pose into two half-set Fourier volumes at the input's own box and pixel size (CTF-aware
-when the STAR file has CTF columns); write ``particles.star`` (the input rows with the
-predicted rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst and rlnCryofastarConfidence),
-``volume.mrc``, ``volume_half1.mrc``, ``volume_half2.mrc`` and ``volume_fsc.tsv``.
+Steps (``--poses-from network``): choose the session reference among up to 64
+candidates by confidence; pose every particle in the reference's frame, ``--views``
+images per forward pass (:class:`cryofastar.model.session_frame.SessionFrame`); insert
+every particle with its pose into two half-set Fourier volumes at the input's own box
+and pixel size (CTF-aware when the STAR file has CTF columns). With ``map-only`` the
+starting poses are random instead. Then (``--refine``, the default) ``--refine-rounds``
+rounds of projection matching against the half maps (docs/refinement.md), each
+followed by a fresh back-projection: the first round with the network compares its
+poses with a global search per particle (``best``); if the network's neighbourhood
+won for fewer than half of the particles, or without a network, the following rounds
+search globally and only the last is local. Writes ``particles.star`` (the input rows
+with the final rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, rlnCryofastarConfidence, the
+network's own poses in ``rlnCryofastarNetwork*`` columns and the refinement's score and
+angular spread), ``volume.mrc``, ``volume_half1.mrc``, ``volume_half2.mrc`` and
+``volume_fsc.tsv``.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import torch
 
 from cryofastar.model.preprocess import model_pixel_size, to_model_box
 from cryofastar.model.reference import select_reference
+from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.weights import load_model
 from cryofastar.recon import HalfSetAccumulator
@@ -35,15 +46,22 @@ from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.io import read_particles, write_fsc_table, write_volume
 from cryofastar.recon.io.star import ParticleTable, write_particles
+from cryofastar.recon.refinement import RefinementReference, RefineSettings, to_working_box
+from cryofastar.recon.simulate import random_rotations
 
 from .backproject import read_finite_images, read_reference_map
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIDENCE_COLUMN", "ReconstructResult", "main"]
+__all__ = ["CONFIDENCE_COLUMN", "NETWORK_COLUMNS", "SCORE_COLUMN", "SPREAD_COLUMN", "ReconstructResult", "main"]
 
 CONFIDENCE_COLUMN = "rlnCryofastarConfidence"
 """Per-particle mean network confidence (> 1, higher is surer), written to particles.star."""
+NETWORK_COLUMNS = ("rlnCryofastarNetworkAngleRot", "rlnCryofastarNetworkAngleTilt", "rlnCryofastarNetworkAnglePsi",
+                   "rlnCryofastarNetworkOriginXAngst", "rlnCryofastarNetworkOriginYAngst")
+"""The network's own pose of each particle (before refinement), in RELION's units."""
+SCORE_COLUMN = "rlnCryofastarRefineScore"
+SPREAD_COLUMN = "rlnCryofastarAngularSpread"
 
 
 @dataclass
@@ -60,6 +78,9 @@ class ReconstructResult:
     mirrored_passes: int
     anchor_disagreement_degrees: float
     outputs: list[Path] = field(default_factory=list)
+    refine_seconds: float = 0.0
+    refine_modes: list[str] = field(default_factory=list)
+    network_won_fraction: float | None = None
 
 
 def _optics_for_output(table: ParticleTable) -> pd.DataFrame:
@@ -81,7 +102,7 @@ def _image_names_from(table: ParticleTable, outdir: Path) -> list[str]:
 
 
 def _particles_for_output(table: ParticleTable, outdir: Path, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
-                          confidence: torch.Tensor) -> pd.DataFrame:
+                          confidence: torch.Tensor, extra: dict[str, np.ndarray]) -> pd.DataFrame:
     merged = set(table.optics.columns) - {"rlnOpticsGroup"} if table.optics is not None else set()
     rows = table.particles.drop(columns=[c for c in table.particles.columns if c in merged])
     rows = rows.drop(columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in rows.columns])
@@ -91,75 +112,70 @@ def _particles_for_output(table: ParticleTable, outdir: Path, rotations: torch.T
     return rows.assign(rlnImageName=_image_names_from(table, outdir),
                        rlnAngleRot=rot.numpy(), rlnAngleTilt=tilt.numpy(), rlnAnglePsi=psi.numpy(),
                        rlnOriginXAngst=origins_angstrom[:, 0].numpy(), rlnOriginYAngst=origins_angstrom[:, 1].numpy(),
-                       **{CONFIDENCE_COLUMN: confidence.double().numpy()})
+                       **{CONFIDENCE_COLUMN: confidence.double().numpy()}, **extra)
 
 
 def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, weights: Path | None = None,
          apix: float | None = None, use_ctf: bool = True, chunk: int = 2048, candidates: int = 64,
-         reference: Path | None = None, progress: bool = False, seed: int = 0) -> ReconstructResult:
+         reference: Path | None = None, progress: bool = False, seed: int = 0, poses_from: str = "network",
+         refine: bool = True, refine_rounds: int = 4, refine_box: int = 64) -> ReconstructResult:
     """Run the offline job (see module docstring) and return its figures."""
     if views < 3:
         raise ValueError(f"--views must be at least 3, got {views}")
+    if poses_from not in ("network", "map-only"):
+        raise ValueError(f"--poses-from must be network or map-only, got {poses_from!r}")
+    if poses_from == "map-only" and not refine:
+        raise ValueError("--poses-from map-only needs refinement (it is the only source of poses): drop --no-refine")
+    if refine and refine_rounds < 1:
+        raise ValueError(f"--refine-rounds must be at least 1, got {refine_rounds}")
+    if not 16 <= refine_box <= 512:
+        raise ValueError(f"--refine-box must be 16..512 px, got {refine_box}")
     start = time.perf_counter()
     dev = resolve_device(device)
     table = read_particles(particles, apix=apix)
     reference_map = read_reference_map(reference, table.box)
-    model = load_model(weights, dev)
-    model_box = model.config.box
-    apix_model = model_pixel_size(table.box, table.apix, model_box)
     n = len(table)
-    generator = torch.Generator().manual_seed(seed)
-    candidate_rows = np.sort(torch.randperm(n, generator=generator)[: min(candidates, n)].numpy())
-    candidate_images = to_model_box(read_finite_images(table, candidate_rows), model_box)
-    best, _ = select_reference(model, candidate_images) if len(candidate_rows) >= 2 else (0, None)
-    reference_row = int(candidate_rows[best])
-    frame = SessionFrame(model, candidate_images[best], views=views, sets_per_pass=4 if dev.type == "cuda" else 1)
-    logger.info("%d particles, box %d px at %.3f Å/px -> model box %d px at %.3f Å/px; reference %s",
-                n, table.box, table.apix, model_box, apix_model, table.particles["rlnImageName"].iloc[reference_row])
-
     ctf = table.ctf() if use_ctf else None
     halves = table.half_sets()
-    acc = HalfSetAccumulator(table.box, table.apix, device=dev)
-    rotations = torch.empty(n, 3, 3, dtype=torch.float64)
-    origins = torch.empty(n, 2, dtype=torch.float64)
-    confidence = torch.empty(n)
-    disagreement, mirrored = [], 0
-    pose_s = insert_s = 0.0
-    bar = _progress_bar(progress, n)
-    others = np.setdiff1d(np.arange(n), [reference_row])
-    try:
-        for first in range(0, len(others), chunk):
-            rows = others[first : first + chunk]
-            images = read_finite_images(table, rows)
-            t0 = time.perf_counter()
-            batch = frame.pose(to_model_box(images, model_box))
-            t1 = time.perf_counter()
-            rotations[rows], confidence[rows] = batch.rotations, batch.confidence
-            origins[rows] = batch.origins_px * apix_model
-            disagreement.append(batch.anchor_disagreement_degrees)
-            mirrored += int(batch.mirrored.sum())
-            acc.add(images, rotations[rows], origins[rows], halves[rows],
-                    None if ctf is None else ctf[torch.as_tensor(rows)])
-            insert_s += time.perf_counter() - t1
-            pose_s += t1 - t0
-            if bar is not None:
-                bar[0].update(bar[1], advance=len(rows))
-        # the reference itself: identity rotation, its shift as the network sees it in a pass of its own
-        ref_rows = np.array([reference_row])
-        ref_images = read_finite_images(table, ref_rows)
-        rotations[reference_row] = torch.eye(3, dtype=torch.float64)
-        ref_pose = frame.pose(to_model_box(ref_images, model_box))
-        origins[reference_row] = ref_pose.origins_px[0] * apix_model
-        confidence[reference_row] = ref_pose.confidence[0]
-        acc.add(ref_images, rotations[ref_rows], origins[ref_rows], halves[ref_rows],
-                None if ctf is None else ctf[torch.as_tensor(ref_rows)])
-    finally:
-        if bar is not None:
-            bar[0].stop()
+    work = min(refine_box, table.box)
+    work_images = torch.empty(n, work, work) if refine else None
+    if poses_from == "network":
+        acc, poses = _network_poses(table, dev, views, weights, chunk, candidates, seed, ctf, halves, work_images,
+                                    progress)
+    else:
+        acc, poses = _random_poses(table, dev, chunk, seed, ctf, halves, work_images)
+    rotations, origins, confidence = poses.rotations, poses.origins, poses.confidence
+    extra: dict[str, np.ndarray] = {}
+    if poses_from == "network":
+        rot, tilt, psi = matrix_to_euler(rotations)
+        extra = dict(zip(NETWORK_COLUMNS, (rot.numpy(), tilt.numpy(), psi.numpy(), origins[:, 0].numpy().copy(),
+                                           origins[:, 1].numpy().copy()), strict=True))
+    refine_s, modes, won = 0.0, [], None
+    if refine:
+        t0 = time.perf_counter()
+        settings = RefineSettings(working_box=work)
+        for round_index in range(refine_rounds):
+            mode = _round_mode(round_index, refine_rounds, poses_from, won)
+            ref = RefinementReference(acc.half_volumes(), table.apix, acc.resolution_angstrom(), settings, dev)
+            start_rotations = rotations.clone()
+            scores, spread = torch.empty(n), torch.empty(n)
+            for first in range(0, n, chunk):  # vectorised within a chunk; chunks bound memory
+                part = slice(first, min(n, first + chunk))
+                match, new_origins = ref.match(work_images[part], halves[part], rotations[part], origins[part], mode)
+                rotations[part], origins[part] = match.rotations, new_origins
+                scores[part], spread[part] = match.scores, match.spread_degrees
+            if mode == "best":
+                moved = geodesic_degrees(rotations, start_rotations)
+                won = float((moved <= 1.5 * settings.local_range_degrees).double().mean())
+            modes.append(mode)
+            acc = _backproject(table, dev, chunk, rotations, origins, halves, ctf)
+            logger.info("refinement round %d (%s): %.2f Å", round_index + 1, mode, acc.resolution_angstrom())
+        extra[SCORE_COLUMN], extra[SPREAD_COLUMN] = scores.double().numpy(), spread.double().numpy()
+        refine_s = time.perf_counter() - t0
 
     outdir.mkdir(parents=True, exist_ok=True)
     star_out = outdir / "particles.star"
-    rows_out = _particles_for_output(table, outdir, rotations, origins, confidence)
+    rows_out = _particles_for_output(table, outdir, rotations, origins, confidence, extra)
     write_particles(star_out, rows_out, _optics_for_output(table))
     half1, half2 = acc.half_volumes()
     volume = acc.volume()
@@ -174,14 +190,120 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
         reference_resolution = resolution_at_threshold(columns["fsc_vs_reference"], table.apix, 0.5)
     write_fsc_table(outdir / "volume_fsc.tsv", columns)
     outputs.append(outdir / "volume_fsc.tsv")
-    all_disagreement = torch.cat(disagreement) if disagreement else torch.empty(0)
-    finite = all_disagreement[torch.isfinite(all_disagreement)]
+    finite = poses.disagreement[torch.isfinite(poses.disagreement)]
     return ReconstructResult(
-        n_particles=n, reference_row=reference_row,
+        n_particles=n, reference_row=poses.reference_row,
         resolution_angstrom=resolution_at_threshold(curve, table.apix, 0.143),
-        reference_resolution_angstrom=reference_resolution, pose_seconds=pose_s, insert_seconds=insert_s,
-        total_seconds=time.perf_counter() - start, mirrored_passes=mirrored,
-        anchor_disagreement_degrees=float(finite.mean()) if len(finite) else float("nan"), outputs=outputs)
+        reference_resolution_angstrom=reference_resolution, pose_seconds=poses.pose_seconds,
+        insert_seconds=poses.insert_seconds, total_seconds=time.perf_counter() - start,
+        mirrored_passes=poses.mirrored,
+        anchor_disagreement_degrees=float(finite.mean()) if len(finite) else float("nan"), outputs=outputs,
+        refine_seconds=refine_s, refine_modes=modes, network_won_fraction=won)
+
+
+def _round_mode(round_index: int, rounds: int, poses_from: str, won: float | None) -> str:
+    """Matching mode of refinement round ``round_index`` (module docstring)."""
+    if poses_from == "network" and round_index == 0:
+        return "best"
+    informative = poses_from == "network" and won is not None and won >= 0.5
+    if informative or (round_index == rounds - 1 and rounds > 1):
+        return "local"
+    return "global"
+
+
+@dataclass
+class _Poses:
+    """Starting poses of every particle and how they were obtained."""
+
+    rotations: torch.Tensor  # (n, 3, 3) float64
+    origins: torch.Tensor  # (n, 2) float64 Å
+    confidence: torch.Tensor  # (n,) network confidence (0: none)
+    reference_row: int = -1
+    pose_seconds: float = 0.0
+    insert_seconds: float = 0.0
+    mirrored: int = 0
+    disagreement: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def _backproject(table: ParticleTable, dev: torch.device, chunk: int, rotations: torch.Tensor, origins: torch.Tensor,
+                 halves: torch.Tensor, ctf) -> HalfSetAccumulator:  # noqa: ANN001 - CtfParams | None
+    """A fresh half-set accumulator with every particle at its pose (images read again, ``chunk`` at a time)."""
+    acc = HalfSetAccumulator(table.box, table.apix, device=dev)
+    for first in range(0, len(table), chunk):
+        rows = np.arange(first, min(len(table), first + chunk))
+        acc.add(read_finite_images(table, rows), rotations[rows], origins[rows], halves[rows],
+                None if ctf is None else ctf[torch.as_tensor(rows)])
+    return acc
+
+
+def _random_poses(table: ParticleTable, dev: torch.device, chunk: int, seed: int, ctf, halves: torch.Tensor,  # noqa: ANN001
+                  work_images: torch.Tensor | None) -> tuple[HalfSetAccumulator, _Poses]:
+    """SO(3)-uniform random rotations and zero shifts (map-only start), inserted; working-box images kept."""
+    n = len(table)
+    rotations = random_rotations(n, torch.Generator().manual_seed(seed))
+    origins = torch.zeros(n, 2, dtype=torch.float64)
+    acc = HalfSetAccumulator(table.box, table.apix, device=dev)
+    t0 = time.perf_counter()
+    for first in range(0, n, chunk):
+        rows = np.arange(first, min(n, first + chunk))
+        images = read_finite_images(table, rows)
+        if work_images is not None:
+            work_images[rows] = to_working_box(images, work_images.shape[-1])
+        acc.add(images, rotations[rows], origins[rows], halves[rows],
+                None if ctf is None else ctf[torch.as_tensor(rows)])
+    return acc, _Poses(rotations, origins, torch.zeros(n), insert_seconds=time.perf_counter() - t0)
+
+
+def _network_poses(table: ParticleTable, dev: torch.device, views: int, weights: Path | None, chunk: int,
+                   candidates: int, seed: int, ctf, halves: torch.Tensor, work_images: torch.Tensor | None,  # noqa: ANN001
+                   progress: bool) -> tuple[HalfSetAccumulator, _Poses]:
+    """Network poses of every particle in the session frame, inserted; working-box images kept."""
+    model = load_model(weights, dev)
+    model_box = model.config.box
+    apix_model = model_pixel_size(table.box, table.apix, model_box)
+    n = len(table)
+    generator = torch.Generator().manual_seed(seed)
+    candidate_rows = np.sort(torch.randperm(n, generator=generator)[: min(candidates, n)].numpy())
+    candidate_images = to_model_box(read_finite_images(table, candidate_rows), model_box)
+    best, _ = select_reference(model, candidate_images) if len(candidate_rows) >= 2 else (0, None)
+    reference_row = int(candidate_rows[best])
+    frame = SessionFrame(model, candidate_images[best], views=views, sets_per_pass=4 if dev.type == "cuda" else 1)
+    logger.info("%d particles, box %d px at %.3f Å/px -> model box %d px at %.3f Å/px; reference %s",
+                n, table.box, table.apix, model_box, apix_model, table.particles["rlnImageName"].iloc[reference_row])
+    acc = HalfSetAccumulator(table.box, table.apix, device=dev)
+    poses = _Poses(torch.empty(n, 3, 3, dtype=torch.float64), torch.empty(n, 2, dtype=torch.float64), torch.empty(n),
+                   reference_row=reference_row)
+    disagreement = []
+    bar = _progress_bar(progress, n)
+    others = np.setdiff1d(np.arange(n), [reference_row])
+    try:
+        # the reference itself last: identity rotation, its shift as the network sees it in a pass of its own
+        for rows in [*(others[first : first + chunk] for first in range(0, len(others), chunk)),
+                     np.array([reference_row])]:
+            images = read_finite_images(table, rows)
+            t0 = time.perf_counter()
+            batch = frame.pose(to_model_box(images, model_box))
+            t1 = time.perf_counter()
+            poses.rotations[rows], poses.confidence[rows] = batch.rotations, batch.confidence
+            poses.origins[rows] = batch.origins_px * apix_model
+            if rows[0] == reference_row and len(rows) == 1:
+                poses.rotations[rows] = torch.eye(3, dtype=torch.float64)
+            else:
+                disagreement.append(batch.anchor_disagreement_degrees)
+                poses.mirrored += int(batch.mirrored.sum())
+            if work_images is not None:
+                work_images[rows] = to_working_box(images, work_images.shape[-1])
+            acc.add(images, poses.rotations[rows], poses.origins[rows], halves[rows],
+                    None if ctf is None else ctf[torch.as_tensor(rows)])
+            poses.insert_seconds += time.perf_counter() - t1
+            poses.pose_seconds += t1 - t0
+            if bar is not None:
+                bar[0].update(bar[1], advance=len(rows))
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    poses.disagreement = torch.cat(disagreement) if disagreement else torch.empty(0)
+    return acc, poses
 
 
 def _progress_bar(enabled: bool, total: int):  # noqa: ANN202 - rich is imported lazily
