@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryofastar.model.preprocess import model_pixel_size, to_model_box
+from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.reference import select_reference
 from cryofastar.model.session_frame import PoseBatch, SessionFrame
 from cryofastar.model.weights import WeightsError, load_model
@@ -135,6 +136,7 @@ class Daemon:
         self._rate_window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         self._started_at = time.time()
         self._last_map = (time.monotonic(), self.state.n_particles)
+        self._edits = self._edits_at_map = 0  # particles inserted or re-posed: the map changed since it was published
         self._last_checkpoint = time.monotonic()
         self._errors: list[str] = []
         self._counts = collections.Counter()  # this run's totals, for status messages
@@ -359,10 +361,13 @@ class Daemon:
     def _accumulator(self) -> None:
         try:
             while True:
-                timeout = self.settings.publish_seconds / 4
+                idle_work = self._idle_work_left()
+                timeout = 0.0 if idle_work else self.settings.publish_seconds / 4
                 try:
-                    item = self.posed.get(timeout=timeout)
+                    item = self.posed.get(timeout=timeout) if timeout else self.posed.get_nowait()
                 except queue.Empty:
+                    if idle_work:
+                        self._repose()  # nothing new waits: go on improving the map
                     self._maybe_publish_and_checkpoint()
                     continue
                 try:
@@ -372,7 +377,7 @@ class Daemon:
                     self._maybe_publish_and_checkpoint()
                 finally:
                     self.posed.task_done()
-            if self.state.n_particles and (self.state.n_particles != self._last_map[1] or not self.state.fsc_history):
+            if self.state.n_particles and (self._edits != self._edits_at_map or not self.state.fsc_history):
                 self._publish_map()
             self._checkpoint()
         finally:
@@ -416,6 +421,8 @@ class Daemon:
             self._publish_poses(chunk, rotations, origins, confidence)
         if posed.frame_state:
             st.frame = posed.frame_state
+        self._edits += len(pass_rotations)
+        self.refiner.note_new_particles()
         if refined is not None:
             self._repose()
         if self._last_map[1] == 0 and not st.fsc_history:
@@ -439,6 +446,13 @@ class Daemon:
         self._count("particles_refined", len(images))
         self.metrics.latency.labels("refine").observe(time.perf_counter() - t0)
         return refined
+
+    def _idle_work_left(self) -> bool:
+        """Whether re-posing while idle is worth doing (docs/refinement.md, "While idle")."""
+        r = self.refiner
+        if not r.active or r.converged or self.settings.repose_per_pass == 0 or not self._reading.is_set():
+            return False
+        return bool((self.state.poses.column("refined") < r.version).any())
 
     def _repose(self) -> None:
         """Re-pose up to ``repose_per_pass`` particles already in the map (docs/refinement.md)."""
@@ -465,6 +479,8 @@ class Daemon:
         st.accumulator.remove(images, old_rotations, old_origins, halves, ctf)
         st.accumulator.add(images, new.rotations, new.origins_angstrom, halves, ctf)
         table.update(rows, new.rotations, new.origins_angstrom, new.scores, new.spread_degrees, new.version)
+        self._edits += len(rows)
+        self.refiner.note_moves(geodesic_degrees(new.rotations, old_rotations), st.n_particles)
         self._count("particles_reposed", len(rows))
         self.metrics.latency.labels("repose").observe(time.perf_counter() - t0)
 
@@ -489,8 +505,10 @@ class Daemon:
         now = time.monotonic()
         last_t, last_n = self._last_map
         first = not st.fsc_history  # the first map goes out with the first pass: something to look at at once
-        if st.n_particles and st.n_particles != last_n and (first or now - last_t >= s.publish_seconds
-                                                              or st.n_particles - last_n >= s.publish_particles):
+        changed = self._edits != self._edits_at_map
+        if st.n_particles and changed and (first or now - last_t >= s.publish_seconds
+                                           or st.n_particles - last_n >= s.publish_particles
+                                           or self.refiner.wants_reference(st.n_particles)):
             self._publish_map()
         if now - self._last_checkpoint >= s.checkpoint_seconds and st.accumulator is not None:
             self._checkpoint()
@@ -507,6 +525,7 @@ class Daemon:
                                              resolution if math.isfinite(resolution) else None,
                                              shells.float().numpy(), curve.float().cpu().numpy()))
         self._last_map = (time.monotonic(), st.n_particles)
+        self._edits_at_map = self._edits
         self.metrics.maps_published.inc()
         self.metrics.set_resolution_angstrom(resolution)
         self.metrics.latency.labels("map").observe(time.perf_counter() - t0)

@@ -19,6 +19,12 @@ Rules (docs/refinement.md):
   spread) first. Their images are read again from their stacks; the old contribution is
   removed from the accumulator and the new one added, so the map equals one built from
   scratch with the new poses (:meth:`~cryofastar.recon.HalfSetAccumulator.remove`).
+- **References.** A map is published (and becomes the reference) as soon as the map
+  reaches ``refine_after`` particles, and again whenever it has grown by a quarter or
+  been edited by re-posing, at most every ``publish_seconds``.
+- **While idle.** When no new particles wait, the daemon keeps re-posing (the map goes on
+  improving between bursts and after the session) until a whole sweep over the map has
+  moved the median particle by less than ``CONVERGED_DEGREES``; new particles resume it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ NEVER = 0
 """``refined`` value of a particle never refined (map versions start at 1)."""
 UNREADABLE = np.iinfo(np.int32).max
 """``refined`` value of a particle whose stack could not be read again (never re-posed)."""
+CONVERGED_DEGREES = 1.0
+"""Idle re-posing stops once a whole sweep moved the median particle by less than this."""
 
 
 @dataclass
@@ -87,7 +95,31 @@ class StreamingRefiner:
         self._passes = 0
         self._probes: collections.deque[float] = collections.deque(maxlen=4)  # network win fraction per probe
         self.search = RefineSettings(working_box=settings.refine_box)
+        self.reference_particles = 0  # particles in the map the reference was made from
+        self._sweep: list[torch.Tensor] = []  # how far re-posed particles moved since new particles came
+        self._swept = 0
+        self.converged = False
 
+    def wants_reference(self, n_particles: int) -> bool:
+        """Whether the map should be published now to become a (first or fresher) reference."""
+        if not self.settings.refine or n_particles < self.settings.refine_after:
+            return False
+        return self.reference is None or n_particles >= 1.25 * self.reference_particles
+
+    def note_new_particles(self) -> None:
+        """New particles arrived: the map changes, idle re-posing is worth doing again."""
+        self._sweep, self._swept, self.converged = [], 0, False
+
+    def note_moves(self, degrees: torch.Tensor, n_particles: int) -> None:
+        """Record how far re-posed particles moved; a whole sweep under CONVERGED_DEGREES: converged."""
+        self._sweep.append(degrees.float())
+        self._swept += len(degrees)
+        if self._swept >= n_particles:
+            moved = float(torch.cat(self._sweep).median())
+            self.converged = moved < CONVERGED_DEGREES
+            logger.info("re-posing sweep over %d particles: median move %.2f°%s", self._swept, moved,
+                        " (converged)" if self.converged else "")
+            self._sweep, self._swept = [], 0
     @property
     def active(self) -> bool:
         """Whether a reference exists (the map reached ``refine_after`` particles)."""
@@ -106,6 +138,7 @@ class StreamingRefiner:
         if not self.settings.refine or n_particles < self.settings.refine_after:
             return
         self.reference = RefinementReference(half_volumes, apix, resolution_angstrom, self.search, self.device)
+        self.reference_particles = n_particles
         self.version += 1
         logger.info("refinement reference v%d: %d particles, %.1f Å (band %.3f cycles/px at %d px)", self.version,
                     n_particles, resolution_angstrom, self.reference.local_band, self.reference.work)

@@ -1,0 +1,179 @@
+"""Pose refinement in the streaming daemon on held-out molecules: network only, refined, map only, true poses.
+
+A benchmark, not a test. For each held-out molecule (procedural seeds >= 1,000,000,000,
+never trained on; model/TRAINING_DATA.md) it simulates ``--n`` particles at ``--box`` px
+and SNR ``--snr`` (RELION 3.1 stacks + true poses), then streams the same stacks through
+the daemon (in-process :class:`~cryofastar.daemon.pipeline.Daemon`, all stacks renamed
+into the watched directory at once) three times:
+
+- **network only**: ``refine=False``, the CryoFastAR network's poses;
+- **refined**: the network's poses refined against the running map, older particles
+  re-posed (docs/refinement.md);
+- **map only**: ``poses_from="map-only"``: no network, random poses until refinement
+  starts, then global search (a streaming ab initio);
+
+and back-projects the **true poses** (the ceiling). Per row: median geodesic error
+(after one global alignment incl. handedness, ``cryofastar-stream evaluate``'s
+figure), FSC-0.5 resolution of the map against the true map (the better of the map and
+its mirror: an ab initio map may come out in either hand), the half-map FSC-0.143
+resolution, wall time from the first stack to all particles in the map, and the time
+per particle of each daemon stage (the daemon's own latency histograms).
+
+    python bench/bench_refine.py                        # 3 molecules, 10,000 particles, box 64, SNR 0.1
+    python bench/bench_refine.py --n 2000 --molecules 1  # a quick run
+    python bench/bench_refine.py --json refine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryofastar.daemon.pipeline import Daemon, DaemonSettings
+from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
+from cryofastar.recon.io import read_particles, read_volume
+from cryofastar.recon.simulate import atoms_to_volume, write_session
+
+from cryofastar.commands import evaluate
+from cryofastar.commands.backproject import read_finite_images
+
+sys.path.insert(0, str(Path(__file__).parent))
+from eval_poses import held_out_molecules  # noqa: E402 - a sibling script
+
+MODES = {"network only": {"refine": False}, "refined": {}, "map only": {"poses_from": "map-only"}}
+
+
+def map_figures(volume: torch.Tensor, truth: torch.Tensor, apix: float) -> float:
+    """FSC-0.5 resolution (Å) of ``volume`` against ``truth``, the better of the two hands."""
+    return min(resolution_at_threshold(fsc(volume, truth), apix, 0.5),
+               resolution_at_threshold(fsc(volume.flip(0), truth), apix, 0.5))
+
+
+def stage_ms_per_particle(daemon: Daemon, n: int) -> dict[str, float]:
+    """Total seconds of each daemon stage (latency histogram sums) per particle, in ms."""
+    out = {}
+    for metric in daemon.metrics.latency.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_sum"):
+                out[sample.labels["stage"]] = 1000.0 * sample.value / max(1, n)
+    return out
+
+
+def stream(stacks: list[Path], n: int, root: Path, args: argparse.Namespace, **options: object) -> dict[str, object]:
+    """Run one daemon over the stacks; returns its figures (wall time, stage costs, outputs)."""
+    watch, out = root / "watch", root / "out"
+    watch.mkdir(parents=True)
+    settings = DaemonSettings(watch=watch, out=out, zmq="tcp://127.0.0.1:0", metrics_port=None, device=args.device,
+                              settle_seconds=0.2, flush_seconds=1.0, **options)
+    daemon = Daemon(settings)
+    daemon.start()
+    t0 = time.monotonic()
+    for stack in stacks:
+        shutil.copy(stack, watch / f".{stack.name}.part")
+        os.replace(watch / f".{stack.name}.part", watch / stack.name)
+    while daemon.state.n_particles < n and not daemon.errors:
+        time.sleep(0.1)
+    wall = time.monotonic() - t0
+    status = daemon.status()
+    daemon.stop()
+    if daemon.errors:
+        raise RuntimeError(daemon.errors[0])
+    return {"wall_s": wall, "stages_ms": stage_ms_per_particle(daemon, n), "out": out, "watch": watch,
+            "refined": status["particles_refined"], "reposed": status["particles_reposed"],
+            "network_informative": status["refinement"]["network_informative"]}
+
+
+def true_pose_map(star: Path, truth_table, apix: float) -> tuple[torch.Tensor, float]:  # noqa: ANN001
+    """Map and half-map FSC-0.143 resolution from the true poses (all particles read at once)."""
+    acc = HalfSetAccumulator(truth_table.box, apix, interpolation="nearest")
+    rows = np.arange(len(truth_table))
+    acc.add(read_finite_images(truth_table, rows), truth_table.rotations(), truth_table.origins_angstrom(),
+            truth_table.half_sets())
+    return acc.volume(), acc.resolution_angstrom()
+
+
+def run_molecule(name: str, atoms, k: int, args: argparse.Namespace, root: Path) -> list[dict]:  # noqa: ANN001
+    apix = 2.0 * atoms.radius_angstrom() / (args.fill * args.box)
+    truth_map = atoms_to_volume(atoms, args.box, apix)
+    session = root / "session"
+    star = write_session(session, truth_map, apix, args.n, args.snr, seed=k + 1, per_stack=args.per_stack)
+    stacks = sorted(session.glob("particles_*.mrcs"))
+    truth = read_particles(star)
+    rows = []
+    for mode, options in MODES.items():
+        figures = stream(stacks, args.n, root / mode.replace(" ", "-"), args, **options)
+        truth_here = figures["watch"] / "truth.star"  # the true poses naming this run's copies of the stacks
+        shutil.copy(star, truth_here)
+        errors = evaluate.main(figures["out"] / "particles.star", truth_here)
+        volume, _ = read_volume(figures["out"] / "volume.mrc")
+        history = (figures["out"] / "fsc_history.tsv").read_text().strip().splitlines()[-1].split("\t")
+        rows.append({"molecule": name, "apix": apix, "poses": mode,
+                     "median_geodesic_degrees": errors.predicted.geodesic_median_degrees,
+                     "chance_geodesic_degrees": errors.chance.geodesic_median_degrees,
+                     "median_shift_px": errors.predicted.translation_median_px,
+                     "fsc05_vs_truth_angstrom": map_figures(volume, truth_map, apix),
+                     "half_map_fsc0143_angstrom": float(history[2]), "wall_s": figures["wall_s"],
+                     "ms_per_particle": figures["stages_ms"], "refined": figures["refined"],
+                     "reposed": figures["reposed"], "network_informative": figures["network_informative"]})
+        print(_line(rows[-1]), flush=True)
+    t0 = time.perf_counter()
+    volume, resolution = true_pose_map(star, truth, apix)
+    rows.append({"molecule": name, "apix": apix, "poses": "true poses", "median_geodesic_degrees": 0.0,
+                 "fsc05_vs_truth_angstrom": map_figures(volume, truth_map, apix),
+                 "half_map_fsc0143_angstrom": resolution, "wall_s": time.perf_counter() - t0, "ms_per_particle": {}})
+    print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def _line(row: dict) -> str:
+    stages = " ".join(f"{k} {v:.2f}" for k, v in sorted(row["ms_per_particle"].items()) if k != "checkpoint")
+    return (f"{row['molecule']:<24}{row['poses']:<14}{row['median_geodesic_degrees']:>9.1f}"
+            f"{row['fsc05_vs_truth_angstrom']:>10.1f}{row['half_map_fsc0143_angstrom']:>9.1f}{row['wall_s']:>8.0f}  "
+            f"{stages}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000, help="particles per molecule")
+    parser.add_argument("--box", type=int, default=64)
+    parser.add_argument("--snr", type=float, default=0.1)
+    parser.add_argument("--molecules", type=int, default=3, help="held-out procedural molecules")
+    parser.add_argument("--fill", type=float, default=0.6, help="molecule diameter / box")
+    parser.add_argument("--per-stack", type=int, default=500)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="keep sessions and outputs here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, device {args.device}; {args.n} particles, box {args.box}, "
+          f"SNR {args.snr}")
+    print(f"{'molecule':<24}{'poses':<14}{'med geo°':>9}{'FSC.5 Å':>10}{'half Å':>9}{'wall s':>8}  "
+          "ms/particle by stage")
+    rows = []
+    for k, (name, atoms) in enumerate(held_out_molecules(args.molecules, 0)):
+        if args.keep is not None:
+            root = args.keep / name
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            rows += run_molecule(name, atoms, k, args, root)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows += run_molecule(name, atoms, k, args, Path(tmp))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+                                        indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
