@@ -108,8 +108,9 @@ def main() -> None:
               f"(true poses {resolution_vs_truth(true_map.volume(), truth, args.apix):.1f} Å), "
               f"half-map FSC0.143 {result.accumulator.resolution_angstrom():.1f} Å", flush=True)
         for h in result.history:
+            change = f", median change {h['median_change_degrees']:.1f}°" if "median_change_degrees" in h else ""
             print(f"    {h['stage']}: band {h['band_angstrom']:.1f} Å, internal half-map FSC0.143 "
-                  f"{h['half_map_fsc_angstrom']:.1f} Å, {h['seconds']:.1f} s", flush=True)
+                  f"{h['half_map_fsc_angstrom']:.1f} Å, {h['seconds']:.1f} s{change}", flush=True)
 
 
 if __name__ == "__main__":

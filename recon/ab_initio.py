@@ -38,7 +38,24 @@ and tightens geometrically to ``final_resolution_angstrom`` as particles are
 processed (``schedule_particles`` poses), never finer than the half-map FSC 0.143
 allows. Until the accumulator holds ``initial_particles``, new particles get random
 orientations (weight 1, shift 0): that noisy first map breaks the symmetry of a
-featureless start.
+featureless start. A minibatch is at most a quarter of the particles already in the
+maps (within ``[batch_size, max_batch_size]``).
+
+**Many cheap EM steps first.** What makes a random start converge at low SNR is the
+number of map updates in which most of the map has been re-posed, not the number of
+particles: a seed set of ~1,000 particles re-posed ~7 times converges at SNR 0.1 where
+all particles at once, hard-assigned, do not. :func:`run_ab_initio` therefore iterates
+on a random seed subset (``seed_particles``, ``seed_passes``) before adding the rest;
+a streaming caller does the same: :meth:`AbInitio.add` the first particles, then
+:meth:`AbInitio.repose` them (passing back what was returned) while more arrive, then
+add the newcomers and keep re-posing the oldest.
+
+Example (streaming)::
+
+    ab = AbInitio(box, apix)
+    poses = ab.add(images, half_sets)            # SoftPoses of the batch
+    poses = ab.repose(images, half_sets, poses)  # later: remove + match + insert
+    best_rotations, best_origins = poses.rotations, poses.origins_angstrom
 
 Conventions: RELION matrices ``A`` (map -> particle frame), ``rlnOrigin`` in Å = the
 shift that re-centres the particle (docs/conventions.md). Maps (and hence poses) are
@@ -60,7 +77,7 @@ from .ctf import CtfParams, ctf_rfft
 from .fourier import irfft3_centered, rfft3_centered
 from .fsc import fsc, resolution_at_threshold
 from .map_slices import MapSlicer, band_frequencies
-from .orientation_grids import global_rotation_grid
+from .orientation_grids import global_rotation_grid, local_rotation_grid
 from .projection_matching import particle_spectra
 from .simulate.particles import random_rotations
 
@@ -97,6 +114,10 @@ class AbInitioSettings:
         Pairs (orientation, shift) passed from the exhaustive to the fine stage.
     top_k: int
         Candidates (orientation, shift) kept per particle for soft insertion.
+    local_polish: bool
+        Also score a ball of rotations around the best candidate (radius half the grid
+        step, spacing a quarter; at the best's shift) on the whole band; the posterior
+        is then over the ``top_k`` best of the grid candidates and the ball.
     min_weight: float
         Candidates whose posterior weight is below this fraction of the best one's are
         dropped (weight 0, not inserted) and the rest renormalised.
@@ -109,6 +130,9 @@ class AbInitioSettings:
     seed_particles, seed_passes: int
         :func:`run_ab_initio` first iterates on a random subset of this size, this many
         passes (a streaming caller does the same with its first particles).
+    settled_change_degrees, max_seed_passes: float, int
+        The seed stage goes on after ``seed_passes`` while the median change of the best
+        orientations in a pass exceeds ``settled_change_degrees``, up to ``max_seed_passes``.
     initial_particles: int
         New particles get random orientations until the accumulator holds this many.
     mask_diameter_fraction: float
@@ -121,7 +145,7 @@ class AbInitioSettings:
 
     initial_resolution_angstrom: float = 35.0
     final_resolution_angstrom: float = 10.0
-    schedule_particles: int = 10_000
+    schedule_particles: int = 6_000
     shared_resolution_angstrom: float = 20.0
     working_box: int | None = None
     global_step_degrees: float = 15.0
@@ -130,12 +154,15 @@ class AbInitioSettings:
     coarse_resolution_angstrom: float = 20.0
     coarse_candidates: int = 48
     top_k: int = 8
+    local_polish: bool = True
     min_weight: float = 0.02
     inverse_temperature: float = 1.0
     batch_size: int = 256
     max_batch_size: int = 2048
     seed_particles: int = 1000
     seed_passes: int = 7
+    settled_change_degrees: float = 10.0
+    max_seed_passes: int = 20
     initial_particles: int = 256
     mask_diameter_fraction: float = 0.9
     positive_density: bool = True
@@ -265,7 +292,10 @@ class AbInitio:
         self.generator = torch.Generator().manual_seed(seed)
         self.poses_done = 0
         self.particles_inside = 0  # particles (not candidates) currently in the accumulator
-        self._references: tuple[float, torch.Tensor, torch.Tensor] | None = None  # (k_max, k, slices (2, C, M))
+        # (k, slices (2, C, M), slicers of both halves), cleared by every insertion
+        self._references: tuple[torch.Tensor, torch.Tensor, list[MapSlicer]] | None = None
+        step = s.global_step_degrees
+        self.ball = local_rotation_grid(step / 2, step / 4)[1:] if s.local_polish else None  # (L, 3, 3), no identity
         self._fsc_resolution = math.inf
 
     # ------------------------------------------------------------------ public API
@@ -325,6 +355,24 @@ class AbInitio:
                              f"{tuple(images.shape)} and {len(poses)}")
         if n:
             self._insert(self._to_working(images), torch.as_tensor(half_sets).long().cpu(), ctf, poses, sign=-1)
+
+    def state_dict(self) -> dict[str, object]:
+        """Everything needed to resume (settings, internal maps, schedule clock, random state)."""
+        return {"version": 1, "box": self.box, "apix": self.apix,
+                "settings": {f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
+                "accumulator": self.accumulator.state_dict(), "poses_done": self.poses_done,
+                "particles_inside": self.particles_inside, "generator": self.generator.get_state()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object], device: torch.device | str = "cpu") -> AbInitio:
+        """Restore an :class:`AbInitio` from :meth:`state_dict` (ValueError if it is not one)."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("not an ab initio state of version 1")
+        out = cls(state["box"], state["apix"], AbInitioSettings(**state["settings"]), device=device)
+        out.accumulator = HalfSetAccumulator.from_state_dict(state["accumulator"], device)
+        out.poses_done, out.particles_inside = int(state["poses_done"]), int(state["particles_inside"])
+        out.generator.set_state(state["generator"])
+        return out
 
     def volume(self) -> torch.Tensor:
         """`(W, W, W)` float32 map of both halves at the working box."""
@@ -403,7 +451,7 @@ class AbInitio:
     def _reference_slices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Band frequencies `(M, 2)` and slices `(2, C, M)` of both halves' references (cached)."""
         if self._references is not None:  # cleared by every insertion
-            return self._references[1], self._references[2]
+            return self._references[0], self._references[1]
         s = self.settings
         halves = self.accumulator.half_volumes()
         resolution = resolution_at_threshold(fsc(halves[0], halves[1]), self.working_apix, 0.143)
@@ -420,8 +468,9 @@ class AbInitio:
         if s.positive_density:
             refs = refs.clamp_min(0)
         k = band_frequencies(w, k_max, self.device)
-        slices = torch.stack([MapSlicer(refs[h], k_max).slices(self.grid, k) for h in (0, 1)])
-        self._references = (k_max, k, slices)
+        slicers = [MapSlicer(refs[h], k_max) for h in (0, 1)]
+        slices = torch.stack([slicer.slices(self.grid, k) for slicer in slicers])
+        self._references = (k, slices, slicers)
         return k, slices
 
     def _match(self, small: torch.Tensor, halves: torch.Tensor, ctf: CtfParams | None) -> SoftPoses:
@@ -472,12 +521,29 @@ class AbInitio:
             scores, best = ncc.topk(s.top_k, dim=-1)
             orientation, shift_index = orientation.gather(1, best), shift_index.gather(1, best)
             m = k.shape[0]
-        scores, orientation, shift_index = scores.cpu(), orientation.cpu(), shift_index.cpu()
+        rot = self.grid.to(self.device)[orientation]  # (n, K, 3, 3)
+        if self.ball is not None:  # local polish around the best: the grid step / 4
+            m = k.shape[0]
+            ball = self.ball.to(self.device)
+            local = rot[:, :1] @ ball[None]  # (n, L, 3, 3)
+            moved = spectra * ramp[shift_index[:, 0]]  # (n, M) at the best's shift
+            ncc = torch.empty(local.shape[:2], device=self.device)
+            for h in (0, 1):
+                members = torch.nonzero(rows_h == h).squeeze(-1)
+                if members.numel():
+                    refs = self._references[2][h].slices(local[members], k)  # (r, L, M)
+                    num = (moved[members, None].real * refs.real + moved[members, None].imag * refs.imag).sum(-1)
+                    power = refs.abs().square() if ctf2 is None else refs.abs().square() * ctf2[members, None, :]
+                    ncc[members] = num / (power.sum(-1).sqrt().clamp_min(1e-20) * plain[members].abs().square()
+                                          .sum(-1).sqrt().clamp_min(1e-20)[:, None])
+            scores, best = torch.cat([scores, ncc], 1).topk(s.top_k, dim=-1)
+            rot = torch.cat([rot, local], 1)[torch.arange(rot.shape[0], device=self.device)[:, None], best]
+            shift_index = torch.cat([shift_index, shift_index[:, :1].expand(-1, ncc.shape[1])], 1).gather(1, best)
+        scores, rot, shift_index = scores.cpu(), rot.cpu(), shift_index.cpu()
         log_p = s.inverse_temperature * m * (scores.clamp_min(0).square() - scores[:, :1].clamp_min(0).square())
         weights = torch.softmax(log_p, dim=-1)
         weights = torch.where(weights >= s.min_weight * weights[:, :1], weights, 0.0)
         weights = weights / weights.sum(-1, keepdim=True)
-        rot = self.grid[orientation]  # (n, K, 3, 3)
         origins = -self.shifts_px[shift_index].double() * self.working_apix  # re-centre: minus the shift
         spread = (weights * _rotation_angles_degrees(rot[:, :1], rot).float().square()).sum(-1).sqrt()
         return SoftPoses(rot[:, 0].clone(), origins[:, 0].clone(), scores[:, 0].clone(), spread,
@@ -531,7 +597,8 @@ class AbInitioResult:
         Wall time of the passes (without the final full-box insertion).
     history: list[dict]
         Per pass: its label, the band and the internal half-map FSC 0.143 resolution (Å),
-        seconds since the start.
+        seconds since the start (seed passes: also the median change of the best
+        orientations, degrees).
     """
 
     poses: SoftPoses
@@ -548,8 +615,10 @@ def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, pa
     """Offline map-only ab initio over a particle set held in memory.
 
     *Seed:* a random subset of ``settings.seed_particles`` is added, then re-posed
-    ``settings.seed_passes - 1`` times (a few hundred particles suffice for a low
-    resolution map, and each pass over few particles is one cheap EM step). *Passes:*
+    at least ``settings.seed_passes - 1`` times and until the median change of the best
+    orientations in a pass is at most ``settled_change_degrees`` (at most
+    ``max_seed_passes`` passes in all): a thousand particles suffice for a low
+    resolution map, and each pass over few particles is one cheap EM step. *Passes:*
     the other particles are added (pass 1), then all are re-posed ``passes - 1`` times.
     Orders are random; every step goes minibatch by minibatch. (With no more particles
     than the seed subset, the seed stage alone runs, ``max(seed_passes, passes)`` times.)
@@ -576,7 +645,7 @@ def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, pa
     interpolation: str
         Insertion of the full-box accumulator returned.
     callback: Callable[[str, SoftPoses, torch.Tensor], None] | None
-        Called after each pass with its label (``"seed 2/6"``, ``"pass 1/3"``), the poses
+        Called after each pass with its label (``"seed 2"``, ``"pass 1/3"``), the poses
         so far and the `(n,)` bool mask of particles posed so far (progress, benchmarks;
         its time counts in ``seconds``).
 
@@ -612,10 +681,18 @@ def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, pa
 
     everyone = torch.randperm(n, generator=order_generator)
     seed_set = everyone[: min(n, state.settings.seed_particles)]
-    seed_passes = state.settings.seed_passes if seed_set.numel() < n else max(state.settings.seed_passes, passes)
-    run(f"seed 1/{seed_passes}", seed_set, new=True)
-    for p in range(1, seed_passes):
-        run(f"seed {p + 1}/{seed_passes}", seed_set, new=False)
+    st = state.settings
+    seed_passes = st.seed_passes if seed_set.numel() < n else max(st.seed_passes, passes)
+    run("seed 1", seed_set, new=True)
+    p = 1
+    while True:  # at least seed_passes, then until the poses settle (or max_seed_passes)
+        before = poses.rotations[seed_set].clone()
+        p += 1
+        run(f"seed {p}", seed_set, new=False)
+        change = float(_rotation_angles_degrees(before, poses.rotations[seed_set]).median())
+        history[-1]["median_change_degrees"] = change
+        if p >= seed_passes and (change <= st.settled_change_degrees or p >= st.max_seed_passes):
+            break
     if seed_set.numel() < n:
         run(f"pass 1/{passes}", everyone[seed_set.numel():], new=True)
         for p in range(1, passes):

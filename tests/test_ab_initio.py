@@ -69,6 +69,9 @@ def test_remove_is_the_exact_inverse_of_add(phantom32: torch.Tensor) -> None:
     state.remove(sim.images[100:], halves[100:], poses)
     assert float((state.accumulator.grids - before).abs().max()) < 1e-4 * float(before.abs().max())
     assert state.particles_inside == 100
+    resumed = AbInitio.from_state_dict(state.state_dict())
+    assert torch.equal(resumed.accumulator.grids, state.accumulator.grids)
+    assert (resumed.poses_done, resumed.particles_inside, resumed.working_box) == (300, 100, 16)
     again = state.repose(sim.images[:100], halves[:100], _random_start(state, sim, halves))
     assert len(again) == 100
     with pytest.raises(ValueError, match="previous poses"):
@@ -96,6 +99,6 @@ def test_map_only_ab_initio_converges_from_random_poses(phantom32: torch.Tensor)
                            callback=lambda label, poses, seen: stages.append(label))
     errors = pose_errors(result.poses.rotations, sim.rotations)
     assert float(errors.geodesic_degrees.median()) < 16.0  # 10-12° over generator seeds; grid step 20°
-    assert stages == [f"seed {i}/6" for i in range(1, 7)]
+    assert stages[:6] == [f"seed {i}" for i in range(1, 7)] and len(stages) <= settings.max_seed_passes
     assert result.accumulator.box == 32 and result.accumulator.n_particles == 400
     assert result.poses.origins_angstrom.shape == (400, 2)
