@@ -109,6 +109,7 @@ def main() -> None:
               f"half-map FSC0.143 {result.accumulator.resolution_angstrom():.1f} Å", flush=True)
         for h in result.history:
             change = f", median change {h['median_change_degrees']:.1f}°" if "median_change_degrees" in h else ""
+            change += f", restart score {h['restart_score']:.4f}" if "restart_score" in h else ""
             print(f"    {h['stage']}: band {h['band_angstrom']:.1f} Å, internal half-map FSC0.143 "
                   f"{h['half_map_fsc_angstrom']:.1f} Å, {h['seconds']:.1f} s{change}", flush=True)
 

@@ -130,6 +130,11 @@ class AbInitioSettings:
     seed_particles, seed_passes: int
         :func:`run_ab_initio` first iterates on a random subset of this size, this many
         passes (a streaming caller does the same with its first particles).
+    seed_restarts: int
+        Independent seed stages (other random starts) of which :func:`run_ab_initio`
+        keeps the one whose maps match the seed set best (mean best score at
+        ``shared_resolution_angstrom``): a random start can settle in a wrong,
+        self-consistent map.
     settled_change_degrees, max_seed_passes: float, int
         The seed stage goes on after ``seed_passes`` while the median change of the best
         orientations in a pass exceeds ``settled_change_degrees``, up to ``max_seed_passes``.
@@ -161,6 +166,7 @@ class AbInitioSettings:
     max_batch_size: int = 2048
     seed_particles: int = 1000
     seed_passes: int = 7
+    seed_restarts: int = 2
     settled_change_degrees: float = 10.0
     max_seed_passes: int = 20
     initial_particles: int = 256
@@ -343,6 +349,21 @@ class AbInitio:
             raise ValueError(f"{len(previous)} previous poses for {images.shape[0]} images")
         return self._process(images, half_sets, ctf, previous=previous)
 
+    def match(self, images: torch.Tensor, half_sets: torch.Tensor, ctf: CtfParams | None = None,
+              resolution_angstrom: float | None = None) -> SoftPoses:
+        """Pose particles against the current maps without inserting them (the maps do not change).
+
+        Arguments as for :meth:`add`; ``resolution_angstrom`` overrides the band (e.g. to
+        compare runs at a common band: ``scores`` depend on it).
+        """
+        if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
+            raise ValueError(f"images must be (n, {self.box}, {self.box}), got {tuple(images.shape)}")
+        small = self._to_working(images)
+        halves = torch.as_tensor(half_sets).long().cpu()
+        parts = [self._match(small[i : i + 1024], halves[i : i + 1024], None if ctf is None else ctf[i : i + 1024],
+                             resolution_angstrom) for i in range(0, images.shape[0], 1024)]
+        return SoftPoses.cat(parts) if parts else SoftPoses.empty(0, self.settings.top_k)
+
     def remove(self, images: torch.Tensor, half_sets: torch.Tensor, poses: SoftPoses,
                ctf: CtfParams | None = None) -> None:
         """Take particles out of the internal maps (e.g. discarded ones): the exact inverse of their insertion.
@@ -448,15 +469,20 @@ class AbInitio:
             self.particles_inside -= n
         self._references = None
 
-    def _reference_slices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Band frequencies `(M, 2)` and slices `(2, C, M)` of both halves' references (cached)."""
-        if self._references is not None:  # cleared by every insertion
-            return self._references[0], self._references[1]
+    def _reference_slices(self, resolution_angstrom: float | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[MapSlicer]]:
+        """Band frequencies `(M, 2)`, slices `(2, C, M)` and slicers of both halves' references.
+
+        At the schedule's band (cached until the next insertion), or at ``resolution_angstrom``.
+        """
+        if self._references is not None and resolution_angstrom is None:  # cleared by every insertion
+            return self._references
         s = self.settings
         halves = self.accumulator.half_volumes()
-        resolution = resolution_at_threshold(fsc(halves[0], halves[1]), self.working_apix, 0.143)
-        self._fsc_resolution = resolution if math.isfinite(resolution) else math.inf
-        k_max = min(0.5, self.working_apix / self.resolution_angstrom)
+        if resolution_angstrom is None:
+            resolution = resolution_at_threshold(fsc(halves[0], halves[1]), self.working_apix, 0.143)
+            self._fsc_resolution = resolution if math.isfinite(resolution) else math.inf
+        k_max = min(0.5, self.working_apix / (resolution_angstrom or self.resolution_angstrom))
         w = self.working_box
         spectra = rfft3_centered(torch.cat([halves, halves.sum(0, keepdim=True) / 2]))  # (3, W, W, W//2+1)
         kz = torch.fft.fftfreq(w, device=spectra.device)
@@ -470,10 +496,13 @@ class AbInitio:
         k = band_frequencies(w, k_max, self.device)
         slicers = [MapSlicer(refs[h], k_max) for h in (0, 1)]
         slices = torch.stack([slicer.slices(self.grid, k) for slicer in slicers])
+        if resolution_angstrom is not None:
+            return k, slices, slicers
         self._references = (k, slices, slicers)
-        return k, slices
+        return self._references
 
-    def _match(self, small: torch.Tensor, halves: torch.Tensor, ctf: CtfParams | None) -> SoftPoses:
+    def _match(self, small: torch.Tensor, halves: torch.Tensor, ctf: CtfParams | None,
+               resolution_angstrom: float | None = None) -> SoftPoses:
         """Soft global search of a minibatch against the current references.
 
         Coarse stage: every grid orientation and shift, on the band pixels up to
@@ -483,7 +512,8 @@ class AbInitio:
         is over the ``top_k`` best of the last stage.
         """
         s = self.settings
-        k, slices = self._reference_slices()  # (M, 2), (2, C, M)
+        k, slices, slicers = self._reference_slices(resolution_angstrom)  # (M, 2), (2, C, M)
+        resolution = resolution_angstrom or self.resolution_angstrom
         c = self.grid.shape[0]
         spectra = particle_spectra(small, k)  # (n, M) complex
         if ctf is not None:
@@ -500,7 +530,7 @@ class AbInitio:
         ramp = torch.polar(torch.ones_like(phase), phase)
         rows_h = halves.to(self.device) - 1
 
-        coarse_k = self.working_apix / max(s.coarse_resolution_angstrom, self.resolution_angstrom)
+        coarse_k = self.working_apix / max(s.coarse_resolution_angstrom, resolution)
         inner = torch.nonzero(k.norm(dim=-1) <= coarse_k + 1e-6).squeeze(-1)
         fine = inner.numel() < k.shape[0]
         keep = min(max(s.top_k, s.coarse_candidates) if fine else s.top_k, c * shifts.shape[0])
@@ -531,7 +561,7 @@ class AbInitio:
             for h in (0, 1):
                 members = torch.nonzero(rows_h == h).squeeze(-1)
                 if members.numel():
-                    refs = self._references[2][h].slices(local[members], k)  # (r, L, M)
+                    refs = slicers[h].slices(local[members], k)  # (r, L, M)
                     num = (moved[members, None].real * refs.real + moved[members, None].imag * refs.imag).sum(-1)
                     power = refs.abs().square() if ctf2 is None else refs.abs().square() * ctf2[members, None, :]
                     ncc[members] = num / (power.sum(-1).sqrt().clamp_min(1e-20) * plain[members].abs().square()
@@ -618,7 +648,9 @@ def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, pa
     at least ``settings.seed_passes - 1`` times and until the median change of the best
     orientations in a pass is at most ``settled_change_degrees`` (at most
     ``max_seed_passes`` passes in all): a thousand particles suffice for a low
-    resolution map, and each pass over few particles is one cheap EM step. *Passes:*
+    resolution map, and each pass over few particles is one cheap EM step. The seed
+    stage runs ``seed_restarts`` times from other random starts; the one whose maps
+    match the seed set best (mean best score at ``shared_resolution_angstrom``) is kept. *Passes:*
     the other particles are added (pass 1), then all are re-posed ``passes - 1`` times.
     Orders are random; every step goes minibatch by minibatch. (With no more particles
     than the seed subset, the seed stage alone runs, ``max(seed_passes, passes)`` times.)
@@ -657,12 +689,13 @@ def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, pa
         raise ValueError(f"passes must be >= 1, got {passes}")
     n, box = images.shape[0], images.shape[-1]
     halves = torch.as_tensor(half_sets).long().cpu()
-    state = AbInitio(box, apix, settings, seed=seed, device=device)
+    settings = settings or AbInitioSettings()
     order_generator = torch.Generator().manual_seed(seed + 1)
-    poses = SoftPoses.empty(n, state.settings.top_k)
+    poses = SoftPoses.empty(n, settings.top_k)
     seen = torch.zeros(n, dtype=torch.bool)
     history = []
     start = time.perf_counter()
+    state = None
 
     def run(label: str, members: torch.Tensor, new: bool) -> None:
         order = members[torch.randperm(members.numel(), generator=order_generator)]
@@ -680,19 +713,32 @@ def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, pa
             callback(label, poses, seen.clone())
 
     everyone = torch.randperm(n, generator=order_generator)
-    seed_set = everyone[: min(n, state.settings.seed_particles)]
-    st = state.settings
-    seed_passes = st.seed_passes if seed_set.numel() < n else max(st.seed_passes, passes)
-    run("seed 1", seed_set, new=True)
-    p = 1
-    while True:  # at least seed_passes, then until the poses settle (or max_seed_passes)
-        before = poses.rotations[seed_set].clone()
-        p += 1
-        run(f"seed {p}", seed_set, new=False)
-        change = float(_rotation_angles_degrees(before, poses.rotations[seed_set]).median())
-        history[-1]["median_change_degrees"] = change
-        if p >= seed_passes and (change <= st.settled_change_degrees or p >= st.max_seed_passes):
-            break
+    seed_set = everyone[: min(n, settings.seed_particles)]
+    seed_passes = settings.seed_passes if seed_set.numel() < n else max(settings.seed_passes, passes)
+    best = None  # (mean score at the common band, state, poses of the seed set)
+    for restart in range(settings.seed_restarts):
+        state = AbInitio(box, apix, settings, seed=seed + 7919 * restart, device=device)
+        prefix = f"restart {restart + 1}/{settings.seed_restarts} " if settings.seed_restarts > 1 else ""
+        run(f"{prefix}seed 1", seed_set, new=True)
+        p = 1
+        while True:  # at least seed_passes, then until the poses settle (or max_seed_passes)
+            before = poses.rotations[seed_set].clone()
+            p += 1
+            run(f"{prefix}seed {p}", seed_set, new=False)
+            change = float(_rotation_angles_degrees(before, poses.rotations[seed_set]).median())
+            history[-1]["median_change_degrees"] = change
+            if p >= seed_passes and (change <= settings.settled_change_degrees or p >= settings.max_seed_passes):
+                break
+        if settings.seed_restarts > 1:  # which restart explains the seed set best, at one common band
+            check = state.match(images[seed_set], halves[seed_set], None if ctf is None else ctf[seed_set],
+                                resolution_angstrom=settings.shared_resolution_angstrom)
+            score = float(check.scores.mean())
+            history[-1]["restart_score"] = score
+            if best is None or score > best[0]:
+                best = (score, state, poses[seed_set])
+    if settings.seed_restarts > 1:
+        state = best[1]
+        poses.set(seed_set, best[2])
     if seed_set.numel() < n:
         run(f"pass 1/{passes}", everyone[seed_set.numel():], new=True)
         for p in range(1, passes):

@@ -72,6 +72,9 @@ def test_remove_is_the_exact_inverse_of_add(phantom32: torch.Tensor) -> None:
     resumed = AbInitio.from_state_dict(state.state_dict())
     assert torch.equal(resumed.accumulator.grids, state.accumulator.grids)
     assert (resumed.poses_done, resumed.particles_inside, resumed.working_box) == (300, 100, 16)
+    grids = state.accumulator.grids.clone()
+    looked = state.match(sim.images[100:], halves[100:], resolution_angstrom=20.0)
+    assert torch.equal(state.accumulator.grids, grids) and len(looked) == 200  # match does not insert
     again = state.repose(sim.images[:100], halves[:100], _random_start(state, sim, halves))
     assert len(again) == 100
     with pytest.raises(ValueError, match="previous poses"):
@@ -99,6 +102,8 @@ def test_map_only_ab_initio_converges_from_random_poses(phantom32: torch.Tensor)
                            callback=lambda label, poses, seen: stages.append(label))
     errors = pose_errors(result.poses.rotations, sim.rotations)
     assert float(errors.geodesic_degrees.median()) < 16.0  # 10-12° over generator seeds; grid step 20°
-    assert stages[:6] == [f"seed {i}" for i in range(1, 7)] and len(stages) <= settings.max_seed_passes
+    assert stages[:6] == [f"restart 1/2 seed {i}" for i in range(1, 7)]
+    assert "restart 2/2 seed 6" in stages and len(stages) <= 2 * settings.max_seed_passes
+    assert sum("restart_score" in h for h in result.history) == 2
     assert result.accumulator.box == 32 and result.accumulator.n_particles == 400
     assert result.poses.origins_angstrom.shape == (400, 2)
