@@ -36,6 +36,7 @@ nothing is counted twice, also after ``kill -9``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import queue
@@ -47,11 +48,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryofastar.model.preprocess import model_pixel_size, to_model_box
-from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.reference import select_reference
+from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.session_frame import PoseBatch, SessionFrame
 from cryofastar.model.weights import WeightsError, load_model
 from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import shell_resolutions_angstrom
@@ -413,8 +415,11 @@ class Daemon:
                 self._count("particles_rejected", n)
                 continue
             st.journal.add(chunk.stacks, chunk.indices)
+            first_row = len(st.poses)
             st.poses.append(chunk.stacks, chunk.indices, rotations, origins, confidence, chunk.half_sets, chunk.ctf,
                             score, spread, 0 if refined is None else refined.version)
+            if refined is not None and refined.soft is not None:
+                self.refiner.record_soft(np.arange(first_row, first_row + n), refined.soft[rows])
             if chunk.optics and not st.optics:
                 st.optics = dict(chunk.optics)
             self.metrics.particles_accumulated.inc(n)
@@ -435,17 +440,53 @@ class Daemon:
         """The pass's poses refined against the running map (``None`` before refinement starts or on failure)."""
         if not self.refiner.active:
             return None
+        if self.refiner.needs_bootstrap:
+            self._bootstrap_ab_initio()
         t0 = time.perf_counter()
         images = torch.cat([c.images for c in chunks])
         halves = torch.cat([c.half_sets for c in chunks])
+        ctf = None
+        if all(c.ctf is not None for c in chunks):
+            ctf = CtfParams.from_arrays(**{f.name: torch.cat([getattr(c.ctf, f.name) for c in chunks])
+                                           for f in dataclasses.fields(CtfParams)})
         try:
-            refined = self.refiner.refine(images, halves, rotations, origins, network_poses=self.model is not None)
+            refined = self.refiner.refine(images, halves, rotations, origins, ctf)
         except Exception:  # noqa: BLE001 - a failed refinement keeps the network's poses, never loses particles
             logger.exception("refinement failed; this pass keeps its unrefined poses")
             return None
         self._count("particles_refined", len(images))
         self.metrics.latency.labels("refine").observe(time.perf_counter() - t0)
         return refined
+
+    def _bootstrap_ab_initio(self) -> None:
+        """Start the streaming ab initio on the map's oldest particles and re-insert them at its poses."""
+        st, table = self.state, self.state.poses
+        rows = np.arange(min(self.refiner.seed_particles, len(table)))
+        t0 = time.perf_counter()
+        try:
+            images = read_stack_rows(table.stack_names, table.column("stack_id")[rows], table.column("index")[rows])
+            ctf = table.ctf(rows)
+            halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
+            new = self.refiner.bootstrap(images, halves, ctf, st.geometry.apix, rows)
+        except Exception:  # noqa: BLE001 - without ab initio the session goes on with global search
+            logger.exception("ab initio could not start; new particles are searched globally instead")
+            self.refiner.phase = "local"
+            return
+        self._replace_poses(rows, images, halves, ctf, new)
+        self.metrics.latency.labels("ab_initio").observe(time.perf_counter() - t0)
+
+    def _replace_poses(self, rows: np.ndarray, images: torch.Tensor, halves: torch.Tensor, ctf, new) -> None:  # noqa: ANN001
+        """Move particles ``rows`` of the map from their recorded poses to ``new`` (remove, add, record)."""
+        st, table = self.state, self.state.poses
+        old_rotations = table.rotations(rows)
+        old_origins = torch.from_numpy(table.column("origins")[rows])
+        assert st.accumulator is not None
+        # both calls validate the same shapes and values first, so the add cannot fail after the remove
+        st.accumulator.remove(images, old_rotations, old_origins, halves, ctf)
+        st.accumulator.add(images, new.rotations, new.origins_angstrom, halves, ctf)
+        table.update(rows, new.rotations, new.origins_angstrom, new.scores, new.spread_degrees, new.version)
+        self._edits += len(rows)
+        self.refiner.note_moves(geodesic_degrees(new.rotations, old_rotations), st.n_particles)
 
     def _idle_work_left(self) -> bool:
         """Whether re-posing while idle is worth doing (docs/refinement.md, "While idle")."""
@@ -456,7 +497,10 @@ class Daemon:
 
     def _repose(self) -> None:
         """Re-pose up to ``repose_per_pass`` particles already in the map (docs/refinement.md)."""
-        st, table = self.state, self.state.poses
+        if self.refiner.needs_bootstrap:
+            self._bootstrap_ab_initio()
+            return
+        table = self.state.poses
         rows = self.refiner.pick_stale(table.column("refined"), table.column("spread"))
         if len(rows) == 0:
             return
@@ -471,16 +515,10 @@ class Daemon:
             table.column("refined")[rows] = UNREADABLE
             return
         halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
-        old_rotations = table.rotations(rows)
-        old_origins = torch.from_numpy(table.column("origins")[rows])
-        new = self.refiner.repose(images, halves, old_rotations, old_origins)
-        assert st.accumulator is not None
-        # both calls validate the same shapes and values first, so the add cannot fail after the remove
-        st.accumulator.remove(images, old_rotations, old_origins, halves, ctf)
-        st.accumulator.add(images, new.rotations, new.origins_angstrom, halves, ctf)
-        table.update(rows, new.rotations, new.origins_angstrom, new.scores, new.spread_degrees, new.version)
-        self._edits += len(rows)
-        self.refiner.note_moves(geodesic_degrees(new.rotations, old_rotations), st.n_particles)
+        origins = torch.from_numpy(table.column("origins")[rows])
+        new = self.refiner.repose(images, halves, table.rotations(rows), origins, ctf, rows)
+        self._replace_poses(rows, images, halves, ctf, new)
+        self.refiner.maybe_finish_ab_initio(table.column("refined"))
         self._count("particles_reposed", len(rows))
         self.metrics.latency.labels("repose").observe(time.perf_counter() - t0)
 
@@ -580,7 +618,8 @@ class Daemon:
 
     def _refinement_status(self) -> dict[str, object]:
         r = self.refiner
-        return {"active": r.active, "reference_version": r.version, "network_informative": r.network_informative,
+        return {"active": r.active, "phase": r.phase, "reference_version": r.version,
+                "network_informative": r.network_informative,
                 "working_box": None if r.reference is None else r.reference.work,
                 "band_angstrom": None if r.reference is None else r.reference.apix_work / r.reference.local_band}
 

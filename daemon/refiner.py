@@ -6,13 +6,20 @@ Rules (docs/refinement.md):
   ``refine_after`` particles; from then on every published map becomes the new
   reference (:class:`~cryofastar.recon.refinement.RefinementReference`, working box
   ``refine_box``, band at the map's FSC resolution).
-- **New particles.** Each pass is matched before insertion, in one of three modes:
-  ``local`` (around the network's poses, each half against its own half map),
-  ``global`` (a search of SO(3), then local) or ``best`` (both, the better per
-  particle). With ``--poses-from map-only`` it is always ``global``. With the network,
-  every ``probe_every``-th refined pass (and the first) is a ``best`` probe: if on the
-  last probes the network's neighbourhood won for at least half of the particles, the
-  network is informative and passes are refined ``local``; otherwise ``global``.
+- **Phases.** ``waiting`` (fewer than ``refine_after`` particles: network or random
+  poses go in as they are); with the network, the first refined pass is a ``best`` probe
+  (local around the network's poses *and* a global search, the better per particle): if
+  the network's neighbourhood won for at least half of the particles the network is
+  informative and the session goes straight to ``local``; otherwise, and always with
+  ``--poses-from map-only``, to ``ab-initio``: streaming map-only ab initio
+  (:class:`~cryofastar.recon.ab_initio.AbInitio`) bootstrapped on the oldest
+  ``seed_particles`` of the map (:func:`~cryofastar.recon.ab_initio.run_ab_initio`,
+  blocking once; the pipeline holds back meanwhile, nothing is lost), then fed every
+  new pass and re-posing the map's particles least recently posed first. Once its band
+  has reached its final resolution and every particle was posed at that band, the
+  session moves to ``local``: new passes are refined locally (network informative) or
+  searched globally then refined (not), re-posed particles locally, always against the
+  particle's own half map.
 - **Re-posing.** After each refined pass, up to ``repose_per_pass`` particles already in
   the map are re-posed against the current reference: those never refined first (oldest
   first), then those refined against the oldest maps, least certain (largest angular
@@ -36,8 +43,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from cryofastar.model.rotations import geodesic_degrees
+from cryofastar.recon.ab_initio import AbInitio, AbInitioSettings, SoftPoses, run_ab_initio
+from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.io.mrc import read_images
-from cryofastar.recon.refinement import RefinementReference, RefineSettings
+from cryofastar.recon.refinement import RefinementReference, RefineSettings, to_working_box
 
 from .settings import DaemonSettings
 
@@ -63,6 +72,7 @@ class RefinedPoses:
     spread_degrees: torch.Tensor  # (n,) float32 posterior angular spread
     mode: str
     version: int
+    soft: SoftPoses | None = None  # the ab initio's soft poses (ab-initio phase only)
 
 
 def read_stack_rows(stack_names: list[str], stack_ids: np.ndarray, indices: np.ndarray) -> torch.Tensor:
@@ -96,13 +106,19 @@ class StreamingRefiner:
         self._probes: collections.deque[float] = collections.deque(maxlen=4)  # network win fraction per probe
         self.search = RefineSettings(working_box=settings.refine_box)
         self.reference_particles = 0  # particles in the map the reference was made from
+        self.phase = "waiting" if settings.refine else "off"
+        self.ab: AbInitio | None = None
+        self.ab_settings = AbInitioSettings()
+        self._soft: SoftPoses | None = None  # per pose-table row (rows with _has_soft)
+        self._has_soft = np.zeros(0, dtype=bool)
+        self._final_band_version: int | None = None  # first ab step at the final band
         self._sweep: list[torch.Tensor] = []  # how far re-posed particles moved since new particles came
         self._swept = 0
         self.converged = False
 
     def wants_reference(self, n_particles: int) -> bool:
         """Whether the map should be published now to become a (first or fresher) reference."""
-        if not self.settings.refine or n_particles < self.settings.refine_after:
+        if not self.settings.refine or n_particles < self.settings.refine_after or self.phase == "ab-initio":
             return False
         return self.reference is None or n_particles >= 1.25 * self.reference_particles
 
@@ -111,7 +127,12 @@ class StreamingRefiner:
         self._sweep, self._swept, self.converged = [], 0, False
 
     def note_moves(self, degrees: torch.Tensor, n_particles: int) -> None:
-        """Record how far re-posed particles moved; a whole sweep under CONVERGED_DEGREES: converged."""
+        """Record how far re-posed particles moved; a whole sweep under CONVERGED_DEGREES: converged.
+
+        Only in the ``local`` phase: the ab initio goes on until its own end (:meth:`maybe_finish_ab_initio`).
+        """
+        if self.phase != "local":
+            return
         self._sweep.append(degrees.float())
         self._swept += len(degrees)
         if self._swept >= n_particles:
@@ -122,8 +143,8 @@ class StreamingRefiner:
             self._sweep, self._swept = [], 0
     @property
     def active(self) -> bool:
-        """Whether a reference exists (the map reached ``refine_after`` particles)."""
-        return self.reference is not None
+        """Whether new passes are refined (the map reached ``refine_after`` particles)."""
+        return self.phase not in ("waiting", "off") and (self.reference is not None or self.phase == "ab-initio")
 
     @property
     def network_informative(self) -> bool | None:
@@ -140,22 +161,76 @@ class StreamingRefiner:
         self.reference = RefinementReference(half_volumes, apix, resolution_angstrom, self.search, self.device)
         self.reference_particles = n_particles
         self.version += 1
+        if self.phase == "waiting":
+            self.phase = "ab-initio" if self.settings.poses_from == "map-only" else "probe"
         logger.info("refinement reference v%d: %d particles, %.1f Å (band %.3f cycles/px at %d px)", self.version,
                     n_particles, resolution_angstrom, self.reference.local_band, self.reference.work)
 
-    def _mode(self, has_network_poses: bool) -> str:
-        if not has_network_poses or self.settings.poses_from == "map-only":
-            return "global"
-        probe = self._passes % self.settings.probe_every == 0
-        if probe or self.network_informative is None:
+    def _mode(self) -> str:
+        if self.phase == "probe" or (self.settings.poses_from == "network"
+                                     and self._passes % self.settings.probe_every == 0):
             return "best"
-        return "local" if self.network_informative else "global"
+        return "local" if self.settings.poses_from == "network" and self.network_informative else "global"
+
+    @property
+    def needs_bootstrap(self) -> bool:
+        """Whether the ab initio must be started (on the map's oldest particles) before the next step."""
+        return self.phase == "ab-initio" and self.ab is None
+
+    @property
+    def seed_particles(self) -> int:
+        """Particles the ab initio is bootstrapped on."""
+        return self.ab_settings.seed_particles
+
+    def _working(self, images: torch.Tensor) -> torch.Tensor:
+        return to_working_box(images, min(self.settings.refine_box, images.shape[-1]))
+
+    def bootstrap(self, images: torch.Tensor, half_sets: torch.Tensor, ctf: CtfParams | None, apix: float,
+                  rows: np.ndarray) -> RefinedPoses:
+        """Start the ab initio on particles already in the map (pose-table ``rows``; `(n, B, B)` images)."""
+        small = self._working(images)
+        apix_work = apix * images.shape[-1] / small.shape[-1]
+        self.ab_settings = AbInitioSettings(interpolation=self.settings.interpolation)
+        result = run_ab_initio(small, half_sets, apix_work, passes=1, ctf=ctf, settings=self.ab_settings,
+                               device=self.device)
+        self.ab = result.ab_initio
+        self.version += 1
+        logger.info("ab initio bootstrapped on %d particles in %.1f s (band %.1f Å)", len(rows), result.seconds,
+                    self.ab.resolution_angstrom)
+        return self._soft_result(result.poses, rows)
+
+    def _soft_result(self, soft: SoftPoses, rows: np.ndarray | None) -> RefinedPoses:
+        if rows is not None:
+            self.record_soft(rows, soft)
+        return RefinedPoses(soft.rotations, soft.origins_angstrom, soft.scores, soft.spread_degrees, "ab-initio",
+                            self.version, soft)
+
+    def record_soft(self, rows: np.ndarray, soft: SoftPoses) -> None:
+        """Keep the ab initio's soft poses of pose-table ``rows`` (needed to re-pose them)."""
+        needed = int(rows.max()) + 1 if len(rows) else 0
+        if self._soft is None or len(self._soft) < needed:
+            grown = SoftPoses.empty(max(needed, 2 * (0 if self._soft is None else len(self._soft))),
+                                    soft.candidate_weights.shape[1])
+            if self._soft is not None:
+                grown.set(torch.arange(len(self._soft)), self._soft)
+            self._soft = grown
+            self._has_soft = np.concatenate([self._has_soft, np.zeros(len(grown) - len(self._has_soft), bool)])
+        self._soft.set(torch.as_tensor(rows), soft)
+        self._has_soft[rows] = True
 
     def refine(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,
-               origins_angstrom: torch.Tensor, network_poses: bool = True) -> RefinedPoses:
-        """Match one pass's particles (`(n, B, B)` images at the session box) against the reference."""
+               origins_angstrom: torch.Tensor, ctf: CtfParams | None = None) -> RefinedPoses:
+        """Pose or refine one pass's particles (`(n, B, B)` images at the session box; module docstring).
+
+        In the ab-initio phase the returned ``soft`` poses must be handed to
+        :meth:`record_soft` with the particles' pose-table rows once they are inserted.
+        """
+        if self.phase == "ab-initio":
+            assert self.ab is not None
+            self._passes += 1
+            return self._soft_result(self.ab.add(self._working(images), half_sets, ctf), None)
         assert self.reference is not None
-        mode = self._mode(network_poses)
+        mode = self._mode()
         self._passes += 1
         match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, mode)
         if mode == "best":  # which start won: the network's neighbourhood or the global search
@@ -164,16 +239,49 @@ class StreamingRefiner:
             self._probes.append(won)
             logger.info("probe: the network's poses were the better start for %.0f%% of %d particles", 100 * won,
                         len(images))
+            if self.phase == "probe":
+                self.phase = "local" if self.network_informative else "ab-initio"
+                logger.info("the network is %sinformative: %s", "" if self.network_informative else "not ",
+                            "refining its poses locally" if self.phase == "local" else "map-only ab initio")
         return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, mode, self.version)
 
     def repose(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,
-               origins_angstrom: torch.Tensor) -> RefinedPoses:
-        """Re-pose particles already in the map: local if the network is informative, else global."""
+               origins_angstrom: torch.Tensor, ctf: CtfParams | None = None,
+               rows: np.ndarray | None = None) -> RefinedPoses:
+        """Re-pose particles already in the map (pose-table ``rows``): ab initio, or local against the reference."""
+        if self.phase == "ab-initio":
+            assert self.ab is not None and rows is not None
+            small = self._working(images)
+            known = self._has_soft[rows] if len(self._has_soft) > int(rows.max()) else np.zeros(len(rows), bool)
+            soft = SoftPoses.empty(len(rows), self.ab_settings.top_k)
+            halves = torch.as_tensor(half_sets)
+            for mask, again in ((known, True), (~known, False)):  # two groups, not a loop over particles
+                if mask.any():
+                    where = torch.as_tensor(np.nonzero(mask)[0])
+                    part_ctf = None if ctf is None else ctf[where]
+                    soft.set(where, self.ab.repose(small[where], halves[where], self._soft[torch.as_tensor(
+                        rows[mask])], part_ctf) if again else self.ab.add(small[where], halves[where], part_ctf))
+            self.version += 1  # every ab step is a new map: particles least recently posed go first
+            if self._final_band_version is None and \
+                    self.ab.resolution_angstrom <= self.ab_settings.final_resolution_angstrom + 0.5:
+                self._final_band_version = self.version
+            return self._soft_result(soft, rows)
         assert self.reference is not None
-        informative = self.settings.poses_from == "network" and self.network_informative
-        mode = "local" if informative else "global"
-        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, mode)
-        return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, mode, self.version)
+        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, "local")
+        return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, "local", self.version)
+
+    def maybe_finish_ab_initio(self, refined: np.ndarray) -> bool:
+        """Move from ``ab-initio`` to ``local`` once every particle was posed at the final band (module docstring)."""
+        if self.phase != "ab-initio" or self._final_band_version is None or len(refined) == 0:
+            return False
+        if int(refined.min()) < self._final_band_version:
+            return False
+        logger.info("ab initio done (band %.1f Å): local refinement against the half maps from now on",
+                    self.ab.resolution_angstrom if self.ab else float("nan"))
+        self.phase, self.ab, self._soft, self._has_soft = "local", None, None, np.zeros(0, dtype=bool)
+        self.reference = None  # the next published map becomes the reference
+        self.converged = False
+        return True
 
     def pick_stale(self, refined: np.ndarray, spread: np.ndarray) -> np.ndarray:
         """Rows (into the pose table) to re-pose now: at most ``repose_per_pass`` (module docstring).

@@ -71,23 +71,34 @@ def test_stale_particles_are_picked_never_refined_first_then_oldest_map_least_su
 def test_refinement_starts_with_enough_particles_and_probes_the_network(tmp_path):
     box, apix = 32, 4.0
     volume = atoms_to_volume(procedural_molecule(1_000_000_005), box, apix)
-    refiner = StreamingRefiner(_settings(tmp_path, refine_after=100, refine_box=32, probe_every=2), torch.device("cpu"))
     halves = torch.stack([volume, volume])
-    refiner.update_reference(halves, apix, 10.0, n_particles=50)
-    assert not refiner.active  # too few particles
-    refiner.update_reference(halves, apix, 10.0, n_particles=100)
-    assert refiner.active and refiner.version == 1 and refiner.network_informative is None
     sim = simulate_particles(volume, 16, apix, 2.0, torch.Generator().manual_seed(2), max_shift_px=1.0)
     half_sets = 1 + torch.arange(16) % 2
+
+    good = StreamingRefiner(_settings(tmp_path, refine_after=100, refine_box=32, probe_every=2), torch.device("cpu"))
+    good.update_reference(halves, apix, 10.0, n_particles=50)
+    assert not good.active and good.phase == "waiting"  # too few particles
+    good.update_reference(halves, apix, 10.0, n_particles=100)
+    assert good.active and good.phase == "probe" and good.network_informative is None
+    probe = good.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom)
+    assert probe.mode == "best" and good.network_informative and good.phase == "local"
+    assert float(geodesic_degrees(probe.rotations, sim.rotations).median()) < 6.0
+    assert good.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom).mode == "local"
+    assert good.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom).mode == "best"  # every 2nd
+
+    bad = StreamingRefiner(_settings(tmp_path, refine_after=10, refine_box=32), torch.device("cpu"))
+    bad.update_reference(halves, apix, 10.0, n_particles=16)
     random_poses = random_rotations(16, torch.Generator().manual_seed(3))
-    first = refiner.refine(sim.images, half_sets, random_poses, torch.zeros(16, 2))
-    assert first.mode == "best" and refiner.network_informative is False  # random "network" poses lose
-    assert float(geodesic_degrees(first.rotations, sim.rotations).median()) < 6.0
-    assert refiner.refine(sim.images, half_sets, random_poses, torch.zeros(16, 2)).mode == "global"
-    good = refiner.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom)  # a probe again
-    assert good.mode == "best"
-    # probes won 0 % then 100 %: on average at least half, so the network counts as informative
-    assert refiner.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom).mode == "local"
+    assert bad.refine(sim.images, half_sets, random_poses, torch.zeros(16, 2)).mode == "best"
+    assert bad.network_informative is False and bad.phase == "ab-initio" and bad.needs_bootstrap
+    rows = np.arange(16)
+    started = bad.bootstrap(sim.images, half_sets, None, apix, rows)  # on the particles "already in the map"
+    assert started.mode == "ab-initio" and started.soft is not None and not bad.needs_bootstrap
+    again = bad.repose(sim.images, half_sets, started.rotations, started.origins_angstrom, None, rows)
+    assert again.mode == "ab-initio" and again.version > started.version and len(again.soft) == 16
+    new = bad.refine(sim.images[:4], half_sets[:4], random_poses[:4], torch.zeros(4, 2))
+    assert new.mode == "ab-initio" and new.rotations.shape == (4, 3, 3)
+    assert not bad.maybe_finish_ab_initio(np.full(16, again.version))  # its band is not final yet
 
 
 def test_images_are_read_again_per_stack(tmp_path):
