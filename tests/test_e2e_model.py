@@ -94,3 +94,24 @@ def test_train_command_checkpoints_and_resumes(tmp_path: Path) -> None:
     resumed = run(*args[:3], "--steps", "3", *args[5:], "--resume")
     assert "validation" in resumed.stdout
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+@pytest.mark.slow
+def test_reconstruct_map_only_poses_from_ab_initio(tmp_path: Path) -> None:
+    # held-out asymmetric molecule (bench/bench_ab_initio.py SEEDS); measured median errors 3.9-10.8° on the three
+    # seeds there (chance ~125°), so 20° fails only if ab initio + local rounds no longer find the structure
+    session = tmp_path / "session"
+    run("simulate", "--out", str(session), "--n", "400", "--box", "48", "--apix", "3", "--snr", "1", "--no-ctf",
+        "--per-stack", "200", "--seed", "1000000005")
+    out = tmp_path / "recon"
+    result = run("reconstruct", str(session / "particles.star"), "-o", str(out), "--poses-from", "map-only",
+                 "--refine-rounds", "2", "--no-progress")
+    assert "(ab-initio, local, local)" in result.stdout and "ab initio took" in result.stdout
+    particles = starfile.read(out / "particles.star")["particles"]
+    assert "rlnCryofastarNetworkAngleRot" not in particles.columns  # no network
+    assert particles["rlnCryofastarRefineScore"].notna().all() and particles["rlnCryofastarAngularSpread"].notna().all()
+    run("evaluate", str(out / "particles.star"), str(session / "particles.star"), "--json", str(tmp_path / "e.json"))
+    figures = json.loads((tmp_path / "e.json").read_text())
+    assert figures["n_matched"] == 400
+    assert figures["predicted"]["geodesic_median_degrees"] < 20
+    assert figures["chance"]["geodesic_median_degrees"] > 90

@@ -177,11 +177,11 @@ def reconstruct(
     apix: Annotated[float | None, typer.Option(help="Pixel size in Å if the STAR file gives none.")] = None,
     use_ctf: Annotated[bool, typer.Option("--ctf/--no-ctf", help="Use the CTF columns in back-projection when present (poses never need them).")] = True,
     reference: Annotated[Path | None, typer.Option(help="Known map (MRC, same box): also report the FSC-0.5 resolution against it (after no alignment).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the choice of reference candidates.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the choice of reference candidates and for ab initio's random start.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-    poses_from: Annotated[str, typer.Option(help="network: the CryoFastAR network's poses start refinement; map-only: random starting poses, global search against the map (no network).")] = "network",
+    poses_from: Annotated[str, typer.Option(help="network: the CryoFastAR network's poses start refinement (ab initio replaces them if the first round finds the network uninformative); map-only: starting poses from map-only ab initio (no network).")] = "network",
     refine: Annotated[bool, typer.Option("--refine/--no-refine", help="Refine poses by projection matching against the half maps (docs/refinement.md); --no-refine keeps the network's poses.")] = True,
-    refine_rounds: Annotated[int, typer.Option(help="Rounds of refinement, each followed by a fresh back-projection.")] = 4,
+    refine_rounds: Annotated[int, typer.Option(help="Rounds of refinement (with a network the first is a best-of-local-and-global probe, the others local), each followed by a fresh back-projection; ab initio, when it runs, comes on top.")] = 4,
     refine_box: Annotated[int, typer.Option(help="Working box in px for refinement (particles and maps Fourier-cropped to it).")] = 64,
 ) -> None:
     """Ab initio: poses from the network (or the map alone), refined against the map, then the map."""
@@ -193,17 +193,24 @@ def reconstruct(
                               refine_rounds=refine_rounds, refine_box=refine_box)
     except (ParticleFileError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"{result.n_particles} particles posed in {result.pose_seconds:.1f} s, inserted in "
-               f"{result.insert_seconds:.1f} s ({result.total_seconds:.1f} s in all); half-map FSC 0.143 "
-               f"resolution {result.resolution_angstrom:.2f} Å; anchor disagreement "
-               f"{result.anchor_disagreement_degrees:.1f}°, {result.mirrored_passes} passes mirrored")
+    if poses_from == "network":
+        typer.echo(f"{result.n_particles} particles posed in {result.pose_seconds:.1f} s, inserted in "
+                   f"{result.insert_seconds:.1f} s ({result.total_seconds:.1f} s in all); half-map FSC 0.143 "
+                   f"resolution {result.resolution_angstrom:.2f} Å; anchor disagreement "
+                   f"{result.anchor_disagreement_degrees:.1f}°, {result.mirrored_passes} passes mirrored")
+    else:
+        typer.echo(f"{result.n_particles} particles, no network ({result.total_seconds:.1f} s in all); half-map "
+                   f"FSC 0.143 resolution {result.resolution_angstrom:.2f} Å")
     if result.refine_modes:
         won = "" if result.network_won_fraction is None else \
             f"; the network's poses were the better start for {100 * result.network_won_fraction:.0f}% of particles"
-        typer.echo(f"refined in {result.refine_seconds:.1f} s ({', '.join(result.refine_modes)}){won}")
+        if result.network_won_fraction is not None and "ab-initio" in result.refine_modes:
+            won += " (uninformative network: poses from ab initio instead)"
+        ab = f"; ab initio took {result.ab_initio_seconds:.1f} s" if "ab-initio" in result.refine_modes else ""
+        typer.echo(f"refined in {result.refine_seconds:.1f} s ({', '.join(result.refine_modes)}){won}{ab}")
     if result.reference_resolution_angstrom is not None:
         typer.echo(f"FSC 0.5 resolution against {reference}: {result.reference_resolution_angstrom:.2f} Å "
-                   "(frames not aligned: ab initio maps are in the reference particle's frame)")
+                   "(frames not aligned: ab initio maps are in a frame of their own)")
     for path in result.outputs:
         typer.echo(f"wrote {path}")
 

@@ -1,4 +1,4 @@
-"""Ab initio reconstruction of a RELION particle set: network poses, refinement, back-projection.
+"""Ab initio reconstruction of a RELION particle set: network poses or map-only ab initio, refinement, back-projection.
 
 Example usage::
 
@@ -10,19 +10,27 @@ Steps (``--poses-from network``): choose the session reference among up to 64
 candidates by confidence; pose every particle in the reference's frame, ``--views``
 images per forward pass (:class:`cryofastar.model.session_frame.SessionFrame`); insert
 every particle with its pose into two half-set Fourier volumes at the input's own box
-and pixel size (CTF-aware when the STAR file has CTF columns). With ``map-only`` the
-starting poses are random instead. Then (``--refine``, the default) ``--refine-rounds``
-rounds of projection matching against the half maps (docs/refinement.md), each
-followed by a fresh back-projection: the first round with the network compares its
-poses with a global search per particle (``best``); if the network's neighbourhood
-won for fewer than half of the particles, or without a network, the following rounds
-search globally and only the last is local. Writes ``particles.star`` (the input rows
-with the final rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, rlnCryofastarConfidence, the
-network's own poses in ``rlnCryofastarNetwork*`` columns and the refinement's score and
-angular spread), ``volume.mrc``, ``volume_half1.mrc``, ``volume_half2.mrc`` and
-``volume_fsc.tsv``.
-"""
+and pixel size (CTF-aware when the STAR file has CTF columns). Then (``--refine``, the
+default) ``--refine-rounds`` rounds of projection matching against the half maps
+(docs/refinement.md), each followed by a fresh back-projection at the input's box:
+round 1 compares the network's poses with a global search per particle (``best``).
+If the network's neighbourhood won for fewer than half of the particles (an
+uninformative network), map-only ab initio (:func:`cryofastar.recon.ab_initio.run_ab_initio`)
+replaces the poses before the other rounds; every later round is ``local``: each
+particle around its pose, against its own half map.
 
+With ``--poses-from map-only`` there is no network: the starting poses come from ab
+initio on the particles Fourier-cropped to the refinement's working box, then
+``--refine-rounds`` ``local`` rounds finish them at that box (ab initio works at an
+even smaller box of its own, so its poses are good to a few degrees and about a pixel).
+Ab initio is not counted among the rounds, and at least one ``local`` round always
+follows it.
+
+Writes ``particles.star`` (the input rows with the final rlnAngleRot/Tilt/Psi,
+rlnOriginX/YAngst, rlnCryofastarConfidence, the network's own poses in
+``rlnCryofastarNetwork*`` columns and the last round's score and angular spread),
+``volume.mrc``, ``volume_half1.mrc``, ``volume_half2.mrc`` and ``volume_fsc.tsv``.
+"""
 from __future__ import annotations
 
 import logging
@@ -41,13 +49,13 @@ from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.weights import load_model
 from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.ab_initio import run_ab_initio
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.io import read_particles, write_fsc_table, write_volume
 from cryofastar.recon.io.star import ParticleTable, write_particles
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, to_working_box
-from cryofastar.recon.simulate import random_rotations
 
 from .backproject import read_finite_images, read_reference_map
 
@@ -62,11 +70,28 @@ NETWORK_COLUMNS = ("rlnCryofastarNetworkAngleRot", "rlnCryofastarNetworkAngleTil
 """The network's own pose of each particle (before refinement), in RELION's units."""
 SCORE_COLUMN = "rlnCryofastarRefineScore"
 SPREAD_COLUMN = "rlnCryofastarAngularSpread"
+INFORMATIVE_FRACTION = 0.5
+"""The network is informative when its neighbourhood wins the ``best`` probe for at least this fraction of particles."""
+AB_INITIO_PASSES = 2
+"""Passes over all particles after ab initio's seed stage (as bench/bench_ab_initio.py measures it)."""
 
 
 @dataclass
 class ReconstructResult:
-    """What one run produced, with timings in seconds."""
+    """What one run produced, with timings in seconds.
+
+    Attributes
+    ----------
+    refine_seconds: float
+        Wall time of everything after the network's poses: rounds, ab initio and back-projections.
+    refine_modes: list[str]
+        The steps of refinement in order: ``"best"``, ``"ab-initio"``, ``"local"``.
+    network_won_fraction: float | None
+        Fraction of particles whose ``best`` pose stayed within 1.5 local ranges of the
+        network's (``None`` without a network or without refinement).
+    ab_initio_seconds: float
+        Wall time of ab initio (0 when it did not run).
+    """
 
     n_particles: int
     reference_row: int
@@ -81,6 +106,7 @@ class ReconstructResult:
     refine_seconds: float = 0.0
     refine_modes: list[str] = field(default_factory=list)
     network_won_fraction: float | None = None
+    ab_initio_seconds: float = 0.0
 
 
 def _optics_for_output(table: ParticleTable) -> pd.DataFrame:
@@ -139,37 +165,45 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
     halves = table.half_sets()
     work = min(refine_box, table.box)
     work_images = torch.empty(n, work, work) if refine else None
+    acc: HalfSetAccumulator | None = None  # map-only: no map before ab initio
     if poses_from == "network":
         acc, poses = _network_poses(table, dev, views, weights, chunk, candidates, seed, ctf, halves, work_images,
                                     progress)
     else:
-        acc, poses = _random_poses(table, dev, chunk, seed, ctf, halves, work_images)
+        poses = _read_working_images(table, chunk, work_images)
     rotations, origins, confidence = poses.rotations, poses.origins, poses.confidence
     extra: dict[str, np.ndarray] = {}
     if poses_from == "network":
         rot, tilt, psi = matrix_to_euler(rotations)
         extra = dict(zip(NETWORK_COLUMNS, (rot.numpy(), tilt.numpy(), psi.numpy(), origins[:, 0].numpy().copy(),
                                            origins[:, 1].numpy().copy()), strict=True))
-    refine_s, modes, won = 0.0, [], None
+    refine_s, ab_initio_s, modes, won = 0.0, 0.0, [], None
     if refine:
         t0 = time.perf_counter()
         settings = RefineSettings(working_box=work)
-        for round_index in range(refine_rounds):
-            mode = _round_mode(round_index, refine_rounds, poses_from, won)
-            ref = RefinementReference(acc.half_volumes(), table.apix, acc.resolution_angstrom(), settings, dev)
-            start_rotations = rotations.clone()
-            scores, spread = torch.empty(n), torch.empty(n)
-            for first in range(0, n, chunk):  # vectorised within a chunk; chunks bound memory
-                part = slice(first, min(n, first + chunk))
-                match, new_origins = ref.match(work_images[part], halves[part], rotations[part], origins[part], mode)
-                rotations[part], origins[part] = match.rotations, new_origins
-                scores[part], spread[part] = match.scores, match.spread_degrees
-            if mode == "best":
-                moved = geodesic_degrees(rotations, start_rotations)
-                won = float((moved <= 1.5 * settings.local_range_degrees).double().mean())
-            modes.append(mode)
-            acc = _backproject(table, dev, chunk, rotations, origins, halves, ctf)
-            logger.info("refinement round %d (%s): %.2f Å", round_index + 1, mode, acc.resolution_angstrom())
+        local_rounds = refine_rounds
+        if poses_from == "network":  # round 1: the network's neighbourhood against a global search
+            matched = _match_all(acc, table.apix, settings, dev, chunk, work_images, halves, rotations, origins, "best")
+            moved = geodesic_degrees(matched[0], rotations)
+            won = float((moved <= 1.5 * settings.local_range_degrees).double().mean())
+            rotations, origins, scores, spread = matched
+            acc = _next_map("best", modes, table, dev, chunk, rotations, origins, halves, ctf)
+            local_rounds -= 1
+        if won is None or won < INFORMATIVE_FRACTION:  # no network, or an uninformative one
+            t1 = time.perf_counter()
+            work_apix = table.apix * table.box / work
+            result = run_ab_initio(work_images, halves, work_apix, passes=AB_INITIO_PASSES, ctf=ctf, seed=seed,
+                                   device=dev, callback=lambda label, *_: logger.info("ab initio: %s done", label))
+            rotations, origins = result.poses.rotations.clone(), result.poses.origins_angstrom.clone()
+            ab_initio_s = time.perf_counter() - t1
+            # result.accumulator is the back-projection of the working-box images at their best poses
+            acc = _next_map("ab-initio", modes, table, dev, chunk, rotations, origins, halves, ctf,
+                            done=result.accumulator if work == table.box else None)
+            local_rounds = max(1, local_rounds)  # ab initio's poses are capped at its own small box
+        for _ in range(local_rounds):
+            rotations, origins, scores, spread = _match_all(acc, table.apix, settings, dev, chunk, work_images,
+                                                            halves, rotations, origins, "local")
+            acc = _next_map("local", modes, table, dev, chunk, rotations, origins, halves, ctf)
         extra[SCORE_COLUMN], extra[SPREAD_COLUMN] = scores.double().numpy(), spread.double().numpy()
         refine_s = time.perf_counter() - t0
 
@@ -198,25 +232,69 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
         insert_seconds=poses.insert_seconds, total_seconds=time.perf_counter() - start,
         mirrored_passes=poses.mirrored,
         anchor_disagreement_degrees=float(finite.mean()) if len(finite) else float("nan"), outputs=outputs,
-        refine_seconds=refine_s, refine_modes=modes, network_won_fraction=won)
+        refine_seconds=refine_s, refine_modes=modes, network_won_fraction=won, ab_initio_seconds=ab_initio_s)
 
 
-def _round_mode(round_index: int, rounds: int, poses_from: str, won: float | None) -> str:
-    """Matching mode of refinement round ``round_index`` (module docstring)."""
-    if poses_from == "network" and round_index == 0:
-        return "best"
-    informative = poses_from == "network" and won is not None and won >= 0.5
-    if informative or (round_index == rounds - 1 and rounds > 1):
-        return "local"
-    return "global"
+def _match_all(acc: HalfSetAccumulator, apix: float, settings: RefineSettings, dev: torch.device, chunk: int,
+               work_images: torch.Tensor, halves: torch.Tensor, rotations: torch.Tensor, origins: torch.Tensor,
+               mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round of projection matching of every particle against the half maps of ``acc``.
+
+    Parameters
+    ----------
+    acc: HalfSetAccumulator
+        The current half maps (at the input's box, pixel size ``apix`` Å).
+    apix: float
+        Pixel size of the maps (Å).
+    settings: RefineSettings
+        Matching settings (working box ``W``).
+    dev: torch.device
+        Where matching runs.
+    chunk: int
+        Particles matched at once (bounds memory).
+    work_images: torch.Tensor
+        `(n, W, W)` float32 particles at the working box.
+    halves: torch.Tensor
+        `(n,)` half sets (1 or 2).
+    rotations, origins: torch.Tensor
+        `(n, 3, 3)` float64 RELION matrices and `(n, 2)` float64 rlnOriginX/YAngst (Å) to start from
+        (not modified).
+    mode: str
+        ``"local"`` or ``"best"`` (:meth:`RefinementReference.match`).
+
+    Returns
+    -------
+    rotations, origins, scores, spread: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+        New `(n, 3, 3)` matrices, `(n, 2)` origins (Å), `(n,)` best NCC and `(n,)` angular spread (degrees).
+    """
+    ref = RefinementReference(acc.half_volumes(), apix, acc.resolution_angstrom(), settings, dev)
+    n = len(halves)
+    rotations, origins = rotations.clone(), origins.clone()
+    scores, spread = torch.empty(n), torch.empty(n)
+    for first in range(0, n, chunk):  # vectorised within a chunk; chunks bound memory
+        part = slice(first, min(n, first + chunk))
+        match, new_origins = ref.match(work_images[part], halves[part], rotations[part], origins[part], mode)
+        rotations[part], origins[part] = match.rotations, new_origins
+        scores[part], spread[part] = match.scores, match.spread_degrees
+    return rotations, origins, scores, spread
+
+
+def _next_map(step: str, modes: list[str], table: ParticleTable, dev: torch.device, chunk: int,
+              rotations: torch.Tensor, origins: torch.Tensor, halves: torch.Tensor, ctf,  # noqa: ANN001
+              done: HalfSetAccumulator | None = None) -> HalfSetAccumulator:
+    """Record refinement step ``step`` in ``modes`` and return the full-box map of its poses (``done`` if given)."""
+    modes.append(step)
+    acc = done if done is not None else _backproject(table, dev, chunk, rotations, origins, halves, ctf)
+    logger.info("refinement step %d (%s): %.2f Å", len(modes), step, acc.resolution_angstrom())
+    return acc
 
 
 @dataclass
 class _Poses:
     """Starting poses of every particle and how they were obtained."""
 
-    rotations: torch.Tensor  # (n, 3, 3) float64
-    origins: torch.Tensor  # (n, 2) float64 Å
+    rotations: torch.Tensor | None  # (n, 3, 3) float64; None: none yet (map-only)
+    origins: torch.Tensor | None  # (n, 2) float64 Å
     confidence: torch.Tensor  # (n,) network confidence (0: none)
     reference_row: int = -1
     pose_seconds: float = 0.0
@@ -236,22 +314,13 @@ def _backproject(table: ParticleTable, dev: torch.device, chunk: int, rotations:
     return acc
 
 
-def _random_poses(table: ParticleTable, dev: torch.device, chunk: int, seed: int, ctf, halves: torch.Tensor,  # noqa: ANN001
-                  work_images: torch.Tensor | None) -> tuple[HalfSetAccumulator, _Poses]:
-    """SO(3)-uniform random rotations and zero shifts (map-only start), inserted; working-box images kept."""
+def _read_working_images(table: ParticleTable, chunk: int, work_images: torch.Tensor) -> _Poses:
+    """Read every particle into ``work_images`` `(n, W, W)` (Fourier-cropped), ``chunk`` at a time; no poses yet."""
     n = len(table)
-    rotations = random_rotations(n, torch.Generator().manual_seed(seed))
-    origins = torch.zeros(n, 2, dtype=torch.float64)
-    acc = HalfSetAccumulator(table.box, table.apix, device=dev)
-    t0 = time.perf_counter()
     for first in range(0, n, chunk):
         rows = np.arange(first, min(n, first + chunk))
-        images = read_finite_images(table, rows)
-        if work_images is not None:
-            work_images[rows] = to_working_box(images, work_images.shape[-1])
-        acc.add(images, rotations[rows], origins[rows], halves[rows],
-                None if ctf is None else ctf[torch.as_tensor(rows)])
-    return acc, _Poses(rotations, origins, torch.zeros(n), insert_seconds=time.perf_counter() - t0)
+        work_images[rows] = to_working_box(read_finite_images(table, rows), work_images.shape[-1])
+    return _Poses(None, None, torch.zeros(n))
 
 
 def _network_poses(table: ParticleTable, dev: torch.device, views: int, weights: Path | None, chunk: int,
