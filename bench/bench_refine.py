@@ -112,7 +112,8 @@ def stream(stacks: list[Path], n: int, root: Path, args: argparse.Namespace, **o
     return {"wall_s": wall, "polish_s": polish, "stages_ms": stage_ms_per_particle(daemon, n), "out": out,
             "watch": watch,
             "refined": status["particles_refined"], "reposed": status["particles_reposed"],
-            "network_informative": status["refinement"]["network_informative"]}
+            "network_informative": status["refinement"]["network_informative"],
+            "phase": status["refinement"]["phase"]}
 
 
 def true_pose_map(star: Path, truth_table, apix: float) -> tuple[torch.Tensor, float]:  # noqa: ANN001
@@ -147,7 +148,8 @@ def run_molecule(name: str, atoms, k: int, args: argparse.Namespace, root: Path)
                      "half_map_fsc0143_angstrom": float(history[2]), "wall_s": figures["wall_s"],
                      "polish_s": figures["polish_s"],
                      "ms_per_particle": figures["stages_ms"], "refined": figures["refined"],
-                     "reposed": figures["reposed"], "network_informative": figures["network_informative"]})
+                     "reposed": figures["reposed"], "network_informative": figures["network_informative"],
+                     "phase": figures["phase"]})
         print(_line(rows[-1]), flush=True)
     t0 = time.perf_counter()
     volume, resolution = true_pose_map(star, truth, apix)
@@ -161,7 +163,7 @@ def run_molecule(name: str, atoms, k: int, args: argparse.Namespace, root: Path)
 
 def _line(row: dict) -> str:
     stages = " ".join(f"{k} {v:.2f}" for k, v in sorted(row["ms_per_particle"].items()) if k != "checkpoint")
-    return (f"{row['molecule']:<24}{row['poses']:<14}{row['median_geodesic_degrees']:>9.1f}"
+    return (f"{row['molecule']:<24}{row['poses']:<14}{row.get('phase', '-'):<10}{row['median_geodesic_degrees']:>9.1f}"
             f"{row['fsc05_vs_truth_angstrom']:>10.1f}{row['half_map_fsc0143_angstrom']:>9.1f}{row['wall_s']:>8.0f}"
             f"{row['polish_s']:>9.0f}  "
             f"{stages}")
@@ -185,8 +187,8 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}; {args.n} particles, box {args.box}, "
           f"SNR {args.snr}")
-    print(f"{'molecule':<24}{'poses':<14}{'med geo°':>9}{'FSC.5 Å':>10}{'half Å':>9}{'wall s':>8}{'polish s':>9}  "
-          "ms/particle by stage")
+    print(f"{'molecule':<24}{'poses':<14}{'phase':<10}{'med geo°':>9}{'FSC.5 Å':>10}{'half Å':>9}{'wall s':>8}"
+          f"{'polish s':>9}  ms/particle by stage")
     rows = []
     for k, seed in enumerate(SEEDS[: args.molecules]):  # held-out monomers (no symmetry to confuse the errors)
         name, atoms = f"procedural-{seed}", procedural_molecule(seed)
