@@ -16,46 +16,15 @@ import time
 
 import torch
 from cryofastar.model.evaluation import apply_alignment_to_rotations, pose_errors
-from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
+from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ab_initio import AbInitioSettings, run_ab_initio
+from cryofastar.recon.map_alignment import resolution_vs_reference
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
 
 # held-out seeds (>= 1e9) whose molecules are monomers (no Cn symmetry): procedural.py draws
 # the oligomer order right after the size; checked with the same rng sequence
 SEEDS = (1_000_000_005, 1_000_000_003, 1_000_000_000)
-
-
-def _centre_on(volume: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """``volume`` translated to best overlap ``truth`` (cross-correlation peak, parabolic sub-voxel)."""
-    box = volume.shape[0]
-    cc = torch.fft.irfftn(torch.fft.rfftn(truth) * torch.fft.rfftn(volume).conj(), s=volume.shape)
-    peak = torch.tensor(divmod(divmod(int(cc.argmax()), box)[0], box) + (int(cc.argmax()) % box,))
-    shift = []
-    for axis in range(3):
-        idx = [int(i) for i in peak]
-        values = []
-        for d in (-1, 0, 1):
-            j = list(idx)
-            j[axis] = (j[axis] + d) % box
-            values.append(float(cc[tuple(j)]))
-        curvature = values[0] - 2 * values[1] + values[2]
-        offset = 0.5 * (values[0] - values[2]) / curvature if curvature < 0 else 0.0
-        s = float(peak[axis]) + max(-0.5, min(0.5, offset))
-        shift.append(s - box if s > box / 2 else s)
-    k = [torch.fft.fftfreq(box), torch.fft.fftfreq(box), torch.fft.rfftfreq(box)]
-    kz, ky, kx = torch.meshgrid(*k, indexing="ij")
-    phase = -2 * torch.pi * (kz * shift[0] + ky * shift[1] + kx * shift[2])
-    return torch.fft.irfftn(torch.fft.rfftn(volume) * torch.polar(torch.ones_like(phase), phase), s=volume.shape)
-
-
-def resolution_vs_truth(volume: torch.Tensor, truth: torch.Tensor, apix: float) -> float:
-    """FSC-0.5 resolution (Å) against the true map or its mirror, whichever is better.
-
-    The volume is first translated onto the map it is compared with (an ab initio map's
-    centre is free).
-    """
-    return min(resolution_at_threshold(fsc(_centre_on(volume, t), t), apix, 0.5) for t in (truth, truth.flip(0)))
 
 
 def main() -> None:
@@ -104,8 +73,8 @@ def main() -> None:
         print(f"molecule {seed}: wall {wall:.1f} s ({1e3 * wall / args.n:.2f} ms/particle), "
               f"median error {geo.median():.1f}° (<15°: {100 * (geo < 15).float().mean():.0f}%), "
               f"shift error {errors.translation_px.median():.2f} px, "
-              f"FSC0.5 vs truth {resolution_vs_truth(aligned.volume(), truth, args.apix):.1f} Å "
-              f"(true poses {resolution_vs_truth(true_map.volume(), truth, args.apix):.1f} Å), "
+              f"FSC0.5 vs truth {resolution_vs_reference(aligned.volume(), truth, args.apix):.1f} Å "
+              f"(true poses {resolution_vs_reference(true_map.volume(), truth, args.apix):.1f} Å), "
               f"half-map FSC0.143 {result.accumulator.resolution_angstrom():.1f} Å", flush=True)
         for h in result.history:
             change = f", median change {h['median_change_degrees']:.1f}°" if "median_change_degrees" in h else ""

@@ -46,33 +46,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
-from cryofastar.model.evaluation import apply_alignment_to_rotations
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.io import read_particles
+from cryofastar.recon.map_alignment import resolution_vs_reference
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, write_session
 
 from cryofastar.commands import evaluate
 from cryofastar.commands.backproject import read_finite_images
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ab_initio import SEEDS, resolution_vs_truth  # noqa: E402 - a sibling script
+from bench_ab_initio import SEEDS  # noqa: E402 - a sibling script
 
 MODES = {"network only": {"refine": False}, "refined": {}, "map only": {"poses_from": "map-only"}}
-
-
-def aligned_map(star: Path, alignment, box: int, apix: float) -> torch.Tensor:  # noqa: ANN001 - Alignment
-    """Map of a particle set rebuilt with its poses moved into the true frame (evaluate's global alignment).
-
-    An ab initio map lives in its own frame (a global rotation and the hand are free), so
-    it is compared with the truth only after this; :func:`resolution_vs_truth` then also
-    translates it onto the truth (its centre is free too).
-    """
-    table = read_particles(star)
-    acc = HalfSetAccumulator(box, apix, interpolation="nearest")
-    rows = np.arange(len(table))
-    acc.add(read_finite_images(table, rows), apply_alignment_to_rotations(table.rotations(), alignment),
-            table.origins_angstrom(), table.half_sets())
-    return acc.volume()
 
 
 def stage_ms_per_particle(daemon: Daemon, n: int) -> dict[str, float]:
@@ -138,13 +123,13 @@ def run_molecule(name: str, atoms, k: int, args: argparse.Namespace, root: Path)
         truth_here = figures["watch"] / "truth.star"  # the true poses naming this run's copies of the stacks
         shutil.copy(star, truth_here)
         errors = evaluate.main(figures["out"] / "particles.star", truth_here)
-        volume = aligned_map(figures["out"] / "particles.star", errors.predicted.alignment, args.box, apix)
+        volume, _ = evaluate.map_in_true_frame(figures["out"] / "particles.star", errors.predicted.alignment)
         history = (figures["out"] / "fsc_history.tsv").read_text().strip().splitlines()[-1].split("\t")
         rows.append({"molecule": name, "apix": apix, "poses": mode,
                      "median_geodesic_degrees": errors.predicted.geodesic_median_degrees,
                      "chance_geodesic_degrees": errors.chance.geodesic_median_degrees,
                      "median_shift_px": errors.predicted.translation_median_px,
-                     "fsc05_vs_truth_angstrom": resolution_vs_truth(volume, truth_map, apix),
+                     "fsc05_vs_truth_angstrom": resolution_vs_reference(volume, truth_map, apix),
                      "half_map_fsc0143_angstrom": float(history[2]), "wall_s": figures["wall_s"],
                      "polish_s": figures["polish_s"],
                      "ms_per_particle": figures["stages_ms"], "refined": figures["refined"],
@@ -154,7 +139,7 @@ def run_molecule(name: str, atoms, k: int, args: argparse.Namespace, root: Path)
     t0 = time.perf_counter()
     volume, resolution = true_pose_map(star, truth, apix)
     rows.append({"molecule": name, "apix": apix, "poses": "true poses", "median_geodesic_degrees": 0.0,
-                 "fsc05_vs_truth_angstrom": resolution_vs_truth(volume, truth_map, apix),
+                 "fsc05_vs_truth_angstrom": resolution_vs_reference(volume, truth_map, apix),
                  "half_map_fsc0143_angstrom": resolution, "wall_s": time.perf_counter() - t0, "polish_s": 0.0,
                  "ms_per_particle": {}})
     print(_line(rows[-1]), flush=True)

@@ -255,7 +255,8 @@ def test_demo_runs_a_simulated_session_to_a_map(tmp_path):
                              "3.0", "--rate", "400", "--no-live", "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "0"],
                             capture_output=True, text=True, env=ENV, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
-    assert "240 particles in the map" in result.stdout and "FSC 0.5 against the true map" in result.stdout
+    assert "240 particles in the map" in result.stdout and "median pose error" in result.stdout
+    assert "against the true map" in result.stdout
     volume, apix = read_volume(tmp_path / "cryofastar" / "volume.mrc")
     assert volume.shape == (48, 48, 48) and apix == pytest.approx(3.0)
     assert not (tmp_path / "cryofastar" / "rejected.tsv").exists()  # the true map beside the stacks is skipped

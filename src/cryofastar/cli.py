@@ -290,6 +290,7 @@ def demo(
     zmq: Annotated[str, typer.Option(help="ZeroMQ PUB endpoint the daemon publishes on.")] = "tcp://127.0.0.1:5555",
     metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port (0: any free port; -1: none).")] = 9108,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Live terminal table (--no-live: a line every 5 s).")] = True,
+    polish: Annotated[float, typer.Option(help="Seconds the daemon may go on refining after the last particle, until it has converged.")] = 180.0,
 ) -> None:
     """Simulate a live microscope session and run the daemon on it (the README's first command)."""
     from cryofastar.commands import demo as command
@@ -297,7 +298,8 @@ def demo(
 
     try:
         command.main(out, n, box, apix, snr, rate, seed=seed, device=device, zmq=zmq,
-                     metrics_port=None if metrics_port < 0 else metrics_port, live=live, echo=typer.echo)
+                     metrics_port=None if metrics_port < 0 else metrics_port, live=live, echo=typer.echo,
+                     polish=polish)
     except (ParticleFileError, ValueError, PublisherError, OSError) as exc:
         raise _fail(str(exc)) from None
     except RuntimeError as exc:

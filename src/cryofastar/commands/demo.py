@@ -10,8 +10,12 @@ the evaluation seed range, never trained on) into ``OUT/session/`` at ``--rate``
 particles per second, the way acquisition software does (temporary name, then rename).
 The daemon (:mod:`cryofastar.daemon.pipeline`) watches that directory, exactly as
 ``cryofastar-stream --watch`` would, and writes its outputs to ``OUT/cryofastar/``.
-A live terminal table shows particles, rate, resolution and queues; at the end the
-map is compared with the true one (FSC) and the output paths are printed.
+A live terminal table shows particles, rate, resolution, refinement and queues. After
+the last particle the daemon goes on refining (re-posing against the improving map)
+until it has converged or ``--polish`` seconds have passed, as it would between
+bursts of a real session. At the end the poses are compared with the true ones (median
+error after one global alignment, as ``cryofastar-stream evaluate`` does) and the map,
+rebuilt in the true frame, with the true map (FSC 0.5), and the output paths are printed.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryofastar.commands import evaluate
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
 from cryofastar.model.training_data import EVAL_SEED_START
-from cryofastar.recon.fsc import fsc, resolution_at_threshold
 from cryofastar.recon.io import read_volume
+from cryofastar.recon.map_alignment import resolution_vs_reference
 from cryofastar.recon.simulate.potential import atoms_to_volume
 from cryofastar.recon.simulate.procedural import procedural_molecule
 from cryofastar.recon.simulate.session import write_session
@@ -45,6 +50,8 @@ class DemoResult:
     resolution_angstrom: float
     fsc_true_map_angstrom: float
     seconds: float
+    pose_error_degrees: float = float("nan")
+    chance_error_degrees: float = float("nan")
 
 
 def _table(daemon: Daemon, written: int, n: int, started: float):  # noqa: ANN202 - rich types
@@ -59,6 +66,7 @@ def _table(daemon: Daemon, written: int, n: int, started: float):  # noqa: ANN20
     table.add_row("particles in the map", str(s["particles_in_map"]))
     table.add_row("throughput", f"{s['particles_per_second']:.0f} particles/s")
     table.add_row("resolution (half-map FSC 0.143)", "—" if res is None else f"{res:.1f} Å")
+    table.add_row("refinement", _refinement_line(s))
     table.add_row("queues (files / chunks / posed)", f"{queues['files']} / {queues['chunks']} / {queues['posed']}")
     table.add_row("rejected files", str(s["files_rejected"]))
     table.add_row("outputs", str(daemon.out))
@@ -68,13 +76,22 @@ def _table(daemon: Daemon, written: int, n: int, started: float):  # noqa: ANN20
     return table
 
 
+def _refinement_line(status: dict) -> str:
+    r = status["refinement"]
+    phase = {"off": "off", "waiting": "waiting for enough particles", "probe": "probing the network",
+             "ab-initio": "map-only ab initio", "local": "local refinement"}.get(r["phase"], r["phase"])
+    return f"{phase}; {status['particles_refined']} refined, {status['particles_reposed']} re-posed"
+
+
 def main(out: Path | None = None, n: int = 4000, box: int = 96, apix: float = 2.0, snr: float = 0.5,
          rate: float = 100.0, per_stack: int = 200, seed: int = 0, device: str = "auto",
          zmq: str = "tcp://127.0.0.1:5555", metrics_port: int | None = 9108, live: bool = True,
-         echo=print) -> DemoResult:  # noqa: ANN001
+         echo=print, polish: float = 180.0) -> DemoResult:  # noqa: ANN001
     """Run the demo (see module docstring) and return its figures."""
     if n < 1 or rate <= 0 or per_stack < 1:
         raise ValueError("--n, --rate and --per-stack must be positive")
+    if polish < 0:
+        raise ValueError(f"--polish must be >= 0 seconds, got {polish}")
     started = time.monotonic()
     directory = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cryofastar-demo-"))
     session, outputs = directory / "session", directory / "cryofastar"
@@ -101,7 +118,7 @@ def main(out: Path | None = None, n: int = 4000, box: int = 96, apix: float = 2.
     simulator = threading.Thread(target=microscope, name="demo-microscope", daemon=True)
     simulator.start()
     try:
-        _follow(daemon, simulator, written, n, started, live, echo)
+        _follow(daemon, simulator, written, n, started, live, echo, polish)
     finally:
         daemon.stop()
     if failure:
@@ -110,23 +127,35 @@ def main(out: Path | None = None, n: int = 4000, box: int = 96, apix: float = 2.
         raise RuntimeError(f"the pipeline failed: {daemon.errors[0]}")
     st = daemon.state
     resolution = st.fsc_history[-1][2] if st.fsc_history else float("nan")
-    truth, _ = read_volume(session / "reference.mrc")
-    mapped, _ = read_volume(outputs / "volume.mrc")
-    true_fsc = resolution_at_threshold(fsc(mapped, truth), apix, 0.5)
     seconds = time.monotonic() - started
-    echo(f"done in {seconds:.0f} s: {st.n_particles} particles in the map; half-map FSC 0.143: {resolution:.1f} Å; "
-         f"FSC 0.5 against the true map: {true_fsc:.1f} Å")
+    truth, _ = read_volume(session / "reference.mrc")
+    errors = evaluate.main(outputs / "particles.star", session / "particles.star")
+    aligned, _ = evaluate.map_in_true_frame(outputs / "particles.star", errors.predicted.alignment,
+                                            device=daemon.device)
+    true_fsc = resolution_vs_reference(aligned, truth, apix, 0.5)
+    echo(f"done in {seconds:.0f} s: {st.n_particles} particles in the map; half-map FSC 0.143: {resolution:.1f} Å")
+    echo(f"against the truth: median pose error {errors.predicted.geodesic_median_degrees:.1f}° (random poses: "
+         f"{errors.chance.geodesic_median_degrees:.0f}°); FSC 0.5 of the map (in the true frame) against the true "
+         f"map: {true_fsc:.1f} Å")
     echo(f"map: {outputs / 'volume.mrc'}  poses: {outputs / 'particles.star'}  true map: {session / 'reference.mrc'}")
-    return DemoResult(directory, st.n_particles, resolution, true_fsc, seconds)
+    return DemoResult(directory, st.n_particles, resolution, true_fsc, seconds,
+                      errors.predicted.geodesic_median_degrees, errors.chance.geodesic_median_degrees)
 
 
 def _follow(daemon: Daemon, simulator: threading.Thread, written: list[int], n: int, started: float, live: bool,
-            echo) -> None:  # noqa: ANN001
-    """Show progress until the microscope is done and the daemon has taken everything."""
+            echo, polish: float) -> None:  # noqa: ANN001
+    """Show progress until the microscope is done, the daemon has taken everything and refinement settled."""
+    taken_at: list[float] = []
 
     def finished() -> bool:
-        return not simulator.is_alive() and daemon.wait_idle(0.2) and bool(daemon.errors or
-                                                                            daemon.state.n_particles >= written[0])
+        if not taken_at:
+            if not (not simulator.is_alive() and daemon.wait_idle(0.2)
+                    and bool(daemon.errors or daemon.state.n_particles >= written[0])):
+                return False
+            taken_at.append(time.monotonic())
+        r = daemon.refiner
+        settled = r.phase in ("off", "waiting") or (r.phase == "local" and r.converged)
+        return bool(daemon.errors) or settled or time.monotonic() - taken_at[0] >= polish
 
     if live:
         from rich.live import Live
@@ -143,5 +172,6 @@ def _follow(daemon: Daemon, simulator: threading.Thread, written: list[int], n: 
             s = daemon.status()
             res = s["resolution_angstrom"]
             echo(f"{time.monotonic() - started:5.0f} s  written {written[0]}/{n}  in map {s['particles_in_map']}  "
-                 f"{s['particles_per_second']:.0f}/s  resolution {'—' if res is None else f'{res:.1f} Å'}")
+                 f"{s['particles_per_second']:.0f}/s  resolution {'—' if res is None else f'{res:.1f} Å'}  "
+                 f"refinement: {_refinement_line(s)}")
             last = time.monotonic()

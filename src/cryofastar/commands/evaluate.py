@@ -23,11 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryofastar.model.evaluation import PoseErrors, chance_level, pose_errors
+from cryofastar.model.evaluation import Alignment, PoseErrors, apply_alignment_to_rotations, chance_level, pose_errors
+from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.io import ParticleTable, read_particles
 from cryofastar.recon.io.atomic import atomic_path
 
+from .backproject import read_finite_images
 from .reconstruct import NETWORK_COLUMNS
 
 CONFIDENCE_COLUMN = "rlnCryofastarConfidence"
@@ -119,6 +121,30 @@ def main(pred: Path, truth: Path, json_out: Path | None = None, apix: float | No
         with atomic_path(json_out) as tmp:
             tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+def map_in_true_frame(pred: Path, alignment: Alignment, interpolation: str = "nearest",
+                      device: str | torch.device = "cpu", chunk: int = 2048) -> tuple[torch.Tensor, float]:
+    """Back-project a predicted particle set with its poses moved into the true frame.
+
+    An ab initio map lives in its own frame; with the global rotation and hand that
+    :func:`main` fits (``result.predicted.alignment``) the map is rebuilt in the true frame,
+    so it can be compared with the true map
+    (:func:`~cryofastar.recon.map_alignment.resolution_vs_reference` also fixes its centre).
+
+    Returns
+    -------
+    volume, apix: tuple[torch.Tensor, float]
+        `(B, B, B)` map [z, y, x] and its pixel size (Å).
+    """
+    table = read_particles(pred)
+    rotations = apply_alignment_to_rotations(table.rotations(), alignment)
+    origins, halves = table.origins_angstrom(), table.half_sets()
+    acc = HalfSetAccumulator(table.box, table.apix, interpolation=interpolation, device=device)
+    for first in range(0, len(table), chunk):
+        rows = np.arange(first, min(len(table), first + chunk))
+        acc.add(read_finite_images(table, rows), rotations[rows], origins[rows], halves[rows])
+    return acc.volume(), table.apix
 
 
 def _fmt(value: float | None, digits: int) -> str:
