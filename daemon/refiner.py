@@ -15,9 +15,10 @@ Rules (docs/refinement.md):
   (:class:`~cryofastar.recon.ab_initio.AbInitio`) bootstrapped on the oldest
   ``seed_particles`` of the map (:func:`~cryofastar.recon.ab_initio.run_ab_initio`,
   blocking once; the pipeline holds back meanwhile, nothing is lost), then fed every
-  new pass and re-posing the map's particles least recently posed first. Once its band
-  has reached its final resolution and every particle was posed at that band, the
-  session moves to ``local``: new passes are refined locally (network informative) or
+  new pass and re-posing the map's particles least recently posed first. Once its
+  resolution schedule has run out (its band is then as fine as the schedule and its
+  internal FSC allow) and every particle was posed after that, the session moves to
+  ``local``: new passes are refined locally (network informative) or
   searched globally then refined (not), re-posed particles locally, always against the
   particle's own half map.
 - **Re-posing.** After each refined pass, up to ``repose_per_pass`` particles already in
@@ -262,16 +263,15 @@ class StreamingRefiner:
                     soft.set(where, self.ab.repose(small[where], halves[where], self._soft[torch.as_tensor(
                         rows[mask])], part_ctf) if again else self.ab.add(small[where], halves[where], part_ctf))
             self.version += 1  # every ab step is a new map: particles least recently posed go first
-            if self._final_band_version is None and \
-                    self.ab.resolution_angstrom <= self.ab_settings.final_resolution_angstrom + 0.5:
-                self._final_band_version = self.version
+            if self._final_band_version is None and self.ab.poses_done >= self.ab_settings.schedule_particles:
+                self._final_band_version = self.version  # the band is as fine as the schedule and the FSC allow
             return self._soft_result(soft, rows)
         assert self.reference is not None
         match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, "local")
         return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, "local", self.version)
 
     def maybe_finish_ab_initio(self, refined: np.ndarray) -> bool:
-        """Move from ``ab-initio`` to ``local`` once every particle was posed at the final band (module docstring)."""
+        """Move from ``ab-initio`` to ``local`` once every particle was posed after the schedule ran out."""
         if self.phase != "ab-initio" or self._final_band_version is None or len(refined) == 0:
             return False
         if int(refined.min()) < self._final_band_version:

@@ -98,7 +98,12 @@ def test_refinement_starts_with_enough_particles_and_probes_the_network(tmp_path
     assert again.mode == "ab-initio" and again.version > started.version and len(again.soft) == 16
     new = bad.refine(sim.images[:4], half_sets[:4], random_poses[:4], torch.zeros(4, 2))
     assert new.mode == "ab-initio" and new.rotations.shape == (4, 3, 3)
-    assert not bad.maybe_finish_ab_initio(np.full(16, again.version))  # its band is not final yet
+    assert not bad.maybe_finish_ab_initio(np.full(16, again.version))  # its schedule has not run out
+    bad.ab.poses_done = bad.ab_settings.schedule_particles  # as if it had
+    last = bad.repose(sim.images, half_sets, again.rotations, again.origins_angstrom, None, rows)
+    assert not bad.maybe_finish_ab_initio(np.full(16, again.version))  # not every particle posed since
+    assert bad.maybe_finish_ab_initio(np.full(16, last.version))
+    assert bad.phase == "local" and bad.ab is None and bad.reference is None and bad.wants_reference(16)
 
 
 def test_images_are_read_again_per_stack(tmp_path):
