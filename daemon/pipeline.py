@@ -110,6 +110,8 @@ class Daemon:
         self._sets_per_pass = 4 if self.device.type == "cuda" else 1  # passes per forward call
         self.model = self._load_model()
         self.refiner = StreamingRefiner(s, self.device)
+        if s.refine and self.state.counters.get("refinement_local"):
+            self.refiner.phase = "local"  # a restart of a session past its ab initio: no second bootstrap
         self._random = torch.Generator().manual_seed(0)  # poses before refinement starts, map-only sessions
         self.metrics = DaemonMetrics()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -573,6 +575,7 @@ class Daemon:
         if self.state.accumulator is None:
             return
         t0 = time.perf_counter()
+        self.state.counters["refinement_local"] = int(self.refiner.phase == "local")
         self.state.write_particles(self.out)
         self.state.save(self.out / CHECKPOINT_NAME)
         self._last_checkpoint = time.monotonic()
