@@ -266,12 +266,15 @@ def test_watch_help_explains_every_option_and_bad_options_fail_cleanly(tmp_path)
     help_text = subprocess.run([str(SCRIPT), "watch", "--help"], capture_output=True, text=True, env=ENV,
                                timeout=120, check=False).stdout
     for option in ("--out", "--zmq", "--metrics-port", "--device", "--batch", "--apix", "--poll", "--settle",
-                   "--flush", "--interpolation", "--weights"):
+                   "--flush", "--interpolation", "--weights", "--poses-from", "--refine", "--refine-after",
+                   "--repose-per-pass", "--refine-box"):
         assert option in help_text
     assert "Å" in help_text and "seconds" in help_text.lower()
     for args, message in ((["--watch", str(tmp_path / "missing")], "not an existing directory"),
                           (["--watch", str(tmp_path), "--batch", "2"], "--batch must be at least 3"),
-                          (["--watch", str(tmp_path), "--poll", "0"], "--poll must be positive")):
+                          (["--watch", str(tmp_path), "--poll", "0"], "--poll must be positive"),
+                          (["--watch", str(tmp_path), "--poses-from", "oracle"], "--poses-from must be network or"),
+                          (["--watch", str(tmp_path), "--poses-from", "map-only", "--no-refine"], "needs refinement")):
         result = subprocess.run([str(SCRIPT), *args, "--metrics-port", "-1", "--zmq", "tcp://127.0.0.1:0"],
                                 capture_output=True, text=True, env=ENV, timeout=120, check=False)
         assert result.returncode == 2 and result.stderr.strip().startswith("error:") and message in result.stderr
