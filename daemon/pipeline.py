@@ -110,8 +110,6 @@ class Daemon:
         self._sets_per_pass = 4 if self.device.type == "cuda" else 1  # passes per forward call
         self.model = self._load_model()
         self.refiner = StreamingRefiner(s, self.device)
-        if s.refine and self.state.counters.get("refinement_local"):
-            self.refiner.phase = "local"  # a restart of a session past its ab initio: no second bootstrap
         self._random = torch.Generator().manual_seed(0)  # poses before refinement starts, map-only sessions
         self.metrics = DaemonMetrics()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +119,8 @@ class Daemon:
             logger.info("resuming %s: %d particles in the map", checkpoint, self.state.n_particles)
         else:
             self.state = SessionState()
+        if s.refine and self.state.counters.get("refinement_local"):
+            self.refiner.phase = "local"  # a restart of a session past its ab initio: no second bootstrap
         self.taken = self.state.journal.copy()  # reader's view: accumulated + in flight
         self.geometry = self.state.geometry
         self.frame: SessionFrame | None = None

@@ -115,3 +115,14 @@ def test_images_are_read_again_per_stack(tmp_path):
     assert torch.equal(got, torch.stack([-images[1], images[4], -images[0]]))
     with pytest.raises(ParticleFileError):
         read_stack_rows(names, np.array([0]), np.array([9]))
+
+
+def test_a_session_restarted_past_its_ab_initio_resumes_in_the_local_phase(tmp_path):
+    from cryofastar.daemon.pipeline import Daemon
+    from cryofastar.daemon.state import CHECKPOINT_NAME, SessionState
+
+    settings = _settings(tmp_path, poses_from="map-only", metrics_port=None)
+    assert Daemon(settings).refiner.phase == "waiting"  # a new session
+    (tmp_path / "out").mkdir(exist_ok=True)
+    SessionState(counters={"refinement_local": 1}).save(tmp_path / "out" / CHECKPOINT_NAME)
+    assert Daemon(settings).refiner.phase == "local"
