@@ -28,7 +28,7 @@ from .map_slices import MapSlicer
 from .orientation_grids import global_rotation_grid
 from .projection_matching import PoseMatch, refine_local, search_global
 
-__all__ = ["RefineSettings", "RefinementReference", "band_limit", "refine_half_sets", "to_working_box"]
+__all__ = ["RefineSettings", "RefinementReference", "band_limit", "to_working_box"]
 
 
 @dataclass(frozen=True)
@@ -217,11 +217,3 @@ class RefinementReference:
             out.scores[members], out.spread_degrees[members] = match.scores, match.spread_degrees
         return out
 
-
-def refine_half_sets(images: torch.Tensor, half_sets: torch.Tensor, half_volumes: torch.Tensor, apix: float,
-                     rotations: torch.Tensor | None, origins_angstrom: torch.Tensor,
-                     resolution_angstrom: float | None, settings: RefineSettings | None = None, mode: str = "local",
-                     device: torch.device | str = "cpu") -> tuple[PoseMatch, torch.Tensor]:
-    """One-shot :meth:`RefinementReference.match` (builds the reference from ``half_volumes`` `(2, B, B, B)`)."""
-    reference = RefinementReference(half_volumes, apix, resolution_angstrom, settings, device)
-    return reference.match(images, half_sets, rotations, origins_angstrom, mode)
