@@ -119,6 +119,8 @@ def run_molecule(name: str, atoms, k: int, args: argparse.Namespace, root: Path)
     truth = read_particles(star)
     rows = []
     for mode, options in MODES.items():
+        if mode not in args.modes:
+            continue
         figures = stream(stacks, args.n, root / mode.replace(" ", "-"), args, **options)
         truth_here = figures["watch"] / "truth.star"  # the true poses naming this run's copies of the stacks
         shutil.copy(star, truth_here)
@@ -164,6 +166,8 @@ def main() -> None:
                         help="held-out procedural seeds (default: the first --molecules of bench_ab_initio.SEEDS)")
     parser.add_argument("--fill", type=float, default=0.6, help="molecule diameter / box")
     parser.add_argument("--per-stack", type=int, default=500)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), metavar="MODE",
+                        help=f"daemon runs to make (default: all of {', '.join(MODES)})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--polish", type=float, default=120.0,
                         help="seconds the daemon may go on re-posing after the last particle (until converged)")
