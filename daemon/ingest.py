@@ -152,23 +152,36 @@ class ParticlePlan:
         """
         for start in range(0, len(self), size):
             rows = np.arange(start, min(len(self), start + size))
-            stacks, indices = self.stacks[rows], self.indices[rows]
-            images = None
-            for stack in np.unique(stacks):  # one read per stack, not per particle
-                where = np.nonzero(stacks == stack)[0]
-                try:
-                    block = read_images(stack, indices[where])
-                except ParticleFileError as exc:
-                    raise Rejected(str(exc)) from None
-                if images is None:
-                    images = torch.empty((len(rows), *block.shape[1:]), dtype=torch.float32)
-                images[torch.as_tensor(where)] = block
-            assert images is not None
+            try:
+                images = read_particle_images(self.stacks[rows], self.indices[rows])
+            except ParticleFileError as exc:
+                raise Rejected(str(exc)) from None
             finite = torch.isfinite(images).all(dim=(-2, -1))
             keep = torch.as_tensor(rows)[finite]
             yield ParticleChunk(self.source, self.stacks[keep.numpy()], self.indices[keep.numpy()], images[finite],
                                 self.half_sets[keep], None if self.ctf is None else self.ctf[keep], self.optics,
                                 dropped=int((~finite).sum()))
+
+
+def read_particle_images(stacks: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    """`(n, B, B)` float32 images of particles given by stack path and 1-based index, in that order.
+
+    One read per stack, not per particle.
+
+    Raises
+    ------
+    ParticleFileError
+        A stack is gone, truncated or does not hold an index.
+    """
+    images: torch.Tensor | None = None
+    for stack in np.unique(stacks):  # a loop over files, not particles
+        where = np.nonzero(stacks == stack)[0]
+        block = read_images(stack, indices[where])
+        if images is None:
+            images = torch.empty((len(indices), *block.shape[1:]), dtype=torch.float32)
+        images[torch.as_tensor(where)] = block
+    assert images is not None
+    return images
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -36,7 +36,6 @@ nothing is counted twice, also after ``kill -9``.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import queue
@@ -60,11 +59,11 @@ from cryofastar.recon.fsc import shell_resolutions_angstrom
 from cryofastar.recon.io import ParticleFileError
 from cryofastar.recon.simulate import random_rotations
 
-from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file
+from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file, read_particle_images
 from .metrics import DaemonMetrics, serve_metrics
 from .protocol import POSE_COLUMNS, PosesMessage, StatusMessage, VolumeMessage
 from .publisher import Publisher
-from .refiner import UNREADABLE, StreamingRefiner, read_stack_rows
+from .refiner import UNREADABLE, StreamingRefiner
 from .settings import DaemonSettings
 from .state import CHECKPOINT_NAME, SessionState
 from .watcher import StackWatcher
@@ -449,8 +448,7 @@ class Daemon:
         halves = torch.cat([c.half_sets for c in chunks])
         ctf = None
         if all(c.ctf is not None for c in chunks):
-            ctf = CtfParams.from_arrays(**{f.name: torch.cat([getattr(c.ctf, f.name) for c in chunks])
-                                           for f in dataclasses.fields(CtfParams)})
+            ctf = CtfParams.cat([c.ctf for c in chunks])
         try:
             refined = self.refiner.refine(images, halves, rotations, origins, ctf)
         except Exception:  # noqa: BLE001 - a failed refinement keeps the network's poses, never loses particles
@@ -466,7 +464,7 @@ class Daemon:
         rows = np.arange(min(self.refiner.seed_particles, len(table)))
         t0 = time.perf_counter()
         try:
-            images = read_stack_rows(table.stack_names, table.column("stack_id")[rows], table.column("index")[rows])
+            images = read_particle_images(table.stack_paths(rows), table.column("index")[rows])
             ctf = table.ctf(rows)
             halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
             new = self.refiner.bootstrap(images, halves, ctf, st.geometry.apix, rows)
@@ -508,9 +506,8 @@ class Daemon:
             return
         t0 = time.perf_counter()
         rows = np.sort(rows)
-        stack_ids, indices = table.column("stack_id")[rows], table.column("index")[rows]
         try:
-            images = read_stack_rows(table.stack_names, stack_ids, indices)
+            images = read_particle_images(table.stack_paths(rows), table.column("index")[rows])
             ctf = table.ctf(rows)
         except (ParticleFileError, ValueError) as exc:
             logger.warning("cannot re-pose %d particles (%s); they keep their poses", len(rows), exc)

@@ -46,14 +46,13 @@ import torch
 from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.recon.ab_initio import AbInitio, AbInitioSettings, SoftPoses, run_ab_initio
 from cryofastar.recon.ctf import CtfParams
-from cryofastar.recon.io.mrc import read_images
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, to_working_box
 
 from .settings import DaemonSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NEVER", "UNREADABLE", "RefinedPoses", "StreamingRefiner", "read_stack_rows"]
+__all__ = ["NEVER", "UNREADABLE", "RefinedPoses", "StreamingRefiner"]
 
 NEVER = 0
 """``refined`` value of a particle never refined (map versions start at 1)."""
@@ -74,25 +73,6 @@ class RefinedPoses:
     mode: str
     version: int
     soft: SoftPoses | None = None  # the ab initio's soft poses (ab-initio phase only)
-
-
-def read_stack_rows(stack_names: list[str], stack_ids: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-    """`(n, B, B)` images of particles given by stack id and 1-based index (one read per stack).
-
-    Raises
-    ------
-    ParticleFileError
-        A stack is gone, truncated or no longer holds an index.
-    """
-    images: torch.Tensor | None = None
-    for stack_id in np.unique(stack_ids):  # a loop over files, not particles
-        where = np.nonzero(stack_ids == stack_id)[0]
-        block = read_images(stack_names[int(stack_id)], indices[where])
-        if images is None:
-            images = torch.empty((len(indices), *block.shape[1:]), dtype=torch.float32)
-        images[torch.as_tensor(where)] = block
-    assert images is not None
-    return images
 
 
 class StreamingRefiner:

@@ -130,6 +130,10 @@ class PoseTable:
         self.column("spread")[rows] = spread.double().numpy()
         self.column("refined")[rows] = refined
 
+    def stack_paths(self, rows: np.ndarray) -> np.ndarray:
+        """`(k,)` resolved stack path (str) of particles ``rows``."""
+        return np.asarray(self.stack_names, dtype=object)[self.column("stack_id")[rows]]
+
     def rotations(self, rows: np.ndarray) -> torch.Tensor:
         """`(k, 3, 3)` float64 RELION matrices of particles ``rows``."""
         angles = torch.from_numpy(self.column("angles")[rows])

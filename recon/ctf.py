@@ -40,6 +40,11 @@ class CtfParams:
         return int(self.defocus_u_angstrom.shape[0])
 
     @classmethod
+    def cat(cls, parts: list[CtfParams]) -> CtfParams:
+        """The parameters of several particle sets, one after the other."""
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    @classmethod
     def from_arrays(cls, **values: object) -> CtfParams:
         """Build from array-likes (float64 tensors, broadcast to a common length)."""
         def as_float64(v: object) -> torch.Tensor:

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cryofastar.daemon.refiner import StreamingRefiner, read_stack_rows
+from cryofastar.daemon.ingest import read_particle_images
+from cryofastar.daemon.refiner import StreamingRefiner
 from cryofastar.daemon.settings import DaemonSettings
 from cryofastar.daemon.state import PoseTable
 from cryofastar.model.rotations import geodesic_degrees
@@ -110,11 +111,11 @@ def test_images_are_read_again_per_stack(tmp_path):
     images = torch.randn(5, 8, 8)
     write_stack(tmp_path / "a.mrcs", images, 1.0)
     write_stack(tmp_path / "b.mrcs", -images, 1.0)
-    names = [str(tmp_path / "a.mrcs"), str(tmp_path / "b.mrcs")]
-    got = read_stack_rows(names, np.array([1, 0, 1]), np.array([2, 5, 1]))
+    names = np.array([str(tmp_path / "a.mrcs"), str(tmp_path / "b.mrcs")], dtype=object)
+    got = read_particle_images(names[[1, 0, 1]], np.array([2, 5, 1]))
     assert torch.equal(got, torch.stack([-images[1], images[4], -images[0]]))
     with pytest.raises(ParticleFileError):
-        read_stack_rows(names, np.array([0]), np.array([9]))
+        read_particle_images(names[[0]], np.array([9]))
 
 
 def test_a_session_restarted_past_its_ab_initio_resumes_in_the_local_phase(tmp_path):
@@ -126,3 +127,12 @@ def test_a_session_restarted_past_its_ab_initio_resumes_in_the_local_phase(tmp_p
     (tmp_path / "out").mkdir(exist_ok=True)
     SessionState(counters={"refinement_local": 1}).save(tmp_path / "out" / CHECKPOINT_NAME)
     assert Daemon(settings).refiner.phase == "local"
+
+
+def test_ctf_parameters_of_several_chunks_concatenate_in_order():
+    first = _table(3).ctf(np.arange(3))
+    second = _table(2).ctf(np.arange(2))
+    both = CtfParams.cat([first, second])
+    assert len(both) == 5
+    assert both.defocus_u_angstrom.tolist() == first.defocus_u_angstrom.tolist() + second.defocus_u_angstrom.tolist()
+    assert both.amplitude_contrast.tolist() == pytest.approx([0.07] * 5)
