@@ -50,7 +50,7 @@ from cryofastar.model.preprocess import model_pixel_size, to_model_box
 from cryofastar.model.reference import select_reference
 from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.session_frame import PoseBatch, SessionFrame
-from cryofastar.model.weights import WeightsError, load_model
+from cryofastar.model.weights import DEFAULT_WEIGHTS, WeightsError, load_model
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
@@ -58,6 +58,7 @@ from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import shell_resolutions_angstrom
 from cryofastar.recon.io import ParticleFileError
 from cryofastar.recon.simulate import random_rotations
+from cryofastar.recon.view_directions import view_direction_histogram
 
 from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file, read_particle_images
 from .metrics import DaemonMetrics, serve_metrics
@@ -73,6 +74,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Daemon", "DaemonSettings"]  # DaemonSettings re-exported from .settings
 
 _STOP = object()
+HISTORY_ROWS = 1000  # published maps (time, particles, resolution) re-sent with every map, for late subscribers
+RECENT_REJECTIONS = 20  # rejected files listed in status messages (all of them are in rejected.tsv)
 
 
 @dataclass
@@ -134,6 +137,9 @@ class Daemon:
         self._done = threading.Event()
         self._status_stop = threading.Event()
         self._rejected_lock = threading.Lock()
+        self._rejected_recent = _recent_rejections(self.out / "rejected.tsv", RECENT_REJECTIONS)
+        # (edits, monotonic time, histogram): view directions for status messages, made by the accumulator thread
+        self._views: tuple[int, float, dict | None] = (-1, -math.inf, None)
         self._threads: list[threading.Thread] = []
         self._batch_counter = 0
         self._rate_window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
@@ -380,6 +386,7 @@ class Daemon:
                     self._maybe_publish_and_checkpoint()
                 finally:
                     self.posed.task_done()
+            self._update_views(force=True)
             if self.state.n_particles and (self._edits != self._edits_at_map or not self.state.fsc_history):
                 self._publish_map()
             self._checkpoint()
@@ -539,6 +546,7 @@ class Daemon:
 
     def _maybe_publish_and_checkpoint(self) -> None:
         s, st = self.settings, self.state
+        self._update_views()
         now = time.monotonic()
         last_t, last_n = self._last_map
         first = not st.fsc_history  # the first map goes out with the first pass: something to look at at once
@@ -560,7 +568,8 @@ class Daemon:
         assert self.publisher is not None
         self.publisher.publish(VolumeMessage(volume.float().cpu().numpy(), st.geometry.apix, st.n_particles,
                                              resolution if math.isfinite(resolution) else None,
-                                             shells.float().numpy(), curve.float().cpu().numpy()))
+                                             shells.float().numpy(), curve.float().cpu().numpy(),
+                                             history=np.asarray(st.fsc_history[-HISTORY_ROWS:], dtype=np.float64)))
         self._last_map = (time.monotonic(), st.n_particles)
         self._edits_at_map = self._edits
         self.metrics.maps_published.inc()
@@ -612,9 +621,24 @@ class Daemon:
             "apix": None if geometry is None else geometry.apix,
             "model_box": None if self.model is None else self.model.config.box,
             "poses_from": self.settings.poses_from,
+            "model": None if self.model is None else (self.settings.weights or DEFAULT_WEIGHTS).name,
+            "watch": str(self.settings.watch),
             "device": str(self.device),
+            "rejected_recent": list(self._rejected_recent),
+            "views": self._views[2],
             "uptime_seconds": time.time() - self._started_at,
         }
+
+    def _update_views(self, force: bool = False) -> None:
+        """Recompute the view-direction histogram of status messages (accumulator thread: it owns the pose table).
+
+        At most once per ``status_seconds`` unless ``force``, and only when poses changed.
+        """
+        edits, (last_edits, last_time, _) = self._edits, self._views
+        now = time.monotonic()
+        if edits != last_edits and (force or now - last_time >= self.settings.status_seconds):
+            angles = self.state.poses.column("angles")
+            self._views = (edits, now, view_direction_histogram(angles[:, 0], angles[:, 1]).to_json())
 
     def _refinement_status(self) -> dict[str, object]:
         r = self.refiner
@@ -640,11 +664,29 @@ class Daemon:
         if count_file:
             self.metrics.files_rejected.inc()
             self.state.counters["files_rejected"] = self.state.counters.get("files_rejected", 0) + 1
-        line = f"{time.time():.3f}\t{path}\t{reason.replace(chr(9), ' ').replace(chr(10), ' ')}\n"
+        now, reason = time.time(), reason.replace(chr(9), " ").replace(chr(10), " ")
+        line = f"{now:.3f}\t{path}\t{reason}\n"
         with self._rejected_lock:
+            self._rejected_recent.append({"time": round(now, 3), "path": str(path), "reason": reason})
             target = self.out / "rejected.tsv"
             new = not target.exists()
             with open(target, "a", encoding="utf-8") as handle:
                 if new:
                     handle.write("unix_time\tpath\treason\n")
                 handle.write(line)
+
+
+def _recent_rejections(path: Path, keep: int) -> collections.deque:
+    """The last ``keep`` rows of a session's ``rejected.tsv`` as status entries (empty if none)."""
+    recent: collections.deque = collections.deque(maxlen=keep)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    except (OSError, UnicodeDecodeError):
+        return recent
+    for line in lines[-keep:]:
+        fields = line.split("\t", 2)
+        try:
+            recent.append({"time": float(fields[0]), "path": fields[1], "reason": fields[2]})
+        except (ValueError, IndexError):
+            continue  # a torn last line after a crash: the rest still shows
+    return recent

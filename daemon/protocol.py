@@ -116,6 +116,10 @@ class VolumeMessage:
         `(S,)` float64 half-map FSC per shell (``nan`` where undefined).
     fsc_threshold: float
         Threshold used for ``resolution_angstrom`` (0.143).
+    history: np.ndarray | None
+        Optional `(m, 3)` float64 rows ``(unix time, particles, resolution Å)`` of the
+        session's published maps, oldest first (``nan`` resolution where undefined), so
+        a subscriber that connects late still sees how the resolution came down.
     seq, time, session:
         Header fields; :class:`~cryofastar.daemon.publisher.Publisher` stamps ``seq``
         and ``session``; ``time`` (unix seconds) defaults to creation time.
@@ -129,11 +133,14 @@ class VolumeMessage:
     fsc_resolution_angstrom: np.ndarray
     fsc: np.ndarray
     fsc_threshold: float = FSC_THRESHOLD
+    history: np.ndarray | None = None
     seq: int = 0
     time: float = field(default_factory=_time.time)
     session: str = ""
 
     def __post_init__(self) -> None:
+        if self.history is not None:
+            self.history = np.asarray(self.history, dtype=np.float64).reshape(-1, 3)
         self.volume = _float_array(self.volume, "volume", 3)
         if len(set(self.volume.shape)) != 1 or self.volume.shape[0] < 1:
             raise ValueError(f"volume must be a non-empty cube, got shape {tuple(self.volume.shape)}")
@@ -282,6 +289,9 @@ def encode(message: Message) -> list[bytes]:
             },
             fsc_threshold=message.fsc_threshold,
         )
+        if message.history is not None:
+            header["history"] = {"time": message.history[:, 0], "particles": message.history[:, 1].astype(np.int64),
+                                 "resolution_angstrom": message.history[:, 2]}
     elif isinstance(message, PosesMessage):
         payload = _payload(message.poses)
         header.update(
@@ -392,6 +402,13 @@ def decode(frames: Sequence[bytes]) -> Message:
             values = [_as_float(v, math.nan) for v in _field(curve, "fsc", "volume fsc")]
             resolution = _field(header, "resolution_angstrom", kind)
             box = int(_field(header, "box", kind))
+            history = header.get("history")
+            if history is not None:
+                if not isinstance(history, dict):
+                    raise ProtocolError(f"volume header history must be an object, got {type(history).__name__}")
+                history = np.stack([np.asarray([_as_float(v, math.nan) for v in _field(history, name, "history")],
+                                               dtype=np.float64)
+                                    for name in ("time", "particles", "resolution_angstrom")], -1)
             if array.ndim != 3 or array.shape[0] != box:
                 raise ProtocolError(f"volume shape {list(array.shape)} does not match box {box}")
             return VolumeMessage(
@@ -402,6 +419,7 @@ def decode(frames: Sequence[bytes]) -> Message:
                 fsc_resolution_angstrom=np.asarray(shells, dtype=np.float64),
                 fsc=np.asarray(values, dtype=np.float64),
                 fsc_threshold=float(header.get("fsc_threshold", FSC_THRESHOLD)),
+                history=history,
                 **common,
             )
         columns = _field(header, "columns", kind)

@@ -129,6 +129,19 @@ def wait_for_map(subscriber: Subscriber, particles: int, timeout: float = 180) -
     raise AssertionError(f"no map with {particles} particles within {timeout} s (last: {seen})")
 
 
+def wait_for_status(subscriber: Subscriber, wanted, timeout: float = 30) -> dict:
+    """The body of the first status message for which ``wanted(body)`` is true."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        message = subscriber.receive(timeout_s=1.0)
+        if isinstance(message, StatusMessage):
+            last = message.status
+            if wanted(last):
+                return last
+    raise AssertionError(f"no such status message within {timeout} s (last: {last})")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("poll", [None, "0.2"], ids=["inotify", "polling"])
 def test_a_live_session_streams_to_a_published_map_and_metrics(stacks, tmp_path, poll, daemons):
@@ -150,11 +163,12 @@ def test_a_live_session_streams_to_a_published_map_and_metrics(stacks, tmp_path,
         volume = wait_for_map(subscriber, 4 * PER_STACK)
         assert volume.volume.shape == (BOX, BOX, BOX) and volume.apix == pytest.approx(3.0)
         assert volume.fsc.shape == (BOX // 2 + 1,)
-        deadline = time.monotonic() + 30
-        status = None
-        while time.monotonic() < deadline and not isinstance(status, StatusMessage):
-            status = subscriber.receive(timeout_s=2.0)
-        assert isinstance(status, StatusMessage) and status.status["particles_in_map"] >= 4 * PER_STACK
+        assert volume.history is not None and volume.history[-1, 1] == volume.particles  # resolution over time
+        assert (volume.history[:, 1] >= PER_STACK).all() and (volume.history[:, 0] <= volume.time + 1).all()
+        status = wait_for_status(subscriber, lambda s: s.get("views") and sum(map(sum, s["views"]["counts"])) == 160)
+        assert status["particles_in_map"] >= 4 * PER_STACK and status["model"] == "cryofastar-small.safetensors"
+        assert len(status["views"]["counts"]) == 18 and len(status["views"]["azimuth_edges_degrees"]) == 37
+        assert status["rejected_recent"] == [] and status["watch"] == str(watch)
     # a late subscriber (the real `subscribe` command) gets the latest map within one re-publish period (5 s)
     saved = tmp_path / "received"
     late = subprocess.Popen([str(SCRIPT), "subscribe", daemon.zmq, "--save", str(saved)], stdout=subprocess.PIPE,
@@ -213,6 +227,9 @@ def test_bad_files_are_rejected_and_the_session_goes_on(stacks, tmp_path, daemon
                         pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [3.0]}))
         place(stacks[2], watch)
         wait_for_map(subscriber, 2 * PER_STACK + 4)
+        status = wait_for_status(subscriber, lambda s: len(s["rejected_recent"]) >= 4)
+        reasons = " ".join(f"{row['path']} {row['reason']}" for row in status["rejected_recent"])
+        assert "wrong_box.mrcs: box 64 px differs" in reasons and status["files_rejected"] >= 3
     code, stderr = daemon.stop(signal.SIGINT)
     assert code == 0, stderr
     rejected = (out / "rejected.tsv").read_text()

@@ -105,6 +105,26 @@ def test_volume_undefined_resolution_and_nan_fsc_are_null():
     assert back.resolution_angstrom is None and math.isnan(back.fsc[-1])
 
 
+def test_volume_history_round_trip_and_is_optional():
+    message = volume_message()
+    assert "history" not in header(encode(message)) and decode(encode(message)).history is None
+    message.history = np.array([[1700000000.5, 256, np.nan], [1700000005.0, 512, 9.5]])
+    head = header(encode(message))
+    assert head["history"] == {"time": [1700000000.5, 1700000005.0], "particles": [256, 512],
+                               "resolution_angstrom": [None, 9.5]}
+    back = decode(encode(message))
+    np.testing.assert_array_equal(back.history, message.history)
+    frames = encode(message)
+    broken = json.loads(frames[1])
+    broken["history"] = [1, 2]
+    with pytest.raises(ProtocolError, match="history must be an object"):
+        decode([frames[0], json.dumps(broken).encode(), frames[2]])
+    del broken["history"]
+    broken["history"] = {"time": [1.0], "particles": [2]}
+    with pytest.raises(ProtocolError, match="resolution_angstrom"):
+        decode([frames[0], json.dumps(broken).encode(), frames[2]])
+
+
 @pytest.mark.parametrize("half_sets", [True, False])
 def test_poses_round_trip(half_sets):
     message = poses_message(half_sets=half_sets)
