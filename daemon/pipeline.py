@@ -75,6 +75,7 @@ __all__ = ["Daemon", "DaemonSettings"]  # DaemonSettings re-exported from .setti
 
 _STOP = object()
 HISTORY_ROWS = 1000  # published maps (time, particles, resolution) re-sent with every map, for late subscribers
+RATE_SECONDS = 30.0  # particles_per_second in status messages: over this many seconds
 RECENT_REJECTIONS = 20  # rejected files listed in status messages (all of them are in rejected.tsv)
 
 
@@ -142,7 +143,11 @@ class Daemon:
         self._views: tuple[int, float, dict | None] = (-1, -math.inf, None)
         self._threads: list[threading.Thread] = []
         self._batch_counter = 0
-        self._rate_window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        # (monotonic time, particles in map) after each insertion, seeded with the start: particles/s over
+        # the last RATE_SECONDS, falling to 0 when nothing arrives
+        self._rate_window: collections.deque[tuple[float, int]] = collections.deque(
+            [(time.monotonic(), self.state.n_particles)])
+        self._rate_lock = threading.Lock()
         self._started_at = time.time()
         self._last_map = (time.monotonic(), self.state.n_particles)
         self._edits = self._edits_at_map = 0  # particles inserted or re-posed: the map changed since it was published
@@ -594,10 +599,7 @@ class Daemon:
     def status(self) -> dict[str, object]:
         """Counts, rates and queue depths (the ``status`` message's body)."""
         st = self.state
-        window = list(self._rate_window)
-        rate = 0.0
-        if len(window) >= 2 and window[-1][0] > window[0][0]:
-            rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+        rate = self._particles_per_second(time.monotonic())
         geometry = st.geometry or self.geometry
         queues = {"files": self.files.qsize(), "chunks": self.chunks.qsize(), "posed": self.posed.qsize()}
         for name, depth in queues.items():
@@ -628,6 +630,16 @@ class Daemon:
             "views": self._views[2],
             "uptime_seconds": time.time() - self._started_at,
         }
+
+    def _particles_per_second(self, now: float) -> float:
+        """Particles inserted per second over the last ``RATE_SECONDS`` (less if the session is younger)."""
+        with self._rate_lock:
+            window = self._rate_window
+            while len(window) >= 2 and window[1][0] <= now - RATE_SECONDS:
+                window.popleft()  # window[0] stays the last point at or before the horizon: the base count
+            (t0, n0), n1 = window[0], window[-1][1]
+        span = min(RATE_SECONDS, now - t0)
+        return (n1 - n0) / span if span > 0 else 0.0
 
     def _update_views(self, force: bool = False) -> None:
         """Recompute the view-direction histogram of status messages (accumulator thread: it owns the pose table).

@@ -239,6 +239,8 @@ def watch(
     refine_after: Annotated[int, typer.Option(help="Particles the map must hold before refinement starts.")] = 1000,
     repose_per_pass: Annotated[int, typer.Option(help="Particles already in the map re-posed after each refined pass (bounded work; 0: none).")] = 128,
     refine_box: Annotated[int, typer.Option(help="Working box in px for refinement (particles and maps Fourier-cropped to it).")] = 64,
+    dashboard_port: Annotated[int | None, typer.Option(help="Also serve the live web dashboard on this port (0: any free port); default: none.")] = None,
+    dashboard_host: Annotated[str, typer.Option(help="Address the dashboard is served on.")] = "127.0.0.1",
 ) -> None:
     """Watch DIRECTORY and keep a live map (also: cryofastar-stream --watch DIRECTORY)."""
     from cryofastar.commands import watch as command
@@ -253,7 +255,8 @@ def watch(
         interpolation=interpolation, weights=weights, poses_from=poses_from, refine=refine,
         refine_after=refine_after, repose_per_pass=repose_per_pass, refine_box=refine_box)
     try:
-        command.main(settings, idle_exit=idle_exit, echo=typer.echo)
+        command.main(settings, idle_exit=idle_exit, echo=typer.echo, dashboard_port=dashboard_port,
+                     dashboard_host=dashboard_host)
     except (ParticleFileError, ValueError, PublisherError, OSError) as exc:
         raise _fail(str(exc)) from None
     except RuntimeError as exc:
@@ -278,6 +281,22 @@ def subscribe(
 
 
 @app.command()
+def dashboard(
+    connect: Annotated[str, typer.Option(help="ZeroMQ endpoint of a running daemon (its --zmq).")] = "tcp://127.0.0.1:5555",
+    port: Annotated[int, typer.Option(help="HTTP port of the page (0: any free port).")] = 8080,
+    host: Annotated[str, typer.Option(help="Address the page is served on; 0.0.0.0 for every interface (no authentication: use a trusted network or an SSH tunnel).")] = "127.0.0.1",
+    stale_after: Annotated[float, typer.Option(help="Warn on the page when the daemon has been silent this many seconds.")] = 12.0,
+) -> None:
+    """Serve a live web dashboard of a running daemon (map, FSC, throughput, views; docs/monitoring.md)."""
+    from cryofastar.commands import dashboard as command
+
+    try:
+        command.main(connect, host, port, stale_after, echo=typer.echo)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
 def demo(
     out: Annotated[Path | None, typer.Option(help="Directory for the simulated session and the outputs; default: a new temporary directory (kept).")] = None,
     n: Annotated[int, typer.Option("--n", help="Particles the simulated microscope writes.")] = 4000,
@@ -291,6 +310,8 @@ def demo(
     metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port (0: any free port; -1: none).")] = 9108,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Live terminal table (--no-live: a line every 5 s).")] = True,
     polish: Annotated[float, typer.Option(help="Seconds the daemon may go on refining after the last particle, until it has converged.")] = 180.0,
+    dashboard_port: Annotated[int, typer.Option(help="Port of the live web dashboard (a free one if taken; 0: any free port; -1: no dashboard).")] = 8080,
+    browser: Annotated[bool | None, typer.Option("--browser/--no-browser", help="Open the dashboard in a web browser (default: when the machine has a display).")] = None,
 ) -> None:
     """Simulate a live microscope session and run the daemon on it (the README's first command)."""
     from cryofastar.commands import demo as command
@@ -299,7 +320,7 @@ def demo(
     try:
         command.main(out, n, box, apix, snr, rate, seed=seed, device=device, zmq=zmq,
                      metrics_port=None if metrics_port < 0 else metrics_port, live=live, echo=typer.echo,
-                     polish=polish)
+                     polish=polish, dashboard_port=None if dashboard_port < 0 else dashboard_port, browser=browser)
     except (ParticleFileError, ValueError, PublisherError, OSError) as exc:
         raise _fail(str(exc)) from None
     except RuntimeError as exc:

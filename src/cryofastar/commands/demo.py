@@ -16,11 +16,17 @@ until it has converged or ``--polish`` seconds have passed, as it would between
 bursts of a real session. At the end the poses are compared with the true ones (median
 error after one global alignment, as ``cryofastar-stream evaluate`` does) and the map,
 rebuilt in the true frame, with the true map (FSC 0.5), and the output paths are printed.
+
+The live web dashboard (``cryofastar-stream dashboard``, docs/monitoring.md) runs
+beside it: its URL is printed first (port ``--dashboard-port``, 8080, or a free port if
+that one is taken) and opened in the browser when the machine has a display.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import tempfile
 import threading
 import time
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryofastar.commands import evaluate
+from cryofastar.commands.dashboard import DashboardProcess, connectable
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
 from cryofastar.model.training_data import EVAL_SEED_START
 from cryofastar.recon.io import read_volume
@@ -54,7 +61,7 @@ class DemoResult:
     chance_error_degrees: float = float("nan")
 
 
-def _table(daemon: Daemon, written: int, n: int, started: float):  # noqa: ANN202 - rich types
+def _table(daemon: Daemon, written: int, n: int, started: float, dashboard: str | None):  # noqa: ANN202 - rich
     from rich.table import Table
 
     s = daemon.status()
@@ -73,6 +80,8 @@ def _table(daemon: Daemon, written: int, n: int, started: float):  # noqa: ANN20
     table.add_row("ZeroMQ", daemon.publisher.address if daemon.publisher else "—")
     if daemon.metrics_port:
         table.add_row("metrics", f"http://{daemon.settings.metrics_host}:{daemon.metrics_port}/metrics")
+    if dashboard:
+        table.add_row("live dashboard", dashboard)
     return table
 
 
@@ -86,8 +95,13 @@ def _refinement_line(status: dict) -> str:
 def main(out: Path | None = None, n: int = 4000, box: int = 96, apix: float = 2.0, snr: float = 0.5,
          rate: float = 100.0, per_stack: int = 200, seed: int = 0, device: str = "auto",
          zmq: str = "tcp://127.0.0.1:5555", metrics_port: int | None = 9108, live: bool = True,
-         echo=print, polish: float = 180.0) -> DemoResult:  # noqa: ANN001
-    """Run the demo (see module docstring) and return its figures."""
+         echo=print, polish: float = 180.0, dashboard_port: int | None = 8080,
+         browser: bool | None = None) -> DemoResult:  # noqa: ANN001
+    """Run the demo (see module docstring) and return its figures.
+
+    ``dashboard_port`` None runs no dashboard; ``browser`` None opens it only where a
+    display is present.
+    """
     if n < 1 or rate <= 0 or per_stack < 1:
         raise ValueError("--n, --rate and --per-stack must be positive")
     if polish < 0:
@@ -115,12 +129,20 @@ def main(out: Path | None = None, n: int = 4000, box: int = 96, apix: float = 2.
             failure.append(exc)
 
     daemon.start()
-    simulator = threading.Thread(target=microscope, name="demo-microscope", daemon=True)
-    simulator.start()
+    dashboard = None
     try:
-        _follow(daemon, simulator, written, n, started, live, echo, polish)
+        if dashboard_port is not None:
+            dashboard = _start_dashboard(connectable(daemon.publisher.address), dashboard_port, echo)
+            echo(f"live dashboard: {dashboard.url}  (open it in a browser; it works offline)")
+            if browser or (browser is None and _has_display()):
+                _open_browser(dashboard.url)
+        simulator = threading.Thread(target=microscope, name="demo-microscope", daemon=True)
+        simulator.start()
+        _follow(daemon, simulator, written, n, started, live, echo, polish, dashboard and dashboard.url)
     finally:
         daemon.stop()
+        if dashboard is not None:
+            dashboard.stop()
     if failure:
         raise RuntimeError(f"the simulated microscope failed: {failure[0]}")
     if daemon.errors:
@@ -142,8 +164,32 @@ def main(out: Path | None = None, n: int = 4000, box: int = 96, apix: float = 2.
                       errors.predicted.geodesic_median_degrees, errors.chance.geodesic_median_degrees)
 
 
+def _start_dashboard(connect: str, port: int, echo) -> DashboardProcess:  # noqa: ANN001
+    """The dashboard on ``port``, or on a free port if that one is taken."""
+    try:
+        return DashboardProcess(connect, port)
+    except OSError as exc:
+        if port == 0:
+            raise
+        echo(f"note: {exc}; using a free port instead")
+        return DashboardProcess(connect, 0)
+
+
+def _has_display() -> bool:
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _open_browser(url: str) -> None:
+    import webbrowser
+
+    try:
+        webbrowser.open_new_tab(url)
+    except webbrowser.Error as exc:  # no browser: the printed URL is enough
+        logger.info("could not open a browser: %s", exc)
+
+
 def _follow(daemon: Daemon, simulator: threading.Thread, written: list[int], n: int, started: float, live: bool,
-            echo, polish: float) -> None:  # noqa: ANN001
+            echo, polish: float, dashboard: str | None = None) -> None:  # noqa: ANN001
     """Show progress until the microscope is done, the daemon has taken everything and refinement settled."""
     taken_at: list[float] = []
 
@@ -160,10 +206,10 @@ def _follow(daemon: Daemon, simulator: threading.Thread, written: list[int], n: 
     if live:
         from rich.live import Live
 
-        with Live(_table(daemon, written[0], n, started), refresh_per_second=4) as view:
+        with Live(_table(daemon, written[0], n, started, dashboard), refresh_per_second=4) as view:
             while not finished():
                 time.sleep(0.25)
-                view.update(_table(daemon, written[0], n, started))
+                view.update(_table(daemon, written[0], n, started, dashboard))
         return
     last = 0.0
     while not finished():

@@ -24,16 +24,26 @@ import time
 
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
 
+from .dashboard import DashboardProcess, connectable
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["main"]
 
 
-def main(settings: DaemonSettings, idle_exit: float | None = None, echo=print) -> Daemon:  # noqa: ANN001
-    """Run the daemon until SIGINT/SIGTERM (or ``idle_exit`` seconds without new particles); return it stopped."""
+def main(settings: DaemonSettings, idle_exit: float | None = None, echo=print,  # noqa: ANN001
+         dashboard_port: int | None = None, dashboard_host: str = "127.0.0.1") -> Daemon:
+    """Run the daemon until SIGINT/SIGTERM (or ``idle_exit`` seconds without new particles); return it stopped.
+
+    With ``dashboard_port`` the live web dashboard runs beside it in a child process
+    (:class:`~cryofastar.commands.dashboard.DashboardProcess`), stopped with it.
+    """
     if idle_exit is not None and not idle_exit > 0:
         raise ValueError(f"--idle-exit must be positive, got {idle_exit}")
+    if dashboard_port is not None and not 0 <= dashboard_port <= 65535:
+        raise ValueError(f"--dashboard-port must be 0..65535, got {dashboard_port}")
     daemon = Daemon(settings)
+    dashboard = None
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -41,6 +51,9 @@ def main(settings: DaemonSettings, idle_exit: float | None = None, echo=print) -
         echo(f"watching {settings.watch} -> {settings.out}; ZeroMQ {daemon.publisher.address}"
              + (f"; metrics http://{settings.metrics_host}:{daemon.metrics_port}/metrics" if daemon.metrics_port
                 else ""))
+        if dashboard_port is not None:
+            dashboard = DashboardProcess(connectable(daemon.publisher.address), dashboard_port, dashboard_host)
+            echo(f"dashboard {dashboard.url}")
         last_change, last_count = time.monotonic(), -1
         while not stop.wait(0.5):
             if daemon.errors:
@@ -55,6 +68,8 @@ def main(settings: DaemonSettings, idle_exit: float | None = None, echo=print) -
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         daemon.stop()
+        if dashboard is not None:
+            dashboard.stop()
     st = daemon.state
     resolution = st.fsc_history[-1][2] if st.fsc_history else float("nan")
     echo(f"stopped: {st.n_particles} particles in the map, resolution {resolution:.2f} Å; "

@@ -1,0 +1,5 @@
+"""``python -m cryofastar ...`` is the ``cryofastar-stream`` command."""
+
+from cryofastar.cli import main
+
+main()

@@ -1,0 +1,187 @@
+"""The dashboard's pieces without a browser: map views, its state, and the real server
+(aiohttp on a real port, fed by a real ZeroMQ PUB socket, read over HTTP and a WebSocket)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+import zmq
+from cryofastar.daemon.protocol import StatusMessage, VolumeMessage, encode
+from cryofastar.monitoring.dashboard_server import Dashboard, bind_socket
+from cryofastar.monitoring.dashboard_state import DashboardState
+from cryofastar.monitoring.map_views import block_mean, isosurface_grid, map_views
+
+SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
+
+
+def volume_message(box: int = 32, particles: int = 100, seq: int = 1, session: str = "s1",
+                   history: np.ndarray | None = None) -> VolumeMessage:
+    volume = np.zeros((box, box, box), np.float32)
+    c = box // 2
+    volume[c, c + 5, c] = 1.0  # one bright voxel at y = +5 (z = 0, x = 0)
+    shells = np.array([np.inf] + [box * 2.0 / k for k in range(1, box // 2 + 1)])
+    fsc = np.linspace(1, 0, box // 2 + 1)
+    return VolumeMessage(volume, 2.0, particles, 8.0, shells, fsc, seq=seq, session=session, time=1700000000.0,
+                         history=history)
+
+
+def status_message(session: str = "s1", **extra) -> StatusMessage:
+    body = {"particles_in_map": 100, "particles_per_second": 12.5, "particles_ingested": 120, "queues": {"files": 0},
+            **extra}
+    return StatusMessage(body, seq=2, session=session, time=1700000001.0)
+
+
+def test_map_views_are_oriented_and_sized_for_display():
+    views = map_views(volume_message().volume)
+    assert set(views) == {"slice_xy", "slice_xz", "slice_yz", "projection_z", "projection_y", "projection_x"}
+    xy = np.array(views["slice_xy"])
+    assert xy.shape == (32, 32) and np.unravel_index(xy.argmax(), xy.shape) == (16 + 5, 16)  # rows y, columns x
+    assert np.array(views["projection_x"]).argmax() == np.ravel_multi_index((16, 21), (32, 32))  # rows z, columns y
+    assert xy.min() == 0 and xy.max() == 1
+    big = map_views(np.random.default_rng(0).normal(size=(200, 200, 200)).astype(np.float32))
+    assert np.array(big["slice_xz"]).shape == (66, 66)  # block-averaged by 3 to fit 96 px
+    assert block_mean(np.ones((5, 5)), 2).shape == (2, 2)
+
+
+def test_isosurface_grid_is_small_and_in_sigma_units():
+    iso = isosurface_grid(np.random.default_rng(1).normal(size=(64, 64, 64)).astype(np.float32), apix=1.5)
+    assert iso["n"] == 32 and iso["spacing_angstrom"] == 3.0 and len(iso["values"]) == 32**3
+    assert abs(np.mean(iso["values"])) < 0.01 and abs(np.std(iso["values"]) - 1) < 0.01
+    assert iso["threshold_min"] < iso["threshold"] < iso["threshold_max"]
+
+
+def test_state_keeps_the_latest_map_history_throughput_and_notices_restarts_and_silence():
+    now = [100.0]
+    state = DashboardState("tcp://x:1", stale_seconds=5, clock=lambda: now[0])
+    assert state.connection()["state"] == "waiting" and state.snapshot()["map"] is None
+    changed = state.apply(volume_message(history=np.array([[1.0, 50, np.nan], [2.0, 100, 8.0]])))
+    assert changed["map"]["particles"] == 100 and changed["resolution_history"] == [[1.0, 50, None], [2.0, 100, 8.0]]
+    assert changed["map"]["fsc"]["frequency_per_angstrom"][0] == 0.0 and changed["map"]["resolution_angstrom"] == 8.0
+    assert "map" not in state.apply(volume_message())  # the 5-second re-send of the same map: not redrawn
+    changed = state.apply(status_message())
+    assert changed["throughput_point"] == [1700000001.0, 100, 12.5, 120] and changed["status"]["queues"] == {"files": 0}
+    now[0] += 6
+    assert state.connection()["state"] == "stale" and state.connection()["seconds_since_message"] == 6
+    state.apply(volume_message(particles=300, seq=1, session="s2"))  # a restarted daemon: same seq, new session
+    assert state.restarts == 1 and state.map["particles"] == 300 and state.connection()["state"] == "live"
+    assert state.resolution_history[-1] == [1700000000.0, 300, 8.0]  # no history in its maps: built here
+    assert state.note_malformed("bad")["connection"]["malformed"] == 1
+    snapshot = state.snapshot()
+    assert len(snapshot["throughput"]) == 1 and snapshot["connection"]["session"] == "s2"
+    json.dumps(snapshot, allow_nan=False)  # strict JSON, as browsers need
+
+
+class Served:
+    """A Dashboard on a real port in a thread, subscribed to a raw ZeroMQ PUB socket."""
+
+    def __init__(self) -> None:
+        self.context = zmq.Context()
+        self.pub = self.context.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+        self.dashboard = Dashboard(f"tcp://127.0.0.1:{port}", stale_seconds=30)
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.url = ""
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.task = self.loop.create_task(self.dashboard.serve(self.sock, lambda url: (
+                setattr(self, "url", url), ready.set())))
+            try:
+                self.loop.run_until_complete(self.task)
+            except asyncio.CancelledError:
+                pass
+            finally:
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+                self.loop.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(30)
+
+    def publish_until(self, frames: list[bytes], done, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # PUB/SUB drops what is sent before the subscription arrives
+            self.pub.send_multipart(frames)
+            time.sleep(0.1)
+            if done():
+                return
+        raise AssertionError("the dashboard never took the message")
+
+    def get(self, path: str) -> tuple[int, dict, bytes]:
+        with urllib.request.urlopen(self.url.rstrip("/") + path, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.task.cancel)
+        self.thread.join(timeout=30)
+        self.sock.close()
+        self.pub.close()
+        self.context.term()
+
+
+@pytest.fixture
+def served():
+    instance = Served()
+    yield instance
+    instance.close()
+
+
+def test_server_serves_the_page_offline_and_live_state_over_http_and_websocket(served):
+    status, headers, html = served.get("/")
+    page = html.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert not re.search(r"""(src|href)=["']https?://""", page)  # nothing from the internet
+    for asset in re.findall(r"""(?:src|href)=["'](/static/[^"']+)""", page):
+        status, _, body = served.get(asset)
+        assert status == 200 and len(body) > 500, asset
+    assert len(served.get("/static/plotly.min.js")[2]) > 1_000_000  # the library itself, served locally
+
+    served.publish_until(encode(volume_message()), lambda: served.dashboard.state.map is not None)
+    served.publish_until([b"status", b"{not json", b""], lambda: served.dashboard.state.malformed > 0)
+    state = json.loads(served.get("/api/state")[2])
+    assert state["map"]["particles"] == 100 and state["connection"]["state"] == "live"
+    assert "not valid UTF-8 JSON" in state["connection"]["last_error"]
+
+    async def websocket() -> tuple[dict, dict]:
+        async with aiohttp.ClientSession() as session, session.ws_connect(served.url + "ws") as ws:
+            first = json.loads((await ws.receive(timeout=10)).data)
+            served.pub.send_multipart(encode(status_message(particles_in_map=150)))
+            while True:
+                update = json.loads((await ws.receive(timeout=10)).data)
+                if "status" in update:
+                    return first, update
+
+    first, update = asyncio.run(websocket())
+    assert first["snapshot"]["map"]["box"] == 32 and len(first["snapshot"]["map"]["views"]["slice_xy"]) == 32
+    assert update["status"]["particles_in_map"] == 150 and update["throughput_point"][1] == 150
+
+
+def test_dashboard_command_refuses_bad_input_with_one_clear_line():
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(SCRIPT), "dashboard", *args], capture_output=True, text=True, timeout=120,
+                              check=False)
+
+    with bind_socket("127.0.0.1", 0) as taken:
+        result = run("--port", str(taken.getsockname()[1]))
+        assert result.returncode == 2 and "cannot serve the dashboard on 127.0.0.1" in result.stderr
+    for args, message in ((["--connect", "localhost:5555"], "expected a ZeroMQ address"),
+                          (["--port", "70000"], "--port must be 0..65535"),
+                          (["--stale-after", "0"], "--stale-after must be positive"),
+                          (["--connect", "tcp://no such host:1", "--port", "0"], "--connect")):
+        result = run(*args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
+    assert "--connect" in run("--help").stdout

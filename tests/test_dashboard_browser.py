@@ -1,0 +1,255 @@
+"""The live dashboard in a real browser (headless Debian chromium driven by Playwright) against
+a real daemon on a real directory: every panel must show data, and the page must live through
+the daemon restarting and the dashboard server restarting, without a reload."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
+
+SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
+ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+BOX = 48
+PER_STACK = 40
+N_STACKS = 8
+FAST = ["--settle", "0.3", "--flush", "1", "--publish-every", "1", "--checkpoint-every", "2", "--batch", "48",
+        "--metrics-port", "-1", "--refine-after", "100000"]
+CHROMIUM = os.environ.get("CRYOFASTAR_CHROMIUM", "/usr/bin/chromium")
+# flags for a headless chromium on a machine with no GPU and no internet (WebGL through SwiftShader)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+SCREENSHOTS = Path(os.environ.get("CRYOFASTAR_SCREENSHOTS", Path(__file__).parent / "artifacts"))
+PANELS = ("panel-map", "panel-iso", "panel-fsc", "panel-resolution", "panel-views", "panel-throughput",
+          "panel-queues", "panel-rejected", "panel-session")
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory) -> list[Path]:
+    out = tmp_path_factory.mktemp("simulated")
+    result = subprocess.run([str(SCRIPT), "simulate", "--out", str(out), "--n", str(PER_STACK * N_STACKS), "--box",
+                             str(BOX), "--apix", "3.0", "--snr", "1", "--per-stack", str(PER_STACK), "--seed", "21"],
+                            capture_output=True, text=True, env=ENV, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    return sorted(out.glob("particles_*.mrcs"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium; .ci/run does) "
+                    "or set CRYOFASTAR_CHROMIUM")
+    with playwright.sync_playwright() as pw:
+        instance = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+class Process:
+    """A console-script subprocess whose output lines are collected by a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen([str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, env=ENV)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+
+    def _collect(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(self.lines)}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=120)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def processes():
+    started: list[Process] = []
+
+    def start(*args: str) -> Process:
+        started.append(Process(*args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def place(stack: Path, directory: Path) -> None:
+    shutil.copy(stack, directory / f".{stack.name}.part")
+    os.replace(directory / f".{stack.name}.part", directory / stack.name)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def plot_data(page, element: str) -> list[dict]:
+    """The traces plotly.js drew in a div (what is on screen, not what the server sent)."""
+    return page.evaluate("id => (document.getElementById(id).data || []).map(t => JSON.parse(JSON.stringify(t)))",
+                         element)
+
+
+def wait_until(page, expression: str, what: str, timeout_s: float = 120) -> None:
+    try:
+        page.wait_for_function(expression, timeout=timeout_s * 1000, polling=250)
+    except playwright.TimeoutError:
+        filled = page.evaluate("[...document.querySelectorAll('.panel')].map(p => p.id + '=' + p.dataset.filled)")
+        raise AssertionError(f"{what} within {timeout_s} s; panels: {filled}") from None
+
+
+def map_particles(page) -> int:
+    text = page.text_content("#map-note") or ""
+    return int(text.split()[0]) if text.split() and text.split()[0].isdigit() else 0
+
+
+@pytest.mark.slow
+def test_every_panel_fills_with_live_data_from_a_real_daemon(stacks, tmp_path, browser, processes):
+    watch, out = tmp_path / "session", tmp_path / "out"
+    watch.mkdir()
+    place(stacks[0], watch)
+    daemon = processes("--watch", str(watch), "--out", str(out), "--zmq", "tcp://127.0.0.1:0", "--dashboard-port",
+                       "0", *FAST)
+    url = daemon.wait_for(r"dashboard (http://\S+)").group(1)
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(url)
+    wait_until(page, "document.getElementById('panel-map').dataset.filled === 'true'", "no first map")
+    first = map_particles(page)
+    early_views = sum(map(sum, plot_data(page, "views")[0]["z"])) if plot_data(page, "views") else 0
+    for stack in stacks[1:]:
+        place(stack, watch)
+        time.sleep(0.5)
+    (watch / "broken.mrcs").write_bytes(b"not an MRC file" * 64)
+    total = PER_STACK * N_STACKS
+    wait_until(page, f"parseInt(document.getElementById('map-note').textContent) >= {total}",
+               f"the map never reached {total} particles")
+    wait_until(page, "[...document.querySelectorAll('.panel')].every(p => p.dataset.filled === 'true')",
+               "a panel stayed empty")
+    wait_until(page, "document.querySelector('#rejected tbody').textContent.includes('broken.mrcs')",
+               "the rejected file is not listed")
+
+    # each panel shows data, checked on what plotly drew
+    for name in ("slice_xy", "slice_xz", "slice_yz", "projection_z", "projection_y", "projection_x"):
+        z = plot_data(page, name)[0]["z"]
+        values = [v for row in z for v in row]
+        assert len(z) == BOX and len(z[0]) == BOX and max(values) - min(values) > 0.5, name
+    iso = plot_data(page, "isosurface")[0]
+    assert iso["type"] == "isosurface" and len(iso["value"]) == (BOX // 2) ** 3
+    assert page.locator("#isosurface canvas").count() > 0  # drawn with WebGL
+    fsc = plot_data(page, "fsc")[0]
+    assert len(fsc["y"]) == BOX // 2 + 1 and fsc["y"][1] > 0.5  # low frequencies agree between half maps
+    resolution = plot_data(page, "resolution")[0]
+    assert len(resolution["y"]) >= 2 and all(r > 0 for r in resolution["y"])
+    views = plot_data(page, "views")[0]
+    assert sum(map(sum, views["z"])) > 0 and len(views["x"]) == 37 and len(views["y"]) == 19
+    throughput = plot_data(page, "throughput")
+    assert len(throughput[0]["x"]) >= 2 and max(throughput[1]["y"]) >= total
+    assert max(throughput[0]["y"]) > 0  # particles/s
+    assert set(plot_data(page, "queues")[0]["y"]) >= {"files", "chunks", "posed"}
+    rejected = page.text_content("#rejected tbody")
+    assert "broken.mrcs" in rejected and "not a readable MRC" in rejected
+    session = page.text_content("#session")
+    assert f"{BOX} px" in session and "3.000 Å" in session and "cryofastar-small.safetensors" in session
+    assert page.text_content("#connection") == "live" and page.is_hidden("#stale-banner")
+    assert int(page.text_content("#head-particles")) == total
+
+    # a structure emerging: more particles in the map, views filling in, resolution recorded over time
+    assert map_particles(page) > first
+    assert sum(map(sum, plot_data(page, "views")[0]["z"])) > early_views
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SCREENSHOTS / "dashboard.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000
+    # nothing came from outside this machine (no CDN), and the page raised no script error
+    assert requests and all(r.startswith((url.rstrip("/"), "ws://", "data:")) for r in requests), requests
+    assert errors == []
+    page.close()
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_the_page_reconnects_when_the_daemon_and_the_dashboard_restart(stacks, tmp_path, browser, processes):
+    watch, out = tmp_path / "session", tmp_path / "out"
+    watch.mkdir()
+    zmq = f"tcp://127.0.0.1:{free_port()}"
+    web = free_port()
+    daemon = processes("--watch", str(watch), "--out", str(out), "--zmq", zmq, *FAST)
+    daemon.wait_for("watching")
+    dashboard = processes("dashboard", "--connect", zmq, "--port", str(web), "--stale-after", "3")
+    url = dashboard.wait_for(r"dashboard: (http://\S+)").group(1)
+    page = browser.new_page()
+    page.goto(url)
+    place(stacks[0], watch)
+    wait_until(page, "document.getElementById('connection').textContent === 'live'", "never live")
+    wait_until(page, f"parseInt(document.getElementById('map-note').textContent) >= {PER_STACK}", "no first map")
+    session = page.evaluate("document.getElementById('session').textContent")
+
+    assert daemon.stop() == 0  # the daemon goes away: the page says so and keeps the last data
+    wait_until(page, "document.getElementById('connection').textContent === 'stale'", "no stale warning", 30)
+    assert "No data from the daemon" in page.text_content("#stale-banner")
+    assert map_particles(page) >= PER_STACK
+
+    daemon = processes("--watch", str(watch), "--out", str(out), "--zmq", zmq, *FAST)  # resumes the session
+    daemon.wait_for("watching")
+    place(stacks[1], watch)
+    wait_until(page, f"parseInt(document.getElementById('map-note').textContent) >= {2 * PER_STACK}",
+               "no map from the restarted daemon", 120)
+    assert page.text_content("#connection") == "live" and page.is_hidden("#stale-banner")
+    wait_until(page, "document.getElementById('session').textContent.includes('daemon restarts seen1')",
+               "the restart was not noticed", 15)
+    assert page.evaluate("document.getElementById('session').textContent") != session
+
+    assert dashboard.stop() == 0  # the dashboard server goes away: the page reconnects to its successor
+    wait_until(page, "document.getElementById('connection').textContent === 'dashboard offline'",
+               "no offline warning", 15)
+    dashboard = processes("dashboard", "--connect", zmq, "--port", str(web), "--stale-after", "3")
+    dashboard.wait_for("dashboard: ")
+    wait_until(page, "document.getElementById('connection').textContent === 'live'", "no reconnection", 30)
+    wait_until(page, f"parseInt(document.getElementById('map-note').textContent) >= {2 * PER_STACK}",
+               "the new dashboard did not send the map", 30)
+    page.close()
+    assert daemon.stop() == 0 and dashboard.stop() == 0
