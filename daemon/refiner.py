@@ -46,7 +46,7 @@ import torch
 from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.recon.ab_initio import AbInitio, AbInitioSettings, SoftPoses, run_ab_initio
 from cryofastar.recon.ctf import CtfParams
-from cryofastar.recon.refinement import RefinementReference, RefineSettings, to_working_box
+from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 
 from .settings import DaemonSettings
 
@@ -164,7 +164,7 @@ class StreamingRefiner:
         return self.ab_settings.seed_particles
 
     def _working(self, images: torch.Tensor) -> torch.Tensor:
-        return to_working_box(images, min(self.settings.refine_box, images.shape[-1]))
+        return images_to_working_box(images, min(self.settings.refine_box, images.shape[-1]))
 
     def bootstrap(self, images: torch.Tensor, half_sets: torch.Tensor, ctf: CtfParams | None, apix: float,
                   rows: np.ndarray) -> RefinedPoses:

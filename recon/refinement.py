@@ -28,7 +28,7 @@ from .map_slices import MapSlicer
 from .orientation_grids import global_rotation_grid
 from .projection_matching import PoseMatch, refine_local, search_global
 
-__all__ = ["RefineSettings", "RefinementReference", "band_limit", "to_working_box"]
+__all__ = ["RefineSettings", "RefinementReference", "band_limit", "images_to_working_box", "map_to_working_box"]
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,27 @@ class RefineSettings:
     global_resolution_angstrom: float = 20.0
 
 
-def to_working_box(data: torch.Tensor, working_box: int) -> torch.Tensor:
-    """`(n, B, B)` images or `(B, B, B)` map -> the same field of view at ``W`` px (Fourier crop/pad)."""
-    box = data.shape[-1]
-    if box == working_box:
-        return data.float()
-    if data.ndim == 3 and data.shape[0] == box and data.shape[1] == box:  # a cubic map
-        out, _ = fourier_rescale_3d(data.float(), target_shape=(working_box,) * 3)
-    else:
-        out, _ = fourier_rescale_2d(data.float(), target_shape=(working_box, working_box))
+def images_to_working_box(images: torch.Tensor, working_box: int) -> torch.Tensor:
+    """`(n, B, B)` images -> `(n, W, W)`, the same field of view at ``W`` px (2D Fourier crop/pad).
+
+    Images and maps have their own function: `n` images of box `B` with ``n == B`` are
+    still images, never a cubic map.
+    """
+    if images.ndim != 3 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"expected (n, B, B) images, got shape {tuple(images.shape)}")
+    if images.shape[-1] == working_box:
+        return images.float()
+    out, _ = fourier_rescale_2d(images.float(), target_shape=(working_box, working_box))
+    return out.float()
+
+
+def map_to_working_box(volume: torch.Tensor, working_box: int) -> torch.Tensor:
+    """`(B, B, B)` map -> `(W, W, W)`, the same field of view at ``W`` px (3D Fourier crop/pad)."""
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise ValueError(f"expected a (B, B, B) map, got shape {tuple(volume.shape)}")
+    if volume.shape[-1] == working_box:
+        return volume.float()
+    out, _ = fourier_rescale_3d(volume.float(), target_shape=(working_box,) * 3)
     return out.float()
 
 
@@ -117,7 +129,8 @@ class RefinementReference:
         self.apix_work = self.apix * box / self.work
         self.device = torch.device(device)
         self.resolution_angstrom = resolution_angstrom
-        self.half_volumes = torch.stack([to_working_box(v, self.work) for v in half_volumes.float()]).to(self.device)
+        self.half_volumes = torch.stack([map_to_working_box(v, self.work)
+                                         for v in half_volumes.float()]).to(self.device)
         self._local: dict[int, MapSlicer] = {}
         self._global: MapSlicer | None = None
 
@@ -153,7 +166,7 @@ class RefinementReference:
         ----------
         images: torch.Tensor
             `(n, B, B)` particles at the maps' box and pixel size, or `(n, W, W)` already at
-            the working box (:func:`to_working_box`).
+            the working box (:func:`images_to_working_box`).
         half_sets: torch.Tensor
             `(n,)` 1 or 2.
         rotations: torch.Tensor | None
@@ -181,7 +194,7 @@ class RefinementReference:
                              f"{tuple(images.shape)}")
         if mode != "global" and (rotations is None or rotations.shape != (n, 3, 3)):
             raise ValueError(f"mode {mode!r} needs rotations (n, 3, 3)")
-        small = to_working_box(images, self.work).to(self.device)
+        small = images_to_working_box(images, self.work).to(self.device)
         origins_px = origins_angstrom.double().cpu() / self.apix_work
         halves = torch.as_tensor(half_sets).long().cpu()
         s = self.settings

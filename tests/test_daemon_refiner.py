@@ -107,6 +107,20 @@ def test_refinement_starts_with_enough_particles_and_probes_the_network(tmp_path
     assert bad.phase == "local" and bad.ab is None and bad.reference is None and bad.wants_reference(16)
 
 
+def test_as_many_particles_as_pixels_a_side_are_reposed_as_images_not_as_a_map(tmp_path):
+    # regression: 128 re-posed particles of box 128 were once Fourier-cropped as one cubic map (IndexError)
+    box, apix = 32, 4.0
+    volume = atoms_to_volume(procedural_molecule(1_000_000_005), box, apix)
+    sim = simulate_particles(volume, box, apix, 2.0, torch.Generator().manual_seed(4))
+    half_sets, rows = 1 + torch.arange(box) % 2, np.arange(box)
+    refiner = StreamingRefiner(_settings(tmp_path, refine_after=10, refine_box=16), torch.device("cpu"))
+    refiner.update_reference(torch.stack([volume, volume]), apix, 10.0, n_particles=box)
+    refiner.phase = "ab-initio"
+    started = refiner.bootstrap(sim.images, half_sets, None, apix, rows)
+    again = refiner.repose(sim.images, half_sets, started.rotations, started.origins_angstrom, None, rows)
+    assert again.rotations.shape == (box, 3, 3) and len(again.soft) == box
+
+
 def test_images_are_read_again_per_stack(tmp_path):
     images = torch.randn(5, 8, 8)
     write_stack(tmp_path / "a.mrcs", images, 1.0)

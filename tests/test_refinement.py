@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.recon.orientation_grids import local_rotation_grid
-from cryofastar.recon.refinement import RefinementReference, RefineSettings, band_limit, to_working_box
+from cryofastar.recon.refinement import (
+    RefinementReference,
+    RefineSettings,
+    band_limit,
+    images_to_working_box,
+    map_to_working_box,
+)
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
 
@@ -32,11 +39,18 @@ def test_band_limit_follows_the_resolution_within_bounds():
 
 def test_working_box_keeps_the_field_of_view(data):
     volume, sim = data
-    small = to_working_box(volume, 24)
+    small = map_to_working_box(volume, 24)
     assert small.shape == (24, 24, 24)
     # the same mass at half the sampling: the sum scales by (24/48)^3
     assert float(small.sum()) == pytest.approx(float(volume.sum()) / 8, rel=1e-3)
-    assert to_working_box(sim.images, 24).shape == (24, 24, 24)
+    assert images_to_working_box(sim.images, 24).shape == (len(sim.images), 24, 24)
+    # as many images as pixels a side are still images, not a cubic map (a daemon crash at box 128)
+    cube_of_images = torch.randn(48, 48, 48)
+    assert images_to_working_box(cube_of_images, 24).shape == (48, 24, 24)
+    np.testing.assert_allclose(images_to_working_box(cube_of_images, 24)[7].numpy(),
+                               images_to_working_box(cube_of_images[7:8], 24)[0].numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="map"):
+        map_to_working_box(torch.zeros(4, 8, 8), 4)
 
 
 def test_local_mode_refines_each_half_against_its_own_map(data):

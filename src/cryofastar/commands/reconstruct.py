@@ -55,7 +55,7 @@ from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.io import read_particles, write_fsc_table, write_volume
 from cryofastar.recon.io.star import ParticleTable, write_particles
-from cryofastar.recon.refinement import RefinementReference, RefineSettings, to_working_box
+from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 
 from .backproject import read_finite_images, read_reference_map
 
@@ -319,7 +319,7 @@ def _read_working_images(table: ParticleTable, chunk: int, work_images: torch.Te
     n = len(table)
     for first in range(0, n, chunk):
         rows = np.arange(first, min(n, first + chunk))
-        work_images[rows] = to_working_box(read_finite_images(table, rows), work_images.shape[-1])
+        work_images[rows] = images_to_working_box(read_finite_images(table, rows), work_images.shape[-1])
     return _Poses(None, None, torch.zeros(n))
 
 
@@ -361,7 +361,7 @@ def _network_poses(table: ParticleTable, dev: torch.device, views: int, weights:
                 disagreement.append(batch.anchor_disagreement_degrees)
                 poses.mirrored += int(batch.mirrored.sum())
             if work_images is not None:
-                work_images[rows] = to_working_box(images, work_images.shape[-1])
+                work_images[rows] = images_to_working_box(images, work_images.shape[-1])
             acc.add(images, poses.rotations[rows], poses.origins[rows], halves[rows],
                     None if ctf is None else ctf[torch.as_tensor(rows)])
             poses.insert_seconds += time.perf_counter() - t1
