@@ -43,12 +43,20 @@ What it measures, in one process and one run:
    is ≥ 0.90 (model-bound).
 5. Peak resident memory (``ru_maxrss``) after each stage; the daemon runs before the bare
    stage so its peak does not include the bare stage's image array.
+6. **The dashboard's cost** (``--dashboard none,server,browser --rounds N``): the daemon
+   run is repeated on the same stacks (hard links), alternating: without a dashboard;
+   with the dashboard process subscribed (``server``, as ``--dashboard-port`` runs it);
+   and with, in addition, a headless Debian chromium page showing it on the same machine
+   (``browser``: the worst case, a browser competing for the daemon's cores). A table
+   gives the steady rate of each run and each mode's mean against ``none``; the main
+   report above is the first run's.
 
     python bench/bench_stream.py                                   # defaults: 4000 particles, box 128, CPU
     python bench/bench_stream.py --device cuda                     # on a GPU
     python bench/bench_stream.py --rate 300                        # stacks arrive at 300 particles/s
     python bench/bench_stream.py --n 600 --box 64 --per-stack 100  # quick smoke run
     python bench/bench_stream.py --json stream.json --keep /tmp/stream-run
+    python bench/bench_stream.py --dashboard none,server,browser --rounds 2   # the dashboard's cost
 """
 
 from __future__ import annotations
@@ -239,13 +247,46 @@ def place(stacks: list[Path], watch: Path, per_stack: list[int], rate: float | N
     log["all_placed"] = time.monotonic()
 
 
+class DashboardLoad:
+    """The live dashboard beside the daemon: ``server`` (its own process, as ``--dashboard-port`` runs it)
+    or ``browser`` (plus a headless Debian chromium page showing it, on the same machine)."""
+
+    def __init__(self, mode: str, address: str) -> None:
+        from cryofastar.commands.dashboard import DashboardProcess, connectable
+
+        self.mode, self.page, self._pw, self._browser = mode, None, None, None
+        self.server = DashboardProcess(connectable(address), 0)
+        if mode == "browser":
+            from playwright.sync_api import sync_playwright
+
+            self._pw = sync_playwright().start()
+            self._browser = self._pw.chromium.launch(
+                executable_path=os.environ.get("CRYOFASTAR_CHROMIUM", "/usr/bin/chromium"),
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                      "--use-angle=swiftshader", "--enable-unsafe-swiftshader"])
+            self.page = self._browser.new_page(viewport={"width": 1400, "height": 1400})
+            self.page.goto(self.server.url)
+
+    def close(self) -> dict[str, object]:
+        """Stop everything; what the page showed last (particles in its map), if a page was open."""
+        shown = None
+        if self.page is not None:
+            time.sleep(1.0)  # the final map's message
+            text = (self.page.text_content("#map-note") or "").split()
+            shown = int(text[0]) if text and text[0].isdigit() else 0
+            self._browser.close()
+            self._pw.stop()
+        self.server.stop()
+        return {"mode": self.mode, "page_map_particles": shown}
+
+
 def run_daemon(root: Path, stacks: list[Path], counts: list[int], args: argparse.Namespace,
-               publish_particles: int) -> dict[str, object]:
+               publish_particles: int, dashboard: str = "none") -> dict[str, object]:
     watch, out = root / "watch", root / "out"
     settings = DaemonSettings(
         watch=watch, out=out, zmq="tcp://127.0.0.1:0", metrics_port=None, device=args.device, batch=args.batch,
         settle_seconds=SETTLE_SECONDS, flush_seconds=FLUSH_SECONDS, publish_seconds=PUBLISH_SECONDS,
-        publish_particles=publish_particles, interpolation=args.interpolation,
+        publish_particles=publish_particles, interpolation=args.interpolation, refine=args.refine,
     )
     expected = sum(counts)
     t0 = time.monotonic()
@@ -253,6 +294,7 @@ def run_daemon(root: Path, stacks: list[Path], counts: list[int], args: argparse
     daemon.start()
     startup = time.monotonic() - t0
     assert daemon.publisher is not None
+    load = None if dashboard == "none" else DashboardLoad(dashboard, daemon.publisher.address)
     volumes = VolumeWatch(daemon.publisher.address)
     time.sleep(0.5)  # let the SUB connection and subscription reach the publisher (ZeroMQ slow joiner)
 
@@ -305,6 +347,7 @@ def run_daemon(root: Path, stacks: list[Path], counts: list[int], args: argparse
     total = stage_latencies(daemon)
     time.sleep(0.2)  # the final map's message
     volumes.close()
+    shown = {"mode": "none"} if load is None else load.close()
 
     assert first is not None and last is not None and first_posed is not None, "no particle was ever accumulated"
     window = last[0] - first[0]
@@ -344,6 +387,7 @@ def run_daemon(root: Path, stacks: list[Path], counts: list[int], args: argparse
         "stages_at_stop": {k: {"count": total[k][0] - c, "seconds": total[k][1] - s}
                            for k, (c, s) in in_window.items()},
         "timeline_posed_in_map": timeline,
+        "dashboard": shown,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
     }
     return result
@@ -484,6 +528,28 @@ def report(hw: dict, args: argparse.Namespace, sim: dict, daemon: dict, bare: di
           "compute lock)")
 
 
+def dashboard_report(runs: list[dict]) -> None:
+    """Daemon rates per dashboard mode, runs in the order they ran (alternating), and each mode's mean."""
+    print()
+    print(f"{'dashboard':<10} {'steady p/s per run':<34} {'mean':>8} {'vs none':>8}   end-to-end p/s per run")
+    by_mode: dict[str, list[dict]] = {}
+    for run in runs:
+        by_mode.setdefault(run["dashboard"]["mode"], []).append(run)
+    base = None
+    if "none" in by_mode:
+        base = sum(r["steady_rate"] for r in by_mode["none"]) / len(by_mode["none"])
+    for mode, group in by_mode.items():
+        steady = [r["steady_rate"] for r in group]
+        mean = sum(steady) / len(steady)
+        versus = "" if base is None or mode == "none" else f"{100 * (mean / base - 1):+.0f} %"
+        ends = ", ".join(f"{r['end_to_end_rate']:.1f}" for r in group)
+        print(f"{mode:<10} {', '.join(f'{v:.1f}' for v in steady):<34} {mean:>8.1f} {versus:>8}   {ends}")
+        shown = [r["dashboard"].get("page_map_particles") for r in group if r["dashboard"].get("page_map_particles")
+                 is not None]
+        if shown:
+            print(f"{'':<10} the page showed {', '.join(map(str, shown))} particles in its map at the end")
+
+
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -503,8 +569,19 @@ def main() -> None:
     parser.add_argument("--stall", type=float, default=300.0, help="give up after this many seconds without progress")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--keep", type=Path, default=None, help="keep the session and outputs in this directory")
+    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                        help="refine against the running map (the daemon default); --no-refine: network poses only")
+    parser.add_argument("--dashboard", default="none",
+                        help="comma list of none, server (the dashboard process beside the daemon) and browser "
+                             "(plus a headless chromium page on it); each is one daemon run on the same stacks")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the --dashboard runs, alternating, this often")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the daemon's log")
     args = parser.parse_args()
+    modes = [m.strip() for m in args.dashboard.split(",") if m.strip()]
+    if not modes or any(m not in ("none", "server", "browser") for m in modes):
+        parser.error(f"--dashboard {args.dashboard!r}: a comma list of none, server, browser")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be positive")
     if args.box < 16 or args.box % 2:
@@ -535,7 +612,19 @@ def main() -> None:
         mem = {"simulation": memory(device)}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        daemon_result = run_daemon(root, stacks, counts, args, publish_particles)
+        plan = [mode for _ in range(args.rounds) for mode in modes]
+        roots = [root] + [root / f"run{k}" for k in range(1, len(plan))]
+        for run_root in roots[1:]:  # the same stacks for every run (hard links: renamed away by each run)
+            (run_root / "watch" / ".staging").mkdir(parents=True)
+            for stack in stacks:
+                os.link(stack, run_root / "watch" / ".staging" / stack.name)
+        runs = []
+        for k, (mode, run_root) in enumerate(zip(plan, roots, strict=True)):
+            run_stacks = [run_root / "watch" / ".staging" / s.name for s in stacks]
+            runs.append(run_daemon(run_root, run_stacks, counts, args, publish_particles, mode))
+            print(f"# run {k + 1}/{len(plan)}, dashboard {mode}: steady {runs[-1]['steady_rate']:.1f} p/s, "
+                  f"end to end {runs[-1]['end_to_end_rate']:.1f} p/s", flush=True)
+        daemon_result = runs[0]
         mem["daemon"] = memory(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -543,6 +632,8 @@ def main() -> None:
         mem["bare"] = memory(device)
         sim = {"apix": apix, "seconds": sim_seconds}
         report(hw, args, sim, daemon_result, bare, mem)
+        if len(runs) > 1:
+            dashboard_report(runs)
         if args.json is not None:
             figures = {
                 "hardware": hw,
@@ -550,6 +641,7 @@ def main() -> None:
                 "simulation": sim, "daemon": daemon_result, "bare": bare, "memory": mem,
                 "ratio_steady": daemon_result["steady_rate"] / bare["rate"],
                 "ratio_sustained": daemon_result["sustained_rate"] / bare["rate"], "target_ratio": TARGET_RATIO,
+                "runs": runs,
             }
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
             print(f"figures written to {args.json}")

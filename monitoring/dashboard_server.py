@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 TOPICS = (b"volume", b"status")
+OUTBOX = 64  # messages waiting for one page before it is dropped as too slow
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -81,7 +82,7 @@ class Dashboard:
             raise FileNotFoundError(f"{PLOTLY_JS} is missing: reinstall the plotly package")
         self.state = DashboardState(connect, stale_seconds)
         self.connect = connect
-        self._pages: set[web.WebSocketResponse] = set()
+        self._pages: dict[web.WebSocketResponse, asyncio.Queue[str]] = {}
         self.app = web.Application()
         self.app.add_routes([web.get("/", self._index), web.get("/ws", self._websocket),
                              web.get("/api/state", self._api_state),
@@ -99,27 +100,41 @@ class Dashboard:
         return web.json_response(self.state.snapshot(), dumps=_dumps)
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
-        page = web.WebSocketResponse(heartbeat=20)
+        page = web.WebSocketResponse(heartbeat=20, compress=False)
         await page.prepare(request)
-        await page.send_str(_dumps({"snapshot": self.state.snapshot()}))
-        self._pages.add(page)
+        outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX)
+        outbox.put_nowait(_dumps({"snapshot": self.state.snapshot()}))  # first, before any update
+        self._pages[page] = outbox
+        sender = asyncio.create_task(self._send(page, outbox))
         try:
             async for message in page:  # the page sends nothing; this waits for it to close
                 if message.type == WSMsgType.ERROR:
                     break
         finally:
-            self._pages.discard(page)
+            self._pages.pop(page, None)
+            sender.cancel()
         return page
 
-    async def _broadcast(self, sections: dict[str, Any]) -> None:
+    @staticmethod
+    async def _send(page: web.WebSocketResponse, outbox: asyncio.Queue) -> None:
+        """One sender per page, in order: a slow page never holds up the subscriber or other pages."""
+        try:
+            while True:
+                await page.send_str(await outbox.get())
+        except (ConnectionError, RuntimeError):
+            await page.close()
+
+    def _broadcast(self, sections: dict[str, Any]) -> None:
         if not self._pages or not sections:
             return
         text = _dumps(sections)
-        for page in list(self._pages):
+        for page, outbox in list(self._pages.items()):
             try:
-                await page.send_str(text)
-            except (ConnectionError, RuntimeError):
-                self._pages.discard(page)  # closed meanwhile; it reconnects and gets a snapshot
+                outbox.put_nowait(text)
+            except asyncio.QueueFull:  # a page that cannot keep up: closed; it reconnects to a fresh snapshot
+                self._pages.pop(page, None)
+                logger.warning("a page fell %d messages behind; closing it (it reconnects)", OUTBOX)
+                asyncio.get_running_loop().create_task(page.close())
 
     # ------------------------------------------------------------------ ZeroMQ
     async def _subscribe(self) -> None:
@@ -136,13 +151,12 @@ class Dashboard:
                     message = decode(frames)
                 except ProtocolError as exc:
                     logger.warning("skipped a malformed message: %s", exc)
-                    await self._broadcast(self.state.note_malformed(str(exc)))
+                    self._broadcast(self.state.note_malformed(str(exc)))
                     continue
-                if isinstance(message, (VolumeMessage, StatusMessage)):
-                    # map views take a few ms; off the loop so pages stay responsive
-                    sections = await asyncio.to_thread(self.state.apply, message) \
-                        if isinstance(message, VolumeMessage) else self.state.apply(message)
-                    await self._broadcast(sections)
+                if isinstance(message, VolumeMessage):  # map views take a few ms: off the loop
+                    self._broadcast(await asyncio.to_thread(self.state.apply, message))
+                elif isinstance(message, StatusMessage):
+                    self._broadcast(self.state.apply(message))
         finally:
             sub.close()
             context.term()
@@ -150,7 +164,7 @@ class Dashboard:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            await self._broadcast({"connection": self.state.connection()})
+            self._broadcast({"connection": self.state.connection()})
 
     # ------------------------------------------------------------------ run
     async def serve(self, sock: socket.socket, ready=None) -> None:  # noqa: ANN001 - callable(url) or None

@@ -15,7 +15,7 @@ import numpy as np
 __all__ = ["ISO_SIZE", "VIEW_SIZE", "block_mean", "isosurface_grid", "map_views"]
 
 VIEW_SIZE = 96  # slices and projections are block-averaged to at most this many pixels a side
-ISO_SIZE = 32  # the isosurface grid: at most this many voxels a side (32^3 values to the browser)
+ISO_SIZE = 24  # the isosurface grid: at most this many voxels a side (24^3 values to the browser)
 
 
 def block_mean(array: np.ndarray, factor: int) -> np.ndarray:

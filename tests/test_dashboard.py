@@ -56,7 +56,7 @@ def test_map_views_are_oriented_and_sized_for_display():
 
 def test_isosurface_grid_is_small_and_in_sigma_units():
     iso = isosurface_grid(np.random.default_rng(1).normal(size=(64, 64, 64)).astype(np.float32), apix=1.5)
-    assert iso["n"] == 32 and iso["spacing_angstrom"] == 3.0 and len(iso["values"]) == 32**3
+    assert iso["n"] == 21 and iso["spacing_angstrom"] == 4.5 and len(iso["values"]) == 21**3  # 64 px by blocks of 3
     assert abs(np.mean(iso["values"])) < 0.01 and abs(np.std(iso["values"]) - 1) < 0.01
     assert iso["threshold_min"] < iso["threshold"] < iso["threshold_max"]
 
@@ -185,3 +185,14 @@ def test_dashboard_command_refuses_bad_input_with_one_clear_line():
         result = run(*args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
     assert "--connect" in run("--help").stdout
+
+
+def test_watch_with_a_dashboard_port_in_use_fails_cleanly(tmp_path):
+    (tmp_path / "session").mkdir()
+    with bind_socket("127.0.0.1", 0) as taken:
+        result = subprocess.run([str(SCRIPT), "--watch", str(tmp_path / "session"), "--out", str(tmp_path / "out"),
+                                 "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "-1", "--dashboard-port",
+                                 str(taken.getsockname()[1])], capture_output=True, text=True, timeout=300,
+                                check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the dashboard did not start: cannot serve the dashboard on 127.0.0.1" in result.stderr

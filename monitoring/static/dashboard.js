@@ -8,6 +8,32 @@ const GREY = [[0, "#000"], [1, "#fff"]];
 const page = { throughput: [], history: [], map: null, isoUserThreshold: null, server: "connecting" };
 
 function $(id) { return document.getElementById(id); }
+
+// Redraws are coalesced per chart: at most one per `minMs` (the latest data wins), none while the
+// tab is hidden (drawn when it is shown again). Text and tables update at once; charts cost CPU.
+const charts = new Map();  // name -> {draw, timer, last, key}
+function schedule(name, minMs, draw, key) {
+  const chart = charts.get(name) || { draw: null, timer: null, last: -Infinity, key: undefined };
+  charts.set(name, chart);
+  if (key !== undefined && key === chart.key && chart.draw === null) return;  // nothing new to draw
+  chart.draw = draw;
+  chart.pendingKey = key;
+  if (chart.timer !== null) return;
+  chart.timer = setTimeout(() => run(name), Math.max(0, chart.last + minMs - performance.now()));
+}
+function run(name) {
+  const chart = charts.get(name);
+  chart.timer = null;
+  if (document.hidden || chart.draw === null) return;  // drawn on visibilitychange
+  const draw = chart.draw;
+  chart.draw = null;
+  chart.key = chart.pendingKey;
+  chart.last = performance.now();
+  draw();
+}
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden) for (const name of charts.keys()) run(name);
+});
 function fmt(value, digits = 0) {
   return value === null || value === undefined || Number.isNaN(value) ? "–" : Number(value).toFixed(digits);
 }
@@ -42,7 +68,7 @@ function drawMap(map) {
   }
   setText("map-note", `${map.particles} particles · box ${map.box} px · ${fmt(map.apix, 2)} Å/px`);
   filled("panel-map");
-  drawIsosurface(map);
+  schedule("isosurface", 10000, () => drawIsosurface(map));  // the costliest chart: at most every 10 s
   drawFsc(map);
 }
 
@@ -158,11 +184,11 @@ function drawQueues(status) {
   const q = Object.assign({}, status.queues || {});
   q["files not yet complete"] = status.files_pending;
   const names = Object.keys(q);
-  Plotly.react("queues", [{ type: "bar", orientation: "h", y: names, x: names.map((k) => q[k]),
-                            marker: { color: "#2e90fa" }, hovertemplate: "%{y}: %{x}<extra></extra>" }],
-               baseLayout({ margin: { l: 140, r: 14, t: 4, b: 30 }, xaxis: { title: { text: "items waiting" },
-                                                                           rangemode: "tozero", dtick: 1 } }),
-               CONFIG);
+  schedule("queues", 2000, () => Plotly.react("queues", [{
+    type: "bar", orientation: "h", y: names, x: names.map((k) => q[k]), marker: { color: "#2e90fa" },
+    hovertemplate: "%{y}: %{x}<extra></extra>" }],
+  baseLayout({ margin: { l: 140, r: 14, t: 4, b: 30 }, xaxis: { title: { text: "items waiting" }, rangemode: "tozero",
+                                                              dtick: 1 } }), CONFIG), JSON.stringify(q));
   setTable("totals", [
     ["particles ingested", status.particles_ingested], ["particles posed", status.particles_posed],
     ["particles in map", status.particles_in_map], ["particles refined", status.particles_refined],
@@ -181,7 +207,7 @@ function drawViews(views) {
   const density = counts.map((row) => row.map((c) => c / mean));
   const empty = counts.flat().filter((c) => c === 0).length;
   const peak = Math.max(...density.flat());
-  Plotly.react("views", [{ type: "heatmap", x: views.azimuth_edges_degrees, y: views.elevation_edges_degrees,
+  schedule("views", 5000, () => Plotly.react("views", [{ type: "heatmap", x: views.azimuth_edges_degrees, y: views.elevation_edges_degrees,
                            z: density, colorscale: "Viridis", zmin: 0,
                            colorbar: { title: { text: "× uniform" }, thickness: 12 },
                            hovertemplate: "azimuth %{x:.0f}°, elevation %{y:.0f}°: %{z:.2f}× uniform<extra></extra>" }],
@@ -192,7 +218,7 @@ function drawViews(views) {
                                  showarrow: false,
                                  text: `${total} particles · densest ${fmt(peak, 1)}× uniform · ` +
                                        `${fmt(100 * empty / cells, 0)}% cells empty` }] }),
-    CONFIG);
+    CONFIG), JSON.stringify(counts));
   filled("panel-views");
 }
 
@@ -271,11 +297,11 @@ function drawConnection(connection) {
 function apply(sections) {
   if (sections.map) drawMap(sections.map);
   if (sections.resolution_history) drawResolution(sections.resolution_history);
-  if (sections.throughput) { page.throughput = sections.throughput; drawThroughput(); }
+  if (sections.throughput) { page.throughput = sections.throughput; schedule("throughput", 2000, drawThroughput); }
   if (sections.throughput_point) {
     page.throughput.push(sections.throughput_point);
     if (page.throughput.length > 7200) page.throughput.shift();
-    drawThroughput();
+    schedule("throughput", 2000, drawThroughput);
   }
   if (sections.status) drawStatus(sections.status);
   if (sections.connection) drawConnection(sections.connection);
