@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -268,12 +269,20 @@ def test_sigkill_then_restart_loses_and_duplicates_nothing(stacks, tmp_path, dae
 
 @pytest.mark.slow
 def test_demo_runs_a_simulated_session_to_a_map(tmp_path):
-    result = subprocess.run([str(SCRIPT), "demo", "--out", str(tmp_path), "--n", "240", "--box", "48", "--apix",
-                             "3.0", "--rate", "400", "--no-live", "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "0"],
-                            capture_output=True, text=True, env=ENV, timeout=600, check=False)
+    with socket.socket() as taken:  # the dashboard's port is in use: the demo takes a free one and says so
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        result = subprocess.run([str(SCRIPT), "demo", "--out", str(tmp_path), "--n", "240", "--box", "48", "--apix",
+                                 "3.0", "--rate", "400", "--no-live", "--zmq", "tcp://127.0.0.1:0", "--metrics-port",
+                                 "0", "--dashboard-port", str(busy)],
+                                capture_output=True, text=True, env=ENV, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     assert "240 particles in the map" in result.stdout and "median pose error" in result.stdout
     assert "against the true map" in result.stdout
+    assert f"cannot serve the dashboard on 127.0.0.1:{busy}" in result.stdout and "using a free port" in result.stdout
+    port = re.search(r"live dashboard: http://127\.0\.0\.1:(\d+)/", result.stdout)
+    assert port and int(port.group(1)) != busy
     volume, apix = read_volume(tmp_path / "cryofastar" / "volume.mrc")
     assert volume.shape == (48, 48, 48) and apix == pytest.approx(3.0)
     assert not (tmp_path / "cryofastar" / "rejected.tsv").exists()  # the true map beside the stacks is skipped
