@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import zmq
 from cryofastar.daemon.protocol import StatusMessage, VolumeMessage, encode
+from cryofastar.monitoring.headless_browser import launch_chromium
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.view_directions import view_direction_histogram
 from playwright.sync_api import sync_playwright
@@ -92,10 +93,7 @@ def main() -> None:
             sent["volume"] += 1
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=os.environ.get("CRYOFASTAR_CHROMIUM", "/usr/bin/chromium"),
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                           "--disable-component-update", "--use-angle=swiftshader",
-                                           "--enable-unsafe-swiftshader"])
+        browser = launch_chromium(pw)
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         page.goto(dashboard.url)
         start, k, last_map = time.monotonic(), 0, -1e9

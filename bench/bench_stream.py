@@ -257,13 +257,11 @@ class DashboardLoad:
         self.mode, self.page, self._pw, self._browser = mode, None, None, None
         self.server = DashboardProcess(connectable(address), 0)
         if mode == "browser":
+            from cryofastar.monitoring.headless_browser import launch_chromium
             from playwright.sync_api import sync_playwright
 
             self._pw = sync_playwright().start()
-            self._browser = self._pw.chromium.launch(
-                executable_path=os.environ.get("CRYOFASTAR_CHROMIUM", "/usr/bin/chromium"),
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                      "--use-angle=swiftshader", "--enable-unsafe-swiftshader"])
+            self._browser = launch_chromium(self._pw)
             self.page = self._browser.new_page(viewport={"width": 1400, "height": 1400})
             self.page.goto(self.server.url)
 

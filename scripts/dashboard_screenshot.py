@@ -11,7 +11,6 @@ particles and every panel has data, then saves a full-page PNG and lets the demo
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -19,11 +18,10 @@ import threading
 import time
 from pathlib import Path
 
+from cryofastar.monitoring.headless_browser import launch_chromium
 from playwright.sync_api import sync_playwright
 
 SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 
 
 def main() -> None:
@@ -50,8 +48,7 @@ def main() -> None:
         demo.kill()
         raise SystemExit("the demo printed no dashboard URL")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=os.environ.get("CRYOFASTAR_CHROMIUM", "/usr/bin/chromium"),
-                                     args=CHROMIUM_ARGS)
+        browser = launch_chromium(pw)
         page = browser.new_page(viewport={"width": args.width, "height": 1200})
         page.goto(url)
         remaining = max(1.0, deadline - time.monotonic())
