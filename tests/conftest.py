@@ -1,4 +1,5 @@
-"""Shared fixtures: a small asymmetric phantom and an independent real-space projector."""
+"""Shared fixtures: a small asymmetric phantom, an independent real-space projector, and ``spawn``
+for processes closed after each test."""
 
 from __future__ import annotations
 
@@ -8,6 +9,21 @@ import torch
 from scipy.ndimage import map_coordinates
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture
+def spawn():
+    """``spawn(cls, *args, **kwargs)`` starts a process object (e.g. ``session_helpers.ScriptProcess``);
+    every one is closed after the test."""
+    started = []
+
+    def start(cls, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        started.append(cls(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close()
 
 
 def blob_phantom(box: int, n_blobs: int = 12, seed: int = 0) -> torch.Tensor:

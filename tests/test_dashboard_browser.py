@@ -5,13 +5,7 @@ the daemon restarting and the dashboard server restarting, without a reload."""
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,104 +13,37 @@ import pytest
 
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
 
-SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
-ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+from cryofastar.monitoring.headless_browser import launch_chromium  # noqa: E402
+from session_helpers import ScriptProcess, place, simulate_stacks  # noqa: E402
+
 BOX = 48
 PER_STACK = 40
 N_STACKS = 8
 FAST = ["--settle", "0.3", "--flush", "1", "--publish-every", "1", "--checkpoint-every", "2", "--batch", "48",
         "--metrics-port", "-1", "--refine-after", "100000"]
-CHROMIUM = os.environ.get("CRYOFASTAR_CHROMIUM", "/usr/bin/chromium")
-# flags for a headless chromium on a machine with no GPU and no internet (WebGL through SwiftShader)
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 SCREENSHOTS = Path(os.environ.get("CRYOFASTAR_SCREENSHOTS", Path(__file__).parent / "artifacts"))
-PANELS = ("panel-map", "panel-iso", "panel-fsc", "panel-resolution", "panel-views", "panel-throughput",
-          "panel-queues", "panel-rejected", "panel-session")
 
 
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory) -> list[Path]:
-    out = tmp_path_factory.mktemp("simulated")
-    result = subprocess.run([str(SCRIPT), "simulate", "--out", str(out), "--n", str(PER_STACK * N_STACKS), "--box",
-                             str(BOX), "--apix", "3.0", "--snr", "1", "--per-stack", str(PER_STACK), "--seed", "21"],
-                            capture_output=True, text=True, env=ENV, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr
-    return sorted(out.glob("particles_*.mrcs"))
+    return simulate_stacks(tmp_path_factory.mktemp("simulated"), PER_STACK * N_STACKS, BOX, PER_STACK, seed=21)
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium; .ci/run does) "
-                    "or set CRYOFASTAR_CHROMIUM")
     with playwright.sync_playwright() as pw:
-        instance = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            instance = launch_chromium(pw)
+        except FileNotFoundError as exc:
+            pytest.fail(str(exc))
         yield instance
         instance.close()
 
 
-class Process:
-    """A console-script subprocess whose output lines are collected by a thread."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen([str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, env=ENV)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-
-    def _collect(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                match = re.search(pattern, line)
-                if match:
-                    return match
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(self.lines)}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=120)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-        self._reader.join(timeout=10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
 @pytest.fixture
-def processes():
-    started: list[Process] = []
-
-    def start(*args: str) -> Process:
-        started.append(Process(*args))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.close()
-
-
-def place(stack: Path, directory: Path) -> None:
-    shutil.copy(stack, directory / f".{stack.name}.part")
-    os.replace(directory / f".{stack.name}.part", directory / stack.name)
+def processes(spawn):
+    """Start console-script processes with ``processes(*args)`` (stderr in their lines); closed after the test."""
+    return lambda *args: spawn(ScriptProcess, *args, merge_stderr=True)
 
 
 def free_port() -> int:
@@ -211,7 +138,7 @@ def test_every_panel_fills_with_live_data_from_a_real_daemon(stacks, tmp_path, b
     assert requests and all(r.startswith((url.rstrip("/"), "ws://", "data:")) for r in requests), requests
     assert errors == []
     page.close()
-    assert daemon.stop() == 0
+    assert daemon.stop()[0] == 0
 
 
 @pytest.mark.slow
@@ -231,7 +158,7 @@ def test_the_page_reconnects_when_the_daemon_and_the_dashboard_restart(stacks, t
     wait_until(page, f"parseInt(document.getElementById('map-note').textContent) >= {PER_STACK}", "no first map")
     session = page.evaluate("document.getElementById('session').textContent")
 
-    assert daemon.stop() == 0  # the daemon goes away: the page says so and keeps the last data
+    assert daemon.stop()[0] == 0  # the daemon goes away: the page says so and keeps the last data
     wait_until(page, "document.getElementById('connection').textContent === 'stale'", "no stale warning", 30)
     assert "No data from the daemon" in page.text_content("#stale-banner")
     assert map_particles(page) >= PER_STACK
@@ -246,7 +173,7 @@ def test_the_page_reconnects_when_the_daemon_and_the_dashboard_restart(stacks, t
                "the restart was not noticed", 15)
     assert page.evaluate("document.getElementById('session').textContent") != session
 
-    assert dashboard.stop() == 0  # the dashboard server goes away: the page reconnects to its successor
+    assert dashboard.stop()[0] == 0  # the dashboard server goes away: the page reconnects to its successor
     wait_until(page, "document.getElementById('connection').textContent === 'dashboard offline'",
                "no offline warning", 15)
     dashboard = processes("dashboard", "--connect", zmq, "--port", str(web), "--stale-after", "3")
@@ -255,4 +182,4 @@ def test_the_page_reconnects_when_the_daemon_and_the_dashboard_restart(stacks, t
     wait_until(page, f"parseInt(document.getElementById('map-note').textContent) >= {2 * PER_STACK}",
                "the new dashboard did not send the map", 30)
     page.close()
-    assert daemon.stop() == 0 and dashboard.stop() == 0
+    assert daemon.stop()[0] == 0 and dashboard.stop()[0] == 0

@@ -3,14 +3,10 @@ ZeroMQ subscriber, a real HTTP scrape of /metrics, SIGTERM drains, SIGKILL + res
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,9 +19,8 @@ from cryofastar.daemon.protocol import StatusMessage, VolumeMessage
 from cryofastar.monitoring.subscriber import Subscriber
 from cryofastar.recon.io import read_volume, write_stack
 from cryofastar.recon.io.star import write_particles
+from session_helpers import ENV, SCRIPT, ScriptProcess, place, simulate_stacks
 
-SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
-ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 BOX = 48
 PER_STACK = 40
 N_STACKS = 6
@@ -36,41 +31,15 @@ FAST = ["--settle", "0.3", "--flush", "1", "--publish-every", "1", "--checkpoint
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory) -> list[Path]:
     """A simulated session's stacks (written elsewhere; tests move them into the watched directory)."""
-    out = tmp_path_factory.mktemp("simulated")
-    result = subprocess.run([str(SCRIPT), "simulate", "--out", str(out), "--n", str(PER_STACK * N_STACKS), "--box",
-                             str(BOX), "--apix", "3.0", "--snr", "1", "--per-stack", str(PER_STACK), "--seed", "11"],
-                            capture_output=True, text=True, env=ENV, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr
-    return sorted(out.glob("particles_*.mrcs"))
+    return simulate_stacks(tmp_path_factory.mktemp("simulated"), PER_STACK * N_STACKS, BOX, PER_STACK, seed=11)
 
 
-class Daemon:
-    """The console script in a subprocess, its stdout collected by a thread."""
+class Daemon(ScriptProcess):
+    """``cryofastar-stream --watch`` in a subprocess, with the endpoints it printed."""
 
     def __init__(self, watch: Path, out: Path, *extra: str) -> None:
-        self.process = subprocess.Popen([str(SCRIPT), "--watch", str(watch), "--out", str(out), *FAST, *extra],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-        self.zmq, self.metrics = self._endpoints()
-
-    def _collect(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def _endpoints(self) -> tuple[str, str]:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                match = re.search(r"ZeroMQ (tcp://\S+?);? metrics (http://\S+)", line)
-                if match:
-                    return match.group(1), match.group(2)
-            if self.process.poll() is not None:
-                raise AssertionError(f"daemon exited: {self.process.stderr.read()}")  # type: ignore[union-attr]
-            time.sleep(0.05)
-        raise AssertionError("daemon did not report its endpoints")
+        super().__init__("--watch", str(watch), "--out", str(out), *FAST, *extra)
+        self.zmq, self.metrics = self.wait_for(r"ZeroMQ (tcp://\S+?);? metrics (http://\S+)").groups()
 
     def scrape(self) -> dict[str, float]:
         text = urllib.request.urlopen(self.metrics, timeout=10).read().decode()
@@ -81,66 +50,36 @@ class Daemon:
                 values[name] = float(value)
         return values
 
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
-        self.process.send_signal(sig)
-        code = self.process.wait(timeout=120)
-        return code, self.process.stderr.read()  # type: ignore[union-attr]
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-        self._reader.join(timeout=10)
-        for pipe in (self.process.stdout, self.process.stderr):
-            if pipe is not None:
-                pipe.close()
-
 
 @pytest.fixture
-def daemons():
+def daemons(spawn):
     """Start daemons with ``daemons(watch, out, ...)``; every one is closed after the test."""
-    started: list[Daemon] = []
-
-    def start(*args) -> Daemon:
-        started.append(Daemon(*args))
-        return started[-1]
-
-    yield start
-    for daemon in started:
-        daemon.close()
+    return lambda *args: spawn(Daemon, *args)
 
 
-def place(stack: Path, directory: Path) -> Path:
-    """Write a stack the way acquisition software should: a hidden name, then a rename into place."""
-    target = directory / stack.name
-    shutil.copy(stack, directory / f".{stack.name}.part")
-    os.replace(directory / f".{stack.name}.part", target)
-    return target
-
-
-def wait_for_map(subscriber: Subscriber, particles: int, timeout: float = 180) -> VolumeMessage:
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        message = subscriber.receive(timeout_s=1.0)
-        if isinstance(message, VolumeMessage):
-            seen = message.particles
-            if message.particles >= particles:
-                return message
-    raise AssertionError(f"no map with {particles} particles within {timeout} s (last: {seen})")
-
-
-def wait_for_status(subscriber: Subscriber, wanted, timeout: float = 30) -> dict:
-    """The body of the first status message for which ``wanted(body)`` is true."""
+def wait_for_message(subscriber: Subscriber, kind: type, wanted, timeout: float, summary):  # noqa: ANN001, ANN201
+    """The first message of ``kind`` for which ``wanted(message)`` is true; fails naming ``summary(last)``."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         message = subscriber.receive(timeout_s=1.0)
-        if isinstance(message, StatusMessage):
-            last = message.status
-            if wanted(last):
-                return last
-    raise AssertionError(f"no such status message within {timeout} s (last: {last})")
+        if isinstance(message, kind):
+            last = message
+            if wanted(message):
+                return message
+    seen = None if last is None else summary(last)
+    raise AssertionError(f"no such {kind.__name__} within {timeout} s (last: {seen})")
+
+
+def wait_for_map(subscriber: Subscriber, particles: int, timeout: float = 180) -> VolumeMessage:
+    """The first map holding at least ``particles`` particles."""
+    return wait_for_message(subscriber, VolumeMessage, lambda m: m.particles >= particles, timeout,
+                            lambda m: f"a map of {m.particles} particles, {particles} wanted")
+
+
+def wait_for_status(subscriber: Subscriber, wanted, timeout: float = 30) -> dict:  # noqa: ANN001
+    """The body of the first status message for which ``wanted(body)`` is true."""
+    return wait_for_message(subscriber, StatusMessage, lambda m: wanted(m.status), timeout, lambda m: m.status).status
 
 
 @pytest.mark.slow
