@@ -25,7 +25,6 @@ import math
 import time
 from typing import Any
 
-import numpy as np
 from cryofastar.daemon.protocol import StatusMessage, VolumeMessage
 
 from .map_views import isosurface_grid, map_views
@@ -101,8 +100,7 @@ class DashboardState:
         return {"connection": self.connection()}
 
     def _map_section(self, message: VolumeMessage) -> dict[str, Any]:
-        shells = message.fsc_resolution_angstrom
-        frequency = np.where(np.isfinite(shells), 1.0 / np.where(np.isfinite(shells), shells, 1.0), 0.0)
+        frequency = 1.0 / message.fsc_resolution_angstrom  # the DC shell's inf Å -> 0 per Å
         return {
             "time": message.time,
             "session": message.session,

@@ -79,17 +79,13 @@ function drawIsosurface(map) {
   const threshold = page.isoUserThreshold ?? iso.threshold;
   slider.value = threshold;
   setText("iso-threshold-value", fmt(threshold, 2));
-  const n = iso.n, x = new Float32Array(n * n * n), y = new Float32Array(n * n * n), z = new Float32Array(n * n * n);
-  for (let k = 0, i = 0; k < n; k++) for (let j = 0; j < n; j++) for (let l = 0; l < n; l++, i++) {
-    x[i] = (l - n / 2) * iso.spacing_angstrom; y[i] = (j - n / 2) * iso.spacing_angstrom;
-    z[i] = (k - n / 2) * iso.spacing_angstrom;
-  }
   if (!webglAvailable()) {
     setText("isosurface", "This browser has no WebGL: the 3D view is off (the slices above show the map).");
     return;
   }
+  const { x, y, z } = isoGrid(iso.n, iso.spacing_angstrom);
   Plotly.react("isosurface", [{
-    type: "isosurface", x: Array.from(x), y: Array.from(y), z: Array.from(z), value: iso.values,
+    type: "isosurface", x, y, z, value: iso.values,
     isomin: threshold, isomax: iso.threshold_max + 1, surface: { count: 1 }, showscale: false,
     caps: { x: { show: false }, y: { show: false }, z: { show: false } },
     colorscale: [[0, "#e9c46a"], [1, "#e9c46a"]], lighting: { ambient: 0.5, diffuse: 0.8, specular: 0.3 },
@@ -98,6 +94,19 @@ function drawIsosurface(map) {
                scene: { aspectmode: "cube", xaxis: { title: { text: "x (Å)" } }, yaxis: { title: { text: "y (Å)" } },
                         zaxis: { title: { text: "z (Å)" } } } }), CONFIG);
   filled("panel-iso");
+}
+
+// voxel centres (Å, x fastest) of the isosurface grid: the same for every map of a session, so made once
+function isoGrid(n, spacing) {
+  const key = `${n}/${spacing}`;
+  if (page.isoGrid?.key !== key) {
+    const x = [], y = [], z = [];
+    for (let k = 0; k < n; k++) for (let j = 0; j < n; j++) for (let l = 0; l < n; l++) {
+      x.push((l - n / 2) * spacing); y.push((j - n / 2) * spacing); z.push((k - n / 2) * spacing);
+    }
+    page.isoGrid = { key, x, y, z };
+  }
+  return page.isoGrid;
 }
 
 let webgl = null;
@@ -159,7 +168,10 @@ function drawResolution(history) {
                           execute: true }] }],
       margin: { l: 50, r: 14, t: 26, b: 40 },
     }), CONFIG);
-  $("resolution").on?.("plotly_buttonclicked", (ev) => { page.resolutionByTime = ev.button.label === "vs time"; });
+  if (!page.resolutionButtons) {  // once: Plotly keeps the handler across redraws
+    $("resolution").on("plotly_buttonclicked", (ev) => { page.resolutionByTime = ev.button.label === "vs time"; });
+    page.resolutionButtons = true;
+  }
   filled("panel-resolution");
 }
 
