@@ -66,7 +66,7 @@ def main(json_path: str, png_path: str) -> None:
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(cells):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="center right")
+    axes.flat[0].legend(fontsize=7, loc="lower right", bbox_to_anchor=(1, 0.04))
     fig.suptitle("Pose error against wall time on the same particles (held-out molecule)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
