@@ -56,9 +56,12 @@ import numpy as np
 import torch
 from cryofastar.model.evaluation import apply_alignment_to_rotations, pose_errors
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
+from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.io import ParticleTable, read_particles, read_volume
 from cryofastar.recon.map_alignment import translate_onto
 from cryofastar.recon.simulate import random_rotations
+
+from cryofastar.commands.reconstruct import NETWORK_COLUMNS
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -187,7 +190,30 @@ def run_ours(cell: Path, truth: Truth) -> dict:
     table = read_particles(out / "particles.star")
     order = _rows_in_truth_order(table, truth.table)
     result = score(truth, table.rotations().double()[order], table.origins_angstrom().double()[order] / table.apix)
-    return {"wall_s": wall, "command": " ".join(["cryofastar-stream", *cmd[3:]]), **result}
+    return {"wall_s": wall, "command": " ".join(["cryofastar-stream", *cmd[3:]]), **result,
+            **ours_pipeline(cell, truth)}
+
+
+def ours_pipeline(cell: Path, truth: Truth) -> dict:
+    """Which path ``reconstruct`` took (its log) and how good the network's own poses were.
+
+    ``reconstruct`` keeps the network's pose of each particle (before refinement) in the
+    NETWORK_COLUMNS of its STAR file; they are scored like every other pose set. Its log says
+    whether the network's poses started refinement or map-only ab initio replaced them.
+    """
+    log = (cell / "cryofastar.log").read_text(errors="replace")
+    posed = re.search(r"posed in ([\d.]+) s", log)
+    refined = next((line.strip() for line in log.splitlines() if line.startswith("refined in")), None)
+    table = read_particles(cell / "cryofastar" / "particles.star")
+    network = None
+    if set(NETWORK_COLUMNS) <= set(table.particles.columns):
+        values = table.particles[list(NETWORK_COLUMNS)].to_numpy(np.float64)[_rows_in_truth_order(table, truth.table)]
+        angles = torch.from_numpy(values[:, :3])
+        network = {"pose_s": float(posed.group(1)) if posed else None,
+                   **score(truth, euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]),
+                           torch.from_numpy(values[:, 3:]) / table.apix)}
+    return {"refinement_log": refined, "network_replaced_by_ab_initio": bool(refined and "uninformative" in refined),
+            "network_poses": network}
 
 
 def _rows_in_truth_order(table: ParticleTable, truth: ParticleTable) -> np.ndarray:
@@ -358,7 +384,10 @@ def run_cell(args: argparse.Namespace, python: Path | None, box: int, snr: float
     print(f"   true poses: {_row(result['true_poses'])}\n   random poses: {_row(result['random_poses'])}", flush=True)
     ours = run_ours(cell, truth)
     result["cryofastar"] = ours
-    print(f"   cryofastar-stream reconstruct: {ours['wall_s']:.1f} s, {_row(ours)}", flush=True)
+    print(f"   cryofastar-stream reconstruct: {ours['wall_s']:.1f} s, {_row(ours)}\n      {ours['refinement_log']}",
+          flush=True)
+    if ours["network_poses"]:
+        print(f"   its network's poses alone: {_row(ours['network_poses'])}", flush=True)
     result["peers"] = {}
     if python is not None:
         result["peer_convention"] = check_peer_convention(python, cell, truth)
@@ -419,6 +448,10 @@ def markdown_tables(results: dict) -> str:
     for name, r in sorted(results["cells"].items(), key=lambda kv: (kv[1]["box"], -kv[1]["snr"], kv[1]["n"])):
         rows = [("true poses (ceiling)", "–", r["true_poses"]), ("random poses (floor)", "–", r["random_poses"]),
                 ("**cryofastar-stream**", f"**{r['cryofastar']['wall_s']:.0f} s**", r["cryofastar"])]
+        network = r["cryofastar"].get("network_poses")
+        if network:
+            rows.append(("cryofastar network poses alone (before refinement)",
+                         f"{network['pose_s']:.0f} s of the run", network))
         for peer, got in r["peers"].items():
             if got["final"]:
                 state = "" if got["finished"] else f" (stopped at cap, epoch {got['final']['epoch']})"
