@@ -143,7 +143,7 @@ def score(truth: Truth, rotations: torch.Tensor, shifts_px: torch.Tensor | None,
     ``rotations`` `(n, 3, 3)` RELION matrices, ``shifts_px`` `(n, 2)` rlnOrigin in px, both in
     the row order of ``truth``. Resolutions in Å (``inf`` where the FSC never rises above it).
     """
-    errors = pose_errors(rotations, truth.rotations, shifts_px, truth.shifts_px)
+    errors = pose_errors(rotations, truth.rotations, shifts_px, None if shifts_px is None else truth.shifts_px)
     out = {"frobenius_mean": errors.frobenius_mean, "geodesic_median_deg": errors.geodesic_median_degrees,
            "geodesic_mean_deg": errors.geodesic_mean_degrees, "mirrored": errors.alignment.mirrored,
            "translation_median_px": errors.translation_median_px,
