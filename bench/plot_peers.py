@@ -38,6 +38,12 @@ def main(json_path: str, png_path: str) -> None:
         ours = r["cryofastar"]
         times = [ours["wall_s"]]
         for peer, got in r["peers"].items():
+            if got.get("dropped"):
+                ax.text(0.03, 0.55, f"{got['label']}: no poses within the {got['cap_s'] / 3600:.3g} h cap\n"
+                        f"(probe: first poses after ≈{got['probe']['first_poses_estimate_s'] / 3600:.1f} h)",
+                        transform=ax.transAxes, fontsize=8, color=COLOURS.get(peer, "tab:red"))
+                ax.axvline(got["cap_s"], color=COLOURS.get(peer, "tab:red"), lw=0.8, ls=":")
+                times.append(got["cap_s"])
             if got.get("failure") or got.get("dropped"):
                 continue
             pts = got["checkpoints"]
