@@ -18,6 +18,7 @@ import math
 import sys
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,6 +66,7 @@ def main(json_path: str, png_path: str) -> None:
         ax.axhline(r["true_poses"]["geodesic_median_deg"], color="black", lw=1, label="true poses (ceiling)")
         ax.set_xscale("log")
         ax.set_xlim(min(times) / 2, max(times) * 2)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylim(-3, 140)
         ax.set_xlabel("wall time (s, 2 CPU cores)" if not results["machine"].get("gpu") else "wall time (s)")
         ax.set_ylabel("median rotation error (°, after global alignment)")
