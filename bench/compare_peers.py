@@ -56,12 +56,11 @@ import numpy as np
 import torch
 from cryofastar.model.evaluation import apply_alignment_to_rotations, pose_errors
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
-from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.io import ParticleTable, read_particles, read_volume
 from cryofastar.recon.map_alignment import translate_onto
 from cryofastar.recon.simulate import random_rotations
 
-from cryofastar.commands.reconstruct import NETWORK_COLUMNS
+from cryofastar.commands.evaluate import image_keys, network_poses
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -165,11 +164,11 @@ def map_resolution(truth: Truth, rotations: torch.Tensor, origins_angstrom: torc
 
 
 # ---------------------------------------------------------------------------- methods
-def timed(cmd: list[str], log: Path, cwd: Path | None = None) -> float:
+def timed(cmd: list[str], log: Path) -> float:
     """Run ``cmd`` to completion with its output in ``log``; wall seconds. A failure stops the run."""
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} failed ({done.returncode}); see {log}")
     return time.perf_counter() - t0
@@ -191,42 +190,37 @@ def run_ours(cell: Path, truth: Truth) -> dict:
     order = _rows_in_truth_order(table, truth.table)
     result = score(truth, table.rotations().double()[order], table.origins_angstrom().double()[order] / table.apix)
     return {"wall_s": wall, "command": " ".join(["cryofastar-stream", *cmd[3:]]), **result,
-            **ours_pipeline(cell, truth)}
+            **ours_pipeline(cell, truth, table, order)}
 
 
-def ours_pipeline(cell: Path, truth: Truth) -> dict:
+def ours_pipeline(cell: Path, truth: Truth, table: ParticleTable, order: np.ndarray) -> dict:
     """Which path ``reconstruct`` took (its log) and how good the network's own poses were.
 
     ``reconstruct`` keeps the network's pose of each particle (before refinement) in the
     NETWORK_COLUMNS of its STAR file; they are scored like every other pose set. Its log says
     whether the network's poses started refinement or map-only ab initio replaced them.
+    ``table`` is its output STAR file, ``order`` its rows in the order of ``truth``.
     """
     log = (cell / "cryofastar.log").read_text(errors="replace")
     posed = re.search(r"posed in ([\d.]+) s", log)
     refined = next((line.strip() for line in log.splitlines() if line.startswith("refined in")), None)
-    table = read_particles(cell / "cryofastar" / "particles.star")
+    kept = network_poses(table)
     network = None
-    if set(NETWORK_COLUMNS) <= set(table.particles.columns):
-        values = table.particles[list(NETWORK_COLUMNS)].to_numpy(np.float64)[_rows_in_truth_order(table, truth.table)]
-        angles = torch.from_numpy(values[:, :3])
+    if kept is not None:
         network = {"pose_s": float(posed.group(1)) if posed else None,
-                   **score(truth, euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]),
-                           torch.from_numpy(values[:, 3:]) / table.apix)}
+                   **score(truth, kept[0][order], kept[1][order])}
     return {"refinement_log": refined, "network_replaced_by_ab_initio": bool(refined and "uninformative" in refined),
             "network_poses": network}
 
 
 def _rows_in_truth_order(table: ParticleTable, truth: ParticleTable) -> np.ndarray:
-    """Rows of ``table`` in the order of ``truth``, matched by image (index, resolved stack path)."""
-    def keys(t: ParticleTable) -> list[str]:
-        return [f"{int(i)}@{Path(s).resolve()}" for i, s in zip(t.image_indices, t.stack_paths, strict=True)]
-
-    index = {key: row for row, key in enumerate(keys(table))}
-    wanted = keys(truth)
-    missing = [w for w in wanted if w not in index]
-    if missing:
-        raise SystemExit(f"error: {len(missing)} particles missing from the output, e.g. {missing[0]}")
-    return np.array([index[w] for w in wanted])
+    """Rows of ``table`` in the order of ``truth``, matched by image (``evaluate.image_keys``)."""
+    wanted = image_keys(truth)
+    rows = image_keys(table).get_indexer(wanted)
+    if (rows < 0).any():
+        raise SystemExit(f"error: {int((rows < 0).sum())} particles missing from the output, "
+                         f"e.g. {wanted[int(np.argmax(rows < 0))]}")
+    return rows
 
 
 def check_peer_convention(python: Path, cell: Path, truth: Truth) -> dict:
@@ -257,6 +251,11 @@ def _read_pose_pkl(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         rots, trans = pose, None
     rots = np.asarray(rots, dtype=np.float64)
     return rots, (None if trans is None else np.asarray(trans, dtype=np.float64))
+
+
+def _epoch(path: Path) -> int:
+    """N of cryoDRGN's ``pose.N.pkl``."""
+    return int(re.findall(r"\d+", path.name)[0])
 
 
 def peer_command(python: Path, peer: str, cell: Path, out: Path, extra: list[str]) -> list[str]:
@@ -299,15 +298,14 @@ def run_peer(python: Path, peer: str, cell: Path, truth: Truth, cap: float, ours
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
         failure = f"exit status {returncode}: {lines[-1] if lines else 'no output'}"
     box = truth.true_map.shape[0]
-    checkpoints = []
-    for path in sorted(out.glob("pose.*.pkl"), key=lambda p: int(re.findall(r"\d+", p.name)[0])):
+    checkpoints, last = [], None
+    for path in sorted(out.glob("pose.*.pkl"), key=_epoch):
         rots, trans = _read_pose_pkl(path)
         if rots.shape[0] != len(truth.table):
             continue
-        shifts = None if trans is None else torch.from_numpy(trans) * box
-        entry = {"epoch": int(re.findall(r"\d+", path.name)[0]), "t_s": path.stat().st_mtime - t0_wall,
-                 **score(truth, torch.from_numpy(rots), shifts, with_map=False)}
-        checkpoints.append(entry)
+        last = (torch.from_numpy(rots), None if trans is None else torch.from_numpy(trans) * box)
+        checkpoints.append({"epoch": _epoch(path), "t_s": path.stat().st_mtime - t0_wall,
+                            **score(truth, *last, with_map=False)})
     budgets = {}
     for factor in BUDGET_FACTORS:
         budget = factor * ours["wall_s"]
@@ -319,11 +317,8 @@ def run_peer(python: Path, peer: str, cell: Path, truth: Truth, cap: float, ours
                          geodesic_median_deg=best["geodesic_median_deg"])
         budgets[f"x{factor}"] = entry
     final = None
-    if checkpoints:
-        rots, trans = _read_pose_pkl(out / f"pose.{checkpoints[-1]['epoch']}.pkl")
-        shifts = None if trans is None else torch.from_numpy(trans) * box
-        final = {"epoch": checkpoints[-1]["epoch"], "t_s": checkpoints[-1]["t_s"],
-                 **score(truth, torch.from_numpy(rots), shifts)}
+    if last is not None:  # the last poses again, now with their map
+        final = {"epoch": checkpoints[-1]["epoch"], "t_s": checkpoints[-1]["t_s"], **score(truth, *last)}
     # the first epoch whose poses are as good as ours (median geodesic error), if any
     match = next((c["t_s"] for c in checkpoints if c["geodesic_median_deg"] <= ours["geodesic_median_deg"]), None)
     return {"label": PEERS[peer], "command": " ".join(["cryodrgn", *cmd[1:]]), "cap_s": cap, "capped": capped,
@@ -334,7 +329,7 @@ def run_peer(python: Path, peer: str, cell: Path, truth: Truth, cap: float, ours
 def probe_first_poses(python: Path, cell: Path, n: int, k: int = 64) -> dict:
     """Estimate when ``abinit_homo_old`` would write its first poses for ``n`` particles.
 
-    A short run on the first ``k`` particles (``--ind``, ``--pretrain 4k -n 1``) measures its
+    A short run on the first ``k`` particles (``--ind``, ``--pretrain k -n 1``) measures its
     pretraining rate and its first pose search's rate (images/s, from its log's timestamps and
     "Finished in"); the estimate is startup + min(n, 10,000 default pretraining images) /
     pretraining rate + n / search rate. Later pose searches are slower (its L radius grows),
@@ -344,9 +339,8 @@ def probe_first_poses(python: Path, cell: Path, n: int, k: int = 64) -> dict:
     with ind.open("wb") as fh:
         pickle.dump(np.arange(k), fh)
     out = cell / "abinit_homo_old_probe"
-    cmd = [str(python.parent / "cryodrgn"), "abinit_homo_old", str(cell / "sim" / "particles.star"), "-o", str(out),
-           "--datadir", str(cell / "sim"), "--uninvert-data", "--seed", "0", "--ind", str(ind),
-           "--pretrain", str(k), "-n", "1"]  # its pretraining is one pass over the data at most
+    # its pretraining is one pass over the data at most
+    cmd = peer_command(python, "abinit_homo_old", cell, out, ["--ind", str(ind), "--pretrain", str(k), "-n", "1"])
     log = cell / "abinit_homo_old_probe.log"
     wall = timed(cmd, log)
     text = log.read_text(errors="replace")

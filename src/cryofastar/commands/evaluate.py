@@ -64,7 +64,7 @@ class EvaluateResult:
         }
 
 
-def _keys(table: ParticleTable) -> pd.Index:
+def image_keys(table: ParticleTable) -> pd.Index:
     """`(n,)` image keys ``"N@/resolved/stack"`` (N a plain integer, the stack's resolved absolute path)."""
     resolved = {stack: str(Path(stack).resolve()) for stack in set(table.stack_paths)}
     keys = pd.Index([f"{int(i)}@{resolved[stack]}" for i, stack in zip(table.image_indices, table.stack_paths,
@@ -72,6 +72,18 @@ def _keys(table: ParticleTable) -> pd.Index:
     if keys.has_duplicates:
         raise ValueError(f"{table.star_path}: rlnImageName {keys[keys.duplicated()][0]!r} appears more than once")
     return keys
+
+
+def network_poses(table: ParticleTable) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The network's own poses that ``reconstruct`` keeps beside the refined ones (NETWORK_COLUMNS).
+
+    Returns `(n, 3, 3)` float64 RELION matrices and `(n, 2)` float64 shifts in px, in the
+    table's row order; ``None`` if the table has no such columns.
+    """
+    if not set(NETWORK_COLUMNS) <= set(table.particles.columns):
+        return None
+    values = torch.from_numpy(table.particles[list(NETWORK_COLUMNS)].to_numpy(np.float64))
+    return euler_to_matrix(values[:, 0], values[:, 1], values[:, 2]), values[:, 3:] / table.apix
 
 
 def _has_origins(table: ParticleTable) -> bool:
@@ -89,7 +101,7 @@ def main(pred: Path, truth: Path, json_out: Path | None = None, apix: float | No
     """Match, align, measure; write ``json_out`` if given. Bad input raises ValueError / ParticleFileError."""
     pred_table = read_particles(pred, apix=apix)
     true_table = read_particles(truth, apix=apix)
-    pred_keys, true_keys = _keys(pred_table), _keys(true_table)
+    pred_keys, true_keys = image_keys(pred_table), image_keys(true_table)
     common = pred_keys.intersection(true_keys, sort=False)
     if len(common) == 0:
         raise ValueError(f"no rlnImageName of {pred} appears in {truth}: nothing to compare")
@@ -103,12 +115,10 @@ def main(pred: Path, truth: Path, json_out: Path | None = None, apix: float | No
         true_shift = true_table.origins_angstrom()[true_rows] / true_table.apix
     predicted = pose_errors(pred_rot, true_rot, pred_shift, true_shift)
     network = None
-    if set(NETWORK_COLUMNS) <= set(pred_table.particles.columns):  # reconstruct --refine kept the network's poses
-        values = pred_table.particles[list(NETWORK_COLUMNS)].to_numpy(np.float64)[pred_rows]
-        angles = torch.from_numpy(values[:, :3])
-        net_rot = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-        net_shift = None if true_shift is None else torch.from_numpy(values[:, 3:]) / pred_table.apix
-        network = pose_errors(net_rot, true_rot, net_shift, true_shift)
+    kept = network_poses(pred_table)  # reconstruct --refine kept the network's poses
+    if kept is not None:
+        net_rot, net_shift = kept[0][pred_rows], kept[1][pred_rows]
+        network = pose_errors(net_rot, true_rot, None if true_shift is None else net_shift, true_shift)
     chance = chance_level(true_rot, torch.Generator().manual_seed(_CHANCE_SEED_OFFSET + seed), pred_shift, true_shift)
     spearman = None
     has_confidence = CONFIDENCE_COLUMN in pred_table.particles.columns
