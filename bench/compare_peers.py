@@ -139,14 +139,19 @@ class Truth:
 def score(truth: Truth, rotations: torch.Tensor, shifts_px: torch.Tensor | None, with_map: bool = True) -> dict:
     """Pose errors after one global alignment (incl. hand) and the FSC of the aligned map vs the truth.
 
+    The alignment is the map's gauge: a rotation, the hand and a translation (shift errors
+    are measured after removing the fitted map translation, ``map_translation_px``, since
+    an ab-initio map may sit off-centre; the FSC is likewise measured after centring).
     ``rotations`` `(n, 3, 3)` RELION matrices, ``shifts_px`` `(n, 2)` rlnOrigin in px, both in
     the row order of ``truth``. Resolutions in Å (``inf`` where the FSC never rises above it).
     """
-    errors = pose_errors(rotations, truth.rotations, shifts_px, None if shifts_px is None else truth.shifts_px)
+    errors = pose_errors(rotations, truth.rotations, shifts_px, None if shifts_px is None else truth.shifts_px,
+                         fit_translation=True)
     out = {"frobenius_mean": errors.frobenius_mean, "geodesic_median_deg": errors.geodesic_median_degrees,
            "geodesic_mean_deg": errors.geodesic_mean_degrees, "mirrored": errors.alignment.mirrored,
            "translation_median_px": errors.translation_median_px,
-           "translation_mean_px": errors.translation_mean_px}
+           "translation_mean_px": errors.translation_mean_px,
+           "map_translation_px": None if errors.map_translation_px is None else errors.map_translation_px.tolist()}
     if with_map:
         aligned = apply_alignment_to_rotations(rotations, errors.alignment)
         origins = torch.zeros(len(truth.table), 2, dtype=torch.float64) if shifts_px is None else shifts_px
@@ -186,11 +191,15 @@ def run_ours(cell: Path, truth: Truth) -> dict:
     cmd = [sys.executable, "-m", "cryofastar", "reconstruct", str(cell / "sim" / "particles.star"), "-o", str(out),
            "--device", "cpu", "--no-progress", "--seed", "0"]
     wall = timed(cmd, cell / "cryofastar.log")
-    table = read_particles(out / "particles.star")
+    return {"wall_s": wall, "command": " ".join(["cryofastar-stream", *cmd[3:]]), **score_ours(cell, truth)}
+
+
+def score_ours(cell: Path, truth: Truth) -> dict:
+    """Score ``reconstruct``'s output STAR file in ``cell/cryofastar`` (and its network's poses)."""
+    table = read_particles(cell / "cryofastar" / "particles.star")
     order = _rows_in_truth_order(table, truth.table)
     result = score(truth, table.rotations().double()[order], table.origins_angstrom().double()[order] / table.apix)
-    return {"wall_s": wall, "command": " ".join(["cryofastar-stream", *cmd[3:]]), **result,
-            **ours_pipeline(cell, truth, table, order)}
+    return {**result, **ours_pipeline(cell, truth, table, order)}
 
 
 def ours_pipeline(cell: Path, truth: Truth, table: ParticleTable, order: np.ndarray) -> dict:
@@ -297,14 +306,28 @@ def run_peer(python: Path, peer: str, cell: Path, truth: Truth, cap: float, ours
     if returncode not in (None, 0):  # recorded, not fatal: the other methods' figures stand
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
         failure = f"exit status {returncode}: {lines[-1] if lines else 'no output'}"
+    written = {_epoch(path): path.stat().st_mtime - t0_wall for path in out.glob("pose.*.pkl")}
+    return {"label": PEERS[peer], "command": " ".join(["cryodrgn", *cmd[1:]]), "cap_s": cap, "capped": capped,
+            "finished": not capped and failure is None, "failure": failure, "wall_s": wall,
+            **score_peer_poses(out, truth, written, cap, ours)}
+
+
+def score_peer_poses(out: Path, truth: Truth, written: dict[int, float], cap: float, ours: dict) -> dict:
+    """Score a peer's ``pose.N.pkl`` files; its errors at ×1/×10/×100 our wall time.
+
+    ``written`` maps each epoch N to the seconds after the peer's start when its poses
+    were written. Returns ``checkpoints`` (one score per epoch), ``final`` (the last poses
+    with their map), ``at_budget`` and ``time_to_match_s`` (when it first reached our
+    median error, or ``None``).
+    """
     box = truth.true_map.shape[0]
     checkpoints, last = [], None
     for path in sorted(out.glob("pose.*.pkl"), key=_epoch):
         rots, trans = _read_pose_pkl(path)
-        if rots.shape[0] != len(truth.table):
+        if rots.shape[0] != len(truth.table) or _epoch(path) not in written:
             continue
         last = (torch.from_numpy(rots), None if trans is None else torch.from_numpy(trans) * box)
-        checkpoints.append({"epoch": _epoch(path), "t_s": path.stat().st_mtime - t0_wall,
+        checkpoints.append({"epoch": _epoch(path), "t_s": written[_epoch(path)],
                             **score(truth, *last, with_map=False)})
     budgets = {}
     for factor in BUDGET_FACTORS:
@@ -321,9 +344,7 @@ def run_peer(python: Path, peer: str, cell: Path, truth: Truth, cap: float, ours
         final = {"epoch": checkpoints[-1]["epoch"], "t_s": checkpoints[-1]["t_s"], **score(truth, *last)}
     # the first epoch whose poses are as good as ours (median geodesic error), if any
     match = next((c["t_s"] for c in checkpoints if c["geodesic_median_deg"] <= ours["geodesic_median_deg"]), None)
-    return {"label": PEERS[peer], "command": " ".join(["cryodrgn", *cmd[1:]]), "cap_s": cap, "capped": capped,
-            "finished": not capped and failure is None, "failure": failure, "wall_s": wall,
-            "checkpoints": checkpoints, "final": final, "at_budget": budgets, "time_to_match_s": match}
+    return {"checkpoints": checkpoints, "final": final, "at_budget": budgets, "time_to_match_s": match}
 
 
 def probe_first_poses(python: Path, cell: Path, n: int, k: int = 64) -> dict:
@@ -369,12 +390,7 @@ def run_cell(args: argparse.Namespace, python: Path | None, box: int, snr: float
     truth = Truth.load(cell / "sim")
     result: dict = {"cell": name, "box": box, "apix": apix, "snr": snr, "n": n, "seed": args.seed,
                     "simulate_s": sim_s}
-    t = time.perf_counter()
-    ceiling = score(truth, truth.rotations, truth.shifts_px)
-    result["true_poses"] = {"wall_s": time.perf_counter() - t, **ceiling}
-    generator = torch.Generator().manual_seed(7)
-    result["random_poses"] = {"wall_s": 0.0, **score(truth, random_rotations(n, generator).double(),
-                                                     torch.zeros(n, 2, dtype=torch.float64))}
+    result.update(ceiling_and_floor(truth))
     print(f"   true poses: {_row(result['true_poses'])}\n   random poses: {_row(result['random_poses'])}", flush=True)
     ours = run_ours(cell, truth)
     result["cryofastar"] = ours
@@ -402,6 +418,37 @@ def run_cell(args: argparse.Namespace, python: Path | None, box: int, snr: float
             result["peers"][peer] = got
             print(f"   {PEERS[peer]}: {_peer_line(got, ours)}", flush=True)
     return result
+
+
+def ceiling_and_floor(truth: Truth) -> dict:
+    """The true poses (ceiling) and SO(3)-uniform random poses with zero shifts (floor), scored."""
+    n = len(truth.table)
+    t = time.perf_counter()
+    ceiling = score(truth, truth.rotations, truth.shifts_px)
+    generator = torch.Generator().manual_seed(7)
+    floor = score(truth, random_rotations(n, generator).double(), torch.zeros(n, 2, dtype=torch.float64))
+    return {"true_poses": {"wall_s": time.perf_counter() - t, **ceiling}, "random_poses": {"wall_s": 0.0, **floor}}
+
+
+def rescore_cell(work: Path, entry: dict) -> dict:
+    """Score a measured cell again from its files in ``work`` (no tool is rerun).
+
+    Wall times and the peers' pose-writing times are kept from ``entry``; every error and
+    map is recomputed with the current scoring (e.g. after the scoring itself changed).
+    """
+    cell = work / entry["cell"]
+    if not (cell / "sim" / "particles.star").exists():
+        raise SystemExit(f"error: cannot rescore {entry['cell']}: {cell / 'sim'} is gone (rerun it with --redo)")
+    truth = Truth.load(cell / "sim")
+    entry = {**entry, **ceiling_and_floor(truth)}
+    entry["cryofastar"] = {**entry["cryofastar"], **score_ours(cell, truth)}
+    for name, got in entry.get("peers", {}).items():
+        if got.get("dropped") or not got.get("checkpoints"):
+            continue
+        written = {c["epoch"]: c["t_s"] for c in got["checkpoints"]}
+        entry["peers"][name] = {**got, **score_peer_poses(cell / name, truth, written, got["cap_s"],
+                                                          entry["cryofastar"])}
+    return entry
 
 
 def _row(r: dict) -> str:
@@ -510,14 +557,25 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=HERE / "results" / "compare_peers_cpu.json")
     parser.add_argument("--figure", type=Path, default=REPO / "docs" / "images" / "compare_peers.png")
     parser.add_argument("--redo", action="store_true", help="rerun cells already in --json")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the chosen cells already in --json again from their files in --work, "
+                             "running no tool (wall times kept)")
     args = parser.parse_args()
     if args.seed < 1_000_000_000:
         parser.error("--seed must be a held-out seed (>= 1,000,000,000): the network trained on the others")
     unknown = set(args.peers) - set(PEERS)
     if unknown:
         parser.error(f"unknown peer(s) {sorted(unknown)}; choose from {sorted(PEERS)}")
-    python = None if args.no_peer else ensure_peer_env(PEER_VENV)
     results = json.loads(args.json.read_text()) if args.json.exists() else {"cells": {}}
+    if args.rescore:
+        for name in [f"box{b}_snr{s:g}_n{n}" for b in args.box for s in args.snr for n in args.n]:
+            if name in results["cells"]:
+                print(f"{name}: rescoring from {args.work / name}", flush=True)
+                results["cells"][name] = rescore_cell(args.work, results["cells"][name])
+                args.json.write_text(json.dumps(results, indent=1) + "\n")
+        print("\n" + markdown_tables(results))
+        return
+    python = None if args.no_peer else ensure_peer_env(PEER_VENV)
     results["machine"] = machine_facts()
     if python is not None:
         results["peer_versions"] = _peer_versions(python)

@@ -18,6 +18,12 @@ Ab-initio poses are defined only up to the frame of the map they were found with
   A(rot + 180, tilt, psi + 180)``.
 * **Shifts** (rlnOriginX/YAngst) are in the image plane; images are unchanged by both
   operations, so shifts are compared as they are (no sign change with the mirror).
+* **Global translation.** An ab-initio map may also sit off-centre: ``V_pred(r) =
+  V_true(r - t)`` moves every particle's image by ``(A_true @ t)[:2]`` (its x and y
+  rows; the mirror leaves those rows as they are), so each predicted shift differs from
+  the true one by that much. ``pose_errors(..., fit_translation=True)`` fits the one
+  ``t`` (:func:`fit_map_translation`) and removes it before measuring shift errors, as
+  the FSC of such a map is measured after centring it.
 
 :func:`global_alignment` fits the one ``(G, mirrored)`` that brings the predicted poses
 closest to the true ones (orthogonal Procrustes on SO(3), trimmed, both hands tried);
@@ -43,6 +49,7 @@ __all__ = [
     "PoseErrors",
     "apply_alignment_to_rotations",
     "chance_level",
+    "fit_map_translation",
     "geodesic_degrees",
     "global_alignment",
     "mirror_rotations",
@@ -85,12 +92,16 @@ class PoseErrors:
     translation_px: torch.Tensor | None
         `(n,)` float64 Euclidean distance between predicted and true 2D shifts, pixels;
         ``None`` when no shifts were given.
+    map_translation_px: torch.Tensor | None
+        `(3,)` float64 ``t`` (x, y, z; pixels, true frame) removed from the predicted
+        shifts before ``translation_px`` was measured; ``None`` when none was fitted.
     """
 
     alignment: Alignment
     frobenius: torch.Tensor
     geodesic_degrees: torch.Tensor
     translation_px: torch.Tensor | None = None
+    map_translation_px: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.frobenius.numel())
@@ -139,6 +150,7 @@ class PoseErrors:
             "geodesic_mean_degrees": self.geodesic_mean_degrees,
             "translation_mean_px": self.translation_mean_px,
             "translation_median_px": self.translation_median_px,
+            "map_translation_px": None if self.map_translation_px is None else self.map_translation_px.tolist(),
         }
 
 
@@ -249,12 +261,58 @@ def _translation_errors(pred_shift_px: torch.Tensor | None, true_shift_px: torch
     return (pred_shift - true_shift).norm(dim=-1)
 
 
+def fit_map_translation(
+    true_rot: torch.Tensor, pred_shift_px: torch.Tensor, true_shift_px: torch.Tensor,
+    keep_fraction: float = 0.5, max_refinements: int = 20,
+) -> torch.Tensor:
+    """The map translation ``t`` that best explains predicted minus true shifts.
+
+    A map moved by ``t`` (``V_pred(r) = V_true(r - t)``) shows particle ``i`` moved by
+    ``(A_i @ t)[:2]``, so ``pred_i - true_i = (A_i @ t)[:2]`` up to one sign for every
+    particle, which ``t`` absorbs. Least squares over all particles, then refitted on the
+    ``keep_fraction`` with the smallest residual until that set stops changing (at most
+    ``max_refinements`` times), so particles whose pose is wrong do not pull ``t``.
+
+    Parameters
+    ----------
+    true_rot: torch.Tensor
+        `(n, 3, 3)` true RELION matrices.
+    pred_shift_px, true_shift_px: torch.Tensor
+        `(n, 2)` shifts ``(sx, sy)`` in pixels.
+    keep_fraction: float
+        Fraction of particles (0 < f <= 1) each refit uses.
+    max_refinements: int
+        Most refits after the first least-squares fit.
+
+    Returns
+    -------
+    t: torch.Tensor
+        `(3,)` float64 (x, y, z) in pixels, in the true frame.
+    """
+    rows = _as_rotations(true_rot, "true_rot")[:, :2, :]  # (n, 2, 3)
+    n = rows.shape[0]
+    diff = (torch.as_tensor(pred_shift_px) - torch.as_tensor(true_shift_px)).to(torch.float64).reshape(n, 2)
+    n_keep = min(n, max(2, math.ceil(keep_fraction * n)))
+    keep = torch.ones(n, dtype=torch.bool)
+    t = torch.linalg.lstsq(rows.reshape(-1, 3), diff.reshape(-1, 1)).solution[:, 0]
+    for _ in range(max_refinements):
+        residual = (diff - rows @ t).norm(dim=-1)
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[torch.topk(residual, n_keep, largest=False).indices] = True
+        if torch.equal(kept, keep):
+            break
+        keep = kept
+        t = torch.linalg.lstsq(rows[keep].reshape(-1, 3), diff[keep].reshape(-1, 1)).solution[:, 0]
+    return t
+
+
 def pose_errors(
     pred_rot: torch.Tensor,
     true_rot: torch.Tensor,
     pred_shift_px: torch.Tensor | None = None,
     true_shift_px: torch.Tensor | None = None,
     alignment: Alignment | None = None,
+    fit_translation: bool = False,
 ) -> PoseErrors:
     """Per-particle pose errors after global alignment of the predicted frame.
 
@@ -267,22 +325,35 @@ def pose_errors(
         neither a global rotation nor the mirror changes them.
     alignment: Alignment | None
         Use this alignment instead of fitting one with :func:`global_alignment`.
+    fit_translation: bool
+        Also remove the map's global translation from the predicted shifts before
+        measuring them (:func:`fit_map_translation`): for poses found ab initio, whose
+        map may sit off-centre. Needs both shifts.
 
     Returns
     -------
     errors: PoseErrors
         Frobenius norm ``||A_pred_aligned - A_true||_F`` (not squared), geodesic angle
-        (degrees) and translation error (px) per particle, with the alignment.
+        (degrees) and translation error (px) per particle, with the alignment (and the
+        fitted map translation).
     """
     pred, true = _as_rotations(pred_rot, "pred_rot"), _as_rotations(true_rot, "true_rot")
     if alignment is None:
         alignment = global_alignment(pred, true)
     aligned = apply_alignment_to_rotations(pred, alignment)
+    translation = _translation_errors(pred_shift_px, true_shift_px, pred.shape[0])
+    map_translation = None
+    if fit_translation and translation is not None:
+        map_translation = fit_map_translation(true, pred_shift_px, true_shift_px)
+        moved = (true[:, :2, :] @ map_translation).to(torch.float64)
+        translation = _translation_errors(torch.as_tensor(pred_shift_px).to(torch.float64) - moved,
+                                          true_shift_px, pred.shape[0])
     return PoseErrors(
         alignment=alignment,
         frobenius=torch.linalg.matrix_norm(aligned - true),
         geodesic_degrees=geodesic_degrees(aligned, true),
-        translation_px=_translation_errors(pred_shift_px, true_shift_px, pred.shape[0]),
+        translation_px=translation,
+        map_translation_px=map_translation,
     )
 
 

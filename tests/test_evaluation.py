@@ -21,6 +21,7 @@ import torch
 from cryofastar.model.evaluation import (
     apply_alignment_to_rotations,
     chance_level,
+    fit_map_translation,
     geodesic_degrees,
     global_alignment,
     mirror_rotations,
@@ -30,6 +31,7 @@ from cryofastar.recon.euler import euler_to_matrix, matrix_to_euler
 from cryofastar.recon.io import write_particles, write_stack
 from cryofastar.recon.simulate import random_rotations
 from scipy.ndimage import map_coordinates
+from scipy.ndimage import shift as scipy_shift
 
 J = np.diag([1.0, 1.0, -1.0])
 # median of |w| for w ~ N(0, I_3) (chi distribution, 3 degrees of freedom)
@@ -145,6 +147,26 @@ def test_bad_shapes_raise() -> None:
         pose_errors(true, true, torch.zeros(4, 2), torch.zeros(4, 2))
 
 
+def test_fit_translation_removes_an_off_centre_map() -> None:
+    """Shifts of an off-centre map, (A t)[:2] away from the truth, score as exact once t is fitted."""
+    g = torch.Generator().manual_seed(11)
+    true = random_rotations(400, g)
+    true_shift = torch.randn(400, 2, generator=g, dtype=torch.float64) * 3
+    t = torch.tensor([1.5, -2.0, 0.7], dtype=torch.float64)
+    noise = torch.randn(400, 2, generator=g, dtype=torch.float64) * 0.05
+    pred_shift = true_shift + true[:, :2, :] @ t + noise
+    pred_shift[:40] = torch.randn(40, 2, generator=g, dtype=torch.float64) * 4  # 10 % lost particles
+    plain = pose_errors(true, true, pred_shift, true_shift)
+    fitted = pose_errors(true, true, pred_shift, true_shift, fit_translation=True)
+    assert plain.translation_median_px > 1.0 and plain.map_translation_px is None
+    torch.testing.assert_close(fitted.map_translation_px, t, atol=0.02, rtol=0)
+    assert fitted.translation_median_px < 0.1
+    assert fitted.summary()["map_translation_px"] == pytest.approx(t.tolist(), abs=0.02)
+    # the same fit on centred poses finds nothing to remove
+    centred = fit_map_translation(true, true_shift + noise, true_shift)
+    assert centred.norm() < 0.02
+
+
 # --------------------------------------------------------------------------- formulas vs projections
 
 
@@ -195,6 +217,22 @@ def test_alignment_formulas_match_projections(make_phantom, projector) -> None:
         np.testing.assert_allclose(alignment.rotation.numpy(), q.T, atol=1e-10)
         aligned = apply_alignment_to_rotations(torch.as_tensor(pred_poses), alignment)
         np.testing.assert_allclose(aligned.numpy(), poses, atol=1e-10)
+
+
+def test_map_translation_moves_images_by_rows_of_a(make_phantom, projector) -> None:
+    """V_pred(r) = V_true(r - t) is seen at pose A as the true image moved by (A t)[:2] (x, y)."""
+    box = 24
+    c = np.arange(box) - box // 2
+    zz, yy, xx = np.meshgrid(c, c, c, indexing="ij")
+    true_map = make_phantom(box).numpy().astype(np.float64) * (np.sqrt(xx**2 + yy**2 + zz**2) < box / 2 - 4)
+    t = np.array([2.0, -1.0, 1.5])
+    moved_map = scipy_shift(true_map, t[::-1], order=3)  # [z, y, x] indexing
+    for a in random_rotations(3, torch.Generator().manual_seed(8)).numpy():
+        dx, dy = (a @ t)[:2]
+        image = projector(torch.as_tensor(true_map, dtype=torch.float32), a)
+        seen = projector(torch.as_tensor(moved_map, dtype=torch.float32), a)
+        assert _corr(seen, scipy_shift(image, (dy, dx), order=3)) > 0.99
+        assert _corr(seen, scipy_shift(image, (-dy, -dx), order=3)) < 0.9
 
 
 # --------------------------------------------------------------------------- the console script
