@@ -40,9 +40,12 @@ def main(json_path: str, png_path: str) -> None:
         times = [ours["wall_s"]]
         for peer, got in r["peers"].items():
             if got.get("dropped"):
-                ax.text(0.03, 0.55, f"{got['label']}: no poses within the {got['cap_s'] / 3600:.3g} h cap\n"
-                        f"(probe: first poses after ≈{got['probe']['first_poses_estimate_s'] / 3600:.1f} h)",
-                        transform=ax.transAxes, fontsize=8, color=COLOURS.get(peer, "tab:red"))
+                bound, estimate = got["probe"]["first_poses_lower_bound_s"], got["probe"]["first_poses_estimate_s"]
+                text = (f"{got['label']}: no poses within the {got['cap_s'] / 3600:.3g} h cap\n"
+                        f"(probe: first poses not before ≈{bound / 3600:.1f} h)" if bound > got["cap_s"] else
+                        f"{got['label']}: not measured\n(probe: first poses after ≈{bound / 3600:.1f}–"
+                        f"{estimate / 3600:.1f} h)")
+                ax.text(0.03, 0.55, text, transform=ax.transAxes, fontsize=8, color=COLOURS.get(peer, "tab:red"))
                 ax.axvline(got["cap_s"], color=COLOURS.get(peer, "tab:red"), lw=0.8, ls=":")
                 times.append(got["cap_s"])
             if got.get("failure") or got.get("dropped"):
@@ -76,7 +79,7 @@ def main(json_path: str, png_path: str) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right", bbox_to_anchor=(1, 0.04))
     fig.suptitle("Pose error against wall time on the same particles (held-out molecule)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(png_path, dpi=110)
 
 
