@@ -345,7 +345,7 @@ def pose_errors(
     map_translation = None
     if fit_translation and translation is not None:
         map_translation = fit_map_translation(true, pred_shift_px, true_shift_px)
-        moved = (true[:, :2, :] @ map_translation).to(torch.float64)
+        moved = true[:, :2, :] @ map_translation  # (n, 2) float64
         translation = _translation_errors(torch.as_tensor(pred_shift_px).to(torch.float64) - moved,
                                           true_shift_px, pred.shape[0])
     return PoseErrors(
