@@ -444,16 +444,6 @@ def ceiling_and_floor(truth: Truth) -> dict:
     return {"true_poses": {"wall_s": time.perf_counter() - t, **ceiling}, "random_poses": {"wall_s": 0.0, **floor}}
 
 
-def fill_probe_bounds(results: dict) -> None:
-    """Add ``first_poses_lower_bound_s`` to probes recorded before it existed (from their own rates)."""
-    for entry in results["cells"].values():
-        for got in entry.get("peers", {}).values():
-            probe = got.get("probe")
-            if probe and "first_poses_lower_bound_s" not in probe:
-                probe["first_poses_lower_bound_s"] = first_poses_lower_bound(
-                    probe["startup_s"], probe["search_images_per_s"], entry["n"])
-
-
 def rescore_cell(work: Path, entry: dict) -> dict:
     """Score a measured cell again from its files in ``work`` (no tool is rerun).
 
@@ -486,13 +476,10 @@ def _f(value: float | None, digits: int) -> str:
 
 
 def _dropped_text(got: dict) -> str:
-    """Why a peer has no row of figures in a cell: the probe's bounds against the cap."""
+    """Why a peer has no row of figures in a cell: the probe's lower bound was past the cap."""
     probe, cap = got["probe"], got["cap_s"]
     bound, estimate = probe["first_poses_lower_bound_s"], probe["first_poses_estimate_s"]
-    if bound > cap:
-        return f"dropped, first poses not before ≈{bound:.0f} s (probe; estimate ≈{estimate:.0f} s) > {cap:.0f} s cap"
-    return (f"not run: the probe's estimate (≈{estimate:.0f} s) was past the {cap:.0f} s cap but its lower "
-            f"bound (≈{bound:.0f} s) is not, so this cell is unmeasured (rerun it with --redo)")
+    return f"dropped, first poses not before ≈{bound:.0f} s (probe; estimate ≈{estimate:.0f} s) > {cap:.0f} s cap"
 
 
 def _peer_line(got: dict, ours: dict) -> str:
@@ -550,12 +537,8 @@ def markdown_tables(results: dict) -> str:
                 continue
             if got.get("dropped"):
                 bound = got["probe"]["first_poses_lower_bound_s"]
-                if bound > got["cap_s"]:
-                    columns = f"no poses | no poses | no poses | first poses not before ≈{bound:.0f} s (probe, " \
-                              f"≥{bound / ours['wall_s']:.0f}×)"
-                else:
-                    columns = f"not measured | not measured | not measured | not measured (probe: first poses " \
-                              f"after ≈{bound:.0f}–{got['probe']['first_poses_estimate_s']:.0f} s)"
+                columns = (f"no poses | no poses | no poses | first poses not before ≈{bound:.0f} s (probe, "
+                           f"≥{bound / ours['wall_s']:.0f}×)")
                 budget_lines.append(f"| {name} | {ours['wall_s']:.0f} s ({ours['geodesic_median_deg']:.1f}°) | "
                                     f"{PEERS[peer]} | {columns} | {got['cap_s']:.0f} s |")
                 continue
@@ -605,7 +588,6 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown peer(s) {sorted(unknown)}; choose from {sorted(PEERS)}")
     results = json.loads(args.json.read_text()) if args.json.exists() else {"cells": {}}
-    fill_probe_bounds(results)
     if args.report:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
         print(markdown_tables(results))
