@@ -362,6 +362,7 @@ def chance_level(
     generator: torch.Generator,
     pred_shift_px: torch.Tensor | None = None,
     true_shift_px: torch.Tensor | None = None,
+    fit_translation: bool = False,
 ) -> PoseErrors:
     """The figures of :func:`pose_errors` for poses that carry no information.
 
@@ -380,10 +381,13 @@ def chance_level(
     pred_shift_px, true_shift_px: torch.Tensor | None
         `(n, 2)` shifts in pixels; if given, the chance translation error compares the
         true shifts with a random permutation of the predicted ones.
+    fit_translation: bool
+        Remove a fitted map translation first, as :func:`pose_errors` does, so the chance
+        figure is measured the same way as the predicted one it stands beside.
     """
     true = _as_rotations(true_rot, "true_rot")
     random = random_rotations(true.shape[0], generator).to(true.device)
     if pred_shift_px is not None:
         pred_shift_px = torch.as_tensor(pred_shift_px)
         pred_shift_px = pred_shift_px[torch.randperm(pred_shift_px.shape[0], generator=generator)]
-    return pose_errors(random, true, pred_shift_px, true_shift_px)
+    return pose_errors(random, true, pred_shift_px, true_shift_px, fit_translation=fit_translation)

@@ -266,7 +266,11 @@ def test_evaluate_command(tmp_path: Path) -> None:
 
     kept = np.arange(10, n)  # the prediction lacks the first 10 particles; names written as 11@, not 000011@
     pred = mirror_rotations(_perturb(true, 2.0, g)) @ random_rotations(1, g)[0]
-    pred_origins = true_origins + torch.tensor([0.3 * apix, -0.4 * apix], dtype=torch.float64)  # 0.5 px off
+    # the predicted map sits off-centre by t (px), which moves particle i by (A_i t)[:2]; on top of
+    # that every particle is 0.5 px off, which no map translation explains
+    t = torch.tensor([2.0, -1.5, 3.0], dtype=torch.float64)
+    off_centre = (true[:, :2, :] @ t) * apix
+    pred_origins = true_origins + off_centre + torch.tensor([0.3 * apix, -0.4 * apix], dtype=torch.float64)
     confidence = np.linspace(1, 0, len(kept))
     _write_star(tmp_path / "pred.star", [f"{i + 1}@stack.mrcs" for i in kept], pred[kept], pred_origins[kept],
                 rlnCryofastarConfidence=confidence)
@@ -276,9 +280,10 @@ def test_evaluate_command(tmp_path: Path) -> None:
 
     argv = {
         "good": ["evaluate", "pred.star", "truth.star", "--json", "out/figures.json"],
+        "raw": ["evaluate", "pred.star", "truth.star", "--raw-shifts", "--json", "raw.json"],
         "disjoint": ["evaluate", "other.star", "truth.star"],
     }
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {k: pool.submit(subprocess.run, [SCRIPT, *a], cwd=tmp_path, env=ENV, text=True,
                                   capture_output=True, timeout=120) for k, a in argv.items()}
         runs = {k: f.result() for k, f in futures.items()}
@@ -296,11 +301,41 @@ def test_evaluate_command(tmp_path: Path) -> None:
     assert predicted["n_particles"] == chance["n_particles"] == 50
     assert 1.0 < predicted["geodesic_median_degrees"] < 6.0
     assert chance["geodesic_median_degrees"] > 90
-    assert predicted["translation_median_px"] == pytest.approx(0.5, abs=1e-6)
+    # the fitted map translation (|t| = 3.9 px) is removed; the constant 0.5 px is not a map translation
+    # and stays (50 particles, refitted on the best half: part of it leaks into t)
+    assert predicted["map_translation_px"] == pytest.approx(t.tolist(), abs=0.6)
+    assert predicted["translation_median_px"] == pytest.approx(0.5, abs=0.15)
+    assert "map translation removed (px)" in good.stdout and "after removing" in good.stdout
     assert chance["translation_median_px"] > 1.0
+    assert figures["shift_errors"].startswith("after removing")
+
+    raw = runs["raw"]
+    assert raw.returncode == 0, raw.stderr
+    raw_figures = json.loads((tmp_path / "raw.json").read_text())
+    assert raw_figures["shift_errors"] == "as written" and raw_figures["predicted"]["map_translation_px"] is None
+    assert raw_figures["predicted"]["translation_median_px"] > 2.0  # |(A t)[:2]| of a 4 px t, plus the 0.5 px
+    assert "map translation removed" not in raw.stdout
     assert figures["confidence_spearman"] is not None and -1 <= figures["confidence_spearman"] <= 1
 
     bad = runs["disjoint"]
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert len(lines) == 1 and lines[0].startswith("error:") and "rlnImageName" in lines[0], bad.stderr
+
+
+def test_evaluate_compares_shifts_as_written_below_the_fitting_minimum(tmp_path: Path) -> None:
+    from cryofastar.commands import evaluate
+
+    n, apix = evaluate.MIN_PARTICLES_TO_FIT_TRANSLATION - 1, 2.0
+    g = torch.Generator().manual_seed(3)
+    write_stack(tmp_path / "stack.mrcs", torch.zeros(n, 8, 8), apix)
+    true = random_rotations(n, g)
+    true_origins = torch.zeros(n, 2, dtype=torch.float64)
+    names = [f"{i}@stack.mrcs" for i in range(1, n + 1)]
+    _write_star(tmp_path / "truth.star", names, true, true_origins)
+    # every particle 1 px off in x: three unknowns fitted to so few particles would absorb part of it
+    _write_star(tmp_path / "pred.star", names, true, true_origins + torch.tensor([apix, 0.0], dtype=torch.float64))
+    result = evaluate.main(tmp_path / "pred.star", tmp_path / "truth.star")
+    assert not result.translation_fitted and result.predicted.map_translation_px is None
+    assert result.predicted.translation_median_px == pytest.approx(1.0, abs=1e-9)
+    assert result.to_dict()["shift_errors"] == "as written"

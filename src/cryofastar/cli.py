@@ -121,17 +121,26 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
     apix: Annotated[float | None, typer.Option(help="Pixel size in Å for STAR files that give none.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the chance-level poses.")] = 0,
+    fit_translation: Annotated[bool, typer.Option(
+        "--fit-map-translation/--raw-shifts",
+        help="Measure shift errors after removing the map's fitted global translation (an ab initio map may sit "
+             "off-centre), or compare the shifts as written.")] = True,
 ) -> None:
     """Pose accuracy of predicted vs true poses (after global rotation/handedness alignment), next to chance level."""
     from cryofastar.commands import evaluate as command
 
     try:
-        result = command.main(pred, truth, json_out, apix, seed)
+        result = command.main(pred, truth, json_out, apix, seed, fit_translation)
     except (ParticleFileError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"matched {result.n_matched} particles by image (stack file and index) "
                f"({result.only_in_pred} only in {pred.name}, {result.only_in_truth} only in {truth.name})")
     typer.echo(command.format_table(result))
+    if result.translation_fitted:
+        typer.echo("translation errors: after removing each set's fitted map translation (--raw-shifts: as written)")
+    elif fit_translation and result.predicted.translation_px is not None:
+        typer.echo(f"translation errors: as written (fewer than {command.MIN_PARTICLES_TO_FIT_TRANSLATION} particles "
+                   "to fit the map's translation)")
     if json_out is not None:
         typer.echo(f"wrote {json_out}")
 

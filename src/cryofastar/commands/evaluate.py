@@ -7,6 +7,15 @@ compared after the one global rotation / handedness that best maps the predicted
 onto the true one (:mod:`cryofastar.model.evaluation`), next to the
 same figures for SO(3)-uniform random poses (chance level).
 
+Shift errors are measured after removing the map's global translation by default: a map
+found ab initio may sit off-centre by a vector ``t`` (px, in the true map's frame), which
+moves every particle's image by ``(A t)[:2]`` without making its poses any worse.
+``t`` is fitted to all matched particles
+(:func:`~cryofastar.model.evaluation.fit_map_translation`) and reported; with fewer than
+``MIN_PARTICLES_TO_FIT_TRANSLATION`` particles it is not fitted (three unknowns would
+absorb real errors), and ``fit_translation=False`` (``--raw-shifts``) compares the shifts
+as written.
+
 Example usage::
 
     cryofastar-stream evaluate predicted.star session/particles.star --json pose_accuracy.json
@@ -36,6 +45,9 @@ CONFIDENCE_COLUMN = "rlnCryofastarConfidence"
 # Offset of the chance-level generator's seed: `simulate --seed S` draws its true poses from a
 # generator seeded with S, so the chance poses must not come from the same stream.
 _CHANCE_SEED_OFFSET = 0x0C4A7CE
+# Fewest matched particles for which the map translation (3 unknowns, 2 equations per particle,
+# refitted on the best half) is fitted; below it shift errors are compared as written.
+MIN_PARTICLES_TO_FIT_TRANSLATION = 20
 
 
 @dataclass
@@ -50,6 +62,7 @@ class EvaluateResult:
     has_confidence: bool = False
     confidence_spearman: float | None = None
     network: PoseErrors | None = None
+    translation_fitted: bool = False
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready figures."""
@@ -61,6 +74,8 @@ class EvaluateResult:
             "network": None if self.network is None else self.network.summary(),
             "chance": self.chance.summary(),
             "confidence_spearman": self.confidence_spearman,
+            "shift_errors": ("after removing each set's fitted map translation (map_translation_px)"
+                             if self.translation_fitted else "as written"),
         }
 
 
@@ -97,8 +112,12 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def main(pred: Path, truth: Path, json_out: Path | None = None, apix: float | None = None,
-         seed: int = 0) -> EvaluateResult:
-    """Match, align, measure; write ``json_out`` if given. Bad input raises ValueError / ParticleFileError."""
+         seed: int = 0, fit_translation: bool = True) -> EvaluateResult:
+    """Match, align, measure; write ``json_out`` if given. Bad input raises ValueError / ParticleFileError.
+
+    ``fit_translation`` removes each pose set's fitted map translation before measuring its
+    shift errors (the module's docstring); the chance level is measured the same way.
+    """
     pred_table = read_particles(pred, apix=apix)
     true_table = read_particles(truth, apix=apix)
     pred_keys, true_keys = image_keys(pred_table), image_keys(true_table)
@@ -113,20 +132,23 @@ def main(pred: Path, truth: Path, json_out: Path | None = None, apix: float | No
     if _has_origins(pred_table):
         pred_shift = pred_table.origins_angstrom()[pred_rows] / pred_table.apix
         true_shift = true_table.origins_angstrom()[true_rows] / true_table.apix
-    predicted = pose_errors(pred_rot, true_rot, pred_shift, true_shift)
+    fit_translation = fit_translation and true_shift is not None and len(common) >= MIN_PARTICLES_TO_FIT_TRANSLATION
+    predicted = pose_errors(pred_rot, true_rot, pred_shift, true_shift, fit_translation=fit_translation)
     network = None
     kept = network_poses(pred_table)  # reconstruct --refine kept the network's poses
     if kept is not None:
         net_rot, net_shift = kept[0][pred_rows], kept[1][pred_rows]
-        network = pose_errors(net_rot, true_rot, None if true_shift is None else net_shift, true_shift)
-    chance = chance_level(true_rot, torch.Generator().manual_seed(_CHANCE_SEED_OFFSET + seed), pred_shift, true_shift)
+        network = pose_errors(net_rot, true_rot, None if true_shift is None else net_shift, true_shift,
+                              fit_translation=fit_translation)
+    chance = chance_level(true_rot, torch.Generator().manual_seed(_CHANCE_SEED_OFFSET + seed), pred_shift, true_shift,
+                          fit_translation=fit_translation)
     spearman = None
     has_confidence = CONFIDENCE_COLUMN in pred_table.particles.columns
     if has_confidence:
         confidence = pd.to_numeric(pred_table.particles[CONFIDENCE_COLUMN], errors="coerce").to_numpy(np.float64)
         spearman = _spearman(confidence[pred_rows], predicted.geodesic_degrees.numpy())
     result = EvaluateResult(len(common), len(pred_keys) - len(common), len(true_keys) - len(common),
-                            predicted, chance, has_confidence, spearman, network)
+                            predicted, chance, has_confidence, spearman, network, fit_translation)
     if json_out is not None:
         with atomic_path(json_out) as tmp:
             tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -161,6 +183,11 @@ def _fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _translation_text(errors: PoseErrors) -> str:
+    t = errors.map_translation_px
+    return "n/a" if t is None else "(" + ", ".join(f"{v:+.2f}" for v in t.tolist()) + ")"
+
+
 def format_table(result: EvaluateResult) -> str:
     """The figures as an aligned text table: metric | predicted | [network before refinement |] random poses."""
     sets = [result.predicted, *([result.network] if result.network is not None else []), result.chance]
@@ -184,6 +211,8 @@ def format_table(result: EvaluateResult) -> str:
         row("median translation (px)", lambda e: _fmt(e.translation_median_px, 2)),
         row("mean translation (px)", lambda e: _fmt(e.translation_mean_px, 2)),
     ]
+    if result.translation_fitted:
+        rows.append(row("map translation removed (px)", _translation_text))
     if result.has_confidence:
         rows.append(("confidence vs geodesic (Spearman)", _fmt(result.confidence_spearman, 3),
                      *["-"] * (len(header) - 2)))
