@@ -589,7 +589,6 @@ def main() -> None:
         parser.error(f"unknown peer(s) {sorted(unknown)}; choose from {sorted(PEERS)}")
     results = json.loads(args.json.read_text()) if args.json.exists() else {"cells": {}}
     if args.report:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
         print(markdown_tables(results))
         draw_figure(args.json, args.figure)
         return
