@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
 from cryofastar.recon.fourier import irfft2_centered, phase_shift_rfft2, rfft2_centered
-from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, random_rotations
+from cryofastar.recon.rotations import random_rotations
+from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from torch_fourier_slice import insert_central_slices_rfft_3d
 from torch_fourier_slice.volume_utils import separable_sinc2_correction
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 from cryofastar.recon import HalfSetAccumulator
-from cryofastar.recon.simulate import random_rotations
+from cryofastar.recon.rotations import random_rotations
 
 
 def bench(box: int, interpolation: str, batch: int, batches: int, device: str, ctf: bool) -> float:

@@ -23,10 +23,10 @@ import platform
 import time
 
 import torch
-from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.recon.map_slices import MapSlicer
 from cryofastar.recon.orientation_grids import global_rotation_grid, local_rotation_grid
 from cryofastar.recon.projection_matching import refine_local, search_global
+from cryofastar.recon.rotations import geodesic_degrees
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
 

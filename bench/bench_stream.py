@@ -77,12 +77,12 @@ from pathlib import Path
 
 import torch
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
-from cryofastar.daemon.protocol import ProtocolError, VolumeMessage
 from cryofastar.model.preprocess import to_model_box
 from cryofastar.model.reference import select_reference
 from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.weights import load_model
 from cryofastar.monitoring.subscriber import Subscriber
+from cryofastar.protocol import ProtocolError, VolumeMessage
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.io.mrc import read_images
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, write_session

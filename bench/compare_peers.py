@@ -58,7 +58,7 @@ from cryofastar.model.evaluation import apply_alignment_to_rotations, pose_error
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
 from cryofastar.recon.io import ParticleTable, read_particles, read_volume
 from cryofastar.recon.map_alignment import translate_onto
-from cryofastar.recon.simulate import random_rotations
+from cryofastar.recon.rotations import random_rotations
 
 from cryofastar.commands.evaluate import image_keys, network_poses
 

@@ -33,7 +33,8 @@ from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.training_data import EVAL_SEED_START, sample_rotations
 from cryofastar.model.weights import DEFAULT_WEIGHTS, load_model
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
-from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, random_rotations
+from cryofastar.recon.rotations import random_rotations
+from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.atoms import load_structure
 from cryofastar.recon.simulate.particles import CtfRange, simulate_particles
 

@@ -8,6 +8,6 @@ Built on :mod:`cryofastar.recon` and :mod:`cryofastar.model`; adds no maths.
 - :mod:`~cryofastar.daemon.state`: the accumulated session, its checkpoint and output files;
 - :mod:`~cryofastar.daemon.pipeline`: the threads and bounded queues that wire it together
   (:mod:`~cryofastar.daemon.settings`: what can be set);
-- :mod:`~cryofastar.daemon.protocol` / :mod:`~cryofastar.daemon.publisher`: the ZeroMQ stream;
+- :mod:`~cryofastar.protocol` / :mod:`~cryofastar.daemon.publisher`: the ZeroMQ stream;
 - :mod:`~cryofastar.daemon.metrics`: Prometheus metrics.
 """

@@ -48,21 +48,20 @@ import numpy as np
 import torch
 from cryofastar.model.preprocess import model_pixel_size, to_model_box
 from cryofastar.model.reference import select_reference
-from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.session_frame import PoseBatch, SessionFrame
 from cryofastar.model.weights import DEFAULT_WEIGHTS, WeightsError, load_model
+from cryofastar.protocol import POSE_COLUMNS, PosesMessage, StatusMessage, VolumeMessage
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import shell_resolutions_angstrom
 from cryofastar.recon.io import ParticleFileError
-from cryofastar.recon.simulate import random_rotations
+from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.view_directions import view_direction_histogram
 
 from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file, read_particle_images
 from .metrics import DaemonMetrics, serve_metrics
-from .protocol import POSE_COLUMNS, PosesMessage, StatusMessage, VolumeMessage
 from .publisher import Publisher
 from .refiner import UNREADABLE, StreamingRefiner
 from .settings import DaemonSettings

@@ -2,7 +2,7 @@
 
 ZeroMQ sockets are not thread-safe, so one thread owns the socket from bind to close;
 the pipeline threads hand it messages with :meth:`Publisher.publish`, which encodes
-them (:mod:`cryofastar.daemon.protocol`) and returns at once. The latest map is re-sent
+them (:mod:`cryofastar.protocol`) and returns at once. The latest map is re-sent
 every ``republish_seconds`` so a subscriber that connects late gets it within one period.
 """
 
@@ -18,8 +18,7 @@ import uuid
 from types import TracebackType
 
 import zmq
-
-from .protocol import TOPICS, Message, encode
+from cryofastar.protocol import TOPICS, Message, encode
 
 __all__ = ["DEFAULT_ADDRESS", "AddressInUseError", "Publisher", "PublisherError"]
 

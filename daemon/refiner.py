@@ -43,10 +43,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.recon.ab_initio import AbInitio, AbInitioSettings, SoftPoses, run_ab_initio
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
+from cryofastar.recon.rotations import geodesic_degrees
 
 from .settings import DaemonSettings
 

@@ -40,9 +40,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from cryofastar.recon.simulate.particles import random_rotations
-
-from .rotations import geodesic_degrees, mirror_rotations
+from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations, random_rotations
 
 __all__ = [
     "Alignment",

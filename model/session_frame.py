@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations
 
 from .kabsch import fpm_to_poses
 from .network import CryoFastAR
-from .rotations import geodesic_degrees, mirror_rotations
 
 __all__ = ["PoseBatch", "SessionFrame"]
 

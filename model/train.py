@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 from cryofastar.recon.io.atomic import atomic_path
+from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations
 
 from .curriculum import CURRICULUM, Stage
 from .fpm import fourier_planar_map, origins_to_tau, relative_rotations
 from .kabsch import fpm_to_poses
 from .loss import fpm_loss
 from .network import CryoFastAR, ModelConfig
-from .rotations import geodesic_degrees, mirror_rotations
 from .training_data import VALIDATION_SEED_START, MoleculeBank, ParticleSets, simulate_sets
 from .weights import WeightsError, read_metadata, save_weights, warm_start
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cryofastar.recon.rotations import random_rotations
 from cryofastar.recon.simulate.atoms import Atoms, load_structure
-from cryofastar.recon.simulate.particles import CtfRange, random_rotations, simulate_particles
+from cryofastar.recon.simulate.particles import CtfRange, simulate_particles
 from cryofastar.recon.simulate.potential import atoms_to_volume
 from cryofastar.recon.simulate.procedural import procedural_molecule
 

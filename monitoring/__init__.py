@@ -1,6 +1,6 @@
 """Subscribers and (with the dashboard issue) the dashboard.
 
-Reads only the published protocol (:mod:`cryofastar.daemon.protocol`) and the metrics,
+Reads only the published protocol (:mod:`cryofastar.protocol`) and the metrics,
 never the daemon's internals. :mod:`~cryofastar.monitoring.subscriber` is the reference
 subscriber behind ``cryofastar-stream subscribe``.
 """

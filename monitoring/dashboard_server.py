@@ -31,7 +31,7 @@ import plotly
 import zmq
 import zmq.asyncio
 from aiohttp import WSMsgType, web
-from cryofastar.daemon.protocol import ProtocolError, StatusMessage, VolumeMessage, decode
+from cryofastar.protocol import ProtocolError, StatusMessage, VolumeMessage, decode
 
 from .dashboard_state import DashboardState
 

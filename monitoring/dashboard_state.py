@@ -25,7 +25,7 @@ import math
 import time
 from typing import Any
 
-from cryofastar.daemon.protocol import StatusMessage, VolumeMessage
+from cryofastar.protocol import StatusMessage, VolumeMessage
 
 from .map_views import isosurface_grid, map_views
 

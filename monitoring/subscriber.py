@@ -1,6 +1,6 @@
 """The reference subscriber: receive the published stream, print it, optionally save the maps.
 
-Reads only the wire protocol (:mod:`cryofastar.daemon.protocol`, ``docs/protocol.md``).
+Reads only the wire protocol (:mod:`cryofastar.protocol`, ``docs/protocol.md``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from types import TracebackType
 import numpy as np
 import torch
 import zmq
-from cryofastar.daemon.protocol import (
+from cryofastar.protocol import (
     TOPICS,
     Message,
     ProtocolError,
@@ -40,7 +40,7 @@ class Subscriber:
         Publisher endpoint, e.g. ``tcp://127.0.0.1:5555``. Connecting never fails
         for a publisher that is not up yet: ZeroMQ keeps retrying in the background.
     topics: Iterable[str]
-        Topics to receive, a subset of :data:`~cryofastar.daemon.protocol.TOPICS`.
+        Topics to receive, a subset of :data:`~cryofastar.protocol.TOPICS`.
     rcvhwm: int
         ZeroMQ receive high-water mark (messages); past it messages are dropped.
 

@@ -79,7 +79,7 @@ from .fsc import fsc, resolution_at_threshold
 from .map_slices import MapSlicer, band_frequencies
 from .orientation_grids import global_rotation_grid, local_rotation_grid
 from .projection_matching import particle_spectra
-from .simulate.particles import random_rotations
+from .rotations import random_rotations
 
 __all__ = ["AbInitio", "AbInitioResult", "AbInitioSettings", "SoftPoses", "run_ab_initio"]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from cryofastar.recon import CtfParams, HalfSetAccumulator, fsc, half_sets_for_stack
-from cryofastar.recon.simulate import CtfRange, random_rotations, simulate_particles
+from cryofastar.recon.rotations import random_rotations
+from cryofastar.recon.simulate import CtfRange, simulate_particles
 
 
 @pytest.fixture(scope="module")

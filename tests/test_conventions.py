@@ -10,7 +10,8 @@ import torch
 from cryofastar.recon import HalfSetAccumulator, euler_to_matrix, fsc, matrix_to_euler
 from cryofastar.recon.ctf import CtfParams, ctf_rfft
 from cryofastar.recon.fourier import irfft2_centered, phase_shift_rfft2, rfft2_centered
-from cryofastar.recon.simulate import random_rotations, simulate_particles
+from cryofastar.recon.rotations import random_rotations
+from cryofastar.recon.simulate import simulate_particles
 from scipy.ndimage import shift as nd_shift
 
 

@@ -12,7 +12,7 @@ from cryofastar.daemon.state import SessionState
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.io import read_particles, write_stack, write_volume
 from cryofastar.recon.io.star import write_particles
-from cryofastar.recon.simulate.particles import random_rotations
+from cryofastar.recon.rotations import random_rotations
 
 
 def _stack(path, n=5, box=16, apix=2.0, seed=0):

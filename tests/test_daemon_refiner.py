@@ -11,10 +11,10 @@ from cryofastar.daemon.ingest import read_particle_images
 from cryofastar.daemon.refiner import StreamingRefiner
 from cryofastar.daemon.settings import DaemonSettings
 from cryofastar.daemon.state import PoseTable
-from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.recon import CtfParams
 from cryofastar.recon.io import ParticleFileError, write_stack
-from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, random_rotations
+from cryofastar.recon.rotations import geodesic_degrees, random_rotations
+from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
 
 

@@ -17,10 +17,10 @@ import aiohttp
 import numpy as np
 import pytest
 import zmq
-from cryofastar.daemon.protocol import StatusMessage, VolumeMessage, encode
 from cryofastar.monitoring.dashboard_server import Dashboard, bind_socket
 from cryofastar.monitoring.dashboard_state import DashboardState
 from cryofastar.monitoring.map_views import block_mean, isosurface_grid, map_views
+from cryofastar.protocol import StatusMessage, VolumeMessage, encode
 
 SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
 

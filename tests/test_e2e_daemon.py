@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import starfile
 import torch
-from cryofastar.daemon.protocol import StatusMessage, VolumeMessage
 from cryofastar.monitoring.subscriber import Subscriber
+from cryofastar.protocol import StatusMessage, VolumeMessage
 from cryofastar.recon.io import read_volume, write_stack
 from cryofastar.recon.io.star import write_particles
 from session_helpers import ENV, SCRIPT, ScriptProcess, place, simulate_stacks

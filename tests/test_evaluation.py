@@ -29,7 +29,7 @@ from cryofastar.model.evaluation import (
 )
 from cryofastar.recon.euler import euler_to_matrix, matrix_to_euler
 from cryofastar.recon.io import write_particles, write_stack
-from cryofastar.recon.simulate import random_rotations
+from cryofastar.recon.rotations import random_rotations
 from scipy.ndimage import map_coordinates
 from scipy.ndimage import shift as scipy_shift
 

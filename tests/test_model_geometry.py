@@ -11,9 +11,8 @@ from cryofastar.model.fpm import fourier_planar_map, mirror_fpm, origins_to_tau,
 from cryofastar.model.kabsch import fpm_to_poses, weighted_kabsch
 from cryofastar.model.loss import fpm_loss
 from cryofastar.model.polar import planar_coordinates, polar_lines
-from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.training_data import MoleculeBank, sample_rotations, simulate_sets
-from cryofastar.recon.simulate.particles import random_rotations
+from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,10 @@ from cryofastar.model.curriculum import Stage
 from cryofastar.model.fpm import fourier_planar_map, mirror_fpm, origins_to_tau, relative_rotations
 from cryofastar.model.network import CryoFastAR, ModelConfig
 from cryofastar.model.reference import select_reference
-from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.train import TrainSettings, train
 from cryofastar.model.weights import WeightsError, load_model, read_metadata, save_weights, warm_start
-from cryofastar.recon.simulate.particles import random_rotations
+from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from safetensors.torch import save_file
 
 TINY = ModelConfig(box=32, n_lines=8, n_radii=4, bands=2, dim=32, heads=2, enc_depth=1, dec_depth=1)

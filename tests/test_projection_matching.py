@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.recon.fourier import rfft2_centered
 from cryofastar.recon.map_slices import MapSlicer, band_frequencies
 from cryofastar.recon.orientation_grids import global_rotation_grid, local_rotation_grid
 from cryofastar.recon.projection_matching import refine_local, search_global
-from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, random_rotations
+from cryofastar.recon.rotations import geodesic_degrees, random_rotations
+from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
 
 BOX, APIX = 32, 4.0

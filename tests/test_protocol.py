@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from cryofastar.daemon.protocol import (
+from cryofastar.protocol import (
     DTYPE,
     FSC_THRESHOLD,
     POSE_COLUMNS,

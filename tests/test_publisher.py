@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from cryofastar.daemon.protocol import Message, PosesMessage, StatusMessage, VolumeMessage, encode
 from cryofastar.daemon.publisher import AddressInUseError, Publisher, PublisherError
 from cryofastar.monitoring.subscriber import Subscriber, run_subscriber
+from cryofastar.protocol import Message, PosesMessage, StatusMessage, VolumeMessage, encode
 from cryofastar.recon.io import read_volume
 
 from cryofastar.commands import subscribe

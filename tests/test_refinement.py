@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.recon.orientation_grids import local_rotation_grid
 from cryofastar.recon.refinement import (
     RefinementReference,
@@ -16,6 +15,7 @@ from cryofastar.recon.refinement import (
     images_to_working_box,
     map_to_working_box,
 )
+from cryofastar.recon.rotations import geodesic_degrees
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from cryofastar.recon.euler import euler_to_matrix, matrix_to_euler
-from cryofastar.recon.simulate import random_rotations
+from cryofastar.recon.rotations import random_rotations
 from cryofastar.recon.view_directions import view_direction_histogram, view_directions
 
 

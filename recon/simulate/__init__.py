@@ -1,7 +1,7 @@
 """Particle-set simulator: structures and procedural molecules -> RELION particle sets."""
 
 from .atoms import Atoms, load_structure
-from .particles import CtfRange, SimulatedParticles, random_rotations, simulate_particles
+from .particles import CtfRange, SimulatedParticles, simulate_particles
 from .potential import atoms_to_volume
 from .procedural import ProceduralSettings, procedural_molecule
 from .session import write_session
@@ -14,7 +14,6 @@ __all__ = [
     "atoms_to_volume",
     "load_structure",
     "procedural_molecule",
-    "random_rotations",
     "simulate_particles",
     "write_session",
 ]

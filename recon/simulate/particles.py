@@ -25,6 +25,7 @@ from torch_fourier_slice import project_3d_to_2d
 from ..ctf import CtfParams, ctf_rfft
 from ..euler import matrix_to_euler
 from ..fourier import irfft2_centered, phase_shift_rfft2, rfft2_centered
+from ..rotations import random_rotations
 
 __all__ = ["CtfRange", "SimulatedParticles", "random_rotations", "simulate_particles"]
 
@@ -81,18 +82,6 @@ class SimulatedParticles:
     origins_angstrom: torch.Tensor
     ctf: CtfParams | None
     noise_sigma: float
-
-
-def random_rotations(n: int, generator: torch.Generator) -> torch.Tensor:
-    """`(n, 3, 3)` SO(3)-uniform rotation matrices (from uniform unit quaternions)."""
-    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
-    w, x, y, z = (q / q.norm(dim=-1, keepdim=True)).unbind(-1)
-    rows = [
-        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
-    ]
-    return torch.stack(rows, -1).reshape(n, 3, 3)
 
 
 def simulate_particles(

@@ -45,7 +45,6 @@ import torch
 
 from cryofastar.model.preprocess import model_pixel_size, to_model_box
 from cryofastar.model.reference import select_reference
-from cryofastar.model.rotations import geodesic_degrees
 from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.weights import load_model
 from cryofastar.recon import HalfSetAccumulator
@@ -56,6 +55,7 @@ from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions
 from cryofastar.recon.io import read_particles, write_fsc_table, write_volume
 from cryofastar.recon.io.star import ParticleTable, write_particles
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
+from cryofastar.recon.rotations import geodesic_degrees
 
 from .backproject import read_finite_images, read_reference_map
 

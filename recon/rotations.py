@@ -1,17 +1,29 @@
-"""Small rotation helpers shared by training, the session frame and evaluation.
+"""Rotation helpers of the whole package: random poses, angles between poses, the mirror.
 
 Rotations are `(..., 3, 3)` matrices acting on (x, y, z) column vectors; poses are
-RELION matrices ``A`` (docs/conventions.md). The mirror ``J = diag(1, 1, -1)`` maps
-poses of a map to poses of its mirror image: ``J A J``.
+RELION matrices ``A`` (map frame -> particle frame, docs/conventions.md). The mirror
+``J = diag(1, 1, -1)`` maps poses of a map to poses of its mirror image: ``J A J``.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["geodesic_degrees", "mirror_rotations"]
+__all__ = ["geodesic_degrees", "mirror_rotations", "random_rotations"]
 
 _MIRROR = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+
+
+def random_rotations(n: int, generator: torch.Generator) -> torch.Tensor:
+    """`(n, 3, 3)` float64 SO(3)-uniform rotation matrices (from uniform unit quaternions)."""
+    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+    w, x, y, z = (q / q.norm(dim=-1, keepdim=True)).unbind(-1)
+    rows = [
+        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+    ]
+    return torch.stack(rows, -1).reshape(n, 3, 3)
 
 
 def mirror_rotations(rot: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@ Every message is ``[topic, header, payload]``:
    (``"<f4"``) and ``shape`` (list of ints).
 3. payload: raw little-endian float32 in C order (``b""`` for ``status``).
 
-This module is shared by the daemon's publisher and by every subscriber in
-:mod:`cryofastar.monitoring`, so it imports nothing else from the daemon. The
-documented form is ``docs/protocol.md``.
+This package is the contract between the daemon's publisher and every subscriber in
+:mod:`cryofastar.monitoring`: both import it, it imports neither (nor anything of the
+package but numpy). The documented form is ``docs/protocol.md``.
 """
 
 from __future__ import annotations
