@@ -48,11 +48,11 @@ import torch
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.io import read_particles
+from cryofastar.recon.io.finite import read_finite_images
 from cryofastar.recon.map_alignment import resolution_vs_reference
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, write_session
 
 from cryofastar.commands import evaluate
-from cryofastar.commands.backproject import read_finite_images
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_ab_initio import SEEDS  # noqa: E402 - a sibling script

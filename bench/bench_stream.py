@@ -77,9 +77,8 @@ from pathlib import Path
 
 import torch
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
+from cryofastar.engine.posing import NetworkPoser, sets_per_pass
 from cryofastar.model.preprocess import to_model_box
-from cryofastar.model.reference import select_reference
-from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.weights import load_model
 from cryofastar.monitoring.subscriber import Subscriber
 from cryofastar.protocol import ProtocolError, VolumeMessage
@@ -397,14 +396,14 @@ def bare_rate(stacks: list[Path], device: torch.device, args: argparse.Namespace
     everything = torch.cat(images)
     model = load_model(None, device)
     defaults = DaemonSettings(watch=Path("."), out=Path("."))
-    sets = 4 if device.type == "cuda" else 1  # as the daemon
-    mb = model.config.box
-    small = to_model_box(everything[: defaults.candidates], mb)
-    select_reference(model, small[:2])  # warm-up
+    poser = NetworkPoser(model, views=args.batch, anchors=defaults.anchors)  # the daemon's recipe
+    sets = sets_per_pass(device)
+    mb = poser.model_box
+    poser.choose_reference(everything[:2])  # warm-up
     t0 = time.perf_counter()
-    best, _ = select_reference(model, small)
+    poser.choose_reference(everything[: defaults.candidates])
     reference_seconds = time.perf_counter() - t0
-    frame = SessionFrame(model, small[best], views=args.batch, anchors=defaults.anchors, sets_per_pass=sets)
+    frame = poser.frame  # crop and forward passes timed apart below
     per_pass = args.batch - 1 - frame.n_anchors
     frame.pose(to_model_box(everything[: args.batch - 1], mb))  # warm-up; the bootstrap pass chooses the anchors
     frame.pose(to_model_box(everything[: sets * per_pass], mb))  # warm-up of a full pass with anchors
@@ -434,7 +433,7 @@ def bare_rate(stacks: list[Path], device: torch.device, args: argparse.Namespace
         "anchors": frame.n_anchors,
         "sets_per_pass": sets,
         "new_particles_per_pass": per_pass,
-        "reference_candidates": int(small.shape[0]),
+        "reference_candidates": min(defaults.candidates, n),
         "reference_seconds": reference_seconds,
         "crop_seconds": crop_seconds,
         "pose_seconds": pose_seconds,

@@ -25,11 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from cryofastar.engine.posing import NetworkPoser
 from cryofastar.model.curriculum import Stage
 from cryofastar.model.evaluation import apply_alignment_to_rotations, chance_level, pose_errors
-from cryofastar.model.preprocess import to_model_box
-from cryofastar.model.reference import select_reference
-from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.training_data import EVAL_SEED_START, sample_rotations
 from cryofastar.model.weights import DEFAULT_WEIGHTS, load_model
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
@@ -71,17 +69,16 @@ def evaluate_one(model, volume: torch.Tensor, apix: float, snr: float, views: in
                                      n, g)
     sim = simulate_particles(volume, n, apix, snr, g, max_shift_px=max_shift, ctf=CtfRange() if ctf else None,
                              rotations=rotations)
-    images = to_model_box(sim.images, model.config.box)
     true_rot, true_origin_px = sim.rotations, sim.origins_angstrom / apix
     t0 = time.perf_counter()
-    with torch.no_grad():
-        best, _ = select_reference(model, images[: min(64, n)])
-        frame = SessionFrame(model, images[best], views=views)
+    with torch.no_grad():  # the posing recipe of reconstruct and the daemon
+        poser = NetworkPoser(model, views=views)
+        best = poser.choose_reference(sim.images[: min(64, n)])
         order = torch.cat([torch.arange(best), torch.arange(best + 1, n)])
-        poses = frame.pose(images[order])
+        poses = poser.pose(sim.images[order], apix)
     pose_seconds = time.perf_counter() - t0
     pred_rot, pred_origin = torch.empty(n, 3, 3, dtype=torch.float64), torch.empty(n, 2, dtype=torch.float64)
-    pred_rot[order], pred_origin[order] = poses.rotations, poses.origins_px
+    pred_rot[order], pred_origin[order] = poses.rotations, poses.origins_angstrom / apix
     pred_rot[best] = torch.eye(3, dtype=torch.float64)
     pred_origin[best] = 0.0
     errors = pose_errors(pred_rot, true_rot, pred_origin, true_origin_px)

@@ -14,8 +14,8 @@ a slow stage holds the earlier ones back; nothing is dropped)::
   session reference, its anchors, and ``batch - 1 - anchors`` new particles), or
   ``flush_seconds`` after the first waiting particle; Fourier-crops them to the model
   box and poses them in the session frame
-  (:class:`~cryofastar.model.session_frame.SessionFrame`). The first particles choose
-  the session reference (:func:`~cryofastar.model.reference.select_reference`).
+  (:class:`~cryofastar.engine.posing.NetworkPoser`, the same recipe as the offline job).
+  The first particles choose the session reference.
 - **accumulator**: inserts each posed particle at the input's own box and pixel size
   into the half-set volumes (:class:`~cryofastar.daemon.state.SessionState`),
   publishes its poses, writes and publishes the map after the first pass and then every
@@ -46,9 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cryofastar.model.preprocess import model_pixel_size, to_model_box
-from cryofastar.model.reference import select_reference
-from cryofastar.model.session_frame import PoseBatch, SessionFrame
+from cryofastar.engine.posing import NetworkPoser, Poses, RandomPoser, sets_per_pass
+from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
 from cryofastar.model.weights import DEFAULT_WEIGHTS, WeightsError, load_model
 from cryofastar.protocol import POSE_COLUMNS, PosesMessage, StatusMessage, VolumeMessage
 from cryofastar.recon import HalfSetAccumulator
@@ -57,13 +56,12 @@ from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import shell_resolutions_angstrom
 from cryofastar.recon.io import ParticleFileError
-from cryofastar.recon.rotations import geodesic_degrees, random_rotations
+from cryofastar.recon.rotations import geodesic_degrees
 from cryofastar.recon.view_directions import view_direction_histogram
 
 from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file, read_particle_images
 from .metrics import DaemonMetrics, serve_metrics
 from .publisher import Publisher
-from .refiner import UNREADABLE, StreamingRefiner
 from .settings import DaemonSettings
 from .state import CHECKPOINT_NAME, SessionState
 from .watcher import StackWatcher
@@ -81,8 +79,7 @@ RECENT_REJECTIONS = 20  # rejected files listed in status messages (all of them 
 @dataclass
 class _Posed:
     chunks: list[ParticleChunk]
-    batch: PoseBatch
-    apix_model: float
+    poses: Poses
     frame_state: dict
 
 
@@ -109,10 +106,9 @@ class Daemon:
         self.settings = s = settings
         self.out = s.out
         self.device = resolve_device(s.device)
-        self._sets_per_pass = 4 if self.device.type == "cuda" else 1  # passes per forward call
+        self._sets_per_pass = sets_per_pass(self.device)  # passes per forward call
         self.model = self._load_model()
-        self.refiner = StreamingRefiner(s, self.device)
-        self._random = torch.Generator().manual_seed(0)  # poses before refinement starts, map-only sessions
+        self.refiner = StreamingRefiner(s, self.device, poses_from=s.poses_from)
         self.metrics = DaemonMetrics()
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint = self.out / CHECKPOINT_NAME
@@ -125,10 +121,9 @@ class Daemon:
             self.refiner.phase = "local"  # a restart of a session past its ab initio: no second bootstrap
         self.taken = self.state.journal.copy()  # reader's view: accumulated + in flight
         self.geometry = self.state.geometry
-        self.frame: SessionFrame | None = None
-        if self.state.frame is not None and self.model is not None:
-            self.frame = SessionFrame.from_state_dict(self.model, self.state.frame,
-                                                      sets_per_pass=self._sets_per_pass)
+        # map-only: random poses before refinement starts, which refinement replaces
+        self.poser: NetworkPoser | RandomPoser = RandomPoser(seed=0) if self.model is None else NetworkPoser(
+            self.model, views=s.batch, anchors=s.anchors, frame_state=self.state.frame)
         self.files: queue.Queue = queue.Queue(s.queue_size)
         self.chunks: queue.Queue = queue.Queue(s.queue_size)
         self.posed: queue.Queue = queue.Queue(s.queue_size)
@@ -309,12 +304,13 @@ class Daemon:
         while True:
             # one forward call holds sets_per_pass passes of batch - 1 - anchors new particles each
             unit = (s.batch - 1 - s.anchors) * self._sets_per_pass
-            wanted = unit if self.frame is not None else max(s.batch - 1, s.candidates)
+            framed = isinstance(self.poser, NetworkPoser) and self.poser.has_reference
+            wanted = unit if framed else max(s.batch - 1, s.candidates)
             n = sum(len(c) for c in waiting)
             due = first_at is not None and time.monotonic() - first_at >= s.flush_seconds
             if waiting and (n >= wanted or due or stopping):
                 # full calls only; the remainder waits for more particles (or the flush timeout)
-                take = n if (due or stopping or self.frame is None) else (n // unit) * unit
+                take = n if (due or stopping or not framed) else (n // unit) * unit
                 batch, waiting = _take(waiting, take)
                 self._pose(batch)
                 self._buffered = sum(len(c) for c in waiting)
@@ -341,22 +337,14 @@ class Daemon:
         assert self.geometry is not None
         images = torch.cat([c.images for c in chunks])
         t0 = time.perf_counter()
-        if self.model is None:  # map-only: random poses, which refinement replaces
-            n = len(images)
-            batch = PoseBatch(random_rotations(n, self._random), torch.zeros(n, 2, dtype=torch.float64),
-                              torch.zeros(n), torch.empty(0), torch.zeros(0, dtype=torch.bool))
-            self._count("particles_posed", n)
-            self.posed.put(_Posed(chunks, batch, self.geometry.apix, {}))
+        if isinstance(self.poser, RandomPoser):  # map-only: random poses, which refinement replaces
+            self._count("particles_posed", len(images))
+            self.posed.put(_Posed(chunks, self.poser.pose(images, self.geometry.apix), {}))
             return
         try:
-            small = to_model_box(images, self.model.config.box)
-            if self.frame is None:
-                candidates = small[: s.candidates]
-                best, _ = select_reference(self.model, candidates) if len(candidates) >= 2 else (0, None)
-                self.frame = SessionFrame(self.model, candidates[best], views=s.batch, anchors=s.anchors,
-                                          sets_per_pass=self._sets_per_pass)
-                logger.info("session reference chosen among %d particles by confidence", len(candidates))
-            batch = self.frame.pose(small)
+            if not self.poser.has_reference:
+                self.poser.choose_reference(images[: s.candidates])
+            poses = self.poser.pose(images, self.geometry.apix)
         except Exception as exc:  # noqa: BLE001 - a failed pass loses its particles, never the session
             logger.exception("forward pass failed")
             for chunk in chunks:
@@ -368,8 +356,7 @@ class Daemon:
         self.metrics.batches.inc(max(1, math.ceil(len(images) / max(1, s.batch - 1 - s.anchors))))
         self._count("particles_posed", len(images))
         self.metrics.latency.labels("pose").observe(time.perf_counter() - t0)
-        apix_model = model_pixel_size(self.geometry.box, self.geometry.apix, self.model.config.box)
-        self.posed.put(_Posed(chunks, batch, apix_model, self.frame.state_dict()))
+        self.posed.put(_Posed(chunks, poses, self.poser.state_dict()))
 
     def _accumulator(self) -> None:
         try:
@@ -405,15 +392,15 @@ class Daemon:
             st.geometry = self.geometry
             st.accumulator = HalfSetAccumulator(self.geometry.box, self.geometry.apix,
                                                 interpolation=s.interpolation, device=self.device)  # type: ignore[arg-type]
-        pass_rotations = posed.batch.rotations
-        pass_origins = posed.batch.origins_px * posed.apix_model
+        pass_rotations = posed.poses.rotations
+        pass_origins = posed.poses.origins_angstrom
         refined = self._refine_pass(posed.chunks, pass_rotations, pass_origins)
         start = 0
         for chunk in posed.chunks:  # a few chunks (files) per pass, not particles
             n = len(chunk)
             rows = slice(start, start + n)
             rotations, origins = pass_rotations[rows], pass_origins[rows]
-            confidence = posed.batch.confidence[rows]
+            confidence = posed.poses.confidence[rows]
             score = spread = None
             if refined is not None:
                 rotations, origins = refined.rotations[rows], refined.origins_angstrom[rows]

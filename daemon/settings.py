@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryofastar.engine.policy import check_pose_source
+
 from .publisher import DEFAULT_ADDRESS
 
 __all__ = ["DaemonSettings"]
@@ -119,17 +121,11 @@ class DaemonSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.interpolation not in ("nearest", "trilinear"):
             raise ValueError(f"--interpolation must be nearest or trilinear, got {self.interpolation!r}")
-        if self.poses_from not in ("network", "map-only"):
-            raise ValueError(f"--poses-from must be network or map-only, got {self.poses_from!r}")
-        if self.poses_from == "map-only" and not self.refine:
-            raise ValueError("--poses-from map-only needs refinement (it is the only source of poses): "
-                             "drop --no-refine")
+        check_pose_source(self.poses_from, self.refine, self.refine_box)
         if self.refine_after < 2:
             raise ValueError(f"--refine-after must be at least 2 particles, got {self.refine_after}")
         if self.repose_per_pass < 0:
             raise ValueError(f"--repose-per-pass must be >= 0, got {self.repose_per_pass}")
-        if not 16 <= self.refine_box <= 512:
-            raise ValueError(f"--refine-box must be 16..512 px, got {self.refine_box}")
         if self.probe_every < 1:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:

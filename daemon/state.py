@@ -11,7 +11,7 @@ journal inside always describes exactly the particles inside the grids.
 Files written in ``--out`` (all atomically, pixel size set on maps):
 
 - ``volume.mrc``, ``volume_half1.mrc``, ``volume_half2.mrc``: the maps, [z, y, x];
-- ``volume_fsc.tsv``: the current half-map FSC curve;
+- ``volume_fsc.tsv``: the current half-map FSC curve (:func:`~cryofastar.recon.map_set.write_map_set`);
 - ``fsc_history.tsv``: one row per published map (unix time, particles, resolution Å);
 - ``particles.star``: RELION 3.1 particle set with every accumulated particle's pose
   (rlnAngleRot/Tilt/Psi in degrees, rlnOriginX/YAngst in Å, rlnRandomSubset,
@@ -31,22 +31,17 @@ import torch
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.euler import euler_to_matrix, matrix_to_euler
-from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
-from cryofastar.recon.io import write_fsc_table, write_volume
 from cryofastar.recon.io.atomic import atomic_path
+from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, SCORE_COLUMN, SPREAD_COLUMN
 from cryofastar.recon.io.star import write_particles
+from cryofastar.recon.map_set import map_set, write_map_set
 
 from .ingest import SessionGeometry
 from .journal import IngestJournal
 
-__all__ = ["CHECKPOINT_NAME", "CONFIDENCE_COLUMN", "SCORE_COLUMN", "SPREAD_COLUMN", "PoseTable", "SessionState"]
+__all__ = ["CHECKPOINT_NAME", "PoseTable", "SessionState"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CONFIDENCE_COLUMN = "rlnCryofastarConfidence"
-SCORE_COLUMN = "rlnCryofastarRefineScore"
-"""Projection-matching score (normalised cross-correlation) of a refined particle; NaN if not refined."""
-SPREAD_COLUMN = "rlnCryofastarAngularSpread"
-"""Posterior angular spread (degrees) of a refined particle's orientation; NaN if not refined."""
 _STATE_VERSION = 1
 _CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift")
 
@@ -295,22 +290,14 @@ class SessionState:
         half maps are `(2, B, B, B)`.
         """
         assert self.accumulator is not None and self.geometry is not None
-        acc, apix = self.accumulator, self.geometry.apix
-        halves = acc.half_volumes()
-        volume = acc.volume()
-        curve = fsc(halves[0], halves[1])
-        resolution = resolution_at_threshold(curve, apix, 0.143)
-        write_volume(out / "volume.mrc", volume, apix)
-        write_volume(out / "volume_half1.mrc", halves[0], apix)
-        write_volume(out / "volume_half2.mrc", halves[1], apix)
-        shells = shell_resolutions_angstrom(acc.box, apix)
-        write_fsc_table(out / "volume_fsc.tsv", {"resolution_angstrom": shells, "fsc": curve})
-        self.fsc_history.append((time.time(), acc.n_particles, float(resolution)))
+        maps = map_set(self.accumulator)
+        write_map_set(out / "volume.mrc", maps)
+        self.fsc_history.append((time.time(), self.accumulator.n_particles, maps.resolution_angstrom))
         with atomic_path(out / "fsc_history.tsv") as tmp:
             lines = ["unix_time\tparticles\tresolution_angstrom"]
             lines += [f"{t:.3f}\t{n}\t{r:.4f}" for t, n, r in self.fsc_history]
             tmp.write_text("\n".join(lines) + "\n")
-        return volume, curve, float(resolution), halves
+        return maps.volume, maps.fsc, maps.resolution_angstrom, maps.half_volumes
 
     def write_particles(self, out: Path) -> None:
         """Write ``particles.star`` (RELION 3.1) with every accumulated particle's pose."""

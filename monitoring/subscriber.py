@@ -23,8 +23,8 @@ from cryofastar.protocol import (
     VolumeMessage,
     decode,
 )
-from cryofastar.recon.io import write_volume
-from cryofastar.recon.io.atomic import atomic_path
+from cryofastar.recon.io import write_fsc_table, write_volume
+from cryofastar.recon.io.tables import FSC_HALF_MAPS_COLUMN
 
 __all__ = ["Subscriber", "describe", "run_subscriber", "save_volume"]
 
@@ -118,8 +118,9 @@ def save_volume(message: VolumeMessage, save_dir: Path) -> Path:
     """Write a volume message as MRC maps and an FSC table (each file atomically).
 
     Writes ``volume_<particles:08d>.mrc`` and ``volume.mrc`` (the latest), both with
-    the voxel size set to ``apix``, and ``volume_fsc.tsv`` (tab-separated columns
-    ``resolution_angstrom`` and ``fsc``, one row per shell, ``inf`` for DC).
+    the voxel size set to ``apix``, and ``volume_fsc.tsv`` (tab-separated columns ``shell``,
+    ``resolution_angstrom`` and ``fsc_half_maps``, one row per shell, ``inf`` for DC: the
+    form of every FSC table the package writes, :func:`~cryofastar.recon.map_set.write_map_set`).
 
     Parameters
     ----------
@@ -139,11 +140,9 @@ def save_volume(message: VolumeMessage, save_dir: Path) -> Path:
     numbered = save_dir / f"volume_{message.particles:08d}.mrc"
     write_volume(numbered, volume, message.apix)
     write_volume(save_dir / "volume.mrc", volume, message.apix)
-    lines = ["resolution_angstrom\tfsc"]
-    lines += [f"{r:.6g}\t{f:.6g}" for r, f in zip(message.fsc_resolution_angstrom.tolist(), message.fsc.tolist(),
-                                                 strict=True)]
-    with atomic_path(save_dir / "volume_fsc.tsv") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_fsc_table(save_dir / "volume_fsc.tsv", {
+        "resolution_angstrom": torch.from_numpy(np.asarray(message.fsc_resolution_angstrom, dtype=np.float64)),
+        FSC_HALF_MAPS_COLUMN: torch.from_numpy(np.asarray(message.fsc, dtype=np.float64))})
     return numbered
 
 

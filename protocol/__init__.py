@@ -5,32 +5,7 @@ subscriber (:mod:`cryofastar.monitoring`): both depend on it, it depends on neit
 The messages and their encoding are in :mod:`~cryofastar.protocol.messages`.
 """
 
-from .messages import (
-    DTYPE,
-    FSC_THRESHOLD,
-    POSE_COLUMNS,
-    PROTOCOL_VERSION,
-    TOPICS,
-    Message,
-    PosesMessage,
-    ProtocolError,
-    StatusMessage,
-    VolumeMessage,
-    decode,
-    encode,
-)
+from . import messages
+from .messages import *  # noqa: F403 - the package's names are its one module's
 
-__all__ = [
-    "DTYPE",
-    "FSC_THRESHOLD",
-    "POSE_COLUMNS",
-    "PROTOCOL_VERSION",
-    "TOPICS",
-    "Message",
-    "PosesMessage",
-    "ProtocolError",
-    "StatusMessage",
-    "VolumeMessage",
-    "decode",
-    "encode",
-]
+__all__ = messages.__all__

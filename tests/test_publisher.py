@@ -158,11 +158,12 @@ def test_run_subscriber_saves_each_new_volume_as_mrc_with_fsc_table(tmp_path: Pa
         assert apix == pytest.approx(1.75)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["volume.mrc", "volume_00004321.mrc", "volume_fsc.tsv"]
     table = (tmp_path / "volume_fsc.tsv").read_text().splitlines()
-    assert table[0] == "resolution_angstrom\tfsc"
+    assert table[0] == "shell\tresolution_angstrom\tfsc_half_maps"  # the form of every FSC table written
     rows = np.array([[float(v) for v in row.split("\t")] for row in table[1:]])
-    assert rows.shape == (9, 2) and np.isinf(rows[0, 0])
-    np.testing.assert_allclose(rows[1:, 0], published.fsc_resolution_angstrom[1:], rtol=1e-5)
-    np.testing.assert_allclose(rows[:, 1], published.fsc, rtol=1e-5, atol=1e-6)
+    assert rows.shape == (9, 3) and np.isinf(rows[0, 1])
+    np.testing.assert_array_equal(rows[:, 0], np.arange(9))
+    np.testing.assert_allclose(rows[1:, 1], published.fsc_resolution_angstrom[1:], rtol=1e-5)
+    np.testing.assert_allclose(rows[:, 2], published.fsc, rtol=1e-5, atol=1e-6)
 
 
 def test_run_subscriber_prints_status_and_poses_lines():

@@ -17,10 +17,10 @@ import torch
 
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.device import resolve_device
-from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.insertion import Interpolation
-from cryofastar.recon.io import ParticleFileError, read_particles, read_volume, write_fsc_table, write_volume
-from cryofastar.recon.io.star import ParticleTable
+from cryofastar.recon.io import read_particles
+from cryofastar.recon.io.finite import read_finite_images
+from cryofastar.recon.map_set import map_set, read_reference_map, write_map_set
 
 logger = logging.getLogger(__name__)
 
@@ -70,46 +70,9 @@ def main(
         images = read_finite_images(table, rows)
         acc.add(images, rotations[rows], origins[rows], halves[rows],
                 None if ctf is None else ctf[torch.as_tensor(rows)])
-    half1, half2 = acc.half_volumes()
-    volume = acc.volume()
+    maps = map_set(acc, reference_map)
     seconds = time.perf_counter() - start
-    curve = fsc(half1, half2)
-    resolution = resolution_at_threshold(curve, table.apix, 0.143)
-    outputs = [output]
-    write_volume(output, volume, table.apix)
-    if half_maps:
-        for k, half in ((1, half1), (2, half2)):
-            path = output.with_name(f"{output.stem}_half{k}{output.suffix or '.mrc'}")
-            write_volume(path, half, table.apix)
-            outputs.append(path)
-    columns = {"resolution_angstrom": shell_resolutions_angstrom(table.box, table.apix), "fsc_half_maps": curve}
-    reference_resolution = None
-    if reference_map is not None:
-        columns["fsc_vs_reference"] = fsc(volume, reference_map)
-        reference_resolution = resolution_at_threshold(columns["fsc_vs_reference"], table.apix, 0.5)
-    fsc_path = output.with_name(f"{output.stem}_fsc.tsv")
-    write_fsc_table(fsc_path, columns)
-    outputs.append(fsc_path)
+    outputs = write_map_set(output, maps, half_maps=half_maps)
     counts = acc.particle_counts.tolist()
-    return BackprojectResult(len(table), (counts[0], counts[1]), resolution, curve, seconds, outputs,
-                             reference_resolution)
-
-
-def read_finite_images(table: ParticleTable, rows: np.ndarray) -> torch.Tensor:
-    """`(len(rows), B, B)` images of these particle rows; a NaN or Inf pixel is a ParticleFileError naming the image."""
-    images = table.images(rows)
-    finite = torch.isfinite(images).all(dim=(-2, -1))
-    if not bool(finite.all()):
-        name = table.particles["rlnImageName"].iloc[int(rows[int((~finite).nonzero()[0])])]
-        raise ParticleFileError(f"{table.star_path}: image {name} contains NaN or Inf pixels")
-    return images
-
-
-def read_reference_map(reference: Path | None, box: int) -> torch.Tensor | None:
-    """The ``--reference`` map, checked to have the particles' box (``None`` if not given)."""
-    if reference is None:
-        return None
-    reference_map, _ = read_volume(reference)
-    if reference_map.shape[0] != box:
-        raise ValueError(f"--reference {reference} has box {reference_map.shape[0]} px, particles {box} px")
-    return reference_map
+    return BackprojectResult(len(table), (counts[0], counts[1]), maps.resolution_angstrom, maps.fsc, seconds, outputs,
+                             maps.reference_resolution_angstrom)

@@ -37,11 +37,9 @@ from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.io import ParticleTable, read_particles
 from cryofastar.recon.io.atomic import atomic_path
+from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, NETWORK_COLUMNS
+from cryofastar.recon.io.finite import read_finite_images
 
-from .backproject import read_finite_images
-from .reconstruct import NETWORK_COLUMNS
-
-CONFIDENCE_COLUMN = "rlnCryofastarConfidence"
 # Offset of the chance-level generator's seed: `simulate --seed S` draws its true poses from a
 # generator seeded with S, so the chance poses must not come from the same stream.
 _CHANCE_SEED_OFFSET = 0x0C4A7CE

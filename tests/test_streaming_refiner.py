@@ -1,4 +1,4 @@
-"""The daemon's refinement policy (daemon.refiner) and the pose table it updates (daemon.state)."""
+"""The streaming refinement policy (engine.streaming_refiner) and the pose table it updates (daemon.state)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from cryofastar.daemon.ingest import read_particle_images
-from cryofastar.daemon.refiner import StreamingRefiner
 from cryofastar.daemon.settings import DaemonSettings
 from cryofastar.daemon.state import PoseTable
+from cryofastar.engine.streaming_refiner import StreamingRefiner
 from cryofastar.recon import CtfParams
 from cryofastar.recon.io import ParticleFileError, write_stack
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations

@@ -1,5 +1,8 @@
 """Streaming pose refinement: each pass's poses finished against the running map, old ones re-posed.
 
+The policy of :mod:`~cryofastar.engine.policy` applied to a growing session (the daemon's
+refinement); the offline job applies it to a whole set (:mod:`~cryofastar.engine.offline`).
+
 Rules (docs/refinement.md):
 
 - **When.** Refinement starts with the first map published once the map holds at least
@@ -40,15 +43,15 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from cryofastar.recon.ab_initio import AbInitio, AbInitioSettings, SoftPoses, run_ab_initio
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
-from cryofastar.recon.rotations import geodesic_degrees
 
-from .settings import DaemonSettings
+from .policy import is_informative, network_won_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +78,39 @@ class RefinedPoses:
     soft: SoftPoses | None = None  # the ab initio's soft poses (ab-initio phase only)
 
 
-class StreamingRefiner:
-    """The refinement policy of one session (module docstring)."""
+class StreamingRefineSettings(Protocol):
+    """What the streaming refiner reads of a session's settings (:class:`cryofastar.daemon.settings.DaemonSettings`).
 
-    def __init__(self, settings: DaemonSettings, device: torch.device) -> None:
+    Attributes as documented there: ``refine``, ``refine_after``, ``repose_per_pass``,
+    ``refine_box``, ``probe_every``, ``interpolation``.
+    """
+
+    refine: bool
+    refine_after: int
+    repose_per_pass: int
+    refine_box: int
+    probe_every: int
+    interpolation: str
+
+
+class StreamingRefiner:
+    """The refinement policy of one session, pass by pass (module docstring).
+
+    Parameters
+    ----------
+    settings: StreamingRefineSettings
+        The session's settings.
+    device: torch.device
+        Where matching and ab initio run.
+    poses_from: str
+        Where the session's poses come from: ``network`` or ``map-only`` (the effective
+        source: ``map-only`` also when the network could not be loaded).
+    """
+
+    def __init__(self, settings: StreamingRefineSettings, device: torch.device, poses_from: str = "network") -> None:
         self.settings = settings
         self.device = device
+        self.poses_from = poses_from
         self.reference: RefinementReference | None = None
         self.version = 0
         self._passes = 0
@@ -132,7 +162,7 @@ class StreamingRefiner:
         """Whether recent probes found the network's poses the better start (``None``: no probe yet)."""
         if not self._probes:
             return None
-        return float(np.mean(self._probes)) >= 0.5
+        return is_informative(self._probes)
 
     def update_reference(self, half_volumes: torch.Tensor, apix: float, resolution_angstrom: float,
                          n_particles: int) -> None:
@@ -143,15 +173,15 @@ class StreamingRefiner:
         self.reference_particles = n_particles
         self.version += 1
         if self.phase == "waiting":
-            self.phase = "ab-initio" if self.settings.poses_from == "map-only" else "probe"
+            self.phase = "ab-initio" if self.poses_from == "map-only" else "probe"
         logger.info("refinement reference v%d: %d particles, %.1f Å (band %.3f cycles/px at %d px)", self.version,
                     n_particles, resolution_angstrom, self.reference.local_band, self.reference.work)
 
     def _mode(self) -> str:
-        if self.phase == "probe" or (self.settings.poses_from == "network"
+        if self.phase == "probe" or (self.poses_from == "network"
                                      and self._passes % self.settings.probe_every == 0):
             return "best"
-        return "local" if self.settings.poses_from == "network" and self.network_informative else "global"
+        return "local" if self.poses_from == "network" and self.network_informative else "global"
 
     @property
     def needs_bootstrap(self) -> bool:
@@ -215,8 +245,7 @@ class StreamingRefiner:
         self._passes += 1
         match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, mode)
         if mode == "best":  # which start won: the network's neighbourhood or the global search
-            moved = geodesic_degrees(match.rotations, rotations.double())
-            won = float((moved <= 1.5 * self.search.local_range_degrees).float().mean())
+            won = network_won_fraction(match.rotations, rotations, self.search.local_range_degrees)
             self._probes.append(won)
             logger.info("probe: the network's poses were the better start for %.0f%% of %d particles", 100 * won,
                         len(images))

@@ -1,0 +1,19 @@
+"""The session engine: one recipe for posing a particle set and one policy for finishing poses against the map.
+
+Used alike by the offline job (``cryofastar-stream reconstruct``), the streaming daemon
+and the benchmarks, so that a rule exists once:
+
+- :mod:`~cryofastar.engine.posing`: "pose a particle set": the network's recipe (model
+  box, session reference chosen by confidence, one session frame, poses in Å) and the
+  random start of map-only sessions, behind one interface;
+- :mod:`~cryofastar.engine.policy`: the rules of refinement shared by both paths (is
+  the network informative, how many ab initio passes, when ab initio's poses need local
+  rounds);
+- :mod:`~cryofastar.engine.offline`: the offline job on a whole particle set: poses,
+  refinement rounds, ab initio when the network is uninformative, the maps;
+- :mod:`~cryofastar.engine.streaming_refiner`: the same policy applied pass by pass
+  to a growing session (the daemon's refinement).
+
+Built on :mod:`cryofastar.model` and :mod:`cryofastar.recon`; knows nothing of threads,
+queues, watchers or publishers (docs/architecture.md).
+"""

@@ -1,0 +1,401 @@
+"""The offline job on a whole particle set: poses, refinement rounds, ab initio, maps.
+
+Steps (``poses_from="network"``): choose the session reference among up to
+``candidates`` particles by confidence; pose every particle in the reference's frame,
+``views`` images per forward pass (:class:`~cryofastar.engine.posing.NetworkPoser`);
+insert every particle with its pose into two half-set Fourier volumes at the input's
+own box and pixel size (CTF-aware when the particles have CTF parameters). Then
+(``refine``, the default) ``refine_rounds`` rounds of projection matching against the
+half maps (docs/refinement.md), each followed by a fresh back-projection at the input's
+box: round 1 compares the network's poses with a global search per particle
+(``best``). If the network is not informative (:mod:`~cryofastar.engine.policy`),
+map-only ab initio (:func:`~cryofastar.recon.ab_initio.run_ab_initio`) replaces the
+poses before the other rounds; every later round is ``local``: each particle around
+its pose, against its own half map.
+
+With ``poses_from="map-only"`` there is no network: the starting poses come from ab
+initio on the particles Fourier-cropped to the refinement's working box, then
+``refine_rounds`` ``local`` rounds finish them at that box. Ab initio is not counted
+among the rounds, and at least one ``local`` round always follows it.
+
+Outputs (:func:`reconstruct`): ``particles.star`` (the input rows with the final
+rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, the network's confidence and own poses, and
+the last round's score and angular spread, :mod:`~cryofastar.recon.io.columns`) and the
+map set ``volume.mrc``, ``volume_half1/2.mrc``, ``volume_fsc.tsv``
+(:func:`~cryofastar.recon.map_set.write_map_set`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.ab_initio import run_ab_initio
+from cryofastar.recon.ctf import CtfParams
+from cryofastar.recon.device import resolve_device
+from cryofastar.recon.euler import matrix_to_euler
+from cryofastar.recon.io import read_particles
+from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, NETWORK_COLUMNS, SCORE_COLUMN, SPREAD_COLUMN
+from cryofastar.recon.io.finite import read_finite_images
+from cryofastar.recon.io.star import ParticleTable, write_particles
+from cryofastar.recon.map_set import map_set, read_reference_map, write_map_set
+from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
+
+from .policy import (
+    AB_INITIO_PASSES,
+    MIN_LOCAL_ROUNDS_AFTER_AB_INITIO,
+    check_pose_source,
+    is_informative,
+    network_won_fraction,
+)
+from .posing import NetworkPoser
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ReconstructResult", "ReconstructSettings", "reconstruct"]
+
+Progress = Callable[[int, int], None]
+"""Called with the particles just posed and inserted, and the total (a progress bar's ``advance`` and ``total``)."""
+
+
+@dataclass
+class ReconstructSettings:
+    """What the offline job can be told (``cryofastar-stream reconstruct``'s options).
+
+    Attributes
+    ----------
+    device: str
+        ``auto``, ``cpu`` or ``cuda``.
+    views: int
+        Views per forward pass (reference and anchors included), >= 3.
+    weights: Path | None
+        Network weights (safetensors); ``None``: the shipped weights.
+    apix: float | None
+        Pixel size (Å) if the STAR file gives none.
+    use_ctf: bool
+        Use the CTF columns in back-projection when present (poses never need them).
+    chunk: int
+        Particles read, posed, matched and inserted at a time (bounds memory).
+    candidates: int
+        Particles scored to choose the session reference.
+    reference: Path | None
+        Known map (MRC, same box): also report the FSC-0.5 resolution against it (no alignment).
+    seed: int
+        Seed of the reference candidates and of ab initio's random start.
+    poses_from: str
+        ``network`` (ab initio replaces the network's poses if round 1 finds it
+        uninformative) or ``map-only`` (no network: poses from map-only ab initio).
+    refine: bool
+        Refine poses against the half maps; ``False`` keeps the network's poses.
+    refine_rounds: int
+        Rounds of refinement (with a network the first is a ``best`` probe, the others
+        ``local``), each followed by a fresh back-projection; ab initio comes on top.
+    refine_box: int
+        Working box (px) of refinement (particles and maps Fourier-cropped to it).
+    """
+
+    device: str = "auto"
+    views: int = 128
+    weights: Path | None = None
+    apix: float | None = None
+    use_ctf: bool = True
+    chunk: int = 2048
+    candidates: int = 64
+    reference: Path | None = None
+    seed: int = 0
+    poses_from: str = "network"
+    refine: bool = True
+    refine_rounds: int = 4
+    refine_box: int = 64
+
+    def validate(self) -> None:
+        """Raise ValueError (one line, naming the option) on impossible settings."""
+        if self.views < 3:
+            raise ValueError(f"--views must be at least 3, got {self.views}")
+        check_pose_source(self.poses_from, self.refine, self.refine_box)
+        if self.refine and self.refine_rounds < 1:
+            raise ValueError(f"--refine-rounds must be at least 1, got {self.refine_rounds}")
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {self.chunk}")
+
+
+@dataclass
+class ReconstructResult:
+    """What one run produced, with timings in seconds.
+
+    Attributes
+    ----------
+    refine_seconds: float
+        Wall time of everything after the network's poses: rounds, ab initio and back-projections.
+    refine_modes: list[str]
+        The steps of refinement in order: ``"best"``, ``"ab-initio"``, ``"local"``.
+    network_won_fraction: float | None
+        Fraction of particles whose ``best`` pose stayed in the network's neighbourhood
+        (``None`` without a network or without refinement).
+    ab_initio_seconds: float
+        Wall time of ab initio (0 when it did not run).
+    """
+
+    n_particles: int
+    reference_row: int
+    resolution_angstrom: float
+    reference_resolution_angstrom: float | None
+    pose_seconds: float
+    insert_seconds: float
+    total_seconds: float
+    mirrored_passes: int
+    anchor_disagreement_degrees: float
+    outputs: list[Path] = field(default_factory=list)
+    refine_seconds: float = 0.0
+    refine_modes: list[str] = field(default_factory=list)
+    network_won_fraction: float | None = None
+    ab_initio_seconds: float = 0.0
+
+
+@dataclass
+class _Job:
+    """One run's particles and where they are on the way (internal)."""
+
+    table: ParticleTable
+    device: torch.device
+    settings: ReconstructSettings
+    ctf: CtfParams | None
+    halves: torch.Tensor  # (n,) int64 1/2
+    work_images: torch.Tensor | None  # (n, W, W) float32 at the refinement's working box
+
+    def backproject(self, rotations: torch.Tensor, origins: torch.Tensor) -> HalfSetAccumulator:
+        """A fresh half-set accumulator with every particle at its pose (images read again, ``chunk`` at a time)."""
+        table, chunk = self.table, self.settings.chunk
+        acc = HalfSetAccumulator(table.box, table.apix, device=self.device)
+        for first in range(0, len(table), chunk):
+            rows = np.arange(first, min(len(table), first + chunk))
+            acc.add(read_finite_images(table, rows), rotations[rows], origins[rows], self.halves[rows],
+                    self._ctf(rows))
+        return acc
+
+    def _ctf(self, rows: np.ndarray) -> CtfParams | None:
+        return None if self.ctf is None else self.ctf[torch.as_tensor(rows)]
+
+
+@dataclass
+class _Poses:
+    """Starting poses of every particle and how they were obtained."""
+
+    rotations: torch.Tensor | None  # (n, 3, 3) float64; None: none yet (map-only)
+    origins: torch.Tensor | None  # (n, 2) float64 Å
+    confidence: torch.Tensor  # (n,) network confidence (0: none)
+    reference_row: int = -1
+    pose_seconds: float = 0.0
+    insert_seconds: float = 0.0
+    mirrored: int = 0
+    disagreement: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
+                progress: Progress | None = None) -> ReconstructResult:
+    """Run the offline job (module docstring) on the STAR file ``particles``; write its outputs in ``outdir``."""
+    settings.validate()
+    start = time.perf_counter()
+    table = read_particles(particles, apix=settings.apix)
+    reference_map = read_reference_map(settings.reference, table.box)
+    work = min(settings.refine_box, table.box)
+    job = _Job(table, resolve_device(settings.device), settings, table.ctf() if settings.use_ctf else None,
+               table.half_sets(), torch.empty(len(table), work, work) if settings.refine else None)
+    acc = None  # map-only: no map before ab initio
+    if settings.poses_from == "network":
+        acc, poses = _network_poses(job, progress)
+    else:
+        poses = _read_working_images(job)
+    extra: dict[str, np.ndarray] = {}
+    if settings.poses_from == "network":
+        rot, tilt, psi = matrix_to_euler(poses.rotations)
+        extra = dict(zip(NETWORK_COLUMNS, (rot.numpy(), tilt.numpy(), psi.numpy(), poses.origins[:, 0].numpy().copy(),
+                                           poses.origins[:, 1].numpy().copy()), strict=True))
+    rotations, origins = poses.rotations, poses.origins
+    finished = None
+    if settings.refine:
+        finished = _finish_poses(job, acc, rotations, origins)
+        acc, rotations, origins = finished.accumulator, finished.rotations, finished.origins
+        extra[SCORE_COLUMN], extra[SPREAD_COLUMN] = finished.scores.double().numpy(), finished.spread.double().numpy()
+    outdir.mkdir(parents=True, exist_ok=True)
+    star_out = outdir / "particles.star"
+    write_particles(star_out, _particles_for_output(table, outdir, rotations, origins, poses.confidence, extra),
+                    _optics_for_output(table))
+    maps = map_set(acc, reference_map)
+    outputs = [star_out, *write_map_set(outdir / "volume.mrc", maps)]
+    finite = poses.disagreement[torch.isfinite(poses.disagreement)]
+    return ReconstructResult(
+        n_particles=len(table), reference_row=poses.reference_row, resolution_angstrom=maps.resolution_angstrom,
+        reference_resolution_angstrom=maps.reference_resolution_angstrom, pose_seconds=poses.pose_seconds,
+        insert_seconds=poses.insert_seconds, total_seconds=time.perf_counter() - start, mirrored_passes=poses.mirrored,
+        anchor_disagreement_degrees=float(finite.mean()) if len(finite) else float("nan"), outputs=outputs,
+        refine_seconds=0.0 if finished is None else finished.seconds,
+        refine_modes=[] if finished is None else finished.modes,
+        network_won_fraction=None if finished is None else finished.won,
+        ab_initio_seconds=0.0 if finished is None else finished.ab_initio_seconds)
+
+
+@dataclass
+class _Finished:
+    """Poses after refinement and the map they make (internal)."""
+
+    accumulator: HalfSetAccumulator
+    rotations: torch.Tensor
+    origins: torch.Tensor
+    scores: torch.Tensor
+    spread: torch.Tensor
+    modes: list[str]
+    won: float | None
+    seconds: float
+    ab_initio_seconds: float
+
+
+def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Tensor | None,
+                  origins: torch.Tensor | None) -> _Finished:
+    """Refinement rounds against the half maps, with ab initio when the network is not informative (module doc)."""
+    t0 = time.perf_counter()
+    table, settings = job.table, job.settings
+    search = RefineSettings(working_box=job.work_images.shape[-1])
+    modes: list[str] = []
+    won, ab_initio_s, local_rounds = None, 0.0, settings.refine_rounds
+    if settings.poses_from == "network":  # round 1: the network's neighbourhood against a global search
+        matched = _match_all(job, acc, search, rotations, origins, "best")
+        won = network_won_fraction(matched[0], rotations, search.local_range_degrees)
+        rotations, origins, scores, spread = matched
+        acc = _next_map(job, "best", modes, rotations, origins)
+        local_rounds -= 1
+    if won is None or not is_informative(won):  # no network, or an uninformative one
+        t1 = time.perf_counter()
+        work = job.work_images.shape[-1]
+        result = run_ab_initio(job.work_images, job.halves, table.apix * table.box / work, passes=AB_INITIO_PASSES,
+                               ctf=job.ctf, seed=settings.seed, device=job.device,
+                               callback=lambda label, *_: logger.info("ab initio: %s done", label))
+        rotations, origins = result.poses.rotations.clone(), result.poses.origins_angstrom.clone()
+        ab_initio_s = time.perf_counter() - t1
+        # result.accumulator is the back-projection of the working-box images at their best poses
+        acc = _next_map(job, "ab-initio", modes, rotations, origins,
+                        done=result.accumulator if work == table.box else None)
+        local_rounds = max(MIN_LOCAL_ROUNDS_AFTER_AB_INITIO, local_rounds)
+    for _ in range(local_rounds):
+        rotations, origins, scores, spread = _match_all(job, acc, search, rotations, origins, "local")
+        acc = _next_map(job, "local", modes, rotations, origins)
+    return _Finished(acc, rotations, origins, scores, spread, modes, won, time.perf_counter() - t0, ab_initio_s)
+
+
+def _match_all(job: _Job, acc: HalfSetAccumulator, search: RefineSettings, rotations: torch.Tensor,
+               origins: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round of projection matching of every particle against the half maps of ``acc``.
+
+    ``rotations`` `(n, 3, 3)` float64 RELION matrices and ``origins`` `(n, 2)` float64
+    rlnOriginX/YAngst (Å) to start from (not modified); ``mode`` ``"local"`` or ``"best"``
+    (:meth:`RefinementReference.match`). Returns new `(n, 3, 3)` matrices, `(n, 2)`
+    origins (Å), `(n,)` best NCC and `(n,)` angular spread (degrees).
+    """
+    ref = RefinementReference(acc.half_volumes(), job.table.apix, acc.resolution_angstrom(), search, job.device)
+    n, chunk = len(job.halves), job.settings.chunk
+    rotations, origins = rotations.clone(), origins.clone()
+    scores, spread = torch.empty(n), torch.empty(n)
+    for first in range(0, n, chunk):  # vectorised within a chunk; chunks bound memory
+        part = slice(first, min(n, first + chunk))
+        match, new_origins = ref.match(job.work_images[part], job.halves[part], rotations[part], origins[part], mode)
+        rotations[part], origins[part] = match.rotations, new_origins
+        scores[part], spread[part] = match.scores, match.spread_degrees
+    return rotations, origins, scores, spread
+
+
+def _next_map(job: _Job, step: str, modes: list[str], rotations: torch.Tensor, origins: torch.Tensor,
+              done: HalfSetAccumulator | None = None) -> HalfSetAccumulator:
+    """Record refinement step ``step`` in ``modes`` and return the full-box map of its poses (``done`` if given)."""
+    modes.append(step)
+    acc = done if done is not None else job.backproject(rotations, origins)
+    logger.info("refinement step %d (%s): %.2f Å", len(modes), step, acc.resolution_angstrom())
+    return acc
+
+
+def _read_working_images(job: _Job) -> _Poses:
+    """Read every particle into ``job.work_images`` (Fourier-cropped), ``chunk`` at a time; no poses yet."""
+    n, chunk = len(job.table), job.settings.chunk
+    for first in range(0, n, chunk):
+        rows = np.arange(first, min(n, first + chunk))
+        job.work_images[rows] = images_to_working_box(read_finite_images(job.table, rows), job.work_images.shape[-1])
+    return _Poses(None, None, torch.zeros(n))
+
+
+def _network_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulator, _Poses]:
+    """Network poses of every particle in the session frame, inserted; working-box images kept."""
+    table, settings = job.table, job.settings
+    poser = NetworkPoser.load(settings.weights, job.device, views=settings.views)
+    n = len(table)
+    generator = torch.Generator().manual_seed(settings.seed)
+    candidate_rows = np.sort(torch.randperm(n, generator=generator)[: min(settings.candidates, n)].numpy())
+    reference_row = int(candidate_rows[poser.choose_reference(read_finite_images(table, candidate_rows))])
+    logger.info("%d particles, box %d px at %.3f Å/px -> model box %d px; reference %s", n, table.box, table.apix,
+                poser.model_box, table.particles["rlnImageName"].iloc[reference_row])
+    acc = HalfSetAccumulator(table.box, table.apix, device=job.device)
+    poses = _Poses(torch.empty(n, 3, 3, dtype=torch.float64), torch.empty(n, 2, dtype=torch.float64), torch.empty(n),
+                   reference_row=reference_row)
+    disagreement = []
+    others = np.setdiff1d(np.arange(n), [reference_row])
+    # the reference itself last: identity rotation, its shift as the network sees it in a pass of its own
+    for rows in [*(others[first : first + settings.chunk] for first in range(0, len(others), settings.chunk)),
+                 np.array([reference_row])]:
+        images = read_finite_images(table, rows)
+        t0 = time.perf_counter()
+        batch = poser.pose(images, table.apix)
+        t1 = time.perf_counter()
+        poses.rotations[rows], poses.confidence[rows], poses.origins[rows] = (batch.rotations, batch.confidence,
+                                                                              batch.origins_angstrom)
+        if rows[0] == reference_row and len(rows) == 1:
+            poses.rotations[rows] = torch.eye(3, dtype=torch.float64)
+        else:
+            disagreement.append(batch.anchor_disagreement_degrees)
+            poses.mirrored += int(batch.mirrored.sum())
+        if job.work_images is not None:
+            job.work_images[rows] = images_to_working_box(images, job.work_images.shape[-1])
+        acc.add(images, poses.rotations[rows], poses.origins[rows], job.halves[rows], job._ctf(rows))
+        poses.insert_seconds += time.perf_counter() - t1
+        poses.pose_seconds += t1 - t0
+        if progress is not None:
+            progress(len(rows), n)
+    poses.disagreement = torch.cat(disagreement) if disagreement else torch.empty(0)
+    return acc, poses
+
+
+def _optics_for_output(table: ParticleTable) -> pd.DataFrame:
+    if table.optics is not None:
+        return table.optics
+    optics = {"rlnOpticsGroup": [1], "rlnImagePixelSize": [table.apix], "rlnImageSize": [table.box],
+              "rlnImageDimensionality": [2]}
+    for column in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
+        if column in table.particles.columns:
+            optics[column] = [float(table.particles[column].iloc[0])]
+    return pd.DataFrame(optics)
+
+
+def _image_names_from(table: ParticleTable, outdir: Path) -> list[str]:
+    """rlnImageName of every particle with its stack path relative to ``outdir`` (so the file resolves there)."""
+    relative = {stack: os.path.relpath(Path(stack).resolve(), outdir.resolve())
+                for stack in np.unique(table.stack_paths)}
+    return [f"{int(i):06d}@{relative[stack]}" for i, stack in zip(table.image_indices, table.stack_paths, strict=True)]
+
+
+def _particles_for_output(table: ParticleTable, outdir: Path, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
+                          confidence: torch.Tensor, extra: dict[str, np.ndarray]) -> pd.DataFrame:
+    merged = set(table.optics.columns) - {"rlnOpticsGroup"} if table.optics is not None else set()
+    rows = table.particles.drop(columns=[c for c in table.particles.columns if c in merged])
+    rows = rows.drop(columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in rows.columns])
+    if "rlnOpticsGroup" not in rows.columns:
+        rows = rows.assign(rlnOpticsGroup=1)
+    rot, tilt, psi = matrix_to_euler(rotations)
+    return rows.assign(rlnImageName=_image_names_from(table, outdir),
+                       rlnAngleRot=rot.numpy(), rlnAngleTilt=tilt.numpy(), rlnAnglePsi=psi.numpy(),
+                       rlnOriginXAngst=origins_angstrom[:, 0].numpy(), rlnOriginYAngst=origins_angstrom[:, 1].numpy(),
+                       **{CONFIDENCE_COLUMN: confidence.double().numpy()}, **extra)

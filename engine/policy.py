@@ -1,0 +1,70 @@
+"""The refinement policy shared by the offline job and the daemon (docs/refinement.md).
+
+One place for each rule, so that ``reconstruct`` and ``watch`` decide alike:
+
+- **Is the network informative?** A ``best`` probe matches particles both around the
+  network's poses and by a global search and keeps the better per particle; the network
+  is informative when its neighbourhood won (the kept pose lies within
+  ``NEIGHBOURHOOD_RANGES`` local search ranges of the network's) for at least
+  ``INFORMATIVE_FRACTION`` of the particles. Otherwise poses come from map-only ab initio.
+- **Ab initio's passes**: the offline job runs ``AB_INITIO_PASSES`` passes over all
+  particles after the seed stage; its poses are capped at ab initio's own small box, so at
+  least ``MIN_LOCAL_ROUNDS_AFTER_AB_INITIO`` local round always follows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from cryofastar.recon.rotations import geodesic_degrees
+
+__all__ = ["AB_INITIO_PASSES", "INFORMATIVE_FRACTION", "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO", "NEIGHBOURHOOD_RANGES",
+           "POSE_SOURCES", "check_pose_source", "is_informative", "network_won_fraction"]
+
+INFORMATIVE_FRACTION = 0.5
+"""The network is informative when its neighbourhood wins the ``best`` probe for at least this fraction."""
+NEIGHBOURHOOD_RANGES = 1.5
+"""A ``best`` pose within this many local search ranges of the network's counts as the network's win."""
+AB_INITIO_PASSES = 2
+"""Offline: passes over all particles after ab initio's seed stage (as bench/bench_ab_initio.py measures it)."""
+MIN_LOCAL_ROUNDS_AFTER_AB_INITIO = 1
+"""Ab initio's poses are capped at its own small box: at least this many local rounds follow it."""
+POSE_SOURCES = ("network", "map-only")
+"""Where a session's first poses come from: the CryoFastAR network, or none (map-only ab initio)."""
+
+
+def check_pose_source(poses_from: str, refine: bool, refine_box: int) -> None:
+    """Raise ValueError (one line, naming the option) unless the source of poses and refinement fit together.
+
+    ``map-only`` has no poses but refinement's; the working box ``refine_box`` (px) must be 16..512.
+    """
+    if poses_from not in POSE_SOURCES:
+        raise ValueError(f"--poses-from must be network or map-only, got {poses_from!r}")
+    if poses_from == "map-only" and not refine:
+        raise ValueError("--poses-from map-only needs refinement (it is the only source of poses): drop --no-refine")
+    if not 16 <= refine_box <= 512:
+        raise ValueError(f"--refine-box must be 16..512 px, got {refine_box}")
+
+
+def network_won_fraction(matched: torch.Tensor, network: torch.Tensor, local_range_degrees: float) -> float:
+    """Fraction of particles whose ``best`` pose stayed in the network's neighbourhood.
+
+    Parameters
+    ----------
+    matched: torch.Tensor
+        `(n, 3, 3)` RELION matrices kept by the ``best`` probe.
+    network: torch.Tensor
+        `(n, 3, 3)` the network's poses the probe started from.
+    local_range_degrees: float
+        Half-width of the local search (degrees), :attr:`RefineSettings.local_range_degrees`.
+    """
+    moved = geodesic_degrees(matched.double(), network.double())
+    return float((moved <= NEIGHBOURHOOD_RANGES * local_range_degrees).double().mean())
+
+
+def is_informative(won_fractions: float | Iterable[float]) -> bool:
+    """Whether the network is informative, from one probe's won fraction or the mean of several."""
+    values = [won_fractions] if isinstance(won_fractions, float | int) else list(won_fractions)
+    return bool(values) and float(np.mean(values)) >= INFORMATIVE_FRACTION

@@ -1,0 +1,39 @@
+"""The shared refinement policy (engine.policy): the network-informative rule, on real rotations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cryofastar.engine.policy import (
+    INFORMATIVE_FRACTION,
+    NEIGHBOURHOOD_RANGES,
+    is_informative,
+    network_won_fraction,
+)
+from cryofastar.recon.euler import euler_to_matrix
+from cryofastar.recon.rotations import random_rotations
+
+
+def _turned(rotations: torch.Tensor, degrees: float) -> torch.Tensor:
+    """``rotations`` each turned by ``degrees`` about z (the geodesic distance is exactly ``degrees``)."""
+    turn = euler_to_matrix(torch.tensor([degrees], dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                           torch.zeros(1, dtype=torch.float64))
+    return turn @ rotations
+
+
+def test_won_fraction_counts_poses_within_the_neighbourhood() -> None:
+    network = random_rotations(100, torch.Generator().manual_seed(0))
+    local_range = 6.0
+    inside = _turned(network[:30], 0.9 * NEIGHBOURHOOD_RANGES * local_range)
+    outside = _turned(network[30:], 1.1 * NEIGHBOURHOOD_RANGES * local_range)
+    matched = torch.cat([inside, outside])
+    assert network_won_fraction(matched, network, local_range) == pytest.approx(0.3)
+    assert network_won_fraction(network, network, local_range) == 1.0
+
+
+def test_informative_at_the_threshold_and_from_the_mean_of_probes() -> None:
+    assert is_informative(INFORMATIVE_FRACTION)
+    assert not is_informative(INFORMATIVE_FRACTION - 0.01)
+    assert is_informative([0.2, 0.9])  # the mean of several probes decides (the daemon keeps the last four)
+    assert not is_informative([0.2, 0.6])
+    assert not is_informative([])  # no probe: not (yet) informative
