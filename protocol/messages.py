@@ -356,6 +356,27 @@ def decode(frames: Sequence[bytes]) -> Message:
         fields, a protocol version newer than :data:`PROTOCOL_VERSION`, or a payload
         whose size does not match ``shape`` and ``dtype``.
     """
+    topic, header, payload = _header(frames)
+    try:
+        common = {
+            "seq": int(_field(header, "seq", topic)),
+            "time": float(_field(header, "time", topic)),
+            "session": str(_field(header, "session", topic)),
+        }
+        if topic == "status":
+            if payload:
+                raise ProtocolError(f"status payload must be empty, got {len(payload)} bytes")
+            return StatusMessage(status=_field(header, "status", topic), **common)
+        array = _array(header, payload, topic)
+        return (_volume if topic == "volume" else _poses)(header, array, common)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"malformed {topic} message: {exc}") from None
+
+
+def _header(frames: Sequence[bytes]) -> tuple[str, dict[str, Any], bytes]:
+    """``(topic, header, payload)`` of three frames, the topic, the header's form and its version checked."""
     if isinstance(frames, (bytes, bytearray, str)) or len(frames) != 3:
         count = "a single" if isinstance(frames, (bytes, bytearray, str)) else len(frames)
         raise ProtocolError(f"expected 3 frames (topic, header, payload), got {count}")
@@ -383,59 +404,53 @@ def decode(frames: Sequence[bytes]) -> Message:
     kind = _field(header, "kind", topic)
     if kind != topic:
         raise ProtocolError(f"header kind {kind!r} does not match topic {topic!r}")
-    try:
-        common = {
-            "seq": int(_field(header, "seq", kind)),
-            "time": float(_field(header, "time", kind)),
-            "session": str(_field(header, "session", kind)),
-        }
-        if kind == "status":
-            if payload:
-                raise ProtocolError(f"status payload must be empty, got {len(payload)} bytes")
-            return StatusMessage(status=_field(header, "status", kind), **common)
-        array = _array(header, payload, kind)
-        if kind == "volume":
-            curve = _field(header, "fsc", kind)
-            if not isinstance(curve, dict):
-                raise ProtocolError(f"volume header fsc must be an object, got {type(curve).__name__}")
-            shells = [_as_float(v, math.inf) for v in _field(curve, "resolution_angstrom", "volume fsc")]
-            values = [_as_float(v, math.nan) for v in _field(curve, "fsc", "volume fsc")]
-            resolution = _field(header, "resolution_angstrom", kind)
-            box = int(_field(header, "box", kind))
-            history = header.get("history")
-            if history is not None:
-                if not isinstance(history, dict):
-                    raise ProtocolError(f"volume header history must be an object, got {type(history).__name__}")
-                history = np.stack([np.asarray([_as_float(v, math.nan) for v in _field(history, name, "history")],
-                                               dtype=np.float64)
-                                    for name in ("time", "particles", "resolution_angstrom")], -1)
-            if array.ndim != 3 or array.shape[0] != box:
-                raise ProtocolError(f"volume shape {list(array.shape)} does not match box {box}")
-            return VolumeMessage(
-                volume=array,
-                apix=float(_field(header, "apix", kind)),
-                particles=int(_field(header, "particles", kind)),
-                resolution_angstrom=None if resolution is None else float(resolution),
-                fsc_resolution_angstrom=np.asarray(shells, dtype=np.float64),
-                fsc=np.asarray(values, dtype=np.float64),
-                fsc_threshold=float(header.get("fsc_threshold", FSC_THRESHOLD)),
-                history=history,
-                **common,
-            )
-        columns = _field(header, "columns", kind)
-        if list(columns) != list(POSE_COLUMNS):
-            raise ProtocolError(f"poses columns {columns!r} are not {list(POSE_COLUMNS)}")
-        particle_ids = _field(header, "particle_ids", kind)
-        if not isinstance(particle_ids, list):
-            raise ProtocolError(f"poses particle_ids must be a list, got {type(particle_ids).__name__}")
-        return PosesMessage(
-            poses=array,
-            particle_ids=particle_ids,
-            batch=int(_field(header, "batch", kind)),
-            half_sets=header.get("half_sets"),
-            **common,
-        )
-    except ProtocolError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise ProtocolError(f"malformed {topic} message: {exc}") from None
+    return topic, header, payload
+
+
+def _volume(header: dict[str, Any], array: np.ndarray, common: dict[str, Any]) -> VolumeMessage:
+    """A volume message from its checked header and payload array."""
+    kind = "volume"
+    curve = _field(header, "fsc", kind)
+    if not isinstance(curve, dict):
+        raise ProtocolError(f"volume header fsc must be an object, got {type(curve).__name__}")
+    shells = [_as_float(v, math.inf) for v in _field(curve, "resolution_angstrom", "volume fsc")]
+    values = [_as_float(v, math.nan) for v in _field(curve, "fsc", "volume fsc")]
+    resolution = _field(header, "resolution_angstrom", kind)
+    box = int(_field(header, "box", kind))
+    history = header.get("history")
+    if history is not None:
+        if not isinstance(history, dict):
+            raise ProtocolError(f"volume header history must be an object, got {type(history).__name__}")
+        history = np.stack([np.asarray([_as_float(v, math.nan) for v in _field(history, name, "history")],
+                                       dtype=np.float64)
+                            for name in ("time", "particles", "resolution_angstrom")], -1)
+    if array.ndim != 3 or array.shape[0] != box:
+        raise ProtocolError(f"volume shape {list(array.shape)} does not match box {box}")
+    return VolumeMessage(
+        volume=array,
+        apix=float(_field(header, "apix", kind)),
+        particles=int(_field(header, "particles", kind)),
+        resolution_angstrom=None if resolution is None else float(resolution),
+        fsc_resolution_angstrom=np.asarray(shells, dtype=np.float64),
+        fsc=np.asarray(values, dtype=np.float64),
+        fsc_threshold=float(header.get("fsc_threshold", FSC_THRESHOLD)),
+        history=history,
+        **common,
+    )
+
+
+def _poses(header: dict[str, Any], array: np.ndarray, common: dict[str, Any]) -> PosesMessage:
+    """A poses message from its checked header and payload array."""
+    columns = _field(header, "columns", "poses")
+    if list(columns) != list(POSE_COLUMNS):
+        raise ProtocolError(f"poses columns {columns!r} are not {list(POSE_COLUMNS)}")
+    particle_ids = _field(header, "particle_ids", "poses")
+    if not isinstance(particle_ids, list):
+        raise ProtocolError(f"poses particle_ids must be a list, got {type(particle_ids).__name__}")
+    return PosesMessage(
+        poses=array,
+        particle_ids=particle_ids,
+        batch=int(_field(header, "batch", "poses")),
+        half_sets=header.get("half_sets"),
+        **common,
+    )

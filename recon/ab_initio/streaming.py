@@ -1,241 +1,28 @@
-"""Map-only ab initio: poses and a first map from random starts, by soft projection matching.
+"""Streaming map-only ab initio (:class:`AbInitio`): minibatch EM that particles join and are re-posed in.
 
-Incremental (minibatch) expectation-maximisation in the spirit of cryoSPARC's SGD ab
-initio, written with the Fourier-space matching of
-:mod:`~cryofastar.recon.projection_matching`. Designed for streaming: particles arrive
-batch by batch (:meth:`AbInitio.add`), already-seen ones are re-posed later
-(:meth:`AbInitio.repose`), and the map improves after every minibatch.
-
-**Working box.** Everything runs at a small working box ``W`` (Fourier crop of the
-session box ``B``; pixel size ``apix * B / W``), chosen so its Nyquist is finer than
-the schedule's final resolution. The class keeps its own :class:`HalfSetAccumulator`
-at that box; the caller builds the full-box map from the returned best poses.
-
-**One minibatch** (``settings.batch_size`` particles):
-
-1. *References.* From the accumulator's half maps ``H1, H2`` and their sum: below
-   ``shared_resolution_angstrom`` (20 Å) both halves use the map of both halves (as
-   RELION starts both from one low-passed reference); above it each half uses its own
-   map, so the halves stay independent there. Each reference is masked by a soft
-   sphere, optionally clipped at 0 (densities are positive) and low-passed to the
-   current band ``k_max`` (:class:`~cryofastar.recon.map_slices.MapSlicer`).
-2. *Scores.* Each particle against every orientation of a global SO(3) grid
-   (``global_step_degrees``) and every shift of a window (``max_shift_angstrom``,
-   step ``shift_step_px`` working pixels), as the normalised cross-correlation
-   ``ncc`` over the band's Fourier pixels (with CTF: ``Re <CTF F, P> / (|F| |CTF P|)``,
-   the correlation of the image with the CTF-modulated projection).
-3. *Posterior.* Over the ``top_k`` best (orientation, shift) pairs,
-   ``p ~ exp(beta M ncc^2)`` (``M`` band pixels; Gaussian-noise likelihood with the
-   best amplitude scale, projection_matching's docstring; ``beta`` is
-   ``inverse_temperature``).
-4. *Insertion.* The particle goes into its half's grid once per candidate, weighted by
-   ``p`` (data and weight channels; :meth:`HalfSetAccumulator.add` ``weights``). A
-   re-posed particle's previous candidates are removed first (exact inverse), so it is
-   never matched against its own contribution.
-
-**Resolution schedule.** The band starts at ``initial_resolution_angstrom`` (~35 Å)
-and tightens geometrically to ``final_resolution_angstrom`` as particles are
-processed (``schedule_particles`` poses), never finer than the half-map FSC 0.143
-allows. Until the accumulator holds ``initial_particles``, new particles get random
-orientations (weight 1, shift 0): that noisy first map breaks the symmetry of a
-featureless start. A minibatch is at most a quarter of the particles already in the
-maps (within ``[batch_size, max_batch_size]``).
-
-**Many cheap EM steps first.** What makes a random start converge at low SNR is the
-number of map updates in which most of the map has been re-posed, not the number of
-particles: a seed set of ~1,000 particles re-posed ~7 times converges at SNR 0.1 where
-all particles at once, hard-assigned, do not. :func:`run_ab_initio` therefore iterates
-on a random seed subset (``seed_particles``, ``seed_passes``) before adding the rest;
-a streaming caller does the same: :meth:`AbInitio.add` the first particles, then
-:meth:`AbInitio.repose` them (passing back what was returned) while more arrive, then
-add the newcomers and keep re-posing the oldest.
-
-Example (streaming)::
-
-    ab = AbInitio(box, apix)
-    poses = ab.add(images, half_sets)            # SoftPoses of the batch
-    poses = ab.repose(images, half_sets, poses)  # later: remove + match + insert
-    best_rotations, best_origins = poses.rotations, poses.origins_angstrom
-
-Conventions: RELION matrices ``A`` (map -> particle frame), ``rlnOrigin`` in Å = the
-shift that re-centres the particle (docs/conventions.md). Maps (and hence poses) are
-defined up to a global rotation and the hand.
+The method is described in the package docstring (:mod:`cryofastar.recon.ab_initio`).
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 
 import torch
 from torch_fourier_rescale import fourier_rescale_2d
 
-from .accumulator import HalfSetAccumulator
-from .ctf import CtfParams, ctf_rfft
-from .fourier import irfft3_centered, rfft3_centered
-from .fsc import fsc, resolution_at_threshold
-from .map_slices import MapSlicer, band_frequencies
-from .orientation_grids import global_rotation_grid, local_rotation_grid
-from .projection_matching import particle_spectra
-from .rotations import random_rotations
+from ..accumulator import HalfSetAccumulator
+from ..ctf import CtfParams, ctf_rfft
+from ..fourier import irfft3_centered, rfft3_centered
+from ..fsc import fsc, resolution_at_threshold
+from ..map_slices import MapSlicer, band_frequencies
+from ..orientation_grids import global_rotation_grid, local_rotation_grid
+from ..projection_matching import particle_spectra
+from ..rotations import geodesic_degrees, random_rotations
+from .settings import AbInitioSettings, working_box
+from .soft_poses import SoftPoses
 
-__all__ = ["AbInitio", "AbInitioResult", "AbInitioSettings", "SoftPoses", "run_ab_initio"]
-
-
-@dataclass(frozen=True)
-class AbInitioSettings:
-    """How map-only ab initio runs (units: Å, degrees, working-box pixels).
-
-    Attributes
-    ----------
-    initial_resolution_angstrom, final_resolution_angstrom: float
-        Band of the first and the last minibatches (the schedule between them is
-        geometric in the number of poses computed).
-    schedule_particles: int
-        Poses (new or re-posed particles) over which the band goes from initial to final.
-    shared_resolution_angstrom: float
-        Below this resolution both halves are matched against the map of both halves.
-    working_box: int | None
-        Box of matching and of the internal maps (``None``: the smallest even box whose
-        Nyquist is ``0.8 final_resolution`` or finer, at most the session box).
-    global_step_degrees: float
-        Step of the SO(3) grid searched (4,416 orientations at 15°).
-    max_shift_angstrom: float
-        Shifts searched per axis, about the box centre (Å).
-    shift_step_px: float
-        Step of the shift window in working-box pixels.
-    coarse_resolution_angstrom: float
-        Band of the exhaustive stage when the band is finer: the grid is searched up to
-        this resolution, and its ``coarse_candidates`` best pairs per particle are
-        re-scored on the whole band.
-    coarse_candidates: int
-        Pairs (orientation, shift) passed from the exhaustive to the fine stage.
-    top_k: int
-        Candidates (orientation, shift) kept per particle for soft insertion.
-    local_polish: bool
-        Also score a ball of rotations around the best candidate (radius half the grid
-        step, spacing a quarter; at the best's shift) on the whole band; the posterior
-        is then over the ``top_k`` best of the grid candidates and the ball.
-    min_weight: float
-        Candidates whose posterior weight is below this fraction of the best one's are
-        dropped (weight 0, not inserted) and the rest renormalised.
-    inverse_temperature: float
-        ``beta`` in ``p ~ exp(beta M ncc^2)``; 1 is the Gaussian-noise posterior.
-    batch_size, max_batch_size: int
-        Particles per minibatch (the references are rebuilt after each): a quarter of the
-        particles in the maps, within ``[batch_size, max_batch_size]``, so a minibatch
-        never outweighs the map it is matched against.
-    seed_particles, seed_passes: int
-        :func:`run_ab_initio` first iterates on a random subset of this size, this many
-        passes (a streaming caller does the same with its first particles).
-    seed_restarts: int
-        Independent seed stages (other random starts) of which :func:`run_ab_initio`
-        keeps the one whose maps match the seed set best (mean best score at
-        ``shared_resolution_angstrom``): a random start can settle in a wrong,
-        self-consistent map.
-    settled_change_degrees, max_seed_passes: float, int
-        The seed stage goes on after ``seed_passes`` while the median change of the best
-        orientations in a pass exceeds ``settled_change_degrees``, up to ``max_seed_passes``.
-    initial_particles: int
-        New particles get random orientations until the accumulator holds this many.
-    mask_diameter_fraction: float
-        Diameter of the soft spherical mask on the references, as a fraction of the box.
-    positive_density: bool
-        Clip references at 0 (densities positive, as in RELION-convention particles).
-    interpolation: str
-        Insertion of the internal accumulator (``"nearest"`` or ``"trilinear"``).
-    """
-
-    initial_resolution_angstrom: float = 35.0
-    final_resolution_angstrom: float = 10.0
-    schedule_particles: int = 6_000
-    shared_resolution_angstrom: float = 20.0
-    working_box: int | None = None
-    global_step_degrees: float = 15.0
-    max_shift_angstrom: float = 8.0
-    shift_step_px: float = 1.0
-    coarse_resolution_angstrom: float = 20.0
-    coarse_candidates: int = 48
-    top_k: int = 8
-    local_polish: bool = True
-    min_weight: float = 0.02
-    inverse_temperature: float = 1.0
-    batch_size: int = 256
-    max_batch_size: int = 2048
-    seed_particles: int = 1000
-    seed_passes: int = 7
-    seed_restarts: int = 2
-    settled_change_degrees: float = 10.0
-    max_seed_passes: int = 20
-    initial_particles: int = 256
-    mask_diameter_fraction: float = 0.9
-    positive_density: bool = True
-    interpolation: str = "nearest"
-
-
-@dataclass
-class SoftPoses:
-    """Poses of particles: the best candidate, and all candidates with their posterior weights.
-
-    Attributes
-    ----------
-    rotations: torch.Tensor
-        `(n, 3, 3)` float64 RELION matrices of the best candidate.
-    origins_angstrom: torch.Tensor
-        `(n, 2)` float64 rlnOriginX/YAngst of the best candidate.
-    scores: torch.Tensor
-        `(n,)` float32 normalised cross-correlation of the best candidate (0 for random starts).
-    spread_degrees: torch.Tensor
-        `(n,)` float32 posterior RMS angle of the candidates around the best (180 for random starts).
-    candidate_rotations: torch.Tensor
-        `(n, K, 3, 3)` float64 RELION matrices inserted into the internal accumulator.
-    candidate_origins_angstrom: torch.Tensor
-        `(n, K, 2)` float64 their origins (Å).
-    candidate_weights: torch.Tensor
-        `(n, K)` float32 their posterior weights (each row sums to 1).
-    """
-
-    rotations: torch.Tensor
-    origins_angstrom: torch.Tensor
-    scores: torch.Tensor
-    spread_degrees: torch.Tensor
-    candidate_rotations: torch.Tensor
-    candidate_origins_angstrom: torch.Tensor
-    candidate_weights: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.rotations.shape[0])
-
-    def __getitem__(self, index: torch.Tensor | slice) -> SoftPoses:
-        """The poses of a subset of particles."""
-        return SoftPoses(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-    @classmethod
-    def cat(cls, parts: list[SoftPoses]) -> SoftPoses:
-        """Concatenate along particles (all parts must have the same ``K``)."""
-        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
-
-    @classmethod
-    def empty(cls, n: int, k: int) -> SoftPoses:
-        """Uninitialised poses for ``n`` particles and ``k`` candidates."""
-        return cls(torch.empty(n, 3, 3, dtype=torch.float64), torch.empty(n, 2, dtype=torch.float64),
-                   torch.empty(n), torch.empty(n), torch.empty(n, k, 3, 3, dtype=torch.float64),
-                   torch.empty(n, k, 2, dtype=torch.float64), torch.empty(n, k))
-
-    def set(self, index: torch.Tensor, other: SoftPoses) -> None:
-        """Write ``other`` into the rows ``index`` (in place)."""
-        for f in fields(self):
-            getattr(self, f.name)[index] = getattr(other, f.name)
-
-
-def _working_box(box: int, apix: float, settings: AbInitioSettings) -> int:
-    if settings.working_box is not None:
-        return min(box, int(settings.working_box))
-    # final resolution at 0.8 Nyquist or below: 2 apix_w <= 0.8 final  <=>  W >= 2.5 B apix / final
-    w = int(math.ceil(2.5 * box * apix / settings.final_resolution_angstrom - 1e-9))
-    return min(box, max(16, w + (w % 2)))
+__all__ = ["AbInitio"]
 
 
 def _soft_sphere(box: int, diameter_px: float, edge_px: float = 3.0) -> torch.Tensor:
@@ -245,12 +32,6 @@ def _soft_sphere(box: int, diameter_px: float, edge_px: float = 3.0) -> torch.Te
     inner = diameter_px / 2 - edge_px
     t = ((r - inner) / edge_px).clamp(0, 1)
     return 0.5 * (1 + torch.cos(math.pi * t))
-
-
-def _rotation_angles_degrees(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Geodesic angle between rotations ``a`` and ``b`` (broadcast `(..., 3, 3)`), degrees."""
-    trace = (a * b).sum((-2, -1))
-    return torch.rad2deg(torch.arccos(((trace - 1) / 2).clamp(-1, 1)))
 
 
 class AbInitio:
@@ -285,7 +66,7 @@ class AbInitio:
             raise ValueError("final resolution must not be coarser than the initial one")
         self.box, self.apix = int(box), float(apix)
         self.device = torch.device(device)
-        self.working_box = _working_box(self.box, self.apix, s)
+        self.working_box = working_box(self.box, self.apix, s)
         self.working_apix = self.apix * self.box / self.working_box
         self.accumulator = HalfSetAccumulator(self.working_box, self.working_apix, interpolation=s.interpolation,
                                               device=self.device)
@@ -575,7 +356,7 @@ class AbInitio:
         weights = torch.where(weights >= s.min_weight * weights[:, :1], weights, 0.0)
         weights = weights / weights.sum(-1, keepdim=True)
         origins = -self.shifts_px[shift_index].double() * self.working_apix  # re-centre: minus the shift
-        spread = (weights * _rotation_angles_degrees(rot[:, :1], rot).float().square()).sum(-1).sqrt()
+        spread = (weights * geodesic_degrees(rot[:, :1], rot).float().square()).sum(-1).sqrt()
         return SoftPoses(rot[:, 0].clone(), origins[:, 0].clone(), scores[:, 0].clone(), spread,
                          rot, origins, weights)
 
@@ -609,141 +390,3 @@ class AbInitio:
                 ncc = num / (denom.clamp_min(1e-20) * image_norm[rows, None, None].clamp_min(1e-20))
                 out_scores[rows], out_index[rows] = ncc.reshape(rows.numel(), -1).topk(keep, dim=-1)
         return out_scores, out_index
-
-
-@dataclass
-class AbInitioResult:
-    """What :func:`run_ab_initio` returns.
-
-    Attributes
-    ----------
-    poses: SoftPoses
-        Final poses of every particle (input order).
-    ab_initio: AbInitio
-        The state (internal working-box maps), e.g. to continue streaming.
-    accumulator: HalfSetAccumulator
-        Full-box half maps built from the best poses (hard assignment).
-    seconds: float
-        Wall time of the passes (without the final full-box insertion).
-    history: list[dict]
-        Per pass: its label, the band and the internal half-map FSC 0.143 resolution (Å),
-        seconds since the start (seed passes: also the median change of the best
-        orientations, degrees).
-    """
-
-    poses: SoftPoses
-    ab_initio: AbInitio
-    accumulator: HalfSetAccumulator
-    seconds: float
-    history: list[dict] = field(default_factory=list)
-
-
-def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, passes: int = 3,
-                  ctf: CtfParams | None = None, settings: AbInitioSettings | None = None, seed: int = 0,
-                  device: torch.device | str = "cpu", interpolation: str = "trilinear",
-                  callback: Callable[[str, SoftPoses, torch.Tensor], None] | None = None) -> AbInitioResult:
-    """Offline map-only ab initio over a particle set held in memory.
-
-    *Seed:* a random subset of ``settings.seed_particles`` is added, then re-posed
-    at least ``settings.seed_passes - 1`` times and until the median change of the best
-    orientations in a pass is at most ``settled_change_degrees`` (at most
-    ``max_seed_passes`` passes in all): a thousand particles suffice for a low
-    resolution map, and each pass over few particles is one cheap EM step. The seed
-    stage runs ``seed_restarts`` times from other random starts; the one whose maps
-    match the seed set best (mean best score at ``shared_resolution_angstrom``) is kept. *Passes:*
-    the other particles are added (pass 1), then all are re-posed ``passes - 1`` times.
-    Orders are random; every step goes minibatch by minibatch. (With no more particles
-    than the seed subset, the seed stage alone runs, ``max(seed_passes, passes)`` times.)
-    Finally the particles are inserted at their best poses into a full-box accumulator.
-
-    Parameters
-    ----------
-    images: torch.Tensor
-        `(n, B, B)` particles [y, x], centre ``B // 2``.
-    half_sets: torch.Tensor
-        `(n,)` 1 or 2.
-    apix: float
-        Pixel size (Å).
-    passes: int
-        Passes over all the data after the seed stage (>= 1).
-    ctf: CtfParams | None
-        Per-particle CTF, or ``None``.
-    settings: AbInitioSettings | None
-        See :class:`AbInitioSettings`.
-    seed: int
-        Seed of the random start and of the particle order.
-    device: torch.device | str
-        Where to compute.
-    interpolation: str
-        Insertion of the full-box accumulator returned.
-    callback: Callable[[str, SoftPoses, torch.Tensor], None] | None
-        Called after each pass with its label (``"seed 2"``, ``"pass 1/3"``), the poses
-        so far and the `(n,)` bool mask of particles posed so far (progress, benchmarks;
-        its time counts in ``seconds``).
-
-    Returns
-    -------
-    AbInitioResult
-    """
-    if passes < 1:
-        raise ValueError(f"passes must be >= 1, got {passes}")
-    n, box = images.shape[0], images.shape[-1]
-    halves = torch.as_tensor(half_sets).long().cpu()
-    settings = settings or AbInitioSettings()
-    order_generator = torch.Generator().manual_seed(seed + 1)
-    poses = SoftPoses.empty(n, settings.top_k)
-    seen = torch.zeros(n, dtype=torch.bool)
-    history = []
-    start = time.perf_counter()
-    state = None
-
-    def run(label: str, members: torch.Tensor, new: bool) -> None:
-        order = members[torch.randperm(members.numel(), generator=order_generator)]
-        sub_ctf = None if ctf is None else ctf[order]
-        if new:
-            result = state.add(images[order], halves[order], sub_ctf)
-            seen[order] = True
-        else:
-            result = state.repose(images[order], halves[order], poses[order], sub_ctf)
-        poses.set(order, result)
-        history.append({"stage": label, "band_angstrom": state.resolution_angstrom,
-                        "half_map_fsc_angstrom": state.half_map_resolution_angstrom,
-                        "seconds": time.perf_counter() - start})
-        if callback is not None:
-            callback(label, poses, seen.clone())
-
-    everyone = torch.randperm(n, generator=order_generator)
-    seed_set = everyone[: min(n, settings.seed_particles)]
-    seed_passes = settings.seed_passes if seed_set.numel() < n else max(settings.seed_passes, passes)
-    best = None  # (mean score at the common band, state, poses of the seed set)
-    for restart in range(settings.seed_restarts):
-        state = AbInitio(box, apix, settings, seed=seed + 7919 * restart, device=device)
-        prefix = f"restart {restart + 1}/{settings.seed_restarts} " if settings.seed_restarts > 1 else ""
-        run(f"{prefix}seed 1", seed_set, new=True)
-        p = 1
-        while True:  # at least seed_passes, then until the poses settle (or max_seed_passes)
-            before = poses.rotations[seed_set].clone()
-            p += 1
-            run(f"{prefix}seed {p}", seed_set, new=False)
-            change = float(_rotation_angles_degrees(before, poses.rotations[seed_set]).median())
-            history[-1]["median_change_degrees"] = change
-            if p >= seed_passes and (change <= settings.settled_change_degrees or p >= settings.max_seed_passes):
-                break
-        if settings.seed_restarts > 1:  # which restart explains the seed set best, at one common band
-            check = state.match(images[seed_set], halves[seed_set], None if ctf is None else ctf[seed_set],
-                                resolution_angstrom=settings.shared_resolution_angstrom)
-            score = float(check.scores.mean())
-            history[-1]["restart_score"] = score
-            if best is None or score > best[0]:
-                best = (score, state, poses[seed_set])
-    if settings.seed_restarts > 1:
-        state = best[1]
-        poses.set(seed_set, best[2])
-    if seed_set.numel() < n:
-        run(f"pass 1/{passes}", everyone[seed_set.numel():], new=True)
-        for p in range(1, passes):
-            run(f"pass {p + 1}/{passes}", everyone, new=False)
-    seconds = time.perf_counter() - start
-    acc = HalfSetAccumulator(box, apix, interpolation=interpolation, device=device)
-    acc.add(images, poses.rotations, poses.origins_angstrom, halves, ctf=ctf)
-    return AbInitioResult(poses, state, acc, seconds, history)

@@ -1,0 +1,172 @@
+"""Offline map-only ab initio over a particle set held in memory (:func:`run_ab_initio`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..accumulator import HalfSetAccumulator
+from ..ctf import CtfParams
+from ..rotations import geodesic_degrees
+from .settings import AbInitioSettings
+from .soft_poses import SoftPoses
+from .streaming import AbInitio
+
+__all__ = ["AbInitioResult", "run_ab_initio"]
+
+
+@dataclass
+class AbInitioResult:
+    """What :func:`run_ab_initio` returns.
+
+    Attributes
+    ----------
+    poses: SoftPoses
+        Final poses of every particle (input order).
+    ab_initio: AbInitio
+        The state (internal working-box maps), e.g. to continue streaming.
+    accumulator: HalfSetAccumulator
+        Full-box half maps built from the best poses (hard assignment).
+    seconds: float
+        Wall time of the passes (without the final full-box insertion).
+    history: list[dict]
+        Per pass: its label, the band and the internal half-map FSC 0.143 resolution (Å),
+        seconds since the start (seed passes: also the median change of the best
+        orientations, degrees).
+    """
+
+    poses: SoftPoses
+    ab_initio: AbInitio
+    accumulator: HalfSetAccumulator
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, passes: int = 3,
+                  ctf: CtfParams | None = None, settings: AbInitioSettings | None = None, seed: int = 0,
+                  device: torch.device | str = "cpu", interpolation: str = "trilinear",
+                  callback: Callable[[str, SoftPoses, torch.Tensor], None] | None = None) -> AbInitioResult:
+    """Offline map-only ab initio over a particle set held in memory.
+
+    *Seed:* a random subset of ``settings.seed_particles`` is added, then re-posed
+    at least ``settings.seed_passes - 1`` times and until the median change of the best
+    orientations in a pass is at most ``settled_change_degrees`` (at most
+    ``max_seed_passes`` passes in all): a thousand particles suffice for a low
+    resolution map, and each pass over few particles is one cheap EM step. The seed
+    stage runs ``seed_restarts`` times from other random starts; the one whose maps
+    match the seed set best (mean best score at ``shared_resolution_angstrom``) is kept. *Passes:*
+    the other particles are added (pass 1), then all are re-posed ``passes - 1`` times.
+    Orders are random; every step goes minibatch by minibatch. (With no more particles
+    than the seed subset, the seed stage alone runs, ``max(seed_passes, passes)`` times.)
+    Finally the particles are inserted at their best poses into a full-box accumulator.
+
+    Parameters
+    ----------
+    images: torch.Tensor
+        `(n, B, B)` particles [y, x], centre ``B // 2``.
+    half_sets: torch.Tensor
+        `(n,)` 1 or 2.
+    apix: float
+        Pixel size (Å).
+    passes: int
+        Passes over all the data after the seed stage (>= 1).
+    ctf: CtfParams | None
+        Per-particle CTF, or ``None``.
+    settings: AbInitioSettings | None
+        See :class:`AbInitioSettings`.
+    seed: int
+        Seed of the random start and of the particle order.
+    device: torch.device | str
+        Where to compute.
+    interpolation: str
+        Insertion of the full-box accumulator returned.
+    callback: Callable[[str, SoftPoses, torch.Tensor], None] | None
+        Called after each pass with its label (``"seed 2"``, ``"pass 1/3"``), the poses
+        so far and the `(n,)` bool mask of particles posed so far (progress, benchmarks;
+        its time counts in ``seconds``).
+
+    Returns
+    -------
+    AbInitioResult
+    """
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    settings = settings or AbInitioSettings()
+    run = _Run(images, torch.as_tensor(half_sets).long().cpu(), ctf, settings, seed, callback)
+    everyone = torch.randperm(run.n, generator=run.order_generator)
+    seed_set = everyone[: min(run.n, settings.seed_particles)]
+    seed_passes = settings.seed_passes if seed_set.numel() < run.n else max(settings.seed_passes, passes)
+    state = run.seed_stage(seed_set, seed_passes, apix, device)
+    if seed_set.numel() < run.n:
+        run.step(state, f"pass 1/{passes}", everyone[seed_set.numel():], new=True)
+        for p in range(1, passes):
+            run.step(state, f"pass {p + 1}/{passes}", everyone, new=False)
+    seconds = time.perf_counter() - run.start
+    acc = HalfSetAccumulator(images.shape[-1], apix, interpolation=interpolation, device=device)
+    acc.add(images, run.poses.rotations, run.poses.origins_angstrom, run.halves, ctf=ctf)
+    return AbInitioResult(run.poses, state, acc, seconds, run.history)
+
+
+class _Run:
+    """The particles of one :func:`run_ab_initio`, their poses so far and its history (internal)."""
+
+    def __init__(self, images: torch.Tensor, halves: torch.Tensor, ctf: CtfParams | None, settings: AbInitioSettings,
+                 seed: int, callback: Callable[[str, SoftPoses, torch.Tensor], None] | None) -> None:
+        self.images, self.halves, self.ctf, self.settings = images, halves, ctf, settings
+        self.seed, self.callback = seed, callback
+        self.n = images.shape[0]
+        self.order_generator = torch.Generator().manual_seed(seed + 1)
+        self.poses = SoftPoses.empty(self.n, settings.top_k)
+        self.seen = torch.zeros(self.n, dtype=torch.bool)
+        self.history: list[dict] = []
+        self.start = time.perf_counter()
+
+    def step(self, state: AbInitio, label: str, members: torch.Tensor, new: bool) -> None:
+        """Add (``new``) or re-pose ``members`` in a random order, minibatch by minibatch; record the step."""
+        order = members[torch.randperm(members.numel(), generator=self.order_generator)]
+        sub_ctf = None if self.ctf is None else self.ctf[order]
+        if new:
+            result = state.add(self.images[order], self.halves[order], sub_ctf)
+            self.seen[order] = True
+        else:
+            result = state.repose(self.images[order], self.halves[order], self.poses[order], sub_ctf)
+        self.poses.set(order, result)
+        self.history.append({"stage": label, "band_angstrom": state.resolution_angstrom,
+                             "half_map_fsc_angstrom": state.half_map_resolution_angstrom,
+                             "seconds": time.perf_counter() - self.start})
+        if self.callback is not None:
+            self.callback(label, self.poses, self.seen.clone())
+
+    def seed_stage(self, seed_set: torch.Tensor, seed_passes: int, apix: float,
+                   device: torch.device | str) -> AbInitio:
+        """The seed stage from ``seed_restarts`` random starts; the start whose maps explain the seed set best."""
+        s = self.settings
+        best = None  # (mean score at the common band, state, poses of the seed set)
+        for restart in range(s.seed_restarts):
+            state = AbInitio(self.images.shape[-1], apix, s, seed=self.seed + 7919 * restart, device=device)
+            prefix = f"restart {restart + 1}/{s.seed_restarts} " if s.seed_restarts > 1 else ""
+            self.step(state, f"{prefix}seed 1", seed_set, new=True)
+            p = 1
+            while True:  # at least seed_passes, then until the poses settle (or max_seed_passes)
+                before = self.poses.rotations[seed_set].clone()
+                p += 1
+                self.step(state, f"{prefix}seed {p}", seed_set, new=False)
+                change = float(geodesic_degrees(before, self.poses.rotations[seed_set]).median())
+                self.history[-1]["median_change_degrees"] = change
+                if p >= seed_passes and (change <= s.settled_change_degrees or p >= s.max_seed_passes):
+                    break
+            if s.seed_restarts > 1:  # which restart explains the seed set best, at one common band
+                check = state.match(self.images[seed_set], self.halves[seed_set],
+                                    None if self.ctf is None else self.ctf[seed_set],
+                                    resolution_angstrom=s.shared_resolution_angstrom)
+                score = float(check.scores.mean())
+                self.history[-1]["restart_score"] = score
+                if best is None or score > best[0]:
+                    best = (score, state, self.poses[seed_set])
+        if best is not None:
+            state = best[1]
+            self.poses.set(seed_set, best[2])
+        return state
