@@ -1,4 +1,4 @@
-"""Benchmark map-only ab initio (recon/ab_initio.py): random start, projection matching only.
+"""Benchmark map-only ab initio (recon/ab_initio/): random start, projection matching only.
 
 Per held-out asymmetric procedural molecule (evaluation seeds >= 1e9, model/TRAINING_DATA.md):
 simulate ``--n`` particles (box 64, 2 Å/px, SNR ``--snr``, shifts up to 4 px, no CTF),

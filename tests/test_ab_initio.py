@@ -1,4 +1,4 @@
-"""Map-only ab initio (recon/ab_initio.py): conventions of the soft search, exact removal, convergence."""
+"""Map-only ab initio (recon/ab_initio/): conventions of the soft search, exact removal, convergence."""
 
 from __future__ import annotations
 
