@@ -42,7 +42,7 @@ def held_out_molecules(n_procedural: int, n_structures: int) -> list[tuple[str, 
     molecules = [(f"procedural-{EVAL_SEED_START + k}", procedural_molecule(EVAL_SEED_START + k))
                  for k in range(n_procedural)]
     if n_structures:
-        from cryofastar.model.data.structures import fetch_structures
+        from cryofastar.datasets import fetch_structures
 
         paths = fetch_structures("eval")
         step = max(1, len(paths) // n_structures)

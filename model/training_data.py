@@ -23,15 +23,12 @@ from cryofastar.recon.rotations import random_rotations
 from cryofastar.recon.simulate.atoms import Atoms, load_structure
 from cryofastar.recon.simulate.particles import CtfRange, simulate_particles
 from cryofastar.recon.simulate.potential import atoms_to_volume
-from cryofastar.recon.simulate.procedural import procedural_molecule
+from cryofastar.recon.simulate.procedural import EVAL_SEED_START, VALIDATION_SEED_START, procedural_molecule
 
 from .curriculum import Stage
 
 __all__ = ["EVAL_SEED_START", "VALIDATION_SEED_START", "MoleculeBank", "ParticleSets", "sample_rotations",
            "simulate_sets"]
-
-VALIDATION_SEED_START = 900_000_000
-EVAL_SEED_START = 1_000_000_000
 
 
 @dataclass

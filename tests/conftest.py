@@ -73,3 +73,12 @@ def projector():
 def make_phantom():
     """The phantom factory :func:`blob_phantom`."""
     return blob_phantom
+
+
+@pytest.fixture()
+def fake_sources(tmp_path, monkeypatch):  # noqa: ANN001, ANN201
+    """A structure cache whose pinned archives are small fake ones, already downloaded
+    (``structure_fixtures.fake_source_cache``); returns the cache folder."""
+    from structure_fixtures import fake_source_cache
+
+    return fake_source_cache(tmp_path, monkeypatch)

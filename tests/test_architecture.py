@@ -18,10 +18,12 @@ ALLOWED = {
     "protocol": set(),
     "recon": set(),
     "model": {"recon"},
+    "datasets": {"recon"},  # the pinned real structures; the train command hands their paths to model/
     "engine": {"recon", "model"},
     "daemon": {"recon", "model", "engine", "protocol"},
     "monitoring": {"protocol", "recon.io"},
-    "cryofastar": {"recon", "model", "engine", "daemon", "protocol", "monitoring"},  # the CLI and its commands
+    # the CLI and its commands
+    "cryofastar": {"recon", "model", "datasets", "engine", "daemon", "protocol", "monitoring"},
 }
 """Layer -> the layers it may import (besides itself). ``recon.io``: that subpackage only."""
 

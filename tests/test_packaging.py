@@ -20,12 +20,13 @@ def test_all_subpackages_listed() -> None:
 
 def test_subpackages_import_under_the_cryofastar_namespace() -> None:
     import cryofastar.daemon
+    import cryofastar.datasets
     import cryofastar.model
     import cryofastar.monitoring
     import cryofastar.recon
 
     assert cryofastar.recon.__name__ == "cryofastar.recon"
-    for module in (cryofastar.daemon, cryofastar.model, cryofastar.monitoring):
+    for module in (cryofastar.daemon, cryofastar.datasets, cryofastar.model, cryofastar.monitoring):
         assert module.__doc__
 
 
@@ -37,11 +38,12 @@ def test_console_script_prints_help_with_both_commands() -> None:
 
 
 def test_exported_members() -> None:
+    import cryofastar.datasets as datasets
     import cryofastar.recon as recon
     import cryofastar.recon.io as io
     import cryofastar.recon.simulate as simulate
 
-    for module in (recon, io, simulate):
+    for module in (datasets, recon, io, simulate):
         assert module.__all__ == sorted(module.__all__), module.__name__
         for name in module.__all__:
             assert getattr(module, name).__module__.startswith(module.__name__), (module.__name__, name)

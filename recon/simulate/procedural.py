@@ -21,7 +21,10 @@ Recipe (also in docs/simulation.md):
 5. B-factors: one value per molecule uniform in [10, 60] Å^2, ±20 % per atom.
 
 Everything is drawn from ``numpy.random.default_rng(seed)``: the same seed gives
-the same molecule on every machine.
+the same molecule on every machine. Seeds run from 0 to :data:`MAX_SEED`; the project
+splits them once, here, for training (below :data:`VALIDATION_SEED_START`), validation
+during training and held-out evaluation (from :data:`EVAL_SEED_START`): see
+model/TRAINING_DATA.md.
 """
 
 from __future__ import annotations
@@ -33,7 +36,14 @@ import torch
 
 from .atoms import Atoms
 
-__all__ = ["ProceduralSettings", "procedural_molecule"]
+__all__ = ["EVAL_SEED_START", "MAX_SEED", "VALIDATION_SEED_START", "ProceduralSettings", "procedural_molecule"]
+
+MAX_SEED = 2**31 - 1
+"""Largest procedural seed."""
+VALIDATION_SEED_START = 900_000_000
+"""Seeds from this one up to ``EVAL_SEED_START - 1`` are kept for validation during training."""
+EVAL_SEED_START = 1_000_000_000
+"""Seeds >= this are held out for evaluation and never trained on."""
 
 
 @dataclass(frozen=True)

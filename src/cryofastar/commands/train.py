@@ -23,7 +23,7 @@ MODEL_SIZES: dict[str, ModelConfig] = {
 def _structures(use_real: bool) -> list[Path]:
     if not use_real:
         return []
-    from cryofastar.model.data.structures import fetch_structures
+    from cryofastar.datasets import fetch_structures
 
     return fetch_structures("train")
 
