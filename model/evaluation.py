@@ -28,7 +28,8 @@ Ab-initio poses are defined only up to the frame of the map they were found with
 :func:`global_alignment` fits the one ``(G, mirrored)`` that brings the predicted poses
 closest to the true ones (orthogonal Procrustes on SO(3), trimmed, both hands tried);
 :func:`pose_errors` reports per-particle errors after it, :func:`chance_level` the same
-figures for uniformly random poses aligned the same way.
+figures for uniformly random poses aligned the same way. :func:`evaluate_particle_sets`
+applies them to two STAR files matched by image (``cryofastar-stream evaluate``).
 
 Tested: ``tests/test_evaluation.py`` (the formulas above against real projections of an
 asymmetric map in ``test_alignment_formulas_match_projections``).
@@ -443,11 +444,9 @@ class EvaluateSettings:
     seed: int
         Seed of the chance-level poses.
     fit_translation: bool
-        Remove each pose set's fitted map translation before measuring its shift errors
-        (an ab initio map may sit off-centre; :func:`fit_map_translation`); the chance
-        level is measured the same way. Not fitted below
-        :data:`MIN_PARTICLES_TO_FIT_TRANSLATION` particles (three unknowns would absorb
-        real errors).
+        Remove each pose set's fitted map translation (:func:`fit_map_translation`) before
+        measuring shift errors, chance level alike; not below
+        :data:`MIN_PARTICLES_TO_FIT_TRANSLATION` particles.
     """
 
     pred: Path = argument(help="Particle STAR file with predicted poses.")

@@ -26,6 +26,9 @@ Field options:
   turns its value into the field's (``metrics_port: int | None`` is read as ``int``,
   with ``parse=negative_is_none``);
 - ``metavar``: the name an argument is shown under (``DIRECTORY``).
+
+This module imports no other ``cryofastar`` module, so the settings dataclasses of every
+layer (recon, model, daemon, monitoring) can declare their options with it.
 """
 
 from __future__ import annotations
