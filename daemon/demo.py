@@ -176,24 +176,23 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], object] = print) -> D
         The simulated microscope or the pipeline failed.
     """
     s = settings
-    out, n, box, apix, snr, rate, per_stack, seed = s.out, s.n, s.box, s.apix, s.snr, s.rate, s.per_stack, s.seed
     started = time.monotonic()
-    directory = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cryofastar-demo-"))
+    directory = Path(s.out) if s.out is not None else Path(tempfile.mkdtemp(prefix="cryofastar-demo-"))
     session, outputs = directory / "session", directory / "cryofastar"
     session.mkdir(parents=True, exist_ok=True)
-    molecule_seed = EVAL_SEED_START + seed
-    volume = atoms_to_volume(procedural_molecule(molecule_seed), box, apix)
-    echo(f"demo in {directory}: {n} particles of procedural molecule {molecule_seed}, box {box} px at "
-         f"{apix} Å/px, SNR {snr}, {rate:.0f} particles/s")
-    daemon = Daemon(DaemonSettings(watch=session, out=outputs, zmq=s.zmq, metrics_port=s.metrics_port, device=s.device,
-                                   settle_seconds=0.5, flush_seconds=2.0, publish_seconds=3.0,
+    molecule_seed = EVAL_SEED_START + s.seed
+    volume = atoms_to_volume(procedural_molecule(molecule_seed), s.box, s.apix)
+    echo(f"demo in {directory}: {s.n} particles of procedural molecule {molecule_seed}, box {s.box} px at "
+         f"{s.apix} Å/px, SNR {s.snr}, {s.rate:.0f} particles/s")
+    daemon = Daemon(DaemonSettings(watch=session, out=outputs, zmq=s.zmq, metrics_port=s.metrics_port,
+                                   device=s.device, settle_seconds=0.5, flush_seconds=2.0, publish_seconds=3.0,
                                    checkpoint_seconds=30.0))
     written = [0]
     failure: list[BaseException] = []
 
     def microscope() -> None:
         try:
-            write_session(session, volume, apix, n, snr, seed, per_stack=per_stack, rate=rate,
+            write_session(session, volume, s.apix, s.n, s.snr, s.seed, per_stack=s.per_stack, rate=s.rate,
                           metadata={"molecule": f"procedural(seed={molecule_seed})"},
                           on_stack=lambda _path, count: written.__setitem__(0, written[0] + count))
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
@@ -209,7 +208,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], object] = print) -> D
                 _open_browser(dashboard.url)
         simulator = threading.Thread(target=microscope, name="demo-microscope", daemon=True)
         simulator.start()
-        _follow(daemon, simulator, written, n, started, s.live, echo, s.polish, dashboard and dashboard.url)
+        _follow(daemon, simulator, written, s.n, started, s.live, echo, s.polish, dashboard and dashboard.url)
     finally:
         daemon.stop()
         if dashboard is not None:
@@ -224,7 +223,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], object] = print) -> D
     truth, _ = read_volume(session / "reference.mrc")
     errors = evaluate_particle_sets(EvaluateSettings(outputs / "particles.star", session / "particles.star"))
     aligned, _ = map_in_true_frame(outputs / "particles.star", errors.predicted.alignment, device=daemon.device)
-    true_fsc = resolution_vs_reference(aligned, truth, apix, 0.5)
+    true_fsc = resolution_vs_reference(aligned, truth, s.apix, 0.5)
     echo(f"done in {seconds:.0f} s: {st.n_particles} particles in the map; half-map FSC 0.143: {resolution:.1f} Å")
     echo(f"against the truth: median pose error {errors.predicted.geodesic_median_degrees:.1f}° (random poses: "
          f"{errors.chance.geodesic_median_degrees:.0f}°); FSC 0.5 of the map (in the true frame) against the true "
