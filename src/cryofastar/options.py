@@ -209,7 +209,9 @@ def settings_command(*classes: type, errors: tuple[type[BaseException], ...] = (
             except errors as exc:
                 raise fail(str(exc)) from None
 
-        del command.__wrapped__  # typer must see the signature below, not func's
+        # typer (0.29) reads inspect.signature(command, eval_str=True) and get_type_hints(command):
+        # both come from these two attributes, and neither may follow __wrapped__ to func
+        del command.__wrapped__
         command.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
         return command
