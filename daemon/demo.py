@@ -16,7 +16,7 @@ The live web dashboard (``cryofastar-stream dashboard``, docs/monitoring.md) run
 beside it: its URL is printed first (port ``--dashboard-port``, 8080, or a free port if
 that one is taken) and opened in the browser when the machine has a display.
 
-:class:`DemoSettings` is what can be set, :func:`run_demo` runs it.
+:class:`~cryofastar.daemon.settings.DemoSettings` is what can be set, :func:`run_demo` runs it.
 """
 
 from __future__ import annotations
@@ -40,75 +40,12 @@ from cryofastar.recon.simulate.potential import atoms_to_volume
 from cryofastar.recon.simulate.procedural import procedural_molecule
 from cryofastar.recon.simulate.session import write_session
 
-from cryofastar.options import negative_is_none, option
-
 from .pipeline import Daemon
-from .publisher import DEFAULT_ADDRESS
-from .settings import DaemonSettings
+from .settings import DaemonSettings, DemoSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoResult", "DemoSettings", "run_demo"]
-
-
-@dataclass
-class DemoSettings:
-    """The simulated session, the daemon's endpoints and how the demo shows itself.
-
-    Attributes
-    ----------
-    out: Path | None
-        Directory for the session (``OUT/session``) and the outputs (``OUT/cryofastar``);
-        ``None``: a new temporary directory (kept).
-    n, box, apix, snr, rate: int, int, float, float, float
-        Particles, box (px), pixel size (Å), SNR and particles per second of the microscope.
-    per_stack: int
-        Particles per stack the microscope writes.
-    seed: int
-        Seed of molecule (from the evaluation range), poses and noise.
-    device, zmq, metrics_port: str, str, int | None
-        The daemon's device, ZeroMQ endpoint and metrics port (``None``: none).
-    live: bool
-        Live terminal table (else a line every 5 s).
-    polish: float
-        Seconds the daemon may go on refining after the last particle.
-    dashboard_port: int | None
-        Port of the live web dashboard (``None``: none).
-    browser: bool | None
-        Open the dashboard in a browser (``None``: when the machine has a display).
-
-    Raises
-    ------
-    ValueError
-        ``n``, ``rate`` or ``per_stack`` not positive, or ``polish`` negative.
-    """
-
-    out: Path | None = option(None, help="Directory for the simulated session and the outputs; default: a new "
-                              "temporary directory (kept).")
-    n: int = option(4000, flags=("--n",), help="Particles the simulated microscope writes.")
-    box: int = option(96, help="Particle box in pixels (the network works on a 64 px Fourier crop).")
-    apix: float = option(2.0, help="Pixel size in Å.")
-    snr: float = option(0.5, help="Signal-to-noise ratio of the particles.")
-    rate: float = option(100.0, help="Particles per second the microscope writes.")
-    per_stack: int = 200
-    seed: int = option(0, help="Seed: molecule (from the evaluation range, never trained on), poses, noise.")
-    device: str = option("auto", help="auto, cpu or cuda.")
-    zmq: str = option(DEFAULT_ADDRESS, help="ZeroMQ PUB endpoint the daemon publishes on.")
-    metrics_port: int | None = option(9108, cli_type=int, parse=negative_is_none,
-                                      help="Prometheus /metrics port (0: any free port; -1: none).")
-    live: bool = option(True, flags=("--live/--no-live",), help="Live terminal table (--no-live: a line every 5 s).")
-    polish: float = option(180.0, help="Seconds the daemon may go on refining after the last particle, until it "
-                           "has converged.")
-    dashboard_port: int | None = option(8080, cli_type=int, parse=negative_is_none, help="Port of the live web "
-                                        "dashboard (a free one if taken; 0: any free port; -1: no dashboard).")
-    browser: bool | None = option(None, flags=("--browser/--no-browser",), help="Open the dashboard in a web "
-                                  "browser (default: when the machine has a display).")
-
-    def __post_init__(self) -> None:
-        if self.n < 1 or self.rate <= 0 or self.per_stack < 1:
-            raise ValueError("--n, --rate and --per-stack must be positive")
-        if self.polish < 0:
-            raise ValueError(f"--polish must be >= 0 seconds, got {self.polish}")
+__all__ = ["DemoResult", "run_demo"]
 
 
 @dataclass

@@ -10,7 +10,8 @@ Prometheus metrics. SIGINT/SIGTERM drain the queues, write everything and exit;
 restarting with the same ``--out`` resumes where it stopped.
 
 Its settings are :class:`~cryofastar.daemon.settings.DaemonSettings` and
-:class:`ServiceSettings` (what only the service adds: idle exit and the dashboard).
+:class:`~cryofastar.daemon.settings.ServiceSettings` (what only the service adds: idle
+exit and the dashboard).
 """
 
 from __future__ import annotations
@@ -20,51 +21,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cryofastar.monitoring.dashboard_process import DashboardProcess, connectable
 
-from cryofastar.options import option
-
 from .pipeline import Daemon
-from .settings import DaemonSettings
+from .settings import DaemonSettings, ServiceSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServiceSettings", "run_service"]
-
-
-@dataclass
-class ServiceSettings:
-    """What the service adds to the daemon's settings.
-
-    Attributes
-    ----------
-    idle_exit: float | None
-        Stop (cleanly) after this many seconds without new particles; ``None``: run until
-        SIGINT/SIGTERM.
-    dashboard_port: int | None
-        Also serve the live web dashboard on this port (0: any free port); ``None``: none.
-    dashboard_host: str
-        Address the dashboard is served on.
-
-    Raises
-    ------
-    ValueError
-        ``idle_exit`` not positive or ``dashboard_port`` out of range.
-    """
-
-    idle_exit: float | None = option(None, help="Exit (cleanly) after this many seconds without new particles; "
-                                     "default: run until SIGINT/SIGTERM.")
-    dashboard_port: int | None = option(None, help="Also serve the live web dashboard on this port (0: any free "
-                                        "port); default: none.")
-    dashboard_host: str = option("127.0.0.1", help="Address the dashboard is served on.")
-
-    def __post_init__(self) -> None:
-        if self.idle_exit is not None and not self.idle_exit > 0:
-            raise ValueError(f"--idle-exit must be positive, got {self.idle_exit}")
-        if self.dashboard_port is not None and not 0 <= self.dashboard_port <= 65535:
-            raise ValueError(f"--dashboard-port must be 0..65535, got {self.dashboard_port}")
+__all__ = ["run_service"]
 
 
 def run_service(settings: DaemonSettings, service: ServiceSettings | None = None,

@@ -51,10 +51,6 @@ from cryofastar.recon.io import ParticleTable, read_particles
 from cryofastar.recon.io.atomic import atomic_path
 from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations, random_rotations
 
-# Upward imports, for now: the reconstruct engine (its column names, its checked image reader)
-# still lives in commands/ and moves below model/ at the merge.
-from cryofastar.commands.backproject import read_finite_images
-from cryofastar.commands.reconstruct import NETWORK_COLUMNS
 from cryofastar.options import argument, option
 
 __all__ = [
@@ -505,6 +501,9 @@ def network_poses(table: ParticleTable) -> tuple[torch.Tensor, torch.Tensor] | N
     Returns `(n, 3, 3)` float64 RELION matrices and `(n, 2)` float64 shifts in px, in the
     table's row order; ``None`` if the table has no such columns.
     """
+    # upward import, for now: the reconstruct engine (and its column names) moves below model/ at the merge
+    from cryofastar.commands.reconstruct import NETWORK_COLUMNS
+
     if not set(NETWORK_COLUMNS) <= set(table.particles.columns):
         return None
     values = torch.from_numpy(table.particles[list(NETWORK_COLUMNS)].to_numpy(np.float64))
@@ -591,6 +590,9 @@ def map_in_true_frame(pred: Path, alignment: Alignment, interpolation: str = "ne
     volume, apix: tuple[torch.Tensor, float]
         `(B, B, B)` map [z, y, x] and its pixel size (Å).
     """
+    # upward import, for now: the checked image reader moves below model/ with the reconstruct engine
+    from cryofastar.commands.backproject import read_finite_images
+
     table = read_particles(pred)
     rotations = apply_alignment_to_rotations(table.rotations(), alignment)
     origins, halves = table.origins_angstrom(), table.half_sets()

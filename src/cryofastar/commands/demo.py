@@ -1,6 +1,6 @@
 """``cryofastar-stream demo``: a simulated microscope session with the daemon on it, shown live.
 
-The options are the fields of :class:`~cryofastar.daemon.demo.DemoSettings`; the demo
+The options are the fields of :class:`~cryofastar.daemon.settings.DemoSettings`; the demo
 is :func:`~cryofastar.daemon.demo.run_demo` (which prints its live table and figures
 through ``typer.echo``).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import typer
 
-from cryofastar.daemon.demo import DemoSettings, run_demo
+from cryofastar.daemon.settings import DemoSettings
 from cryofastar.options import settings_command
 
 __all__ = ["demo"]
@@ -23,6 +23,8 @@ __all__ = ["demo"]
 @settings_command(DemoSettings)  # ParticleFileError is a ValueError, PublisherError an OSError
 def demo(settings: DemoSettings) -> None:
     """Simulate a live microscope session and run the daemon on it (the README's first command)."""
+    from cryofastar.daemon.demo import run_demo  # the pipeline: loaded only when it runs
+
     try:
         run_demo(settings, echo=typer.echo)
     except RuntimeError as exc:  # the microscope or the pipeline failed: status 1

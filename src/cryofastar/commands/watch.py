@@ -1,7 +1,7 @@
 """``cryofastar-stream watch DIRECTORY`` (or ``--watch DIRECTORY``): keep a live 3D map of a session.
 
 The options are the fields of :class:`~cryofastar.daemon.settings.DaemonSettings` and
-:class:`~cryofastar.daemon.service.ServiceSettings`; the service is
+:class:`~cryofastar.daemon.settings.ServiceSettings`; the service is
 :func:`~cryofastar.daemon.service.run_service`.
 
 Example usage::
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from cryofastar.daemon.service import ServiceSettings, run_service
-from cryofastar.daemon.settings import DaemonSettings
+from cryofastar.daemon.settings import DaemonSettings, ServiceSettings
 from cryofastar.options import settings_command
 
 __all__ = ["watch"]
@@ -25,6 +24,8 @@ __all__ = ["watch"]
 @settings_command(DaemonSettings, ServiceSettings)  # PublisherError is an OSError
 def watch(settings: DaemonSettings, service: ServiceSettings) -> None:
     """Watch DIRECTORY and keep a live map (also: cryofastar-stream --watch DIRECTORY)."""
+    from cryofastar.daemon.service import run_service  # the pipeline: loaded only when it runs
+
     try:
         run_service(settings, service, echo=typer.echo)
     except RuntimeError as exc:  # the pipeline failed after writing what it had: status 1
