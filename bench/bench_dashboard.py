@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import zmq
+from cryofastar.monitoring.dashboard_process import DashboardProcess
 from cryofastar.monitoring.headless_browser import launch_chromium
 from cryofastar.protocol import StatusMessage, VolumeMessage, encode
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.view_directions import view_direction_histogram
 from playwright.sync_api import sync_playwright
-
-from cryofastar.commands.dashboard import DashboardProcess
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -46,13 +46,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
+from cryofastar.model.evaluation import EvaluateSettings, evaluate_particle_sets, map_in_true_frame
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.io import read_particles
 from cryofastar.recon.io.finite import read_finite_images
 from cryofastar.recon.map_alignment import resolution_vs_reference
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, write_session
-
-from cryofastar.commands import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_ab_initio import SEEDS  # noqa: E402 - a sibling script
@@ -124,8 +123,8 @@ def run_molecule(name: str, atoms, k: int, args: argparse.Namespace, root: Path)
         figures = stream(stacks, args.n, root / mode.replace(" ", "-"), args, **options)
         truth_here = figures["watch"] / "truth.star"  # the true poses naming this run's copies of the stacks
         shutil.copy(star, truth_here)
-        errors = evaluate.main(figures["out"] / "particles.star", truth_here)
-        volume, _ = evaluate.map_in_true_frame(figures["out"] / "particles.star", errors.predicted.alignment)
+        errors = evaluate_particle_sets(EvaluateSettings(figures["out"] / "particles.star", truth_here))
+        volume, _ = map_in_true_frame(figures["out"] / "particles.star", errors.predicted.alignment)
         history = (figures["out"] / "fsc_history.tsv").read_text().strip().splitlines()[-1].split("\t")
         rows.append({"molecule": name, "apix": apix, "poses": mode,
                      "median_geodesic_degrees": errors.predicted.geodesic_median_degrees,

@@ -251,7 +251,7 @@ class DashboardLoad:
     or ``browser`` (plus a headless Debian chromium page showing it, on the same machine)."""
 
     def __init__(self, mode: str, address: str) -> None:
-        from cryofastar.commands.dashboard import DashboardProcess, connectable
+        from cryofastar.monitoring.dashboard_process import DashboardProcess, connectable
 
         self.mode, self.page, self._pw, self._browser = mode, None, None, None
         self.server = DashboardProcess(connectable(address), 0)

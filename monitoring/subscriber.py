@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -25,6 +26,8 @@ from cryofastar.protocol import (
 )
 from cryofastar.recon.io import write_fsc_table, write_volume
 from cryofastar.recon.io.tables import FSC_HALF_MAPS_COLUMN
+
+from cryofastar.options import argument, option
 
 __all__ = ["Subscriber", "describe", "run_subscriber", "save_volume"]
 
@@ -176,6 +179,30 @@ def describe(message: Message, saved: Path | None = None, repeat: bool = False) 
     confidence = float(np.mean(message.confidence)) if len(message.particle_ids) else math.nan
     return (f"{stamp} poses   seq {message.seq}  batch {message.batch}  {len(message.particle_ids)} particles  "
             f"mean confidence {confidence:.3f}")
+
+
+@dataclass
+class SubscribeSettings:
+    """What ``cryofastar-stream subscribe`` listens to and keeps (the arguments of :func:`run_subscriber`).
+
+    Attributes
+    ----------
+    address: str
+        Publisher endpoint.
+    save: Path | None
+        Directory for the received maps and FSC table; ``None`` saves nothing.
+    count: int | None
+        Stop after this many messages (``None``: no limit).
+    timeout: float | None
+        Stop after this many seconds without a message (``None``: wait for ever).
+    """
+
+    address: str = argument("tcp://127.0.0.1:5555",
+                            help="ZeroMQ endpoint of a running daemon, e.g. tcp://127.0.0.1:5555.")
+    save: Path | None = option(None, help="Write every received map here as MRC (volume.mrc, "
+                               "volume_<particles>.mrc, volume_fsc.tsv).")
+    count: int | None = option(None, help="Exit after this many messages.")
+    timeout: float | None = option(None, help="Exit after this many seconds without a message.")
 
 
 def run_subscriber(

@@ -324,9 +324,9 @@ def test_evaluate_command(tmp_path: Path) -> None:
 
 
 def test_evaluate_compares_shifts_as_written_below_the_fitting_minimum(tmp_path: Path) -> None:
-    from cryofastar.commands import evaluate
+    from cryofastar.model.evaluation import MIN_PARTICLES_TO_FIT_TRANSLATION, EvaluateSettings, evaluate_particle_sets
 
-    n, apix = evaluate.MIN_PARTICLES_TO_FIT_TRANSLATION - 1, 2.0
+    n, apix = MIN_PARTICLES_TO_FIT_TRANSLATION - 1, 2.0
     g = torch.Generator().manual_seed(3)
     write_stack(tmp_path / "stack.mrcs", torch.zeros(n, 8, 8), apix)
     true = random_rotations(n, g)
@@ -335,7 +335,7 @@ def test_evaluate_compares_shifts_as_written_below_the_fitting_minimum(tmp_path:
     _write_star(tmp_path / "truth.star", names, true, true_origins)
     # every particle 1 px off in x: three unknowns fitted to so few particles would absorb part of it
     _write_star(tmp_path / "pred.star", names, true, true_origins + torch.tensor([apix, 0.0], dtype=torch.float64))
-    result = evaluate.main(tmp_path / "pred.star", tmp_path / "truth.star")
+    result = evaluate_particle_sets(EvaluateSettings(tmp_path / "pred.star", tmp_path / "truth.star"))
     assert not result.translation_fitted and result.predicted.map_translation_px is None
     assert result.predicted.translation_median_px == pytest.approx(1.0, abs=1e-9)
     assert result.to_dict()["shift_errors"] == "as written"

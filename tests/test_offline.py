@@ -51,7 +51,11 @@ def test_network_poses_without_refinement_write_every_output(star: Path, tmp_pat
 ])
 def test_impossible_settings_are_refused_before_any_work(star: Path, tmp_path: Path, change: dict,
                                                           message: str) -> None:
-    settings = dataclasses.replace(ReconstructSettings(device="cpu"), **change)
+    with pytest.raises(ValueError, match=message):  # refused when the settings are made
+        dataclasses.replace(ReconstructSettings(device="cpu"), **change)
+    settings = ReconstructSettings(device="cpu")
+    for name, value in change.items():  # and by the job itself, should they be changed afterwards
+        setattr(settings, name, value)
     with pytest.raises(ValueError, match=message):
         reconstruct(star, tmp_path / "out", settings)
     assert not (tmp_path / "out").exists()

@@ -19,8 +19,9 @@ from cryofastar.daemon.publisher import AddressInUseError, Publisher, PublisherE
 from cryofastar.monitoring.subscriber import Subscriber, run_subscriber
 from cryofastar.protocol import Message, PosesMessage, StatusMessage, VolumeMessage, encode
 from cryofastar.recon.io import read_volume
+from typer.testing import CliRunner
 
-from cryofastar.commands import subscribe
+from cryofastar.cli import app
 
 ANY_PORT = "tcp://127.0.0.1:0"
 DEADLINE_S = 10.0
@@ -246,12 +247,14 @@ def test_run_subscriber_timeout_counts_from_the_last_message():
     assert sum("re-sent" in line for line in lines) == 7
 
 
-def test_subscribe_command_prints_the_volume_and_saves_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_subscribe_command_prints_the_volume_and_saves_it(tmp_path: Path):
     with Publisher(ANY_PORT, republish_seconds=0.2) as publisher:
         publisher.publish(volume_message(particles=7))
-        assert subscribe.main(publisher.address, tmp_path / "maps", count=1, timeout=DEADLINE_S) == 1
-    out = capsys.readouterr().out
-    assert "7 particles" in out and "volume_00000007.mrc" in out
+        result = CliRunner().invoke(app, ["subscribe", publisher.address, "--save", str(tmp_path / "maps"),
+                                          "--count", "1", "--timeout", str(DEADLINE_S)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert len(out.splitlines()) == 1 and "7 particles" in out and "volume_00000007.mrc" in out
     assert (tmp_path / "maps" / "volume.mrc").is_file()
 
 

@@ -4,16 +4,19 @@ from .atoms import Atoms, load_structure
 from .particles import CtfRange, SimulatedParticles, simulate_particles
 from .potential import atoms_to_volume
 from .procedural import ProceduralSettings, procedural_molecule
+from .run import SimulateSettings, run_simulation
 from .session import write_session
 
 __all__ = [
     "Atoms",
     "CtfRange",
     "ProceduralSettings",
+    "SimulateSettings",
     "SimulatedParticles",
     "atoms_to_volume",
     "load_structure",
     "procedural_molecule",
+    "run_simulation",
     "simulate_particles",
     "write_session",
 ]

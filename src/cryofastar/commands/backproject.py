@@ -3,76 +3,35 @@
 Example usage::
 
     cryofastar-stream backproject session/particles.star -o map.mrc --half-maps
+
+The options are the fields of :class:`~cryofastar.recon.backprojection.BackprojectSettings`;
+the job is :func:`~cryofastar.recon.backprojection.backproject_particles`.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import dataclass
-from pathlib import Path
+import typer
 
-import numpy as np
-import torch
+from cryofastar.options import settings_command
+from cryofastar.recon.backprojection import BackprojectSettings, backproject_particles
 
-from cryofastar.recon import HalfSetAccumulator
-from cryofastar.recon.device import resolve_device
-from cryofastar.recon.insertion import Interpolation
-from cryofastar.recon.io import read_particles
-from cryofastar.recon.io.finite import read_finite_images
-from cryofastar.recon.map_set import map_set, read_reference_map, write_map_set
-
-logger = logging.getLogger(__name__)
+__all__ = ["backproject"]
 
 
-@dataclass
-class BackprojectResult:
-    """What one run produced."""
+@settings_command(BackprojectSettings)
+def backproject(settings: BackprojectSettings) -> None:
+    """Reconstruct a map from the poses in a particle STAR file; print the half-map FSC resolution.
 
-    n_particles: int
-    half_counts: tuple[int, int]
-    resolution_angstrom: float
-    fsc: torch.Tensor
-    seconds: float
-    outputs: list[Path]
-    reference_resolution_angstrom: float | None = None
-
-
-def main(
-    particles: Path,
-    output: Path,
-    half_maps: bool,
-    interpolation: Interpolation,
-    oversampling: int,
-    batch: int,
-    device: str,
-    apix: float | None,
-    use_ctf: bool,
-    reference: Path | None = None,
-) -> BackprojectResult:
-    """Read, insert in batches, write the map, half maps and FSC table; returns figures."""
-    if batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {batch}")
-    dev = resolve_device(device)
-    table = read_particles(particles, apix=apix)
-    reference_map = read_reference_map(reference, table.box)
-    ctf = table.ctf() if use_ctf else None
-    rotations = table.rotations()
-    origins = table.origins_angstrom()
-    halves = table.half_sets()
-    acc = HalfSetAccumulator(table.box, table.apix, oversampling=oversampling,
-                             interpolation=interpolation, device=dev)
-    logger.info("%d particles, box %d px, %.3f Å/px, CTF %s, %s on %s", len(table), table.box,
-                table.apix, "on" if ctf is not None else "off", interpolation, dev)
-    start = time.perf_counter()
-    for first in range(0, len(table), batch):
-        rows = np.arange(first, min(first + batch, len(table)))
-        images = read_finite_images(table, rows)
-        acc.add(images, rotations[rows], origins[rows], halves[rows],
-                None if ctf is None else ctf[torch.as_tensor(rows)])
-    maps = map_set(acc, reference_map)
-    seconds = time.perf_counter() - start
-    outputs = write_map_set(output, maps, half_maps=half_maps)
-    counts = acc.particle_counts.tolist()
-    return BackprojectResult(len(table), (counts[0], counts[1]), maps.resolution_angstrom, maps.fsc, seconds, outputs,
-                             maps.reference_resolution_angstrom)
+    Writes MAP.mrc (both half sets), MAP_half1/2.mrc with --half-maps, and MAP_fsc.tsv
+    (per shell: resolution in Å, half-map FSC, and the FSC against --reference if given).
+    """
+    s = settings
+    result = backproject_particles(s)
+    typer.echo(
+        f"{result.n_particles} particles (half sets {result.half_counts[0]}/{result.half_counts[1]}) "
+        f"in {result.seconds:.1f} s; half-map FSC 0.143 resolution {result.resolution_angstrom:.2f} Å"
+    )
+    if result.reference_resolution_angstrom is not None:
+        typer.echo(f"FSC 0.5 resolution against {s.reference}: {result.reference_resolution_angstrom:.2f} Å")
+    for path in result.outputs:
+        typer.echo(f"wrote {path}")

@@ -1,223 +1,32 @@
-"""Run a simulated microscope session with the daemon on it, and show it live.
+"""``cryofastar-stream demo``: a simulated microscope session with the daemon on it, shown live.
+
+The options are the fields of :class:`~cryofastar.daemon.settings.DemoSettings`; the demo
+is :func:`~cryofastar.services.demo.run_demo` (which prints its live table and figures
+through ``typer.echo``).
 
 Example usage::
 
     cryofastar-stream demo                      # a few minutes on a laptop CPU
     cryofastar-stream demo --out demo/ --n 10000 --rate 200
-
-A simulator thread writes particle stacks of a procedurally generated molecule (from
-the evaluation seed range, never trained on) into ``OUT/session/`` at ``--rate``
-particles per second, the way acquisition software does (temporary name, then rename).
-The daemon (:mod:`cryofastar.daemon.pipeline`) watches that directory, exactly as
-``cryofastar-stream --watch`` would, and writes its outputs to ``OUT/cryofastar/``.
-A live terminal table shows particles, rate, resolution, refinement and queues. After
-the last particle the daemon goes on refining (re-posing against the improving map)
-until it has converged or ``--polish`` seconds have passed, as it would between
-bursts of a real session. At the end the poses are compared with the true ones (median
-error after one global alignment, as ``cryofastar-stream evaluate`` does) and the map,
-rebuilt in the true frame, with the true map (FSC 0.5), and the output paths are printed.
-
-The live web dashboard (``cryofastar-stream dashboard``, docs/monitoring.md) runs
-beside it: its URL is printed first (port ``--dashboard-port``, 8080, or a free port if
-that one is taken) and opened in the browser when the machine has a display.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import tempfile
-import threading
-import time
-from dataclasses import dataclass
-from pathlib import Path
+import typer
 
-from cryofastar.commands import evaluate
-from cryofastar.commands.dashboard import DashboardProcess, connectable
-from cryofastar.daemon.pipeline import Daemon, DaemonSettings
-from cryofastar.model.training_data import EVAL_SEED_START
-from cryofastar.recon.io import read_volume
-from cryofastar.recon.map_alignment import resolution_vs_reference
-from cryofastar.recon.simulate.potential import atoms_to_volume
-from cryofastar.recon.simulate.procedural import procedural_molecule
-from cryofastar.recon.simulate.session import write_session
+from cryofastar.options import settings_command
+from cryofastar.services.settings import DemoSettings
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["DemoResult", "main"]
+__all__ = ["demo"]
 
 
-@dataclass
-class DemoResult:
-    """What the demo produced."""
-
-    directory: Path
-    particles_in_map: int
-    resolution_angstrom: float
-    fsc_true_map_angstrom: float
-    seconds: float
-    pose_error_degrees: float = float("nan")
-    chance_error_degrees: float = float("nan")
-
-
-def _table(daemon: Daemon, written: int, n: int, started: float, dashboard: str | None):  # noqa: ANN202 - rich
-    from rich.table import Table
-
-    s = daemon.status()
-    res = s["resolution_angstrom"]
-    queues = s["queues"]
-    table = Table(title="cryofastar-stream demo", show_header=False, min_width=60)
-    table.add_row("elapsed", f"{time.monotonic() - started:.0f} s")
-    table.add_row("particles written by the microscope", f"{written} / {n}")
-    table.add_row("particles in the map", str(s["particles_in_map"]))
-    table.add_row("throughput", f"{s['particles_per_second']:.0f} particles/s")
-    table.add_row("resolution (half-map FSC 0.143)", "—" if res is None else f"{res:.1f} Å")
-    table.add_row("refinement", _refinement_line(s))
-    table.add_row("queues (files / chunks / posed)", f"{queues['files']} / {queues['chunks']} / {queues['posed']}")
-    table.add_row("rejected files", str(s["files_rejected"]))
-    table.add_row("outputs", str(daemon.out))
-    table.add_row("ZeroMQ", daemon.publisher.address if daemon.publisher else "—")
-    if daemon.metrics_port:
-        table.add_row("metrics", f"http://{daemon.settings.metrics_host}:{daemon.metrics_port}/metrics")
-    if dashboard:
-        table.add_row("live dashboard", dashboard)
-    return table
-
-
-def _refinement_line(status: dict) -> str:
-    r = status["refinement"]
-    phase = {"off": "off", "waiting": "waiting for enough particles", "probe": "probing the network",
-             "ab-initio": "map-only ab initio", "local": "local refinement"}.get(r["phase"], r["phase"])
-    return f"{phase}; {status['particles_refined']} refined, {status['particles_reposed']} re-posed"
-
-
-def main(out: Path | None = None, n: int = 4000, box: int = 96, apix: float = 2.0, snr: float = 0.5,
-         rate: float = 100.0, per_stack: int = 200, seed: int = 0, device: str = "auto",
-         zmq: str = "tcp://127.0.0.1:5555", metrics_port: int | None = 9108, live: bool = True,
-         echo=print, polish: float = 180.0, dashboard_port: int | None = 8080,
-         browser: bool | None = None) -> DemoResult:  # noqa: ANN001
-    """Run the demo (see module docstring) and return its figures.
-
-    ``dashboard_port`` None runs no dashboard; ``browser`` None opens it only where a
-    display is present.
-    """
-    if n < 1 or rate <= 0 or per_stack < 1:
-        raise ValueError("--n, --rate and --per-stack must be positive")
-    if polish < 0:
-        raise ValueError(f"--polish must be >= 0 seconds, got {polish}")
-    started = time.monotonic()
-    directory = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cryofastar-demo-"))
-    session, outputs = directory / "session", directory / "cryofastar"
-    session.mkdir(parents=True, exist_ok=True)
-    molecule_seed = EVAL_SEED_START + seed
-    volume = atoms_to_volume(procedural_molecule(molecule_seed), box, apix)
-    echo(f"demo in {directory}: {n} particles of procedural molecule {molecule_seed}, box {box} px at "
-         f"{apix} Å/px, SNR {snr}, {rate:.0f} particles/s")
-    daemon = Daemon(DaemonSettings(watch=session, out=outputs, zmq=zmq, metrics_port=metrics_port, device=device,
-                                   settle_seconds=0.5, flush_seconds=2.0, publish_seconds=3.0,
-                                   checkpoint_seconds=30.0))
-    written = [0]
-    failure: list[BaseException] = []
-
-    def microscope() -> None:
-        try:
-            write_session(session, volume, apix, n, snr, seed, per_stack=per_stack, rate=rate,
-                          metadata={"molecule": f"procedural(seed={molecule_seed})"},
-                          on_stack=lambda _path, count: written.__setitem__(0, written[0] + count))
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            failure.append(exc)
-
-    daemon.start()
-    dashboard = None
-    try:
-        if dashboard_port is not None:
-            dashboard = _start_dashboard(connectable(daemon.publisher.address), dashboard_port, echo)
-            echo(f"live dashboard: {dashboard.url}  (open it in a browser; it works offline)")
-            if browser or (browser is None and _has_display()):
-                _open_browser(dashboard.url)
-        simulator = threading.Thread(target=microscope, name="demo-microscope", daemon=True)
-        simulator.start()
-        _follow(daemon, simulator, written, n, started, live, echo, polish, dashboard and dashboard.url)
-    finally:
-        daemon.stop()
-        if dashboard is not None:
-            dashboard.stop()
-    if failure:
-        raise RuntimeError(f"the simulated microscope failed: {failure[0]}")
-    if daemon.errors:
-        raise RuntimeError(f"the pipeline failed: {daemon.errors[0]}")
-    st = daemon.state
-    resolution = st.fsc_history[-1][2] if st.fsc_history else float("nan")
-    seconds = time.monotonic() - started
-    truth, _ = read_volume(session / "reference.mrc")
-    errors = evaluate.main(outputs / "particles.star", session / "particles.star")
-    aligned, _ = evaluate.map_in_true_frame(outputs / "particles.star", errors.predicted.alignment,
-                                            device=daemon.device)
-    true_fsc = resolution_vs_reference(aligned, truth, apix, 0.5)
-    echo(f"done in {seconds:.0f} s: {st.n_particles} particles in the map; half-map FSC 0.143: {resolution:.1f} Å")
-    echo(f"against the truth: median pose error {errors.predicted.geodesic_median_degrees:.1f}° (random poses: "
-         f"{errors.chance.geodesic_median_degrees:.0f}°); FSC 0.5 of the map (in the true frame) against the true "
-         f"map: {true_fsc:.1f} Å")
-    echo(f"map: {outputs / 'volume.mrc'}  poses: {outputs / 'particles.star'}  true map: {session / 'reference.mrc'}")
-    return DemoResult(directory, st.n_particles, resolution, true_fsc, seconds,
-                      errors.predicted.geodesic_median_degrees, errors.chance.geodesic_median_degrees)
-
-
-def _start_dashboard(connect: str, port: int, echo) -> DashboardProcess:  # noqa: ANN001
-    """The dashboard on ``port``, or on a free port if that one is taken."""
-    try:
-        return DashboardProcess(connect, port)
-    except OSError as exc:
-        if port == 0:
-            raise
-        echo(f"note: {exc}; using a free port instead")
-        return DashboardProcess(connect, 0)
-
-
-def _has_display() -> bool:
-    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-
-
-def _open_browser(url: str) -> None:
-    import webbrowser
+@settings_command(DemoSettings)  # ParticleFileError is a ValueError, PublisherError an OSError
+def demo(settings: DemoSettings) -> None:
+    """Simulate a live microscope session and run the daemon on it (the README's first command)."""
+    from cryofastar.services.demo import run_demo  # the pipeline: loaded only when it runs
 
     try:
-        webbrowser.open_new_tab(url)
-    except webbrowser.Error as exc:  # no browser: the printed URL is enough
-        logger.info("could not open a browser: %s", exc)
-
-
-def _follow(daemon: Daemon, simulator: threading.Thread, written: list[int], n: int, started: float, live: bool,
-            echo, polish: float, dashboard: str | None = None) -> None:  # noqa: ANN001
-    """Show progress until the microscope is done, the daemon has taken everything and refinement settled."""
-    taken_at: list[float] = []
-
-    def finished() -> bool:
-        if not taken_at:
-            if not (not simulator.is_alive() and daemon.wait_idle(0.2)
-                    and bool(daemon.errors or daemon.state.n_particles >= written[0])):
-                return False
-            taken_at.append(time.monotonic())
-        r = daemon.refiner
-        settled = r.phase in ("off", "waiting") or (r.phase == "local" and r.converged)
-        return bool(daemon.errors) or settled or time.monotonic() - taken_at[0] >= polish
-
-    if live:
-        from rich.live import Live
-
-        with Live(_table(daemon, written[0], n, started, dashboard), refresh_per_second=4) as view:
-            while not finished():
-                time.sleep(0.25)
-                view.update(_table(daemon, written[0], n, started, dashboard))
-        return
-    last = 0.0
-    while not finished():
-        time.sleep(0.25)
-        if time.monotonic() - last >= 5:
-            s = daemon.status()
-            res = s["resolution_angstrom"]
-            echo(f"{time.monotonic() - started:5.0f} s  written {written[0]}/{n}  in map {s['particles_in_map']}  "
-                 f"{s['particles_per_second']:.0f}/s  resolution {'—' if res is None else f'{res:.1f} Å'}  "
-                 f"refinement: {_refinement_line(s)}")
-            last = time.monotonic()
+        run_demo(settings, echo=typer.echo)
+    except RuntimeError as exc:  # the microscope or the pipeline failed: status 1
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None

@@ -1,4 +1,4 @@
-"""Ab initio reconstruction of a RELION particle set: network poses or map-only ab initio, refinement, maps.
+"""``cryofastar-stream reconstruct``: ab initio reconstruction of a RELION particle set.
 
 Example usage::
 
@@ -6,33 +6,76 @@ Example usage::
     cryofastar-stream reconstruct session/particles.star -o recon/ --no-refine           # network only
     cryofastar-stream reconstruct session/particles.star -o recon/ --poses-from map-only  # no network
 
-The job itself is :func:`cryofastar.engine.offline.reconstruct` (steps and outputs in its
-module docstring); this command adds a progress bar.
+The options are the fields of :class:`~cryofastar.engine.offline.ReconstructJob` and
+:class:`~cryofastar.engine.offline.ReconstructSettings`; the job is
+:func:`cryofastar.engine.offline.reconstruct` (steps and outputs in its module docstring).
+This command adds a progress bar and prints the figures.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import typer
 
-from cryofastar.engine.offline import ReconstructResult, ReconstructSettings, reconstruct
+from cryofastar.engine.offline import ReconstructJob, ReconstructResult, ReconstructSettings
+from cryofastar.engine.offline import reconstruct as run
+from cryofastar.options import settings_command
 
-__all__ = ["main"]
+__all__ = ["reconstruct"]
 
 
-def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, weights: Path | None = None,
-         apix: float | None = None, use_ctf: bool = True, chunk: int = 2048, candidates: int = 64,
-         reference: Path | None = None, progress: bool = False, seed: int = 0, poses_from: str = "network",
-         refine: bool = True, refine_rounds: int = 4, refine_box: int = 64) -> ReconstructResult:
-    """Run the offline job with a progress bar (if ``progress``) and return its figures."""
-    settings = ReconstructSettings(device=device, views=views, weights=weights, apix=apix, use_ctf=use_ctf,
-                                   chunk=chunk, candidates=candidates, reference=reference, seed=seed,
-                                   poses_from=poses_from, refine=refine, refine_rounds=refine_rounds,
-                                   refine_box=refine_box)
-    if not progress or poses_from != "network":
-        return reconstruct(particles, outdir, settings)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+@settings_command(ReconstructJob, ReconstructSettings)  # ParticleFileError is a ValueError
+def reconstruct(job: ReconstructJob, settings: ReconstructSettings) -> None:
+    """Ab initio: poses from the network (or the map alone), refined against the map, then the map."""
+    bar = _ProgressBar() if job.progress and settings.poses_from == "network" else None
+    try:
+        result = run(job.particles, job.out, settings, progress=bar)
+    finally:
+        if bar is not None:
+            bar.stop()
+    for line in summary(result, settings):
+        typer.echo(line)
 
-    with Progress(TextColumn("posing + inserting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-        task = bar.add_task("reconstruct", total=None)
-        return reconstruct(particles, outdir, settings,
-                           progress=lambda k, n: bar.update(task, advance=k, total=n))
+
+def summary(result: ReconstructResult, settings: ReconstructSettings) -> list[str]:
+    """The lines the command prints: poses, refinement, the map against ``--reference``, the files written."""
+    if settings.poses_from == "network":
+        lines = [f"{result.n_particles} particles posed in {result.pose_seconds:.1f} s, inserted in "
+                 f"{result.insert_seconds:.1f} s ({result.total_seconds:.1f} s in all); half-map FSC 0.143 "
+                 f"resolution {result.resolution_angstrom:.2f} Å; anchor disagreement "
+                 f"{result.anchor_disagreement_degrees:.1f}°, {result.mirrored_passes} passes mirrored"]
+    else:
+        lines = [f"{result.n_particles} particles, no network ({result.total_seconds:.1f} s in all); half-map "
+                 f"FSC 0.143 resolution {result.resolution_angstrom:.2f} Å"]
+    if result.refine_modes:
+        won = "" if result.network_won_fraction is None else \
+            f"; the network's poses were the better start for {100 * result.network_won_fraction:.0f}% of particles"
+        if result.network_won_fraction is not None and "ab-initio" in result.refine_modes:
+            won += " (uninformative network: poses from ab initio instead)"
+        ab = f"; ab initio took {result.ab_initio_seconds:.1f} s" if "ab-initio" in result.refine_modes else ""
+        lines.append(f"refined in {result.refine_seconds:.1f} s ({', '.join(result.refine_modes)}){won}{ab}")
+    if result.reference_resolution_angstrom is not None:
+        lines.append(f"FSC 0.5 resolution against {settings.reference}: {result.reference_resolution_angstrom:.2f} Å "
+                     "(frames not aligned: ab initio maps are in a frame of their own)")
+    return lines + [f"wrote {path}" for path in result.outputs]
+
+
+class _ProgressBar:
+    """A rich progress bar of posed particles, shown from the first particles posed (not while reading the input)."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def __call__(self, advance: int, total: int) -> None:
+        if self._bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("posing + inserting"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn())
+            self._task = self._bar.add_task("reconstruct", total=total)
+            self._bar.start()
+        self._bar.update(self._task, advance=advance, total=total)
+
+    def stop(self) -> None:
+        """Close the bar (if it was ever shown)."""
+        if self._bar is not None:
+            self._bar.stop()

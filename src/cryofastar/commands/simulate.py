@@ -1,4 +1,7 @@
-"""Simulate a microscope session: a RELION 3.1 particle set with true poses.
+"""``cryofastar-stream simulate``: a simulated microscope session, a RELION 3.1 particle set with true poses.
+
+The options are the fields of :class:`~cryofastar.recon.simulate.SimulateSettings`;
+the simulation is :func:`~cryofastar.recon.simulate.run_simulation`.
 
 Example usage::
 
@@ -9,61 +12,16 @@ Example usage::
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+import typer
 
-from cryofastar.recon.simulate import (
-    CtfRange,
-    atoms_to_volume,
-    load_structure,
-    procedural_molecule,
-    write_session,
-)
+from cryofastar.options import settings_command
+from cryofastar.recon.simulate import SimulateSettings, run_simulation
 
-logger = logging.getLogger(__name__)
+__all__ = ["simulate"]
 
 
-def main(
-    out: Path,
-    structure: Path | None,
-    n: int,
-    box: int,
-    apix: float,
-    snr: float | None,
-    ctf: bool,
-    per_stack: int,
-    rate: float | None,
-    seed: int,
-    max_shift: float,
-    defocus_min_um: float,
-    defocus_max_um: float,
-) -> Path:
-    """Simulate and write the set; returns the STAR path."""
-    if box < 16 or box % 2:
-        raise ValueError(f"--box must be an even number of pixels >= 16, got {box}")
-    if apix <= 0:
-        raise ValueError(f"--apix must be positive, got {apix}")
-    if defocus_min_um <= 0 or defocus_max_um < defocus_min_um:
-        raise ValueError("defocus range must satisfy 0 < --defocus-min <= --defocus-max (µm)")
-    if structure is not None:
-        atoms = load_structure(structure)
-        source = {"molecule": str(structure)}
-    else:
-        atoms = procedural_molecule(seed)
-        source = {"molecule": f"procedural(seed={seed})"}
-    radius = atoms.radius_angstrom()
-    if radius > 0.5 * box * apix:
-        logger.warning(
-            "molecule radius %.0f Å exceeds half the box (%.0f Å): it will be cut off; "
-            "use a larger --box or --apix", radius, 0.5 * box * apix,
-        )
-    volume = atoms_to_volume(atoms, box, apix)
-    ctf_range = (
-        CtfRange(defocus_min_angstrom=defocus_min_um * 1e4, defocus_max_angstrom=defocus_max_um * 1e4)
-        if ctf else None
-    )
-    return write_session(
-        out, volume, apix, n, snr, seed, per_stack=per_stack, rate=rate, ctf=ctf_range,
-        max_shift_px=max_shift, metadata=source,
-        on_stack=lambda path, count: logger.info("wrote %s (%d particles)", path.name, count),
-    )
+@settings_command(SimulateSettings)  # ParticleFileError is a ValueError
+def simulate(settings: SimulateSettings) -> None:
+    """Simulate a microscope session as a RELION 3.1 particle set with its true poses."""
+    star = run_simulation(settings)
+    typer.echo(f"wrote {settings.n} particles to {star} (true map: {star.parent / 'reference.mrc'})")
