@@ -2,12 +2,20 @@
 
 Built on :mod:`cryofastar.recon` and :mod:`cryofastar.model`; adds no maths.
 
+- :mod:`~cryofastar.daemon.pipeline`: :class:`~cryofastar.daemon.pipeline.Daemon`, the threads
+  and bounded queues that wire it together, and its read-only API for callers
+  (:mod:`~cryofastar.daemon.settings`: what can be set; never changed by the daemon);
+- :mod:`~cryofastar.daemon.pose_source`: the network, or map-only: the effective source of poses;
 - :mod:`~cryofastar.daemon.watcher`: complete particle files under a directory (inotify or polling);
 - :mod:`~cryofastar.daemon.ingest`: checks a file, lists its new particles, reads their images;
 - :mod:`~cryofastar.daemon.journal`: which particles the session holds;
+- :mod:`~cryofastar.daemon.batching`: gathers particles into forward calls;
+- :mod:`~cryofastar.daemon.refiner`: refinement against the running map (policy and state);
 - :mod:`~cryofastar.daemon.state`: the accumulated session, its checkpoint and output files;
-- :mod:`~cryofastar.daemon.pipeline`: the threads and bounded queues that wire it together
-  (:mod:`~cryofastar.daemon.settings`: what can be set);
-- :mod:`~cryofastar.protocol` / :mod:`~cryofastar.daemon.publisher`: the ZeroMQ stream;
+- :mod:`~cryofastar.daemon.schedule`: when the map is published and the checkpoint written;
+- :mod:`~cryofastar.protocol` / :mod:`~cryofastar.daemon.broadcast` / :mod:`~cryofastar.daemon.publisher`:
+  the ZeroMQ stream (messages, what the session sends, the socket);
+- :mod:`~cryofastar.daemon.reporting`: the status message's body (counts, rate, view directions);
+- :mod:`~cryofastar.daemon.rejections`: ``rejected.tsv`` and the recent rejections;
 - :mod:`~cryofastar.daemon.metrics`: Prometheus metrics.
 """
