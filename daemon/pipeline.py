@@ -8,34 +8,26 @@ nothing is dropped)::
                                                                       \\--> --out files, checkpoint
     status thread: status messages and gauges every second;  /metrics: prometheus-client
 
-- **reader** (:mod:`~cryofastar.daemon.ingest`): checks each complete file, lists its
-  particles the session has not taken, and reads their images ``read_chunk`` at a time.
-  A bad file gets one log line, a metric and a row in ``rejected.tsv``
-  (:mod:`~cryofastar.daemon.rejections`).
-- **poser**: gathers particles into forward passes (:mod:`~cryofastar.daemon.batching`:
-  ``batch`` views, the session reference, its anchors and ``batch - 1 - anchors`` new
-  particles, or a partial pass ``flush_seconds`` after the first waiting particle);
-  Fourier-crops them to the model box and poses them in the session frame
-  (:class:`~cryofastar.model.session_frame.SessionFrame`). The first particles choose
-  the session reference (:func:`~cryofastar.model.reference.select_reference`). Without
-  a network (:mod:`~cryofastar.daemon.pose_source`) poses are random until refinement.
+- **reader**: checks each complete file, lists its new particles and reads their images
+  ``read_chunk`` at a time (:mod:`~cryofastar.daemon.ingest`); a bad file gets a log
+  line, a metric and a row in ``rejected.tsv`` (:mod:`~cryofastar.daemon.rejections`).
+- **poser**: gathers forward passes (:mod:`~cryofastar.daemon.batching`), Fourier-crops
+  them to the model box and poses them in the session frame
+  (:class:`~cryofastar.model.session_frame.SessionFrame`; the first particles choose its
+  reference); without a network (:mod:`~cryofastar.daemon.pose_source`) poses are random
+  until refinement starts.
 - **accumulator**: refines each pass against the running map (:mod:`~cryofastar.daemon.refiner`),
-  inserts it at the input's own box and pixel size into the half-set volumes
-  (:class:`~cryofastar.daemon.state.SessionState`), publishes its poses
-  (:mod:`~cryofastar.daemon.broadcast`), and writes and publishes the map and the
-  checkpoint when :mod:`~cryofastar.daemon.schedule` says so.
-- **status**: the status message (:mod:`~cryofastar.daemon.reporting`) every
-  ``status_seconds``.
+  inserts it at the input's own box and pixel size (:class:`~cryofastar.daemon.state.SessionState`),
+  publishes its poses (:mod:`~cryofastar.daemon.broadcast`), and the map and checkpoint
+  when :mod:`~cryofastar.daemon.schedule` says so.
+- **status**: the status message (:mod:`~cryofastar.daemon.reporting`) every ``status_seconds``.
 
-The poser and the accumulator run at the same time: the next pass is posed while the
-last one is inserted (and while a map is computed), with ``queue_size`` posed passes of
-slack between them. (Making them take turns on a 2-core CPU was measured slower.)
-
-Stopping (:meth:`Daemon.stop`, SIGINT/SIGTERM in the CLI): the watcher stops, the
-reader stops between chunks, whatever is queued is posed and accumulated, then the map,
-``particles.star`` and the checkpoint are written. Particles read but never accumulated
-are not in the checkpoint's journal, so a restart reads them again: nothing is lost and
-nothing is counted twice, also after ``kill -9``.
+The poser and the accumulator run at the same time, ``queue_size`` posed passes apart
+(making them take turns on a 2-core CPU was measured slower). :meth:`Daemon.stop`: the
+watcher stops, the reader stops between chunks, whatever is queued is posed and
+accumulated, then the map, ``particles.star`` and the checkpoint are written. Particles
+read but never accumulated are not in the checkpoint's journal, so a restart reads them
+again: nothing is lost and nothing is counted twice, also after ``kill -9``.
 """
 
 from __future__ import annotations
@@ -488,6 +480,7 @@ class Daemon:
         self._board.rate.add(time.monotonic(), st.n_particles)
         self.metrics.latency.labels("accumulate").observe(time.perf_counter() - t0)
 
+    # ------------------------------------------------------------------ refinement of each pass
     def _refine_pass(self, chunks: list[ParticleChunk], rotations: torch.Tensor, origins: torch.Tensor):  # noqa: ANN202
         """The pass's poses refined against the running map (``None`` before refinement starts or on failure)."""
         if not self.refiner.active:
