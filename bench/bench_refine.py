@@ -61,12 +61,7 @@ MODES = {"network only": {"refine": False}, "refined": {}, "map only": {"poses_f
 
 def stage_ms_per_particle(daemon: Daemon, n: int) -> dict[str, float]:
     """Total seconds of each daemon stage (latency histogram sums) per particle, in ms."""
-    out = {}
-    for metric in daemon.metrics.latency.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_sum"):
-                out[sample.labels["stage"]] = 1000.0 * sample.value / max(1, n)
-    return out
+    return {stage: 1000.0 * seconds / max(1, n) for stage, (_items, seconds) in daemon.metrics.stage_seconds().items()}
 
 
 def stream(stacks: list[Path], n: int, root: Path, args: argparse.Namespace, **options: object) -> dict[str, object]:
@@ -81,11 +76,11 @@ def stream(stacks: list[Path], n: int, root: Path, args: argparse.Namespace, **o
     for stack in stacks:
         shutil.copy(stack, watch / f".{stack.name}.part")
         os.replace(watch / f".{stack.name}.part", watch / stack.name)
-    while daemon.state.n_particles < n and not daemon.errors:
+    while daemon.particles_in_map < n and not daemon.errors:
         time.sleep(0.1)
     wall = time.monotonic() - t0
     t1 = time.monotonic()  # the session is over; the daemon goes on re-posing until converged (or --polish s)
-    while settings.refine and not daemon.refiner.converged and time.monotonic() - t1 < args.polish \
+    while settings.refine and not daemon.refinement_converged and time.monotonic() - t1 < args.polish \
             and not daemon.errors:
         time.sleep(0.2)
     polish = time.monotonic() - t1

@@ -16,7 +16,7 @@ What it measures, in one process and one run:
    connects, then the stacks are renamed from the staging directory into the watched one
    (all at once, or at ``--rate`` particles/s). A rename inside the watched tree is complete
    at once (no settle wait), like acquisition software that writes a hidden name and
-   renames it. ``daemon.state.n_particles`` is polled every 50 ms. Figures:
+   renames it. ``daemon.particles_in_map`` is polled every 50 ms. Figures:
 
    - time from the first stack placed to the first published map (the subscriber's first
      volume message) and to the first particle in the map;
@@ -142,18 +142,13 @@ def memory(device: torch.device) -> dict[str, float | None]:
 
 
 def stage_latencies(daemon: Daemon) -> dict[str, tuple[float, float]]:
-    """``{stage: (count, total seconds)}`` from the daemon's latency histogram."""
-    registry = daemon.metrics.registry
-    out = {}
-    for stage in STAGES:
-        count = registry.get_sample_value("cryofastar_stage_latency_seconds_count", {"stage": stage}) or 0.0
-        total = registry.get_sample_value("cryofastar_stage_latency_seconds_sum", {"stage": stage}) or 0.0
-        out[stage] = (count, total)
-    return out
+    """``{stage: (count, total seconds)}`` from the daemon's latency histogram (0 for a stage not yet run)."""
+    observed = daemon.metrics.stage_seconds()
+    return {stage: tuple(map(float, observed.get(stage, (0, 0.0)))) for stage in STAGES}
 
 
 def counter(daemon: Daemon, name: str) -> float:
-    return daemon.metrics.registry.get_sample_value(f"cryofastar_{name}_total") or 0.0
+    return daemon.metrics.total(name)
 
 
 def in_worker_thread(fn, *args):  # noqa: ANN001, ANN002, ANN201
@@ -290,9 +285,9 @@ def run_daemon(root: Path, stacks: list[Path], counts: list[int], args: argparse
     daemon = Daemon(settings)
     daemon.start()
     startup = time.monotonic() - t0
-    assert daemon.publisher is not None
-    load = None if dashboard == "none" else DashboardLoad(dashboard, daemon.publisher.address)
-    volumes = VolumeWatch(daemon.publisher.address)
+    assert daemon.address is not None
+    load = None if dashboard == "none" else DashboardLoad(dashboard, daemon.address)
+    volumes = VolumeWatch(daemon.address)
     time.sleep(0.5)  # let the SUB connection and subscription reach the publisher (ZeroMQ slow joiner)
 
     placed: dict[str, float] = {}
@@ -309,7 +304,7 @@ def run_daemon(root: Path, stacks: list[Path], counts: list[int], args: argparse
     reason = "all particles in the map"
     while True:
         now = time.monotonic()
-        n_now = daemon.state.n_particles
+        n_now = daemon.particles_in_map
         posed_now = int(daemon.status()["particles_posed"])
         if posed_now != posed_prev and first_posed is None:
             first_posed = (now, posed_now)
@@ -354,7 +349,7 @@ def run_daemon(root: Path, stacks: list[Path], counts: list[int], args: argparse
     result: dict[str, object] = {
         "finished": reason,
         "particles_expected": expected,
-        "particles_in_map": daemon.state.n_particles,
+        "particles_in_map": daemon.particles_in_map,
         "particles_rejected": status["particles_rejected"],
         "files_rejected": status["files_rejected"],
         "startup_seconds": startup,

@@ -58,6 +58,25 @@ class DaemonMetrics:
         """Set the resolution gauge from Å (NaN while undefined)."""
         self.resolution.set(angstrom * 1e-10 if math.isfinite(angstrom) else math.nan)
 
+    def stage_seconds(self) -> dict[str, tuple[int, float]]:
+        """``{stage: (items, total seconds)}`` of every stage observed so far (the latency histogram's sums)."""
+        counts: dict[str, int] = {}
+        sums: dict[str, float] = {}
+        for metric in self.latency.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_count"):
+                    counts[sample.labels["stage"]] = int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    sums[sample.labels["stage"]] = float(sample.value)
+        return {stage: (counts.get(stage, 0), sums[stage]) for stage in sums}
+
+    def total(self, name: str) -> float:
+        """The value of counter ``cryofastar_<name>_total`` (e.g. ``total("batches")``)."""
+        value = self.registry.get_sample_value(f"cryofastar_{name}_total")
+        if value is None:
+            raise KeyError(f"no counter cryofastar_{name}_total")
+        return value
+
 
 def serve_metrics(metrics: DaemonMetrics, port: int, host: str = "127.0.0.1"):  # noqa: ANN201 - server types
     """Serve ``/metrics`` on ``host:port``; return the server (call ``shutdown()`` to stop).

@@ -1,41 +1,37 @@
-"""The streaming daemon: watcher -> reader -> poser -> accumulator -> publishers.
+"""The streaming daemon's wiring: watcher -> reader -> poser -> accumulator -> publishers.
 
-Threads and the bounded queues between them (``put`` blocks when a queue is full, so
-a slow stage holds the earlier ones back; nothing is dropped)::
+:class:`Daemon` owns the threads, the bounded queues between them and their I/O
+(``put`` blocks when a queue is full, so a slow stage holds the earlier ones back;
+nothing is dropped)::
 
-    StackWatcher --files--> reader --chunks--> poser --posed--> accumulator --> Publisher (ZeroMQ)
+    StackWatcher --files--> reader --chunks--> poser --posed--> accumulator --> SessionBroadcast (ZeroMQ)
                                                                       \\--> --out files, checkpoint
     status thread: status messages and gauges every second;  /metrics: prometheus-client
 
-- **reader** (:mod:`~cryofastar.daemon.ingest`): checks each complete file, lists its
-  particles the session has not taken, and reads their images ``read_chunk`` at a time.
-  A bad file gets one log line, a metric and a row in ``rejected.tsv``.
-- **poser**: gathers particles until one forward pass is full (``batch`` views: the
-  session reference, its anchors, and ``batch - 1 - anchors`` new particles), or
-  ``flush_seconds`` after the first waiting particle; Fourier-crops them to the model
-  box and poses them in the session frame
-  (:class:`~cryofastar.engine.posing.NetworkPoser`, the same recipe as the offline job).
-  The first particles choose the session reference.
-- **accumulator**: inserts each posed particle at the input's own box and pixel size
-  into the half-set volumes (:class:`~cryofastar.daemon.state.SessionState`),
-  publishes its poses, writes and publishes the map after the first pass and then every
-  ``publish_seconds`` or ``publish_particles``; every ``checkpoint_seconds`` writes ``particles.star`` and the
-  checkpoint.
+- **reader**: checks each complete file, lists its new particles and reads their images
+  ``read_chunk`` at a time (:mod:`~cryofastar.daemon.ingest`); a bad file gets a log
+  line, a metric and a row in ``rejected.tsv`` (:mod:`~cryofastar.daemon.rejections`).
+- **poser**: gathers forward passes (:mod:`~cryofastar.daemon.batching`), Fourier-crops
+  them to the model box and poses them in the session frame
+  (:class:`~cryofastar.engine.posing.NetworkPoser`, the same recipe as the offline job;
+  the first particles choose its reference); without a network (:mod:`~cryofastar.daemon.pose_source`) poses are random
+  until refinement starts.
+- **accumulator**: refines each pass against the running map (:mod:`~cryofastar.engine.streaming_refiner`),
+  inserts it at the input's own box and pixel size (:class:`~cryofastar.daemon.state.SessionState`),
+  publishes its poses (:mod:`~cryofastar.daemon.broadcast`), and the map and checkpoint
+  when :mod:`~cryofastar.daemon.schedule` says so.
+- **status**: the status message (:mod:`~cryofastar.daemon.reporting`) every ``status_seconds``.
 
-The poser and the accumulator run at the same time: the next pass is posed while the
-last one is inserted (and while a map is computed), with ``queue_size`` posed passes of
-slack between them. (Making them take turns on a 2-core CPU was measured slower.)
-
-Stopping (:meth:`Daemon.stop`, SIGINT/SIGTERM in the CLI): the watcher stops, the
-reader stops between chunks, whatever is queued is posed and accumulated, then the map,
-``particles.star`` and the checkpoint are written. Particles read but never accumulated
-are not in the checkpoint's journal, so a restart reads them again: nothing is lost and
-nothing is counted twice, also after ``kill -9``.
+The poser and the accumulator run at the same time, ``queue_size`` posed passes apart
+(making them take turns on a 2-core CPU was measured slower). :meth:`Daemon.stop`: the
+watcher stops, the reader stops between chunks, whatever is queued is posed and
+accumulated, then the map, ``particles.star`` and the checkpoint are written. Particles
+read but never accumulated are not in the checkpoint's journal, so a restart reads them
+again: nothing is lost and nothing is counted twice, also after ``kill -9``.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import queue
@@ -48,20 +44,22 @@ import numpy as np
 import torch
 from cryofastar.engine.posing import NetworkPoser, Poses, RandomPoser, sets_per_pass
 from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
-from cryofastar.model.weights import DEFAULT_WEIGHTS, WeightsError, load_model
-from cryofastar.protocol import POSE_COLUMNS, PosesMessage, StatusMessage, VolumeMessage
+from cryofastar.model.weights import DEFAULT_WEIGHTS
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
-from cryofastar.recon.euler import matrix_to_euler
-from cryofastar.recon.fsc import shell_resolutions_angstrom
 from cryofastar.recon.io import ParticleFileError
 from cryofastar.recon.rotations import geodesic_degrees
-from cryofastar.recon.view_directions import view_direction_histogram
 
+from .batching import PassGatherer
+from .broadcast import SessionBroadcast
 from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file, read_particle_images
 from .metrics import DaemonMetrics, serve_metrics
+from .pose_source import load_network
 from .publisher import Publisher
+from .rejections import RejectionLog
+from .reporting import StatusBoard, refinement_status
+from .schedule import OutputSchedule
 from .settings import DaemonSettings
 from .state import CHECKPOINT_NAME, SessionState
 from .watcher import StackWatcher
@@ -71,9 +69,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Daemon", "DaemonSettings"]  # DaemonSettings re-exported from .settings
 
 _STOP = object()
-HISTORY_ROWS = 1000  # published maps (time, particles, resolution) re-sent with every map, for late subscribers
-RATE_SECONDS = 30.0  # particles_per_second in status messages: over this many seconds
-RECENT_REJECTIONS = 20  # rejected files listed in status messages (all of them are in rejected.tsv)
 
 
 @dataclass
@@ -83,37 +78,44 @@ class _Posed:
     frame_state: dict
 
 
-def _take(chunks: list[ParticleChunk], k: int) -> tuple[list[ParticleChunk], list[ParticleChunk]]:
-    """The first ``k`` particles of ``chunks`` and the rest (a chunk is split where needed)."""
-    head: list[ParticleChunk] = []
-    for i, chunk in enumerate(chunks):
-        if k <= 0:
-            return head, chunks[i:]
-        if len(chunk) <= k:
-            head.append(chunk)
-            k -= len(chunk)
-        else:
-            first, rest = chunk.split(k)
-            return [*head, first], [rest, *chunks[i + 1 :]]
-    return head, []
-
-
 class Daemon:
-    """One streaming session (see module docstring). Use :meth:`start`, then :meth:`stop`."""
+    """One streaming session (see module docstring). Use :meth:`start`, then :meth:`stop`.
+
+    Callers (the CLI, the demo, benchmarks) use only the public, read-only API:
+    :meth:`start`, :meth:`stop`, :meth:`wait_idle`, :meth:`status`, :attr:`errors`,
+    :attr:`settings` (as the caller gave them; never modified), :attr:`out`,
+    :attr:`device`, :attr:`poses_from`, :attr:`address`, :attr:`metrics_port`,
+    :attr:`metrics_url`, :attr:`metrics` (read its samples, e.g.
+    :meth:`DaemonMetrics.stage_seconds`), :attr:`particles_in_map`,
+    :attr:`resolution_angstrom`, :attr:`refinement_phase` and
+    :attr:`refinement_converged`. The other attributes (``state``, ``refiner``,
+    ``model``, ``frame``, the queues) are shared by the pipeline's threads and belong
+    to them.
+
+    Parameters
+    ----------
+    settings: DaemonSettings
+        What the user set; validated here.
+
+    Raises
+    ------
+    ValueError
+        Impossible settings, or weights the user named that cannot be loaded.
+    """
 
     def __init__(self, settings: DaemonSettings) -> None:
         settings.validate()
         self.settings = s = settings
-        self.out = s.out
-        self.device = resolve_device(s.device)
-        self._sets_per_pass = sets_per_pass(self.device)  # passes per forward call
-        self.model = self._load_model()
-        self.refiner = StreamingRefiner(s, self.device, poses_from=s.poses_from)
+        self._device = resolve_device(s.device)
+        self._sets_per_pass = sets_per_pass(self._device)  # passes per forward call
+        self.model, self._poses_from = load_network(s, self._device)
+        # the refiner works with the effective source of poses; the caller's settings stay as given
+        self.refiner = StreamingRefiner(s, self._device, poses_from=self._poses_from)
         self.metrics = DaemonMetrics()
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint = self.out / CHECKPOINT_NAME
+        s.out.mkdir(parents=True, exist_ok=True)
+        checkpoint = s.out / CHECKPOINT_NAME
         if checkpoint.exists():
-            self.state = SessionState.load(checkpoint, self.device)
+            self.state = SessionState.load(checkpoint, self._device)
             logger.info("resuming %s: %d particles in the map", checkpoint, self.state.n_particles)
         else:
             self.state = SessionState()
@@ -131,57 +133,104 @@ class Daemon:
         self._reading.set()
         self._done = threading.Event()
         self._status_stop = threading.Event()
-        self._rejected_lock = threading.Lock()
-        self._rejected_recent = _recent_rejections(self.out / "rejected.tsv", RECENT_REJECTIONS)
-        # (edits, monotonic time, histogram): view directions for status messages, made by the accumulator thread
-        self._views: tuple[int, float, dict | None] = (-1, -math.inf, None)
         self._threads: list[threading.Thread] = []
         self._batch_counter = 0
-        # (monotonic time, particles in map) after each insertion, seeded with the start: particles/s over
-        # the last RATE_SECONDS, falling to 0 when nothing arrives
-        self._rate_window: collections.deque[tuple[float, int]] = collections.deque(
-            [(time.monotonic(), self.state.n_particles)])
-        self._rate_lock = threading.Lock()
-        self._started_at = time.time()
-        self._last_map = (time.monotonic(), self.state.n_particles)
-        self._edits = self._edits_at_map = 0  # particles inserted or re-posed: the map changed since it was published
-        self._last_checkpoint = time.monotonic()
+        self._rejections = RejectionLog(s.out)
+        self._board = StatusBoard(
+            self.metrics, self._rejections, watch=s.watch, device=str(self._device), poses_from=self._poses_from,
+            model=None if self.model is None else (s.weights or DEFAULT_WEIGHTS).name,
+            model_box=None if self.model is None else self.model.config.box,
+            particles_in_map=self.state.n_particles, status_seconds=s.status_seconds)
+        self._schedule = OutputSchedule(s.publish_seconds, s.publish_particles, s.checkpoint_seconds,
+                                        self.state.n_particles)
+        self._edits = 0  # particles inserted or re-posed: the map changed since it was published
         self._errors: list[str] = []
-        self._counts = collections.Counter()  # this run's totals, for status messages
         self._buffered = 0  # particles waiting in the poser for a full pass
-        self.publisher: Publisher | None = None
-        self.watcher: StackWatcher | None = None
+        self._broadcast: SessionBroadcast | None = None
+        self._watcher: StackWatcher | None = None
         self._metrics_server = None
         self.metrics.particles_in_map.set(self.state.n_particles)
         if self.state.fsc_history:
             self.metrics.set_resolution_angstrom(self.state.fsc_history[-1][2])
 
-    def _load_model(self):  # noqa: ANN202 - CryoFastAR | None
-        """The network, or ``None`` for map-only sessions (also when the shipped weights cannot be loaded)."""
-        s = self.settings
-        if s.poses_from == "map-only":
-            return None
-        try:
-            return load_model(s.weights, self.device)
-        except WeightsError as exc:
-            if s.weights is not None:
-                raise ValueError(str(exc)) from None  # weights the user named must load
-            logger.warning("%s: the network is unavailable, poses come from the map only (--poses-from map-only)",
-                           exc)
-            s.poses_from = "map-only"
-            return None
+    # ------------------------------------------------------------------ public, read-only
+    @property
+    def out(self) -> Path:
+        """The output directory (``settings.out``)."""
+        return self.settings.out
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device the session runs on (``settings.device`` resolved)."""
+        return self._device
+
+    @property
+    def poses_from(self) -> str:
+        """Where poses come from: ``network``, or ``map-only`` (asked for, or the shipped weights did not load)."""
+        return self._poses_from
+
+    @property
+    def address(self) -> str | None:
+        """The ZeroMQ address maps, poses and status are published on (``None`` before :meth:`start`)."""
+        return None if self._broadcast is None else self._broadcast.address
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on (the chosen one if 0 was asked; ``None``: not served)."""
+        return None if self._metrics_server is None else int(self._metrics_server.server_port)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://HOST:PORT/metrics`` while metrics are served, else ``None``."""
+        port = self.metrics_port
+        return None if port is None else f"http://{self.settings.metrics_host}:{port}/metrics"
+
+    @property
+    def particles_in_map(self) -> int:
+        """Particles in the running map."""
+        return self.state.n_particles
+
+    @property
+    def resolution_angstrom(self) -> float:
+        """Half-map FSC 0.143 resolution (Å) of the last published map; NaN before the first."""
+        history = self.state.fsc_history
+        return history[-1][2] if history else math.nan
+
+    @property
+    def refinement_phase(self) -> str:
+        """``off``, ``waiting``, ``probe``, ``ab-initio`` or ``local`` (docs/refinement.md)."""
+        return self.refiner.phase
+
+    @property
+    def refinement_converged(self) -> bool:
+        """Whether the last re-posing sweep moved particles too little to go on (docs/refinement.md)."""
+        return self.refiner.converged
+
+    @property
+    def errors(self) -> list[str]:
+        """Unexpected failures of pipeline threads (each also logged)."""
+        return list(self._errors)
+
+    def status(self) -> dict[str, object]:
+        """Counts, rates and queue depths (the ``status`` message's body); also sets the queue gauges."""
+        queues = {"files": self.files.qsize(), "chunks": self.chunks.qsize(), "posed": self.posed.qsize()}
+        for name, depth in queues.items():
+            self.metrics.queue_depth.labels(name).set(depth)
+        return self._board.report(self.state, queues, 0 if self._watcher is None else self._watcher.pending,
+                                  refinement_status(self.refiner), self.geometry)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Bind the publisher and metrics server, start the stages, then the watcher."""
         s = self.settings
-        self.publisher = Publisher(s.zmq, republish_seconds=s.republish_seconds)
+        publisher = Publisher(s.zmq, republish_seconds=s.republish_seconds)
         try:
             if s.metrics_port is not None:
                 self._metrics_server = serve_metrics(self.metrics, s.metrics_port, s.metrics_host)
         except OSError:
-            self.publisher.close()
+            publisher.close()
             raise
+        self._broadcast = SessionBroadcast(publisher, s.watch)
         for name, target in (("reader", self._reader), ("poser", self._poser), ("accumulator", self._accumulator),
                              ("status", self._status)):
             thread = threading.Thread(target=self._guard(target), name=f"cryofastar-{name}", daemon=True)
@@ -189,52 +238,41 @@ class Daemon:
             self._threads.append(thread)
         if self.state.n_particles and self.state.geometry is not None:
             self._publish_map()  # a restarted session shows its map at once
-        self.watcher = StackWatcher(s.watch, self._on_file, poll_seconds=s.poll_seconds,
-                                    settle_seconds=s.settle_seconds, ignore=[s.out])
-        self.watcher.start()
+        self._watcher = StackWatcher(s.watch, self._on_file, poll_seconds=s.poll_seconds,
+                                     settle_seconds=s.settle_seconds, ignore=[s.out])
+        self._watcher.start()
         logger.info("watching %s (%s); outputs in %s; publishing on %s%s", s.watch,
                     f"polling every {s.poll_seconds} s" if s.poll_seconds else "inotify", s.out,
-                    self.publisher.address,
-                    f"; metrics on http://{s.metrics_host}:{self.metrics_port}/metrics" if self._metrics_server else "")
-
-    @property
-    def metrics_port(self) -> int | None:
-        """The port ``/metrics`` is served on (the chosen one if 0 was asked)."""
-        return None if self._metrics_server is None else int(self._metrics_server.server_port)
+                    self._broadcast.address, f"; metrics on {self.metrics_url}" if self._metrics_server else "")
 
     def stop(self, timeout: float = 600.0) -> None:
         """Stop watching, drain what is queued, write the map and the checkpoint."""
         self._reading.clear()  # the reader skips what is still queued (read again after a restart)
-        if self.watcher is not None:
-            self.watcher.stop()
+        if self._watcher is not None:
+            self._watcher.stop()
         self.files.put(_STOP)
         self._done.wait(timeout)
         self._status_stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
         self._publish_status()
-        if self.publisher is not None:
-            self.publisher.close()
+        if self._broadcast is not None:
+            self._broadcast.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         logger.info("stopped: %d particles in the map", self.state.n_particles)
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until every queue is empty and nothing is in flight (tests, demo)."""
+        """Wait until every queue is empty and nothing is in flight (CLI ``--idle-exit``, demo, benchmarks)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if (self.files.unfinished_tasks == 0 and self.chunks.unfinished_tasks == 0 and self._buffered == 0
-                    and self.posed.unfinished_tasks == 0 and self.watcher is not None and self.watcher.pending == 0
-                    and self.watcher.queued == 0):
+                    and self.posed.unfinished_tasks == 0 and self._watcher is not None and self._watcher.pending == 0
+                    and self._watcher.queued == 0):
                 return True
             time.sleep(0.05)
         return False
-
-    @property
-    def errors(self) -> list[str]:
-        """Unexpected failures of pipeline threads (each also logged)."""
-        return list(self._errors)
 
     # ------------------------------------------------------------------ stages
     def _guard(self, target):  # noqa: ANN001, ANN202 - thread wrapper
@@ -298,39 +336,32 @@ class Daemon:
 
     def _poser(self) -> None:
         s = self.settings
-        waiting: list[ParticleChunk] = []
-        first_at: float | None = None
+        gather = PassGatherer(s.flush_seconds)
         stopping = False
         while True:
             # one forward call holds sets_per_pass passes of batch - 1 - anchors new particles each
             unit = (s.batch - 1 - s.anchors) * self._sets_per_pass
             framed = isinstance(self.poser, NetworkPoser) and self.poser.has_reference
             wanted = unit if framed else max(s.batch - 1, s.candidates)
-            n = sum(len(c) for c in waiting)
-            due = first_at is not None and time.monotonic() - first_at >= s.flush_seconds
-            if waiting and (n >= wanted or due or stopping):
-                # full calls only; the remainder waits for more particles (or the flush timeout)
-                take = n if (due or stopping or not framed) else (n // unit) * unit
-                batch, waiting = _take(waiting, take)
+            batch = gather.next_call(unit, wanted, whole_calls=framed, flush=stopping)
+            if batch:
                 self._pose(batch)
-                self._buffered = sum(len(c) for c in waiting)
-                first_at = time.monotonic() if waiting else None
+                self._buffered = gather.waiting  # only now: wait_idle() must not see the pass as done before
+                gather.restart_clock()
                 continue
             if stopping:
                 self.posed.put(_STOP)
                 return
-            timeout = None if first_at is None else max(0.01, s.flush_seconds - (time.monotonic() - first_at))
             try:
-                item = self.chunks.get(timeout=timeout)
+                item = self.chunks.get(timeout=gather.timeout())
             except queue.Empty:
                 continue
             self.chunks.task_done()
             if item is _STOP:
                 stopping = True
                 continue
-            waiting.append(item)
+            gather.add(item)
             self._buffered += len(item)
-            first_at = first_at or time.monotonic()
 
     def _pose(self, chunks: list[ParticleChunk]) -> None:
         s = self.settings
@@ -378,7 +409,7 @@ class Daemon:
                 finally:
                     self.posed.task_done()
             self._update_views(force=True)
-            if self.state.n_particles and (self._edits != self._edits_at_map or not self.state.fsc_history):
+            if self.state.n_particles and (self._schedule.changed(self._edits) or not self.state.fsc_history):
                 self._publish_map()
             self._checkpoint()
         finally:
@@ -386,7 +417,7 @@ class Daemon:
 
     def _accumulate(self, posed: _Posed) -> None:
         s, st = self.settings, self.state
-        assert self.geometry is not None
+        assert self.geometry is not None and self._broadcast is not None
         t0 = time.perf_counter()
         if st.accumulator is None:
             st.geometry = self.geometry
@@ -422,19 +453,20 @@ class Daemon:
             if chunk.optics and not st.optics:
                 st.optics = dict(chunk.optics)
             self.metrics.particles_accumulated.inc(n)
-            self._publish_poses(chunk, rotations, origins, confidence)
+            self._broadcast.poses(chunk.stacks, chunk.indices, chunk.half_sets, rotations, origins, confidence,
+                                  self._batch_counter)
         if posed.frame_state:
             st.frame = posed.frame_state
         self._edits += len(pass_rotations)
         self.refiner.note_new_particles()
         if refined is not None:
             self._repose()
-        if self._last_map[1] == 0 and not st.fsc_history:
-            self._last_map = (time.monotonic(), 0)  # the map clock starts with the session's first particles
+        self._schedule.particles_arrived(has_map=bool(st.fsc_history))
         self.metrics.particles_in_map.set(st.n_particles)
-        self._rate_window.append((time.monotonic(), st.n_particles))
+        self._board.rate.add(time.monotonic(), st.n_particles)
         self.metrics.latency.labels("accumulate").observe(time.perf_counter() - t0)
 
+    # ------------------------------------------------------------------ refinement of each pass
     def _refine_pass(self, chunks: list[ParticleChunk], rotations: torch.Tensor, origins: torch.Tensor):  # noqa: ANN202
         """The pass's poses refined against the running map (``None`` before refinement starts or on failure)."""
         if not self.refiner.active:
@@ -519,50 +551,26 @@ class Daemon:
         self._count("particles_reposed", len(rows))
         self.metrics.latency.labels("repose").observe(time.perf_counter() - t0)
 
-    def _publish_poses(self, chunk: ParticleChunk, rotations: torch.Tensor, origins: torch.Tensor,
-                       confidence: torch.Tensor) -> None:
-        rot, tilt, psi = matrix_to_euler(rotations.double())
-        table = torch.stack([rot, tilt, psi, origins[:, 0], origins[:, 1], confidence.double()], -1)
-        names = [self._particle_id(stack, index) for stack, index in zip(chunk.stacks, chunk.indices, strict=True)]
-        assert self.publisher is not None and len(POSE_COLUMNS) == table.shape[1]
-        self.publisher.publish(PosesMessage(table.float().numpy(), names, self._batch_counter,
-                                            chunk.half_sets.tolist()))
-
-    def _particle_id(self, stack: str, index: int) -> str:
-        try:
-            name = Path(stack).relative_to(self.settings.watch.resolve()).as_posix()
-        except ValueError:
-            name = stack
-        return f"{int(index):06d}@{name}"
-
+    # ------------------------------------------------------------------ outputs
     def _maybe_publish_and_checkpoint(self) -> None:
-        s, st = self.settings, self.state
+        """Write and publish the map, and checkpoint, when :class:`OutputSchedule` says so (accumulator thread)."""
+        st = self.state
         self._update_views()
         now = time.monotonic()
-        last_t, last_n = self._last_map
-        first = not st.fsc_history  # the first map goes out with the first pass: something to look at at once
-        changed = self._edits != self._edits_at_map
-        if st.n_particles and changed and (first or now - last_t >= s.publish_seconds
-                                           or st.n_particles - last_n >= s.publish_particles
-                                           or self.refiner.wants_reference(st.n_particles)):
+        if self._schedule.map_due(st.n_particles, self._edits, first=not st.fsc_history,
+                                  wants_reference=self.refiner.wants_reference(st.n_particles), now=now):
             self._publish_map()
-        if now - self._last_checkpoint >= s.checkpoint_seconds and st.accumulator is not None:
+        if self._schedule.checkpoint_due(now) and st.accumulator is not None:
             self._checkpoint()
 
     def _publish_map(self) -> None:
         st = self.state
-        assert st.geometry is not None and st.accumulator is not None
+        assert st.geometry is not None and st.accumulator is not None and self._broadcast is not None
         t0 = time.perf_counter()
         volume, curve, resolution, halves = st.write_maps(self.out)
         self.refiner.update_reference(halves, st.geometry.apix, resolution, st.n_particles)
-        shells = shell_resolutions_angstrom(st.geometry.box, st.geometry.apix)
-        assert self.publisher is not None
-        self.publisher.publish(VolumeMessage(volume.float().cpu().numpy(), st.geometry.apix, st.n_particles,
-                                             resolution if math.isfinite(resolution) else None,
-                                             shells.float().numpy(), curve.float().cpu().numpy(),
-                                             history=np.asarray(st.fsc_history[-HISTORY_ROWS:], dtype=np.float64)))
-        self._last_map = (time.monotonic(), st.n_particles)
-        self._edits_at_map = self._edits
+        self._broadcast.volume(volume, st.geometry.apix, st.n_particles, resolution, curve, st.fsc_history)
+        self._schedule.map_published(st.n_particles, self._edits)
         self.metrics.maps_published.inc()
         self.metrics.set_resolution_angstrom(resolution)
         self.metrics.latency.labels("map").observe(time.perf_counter() - t0)
@@ -575,116 +583,32 @@ class Daemon:
         self.state.counters["refinement_local"] = int(self.refiner.phase == "local")
         self.state.write_particles(self.out)
         self.state.save(self.out / CHECKPOINT_NAME)
-        self._last_checkpoint = time.monotonic()
+        self._schedule.checkpoint_written()
         self.metrics.latency.labels("checkpoint").observe(time.perf_counter() - t0)
+
+    def _update_views(self, force: bool = False) -> None:
+        """Recompute the status messages' view directions (accumulator thread: it owns the pose table)."""
+        self._board.views.update(self._edits, self.state.poses, force=force)
 
     def _status(self) -> None:
         while not self._status_stop.wait(self.settings.status_seconds):
             self._publish_status()
 
-    def status(self) -> dict[str, object]:
-        """Counts, rates and queue depths (the ``status`` message's body)."""
-        st = self.state
-        rate = self._particles_per_second(time.monotonic())
-        geometry = st.geometry or self.geometry
-        queues = {"files": self.files.qsize(), "chunks": self.chunks.qsize(), "posed": self.posed.qsize()}
-        for name, depth in queues.items():
-            self.metrics.queue_depth.labels(name).set(depth)
-        return {
-            "particles_in_map": st.n_particles,
-            "particles_ingested": self._counts["particles_ingested"],
-            "particles_posed": self._counts["particles_posed"],
-            "particles_rejected": self._counts["particles_rejected"],
-            "particles_refined": self._counts["particles_refined"],
-            "particles_reposed": self._counts["particles_reposed"],
-            "refinement": self._refinement_status(),
-            "particles_per_second": rate,
-            "files_seen": st.counters.get("files_seen", 0),
-            "files_rejected": st.counters.get("files_rejected", 0),
-            "files_pending": 0 if self.watcher is None else self.watcher.pending,
-            "queues": queues,
-            "resolution_angstrom": st.fsc_history[-1][2] if st.fsc_history and math.isfinite(
-                st.fsc_history[-1][2]) else None,
-            "box": None if geometry is None else geometry.box,
-            "apix": None if geometry is None else geometry.apix,
-            "model_box": None if self.model is None else self.model.config.box,
-            "poses_from": self.settings.poses_from,
-            "model": None if self.model is None else (self.settings.weights or DEFAULT_WEIGHTS).name,
-            "watch": str(self.settings.watch),
-            "device": str(self.device),
-            "rejected_recent": list(self._rejected_recent),
-            "views": self._views[2],
-            "uptime_seconds": time.time() - self._started_at,
-        }
-
-    def _particles_per_second(self, now: float) -> float:
-        """Particles inserted per second over the last ``RATE_SECONDS`` (less if the session is younger)."""
-        with self._rate_lock:
-            window = self._rate_window
-            while len(window) >= 2 and window[1][0] <= now - RATE_SECONDS:
-                window.popleft()  # window[0] stays the last point at or before the horizon: the base count
-            (t0, n0), n1 = window[0], window[-1][1]
-        span = min(RATE_SECONDS, now - t0)
-        return (n1 - n0) / span if span > 0 else 0.0
-
-    def _update_views(self, force: bool = False) -> None:
-        """Recompute the view-direction histogram of status messages (accumulator thread: it owns the pose table).
-
-        At most once per ``status_seconds`` unless ``force``, and only when poses changed.
-        """
-        edits, (last_edits, last_time, _) = self._edits, self._views
-        now = time.monotonic()
-        if edits != last_edits and (force or now - last_time >= self.settings.status_seconds):
-            angles = self.state.poses.column("angles")
-            self._views = (edits, now, view_direction_histogram(angles[:, 0], angles[:, 1]).to_json())
-
-    def _refinement_status(self) -> dict[str, object]:
-        r = self.refiner
-        return {"active": r.active, "phase": r.phase, "reference_version": r.version,
-                "network_informative": r.network_informative,
-                "working_box": None if r.reference is None else r.reference.work,
-                "band_angstrom": None if r.reference is None else r.reference.apix_work / r.reference.local_band}
-
     def _publish_status(self) -> None:
-        if self.publisher is not None and not self.publisher.closed:
-            self.publisher.publish(StatusMessage(self.status()))
+        if self._broadcast is not None:
+            self._broadcast.status(self.status())
 
     def _count(self, name: str, n: int) -> None:
-        self._counts[name] += n
-        getattr(self.metrics, name).inc(n)
+        self._board.count(name, n)
 
     # ------------------------------------------------------------------ bad input
     def _forget(self, chunk: ParticleChunk) -> None:
         self.taken.remove(chunk.stacks, chunk.indices)
 
     def _reject(self, path: Path, reason: str, count_file: bool = True) -> None:
+        """Log, count (a whole file unless ``count_file`` is false) and record a rejection in ``rejected.tsv``."""
         logger.warning("rejected: %s", reason)
         if count_file:
             self.metrics.files_rejected.inc()
             self.state.counters["files_rejected"] = self.state.counters.get("files_rejected", 0) + 1
-        now, reason = time.time(), reason.replace(chr(9), " ").replace(chr(10), " ")
-        line = f"{now:.3f}\t{path}\t{reason}\n"
-        with self._rejected_lock:
-            self._rejected_recent.append({"time": round(now, 3), "path": str(path), "reason": reason})
-            target = self.out / "rejected.tsv"
-            new = not target.exists()
-            with open(target, "a", encoding="utf-8") as handle:
-                if new:
-                    handle.write("unix_time\tpath\treason\n")
-                handle.write(line)
-
-
-def _recent_rejections(path: Path, keep: int) -> collections.deque:
-    """The last ``keep`` rows of a session's ``rejected.tsv`` as status entries (empty if none)."""
-    recent: collections.deque = collections.deque(maxlen=keep)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    except (OSError, UnicodeDecodeError):
-        return recent
-    for line in lines[-keep:]:
-        fields = line.split("\t", 2)
-        try:
-            recent.append({"time": float(fields[0]), "path": fields[1], "reason": fields[2]})
-        except (ValueError, IndexError):
-            continue  # a torn last line after a crash: the rest still shows
-    return recent
+        self._rejections.record(path, reason)

@@ -156,16 +156,3 @@ def test_session_state_checkpoint_round_trip_and_particles_star(tmp_path):
     (out / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable session checkpoint"):
         SessionState.load(out / "bad.pt")
-
-
-def test_chunks_split_and_batches_take_whole_passes(tmp_path):
-    from cryofastar.daemon.pipeline import _take
-
-    _stack(tmp_path / "a.mrcs", n=5)
-    _stack(tmp_path / "b.mrcs", n=4, seed=1)
-    chunks = [next(plan_particle_file(tmp_path / name, tmp_path, None, IngestJournal())[0].chunks())
-              for name in ("a.mrcs", "b.mrcs")]
-    head, rest = _take(chunks, 7)
-    assert [len(c) for c in head] == [5, 2] and [len(c) for c in rest] == [2]
-    assert rest[0].indices.tolist() == [3, 4] and torch.equal(rest[0].images, chunks[1].images[2:])
-    assert _take(chunks, 9)[1] == [] and _take(chunks, 0)[0] == []

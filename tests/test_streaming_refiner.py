@@ -137,10 +137,10 @@ def test_a_session_restarted_past_its_ab_initio_resumes_in_the_local_phase(tmp_p
     from cryofastar.daemon.state import CHECKPOINT_NAME, SessionState
 
     settings = _settings(tmp_path, poses_from="map-only", metrics_port=None)
-    assert Daemon(settings).refiner.phase == "waiting"  # a new session
+    assert Daemon(settings).refinement_phase == "waiting"  # a new session
     (tmp_path / "out").mkdir(exist_ok=True)
     SessionState(counters={"refinement_local": 1}).save(tmp_path / "out" / CHECKPOINT_NAME)
-    assert Daemon(settings).refiner.phase == "local"
+    assert Daemon(settings).refinement_phase == "local"
 
 
 def test_ctf_parameters_of_several_chunks_concatenate_in_order():

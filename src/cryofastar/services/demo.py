@@ -77,9 +77,9 @@ def _table(daemon: Daemon, written: int, n: int, started: float, dashboard: str 
     table.add_row("queues (files / chunks / posed)", f"{queues['files']} / {queues['chunks']} / {queues['posed']}")
     table.add_row("rejected files", str(s["files_rejected"]))
     table.add_row("outputs", str(daemon.out))
-    table.add_row("ZeroMQ", daemon.publisher.address if daemon.publisher else "—")
-    if daemon.metrics_port:
-        table.add_row("metrics", f"http://{daemon.settings.metrics_host}:{daemon.metrics_port}/metrics")
+    table.add_row("ZeroMQ", daemon.address or "—")
+    if daemon.metrics_url:
+        table.add_row("metrics", daemon.metrics_url)
     if dashboard:
         table.add_row("live dashboard", dashboard)
     return table
@@ -139,7 +139,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], object] = print) -> D
     dashboard = None
     try:
         if s.dashboard_port is not None:
-            dashboard = _start_dashboard(connectable(daemon.publisher.address), s.dashboard_port, echo)
+            dashboard = _start_dashboard(connectable(daemon.address), s.dashboard_port, echo)
             echo(f"live dashboard: {dashboard.url}  (open it in a browser; it works offline)")
             if s.browser or (s.browser is None and _has_display()):
                 _open_browser(dashboard.url)
@@ -154,19 +154,18 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], object] = print) -> D
         raise RuntimeError(f"the simulated microscope failed: {failure[0]}")
     if daemon.errors:
         raise RuntimeError(f"the pipeline failed: {daemon.errors[0]}")
-    st = daemon.state
-    resolution = st.fsc_history[-1][2] if st.fsc_history else float("nan")
+    particles, resolution = daemon.particles_in_map, daemon.resolution_angstrom
     seconds = time.monotonic() - started
     truth, _ = read_volume(session / "reference.mrc")
     errors = evaluate_particle_sets(EvaluateSettings(outputs / "particles.star", session / "particles.star"))
     aligned, _ = map_in_true_frame(outputs / "particles.star", errors.predicted.alignment, device=daemon.device)
     true_fsc = resolution_vs_reference(aligned, truth, s.apix, 0.5)
-    echo(f"done in {seconds:.0f} s: {st.n_particles} particles in the map; half-map FSC 0.143: {resolution:.1f} Å")
+    echo(f"done in {seconds:.0f} s: {particles} particles in the map; half-map FSC 0.143: {resolution:.1f} Å")
     echo(f"against the truth: median pose error {errors.predicted.geodesic_median_degrees:.1f}° (random poses: "
          f"{errors.chance.geodesic_median_degrees:.0f}°); FSC 0.5 of the map (in the true frame) against the true "
          f"map: {true_fsc:.1f} Å")
     echo(f"map: {outputs / 'volume.mrc'}  poses: {outputs / 'particles.star'}  true map: {session / 'reference.mrc'}")
-    return DemoResult(directory, st.n_particles, resolution, true_fsc, seconds,
+    return DemoResult(directory, particles, resolution, true_fsc, seconds,
                       errors.predicted.geodesic_median_degrees, errors.chance.geodesic_median_degrees)
 
 
@@ -202,11 +201,11 @@ def _follow(daemon: Daemon, simulator: threading.Thread, written: list[int], n: 
     def finished() -> bool:
         if not taken_at:
             if not (not simulator.is_alive() and daemon.wait_idle(0.2)
-                    and bool(daemon.errors or daemon.state.n_particles >= written[0])):
+                    and bool(daemon.errors or daemon.particles_in_map >= written[0])):
                 return False
             taken_at.append(time.monotonic())
-        r = daemon.refiner
-        settled = r.phase in ("off", "waiting") or (r.phase == "local" and r.converged)
+        phase = daemon.refinement_phase
+        settled = phase in ("off", "waiting") or (phase == "local" and daemon.refinement_converged)
         return bool(daemon.errors) or settled or time.monotonic() - taken_at[0] >= polish
 
     if live:

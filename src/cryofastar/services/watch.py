@@ -66,11 +66,10 @@ def run_service(settings: DaemonSettings, service: ServiceSettings | None = None
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         daemon.start()
-        echo(f"watching {settings.watch} -> {settings.out}; ZeroMQ {daemon.publisher.address}"
-             + (f"; metrics http://{settings.metrics_host}:{daemon.metrics_port}/metrics" if daemon.metrics_port
-                else ""))
+        echo(f"watching {settings.watch} -> {settings.out}; ZeroMQ {daemon.address}"
+             + (f"; metrics {daemon.metrics_url}" if daemon.metrics_url else ""))
         if service.dashboard_port is not None:
-            dashboard = DashboardProcess(connectable(daemon.publisher.address), service.dashboard_port,
+            dashboard = DashboardProcess(connectable(daemon.address), service.dashboard_port,
                                          service.dashboard_host)
             echo(f"dashboard {dashboard.url}")
         _wait(daemon, stop, service.idle_exit)
@@ -80,9 +79,7 @@ def run_service(settings: DaemonSettings, service: ServiceSettings | None = None
         daemon.stop()
         if dashboard is not None:
             dashboard.stop()
-    st = daemon.state
-    resolution = st.fsc_history[-1][2] if st.fsc_history else float("nan")
-    echo(f"stopped: {st.n_particles} particles in the map, resolution {resolution:.2f} Å; "
+    echo(f"stopped: {daemon.particles_in_map} particles in the map, resolution {daemon.resolution_angstrom:.2f} Å; "
          f"map {settings.out / 'volume.mrc'}")
     if daemon.errors:
         raise RuntimeError(f"the pipeline failed: {daemon.errors[0]}")

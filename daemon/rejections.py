@@ -1,0 +1,96 @@
+"""The session's record of rejected input: ``rejected.tsv`` and the recent rows of status messages.
+
+``rejected.tsv`` in ``--out`` has a header ``unix_time  path  reason`` and one
+tab-separated row per rejection (a whole file, or some of a file's particles). Tabs and
+newlines in a reason become spaces, so every row is one line. The last
+:data:`RECENT_REJECTIONS` rows are also kept in memory for the ``rejected_recent`` field
+of status messages; a restarted session reads them back from the file.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["RECENT_REJECTIONS", "REJECTED_NAME", "RejectionLog", "recent_rejections"]
+
+REJECTED_NAME = "rejected.tsv"
+RECENT_REJECTIONS = 20  # rejected files listed in status messages (all of them are in rejected.tsv)
+_HEADER = "unix_time\tpath\treason\n"
+
+
+def recent_rejections(path: Path, keep: int) -> collections.deque:
+    """The last ``keep`` rows of a session's ``rejected.tsv`` as status entries.
+
+    Parameters
+    ----------
+    path: Path
+        The ``rejected.tsv`` file (it may not exist yet).
+    keep: int
+        How many of the last rows to return.
+
+    Returns
+    -------
+    collections.deque
+        ``{"time": float, "path": str, "reason": str}`` per row, oldest first, at most
+        ``keep`` of them (``maxlen=keep``); empty when the file is missing or unreadable.
+        A torn last line (a crash mid-write) is left out; the other rows still come back.
+    """
+    recent: collections.deque = collections.deque(maxlen=keep)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    except (OSError, UnicodeDecodeError):
+        return recent
+    for line in lines[-keep:]:
+        fields = line.split("\t", 2)
+        try:
+            recent.append({"time": float(fields[0]), "path": fields[1], "reason": fields[2]})
+        except (ValueError, IndexError):
+            continue  # a torn last line after a crash: the rest still shows
+    return recent
+
+
+class RejectionLog:
+    """The one writer of a session's ``rejected.tsv``, and its recent rows (thread-safe).
+
+    Parameters
+    ----------
+    out: Path
+        The session's output directory; the file is ``out / "rejected.tsv"``, created
+        with its header by the first rejection.
+    keep: int
+        Rows returned by :meth:`recent` (the file keeps all of them).
+    """
+
+    def __init__(self, out: Path, keep: int = RECENT_REJECTIONS) -> None:
+        self.path = Path(out) / REJECTED_NAME
+        self._lock = threading.Lock()
+        self._recent = recent_rejections(self.path, keep)
+
+    def record(self, path: Path | str, reason: str) -> dict[str, object]:
+        """Append one row (now, ``path``, ``reason``) to the file and the recent list.
+
+        Returns
+        -------
+        dict
+            The status entry recorded: ``{"time", "path", "reason"}`` (time rounded to ms,
+            tabs and newlines of the reason replaced by spaces).
+        """
+        now, reason = time.time(), reason.replace(chr(9), " ").replace(chr(10), " ")
+        entry = {"time": round(now, 3), "path": str(path), "reason": reason}
+        line = f"{now:.3f}\t{path}\t{reason}\n"
+        with self._lock:
+            self._recent.append(entry)
+            new = not self.path.exists()
+            with open(self.path, "a", encoding="utf-8") as handle:
+                if new:
+                    handle.write(_HEADER)
+                handle.write(line)
+        return entry
+
+    def recent(self) -> list[dict[str, object]]:
+        """The last rows, oldest first (a copy: the status message's ``rejected_recent``)."""
+        with self._lock:
+            return list(self._recent)

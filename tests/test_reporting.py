@@ -1,0 +1,96 @@
+"""The status message's body (daemon.reporting): particle rate, view directions, counts, the assembled report."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from cryofastar.daemon.ingest import SessionGeometry
+from cryofastar.daemon.metrics import DaemonMetrics
+from cryofastar.daemon.rejections import RejectionLog
+from cryofastar.daemon.reporting import COUNTS, RateWindow, StatusBoard, ViewDirections, refinement_status
+from cryofastar.daemon.settings import DaemonSettings
+from cryofastar.daemon.state import PoseTable, SessionState
+from cryofastar.engine.streaming_refiner import StreamingRefiner
+from cryofastar.recon.rotations import random_rotations
+
+
+def _poses(n: int, seed: int = 0) -> PoseTable:
+    table = PoseTable()
+    rotations = random_rotations(n, torch.Generator().manual_seed(seed))
+    table.append(np.array(["/a.mrcs"] * n), np.arange(1, n + 1), rotations, torch.zeros(n, 2, dtype=torch.float64),
+                 torch.ones(n), 1 + torch.arange(n) % 2, None)
+    return table
+
+
+def _board(tmp_path, metrics: DaemonMetrics | None = None) -> StatusBoard:
+    return StatusBoard(metrics or DaemonMetrics(), RejectionLog(tmp_path), watch=tmp_path / "watch", device="cpu",
+                       poses_from="map-only", model=None, model_box=None, particles_in_map=0, status_seconds=1.0)
+
+
+def test_particles_per_second_covers_the_last_30_s_and_falls_to_zero_when_idle():
+    window = RateWindow(0, now=1000.0)
+    assert window.started == 1000.0 and window.per_second(1005.0) == 0.0  # nothing yet
+    for i in range(1, 11):  # 100 particles/s for 10 s
+        window.add(1000.0 + i, 100 * i)
+    assert window.per_second(1010.0) == pytest.approx(100.0)
+    assert window.per_second(1020.0) == pytest.approx(1000 / 20)  # younger than the window
+    assert window.per_second(1035.0) == pytest.approx(500 / 30)  # only the last 5 s of it count
+    assert window.per_second(1045.0) == 0.0  # idle for 35 s
+    assert RateWindow(0, now=5.0).per_second(5.0) == 0.0  # no time has passed
+
+
+def test_view_directions_are_recomputed_only_when_poses_changed_and_the_period_passed():
+    views = ViewDirections(period_seconds=1.0)
+    assert views.histogram is None
+    assert views.update(edits=10, poses=_poses(10), now=0.0)
+    first = views.histogram
+    assert sum(map(sum, first["counts"])) == 10 and len(first["azimuth_edges_degrees"]) == 37
+    assert not views.update(edits=10, poses=_poses(30), now=5.0)  # no change since
+    assert not views.update(edits=30, poses=_poses(30), now=0.5)  # within the period
+    assert views.histogram is first
+    assert views.update(edits=30, poses=_poses(30), now=0.5, force=True)
+    assert sum(map(sum, views.histogram["counts"])) == 30
+
+
+def test_counts_go_to_the_report_and_to_their_prometheus_counters(tmp_path):
+    metrics = DaemonMetrics()
+    board = _board(tmp_path, metrics)
+    board.count("particles_posed", 7)
+    board.count("particles_posed", 3)
+    board.count("particles_rejected", 2)
+    assert board.total("particles_posed") == 10 and board.total("particles_refined") == 0
+    assert metrics.total("particles_posed") == 10.0 and metrics.total("particles_rejected") == 2.0
+    with pytest.raises(ValueError, match="unknown count"):
+        board.count("maps_published", 1)  # a counter of its own, not one of this run's totals
+
+
+def test_the_report_carries_the_session_its_counts_and_its_rejections(tmp_path):
+    board = _board(tmp_path)
+    board.count("particles_ingested", 40)
+    board.rejections.record(tmp_path / "bad.mrcs", "bad.mrcs: not a readable MRC")
+    state = SessionState(counters={"files_seen": 3, "files_rejected": 1})
+    refiner = StreamingRefiner(DaemonSettings(watch=tmp_path, out=tmp_path / "out", poses_from="map-only"),
+                               torch.device("cpu"))
+    status = board.report(state, {"files": 1, "chunks": 0, "posed": 2}, files_pending=4,
+                          refinement=refinement_status(refiner), geometry=SessionGeometry(64, 1.5))
+    assert list(status) == ["particles_in_map", *COUNTS, "refinement", "particles_per_second", "files_seen",
+                            "files_rejected", "files_pending", "queues", "resolution_angstrom", "box", "apix",
+                            "model_box", "poses_from", "model", "watch", "device", "rejected_recent", "views",
+                            "uptime_seconds"]
+    assert status["particles_ingested"] == 40 and status["particles_in_map"] == 0
+    assert (status["files_seen"], status["files_rejected"], status["files_pending"]) == (3, 1, 4)
+    assert status["queues"] == {"files": 1, "chunks": 0, "posed": 2}
+    assert (status["box"], status["apix"]) == (64, 1.5)  # the reader's geometry while the map has none
+    assert status["resolution_angstrom"] is None and status["views"] is None
+    assert status["poses_from"] == "map-only" and status["model"] is None and status["device"] == "cpu"
+    assert status["refinement"] == {"active": False, "phase": "waiting", "reference_version": 0,
+                                    "network_informative": None, "working_box": None, "band_angstrom": None}
+    assert [r["path"] for r in status["rejected_recent"]] == [str(tmp_path / "bad.mrcs")]
+    assert status["watch"] == str(tmp_path / "watch") and status["uptime_seconds"] >= 0
+    state.fsc_history.append((0.0, 10, math.inf))  # an undefined resolution is sent as unknown
+    assert board.report(state, {}, 0, {})["resolution_angstrom"] is None
+    state.fsc_history.append((1.0, 20, 7.5))
+    assert board.report(state, {}, 0, {})["resolution_angstrom"] == 7.5
