@@ -47,12 +47,11 @@ import numpy as np
 import torch
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
 from cryofastar.recon import HalfSetAccumulator
-from cryofastar.recon.io import read_particles
+from cryofastar.recon.io import ParticleSource, read_particles
 from cryofastar.recon.map_alignment import resolution_vs_reference
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, write_session
 
 from cryofastar.commands import evaluate
-from cryofastar.commands.backproject import read_finite_images
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_ab_initio import SEEDS  # noqa: E402 - a sibling script
@@ -105,7 +104,8 @@ def true_pose_map(star: Path, truth_table, apix: float) -> tuple[torch.Tensor, f
     """Map and half-map FSC-0.143 resolution from the true poses (all particles read at once)."""
     acc = HalfSetAccumulator(truth_table.box, apix, interpolation="nearest")
     rows = np.arange(len(truth_table))
-    acc.add(read_finite_images(truth_table, rows), truth_table.rotations(), truth_table.origins_angstrom(),
+    images = ParticleSource.from_star(star, table=truth_table).images(rows).all_images()
+    acc.add(images, truth_table.rotations(), truth_table.origins_angstrom(),
             truth_table.half_sets())
     return acc.volume(), acc.resolution_angstrom()
 

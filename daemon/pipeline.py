@@ -56,11 +56,11 @@ from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import shell_resolutions_angstrom
-from cryofastar.recon.io import ParticleFileError
+from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource, SkippedImages
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.view_directions import view_direction_histogram
 
-from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file, read_particle_images
+from .ingest import NotParticles, Rejected, plan_particle_file
 from .metrics import DaemonMetrics, serve_metrics
 from .publisher import Publisher
 from .refiner import UNREADABLE, StreamingRefiner
@@ -273,7 +273,7 @@ class Daemon:
         s = self.settings
         t0 = time.perf_counter()
         try:
-            plan, geometry = plan_particle_file(path, s.watch, self.geometry, self.taken, s.apix)
+            source, geometry = plan_particle_file(path, s.watch, self.geometry, self.taken, s.apix)
         except NotParticles as exc:
             logger.info("skipped: %s", exc)
             return
@@ -281,24 +281,24 @@ class Daemon:
             self._reject(path, str(exc))
             return
         self.geometry = geometry
-        if len(plan) == 0:
+        if len(source) == 0:
             return
-        dropped = 0
+        skipped: list[SkippedImages] = []
         try:
-            for chunk in plan.chunks(s.read_chunk):
-                dropped += chunk.dropped
+            for chunk in source.chunks(s.read_chunk):
+                skipped.append(chunk.skipped)
                 if len(chunk):
                     self.taken.add(chunk.stacks, chunk.indices)
                     self._count("particles_ingested", len(chunk))
                     self.chunks.put(chunk)
                 if not self._reading.is_set():
                     break  # stopping: the rest is read again after a restart
-        except Rejected as exc:
+        except ParticleFileError as exc:  # a stack became unreadable since the file was checked
             self._reject(path, str(exc))
-        if dropped:
-            self._count("particles_rejected", dropped)
-            self._reject(path, f"{path}: {dropped} image(s) contain NaN or Inf pixels and were skipped; "
-                               "the file's other images were taken", count_file=False)
+        dropped = SkippedImages.concat(skipped)
+        if len(dropped):
+            self._count("particles_rejected", len(dropped))
+            self._reject(path, f"{dropped.describe(path)}; the file's other images were taken", count_file=False)
         self.metrics.latency.labels("read").observe(time.perf_counter() - t0)
 
     def _poser(self) -> None:
@@ -361,7 +361,7 @@ class Daemon:
             logger.exception("forward pass failed")
             for chunk in chunks:
                 self._forget(chunk)
-                self._reject(chunk.source, f"{chunk.source}: pose estimation failed ({exc})", count_file=False)
+                self._reject(chunk.origin, f"{chunk.origin}: pose estimation failed ({exc})", count_file=False)
             self._count("particles_rejected", len(images))
             return
         self._batch_counter += 1
@@ -423,7 +423,7 @@ class Daemon:
                 st.accumulator.add(chunk.images, rotations, origins, chunk.half_sets, chunk.ctf)
             except ValueError as exc:
                 self._forget(chunk)
-                self._reject(chunk.source, f"{chunk.source}: insertion failed ({exc})", count_file=False)
+                self._reject(chunk.origin, f"{chunk.origin}: insertion failed ({exc})", count_file=False)
                 self._count("particles_rejected", n)
                 continue
             st.journal.add(chunk.stacks, chunk.indices)
@@ -475,7 +475,7 @@ class Daemon:
         rows = np.arange(min(self.refiner.seed_particles, len(table)))
         t0 = time.perf_counter()
         try:
-            images = read_particle_images(table.stack_paths(rows), table.column("index")[rows])
+            images = self._read_again(rows)
             ctf = table.ctf(rows)
             halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
             new = self.refiner.bootstrap(images, halves, ctf, st.geometry.apix, rows)
@@ -499,6 +499,17 @@ class Daemon:
         self._edits += len(rows)
         self.refiner.note_moves(geodesic_degrees(new.rotations, old_rotations), st.n_particles)
 
+    def _read_again(self, rows: np.ndarray) -> torch.Tensor:
+        """`(len(rows), B, B)` float32 images of map particles ``rows``, read again (one read per stack).
+
+        Raises ParticleFileError (naming the images) if a stack is gone or an image is no longer finite.
+        """
+        table, geometry = self.state.poses, self.state.geometry
+        source = ParticleSource.from_locations(self.out, table.stack_paths(rows), table.column("index")[rows],
+                                               geometry.box, geometry.apix,
+                                               torch.from_numpy(table.column("half_set")[rows].astype(np.int64)))
+        return source.images().all_images()
+
     def _idle_work_left(self) -> bool:
         """Whether re-posing while idle is worth doing (docs/refinement.md, "While idle")."""
         r = self.refiner
@@ -518,7 +529,7 @@ class Daemon:
         t0 = time.perf_counter()
         rows = np.sort(rows)
         try:
-            images = read_particle_images(table.stack_paths(rows), table.column("index")[rows])
+            images = self._read_again(rows)
             ctf = table.ctf(rows)
         except (ParticleFileError, ValueError) as exc:
             logger.warning("cannot re-pose %d particles (%s); they keep their poses", len(rows), exc)

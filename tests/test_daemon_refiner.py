@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cryofastar.daemon.ingest import read_particle_images
 from cryofastar.daemon.refiner import StreamingRefiner
 from cryofastar.daemon.settings import DaemonSettings
 from cryofastar.daemon.state import PoseTable
 from cryofastar.recon import CtfParams
-from cryofastar.recon.io import ParticleFileError, write_stack
+from cryofastar.recon.io import ParticleFileError, ParticleSource, write_stack
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
@@ -126,10 +125,11 @@ def test_images_are_read_again_per_stack(tmp_path):
     write_stack(tmp_path / "a.mrcs", images, 1.0)
     write_stack(tmp_path / "b.mrcs", -images, 1.0)
     names = np.array([str(tmp_path / "a.mrcs"), str(tmp_path / "b.mrcs")], dtype=object)
-    got = read_particle_images(names[[1, 0, 1]], np.array([2, 5, 1]))
+    source = ParticleSource.from_locations(tmp_path, names[[1, 0, 1]], np.array([2, 5, 1]), 8, 1.0)
+    got = source.images().all_images()
     assert torch.equal(got, torch.stack([-images[1], images[4], -images[0]]))
     with pytest.raises(ParticleFileError):
-        read_particle_images(names[[0]], np.array([9]))
+        ParticleSource.from_locations(tmp_path, names[[0]], np.array([9]), 8, 1.0).images()
 
 
 def test_a_session_restarted_past_its_ab_initio_resumes_in_the_local_phase(tmp_path):

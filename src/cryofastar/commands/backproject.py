@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +19,14 @@ from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from cryofastar.recon.insertion import Interpolation
-from cryofastar.recon.io import ParticleFileError, read_particles, read_volume, write_fsc_table, write_volume
-from cryofastar.recon.io.star import ParticleTable
+from cryofastar.recon.io import ParticleSource, read_volume, write_fsc_table, write_volume
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class BackprojectResult:
-    """What one run produced."""
+    """What one run produced (``skipped``: image names left out for NaN or Inf pixels)."""
 
     n_particles: int
     half_counts: tuple[int, int]
@@ -36,6 +35,7 @@ class BackprojectResult:
     seconds: float
     outputs: list[Path]
     reference_resolution_angstrom: float | None = None
+    skipped: list[str] = field(default_factory=list)
 
 
 def main(
@@ -50,16 +50,22 @@ def main(
     use_ctf: bool,
     reference: Path | None = None,
 ) -> BackprojectResult:
-    """Read, insert in batches, write the map, half maps and FSC table; returns figures."""
+    """Read, insert in batches, write the map, half maps and FSC table; returns figures.
+
+    Images with NaN or Inf pixels are left out (one warning line names them; they are
+    listed in ``result.skipped``); a set with no finite image is a ParticleFileError.
+    """
     if batch < 1:
         raise ValueError(f"--batch must be at least 1, got {batch}")
     dev = resolve_device(device)
-    table = read_particles(particles, apix=apix)
-    reference_map = read_reference_map(reference, table.box)
-    ctf = table.ctf() if use_ctf else None
+    source = ParticleSource.from_star(particles, apix=apix)
+    reference_map = read_reference_map(reference, source.box)
+    source, skipped = source.finite(batch)
+    table = source.table
+    ctf = source.ctf if use_ctf else None
     rotations = table.rotations()
     origins = table.origins_angstrom()
-    halves = table.half_sets()
+    halves = source.half_sets
     acc = HalfSetAccumulator(table.box, table.apix, oversampling=oversampling,
                              interpolation=interpolation, device=dev)
     logger.info("%d particles, box %d px, %.3f Å/px, CTF %s, %s on %s", len(table), table.box,
@@ -67,7 +73,7 @@ def main(
     start = time.perf_counter()
     for first in range(0, len(table), batch):
         rows = np.arange(first, min(first + batch, len(table)))
-        images = read_finite_images(table, rows)
+        images = source.images(rows).all_images()
         acc.add(images, rotations[rows], origins[rows], halves[rows],
                 None if ctf is None else ctf[torch.as_tensor(rows)])
     half1, half2 = acc.half_volumes()
@@ -92,17 +98,7 @@ def main(
     outputs.append(fsc_path)
     counts = acc.particle_counts.tolist()
     return BackprojectResult(len(table), (counts[0], counts[1]), resolution, curve, seconds, outputs,
-                             reference_resolution)
-
-
-def read_finite_images(table: ParticleTable, rows: np.ndarray) -> torch.Tensor:
-    """`(len(rows), B, B)` images of these particle rows; a NaN or Inf pixel is a ParticleFileError naming the image."""
-    images = table.images(rows)
-    finite = torch.isfinite(images).all(dim=(-2, -1))
-    if not bool(finite.all()):
-        name = table.particles["rlnImageName"].iloc[int(rows[int((~finite).nonzero()[0])])]
-        raise ParticleFileError(f"{table.star_path}: image {name} contains NaN or Inf pixels")
-    return images
+                             reference_resolution, skipped.names.tolist())
 
 
 def read_reference_map(reference: Path | None, box: int) -> torch.Tensor | None:

@@ -35,10 +35,9 @@ import torch
 from cryofastar.model.evaluation import Alignment, PoseErrors, apply_alignment_to_rotations, chance_level, pose_errors
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.euler import euler_to_matrix
-from cryofastar.recon.io import ParticleTable, read_particles
+from cryofastar.recon.io import ParticleSource, ParticleTable, image_keys, read_particles
 from cryofastar.recon.io.atomic import atomic_path
 
-from .backproject import read_finite_images
 from .reconstruct import NETWORK_COLUMNS
 
 CONFIDENCE_COLUMN = "rlnCryofastarConfidence"
@@ -77,16 +76,6 @@ class EvaluateResult:
             "shift_errors": ("after removing each set's fitted map translation (map_translation_px)"
                              if self.translation_fitted else "as written"),
         }
-
-
-def image_keys(table: ParticleTable) -> pd.Index:
-    """`(n,)` image keys ``"N@/resolved/stack"`` (N a plain integer, the stack's resolved absolute path)."""
-    resolved = {stack: str(Path(stack).resolve()) for stack in set(table.stack_paths)}
-    keys = pd.Index([f"{int(i)}@{resolved[stack]}" for i, stack in zip(table.image_indices, table.stack_paths,
-                                                                         strict=True)])
-    if keys.has_duplicates:
-        raise ValueError(f"{table.star_path}: rlnImageName {keys[keys.duplicated()][0]!r} appears more than once")
-    return keys
 
 
 def network_poses(table: ParticleTable) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -164,18 +153,21 @@ def map_in_true_frame(pred: Path, alignment: Alignment, interpolation: str = "ne
     so it can be compared with the true map
     (:func:`~cryofastar.recon.map_alignment.resolution_vs_reference` also fixes its centre).
 
+    Images with NaN or Inf pixels are left out (one warning line names them).
+
     Returns
     -------
     volume, apix: tuple[torch.Tensor, float]
         `(B, B, B)` map [z, y, x] and its pixel size (Å).
     """
-    table = read_particles(pred)
+    source, _ = ParticleSource.from_star(pred).finite(chunk)
+    table = source.table
     rotations = apply_alignment_to_rotations(table.rotations(), alignment)
-    origins, halves = table.origins_angstrom(), table.half_sets()
+    origins, halves = table.origins_angstrom(), source.half_sets
     acc = HalfSetAccumulator(table.box, table.apix, interpolation=interpolation, device=device)
     for first in range(0, len(table), chunk):
         rows = np.arange(first, min(len(table), first + chunk))
-        acc.add(read_finite_images(table, rows), rotations[rows], origins[rows], halves[rows])
+        acc.add(source.images(rows).all_images(), rotations[rows], origins[rows], halves[rows])
     return acc.volume(), table.apix
 
 

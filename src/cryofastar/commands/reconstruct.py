@@ -52,12 +52,12 @@ from cryofastar.recon.ab_initio import run_ab_initio
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
-from cryofastar.recon.io import read_particles, write_fsc_table, write_volume
+from cryofastar.recon.io import ParticleSource, write_fsc_table, write_volume
 from cryofastar.recon.io.star import ParticleTable, write_particles
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 from cryofastar.recon.rotations import geodesic_degrees
 
-from .backproject import read_finite_images, read_reference_map
+from .backproject import read_reference_map
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +158,10 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
         raise ValueError(f"--refine-box must be 16..512 px, got {refine_box}")
     start = time.perf_counter()
     dev = resolve_device(device)
-    table = read_particles(particles, apix=apix)
-    reference_map = read_reference_map(reference, table.box)
+    source = ParticleSource.from_star(particles, apix=apix)
+    reference_map = read_reference_map(reference, source.box)
+    source, _ = source.finite(chunk)  # images with NaN or Inf pixels: one warning line, left out of every output
+    table = source.table
     n = len(table)
     ctf = table.ctf() if use_ctf else None
     halves = table.half_sets()
@@ -167,10 +169,10 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
     work_images = torch.empty(n, work, work) if refine else None
     acc: HalfSetAccumulator | None = None  # map-only: no map before ab initio
     if poses_from == "network":
-        acc, poses = _network_poses(table, dev, views, weights, chunk, candidates, seed, ctf, halves, work_images,
+        acc, poses = _network_poses(source, dev, views, weights, chunk, candidates, seed, ctf, halves, work_images,
                                     progress)
     else:
-        poses = _read_working_images(table, chunk, work_images)
+        poses = _read_working_images(source, chunk, work_images)
     rotations, origins, confidence = poses.rotations, poses.origins, poses.confidence
     extra: dict[str, np.ndarray] = {}
     if poses_from == "network":
@@ -187,7 +189,7 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
             moved = geodesic_degrees(matched[0], rotations)
             won = float((moved <= 1.5 * settings.local_range_degrees).double().mean())
             rotations, origins, scores, spread = matched
-            acc = _next_map("best", modes, table, dev, chunk, rotations, origins, halves, ctf)
+            acc = _next_map("best", modes, source, dev, chunk, rotations, origins, halves, ctf)
             local_rounds -= 1
         if won is None or won < INFORMATIVE_FRACTION:  # no network, or an uninformative one
             t1 = time.perf_counter()
@@ -197,13 +199,13 @@ def main(particles: Path, outdir: Path, device: str = "auto", views: int = 128, 
             rotations, origins = result.poses.rotations.clone(), result.poses.origins_angstrom.clone()
             ab_initio_s = time.perf_counter() - t1
             # result.accumulator is the back-projection of the working-box images at their best poses
-            acc = _next_map("ab-initio", modes, table, dev, chunk, rotations, origins, halves, ctf,
+            acc = _next_map("ab-initio", modes, source, dev, chunk, rotations, origins, halves, ctf,
                             done=result.accumulator if work == table.box else None)
             local_rounds = max(1, local_rounds)  # ab initio's poses are capped at its own small box
         for _ in range(local_rounds):
             rotations, origins, scores, spread = _match_all(acc, table.apix, settings, dev, chunk, work_images,
                                                             halves, rotations, origins, "local")
-            acc = _next_map("local", modes, table, dev, chunk, rotations, origins, halves, ctf)
+            acc = _next_map("local", modes, source, dev, chunk, rotations, origins, halves, ctf)
         extra[SCORE_COLUMN], extra[SPREAD_COLUMN] = scores.double().numpy(), spread.double().numpy()
         refine_s = time.perf_counter() - t0
 
@@ -279,12 +281,12 @@ def _match_all(acc: HalfSetAccumulator, apix: float, settings: RefineSettings, d
     return rotations, origins, scores, spread
 
 
-def _next_map(step: str, modes: list[str], table: ParticleTable, dev: torch.device, chunk: int,
+def _next_map(step: str, modes: list[str], source: ParticleSource, dev: torch.device, chunk: int,
               rotations: torch.Tensor, origins: torch.Tensor, halves: torch.Tensor, ctf,  # noqa: ANN001
               done: HalfSetAccumulator | None = None) -> HalfSetAccumulator:
     """Record refinement step ``step`` in ``modes`` and return the full-box map of its poses (``done`` if given)."""
     modes.append(step)
-    acc = done if done is not None else _backproject(table, dev, chunk, rotations, origins, halves, ctf)
+    acc = done if done is not None else _backproject(source, dev, chunk, rotations, origins, halves, ctf)
     logger.info("refinement step %d (%s): %.2f Å", len(modes), step, acc.resolution_angstrom())
     return acc
 
@@ -303,43 +305,43 @@ class _Poses:
     disagreement: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
-def _backproject(table: ParticleTable, dev: torch.device, chunk: int, rotations: torch.Tensor, origins: torch.Tensor,
+def _backproject(source: ParticleSource, dev: torch.device, chunk: int, rotations: torch.Tensor, origins: torch.Tensor,
                  halves: torch.Tensor, ctf) -> HalfSetAccumulator:  # noqa: ANN001 - CtfParams | None
     """A fresh half-set accumulator with every particle at its pose (images read again, ``chunk`` at a time)."""
-    acc = HalfSetAccumulator(table.box, table.apix, device=dev)
-    for first in range(0, len(table), chunk):
-        rows = np.arange(first, min(len(table), first + chunk))
-        acc.add(read_finite_images(table, rows), rotations[rows], origins[rows], halves[rows],
+    acc = HalfSetAccumulator(source.box, source.apix, device=dev)
+    for first in range(0, len(source), chunk):
+        rows = np.arange(first, min(len(source), first + chunk))
+        acc.add(source.images(rows).all_images(), rotations[rows], origins[rows], halves[rows],
                 None if ctf is None else ctf[torch.as_tensor(rows)])
     return acc
 
 
-def _read_working_images(table: ParticleTable, chunk: int, work_images: torch.Tensor) -> _Poses:
+def _read_working_images(source: ParticleSource, chunk: int, work_images: torch.Tensor) -> _Poses:
     """Read every particle into ``work_images`` `(n, W, W)` (Fourier-cropped), ``chunk`` at a time; no poses yet."""
-    n = len(table)
+    n = len(source)
     for first in range(0, n, chunk):
         rows = np.arange(first, min(n, first + chunk))
-        work_images[rows] = images_to_working_box(read_finite_images(table, rows), work_images.shape[-1])
+        work_images[rows] = images_to_working_box(source.images(rows).all_images(), work_images.shape[-1])
     return _Poses(None, None, torch.zeros(n))
 
 
-def _network_poses(table: ParticleTable, dev: torch.device, views: int, weights: Path | None, chunk: int,
+def _network_poses(source: ParticleSource, dev: torch.device, views: int, weights: Path | None, chunk: int,
                    candidates: int, seed: int, ctf, halves: torch.Tensor, work_images: torch.Tensor | None,  # noqa: ANN001
                    progress: bool) -> tuple[HalfSetAccumulator, _Poses]:
     """Network poses of every particle in the session frame, inserted; working-box images kept."""
     model = load_model(weights, dev)
     model_box = model.config.box
-    apix_model = model_pixel_size(table.box, table.apix, model_box)
-    n = len(table)
+    apix_model = model_pixel_size(source.box, source.apix, model_box)
+    n = len(source)
     generator = torch.Generator().manual_seed(seed)
     candidate_rows = np.sort(torch.randperm(n, generator=generator)[: min(candidates, n)].numpy())
-    candidate_images = to_model_box(read_finite_images(table, candidate_rows), model_box)
+    candidate_images = to_model_box(source.images(candidate_rows).all_images(), model_box)
     best, _ = select_reference(model, candidate_images) if len(candidate_rows) >= 2 else (0, None)
     reference_row = int(candidate_rows[best])
     frame = SessionFrame(model, candidate_images[best], views=views, sets_per_pass=4 if dev.type == "cuda" else 1)
     logger.info("%d particles, box %d px at %.3f Å/px -> model box %d px at %.3f Å/px; reference %s",
-                n, table.box, table.apix, model_box, apix_model, table.particles["rlnImageName"].iloc[reference_row])
-    acc = HalfSetAccumulator(table.box, table.apix, device=dev)
+                n, source.box, source.apix, model_box, apix_model, source.names[reference_row])
+    acc = HalfSetAccumulator(source.box, source.apix, device=dev)
     poses = _Poses(torch.empty(n, 3, 3, dtype=torch.float64), torch.empty(n, 2, dtype=torch.float64), torch.empty(n),
                    reference_row=reference_row)
     disagreement = []
@@ -349,7 +351,7 @@ def _network_poses(table: ParticleTable, dev: torch.device, views: int, weights:
         # the reference itself last: identity rotation, its shift as the network sees it in a pass of its own
         for rows in [*(others[first : first + chunk] for first in range(0, len(others), chunk)),
                      np.array([reference_row])]:
-            images = read_finite_images(table, rows)
+            images = source.images(rows).all_images()
             t0 = time.perf_counter()
             batch = frame.pose(to_model_box(images, model_box))
             t1 = time.perf_counter()
