@@ -195,3 +195,29 @@ def test_image_keys_match_names_across_spellings_and_refuse_duplicates(tmp_path)
     write_particles(tmp_path / "twice.star", twice, table.optics)
     with pytest.raises(ValueError, match="appears more than once"):
         image_keys(ParticleSource.from_star(tmp_path / "twice.star"))
+
+
+def test_offline_commands_leave_out_and_name_a_nan_image(tmp_path, caplog):
+    from cryofastar.commands import backproject, reconstruct
+
+    volume = torch.zeros(32, 32, 32)
+    volume[10:20, 12:18, 9:23] = 1.0
+    star = write_session(tmp_path / "s", volume, 3.0, 24, snr=None, seed=5, per_stack=12)
+    stack = tmp_path / "s" / "particles_00002.mrcs"
+    with mrcfile.open(stack, mode="r+") as mrc:
+        mrc.data[4, 7, 7] = np.nan  # 000005@particles_00002.mrcs
+    bad = "000005@particles_00002.mrcs"
+    with caplog.at_level(logging.WARNING):
+        result = backproject.main(star, tmp_path / "map.mrc", False, "nearest", 1, 8, "cpu", None, True)
+    assert result.n_particles == 23 and sum(result.half_counts) == 23 and result.skipped == [bad]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and bad in warnings[0] and "NaN or Inf" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        out = reconstruct.main(star, tmp_path / "recon", device="cpu", views=8, chunk=10, candidates=4, refine=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and bad in warnings[0]
+    written = read_particles(tmp_path / "recon" / "particles.star")
+    assert out.n_particles == 23 and len(written) == 23
+    assert not any(name.startswith("000005@") and name.endswith("particles_00002.mrcs")
+                   for name in written.particles["rlnImageName"])
