@@ -106,7 +106,7 @@ def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None,
     geometry: SessionGeometry | None
         The session's box and pixel size, ``None`` before the first file.
     taken: IngestJournal
-        Particles the session already took; those are left out of the plan.
+        Particles the session already took; those are left out of the source returned.
     apix: float | None
         Pixel size (Å) overriding the files' (``--apix``).
 
