@@ -48,8 +48,7 @@ import torch
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
 from cryofastar.model.evaluation import EvaluateSettings, evaluate_particle_sets, map_in_true_frame
 from cryofastar.recon import HalfSetAccumulator
-from cryofastar.recon.io import read_particles
-from cryofastar.recon.io.finite import read_finite_images
+from cryofastar.recon.io import ParticleSource, read_particles
 from cryofastar.recon.map_alignment import resolution_vs_reference
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, write_session
 
@@ -99,7 +98,8 @@ def true_pose_map(star: Path, truth_table, apix: float) -> tuple[torch.Tensor, f
     """Map and half-map FSC-0.143 resolution from the true poses (all particles read at once)."""
     acc = HalfSetAccumulator(truth_table.box, apix, interpolation="nearest")
     rows = np.arange(len(truth_table))
-    acc.add(read_finite_images(truth_table, rows), truth_table.rotations(), truth_table.origins_angstrom(),
+    images = ParticleSource.from_star(star, table=truth_table).images(rows).all_images()
+    acc.add(images, truth_table.rotations(), truth_table.origins_angstrom(),
             truth_table.half_sets())
     return acc.volume(), acc.resolution_angstrom()
 

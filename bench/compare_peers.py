@@ -54,9 +54,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cryofastar.model.evaluation import apply_alignment_to_rotations, image_keys, network_poses, pose_errors
+from cryofastar.model.evaluation import apply_alignment_to_rotations, network_poses, pose_errors
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
-from cryofastar.recon.io import ParticleTable, read_particles, read_volume
+from cryofastar.recon.io import ParticleSource, ParticleTable, image_keys, read_particles, read_volume
 from cryofastar.recon.map_alignment import translate_onto
 from cryofastar.recon.rotations import random_rotations
 
@@ -130,7 +130,8 @@ class Truth:
     def load(cls, sim: Path) -> Truth:
         table = read_particles(sim / "particles.star")
         true_map, _ = read_volume(sim / "reference.mrc")
-        return cls(table, table.images(np.arange(len(table))), table.rotations().double(),
+        images = ParticleSource.from_star(table.star_path, table=table).images().all_images()
+        return cls(table, images, table.rotations().double(),
                    table.origins_angstrom().double() / table.apix, table.half_sets(), true_map, table.apix)
 
 
@@ -221,7 +222,7 @@ def ours_pipeline(cell: Path, truth: Truth, table: ParticleTable, order: np.ndar
 
 
 def _rows_in_truth_order(table: ParticleTable, truth: ParticleTable) -> np.ndarray:
-    """Rows of ``table`` in the order of ``truth``, matched by image (``cryofastar.model.evaluation.image_keys``)."""
+    """Rows of ``table`` in the order of ``truth``, matched by image (``recon.io.image_keys``)."""
     wanted = image_keys(truth)
     rows = image_keys(table).get_indexer(wanted)
     if (rows < 0).any():

@@ -14,33 +14,29 @@ so a stack seen bare and later named by a STAR is counted once (first come, firs
 served: particles taken bare are back-projected without CTF correction).
 
 The first accepted file fixes the session's box and pixel size; a later file with
-another box, or a pixel size off by more than 0.5 %, is rejected. Images with NaN or
-Inf pixels are dropped (the rest of the file is kept) and reported. Images are read a
-bounded number at a time (:meth:`ParticlePlan.chunks`), so a STAR file of a whole
-session never has to fit in memory at once.
+another box, or a pixel size off by more than 0.5 %, is rejected. A file's new
+particles are a :class:`~cryofastar.recon.io.source.ParticleSource` (the one reading
+layer); its images are read a bounded number at a time
+(:meth:`~cryofastar.recon.io.source.ParticleSource.chunks`), so a STAR file of a whole
+session never has to fit in memory at once. Images with NaN or Inf pixels are left out
+by the source and reported on each chunk (``chunk.skipped``); the daemon takes the rest
+of the file and writes them to rejected.tsv.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import mrcfile
 import numpy as np
-import torch
-from cryofastar.recon.ctf import CtfParams
-from cryofastar.recon.half_sets import half_sets_for_stack
-from cryofastar.recon.io import ParticleFileError, read_particles
-from cryofastar.recon.io.mrc import read_images
+from cryofastar.recon.io import NotAParticleStack, ParticleFileError, ParticleSource
 
 from .journal import IngestJournal
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NotParticles", "ParticleChunk", "ParticlePlan", "Rejected", "SessionGeometry", "plan_particle_file"]
+__all__ = ["NotParticles", "Rejected", "SessionGeometry", "plan_particle_file"]
 
 _STACK_SUFFIXES = {".mrcs", ".mrc"}
 _APIX_TOLERANCE = 0.005
@@ -69,121 +65,6 @@ class SessionGeometry:
             raise Rejected(f"{path}: pixel size {apix:.4f} Å differs from the session's {self.apix:.4f} Å")
 
 
-@dataclass
-class ParticleChunk:
-    """New particles read from one file (all of the session's box and pixel size).
-
-    Attributes
-    ----------
-    source: Path
-        The file that brought them (a stack or a STAR file).
-    stacks: np.ndarray
-        `(n,)` resolved stack path (str) of each particle.
-    indices: np.ndarray
-        `(n,)` int64 1-based index of each particle in its stack.
-    images: torch.Tensor
-        `(n, B, B)` float32 [n, y, x] at the input box.
-    half_sets: torch.Tensor
-        `(n,)` int64, 1 or 2 (rlnRandomSubset or the stable hash).
-    ctf: CtfParams | None
-        Per-particle CTF (STAR files with rlnDefocusU), else ``None``.
-    optics: dict[str, float]
-        Optics values for the output STAR (rlnVoltage, ...), where the file gave them.
-    dropped: int
-        Images of this chunk's rows dropped for NaN/Inf pixels (not in the chunk).
-    """
-
-    source: Path
-    stacks: np.ndarray
-    indices: np.ndarray
-    images: torch.Tensor
-    half_sets: torch.Tensor
-    ctf: CtfParams | None = None
-    optics: dict[str, float] = field(default_factory=dict)
-    dropped: int = 0
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def split(self, k: int) -> tuple[ParticleChunk, ParticleChunk]:
-        """The first ``k`` particles and the rest (``dropped`` stays with the first part)."""
-
-        def part(rows: slice, dropped: int) -> ParticleChunk:
-            return ParticleChunk(self.source, self.stacks[rows], self.indices[rows], self.images[rows],
-                                 self.half_sets[rows], None if self.ctf is None else self.ctf[rows], self.optics,
-                                 dropped)
-
-        return part(slice(0, k), self.dropped), part(slice(k, None), 0)
-
-
-@dataclass
-class ParticlePlan:
-    """The new particles of one file, before their images are read.
-
-    Attributes are as in :class:`ParticleChunk`, without ``images``; :meth:`chunks`
-    reads the images a bounded number at a time.
-    """
-
-    source: Path
-    stacks: np.ndarray
-    indices: np.ndarray
-    half_sets: torch.Tensor
-    ctf: CtfParams | None = None
-    optics: dict[str, float] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.indices.shape[0])
-
-    def select(self, keep: np.ndarray) -> ParticlePlan:
-        """The plan restricted to the boolean `(n,)` mask ``keep``."""
-        rows = torch.as_tensor(np.nonzero(keep)[0])
-        return ParticlePlan(self.source, self.stacks[keep], self.indices[keep], self.half_sets[rows],
-                            None if self.ctf is None else self.ctf[rows], self.optics)
-
-    def chunks(self, size: int = 1024) -> Iterator[ParticleChunk]:
-        """Read the images ``size`` particles at a time (one read per stack per chunk).
-
-        Images with NaN or Inf pixels are left out and counted in ``dropped``.
-
-        Raises
-        ------
-        Rejected
-            A stack became unreadable since the plan was made.
-        """
-        for start in range(0, len(self), size):
-            rows = np.arange(start, min(len(self), start + size))
-            try:
-                images = read_particle_images(self.stacks[rows], self.indices[rows])
-            except ParticleFileError as exc:
-                raise Rejected(str(exc)) from None
-            finite = torch.isfinite(images).all(dim=(-2, -1))
-            keep = torch.as_tensor(rows)[finite]
-            yield ParticleChunk(self.source, self.stacks[keep.numpy()], self.indices[keep.numpy()], images[finite],
-                                self.half_sets[keep], None if self.ctf is None else self.ctf[keep], self.optics,
-                                dropped=int((~finite).sum()))
-
-
-def read_particle_images(stacks: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-    """`(n, B, B)` float32 images of particles given by stack path and 1-based index, in that order.
-
-    One read per stack, not per particle.
-
-    Raises
-    ------
-    ParticleFileError
-        A stack is gone, truncated or does not hold an index.
-    """
-    images: torch.Tensor | None = None
-    for stack in np.unique(stacks):  # a loop over files, not particles
-        where = np.nonzero(stacks == stack)[0]
-        block = read_images(stack, indices[where])
-        if images is None:
-            images = torch.empty((len(indices), *block.shape[1:]), dtype=torch.float32)
-        images[torch.as_tensor(where)] = block
-    assert images is not None
-    return images
-
-
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
@@ -192,53 +73,28 @@ def _inside(path: Path, root: Path) -> bool:
     return True
 
 
-def _stack_header(path: Path) -> tuple[int, int, float]:
-    """`(n_images, box, apix)` of a particle stack; :class:`Rejected` for maps and unreadable files."""
+def _stack_source(path: Path, apix_override: float | None) -> ParticleSource:
     try:
-        with mrcfile.mmap(path, mode="r", permissive=False) as mrc:
-            shape = mrc.data.shape
-            is_volume = path.suffix.lower() == ".mrc" and mrc.data.ndim == 3 and int(mrc.header.ispg) != 0
-            apix = float(mrc.voxel_size.x)
-    except (ValueError, OSError, EOFError) as exc:
-        raise Rejected(f"{path}: not a readable MRC file ({str(exc).splitlines()[0]})") from None
-    if is_volume:
-        raise NotParticles(f"{path}: a 3D map (header space group is not 0), not a particle stack")
-    if len(shape) == 2:
-        shape = (1, *shape)
-    if len(shape) != 3 or shape[1] != shape[2]:
-        raise Rejected(f"{path}: expected a stack of square images, got shape {tuple(shape)}")
-    return int(shape[0]), int(shape[1]), apix
-
-
-def _stack_plan(path: Path, apix_override: float | None) -> tuple[ParticlePlan, int, float]:
-    n, box, header_apix = _stack_header(path)
-    apix = apix_override if apix_override is not None else header_apix
-    if not (apix > 0 and math.isfinite(apix)):
-        raise Rejected(f"{path}: the MRC header gives no pixel size; pass --apix")
-    indices = np.arange(1, n + 1, dtype=np.int64)
-    stack = str(path.resolve())
-    halves = half_sets_for_stack(stack, torch.as_tensor(indices))
-    return ParticlePlan(path, np.full(n, stack, dtype=object).astype(str), indices, halves), box, apix
-
-
-def _star_plan(path: Path, root: Path, apix_override: float | None) -> tuple[ParticlePlan, int, float]:
-    try:
-        table = read_particles(path, apix=apix_override)
-        ctf = table.ctf()
-        halves = table.half_sets()
+        return ParticleSource.from_stack(path, apix=apix_override)
+    except NotAParticleStack as exc:
+        raise NotParticles(str(exc)) from None
     except ParticleFileError as exc:
         raise Rejected(str(exc)) from None
-    outside = [s for s in np.unique(table.stack_paths) if not _inside(Path(s), root)]
+
+
+def _star_source(path: Path, root: Path, apix_override: float | None) -> ParticleSource:
+    try:
+        source = ParticleSource.from_star(path, apix=apix_override)
+    except ParticleFileError as exc:
+        raise Rejected(str(exc)) from None
+    outside = [s for s in np.unique(source.stacks) if not _inside(Path(s), root)]
     if outside:
         raise Rejected(f"{path}: names stack {outside[0]} outside the watched directory {root}")
-    optics = {c: float(table.particles[c].iloc[0]) for c in ("rlnVoltage", "rlnSphericalAberration",
-                                                              "rlnAmplitudeContrast") if c in table.particles}
-    plan = ParticlePlan(path, table.stack_paths, table.image_indices.astype(np.int64), halves, ctf, optics)
-    return plan, table.box, table.apix
+    return source
 
 
 def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None, taken: IngestJournal,
-                       apix: float | None = None) -> tuple[ParticlePlan, SessionGeometry]:
+                       apix: float | None = None) -> tuple[ParticleSource, SessionGeometry]:
     """Check ``path`` and list its particles the session has not taken yet.
 
     Parameters
@@ -250,15 +106,17 @@ def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None,
     geometry: SessionGeometry | None
         The session's box and pixel size, ``None`` before the first file.
     taken: IngestJournal
-        Particles the session already took; those are left out of the plan.
+        Particles the session already took; those are left out of the source returned.
     apix: float | None
         Pixel size (Å) overriding the files' (``--apix``).
 
     Returns
     -------
-    plan, geometry:
-        The new particles (possibly none; read them with :meth:`ParticlePlan.chunks`)
-        and the session geometry (fixed by this file if it was the first).
+    source, geometry: tuple[ParticleSource, SessionGeometry]
+        The new particles (possibly none; read them with
+        :meth:`~cryofastar.recon.io.source.ParticleSource.chunks`, which leaves out and
+        reports images with NaN or Inf pixels) and the session geometry (fixed by this
+        file if it was the first).
 
     Raises
     ------
@@ -269,14 +127,14 @@ def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None,
     """
     suffix = path.suffix.lower()
     if suffix == ".star":
-        plan, box, file_apix = _star_plan(path, root, apix)
+        source = _star_source(path, root, apix)
     elif suffix in _STACK_SUFFIXES:
-        plan, box, file_apix = _stack_plan(path, apix)
+        source = _stack_source(path, apix)
     else:
         raise Rejected(f"{path}: not a particle file (.mrcs, .mrc or .star)")
     if geometry is None:
-        geometry = SessionGeometry(int(box), float(file_apix))
+        geometry = SessionGeometry(source.box, source.apix)
     else:
-        geometry.check(path, int(box), float(file_apix))
-    return plan.select(~taken.contains(plan.stacks, plan.indices)), geometry
+        geometry.check(path, source.box, source.apix)
+    return source.select(~taken.contains(source.stacks, source.indices)), geometry
 

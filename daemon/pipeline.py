@@ -42,18 +42,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryofastar.engine.live_refinement import LiveRefinement
 from cryofastar.engine.posing import NetworkPoser, Poses, RandomPoser, sets_per_pass
-from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
+from cryofastar.engine.streaming_refiner import StreamingRefiner
 from cryofastar.model.weights import DEFAULT_WEIGHTS
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
-from cryofastar.recon.io import ParticleFileError
-from cryofastar.recon.rotations import geodesic_degrees
+from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource, SkippedImages
 
 from .batching import PassGatherer
 from .broadcast import SessionBroadcast
-from .ingest import NotParticles, ParticleChunk, Rejected, plan_particle_file, read_particle_images
+from .ingest import NotParticles, Rejected, plan_particle_file
 from .metrics import DaemonMetrics, serve_metrics
 from .pose_source import load_network
 from .publisher import Publisher
@@ -143,7 +143,8 @@ class Daemon:
             particles_in_map=self.state.n_particles, status_seconds=s.status_seconds)
         self._schedule = OutputSchedule(s.publish_seconds, s.publish_particles, s.checkpoint_seconds,
                                         self.state.n_particles)
-        self._edits = 0  # particles inserted or re-posed: the map changed since it was published
+        self._inserted = 0  # particles inserted by this run (with refinement.moved: the map's changes)
+        self.refinement = LiveRefinement(self.refiner, self.state, self._read_again, self._record_refinement)
         self._errors: list[str] = []
         self._buffered = 0  # particles waiting in the poser for a full pass
         self._broadcast: SessionBroadcast | None = None
@@ -306,7 +307,7 @@ class Daemon:
         s = self.settings
         t0 = time.perf_counter()
         try:
-            plan, geometry = plan_particle_file(path, s.watch, self.geometry, self.taken, s.apix)
+            source, geometry = plan_particle_file(path, s.watch, self.geometry, self.taken, s.apix)
         except NotParticles as exc:
             logger.info("skipped: %s", exc)
             return
@@ -314,24 +315,24 @@ class Daemon:
             self._reject(path, str(exc))
             return
         self.geometry = geometry
-        if len(plan) == 0:
+        if len(source) == 0:
             return
-        dropped = 0
+        skipped: list[SkippedImages] = []
         try:
-            for chunk in plan.chunks(s.read_chunk):
-                dropped += chunk.dropped
+            for chunk in source.chunks(s.read_chunk):
+                skipped.append(chunk.skipped)
                 if len(chunk):
                     self.taken.add(chunk.stacks, chunk.indices)
                     self._count("particles_ingested", len(chunk))
                     self.chunks.put(chunk)
                 if not self._reading.is_set():
                     break  # stopping: the rest is read again after a restart
-        except Rejected as exc:
+        except ParticleFileError as exc:  # a stack became unreadable since the file was checked
             self._reject(path, str(exc))
-        if dropped:
-            self._count("particles_rejected", dropped)
-            self._reject(path, f"{path}: {dropped} image(s) contain NaN or Inf pixels and were skipped; "
-                               "the file's other images were taken", count_file=False)
+        dropped = SkippedImages.concat(skipped)
+        if len(dropped):
+            self._count("particles_rejected", len(dropped))
+            self._reject(path, f"{dropped.describe(path)}; the file's other images were taken", count_file=False)
         self.metrics.latency.labels("read").observe(time.perf_counter() - t0)
 
     def _poser(self) -> None:
@@ -380,7 +381,7 @@ class Daemon:
             logger.exception("forward pass failed")
             for chunk in chunks:
                 self._forget(chunk)
-                self._reject(chunk.source, f"{chunk.source}: pose estimation failed ({exc})", count_file=False)
+                self._reject(chunk.origin, f"{chunk.origin}: pose estimation failed ({exc})", count_file=False)
             self._count("particles_rejected", len(images))
             return
         self._batch_counter += 1
@@ -441,7 +442,7 @@ class Daemon:
                 st.accumulator.add(chunk.images, rotations, origins, chunk.half_sets, chunk.ctf)
             except ValueError as exc:
                 self._forget(chunk)
-                self._reject(chunk.source, f"{chunk.source}: insertion failed ({exc})", count_file=False)
+                self._reject(chunk.origin, f"{chunk.origin}: insertion failed ({exc})", count_file=False)
                 self._count("particles_rejected", n)
                 continue
             st.journal.add(chunk.stacks, chunk.indices)
@@ -457,7 +458,7 @@ class Daemon:
                                   self._batch_counter)
         if posed.frame_state:
             st.frame = posed.frame_state
-        self._edits += len(pass_rotations)
+        self._inserted += len(pass_rotations)
         self.refiner.note_new_particles()
         if refined is not None:
             self._repose()
@@ -466,90 +467,42 @@ class Daemon:
         self._board.rate.add(time.monotonic(), st.n_particles)
         self.metrics.latency.labels("accumulate").observe(time.perf_counter() - t0)
 
-    # ------------------------------------------------------------------ refinement of each pass
+    # ------------------------------------------------------------------ refinement (engine.live_refinement)
+    @property
+    def _edits(self) -> int:
+        """Changes to the map so far: particles inserted or moved to new poses (the map changed since published)."""
+        return self._inserted + self.refinement.moved
+
     def _refine_pass(self, chunks: list[ParticleChunk], rotations: torch.Tensor, origins: torch.Tensor):  # noqa: ANN202
         """The pass's poses refined against the running map (``None`` before refinement starts or on failure)."""
-        if not self.refiner.active:
-            return None
-        if self.refiner.needs_bootstrap:
-            self._bootstrap_ab_initio()
-        t0 = time.perf_counter()
-        images = torch.cat([c.images for c in chunks])
-        halves = torch.cat([c.half_sets for c in chunks])
-        ctf = None
-        if all(c.ctf is not None for c in chunks):
-            ctf = CtfParams.cat([c.ctf for c in chunks])
-        try:
-            refined = self.refiner.refine(images, halves, rotations, origins, ctf)
-        except Exception:  # noqa: BLE001 - a failed refinement keeps the network's poses, never loses particles
-            logger.exception("refinement failed; this pass keeps its unrefined poses")
-            return None
-        self._count("particles_refined", len(images))
-        self.metrics.latency.labels("refine").observe(time.perf_counter() - t0)
-        return refined
-
-    def _bootstrap_ab_initio(self) -> None:
-        """Start the streaming ab initio on the map's oldest particles and re-insert them at its poses."""
-        st, table = self.state, self.state.poses
-        rows = np.arange(min(self.refiner.seed_particles, len(table)))
-        t0 = time.perf_counter()
-        try:
-            images = read_particle_images(table.stack_paths(rows), table.column("index")[rows])
-            ctf = table.ctf(rows)
-            halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
-            new = self.refiner.bootstrap(images, halves, ctf, st.geometry.apix, rows)
-        except Exception:  # noqa: BLE001 - without ab initio the session goes on with global search
-            logger.exception("ab initio could not start; new particles are searched globally instead")
-            self.refiner.phase = "local"
-            return
-        self._replace_poses(rows, images, halves, ctf, new)
-        self.metrics.latency.labels("ab_initio").observe(time.perf_counter() - t0)
-
-    def _replace_poses(self, rows: np.ndarray, images: torch.Tensor, halves: torch.Tensor, ctf, new) -> None:  # noqa: ANN001
-        """Move particles ``rows`` of the map from their recorded poses to ``new`` (remove, add, record)."""
-        st, table = self.state, self.state.poses
-        old_rotations = table.rotations(rows)
-        old_origins = torch.from_numpy(table.column("origins")[rows])
-        assert st.accumulator is not None
-        # both calls validate the same shapes and values first, so the add cannot fail after the remove
-        st.accumulator.remove(images, old_rotations, old_origins, halves, ctf)
-        st.accumulator.add(images, new.rotations, new.origins_angstrom, halves, ctf)
-        table.update(rows, new.rotations, new.origins_angstrom, new.scores, new.spread_degrees, new.version)
-        self._edits += len(rows)
-        self.refiner.note_moves(geodesic_degrees(new.rotations, old_rotations), st.n_particles)
+        ctf = CtfParams.cat([c.ctf for c in chunks]) if all(c.ctf is not None for c in chunks) else None
+        return self.refinement.refine_pass(torch.cat([c.images for c in chunks]),
+                                           torch.cat([c.half_sets for c in chunks]), rotations, origins, ctf,
+                                           self.state.geometry.apix)
 
     def _idle_work_left(self) -> bool:
-        """Whether re-posing while idle is worth doing (docs/refinement.md, "While idle")."""
-        r = self.refiner
-        if not r.active or r.converged or self.settings.repose_per_pass == 0 or not self._reading.is_set():
-            return False
-        return bool((self.state.poses.column("refined") < r.version).any())
+        """Whether re-posing while idle is worth doing (not while stopping)."""
+        return self._reading.is_set() and self.refinement.idle_work_left()
 
     def _repose(self) -> None:
-        """Re-pose up to ``repose_per_pass`` particles already in the map (docs/refinement.md)."""
-        if self.refiner.needs_bootstrap:
-            self._bootstrap_ab_initio()
-            return
-        table = self.state.poses
-        rows = self.refiner.pick_stale(table.column("refined"), table.column("spread"))
-        if len(rows) == 0:
-            return
-        t0 = time.perf_counter()
-        rows = np.sort(rows)
-        try:
-            images = read_particle_images(table.stack_paths(rows), table.column("index")[rows])
-            ctf = table.ctf(rows)
-        except (ParticleFileError, ValueError) as exc:
-            logger.warning("cannot re-pose %d particles (%s); they keep their poses", len(rows), exc)
-            table.column("refined")[rows] = UNREADABLE
-            return
-        halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
-        origins = torch.from_numpy(table.column("origins")[rows])
-        new = self.refiner.repose(images, halves, table.rotations(rows), origins, ctf, rows)
-        self._replace_poses(rows, images, halves, ctf, new)
-        self.refiner.maybe_finish_ab_initio(table.column("refined"))
-        self._count("particles_reposed", len(rows))
-        self.metrics.latency.labels("repose").observe(time.perf_counter() - t0)
+        self.refinement.repose(self.state.geometry.apix)
+
+    def _read_again(self, rows: np.ndarray) -> torch.Tensor:
+        """`(len(rows), B, B)` float32 images of map particles ``rows``, read again (one read per stack).
+
+        Raises ParticleFileError (naming the images) if a stack is gone or an image is no longer finite.
+        """
+        table, geometry = self.state.poses, self.state.geometry
+        source = ParticleSource.from_locations(self.out, table.stack_paths(rows), table.column("index")[rows],
+                                               geometry.box, geometry.apix,
+                                               torch.from_numpy(table.column("half_set")[rows].astype(np.int64)))
+        return source.images().all_images()
+
+    def _record_refinement(self, step: str, n: int, seconds: float) -> None:
+        """Metrics of a refinement step (``refine``, ``repose``, ``ab_initio``)."""
+        if step in ("refine", "repose"):
+            self._count("particles_refined" if step == "refine" else "particles_reposed", n)
+        self.metrics.latency.labels(step).observe(seconds)
 
     # ------------------------------------------------------------------ outputs
     def _maybe_publish_and_checkpoint(self) -> None:

@@ -18,12 +18,13 @@ import threading
 import time
 from pathlib import Path
 
+from cryofastar.engine.pose_table import PoseTable
 from cryofastar.engine.streaming_refiner import StreamingRefiner
 from cryofastar.recon.view_directions import view_direction_histogram
 
 from .metrics import DaemonMetrics
 from .rejections import RejectionLog
-from .state import PoseTable, SessionState
+from .state import SessionState
 
 __all__ = ["COUNTS", "RATE_SECONDS", "RateWindow", "StatusBoard", "ViewDirections", "refinement_status"]
 

@@ -42,9 +42,8 @@ from cryofastar.recon.ab_initio import run_ab_initio
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
-from cryofastar.recon.io import read_particles
+from cryofastar.recon.io import ParticleSource
 from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, NETWORK_COLUMNS, SCORE_COLUMN, SPREAD_COLUMN
-from cryofastar.recon.io.finite import read_finite_images
 from cryofastar.recon.io.star import ParticleTable, write_particles
 from cryofastar.recon.map_set import map_set, read_reference_map, write_map_set
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
@@ -196,7 +195,7 @@ class ReconstructResult:
 class _Job:
     """One run's particles and where they are on the way (internal)."""
 
-    table: ParticleTable
+    source: ParticleSource  # the particles with finite images (what every output holds)
     device: torch.device
     settings: ReconstructSettings
     ctf: CtfParams | None
@@ -205,11 +204,11 @@ class _Job:
 
     def backproject(self, rotations: torch.Tensor, origins: torch.Tensor) -> HalfSetAccumulator:
         """A fresh half-set accumulator with every particle at its pose (images read again, ``chunk`` at a time)."""
-        table, chunk = self.table, self.settings.chunk
-        acc = HalfSetAccumulator(table.box, table.apix, device=self.device)
-        for first in range(0, len(table), chunk):
-            rows = np.arange(first, min(len(table), first + chunk))
-            acc.add(read_finite_images(table, rows), rotations[rows], origins[rows], self.halves[rows],
+        source, chunk = self.source, self.settings.chunk
+        acc = HalfSetAccumulator(source.box, source.apix, device=self.device)
+        for first in range(0, len(source), chunk):
+            rows = np.arange(first, min(len(source), first + chunk))
+            acc.add(source.images(rows).all_images(), rotations[rows], origins[rows], self.halves[rows],
                     self._ctf(rows))
         return acc
 
@@ -236,11 +235,13 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
     """Run the offline job (module docstring) on the STAR file ``particles``; write its outputs in ``outdir``."""
     settings.validate()
     start = time.perf_counter()
-    table = read_particles(particles, apix=settings.apix)
-    reference_map = read_reference_map(settings.reference, table.box)
-    work = min(settings.refine_box, table.box)
-    job = _Job(table, resolve_device(settings.device), settings, table.ctf() if settings.use_ctf else None,
-               table.half_sets(), torch.empty(len(table), work, work) if settings.refine else None)
+    source = ParticleSource.from_star(particles, apix=settings.apix)
+    reference_map = read_reference_map(settings.reference, source.box)
+    source, _ = source.finite(settings.chunk)  # images with NaN or Inf pixels: one warning, left out of every output
+    table = source.table
+    work = min(settings.refine_box, source.box)
+    job = _Job(source, resolve_device(settings.device), settings, source.ctf if settings.use_ctf else None,
+               source.half_sets, torch.empty(len(source), work, work) if settings.refine else None)
     acc = None  # map-only: no map before ab initio
     if settings.poses_from == "network":
         acc, poses = _network_poses(job, progress)
@@ -294,7 +295,7 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
                   origins: torch.Tensor | None) -> _Finished:
     """Refinement rounds against the half maps, with ab initio when the network is not informative (module doc)."""
     t0 = time.perf_counter()
-    table, settings = job.table, job.settings
+    source, settings = job.source, job.settings
     search = RefineSettings(working_box=job.work_images.shape[-1])
     modes: list[str] = []
     won, ab_initio_s, local_rounds = None, 0.0, settings.refine_rounds
@@ -307,14 +308,14 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
     if won is None or not is_informative(won):  # no network, or an uninformative one
         t1 = time.perf_counter()
         work = job.work_images.shape[-1]
-        result = run_ab_initio(job.work_images, job.halves, table.apix * table.box / work, passes=AB_INITIO_PASSES,
+        result = run_ab_initio(job.work_images, job.halves, source.apix * source.box / work, passes=AB_INITIO_PASSES,
                                ctf=job.ctf, seed=settings.seed, device=job.device,
                                callback=lambda label, *_: logger.info("ab initio: %s done", label))
         rotations, origins = result.poses.rotations.clone(), result.poses.origins_angstrom.clone()
         ab_initio_s = time.perf_counter() - t1
         # result.accumulator is the back-projection of the working-box images at their best poses
         acc = _next_map(job, "ab-initio", modes, rotations, origins,
-                        done=result.accumulator if work == table.box else None)
+                        done=result.accumulator if work == source.box else None)
         local_rounds = max(MIN_LOCAL_ROUNDS_AFTER_AB_INITIO, local_rounds)
     for _ in range(local_rounds):
         rotations, origins, scores, spread = _match_all(job, acc, search, rotations, origins, "local")
@@ -331,7 +332,7 @@ def _match_all(job: _Job, acc: HalfSetAccumulator, search: RefineSettings, rotat
     (:meth:`RefinementReference.match`). Returns new `(n, 3, 3)` matrices, `(n, 2)`
     origins (Å), `(n,)` best NCC and `(n,)` angular spread (degrees).
     """
-    ref = RefinementReference(acc.half_volumes(), job.table.apix, acc.resolution_angstrom(), search, job.device)
+    ref = RefinementReference(acc.half_volumes(), job.source.apix, acc.resolution_angstrom(), search, job.device)
     n, chunk = len(job.halves), job.settings.chunk
     rotations, origins = rotations.clone(), origins.clone()
     scores, spread = torch.empty(n), torch.empty(n)
@@ -354,24 +355,24 @@ def _next_map(job: _Job, step: str, modes: list[str], rotations: torch.Tensor, o
 
 def _read_working_images(job: _Job) -> _Poses:
     """Read every particle into ``job.work_images`` (Fourier-cropped), ``chunk`` at a time; no poses yet."""
-    n, chunk = len(job.table), job.settings.chunk
+    n, chunk = len(job.source), job.settings.chunk
     for first in range(0, n, chunk):
         rows = np.arange(first, min(n, first + chunk))
-        job.work_images[rows] = images_to_working_box(read_finite_images(job.table, rows), job.work_images.shape[-1])
+        job.work_images[rows] = images_to_working_box(job.source.images(rows).all_images(), job.work_images.shape[-1])
     return _Poses(None, None, torch.zeros(n))
 
 
 def _network_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulator, _Poses]:
     """Network poses of every particle in the session frame, inserted; working-box images kept."""
-    table, settings = job.table, job.settings
+    source, settings = job.source, job.settings
     poser = NetworkPoser.load(settings.weights, job.device, views=settings.views)
-    n = len(table)
+    n = len(source)
     generator = torch.Generator().manual_seed(settings.seed)
     candidate_rows = np.sort(torch.randperm(n, generator=generator)[: min(settings.candidates, n)].numpy())
-    reference_row = int(candidate_rows[poser.choose_reference(read_finite_images(table, candidate_rows))])
-    logger.info("%d particles, box %d px at %.3f Å/px -> model box %d px; reference %s", n, table.box, table.apix,
-                poser.model_box, table.particles["rlnImageName"].iloc[reference_row])
-    acc = HalfSetAccumulator(table.box, table.apix, device=job.device)
+    reference_row = int(candidate_rows[poser.choose_reference(source.images(candidate_rows).all_images())])
+    logger.info("%d particles, box %d px at %.3f Å/px -> model box %d px; reference %s", n, source.box, source.apix,
+                poser.model_box, source.names[reference_row])
+    acc = HalfSetAccumulator(source.box, source.apix, device=job.device)
     poses = _Poses(torch.empty(n, 3, 3, dtype=torch.float64), torch.empty(n, 2, dtype=torch.float64), torch.empty(n),
                    reference_row=reference_row)
     disagreement = []
@@ -379,9 +380,9 @@ def _network_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumul
     # the reference itself last: identity rotation, its shift as the network sees it in a pass of its own
     for rows in [*(others[first : first + settings.chunk] for first in range(0, len(others), settings.chunk)),
                  np.array([reference_row])]:
-        images = read_finite_images(table, rows)
+        images = source.images(rows).all_images()
         t0 = time.perf_counter()
-        batch = poser.pose(images, table.apix)
+        batch = poser.pose(images, source.apix)
         t1 = time.perf_counter()
         poses.rotations[rows], poses.confidence[rows], poses.origins[rows] = (batch.rotations, batch.confidence,
                                                                               batch.origins_angstrom)

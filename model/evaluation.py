@@ -47,10 +47,9 @@ import pandas as pd
 import torch
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.euler import euler_to_matrix
-from cryofastar.recon.io import ParticleTable, read_particles
+from cryofastar.recon.io import ParticleSource, ParticleTable, image_keys, read_particles
 from cryofastar.recon.io.atomic import atomic_path
 from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, NETWORK_COLUMNS
-from cryofastar.recon.io.finite import read_finite_images
 from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations, random_rotations
 
 from cryofastar.options import argument, option
@@ -67,7 +66,6 @@ __all__ = [
     "fit_map_translation",
     "geodesic_degrees",
     "global_alignment",
-    "image_keys",
     "map_in_true_frame",
     "mirror_rotations",
     "network_poses",
@@ -485,16 +483,6 @@ class EvaluateResult:
         }
 
 
-def image_keys(table: ParticleTable) -> pd.Index:
-    """`(n,)` image keys ``"N@/resolved/stack"`` (N a plain integer, the stack's resolved absolute path)."""
-    resolved = {stack: str(Path(stack).resolve()) for stack in set(table.stack_paths)}
-    keys = pd.Index([f"{int(i)}@{resolved[stack]}" for i, stack in zip(table.image_indices, table.stack_paths,
-                                                                         strict=True)])
-    if keys.has_duplicates:
-        raise ValueError(f"{table.star_path}: rlnImageName {keys[keys.duplicated()][0]!r} appears more than once")
-    return keys
-
-
 def network_poses(table: ParticleTable) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The network's own poses that ``reconstruct`` keeps beside the refined ones (NETWORK_COLUMNS).
 
@@ -587,13 +575,15 @@ def map_in_true_frame(pred: Path, alignment: Alignment, interpolation: str = "ne
     -------
     volume, apix: tuple[torch.Tensor, float]
         `(B, B, B)` map [z, y, x] and its pixel size (Å).
+
+    Images with NaN or Inf pixels are left out (one warning line names them).
     """
-    # upward import, for now: the checked image reader moves below model/ with the reconstruct engine
-    table = read_particles(pred)
+    source, _ = ParticleSource.from_star(pred).finite(chunk)
+    table = source.table
     rotations = apply_alignment_to_rotations(table.rotations(), alignment)
-    origins, halves = table.origins_angstrom(), table.half_sets()
+    origins, halves = table.origins_angstrom(), source.half_sets
     acc = HalfSetAccumulator(table.box, table.apix, interpolation=interpolation, device=device)
     for first in range(0, len(table), chunk):
         rows = np.arange(first, min(len(table), first + chunk))
-        acc.add(read_finite_images(table, rows), rotations[rows], origins[rows], halves[rows])
+        acc.add(source.images(rows).all_images(), rotations[rows], origins[rows], halves[rows])
     return acc.volume(), table.apix

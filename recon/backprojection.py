@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,7 @@ from cryofastar.options import argument, option
 
 from .accumulator import HalfSetAccumulator
 from .device import resolve_device
-from .io import read_particles
-from .io.finite import read_finite_images
+from .io import ParticleSource
 from .map_set import map_set, read_reference_map, write_map_set
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ class BackprojectSettings:
 
 @dataclass
 class BackprojectResult:
-    """What one run produced."""
+    """What one run produced (``skipped``: image names left out for NaN or Inf pixels)."""
 
     n_particles: int
     half_counts: tuple[int, int]
@@ -97,18 +96,25 @@ class BackprojectResult:
     seconds: float
     outputs: list[Path]
     reference_resolution_angstrom: float | None = None
+    skipped: list[str] = field(default_factory=list)
 
 
 def backproject_particles(settings: BackprojectSettings) -> BackprojectResult:
-    """Read, insert in batches, write the map set (module docstring); return the figures."""
+    """Read, insert in batches, write the map set (module docstring); return the figures.
+
+    Images with NaN or Inf pixels are left out (one warning line names them; they are
+    listed in ``result.skipped``); a set with no finite image is a ParticleFileError.
+    """
     s = settings
     dev = resolve_device(s.device)
-    table = read_particles(s.particles, apix=s.apix)
-    reference_map = read_reference_map(s.reference, table.box)
-    ctf = table.ctf() if s.use_ctf else None
+    source = ParticleSource.from_star(s.particles, apix=s.apix)
+    reference_map = read_reference_map(s.reference, source.box)
+    source, skipped = source.finite(s.batch)
+    table = source.table
+    ctf = source.ctf if s.use_ctf else None
     rotations = table.rotations()
     origins = table.origins_angstrom()
-    halves = table.half_sets()
+    halves = source.half_sets
     acc = HalfSetAccumulator(table.box, table.apix, oversampling=s.oversampling,
                              interpolation=s.interpolation, device=dev)  # type: ignore[arg-type]
     logger.info("%d particles, box %d px, %.3f Å/px, CTF %s, %s on %s", len(table), table.box,
@@ -116,7 +122,7 @@ def backproject_particles(settings: BackprojectSettings) -> BackprojectResult:
     start = time.perf_counter()
     for first in range(0, len(table), s.batch):
         rows = np.arange(first, min(first + s.batch, len(table)))
-        images = read_finite_images(table, rows)
+        images = source.images(rows).all_images()
         acc.add(images, rotations[rows], origins[rows], halves[rows],
                 None if ctf is None else ctf[torch.as_tensor(rows)])
     maps = map_set(acc, reference_map)
@@ -124,4 +130,4 @@ def backproject_particles(settings: BackprojectSettings) -> BackprojectResult:
     outputs = write_map_set(s.output, maps, half_maps=s.half_maps)
     counts = acc.particle_counts.tolist()
     return BackprojectResult(len(table), (counts[0], counts[1]), maps.resolution_angstrom, maps.fsc, seconds, outputs,
-                             maps.reference_resolution_angstrom)
+                             maps.reference_resolution_angstrom, skipped.names.tolist())

@@ -137,7 +137,6 @@ CASES: dict[str, Case] = {
     "missing-stack": Case(_missing_stack, "stack_b.mrcs", "map.mrc"),
     "mismatched-boxes": Case(_mismatched_boxes, "box", "map.mrc"),
     "non-mrc-stack": Case(_non_mrc_stack, "MRC", "map.mrc"),
-    "nan-pixels": Case(_nan_pixels, "000003@stack_b.mrcs contains NaN", "map.mrc"),
     "nonexistent-star": Case(_nonexistent_star, "not found", "map.mrc"),
     "bad-interpolation": Case(_bad_interpolation, "--interpolation", "map.mrc"),
     "simulate-odd-box": Case(_odd_box, "--box", "sim/particles.star"),
@@ -146,6 +145,8 @@ CASES: dict[str, Case] = {
 # typer/click usage errors (a value of the wrong type, a missing option) are not routed through
 # the one-line error handler; see test_usage_error_is_one_error_line.
 USAGE_CASES: dict[str, Case] = {"simulate-non-integer-n": Case(_non_integer_n, "--n")}
+# not errors: an image with NaN pixels is left out with one warning line naming it (run in the same pool)
+SKIP_CASES: dict[str, Case] = {"nan-pixels": Case(_nan_pixels, "000003@stack_b.mrcs")}
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def error_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess[
     """
     root = tmp_path_factory.mktemp("cli_errors")
     jobs = {}
-    for name, case in {**CASES, **USAGE_CASES}.items():
+    for name, case in {**CASES, **USAGE_CASES, **SKIP_CASES}.items():
         directory = root / name
         argv = case.build(directory)
         directory.mkdir(exist_ok=True)
@@ -194,6 +195,18 @@ def test_usage_error_is_one_error_line(error_runs, name: str) -> None:
     result, _ = error_runs[name]
     assert "Traceback" not in result.stderr and result.returncode == 2  # holds today
     assert_one_error_line(result, USAGE_CASES[name].keyword)
+
+
+def test_nan_image_is_skipped_with_one_warning_naming_it(error_runs) -> None:
+    result, directory = error_runs["nan-pixels"]
+    context = f"stdout={result.stdout!r}\nstderr={result.stderr!r}"
+    assert result.returncode == 0 and "Traceback" not in result.stderr, context
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "WARNING" in lines[0], context
+    assert "1 image(s) contain NaN or Inf pixels and were skipped (000003@stack_b.mrcs)" in lines[0], context
+    assert result.stdout.startswith("9 particles"), context  # 10 in the STAR file, the NaN one left out
+    with mrcfile.open(directory / "map.mrc") as mrc:
+        assert np.isfinite(mrc.data).all() and float(np.abs(mrc.data).max()) > 0
 
 
 @pytest.mark.slow

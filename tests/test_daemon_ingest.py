@@ -124,7 +124,9 @@ def test_non_finite_images_are_dropped_and_counted(tmp_path):
         write_stack(tmp_path / "n.mrcs", images, 2.0)
     plan, _ = plan_particle_file(tmp_path / "n.mrcs", tmp_path, None, IngestJournal())
     chunk = next(plan.chunks())
-    assert chunk.indices.tolist() == [1, 4] and chunk.dropped == 2
+    assert chunk.indices.tolist() == [1, 4] and chunk.rows.tolist() == [0, 3]
+    assert chunk.skipped.rows.tolist() == [1, 2] and chunk.skipped.reason == "NaN or Inf pixels"
+    assert [name.split("@")[0] for name in chunk.skipped.names] == ["000002", "000003"]
     assert bool(torch.isfinite(chunk.images).all())
 
 

@@ -174,7 +174,8 @@ def test_bad_files_are_rejected_and_the_session_goes_on(stacks, tmp_path, daemon
     assert code == 0, stderr
     rejected = (out / "rejected.tsv").read_text()
     for reason in ("truncated.mrcs: not a readable MRC", "wrong_box.mrcs: box 64 px differs",
-                   "with_nan.mrcs: 1 image(s) contain NaN", "outside the watched directory"):
+                   "with_nan.mrcs: 1 image(s) contain NaN", f"(000003@{(watch / 'with_nan.mrcs').resolve()})",
+                   "outside the watched directory"):
         assert reason in rejected, rejected
     assert len(starfile.read(out / "particles.star")["particles"]) == 2 * PER_STACK + 4
 

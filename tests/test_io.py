@@ -21,6 +21,7 @@ import starfile
 import torch
 from cryofastar.recon.io import (
     ParticleFileError,
+    ParticleSource,
     ParticleTable,
     read_images,
     read_particles,
@@ -242,7 +243,7 @@ def test_read_particles_valid_relion31_set(relion31: Path, tmp_path: Path, monke
 
     # images of chosen rows come from the right stack and index
     rows = np.array([7, 0, 4])
-    images = table.images(rows)
+    images = ParticleSource.from_star(table.star_path, table=table).images(rows).all_images()
     torch.testing.assert_close(images[0], stack_images(1)[2])  # row 7 = stack_b image 3
     torch.testing.assert_close(images[1], stack_images(0)[0])
     torch.testing.assert_close(images[2], stack_images(0)[4])

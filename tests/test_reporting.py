@@ -12,7 +12,8 @@ from cryofastar.daemon.metrics import DaemonMetrics
 from cryofastar.daemon.rejections import RejectionLog
 from cryofastar.daemon.reporting import COUNTS, RateWindow, StatusBoard, ViewDirections, refinement_status
 from cryofastar.daemon.settings import DaemonSettings
-from cryofastar.daemon.state import PoseTable, SessionState
+from cryofastar.daemon.state import SessionState
+from cryofastar.engine.pose_table import PoseTable
 from cryofastar.engine.streaming_refiner import StreamingRefiner
 from cryofastar.recon.rotations import random_rotations
 

@@ -11,7 +11,7 @@ import gemmi
 import numpy as np
 import pytest
 import torch
-from cryofastar.recon.io import ParticleFileError, read_particles, read_volume
+from cryofastar.recon.io import ParticleFileError, ParticleSource, read_particles, read_volume
 from cryofastar.recon.simulate import (
     Atoms,
     ProceduralSettings,
@@ -107,7 +107,7 @@ def test_write_session_writes_a_readable_relion_set(tmp_path: Path) -> None:
     assert apix == pytest.approx(3.0) and torch.allclose(ref, vol)
     info = json.loads((tmp_path / "simulation.json").read_text())
     assert info["n_particles"] == 25 and info["snr"] == 1.0
-    images = table.images(np.arange(25))
+    images = ParticleSource.from_star(star, table=table).images(np.arange(25)).all_images()
     assert images.shape == (25, 32, 32) and bool(torch.isfinite(images).all())
 
 

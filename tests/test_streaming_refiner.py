@@ -1,4 +1,4 @@
-"""The streaming refinement policy (engine.streaming_refiner) and the pose table it updates (daemon.state)."""
+"""The streaming refinement policy (engine.streaming_refiner)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cryofastar.daemon.ingest import read_particle_images
 from cryofastar.daemon.settings import DaemonSettings
-from cryofastar.daemon.state import PoseTable
+from cryofastar.engine.pose_table import PoseTable
 from cryofastar.engine.streaming_refiner import StreamingRefiner
 from cryofastar.recon import CtfParams
-from cryofastar.recon.io import ParticleFileError, write_stack
+from cryofastar.recon.io import ParticleFileError, ParticleSource, write_stack
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
@@ -32,31 +31,6 @@ def _table(n: int, ctf: bool = True) -> PoseTable:
     table.append(np.array(["/a.mrcs"] * n), np.arange(1, n + 1), random_rotations(n, torch.Generator().manual_seed(0)),
                  torch.zeros(n, 2, dtype=torch.float64), torch.ones(n), 1 + torch.arange(n) % 2, params)
     return table
-
-
-def test_pose_table_updates_poses_and_returns_what_was_inserted():
-    table = _table(6)
-    rows = np.array([1, 4])
-    new = random_rotations(2, torch.Generator().manual_seed(1))
-    table.update(rows, new, torch.ones(2, 2, dtype=torch.float64), torch.tensor([0.3, 0.4]), torch.tensor([2.0, 3.0]),
-                 5)
-    assert float(geodesic_degrees(table.rotations(rows), new).max()) < 1e-4
-    assert table.column("refined").tolist() == [0, 5, 0, 0, 5, 0]
-    assert np.isnan(table.column("score")[0]) and table.column("score")[4] == pytest.approx(0.4)
-    ctf = table.ctf(rows)
-    assert ctf.defocus_u_angstrom.tolist() == pytest.approx([12000.0, 18000.0])
-    assert ctf.voltage_kv.tolist() == [300.0, 300.0] and ctf.amplitude_contrast.tolist() == pytest.approx([0.07] * 2)
-    assert _table(3, ctf=False).ctf(np.array([0, 2])) is None
-
-
-def test_pose_table_from_an_older_checkpoint_gets_defaults_and_refuses_unknown_ctf():
-    state = _table(4).state_dict()
-    for column in ("ctf_optics", "score", "spread", "refined"):  # written before these columns existed
-        del state[column]
-    table = PoseTable.from_state_dict(state)
-    assert table.column("refined").tolist() == [0, 0, 0, 0] and np.isnan(table.column("spread")).all()
-    with pytest.raises(ValueError, match="not fully known"):
-        table.ctf(np.array([0, 1]))
 
 
 def test_stale_particles_are_picked_never_refined_first_then_oldest_map_least_sure(tmp_path):
@@ -126,10 +100,11 @@ def test_images_are_read_again_per_stack(tmp_path):
     write_stack(tmp_path / "a.mrcs", images, 1.0)
     write_stack(tmp_path / "b.mrcs", -images, 1.0)
     names = np.array([str(tmp_path / "a.mrcs"), str(tmp_path / "b.mrcs")], dtype=object)
-    got = read_particle_images(names[[1, 0, 1]], np.array([2, 5, 1]))
+    source = ParticleSource.from_locations(tmp_path, names[[1, 0, 1]], np.array([2, 5, 1]), 8, 1.0)
+    got = source.images().all_images()
     assert torch.equal(got, torch.stack([-images[1], images[4], -images[0]]))
     with pytest.raises(ParticleFileError):
-        read_particle_images(names[[0]], np.array([9]))
+        ParticleSource.from_locations(tmp_path, names[[0]], np.array([9]), 8, 1.0).images()
 
 
 def test_a_session_restarted_past_its_ab_initio_resumes_in_the_local_phase(tmp_path):

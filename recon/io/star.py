@@ -9,7 +9,8 @@ Stack paths in rlnImageName are resolved relative to the STAR file's directory,
 then its parents up to three levels (a RELION job folder such as
 ``Refine3D/job012/`` sits two below the project directory the names are relative
 to), then the working directory. RELION 3.0 files
-(one block, rlnOriginX/Y in pixels) are read too.
+(one block, rlnOriginX/Y in pixels) are read too. Images are read through
+:class:`~cryofastar.recon.io.source.ParticleSource` (``ParticleSource.from_star``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..euler import euler_to_matrix
 from ..half_sets import half_sets_for_stack
 from .atomic import atomic_path
 from .errors import ParticleFileError
-from .mrc import read_images, stack_shape
+from .mrc import stack_shape
 
 __all__ = ["ParticleTable", "read_particles", "write_particles"]
 
@@ -121,15 +122,11 @@ class ParticleTable:
             halves[rows] = half_sets_for_stack(stack, torch.as_tensor(self.image_indices[rows]))
         return halves
 
-    def images(self, rows: np.ndarray) -> torch.Tensor:
-        """`(len(rows), B, B)` float32 images of the given particle rows (one read per stack)."""
-        rows = np.asarray(rows)
-        out = torch.empty((len(rows), self.box, self.box), dtype=torch.float32)
-        stacks = self.stack_paths[rows]
-        for stack in np.unique(stacks):
-            where = np.nonzero(stacks == stack)[0]
-            out[where] = read_images(stack, self.image_indices[rows[where]])
-        return out
+    def select(self, rows: np.ndarray) -> ParticleTable:
+        """The table restricted to `(m,)` int64 ``rows`` (0-based, in that order; particles renumbered)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return ParticleTable(self.star_path, self.particles.iloc[rows].reset_index(drop=True), self.optics,
+                             self.stack_paths[rows], self.image_indices[rows], self.apix, self.box)
 
 
 def _fail(path: Path, message: str) -> ParticleFileError:

@@ -1,0 +1,160 @@
+"""The refinement of a live session's map: the streaming refiner applied to the particles already in it.
+
+The daemon hands each posed pass here before inserting it, and, between passes and
+while idle, lets it re-pose particles already in the map. What is refined and when is
+:class:`~cryofastar.engine.streaming_refiner.StreamingRefiner`'s policy
+(docs/refinement.md); this class carries it out on the session's map:
+
+- :meth:`refine_pass`: a new pass's poses against the running map (starting the
+  streaming ab initio first when the policy asks for it);
+- :meth:`repose`: up to ``repose_per_pass`` particles of the map re-posed: their images
+  read again, the old contribution removed from the half-set grids and the new one added
+  (exactly: the map equals one built from scratch with the new poses), their rows of
+  the pose table updated;
+- :meth:`idle_work_left`: whether re-posing is still worth doing while nothing new arrives.
+
+It reads images through the ``read_images`` function it is given and reports timings
+and counts through ``record``: it knows no threads, files or metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import torch
+from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.ctf import CtfParams
+from cryofastar.recon.rotations import geodesic_degrees
+
+from .pose_table import PoseTable
+from .streaming_refiner import UNREADABLE, RefinedPoses, StreamingRefiner
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LiveRefinement", "SessionMap"]
+
+ReadImages = Callable[[np.ndarray], torch.Tensor]
+"""Pose-table rows -> `(len(rows), B, B)` float32 images read again (raises ParticleFileError or ValueError)."""
+Record = Callable[[str, int, float], None]
+"""Called with a step (``refine``, ``repose``, ``ab_initio``), its particles and its wall time (s)."""
+
+
+class SessionMap(Protocol):
+    """What refinement works on: the half-set grids, the pose of every particle in them, the pixel size."""
+
+    accumulator: HalfSetAccumulator | None
+    poses: PoseTable
+
+    @property
+    def n_particles(self) -> int: ...
+
+
+class LiveRefinement:
+    """Refinement of one live session's map (module docstring).
+
+    Parameters
+    ----------
+    refiner: StreamingRefiner
+        The session's refinement policy and state.
+    session: SessionMap
+        The map being refined (the daemon's :class:`~cryofastar.daemon.state.SessionState`).
+    read_images: ReadImages
+        Reads particles of the map again, by pose-table row.
+    record: Record
+        Told of each step done, for metrics.
+    """
+
+    def __init__(self, refiner: StreamingRefiner, session: SessionMap, read_images: ReadImages,
+                 record: Record) -> None:
+        self.refiner, self.session = refiner, session
+        self._read, self._record = read_images, record
+        self.moved = 0
+        """Particles of the map moved to new poses so far (the map changed since it was published)."""
+
+    def refine_pass(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,
+                    origins_angstrom: torch.Tensor, ctf: CtfParams | None, apix: float) -> RefinedPoses | None:
+        """A new pass's poses refined against the running map (``None`` before refinement starts or on failure).
+
+        `(n, B, B)` images at the session box and pixel size ``apix`` Å, `(n,)` half sets,
+        `(n, 3, 3)` RELION matrices and `(n, 2)` origins (Å) to start from. A failed
+        refinement keeps the pass's own poses: particles are never lost.
+        """
+        if not self.refiner.active:
+            return None
+        if self.refiner.needs_bootstrap:
+            self._bootstrap(apix)
+        t0 = time.perf_counter()
+        try:
+            refined = self.refiner.refine(images, half_sets, rotations, origins_angstrom, ctf)
+        except Exception:  # noqa: BLE001 - a failed refinement keeps the pass's poses, never loses particles
+            logger.exception("refinement failed; this pass keeps its unrefined poses")
+            return None
+        self._record("refine", len(images), time.perf_counter() - t0)
+        return refined
+
+    def idle_work_left(self) -> bool:
+        """Whether re-posing while nothing new arrives is worth doing (docs/refinement.md, "While idle")."""
+        r = self.refiner
+        if not r.active or r.converged or r.settings.repose_per_pass == 0:
+            return False
+        return bool((self.session.poses.column("refined") < r.version).any())
+
+    def repose(self, apix: float) -> None:
+        """Re-pose up to ``repose_per_pass`` particles already in the map (docs/refinement.md)."""
+        if self.refiner.needs_bootstrap:
+            self._bootstrap(apix)
+            return
+        table = self.session.poses
+        rows = self.refiner.pick_stale(table.column("refined"), table.column("spread"))
+        if len(rows) == 0:
+            return
+        t0 = time.perf_counter()
+        rows = np.sort(rows)
+        try:
+            images = self._read(rows)
+            ctf = table.ctf(rows)
+        except ValueError as exc:  # ParticleFileError is a ValueError
+            logger.warning("cannot re-pose %d particles (%s); they keep their poses", len(rows), exc)
+            table.column("refined")[rows] = UNREADABLE
+            return
+        halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
+        origins = torch.from_numpy(table.column("origins")[rows])
+        new = self.refiner.repose(images, halves, table.rotations(rows), origins, ctf, rows)
+        self._replace(rows, images, halves, ctf, new)
+        self.refiner.maybe_finish_ab_initio(table.column("refined"))
+        self._record("repose", len(rows), time.perf_counter() - t0)
+
+    def _bootstrap(self, apix: float) -> None:
+        """Start the streaming ab initio on the map's oldest particles and re-insert them at its poses."""
+        table = self.session.poses
+        rows = np.arange(min(self.refiner.seed_particles, len(table)))
+        t0 = time.perf_counter()
+        try:
+            images = self._read(rows)
+            ctf = table.ctf(rows)
+            halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
+            new = self.refiner.bootstrap(images, halves, ctf, apix, rows)
+        except Exception:  # noqa: BLE001 - without ab initio the session goes on with global search
+            logger.exception("ab initio could not start; new particles are searched globally instead")
+            self.refiner.phase = "local"
+            return
+        self._replace(rows, images, halves, ctf, new)
+        self._record("ab_initio", len(rows), time.perf_counter() - t0)
+
+    def _replace(self, rows: np.ndarray, images: torch.Tensor, halves: torch.Tensor, ctf: CtfParams | None,
+                 new: RefinedPoses) -> None:
+        """Move particles ``rows`` of the map from their recorded poses to ``new`` (remove, add, record)."""
+        table, acc = self.session.poses, self.session.accumulator
+        assert acc is not None
+        old_rotations = table.rotations(rows)
+        old_origins = torch.from_numpy(table.column("origins")[rows])
+        # both calls validate the same shapes and values first, so the add cannot fail after the remove
+        acc.remove(images, old_rotations, old_origins, halves, ctf)
+        acc.add(images, new.rotations, new.origins_angstrom, halves, ctf)
+        table.update(rows, new.rotations, new.origins_angstrom, new.scores, new.spread_degrees, new.version)
+        self.moved += len(rows)
+        self.refiner.note_moves(geodesic_degrees(new.rotations, old_rotations), self.session.n_particles)

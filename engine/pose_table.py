@@ -1,0 +1,186 @@
+"""The pose of every particle in a live session's map, and how far refinement has taken it.
+
+One row per accumulated particle, in insertion order: its stack and index, RELION pose
+(angles in degrees, rlnOriginX/YAngst), network confidence, half set, CTF, and the
+refinement's bookkeeping (score, angular spread, version of the map it was last matched
+against). The streaming refinement reads and updates it
+(:class:`~cryofastar.engine.live_refinement.LiveRefinement`); the daemon checkpoints it
+and writes it as ``particles.star``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from cryofastar.recon.ctf import CtfParams
+from cryofastar.recon.euler import euler_to_matrix, matrix_to_euler
+from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, SCORE_COLUMN, SPREAD_COLUMN
+
+__all__ = ["PoseTable"]
+
+_CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift")
+
+
+class PoseTable:
+    """Pose and identity of every accumulated particle, in insertion order.
+
+    Columns are kept as lists of per-batch arrays and joined on demand, so appending a
+    batch costs nothing per particle.
+    """
+
+    def __init__(self) -> None:
+        self.stack_names: list[str] = []
+        self._stack_ids: dict[str, int] = {}
+        self._parts: dict[str, list[np.ndarray]] = {k: [] for k in self._COLUMNS}
+
+    _COLUMNS = ("stack_id", "index", "angles", "origins", "confidence", "half_set", "ctf", "ctf_optics", "score",
+                "spread", "refined")
+    # columns added after the first checkpoints: their value for particles of an older checkpoint
+    _DEFAULTS = {"ctf_optics": (3, np.nan, np.float64), "score": (0, np.nan, np.float64),
+                 "spread": (0, np.nan, np.float64), "refined": (0, 0, np.int32)}
+
+    def __len__(self) -> int:
+        return int(sum(len(a) for a in self._parts["index"]))
+
+    def append(self, stacks: np.ndarray, indices: np.ndarray, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
+               confidence: torch.Tensor, half_sets: torch.Tensor, ctf: CtfParams | None,
+               score: torch.Tensor | None = None, spread: torch.Tensor | None = None, refined: int = 0) -> None:
+        """Add a batch of `n` particles.
+
+        Parameters
+        ----------
+        stacks, indices: np.ndarray
+            `(n,)` resolved stack path and 1-based index of each particle.
+        rotations: torch.Tensor
+            `(n, 3, 3)` RELION matrices ``A`` (map frame -> particle frame).
+        origins_angstrom: torch.Tensor
+            `(n, 2)` rlnOriginXAngst/YAngst.
+        confidence, half_sets: torch.Tensor
+            `(n,)` network confidence and half set (1/2).
+        ctf: CtfParams | None
+            Their CTF, if known (defocus columns are written only if every particle has one).
+        score, spread: torch.Tensor | None
+            `(n,)` projection-matching score and angular spread (degrees), if refined.
+        refined: int
+            Version of the map they were matched against (0: not refined).
+        """
+        ids = np.empty(len(indices), dtype=np.int32)
+        for stack in np.unique(stacks):  # one dictionary lookup per stack
+            if stack not in self._stack_ids:
+                self._stack_ids[str(stack)] = len(self.stack_names)
+                self.stack_names.append(str(stack))
+            ids[stacks == stack] = self._stack_ids[str(stack)]
+        rot, tilt, psi = matrix_to_euler(rotations.double())
+        self._parts["stack_id"].append(ids)
+        self._parts["index"].append(np.asarray(indices, dtype=np.int64))
+        self._parts["angles"].append(torch.stack([rot, tilt, psi], -1).numpy())
+        self._parts["origins"].append(origins_angstrom.double().numpy())
+        self._parts["confidence"].append(confidence.double().numpy())
+        self._parts["half_set"].append(half_sets.numpy().astype(np.int8))
+        if ctf is None:
+            values = np.full((len(indices), 4), np.nan)
+        else:
+            values = torch.stack([ctf.defocus_u_angstrom, ctf.defocus_v_angstrom, ctf.defocus_angle_degrees,
+                                  ctf.phase_shift_degrees], -1).double().numpy()
+        self._parts["ctf"].append(values)
+        self._parts["ctf_optics"].append(np.full((len(indices), 3), np.nan) if ctf is None else torch.stack(
+            [ctf.voltage_kv, ctf.spherical_aberration_mm, ctf.amplitude_contrast], -1).double().numpy())
+        n = len(indices)
+        self._parts["score"].append(np.full(n, np.nan) if score is None else score.double().numpy())
+        self._parts["spread"].append(np.full(n, np.nan) if spread is None else spread.double().numpy())
+        self._parts["refined"].append(np.full(n, refined, dtype=np.int32))
+
+    def update(self, rows: np.ndarray, rotations: torch.Tensor, origins_angstrom: torch.Tensor, score: torch.Tensor,
+               spread: torch.Tensor, refined: int | np.ndarray) -> None:
+        """Replace the pose of particles ``rows`` (re-posed; shapes as in :meth:`append`)."""
+        rot, tilt, psi = matrix_to_euler(rotations.double())
+        self.column("angles")[rows] = torch.stack([rot, tilt, psi], -1).numpy()
+        self.column("origins")[rows] = origins_angstrom.double().numpy()
+        self.column("score")[rows] = score.double().numpy()
+        self.column("spread")[rows] = spread.double().numpy()
+        self.column("refined")[rows] = refined
+
+    def stack_paths(self, rows: np.ndarray) -> np.ndarray:
+        """`(k,)` resolved stack path (str) of particles ``rows``."""
+        return np.asarray(self.stack_names, dtype=object)[self.column("stack_id")[rows]]
+
+    def rotations(self, rows: np.ndarray) -> torch.Tensor:
+        """`(k, 3, 3)` float64 RELION matrices of particles ``rows``."""
+        angles = torch.from_numpy(self.column("angles")[rows])
+        return euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+
+    def ctf(self, rows: np.ndarray) -> CtfParams | None:
+        """CTF of particles ``rows`` as inserted (``None`` if they had none).
+
+        Raises ValueError if some have one and others not, or its optics were not kept
+        (particles of a checkpoint written before they were).
+        """
+        defocus, optics = self.column("ctf")[rows], self.column("ctf_optics")[rows]
+        known = np.isfinite(defocus[:, 0])
+        if not known.any():
+            return None
+        if not known.all() or not np.isfinite(optics).all():
+            raise ValueError("the CTF these particles were inserted with is not fully known")
+        return CtfParams.from_arrays(defocus_u_angstrom=defocus[:, 0], defocus_v_angstrom=defocus[:, 1],
+                                     defocus_angle_degrees=defocus[:, 2], phase_shift_degrees=defocus[:, 3],
+                                     voltage_kv=optics[:, 0], spherical_aberration_mm=optics[:, 1],
+                                     amplitude_contrast=optics[:, 2])
+
+    def column(self, name: str) -> np.ndarray:
+        """One column over all particles (``stack_id``, ``index``, ``angles`` (n, 3), ...)."""
+        parts = self._parts[name]
+        if not parts:
+            widths = {"angles": (0, 3), "origins": (0, 2), "ctf": (0, 4), "ctf_optics": (0, 3)}
+            return np.zeros(widths.get(name, (0,)))
+        joined = np.concatenate(parts)
+        self._parts[name] = [joined]
+        return joined
+
+    def state_dict(self) -> dict[str, object]:
+        """Tensors and a list of stack names (loadable with ``weights_only=True``)."""
+        return {"stack_names": list(self.stack_names),
+                **{k: torch.from_numpy(np.ascontiguousarray(self.column(k))) for k in self._COLUMNS}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object]) -> PoseTable:
+        """Inverse of :meth:`state_dict`."""
+        table = cls()
+        table.stack_names = list(state["stack_names"])  # type: ignore[arg-type]
+        table._stack_ids = {s: i for i, s in enumerate(table.stack_names)}
+        n = len(state["index"])  # type: ignore[arg-type]
+        for k in cls._COLUMNS:
+            if k in state:
+                table._parts[k] = [state[k].numpy()]  # type: ignore[union-attr]
+            else:  # a checkpoint written before this column existed
+                width, fill, dtype = cls._DEFAULTS[k]
+                table._parts[k] = [np.full((n, width) if width else n, fill, dtype=dtype)]
+        return table
+
+    def to_star(self, out: Path, box: int, apix: float, optics: dict[str, float]) -> tuple[pd.DataFrame,
+                                                                                        pd.DataFrame]:
+        """`(particles, optics)` blocks of a RELION 3.1 STAR file written in ``out``."""
+        relative = [os.path.relpath(s, out.resolve()) for s in self.stack_names]
+        names = np.array(relative, dtype=object)[self.column("stack_id")]
+        indices = self.column("index")
+        angles, origins = self.column("angles"), self.column("origins")
+        rows = {
+            "rlnImageName": [f"{int(i):06d}@{n}" for i, n in zip(indices, names, strict=True)],
+            "rlnAngleRot": angles[:, 0], "rlnAngleTilt": angles[:, 1], "rlnAnglePsi": angles[:, 2],
+            "rlnOriginXAngst": origins[:, 0], "rlnOriginYAngst": origins[:, 1],
+            "rlnOpticsGroup": np.ones(len(indices), dtype=np.int64),
+            "rlnRandomSubset": self.column("half_set").astype(np.int64),
+            CONFIDENCE_COLUMN: self.column("confidence"),
+            SCORE_COLUMN: self.column("score"),
+            SPREAD_COLUMN: self.column("spread"),
+        }
+        ctf = self.column("ctf")
+        if len(ctf) and np.isfinite(ctf).all():
+            rows.update({name: ctf[:, k] for k, name in enumerate(_CTF_COLUMNS)})
+        optics_block = {"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
+                        "rlnImagePixelSize": [apix], "rlnImageSize": [box],
+                        "rlnImageDimensionality": [2], **{k: [v] for k, v in optics.items()}}
+        return pd.DataFrame(rows), pd.DataFrame(optics_block)

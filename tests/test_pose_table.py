@@ -1,0 +1,59 @@
+"""The pose table of a live session (engine.pose_table): poses, refinement bookkeeping, CTF, checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from cryofastar.engine.pose_table import PoseTable
+from cryofastar.recon import CtfParams
+from cryofastar.recon.rotations import geodesic_degrees, random_rotations
+
+
+def _table(n: int, ctf: bool = True) -> PoseTable:
+    table = PoseTable()
+    params = None
+    if ctf:
+        params = CtfParams.from_arrays(defocus_u_angstrom=torch.linspace(1e4, 2e4, n), defocus_v_angstrom=1.1e4,
+                                       defocus_angle_degrees=10.0, voltage_kv=300.0, spherical_aberration_mm=2.7,
+                                       amplitude_contrast=0.07, phase_shift_degrees=0.0)
+    table.append(np.array(["/a.mrcs"] * n), np.arange(1, n + 1), random_rotations(n, torch.Generator().manual_seed(0)),
+                 torch.zeros(n, 2, dtype=torch.float64), torch.ones(n), 1 + torch.arange(n) % 2, params)
+    return table
+
+
+def test_pose_table_updates_poses_and_returns_what_was_inserted():
+    table = _table(6)
+    rows = np.array([1, 4])
+    new = random_rotations(2, torch.Generator().manual_seed(1))
+    table.update(rows, new, torch.ones(2, 2, dtype=torch.float64), torch.tensor([0.3, 0.4]), torch.tensor([2.0, 3.0]),
+                 5)
+    assert float(geodesic_degrees(table.rotations(rows), new).max()) < 1e-4
+    assert table.column("refined").tolist() == [0, 5, 0, 0, 5, 0]
+    assert np.isnan(table.column("score")[0]) and table.column("score")[4] == pytest.approx(0.4)
+    ctf = table.ctf(rows)
+    assert ctf.defocus_u_angstrom.tolist() == pytest.approx([12000.0, 18000.0])
+    assert ctf.voltage_kv.tolist() == [300.0, 300.0] and ctf.amplitude_contrast.tolist() == pytest.approx([0.07] * 2)
+    assert _table(3, ctf=False).ctf(np.array([0, 2])) is None
+
+
+def test_pose_table_from_an_older_checkpoint_gets_defaults_and_refuses_unknown_ctf():
+    state = _table(4).state_dict()
+    for column in ("ctf_optics", "score", "spread", "refined"):  # written before these columns existed
+        del state[column]
+    table = PoseTable.from_state_dict(state)
+    assert table.column("refined").tolist() == [0, 0, 0, 0] and np.isnan(table.column("spread")).all()
+    with pytest.raises(ValueError, match="not fully known"):
+        table.ctf(np.array([0, 1]))
+
+
+def test_pose_table_writes_relion_rows_with_image_names_relative_to_the_output(tmp_path):
+    table = _table(3)
+    particles, optics = table.to_star(tmp_path / "out", 64, 2.0, {"rlnVoltage": 300.0})
+    relative = os.path.relpath("/a.mrcs", (tmp_path / "out").resolve())
+    assert particles["rlnImageName"].tolist() == [f"{i:06d}@{relative}" for i in (1, 2, 3)]
+    assert particles["rlnRandomSubset"].tolist() == [1, 2, 1] and "rlnDefocusU" in particles.columns
+    assert optics["rlnImagePixelSize"].tolist() == [2.0] and optics["rlnImageSize"].tolist() == [64]
+    assert optics["rlnVoltage"].tolist() == [300.0]
