@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from .ingest import ParticleChunk
+from cryofastar.recon.io import ParticleChunk
 
 __all__ = ["PassGatherer", "take_particles"]
 

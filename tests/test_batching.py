@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from cryofastar.daemon.batching import PassGatherer, take_particles
-from cryofastar.daemon.ingest import ParticleChunk, plan_particle_file
+from cryofastar.daemon.ingest import plan_particle_file
 from cryofastar.daemon.journal import IngestJournal
-from cryofastar.recon.io import write_stack
+from cryofastar.recon.io import ParticleChunk, write_stack
 
 
 def _chunks(tmp_path, sizes: list[int]) -> list[ParticleChunk]:
