@@ -57,3 +57,12 @@ def test_pose_table_writes_relion_rows_with_image_names_relative_to_the_output(t
     assert particles["rlnRandomSubset"].tolist() == [1, 2, 1] and "rlnDefocusU" in particles.columns
     assert optics["rlnImagePixelSize"].tolist() == [2.0] and optics["rlnImageSize"].tolist() == [64]
     assert optics["rlnVoltage"].tolist() == [300.0]
+
+
+def test_ctf_parameters_of_several_chunks_concatenate_in_order():
+    first = _table(3).ctf(np.arange(3))
+    second = _table(2).ctf(np.arange(2))
+    both = CtfParams.cat([first, second])
+    assert len(both) == 5
+    assert both.defocus_u_angstrom.tolist() == first.defocus_u_angstrom.tolist() + second.defocus_u_angstrom.tolist()
+    assert both.amplitude_contrast.tolist() == pytest.approx([0.07] * 5)

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 from cryofastar.daemon.settings import DaemonSettings
-from cryofastar.engine.pose_table import PoseTable
 from cryofastar.engine.streaming_refiner import StreamingRefiner
-from cryofastar.recon import CtfParams
 from cryofastar.recon.io import ParticleFileError, ParticleSource, write_stack
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
@@ -19,18 +17,6 @@ from cryofastar.recon.simulate.particles import simulate_particles
 
 def _settings(tmp_path: Path, **kw) -> DaemonSettings:
     return DaemonSettings(watch=tmp_path, out=tmp_path / "out", **kw)
-
-
-def _table(n: int, ctf: bool = True) -> PoseTable:
-    table = PoseTable()
-    params = None
-    if ctf:
-        params = CtfParams.from_arrays(defocus_u_angstrom=torch.linspace(1e4, 2e4, n), defocus_v_angstrom=1.1e4,
-                                       defocus_angle_degrees=10.0, voltage_kv=300.0, spherical_aberration_mm=2.7,
-                                       amplitude_contrast=0.07, phase_shift_degrees=0.0)
-    table.append(np.array(["/a.mrcs"] * n), np.arange(1, n + 1), random_rotations(n, torch.Generator().manual_seed(0)),
-                 torch.zeros(n, 2, dtype=torch.float64), torch.ones(n), 1 + torch.arange(n) % 2, params)
-    return table
 
 
 def test_stale_particles_are_picked_never_refined_first_then_oldest_map_least_sure(tmp_path):
@@ -116,12 +102,3 @@ def test_a_session_restarted_past_its_ab_initio_resumes_in_the_local_phase(tmp_p
     (tmp_path / "out").mkdir(exist_ok=True)
     SessionState(counters={"refinement_local": 1}).save(tmp_path / "out" / CHECKPOINT_NAME)
     assert Daemon(settings).refinement_phase == "local"
-
-
-def test_ctf_parameters_of_several_chunks_concatenate_in_order():
-    first = _table(3).ctf(np.arange(3))
-    second = _table(2).ctf(np.arange(2))
-    both = CtfParams.cat([first, second])
-    assert len(both) == 5
-    assert both.defocus_u_angstrom.tolist() == first.defocus_u_angstrom.tolist() + second.defocus_u_angstrom.tolist()
-    assert both.amplitude_contrast.tolist() == pytest.approx([0.07] * 5)
