@@ -198,7 +198,8 @@ def test_image_keys_match_names_across_spellings_and_refuse_duplicates(tmp_path)
 
 
 def test_offline_commands_leave_out_and_name_a_nan_image(tmp_path, caplog):
-    from cryofastar.commands import backproject, reconstruct
+    from cryofastar.engine.offline import ReconstructSettings, reconstruct
+    from cryofastar.recon.backprojection import BackprojectSettings, backproject_particles
 
     volume = torch.zeros(32, 32, 32)
     volume[10:20, 12:18, 9:23] = 1.0
@@ -208,13 +209,15 @@ def test_offline_commands_leave_out_and_name_a_nan_image(tmp_path, caplog):
         mrc.data[4, 7, 7] = np.nan  # 000005@particles_00002.mrcs
     bad = "000005@particles_00002.mrcs"
     with caplog.at_level(logging.WARNING):
-        result = backproject.main(star, tmp_path / "map.mrc", False, "nearest", 1, 8, "cpu", None, True)
+        result = backproject_particles(BackprojectSettings(star, tmp_path / "map.mrc", interpolation="nearest",
+                                                           oversampling=1, batch=8, device="cpu"))
     assert result.n_particles == 23 and sum(result.half_counts) == 23 and result.skipped == [bad]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and bad in warnings[0] and "NaN or Inf" in warnings[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        out = reconstruct.main(star, tmp_path / "recon", device="cpu", views=8, chunk=10, candidates=4, refine=False)
+        out = reconstruct(star, tmp_path / "recon", ReconstructSettings(device="cpu", views=8, chunk=10, candidates=4,
+                                                                        refine=False))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and bad in warnings[0]
     written = read_particles(tmp_path / "recon" / "particles.star")
