@@ -69,29 +69,24 @@ import os
 import platform
 import resource
 import shutil
+import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from cryofastar.daemon.pipeline import Daemon, DaemonSettings
+from cryofastar.daemon.pipeline import DaemonSettings
 from cryofastar.engine.posing import NetworkPoser, sets_per_pass
 from cryofastar.model.preprocess import to_model_box
 from cryofastar.model.weights import load_model
-from cryofastar.monitoring.subscriber import Subscriber
-from cryofastar.protocol import ProtocolError, VolumeMessage
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.io.mrc import read_images
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, write_session
 
-TARGET_RATIO = 0.90
-STAGES = ("read", "pose", "accumulate", "map", "checkpoint")
-POLL_SECONDS = 0.05
-SETTLE_SECONDS = 0.2
-FLUSH_SECONDS = 1.0
-PUBLISH_SECONDS = 10.0
+sys.path.insert(0, str(Path(__file__).parent))
+from stream_daemon import run_daemon  # noqa: E402 - a sibling module
+from stream_report import TARGET_RATIO, dashboard_report, report  # noqa: E402 - a sibling module
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -141,16 +136,6 @@ def memory(device: torch.device) -> dict[str, float | None]:
     return out
 
 
-def stage_latencies(daemon: Daemon) -> dict[str, tuple[float, float]]:
-    """``{stage: (count, total seconds)}`` from the daemon's latency histogram (0 for a stage not yet run)."""
-    observed = daemon.metrics.stage_seconds()
-    return {stage: tuple(map(float, observed.get(stage, (0, 0.0)))) for stage in STAGES}
-
-
-def counter(daemon: Daemon, name: str) -> float:
-    return daemon.metrics.total(name)
-
-
 def in_worker_thread(fn, *args):  # noqa: ANN001, ANN002, ANN201
     """``fn(*args)`` in a fresh thread, as the daemon's poser runs (its result, or its exception re-raised).
 
@@ -196,193 +181,6 @@ def simulate(staging: Path, args: argparse.Namespace) -> tuple[list[Path], float
     write_session(staging, volume, apix, args.n, snr, args.seed, per_stack=args.per_stack)
     stacks = sorted(staging.glob("particles_*.mrcs"))
     return stacks, apix, time.perf_counter() - t0
-
-
-class VolumeWatch:
-    """A subscriber thread noting when the first map arrives (and how many distinct maps came)."""
-
-    def __init__(self, address: str) -> None:
-        self.subscriber = Subscriber(address, topics=("volume",))
-        self.first_at: float | None = None
-        self.first_particles: int | None = None
-        self.maps: set[tuple[str, int]] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-subscriber", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                message = self.subscriber.receive(0.05)
-            except ProtocolError:
-                continue
-            if isinstance(message, VolumeMessage):
-                if self.first_at is None:
-                    self.first_at = time.monotonic()
-                    self.first_particles = message.particles
-                self.maps.add((message.session, message.seq))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.subscriber.close()
-
-
-def place(stacks: list[Path], watch: Path, per_stack: list[int], rate: float | None, log: dict) -> None:
-    """Rename the stacks into the watched directory, all at once or at ``rate`` particles/s."""
-    start = time.monotonic()
-    log["first_placed"] = start
-    done = 0
-    for stack, count in zip(stacks, per_stack, strict=True):
-        if rate is not None:
-            time.sleep(max(0.0, start + done / rate - time.monotonic()))
-        os.rename(stack, watch / stack.name)
-        done += count
-    log["all_placed"] = time.monotonic()
-
-
-class DashboardLoad:
-    """The live dashboard beside the daemon: ``server`` (its own process, as ``--dashboard-port`` runs it)
-    or ``browser`` (plus a headless Debian chromium page showing it, on the same machine)."""
-
-    def __init__(self, mode: str, address: str) -> None:
-        from cryofastar.monitoring.dashboard_process import DashboardProcess, connectable
-
-        self.mode, self.page, self._pw, self._browser = mode, None, None, None
-        self.server = DashboardProcess(connectable(address), 0)
-        if mode == "browser":
-            from cryofastar.monitoring.headless_browser import launch_chromium
-            from playwright.sync_api import sync_playwright
-
-            self._pw = sync_playwright().start()
-            self._browser = launch_chromium(self._pw)
-            self.page = self._browser.new_page(viewport={"width": 1400, "height": 1400})
-            self.page.goto(self.server.url)
-
-    def close(self) -> dict[str, object]:
-        """Stop everything; what the page showed last (particles in its map), if a page was open."""
-        shown = None
-        if self.page is not None:
-            time.sleep(1.0)  # the final map's message
-            text = (self.page.text_content("#map-note") or "").split()
-            shown = int(text[0]) if text and text[0].isdigit() else 0
-            self._browser.close()
-            self._pw.stop()
-        self.server.stop()
-        return {"mode": self.mode, "page_map_particles": shown}
-
-
-def run_daemon(root: Path, stacks: list[Path], counts: list[int], args: argparse.Namespace,
-               publish_particles: int, dashboard: str = "none") -> dict[str, object]:
-    watch, out = root / "watch", root / "out"
-    settings = DaemonSettings(
-        watch=watch, out=out, zmq="tcp://127.0.0.1:0", metrics_port=None, device=args.device, batch=args.batch,
-        settle_seconds=SETTLE_SECONDS, flush_seconds=FLUSH_SECONDS, publish_seconds=PUBLISH_SECONDS,
-        publish_particles=publish_particles, interpolation=args.interpolation, refine=args.refine,
-    )
-    expected = sum(counts)
-    t0 = time.monotonic()
-    daemon = Daemon(settings)
-    daemon.start()
-    startup = time.monotonic() - t0
-    assert daemon.address is not None
-    load = None if dashboard == "none" else DashboardLoad(dashboard, daemon.address)
-    volumes = VolumeWatch(daemon.address)
-    time.sleep(0.5)  # let the SUB connection and subscription reach the publisher (ZeroMQ slow joiner)
-
-    placed: dict[str, float] = {}
-    placer = threading.Thread(target=place, args=(stacks, watch, counts, args.rate, placed), daemon=True)
-    placer.start()
-    while "first_placed" not in placed:
-        time.sleep(0.001)
-    t_place = placed["first_placed"]
-    first: tuple[float, int] | None = None
-    last: tuple[float, int] | None = None
-    first_posed: tuple[float, int] | None = None
-    timeline: list[tuple[float, int, int]] = []  # (seconds since first stack placed, posed, in map) at each change
-    n_prev = posed_prev = 0
-    reason = "all particles in the map"
-    while True:
-        now = time.monotonic()
-        n_now = daemon.particles_in_map
-        posed_now = int(daemon.status()["particles_posed"])
-        if posed_now != posed_prev and first_posed is None:
-            first_posed = (now, posed_now)
-        if n_now != n_prev:
-            if first is None:
-                first = (now, n_now)
-            last = (now, n_now)
-        if n_now != n_prev or posed_now != posed_prev:
-            timeline.append((round(now - t_place, 3), posed_now, n_now))
-            n_prev, posed_prev = n_now, posed_now
-        if n_now >= expected:
-            break
-        if daemon.errors:
-            reason = f"daemon error: {daemon.errors[0]}"
-            break
-        quiet = now - (last[0] if last else t_place)
-        if "all_placed" in placed and quiet > 3.0 and daemon.wait_idle(0.01):
-            reason = f"daemon idle with {n_now} of {expected} particles (see {out / 'rejected.tsv'})"
-            break
-        if quiet > args.stall:
-            reason = f"no progress for {args.stall:.0f} s at {n_now} of {expected} particles"
-            break
-        time.sleep(POLL_SECONDS)
-    placer.join()
-    status = daemon.status()
-    in_window = stage_latencies(daemon)
-    batches = counter(daemon, "batches")
-    maps_in_window = counter(daemon, "maps_published")
-    t_stop = time.monotonic()
-    daemon.stop()
-    stop_seconds = time.monotonic() - t_stop
-    total = stage_latencies(daemon)
-    time.sleep(0.2)  # the final map's message
-    volumes.close()
-    shown = {"mode": "none"} if load is None else load.close()
-
-    assert first is not None and last is not None and first_posed is not None, "no particle was ever accumulated"
-    window = last[0] - first[0]
-    n_window = last[1] - first[1]
-    steady_window = last[0] - first_posed[0]
-    n_steady = last[1] - first_posed[1]
-    result: dict[str, object] = {
-        "finished": reason,
-        "particles_expected": expected,
-        "particles_in_map": daemon.particles_in_map,
-        "particles_rejected": status["particles_rejected"],
-        "files_rejected": status["files_rejected"],
-        "startup_seconds": startup,
-        "placing_seconds": placed["all_placed"] - t_place,
-        "first_particle_seconds": first[0] - t_place,
-        "first_particle_count": first[1],
-        "first_map_seconds": None if volumes.first_at is None else volumes.first_at - t_place,
-        "first_map_particles": volumes.first_particles,
-        "first_map_at_stop": volumes.first_at is not None and volumes.first_at >= t_stop,
-        "window_seconds": window,
-        "window_particles": n_window,
-        "sustained_rate": n_window / window if window > 0 else math.nan,
-        "first_posed_seconds": first_posed[0] - t_place,
-        "first_posed_count": first_posed[1],
-        "steady_window_seconds": steady_window,
-        "steady_particles": n_steady,
-        "steady_rate": n_steady / steady_window if steady_window > 0 else math.nan,
-        "run_seconds": last[0] - t_place,
-        "end_to_end_rate": last[1] / (last[0] - t_place),
-        "max_posed_not_in_map": max((p - m for _, p, m in timeline), default=0),
-        "daemon_reported_rate": status["particles_per_second"],
-        "stop_seconds": stop_seconds,
-        "forward_passes_in_window": batches,
-        "maps_in_window": maps_in_window,
-        "maps_received": len(volumes.maps),
-        "stages_in_window": {k: {"count": c, "seconds": s} for k, (c, s) in in_window.items()},
-        "stages_at_stop": {k: {"count": total[k][0] - c, "seconds": total[k][1] - s}
-                           for k, (c, s) in in_window.items()},
-        "timeline_posed_in_map": timeline,
-        "dashboard": shown,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-    }
-    return result
 
 
 def bare_rate(stacks: list[Path], device: torch.device, args: argparse.Namespace) -> dict[str, object]:
@@ -439,111 +237,16 @@ def bare_rate(stacks: list[Path], device: torch.device, args: argparse.Namespace
     }
 
 
-# ---------------------------------------------------------------------------- report
-def fmt(value: float | None, spec: str = ".2f") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}"
-
-
-def report(hw: dict, args: argparse.Namespace, sim: dict, daemon: dict, bare: dict, mem: dict) -> None:
-    gpu = f", GPU {hw['gpu']}" if "gpu" in hw else ""
-    print(f"# {hw['cpu']}, {hw['cpus']} cpus ({hw['cpus_usable']} usable), torch {hw['torch']} with "
-          f"{hw['torch_threads']} threads, device {hw['device']}{gpu}, load average {fmt(hw['load_average_1min'])}")
-    s = daemon["settings"]
-    print(f"# session: {args.n} particles, box {args.box} px at {sim['apix']:.2f} Å, SNR {args.snr}, "
-          f"stacks of {args.per_stack}, seed {args.seed}; simulated in {sim['seconds']:.1f} s (not timed below)")
-    print(f"# daemon: batch {s['batch']}, anchors {s['anchors']}, interpolation {s['interpolation']}, settle "
-          f"{s['settle_seconds']} s, flush {s['flush_seconds']} s, map every {s['publish_particles']} particles "
-          f"or {s['publish_seconds']} s, checkpoint every {s['checkpoint_seconds']} s, read chunk {s['read_chunk']}, "
-          f"stacks placed {f'at {args.rate:g} particles/s' if args.rate else 'all at once'}")
-    print()
-    print(f"{'figure':<56} {'value':>10}")
-    rate = f"{daemon['window_particles']} in {daemon['window_seconds']:.1f} s"
-    steady = f"{daemon['steady_particles']} in {daemon['steady_window_seconds']:.1f} s"
-    rows = [
-        ("bare: crop + pose, whole set in one call (particles/s)", fmt(bare["rate"], ".1f"), ""),
-        ("bare: pose only, whole set in one call (particles/s)", fmt(bare["pose_only_rate"], ".1f"), ""),
-        ("bare: crop + pose, one call per stack (particles/s)", fmt(bare["per_stack_rate"], ".1f"), ""),
-        ("bare: reference selection, once per session (s)", fmt(bare["reference_seconds"]),
-         f"{bare['reference_candidates']} candidates"),
-        ("daemon: sustained, first -> last accumulation (p/s)", fmt(daemon["sustained_rate"], ".1f"), rate),
-        ("daemon: steady, first pass posed -> all in map (p/s)", fmt(daemon["steady_rate"], ".1f"), steady),
-        ("daemon: end to end, first stack -> all in map (p/s)", fmt(daemon["end_to_end_rate"], ".1f"),
-         f"{daemon['particles_in_map']} in {daemon['run_seconds']:.1f} s"),
-        ("daemon: its own status rate at the end (p/s)", fmt(daemon["daemon_reported_rate"], ".1f"), ""),
-        ("daemon: start-up, model load + bind (s)", fmt(daemon["startup_seconds"]), ""),
-        ("daemon: first stack -> first pass posed (s)", fmt(daemon["first_posed_seconds"]),
-         f"{daemon['first_posed_count']} particles"),
-        ("daemon: first stack -> first particle in map (s)", fmt(daemon["first_particle_seconds"]), ""),
-        ("daemon: first stack -> first published map (s)", fmt(daemon["first_map_seconds"]),
-         "at stop" if daemon["first_map_at_stop"] else f"{daemon['first_map_particles']} particles"),
-        ("daemon: most particles posed but not yet in the map", f"{daemon['max_posed_not_in_map']}", ""),
-        ("daemon: stop, final map + checkpoint (s)", fmt(daemon["stop_seconds"]), ""),
-        ("peak RSS after simulation (MiB)", fmt(mem["simulation"]["peak_rss_mib"], ".0f"), ""),
-        ("peak RSS after daemon run (MiB)", fmt(mem["daemon"]["peak_rss_mib"], ".0f"), ""),
-        ("peak RSS after bare stage (MiB)", fmt(mem["bare"]["peak_rss_mib"], ".0f"), ""),
-    ]
-    if "gpu_peak_allocated_mib" in mem["daemon"]:
-        rows.append(("GPU peak allocated, daemon run (MiB)", fmt(mem["daemon"]["gpu_peak_allocated_mib"], ".0f"), ""))
-        rows.append(("GPU peak allocated, bare stage (MiB)", fmt(mem["bare"]["gpu_peak_allocated_mib"], ".0f"), ""))
-    for name, value, note in rows:
-        print(f"{name:<56} {value:>10}   {note}".rstrip())
-    for label, key in (("ratio steady / bare", "steady_rate"), ("ratio sustained / bare", "sustained_rate")):
-        ratio = daemon[key] / bare["rate"]
-        verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-        if args.rate:
-            verdict = "n/a: --rate makes the run input-bound"
-        print(f"{label:<56} {ratio:>10.2f}   target ≥ {TARGET_RATIO:.2f}: model-bound ({verdict})")
-    if daemon["sustained_rate"] > 1.2 * daemon["steady_rate"]:
-        print("note: the map grew in bursts (the accumulator lagged the poser), so the first -> last accumulation "
-              "window is too short to be a rate; the steady figure is the one to compare")
-    print()
-    print(f"daemon: {daemon['particles_in_map']} of {daemon['particles_expected']} particles in the map "
-          f"({daemon['finished']}); {daemon['particles_rejected']} particles and {daemon['files_rejected']} files "
-          f"rejected; {daemon['forward_passes_in_window']:.0f} forward passes; {daemon['maps_in_window']:.0f} maps "
-          f"before stop, {daemon['maps_received']} distinct maps received")
-    print(f"bare: {bare['particles']} particles, model box {bare['model_box']}, {bare['views']} views "
-          f"({bare['anchors']} anchors, {bare['new_particles_per_pass']} new per pass, {bare['sets_per_pass']} "
-          f"set(s) per forward call); crop {bare['crop_seconds']:.2f} s, pose {bare['pose_seconds']:.2f} s, "
-          f"per-stack {bare['per_stack_seconds']:.2f} s")
-    print()
-    run = daemon["run_seconds"]
-    print(f"{'stage latency':<13} {'items':>6} {'total s':>9} {'mean ms':>9} {'% of run':>9} "
-          f"{'at stop':>8} {'stop s':>8}")
-    for stage in STAGES:
-        w, st = daemon["stages_in_window"][stage], daemon["stages_at_stop"][stage]
-        mean = 1000 * w["seconds"] / w["count"] if w["count"] else math.nan
-        share = 100 * w["seconds"] / run if run > 0 else math.nan
-        print(f"{stage:<13} {w['count']:>6.0f} {w['seconds']:>9.2f} {fmt(mean, '.1f'):>9} {fmt(share, '.0f'):>9} "
-              f"{st['count']:>8.0f} {st['seconds']:>8.2f}")
-    print("(run: first stack placed -> all in the map; items: read = files, pose = poser calls (reference selection "
-          "in the first), accumulate = passes; on a CPU pose and accumulate times include waiting for the shared "
-          "compute lock)")
-
-
-def dashboard_report(runs: list[dict]) -> None:
-    """Daemon rates per dashboard mode, runs in the order they ran (alternating), and each mode's mean."""
-    print()
-    print(f"{'dashboard':<10} {'steady p/s per run':<34} {'mean':>8} {'vs none':>8}   end-to-end p/s per run")
-    by_mode: dict[str, list[dict]] = {}
-    for run in runs:
-        by_mode.setdefault(run["dashboard"]["mode"], []).append(run)
-    base = None
-    if "none" in by_mode:
-        base = sum(r["steady_rate"] for r in by_mode["none"]) / len(by_mode["none"])
-    for mode, group in by_mode.items():
-        steady = [r["steady_rate"] for r in group]
-        mean = sum(steady) / len(steady)
-        versus = "" if base is None or mode == "none" else f"{100 * (mean / base - 1):+.0f} %"
-        ends = ", ".join(f"{r['end_to_end_rate']:.1f}" for r in group)
-        print(f"{mode:<10} {', '.join(f'{v:.1f}' for v in steady):<34} {mean:>8.1f} {versus:>8}   {ends}")
-        shown = [r["dashboard"].get("page_map_particles") for r in group if r["dashboard"].get("page_map_particles")
-                 is not None]
-        if shown:
-            print(f"{'':<10} the page showed {', '.join(map(str, shown))} particles in its map at the end")
-
 
 # ---------------------------------------------------------------------------- main
-def main() -> None:
+def parse_arguments() -> tuple[argparse.Namespace, list[str], torch.device]:
+    """Parse and check the command line; set up logging; resolve the device (``args.device`` becomes its type).
+
+    Returns
+    -------
+    tuple
+        The arguments, the ``--dashboard`` modes in order, and the device.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=128, help="views per forward pass (daemon --batch)")
@@ -585,17 +288,115 @@ def main() -> None:
     except ValueError as exc:
         parser.error(str(exc))
     args.device = device.type
-    publish_particles = args.publish_particles or min(1000, max(1, args.n // 4))
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep {args.keep}: not empty")
+    return args, modes, device
 
-    if args.keep is not None:
-        if args.keep.exists() and any(args.keep.iterdir()):
-            parser.error(f"--keep {args.keep}: not empty")
-        root = args.keep
+
+def run_root(keep: Path | None) -> tuple[Path, str | None]:
+    """The directory of the session and its runs: ``--keep`` (created), or a temporary one.
+
+    Parameters
+    ----------
+    keep : Path or None
+        ``--keep`` (already checked to be absent or empty).
+
+    Returns
+    -------
+    tuple
+        The directory, and the temporary directory to remove at the end (None with ``--keep``).
+    """
+    if keep is not None:
+        root = keep
         root.mkdir(parents=True, exist_ok=True)
         temporary = None
     else:
         temporary = tempfile.mkdtemp(prefix="bench-stream-")
         root = Path(temporary)
+    return root, temporary
+
+
+def daemon_runs(root: Path, stacks: list[Path], counts: list[int], args: argparse.Namespace,
+                publish_particles: int, modes: list[str]) -> list[dict]:
+    """The daemon runs, ``--rounds`` times each ``--dashboard`` mode, alternating, on the same stacks.
+
+    The first run uses ``root``; each other run its own ``root/runK`` with hard links to the stacks
+    (each run renames its links away). A line per run is printed as it ends.
+
+    Parameters
+    ----------
+    root : Path
+        The session's directory (the stacks are in ``root/watch/.staging``).
+    stacks : list of Path
+        The stacks, in order.
+    counts : list of int
+        Particles per stack.
+    args : argparse.Namespace
+        The arguments.
+    publish_particles : int
+        A map every this many particles.
+    modes : list of str
+        The ``--dashboard`` modes.
+
+    Returns
+    -------
+    list of dict
+        Each run's figures, in the order they ran.
+    """
+    plan = [mode for _ in range(args.rounds) for mode in modes]
+    roots = [root] + [root / f"run{k}" for k in range(1, len(plan))]
+    for run_root in roots[1:]:  # the same stacks for every run (hard links: renamed away by each run)
+        (run_root / "watch" / ".staging").mkdir(parents=True)
+        for stack in stacks:
+            os.link(stack, run_root / "watch" / ".staging" / stack.name)
+    runs = []
+    for k, (mode, run_root) in enumerate(zip(plan, roots, strict=True)):
+        run_stacks = [run_root / "watch" / ".staging" / s.name for s in stacks]
+        runs.append(run_daemon(run_root, run_stacks, counts, args, publish_particles, mode))
+        print(f"# run {k + 1}/{len(plan)}, dashboard {mode}: steady {runs[-1]['steady_rate']:.1f} p/s, "
+              f"end to end {runs[-1]['end_to_end_rate']:.1f} p/s", flush=True)
+    return runs
+
+
+def write_figures(path: Path, hw: dict, args: argparse.Namespace, sim: dict, daemon_result: dict, bare: dict,
+                  mem: dict, runs: list[dict]) -> None:
+    """Write every figure of the benchmark as JSON to ``path`` (``--json``) and say so.
+
+    Parameters
+    ----------
+    path : Path
+        The JSON file.
+    hw : dict
+        The hardware facts.
+    args : argparse.Namespace
+        The arguments (written as given, paths as text).
+    sim : dict
+        ``apix`` and ``seconds`` of the simulation.
+    daemon_result : dict
+        The first daemon run's figures.
+    bare : dict
+        The bare stage's figures.
+    mem : dict
+        Memory after each stage.
+    runs : list of dict
+        Every daemon run's figures.
+    """
+    figures = {
+        "hardware": hw,
+        "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "simulation": sim, "daemon": daemon_result, "bare": bare, "memory": mem,
+        "ratio_steady": daemon_result["steady_rate"] / bare["rate"],
+        "ratio_sustained": daemon_result["sustained_rate"] / bare["rate"], "target_ratio": TARGET_RATIO,
+        "runs": runs,
+    }
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"figures written to {path}")
+
+
+def main() -> None:
+    args, modes, device = parse_arguments()
+    publish_particles = args.publish_particles or min(1000, max(1, args.n // 4))
+    root, temporary = run_root(args.keep)
     try:
         hw = hardware(device)
         staging = root / "watch" / ".staging"
@@ -604,18 +405,7 @@ def main() -> None:
         mem = {"simulation": memory(device)}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        plan = [mode for _ in range(args.rounds) for mode in modes]
-        roots = [root] + [root / f"run{k}" for k in range(1, len(plan))]
-        for run_root in roots[1:]:  # the same stacks for every run (hard links: renamed away by each run)
-            (run_root / "watch" / ".staging").mkdir(parents=True)
-            for stack in stacks:
-                os.link(stack, run_root / "watch" / ".staging" / stack.name)
-        runs = []
-        for k, (mode, run_root) in enumerate(zip(plan, roots, strict=True)):
-            run_stacks = [run_root / "watch" / ".staging" / s.name for s in stacks]
-            runs.append(run_daemon(run_root, run_stacks, counts, args, publish_particles, mode))
-            print(f"# run {k + 1}/{len(plan)}, dashboard {mode}: steady {runs[-1]['steady_rate']:.1f} p/s, "
-                  f"end to end {runs[-1]['end_to_end_rate']:.1f} p/s", flush=True)
+        runs = daemon_runs(root, stacks, counts, args, publish_particles, modes)
         daemon_result = runs[0]
         mem["daemon"] = memory(device)
         if device.type == "cuda":
@@ -627,16 +417,7 @@ def main() -> None:
         if len(runs) > 1:
             dashboard_report(runs)
         if args.json is not None:
-            figures = {
-                "hardware": hw,
-                "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                "simulation": sim, "daemon": daemon_result, "bare": bare, "memory": mem,
-                "ratio_steady": daemon_result["steady_rate"] / bare["rate"],
-                "ratio_sustained": daemon_result["sustained_rate"] / bare["rate"], "target_ratio": TARGET_RATIO,
-                "runs": runs,
-            }
-            args.json.write_text(json.dumps(figures, indent=2) + "\n")
-            print(f"figures written to {args.json}")
+            write_figures(args.json, hw, args, sim, daemon_result, bare, mem, runs)
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)

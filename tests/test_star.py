@@ -1,4 +1,5 @@
-"""Particle file I/O (cryofastar.recon.io) against real files on disk.
+"""RELION STAR particle tables (cryofastar.recon.io.star: read_particles, ParticleTable,
+write_particles) against real files on disk.
 
 Every fixture is written to ``tmp_path`` with mrcfile / starfile / numpy /
 pandas (or the package's own writers where the round trip is the point), then
@@ -13,7 +14,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,30 +23,17 @@ from cryofastar.recon.io import (
     ParticleFileError,
     ParticleSource,
     ParticleTable,
-    read_images,
     read_particles,
-    read_volume,
-    stack_shape,
     write_particles,
     write_stack,
-    write_volume,
 )
+from stack_helpers import BOX, N_PER_STACK, stack_images
 
-BOX = 16
 APIX = 1.5
-N_PER_STACK = 5
 STACKS = ("stack_a.mrcs", "stack_b.mrcs")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def stack_images(seed: int, n: int = N_PER_STACK, box: int = BOX) -> torch.Tensor:
-    """`(n, box, box)` float32 images; image k (0-based) has constant offset 100 * k so it is recognisable."""
-    rng = np.random.default_rng(seed)
-    data = rng.standard_normal((n, box, box)).astype(np.float32)
-    data += 100.0 * np.arange(n, dtype=np.float32)[:, None, None]
-    return torch.from_numpy(data)
 
 
 def optics_table(apix: float | None = APIX, box: int = BOX) -> pd.DataFrame:
@@ -120,87 +107,6 @@ def rewrite_particles(star: Path, edit) -> Path:
 @pytest.fixture
 def relion31(tmp_path: Path) -> Path:
     return make_relion31_set(tmp_path / "project")
-
-
-# --------------------------------------------------------------------------- MRC round trips
-
-
-def test_write_stack_read_images_roundtrip(tmp_path: Path) -> None:
-    images = stack_images(3, n=7)
-    path = tmp_path / "s.mrcs"
-    write_stack(path, images, 2.0)
-
-    assert stack_shape(path) == (7, BOX, BOX)
-    everything = read_images(path)
-    assert everything.dtype == torch.float32 and everything.shape == (7, BOX, BOX)
-    torch.testing.assert_close(everything, images, rtol=0, atol=0)
-
-    wanted = np.array([3, 1, 7, 3])  # 1-based, any order, repeats allowed
-    picked = read_images(path, wanted)
-    assert picked.shape == (4, BOX, BOX)
-    torch.testing.assert_close(picked, images[wanted - 1], rtol=0, atol=0)
-
-    with mrcfile.open(path) as mrc:  # a real image stack with the pixel size in the header
-        assert mrc.is_image_stack()
-        assert mrc.voxel_size.x == pytest.approx(2.0)
-    assert not list(tmp_path.glob(".*.tmp")), "atomic write left a temporary file behind"
-
-
-@pytest.mark.parametrize("index", [0, 8, -1])
-def test_read_images_rejects_out_of_range_index(tmp_path: Path, index: int) -> None:
-    path = tmp_path / "s.mrcs"
-    write_stack(path, stack_images(0, n=7), 1.0)
-    with pytest.raises(ParticleFileError, match=rf"image {index} requested but the stack holds 7"):
-        read_images(path, np.array([1, index]))
-
-
-def test_single_2d_image_counts_as_stack_of_one(tmp_path: Path) -> None:
-    path = tmp_path / "one.mrc"
-    image = np.arange(BOX * BOX, dtype=np.float32).reshape(BOX, BOX)
-    with mrcfile.new(path) as mrc:
-        mrc.set_data(image)
-    assert stack_shape(path) == (1, BOX, BOX)
-    torch.testing.assert_close(read_images(path, np.array([1]))[0], torch.from_numpy(image))
-
-
-def test_write_volume_read_volume_keeps_data_and_pixel_size(tmp_path: Path) -> None:
-    volume = torch.randn(20, 20, 20, generator=torch.Generator().manual_seed(1))
-    volume[2, 5, 11] = 42.0  # an asymmetric marker: axes must not be permuted
-    path = tmp_path / "map.mrc"
-    write_volume(path, volume, 1.37)
-
-    back, apix = read_volume(path)
-    assert back.dtype == torch.float32 and back.shape == (20, 20, 20)
-    torch.testing.assert_close(back, volume, rtol=0, atol=0)
-    assert back[2, 5, 11] == 42.0
-    assert apix == pytest.approx(1.37, rel=1e-6)
-    with mrcfile.open(path) as mrc:
-        assert mrc.is_volume()
-
-    write_volume(path, 2 * volume, 0.9)  # overwriting an existing map works
-    back, apix = read_volume(path)
-    torch.testing.assert_close(back, 2 * volume)
-    assert apix == pytest.approx(0.9, rel=1e-6)
-
-
-def test_read_volume_rejects_non_cubic(tmp_path: Path) -> None:
-    path = tmp_path / "flat.mrc"
-    with mrcfile.new(path) as mrc:
-        mrc.set_data(np.zeros((4, 16, 16), dtype=np.float32))
-        mrc.set_volume()
-    with pytest.raises(ParticleFileError, match="cubic"):
-        read_volume(path)
-
-
-def test_mrc_readers_reject_missing_and_non_mrc_files(tmp_path: Path) -> None:
-    with pytest.raises(ParticleFileError, match="not found"):
-        read_volume(tmp_path / "absent.mrc")
-    junk = tmp_path / "junk.mrcs"
-    junk.write_bytes(b"this is not an MRC file\n" * 100)
-    with pytest.raises(ParticleFileError, match="not a readable MRC"):
-        stack_shape(junk)
-    with pytest.raises(ParticleFileError, match="not a readable MRC"):
-        read_images(junk, np.array([1]))
 
 
 # --------------------------------------------------------------------------- valid particle sets
@@ -617,16 +523,3 @@ def test_stack_names_relative_to_a_relion_project_directory(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)  # not the project directory
     table = read_particles(job / "run_data.star")
     assert set(table.stack_paths) == {str((project / "Extract" / "job005" / "p.mrcs").resolve())}
-
-
-def test_atomic_files_get_ordinary_permissions(tmp_path):
-    import os
-
-    from cryofastar.recon.io.atomic import atomic_path
-
-    old = os.umask(0o022)
-    os.umask(old)
-    target = tmp_path / "map.txt"
-    with atomic_path(target) as tmp:
-        tmp.write_text("x")
-    assert target.stat().st_mode & 0o777 == 0o666 & ~old  # readable by the group, not 0600
