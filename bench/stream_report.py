@@ -197,7 +197,8 @@ def dashboard_report(runs: list[dict]) -> None:
     for mode, group in by_mode.items():
         steady = [r["steady_rate"] for r in group]
         mean = sum(steady) / len(steady)
-        versus = "" if base is None or mode == "none" else f"{100 * (mean / base - 1):+.0f} %"
+        # no steady rate without a dashboard (a run too short to reach one): nothing to compare with
+        versus = "" if not base or mode == "none" else f"{100 * (mean / base - 1):+.0f} %"
         ends = ", ".join(f"{r['end_to_end_rate']:.1f}" for r in group)
         print(f"{mode:<10} {', '.join(f'{v:.1f}' for v in steady):<34} {mean:>8.1f} {versus:>8}   {ends}")
         shown = [r["dashboard"].get("page_map_particles") for r in group if r["dashboard"].get("page_map_particles")
