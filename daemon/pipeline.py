@@ -188,8 +188,9 @@ class Daemon:
 
     @property
     def particles_in_map(self) -> int:
-        """Particles in the running map."""
-        return self.state.n_particles
+        """Particles in the running map (as last recorded by the accumulator thread: never a count read while
+        particles are being re-posed)."""
+        return self._board.rate.particles
 
     @property
     def resolution_angstrom(self) -> float:

@@ -59,6 +59,13 @@ class RateWindow:
         with self._lock:
             return self._points[0][0]
 
+    @property
+    def particles(self) -> int:
+        """Particles in the map when last recorded: a settled count, never one read while particles are being
+        re-posed (their removal and re-insertion would show as a passing dip)."""
+        with self._lock:
+            return self._points[-1][1]
+
     def add(self, now: float, particles: int) -> None:
         """Record that the map held ``particles`` at monotonic time ``now`` (times must not decrease)."""
         with self._lock:
@@ -203,7 +210,7 @@ class StatusBoard:
         geometry = st.geometry or geometry
         last = st.fsc_history[-1][2] if st.fsc_history else math.nan
         return {
-            "particles_in_map": st.n_particles,
+            "particles_in_map": self.rate.particles,
             "particles_ingested": self._counts["particles_ingested"],
             "particles_posed": self._counts["particles_posed"],
             "particles_rejected": self._counts["particles_rejected"],
