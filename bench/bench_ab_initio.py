@@ -18,7 +18,7 @@ import torch
 from cryofastar.model.evaluation import apply_alignment_to_rotations, pose_errors
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ab_initio import AbInitioSettings, run_ab_initio
-from cryofastar.recon.map_alignment import resolution_vs_reference
+from cryofastar.recon.map_alignment import resolution_vs_known_map
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
 
@@ -73,8 +73,8 @@ def main() -> None:
         print(f"molecule {seed}: wall {wall:.1f} s ({1e3 * wall / args.n:.2f} ms/particle), "
               f"median error {geo.median():.1f}° (<15°: {100 * (geo < 15).float().mean():.0f}%), "
               f"shift error {errors.translation_px.median():.2f} px, "
-              f"FSC0.5 vs truth {resolution_vs_reference(aligned.volume(), truth, args.apix):.1f} Å "
-              f"(true poses {resolution_vs_reference(true_map.volume(), truth, args.apix):.1f} Å), "
+              f"FSC0.5 vs truth {resolution_vs_known_map(aligned.volume(), truth, args.apix):.1f} Å "
+              f"(true poses {resolution_vs_known_map(true_map.volume(), truth, args.apix):.1f} Å), "
               f"half-map FSC0.143 {result.accumulator.resolution_angstrom():.1f} Å", flush=True)
         for h in result.history:
             change = f", median change {h['median_change_degrees']:.1f}°" if "median_change_degrees" in h else ""

@@ -49,7 +49,7 @@ from cryofastar.daemon.pipeline import Daemon, DaemonSettings
 from cryofastar.model.evaluation import EvaluateSettings, evaluate_particle_sets, map_in_true_frame
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.io import ParticleSource, read_particles
-from cryofastar.recon.map_alignment import resolution_vs_reference
+from cryofastar.recon.map_alignment import resolution_vs_known_map
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, write_session
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -125,7 +125,7 @@ def run_molecule(name: str, atoms, k: int, args: argparse.Namespace, root: Path)
                      "median_geodesic_degrees": errors.predicted.geodesic_median_degrees,
                      "chance_geodesic_degrees": errors.chance.geodesic_median_degrees,
                      "median_shift_px": errors.predicted.translation_median_px,
-                     "fsc05_vs_truth_angstrom": resolution_vs_reference(volume, truth_map, apix),
+                     "fsc05_vs_truth_angstrom": resolution_vs_known_map(volume, truth_map, apix),
                      "half_map_fsc0143_angstrom": float(history[2]), "wall_s": figures["wall_s"],
                      "polish_s": figures["polish_s"],
                      "ms_per_particle": figures["stages_ms"], "refined": figures["refined"],
@@ -135,7 +135,7 @@ def run_molecule(name: str, atoms, k: int, args: argparse.Namespace, root: Path)
     t0 = time.perf_counter()
     volume, resolution = true_pose_map(star, truth, apix)
     rows.append({"molecule": name, "apix": apix, "poses": "true poses", "median_geodesic_degrees": 0.0,
-                 "fsc05_vs_truth_angstrom": resolution_vs_reference(volume, truth_map, apix),
+                 "fsc05_vs_truth_angstrom": resolution_vs_known_map(volume, truth_map, apix),
                  "half_map_fsc0143_angstrom": resolution, "wall_s": time.perf_counter() - t0, "polish_s": 0.0,
                  "ms_per_particle": {}})
     print(_line(rows[-1]), flush=True)

@@ -45,7 +45,7 @@ from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.io import ParticleSource
 from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, NETWORK_COLUMNS, SCORE_COLUMN, SPREAD_COLUMN
 from cryofastar.recon.io.star import ParticleTable, write_particles
-from cryofastar.recon.map_set import map_set, read_reference_map, write_map_set
+from cryofastar.recon.map_set import map_set, read_known_map, write_map_set
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 
 from cryofastar.options import argument, option
@@ -87,8 +87,9 @@ class ReconstructSettings:
         Particles read, posed, matched and inserted at a time (bounds memory).
     candidates: int
         Particles scored to choose the session reference.
-    reference: Path | None
-        Known map (MRC, same box): also report the FSC-0.5 resolution against it (no alignment).
+    known_map: Path | None
+        ``--reference``: a known map (MRC, same box), e.g. a simulation's true map; the FSC-0.5
+        resolution against it is also reported (no alignment).
     seed: int
         Seed of the reference candidates and of ab initio's random start.
     poses_from: str
@@ -111,8 +112,8 @@ class ReconstructSettings:
                            "present (poses never need them).")
     chunk: int = 2048
     candidates: int = 64
-    reference: Path | None = option(None, help="Known map (MRC, same box): also report the FSC-0.5 resolution "
-                                    "against it (after no alignment).")
+    known_map: Path | None = option(None, flags=("--reference",), help="Known map (MRC, same box): also report "
+                                    "the FSC-0.5 resolution against it (after no alignment).")
     seed: int = option(0, help="Seed for the choice of reference candidates and for ab initio's random start.")
     poses_from: str = option("network", help="network: the CryoFastAR network's poses start refinement (ab initio "
                              "replaces them if the first round finds the network uninformative); map-only: "
@@ -178,7 +179,7 @@ class ReconstructResult:
     n_particles: int
     reference_row: int
     resolution_angstrom: float
-    reference_resolution_angstrom: float | None
+    known_map_resolution_angstrom: float | None
     pose_seconds: float
     insert_seconds: float
     total_seconds: float
@@ -236,7 +237,7 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
     settings.validate()
     start = time.perf_counter()
     source = ParticleSource.from_star(particles, apix=settings.apix)
-    reference_map = read_reference_map(settings.reference, source.box)
+    known_map = read_known_map(settings.known_map, source.box)
     source, _ = source.finite(settings.chunk)  # images with NaN or Inf pixels: one warning, left out of every output
     table = source.table
     work = min(settings.refine_box, source.box)
@@ -262,12 +263,12 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
     star_out = outdir / "particles.star"
     write_particles(star_out, _particles_for_output(table, outdir, rotations, origins, poses.confidence, extra),
                     _optics_for_output(table))
-    maps = map_set(acc, reference_map)
+    maps = map_set(acc, known_map)
     outputs = [star_out, *write_map_set(outdir / "volume.mrc", maps)]
     finite = poses.disagreement[torch.isfinite(poses.disagreement)]
     return ReconstructResult(
         n_particles=len(table), reference_row=poses.reference_row, resolution_angstrom=maps.resolution_angstrom,
-        reference_resolution_angstrom=maps.reference_resolution_angstrom, pose_seconds=poses.pose_seconds,
+        known_map_resolution_angstrom=maps.known_map_resolution_angstrom, pose_seconds=poses.pose_seconds,
         insert_seconds=poses.insert_seconds, total_seconds=time.perf_counter() - start, mirrored_passes=poses.mirrored,
         anchor_disagreement_degrees=float(finite.mean()) if len(finite) else float("nan"), outputs=outputs,
         refine_seconds=0.0 if finished is None else finished.seconds,

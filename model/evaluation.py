@@ -569,7 +569,7 @@ def map_in_true_frame(pred: Path, alignment: Alignment, interpolation: str = "ne
     An ab initio map lives in its own frame; with the global rotation and hand that
     :func:`evaluate_particle_sets` fits (``result.predicted.alignment``) the map is rebuilt
     in the true frame, so it can be compared with the true map
-    (:func:`~cryofastar.recon.map_alignment.resolution_vs_reference` also fixes its centre).
+    (:func:`~cryofastar.recon.map_alignment.resolution_vs_known_map` also fixes its centre).
 
     Returns
     -------

@@ -21,7 +21,7 @@ from cryofastar.options import argument, option
 from .accumulator import HalfSetAccumulator
 from .device import resolve_device
 from .io import ParticleSource
-from .map_set import map_set, read_reference_map, write_map_set
+from .map_set import map_set, read_known_map, write_map_set
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class BackprojectSettings:
         Pixel size (Å) if the STAR file gives none.
     use_ctf: bool
         Use the CTF columns when present.
-    reference: Path | None
-        Known map (same box) to report the FSC-0.5 resolution against.
+    known_map: Path | None
+        ``--reference``: a known map (same box) to report the FSC-0.5 resolution against.
 
     Raises
     ------
@@ -75,8 +75,8 @@ class BackprojectSettings:
     apix: float | None = option(None, help="Pixel size in Å if the STAR file gives none.")
     use_ctf: bool = option(True, flags=("--ctf/--no-ctf",),
                            help="Use the CTF columns when present (Wiener-style insertion).")
-    reference: Path | None = option(
-        None, help="Known map (MRC, same box): also report the FSC-0.5 resolution against it.")
+    known_map: Path | None = option(None, flags=("--reference",), help="Known map (MRC, same box): also report "
+                                    "the FSC-0.5 resolution against it.")
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
@@ -95,7 +95,7 @@ class BackprojectResult:
     fsc: torch.Tensor
     seconds: float
     outputs: list[Path]
-    reference_resolution_angstrom: float | None = None
+    known_map_resolution_angstrom: float | None = None
     skipped: list[str] = field(default_factory=list)
 
 
@@ -108,7 +108,7 @@ def backproject_particles(settings: BackprojectSettings) -> BackprojectResult:
     s = settings
     dev = resolve_device(s.device)
     source = ParticleSource.from_star(s.particles, apix=s.apix)
-    reference_map = read_reference_map(s.reference, source.box)
+    known_map = read_known_map(s.known_map, source.box)
     source, skipped = source.finite(s.batch)
     table = source.table
     ctf = source.ctf if s.use_ctf else None
@@ -125,9 +125,9 @@ def backproject_particles(settings: BackprojectSettings) -> BackprojectResult:
         images = source.images(rows).all_images()
         acc.add(images, rotations[rows], origins[rows], halves[rows],
                 None if ctf is None else ctf[torch.as_tensor(rows)])
-    maps = map_set(acc, reference_map)
+    maps = map_set(acc, known_map)
     seconds = time.perf_counter() - start
     outputs = write_map_set(s.output, maps, half_maps=s.half_maps)
     counts = acc.particle_counts.tolist()
     return BackprojectResult(len(table), (counts[0], counts[1]), maps.resolution_angstrom, maps.fsc, seconds, outputs,
-                             maps.reference_resolution_angstrom, skipped.names.tolist())
+                             maps.known_map_resolution_angstrom, skipped.names.tolist())

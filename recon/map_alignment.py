@@ -4,7 +4,7 @@ An ab initio map is defined up to a global rotation, the hand and a translation.
 rotation is fixed from the poses (:mod:`cryofastar.model.evaluation` fits it; the map is
 rebuilt with the aligned poses); what is left is done here on the maps themselves:
 :func:`translate_onto` moves a map onto a reference by the peak of their cross-correlation
-(sub-voxel by a parabola per axis), and :func:`resolution_vs_reference` takes the FSC
+(sub-voxel by a parabola per axis), and :func:`resolution_vs_known_map` takes the FSC
 after that, for the reference and its mirror image, keeping the better.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from .fsc import fsc, resolution_at_threshold
 
-__all__ = ["resolution_vs_reference", "translate_onto"]
+__all__ = ["resolution_vs_known_map", "translate_onto"]
 
 
 def translate_onto(volume: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ def translate_onto(volume: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     return moved.to(volume.dtype)
 
 
-def resolution_vs_reference(volume: torch.Tensor, reference: torch.Tensor, apix: float,
+def resolution_vs_known_map(volume: torch.Tensor, reference: torch.Tensor, apix: float,
                             threshold: float = 0.5) -> float:
     """FSC resolution (Å) of ``volume`` against ``reference`` or its mirror, whichever is better.
 

@@ -7,7 +7,7 @@ files have one form wherever they come from. From the volume path ``DIR/STEM.mrc
 - ``DIR/STEM_half1.mrc``, ``DIR/STEM_half2.mrc``: the half maps (optional);
 - ``DIR/STEM_fsc.tsv``: one row per Fourier shell ``0 .. B // 2``: ``shell``,
   ``resolution_angstrom`` (``inf`` for DC), ``fsc_half_maps`` and, when a known map was
-  given, ``fsc_vs_reference`` (the map against it, no alignment).
+  given, ``fsc_vs_known`` (the map against it, no alignment).
 
 Each file is written atomically.
 """
@@ -22,9 +22,9 @@ import torch
 from .accumulator import HalfSetAccumulator
 from .fsc import fsc, resolution_at_threshold, shell_resolutions_angstrom
 from .io import read_volume, write_fsc_table, write_volume
-from .io.tables import FSC_HALF_MAPS_COLUMN, FSC_REFERENCE_COLUMN
+from .io.tables import FSC_HALF_MAPS_COLUMN, FSC_KNOWN_MAP_COLUMN
 
-__all__ = ["MapSet", "map_set", "read_reference_map", "write_map_set"]
+__all__ = ["MapSet", "map_set", "read_known_map", "write_map_set"]
 
 
 
@@ -44,9 +44,9 @@ class MapSet:
         `(B // 2 + 1,)` half-map FSC per shell.
     resolution_angstrom: float
         Half-map FSC = 0.143 crossing (``inf`` while undefined).
-    fsc_vs_reference: torch.Tensor | None
+    fsc_vs_known: torch.Tensor | None
         `(B // 2 + 1,)` FSC of ``volume`` against a known map, if one was given.
-    reference_resolution_angstrom: float | None
+    known_map_resolution_angstrom: float | None
         Its FSC = 0.5 crossing (Å).
     """
 
@@ -55,8 +55,8 @@ class MapSet:
     apix: float
     fsc: torch.Tensor
     resolution_angstrom: float
-    fsc_vs_reference: torch.Tensor | None = None
-    reference_resolution_angstrom: float | None = None
+    fsc_vs_known: torch.Tensor | None = None
+    known_map_resolution_angstrom: float | None = None
 
     @property
     def shell_resolutions_angstrom(self) -> torch.Tensor:
@@ -64,16 +64,16 @@ class MapSet:
         return shell_resolutions_angstrom(self.volume.shape[-1], self.apix)
 
 
-def map_set(accumulator: HalfSetAccumulator, reference_map: torch.Tensor | None = None) -> MapSet:
-    """The maps of ``accumulator`` and their FSC curves (against ``reference_map`` `(B, B, B)` too, if given)."""
+def map_set(accumulator: HalfSetAccumulator, known_map: torch.Tensor | None = None) -> MapSet:
+    """The maps of ``accumulator`` and their FSC curves (against ``known_map`` `(B, B, B)` too, if given)."""
     halves = accumulator.half_volumes()
     volume = accumulator.volume()
     curve = fsc(halves[0], halves[1])
     apix = accumulator.apix
     maps = MapSet(volume, halves, apix, curve, float(resolution_at_threshold(curve, apix, 0.143)))
-    if reference_map is not None:
-        maps.fsc_vs_reference = fsc(volume, reference_map.to(volume.device))
-        maps.reference_resolution_angstrom = float(resolution_at_threshold(maps.fsc_vs_reference, apix, 0.5))
+    if known_map is not None:
+        maps.fsc_vs_known = fsc(volume, known_map.to(volume.device))
+        maps.known_map_resolution_angstrom = float(resolution_at_threshold(maps.fsc_vs_known, apix, 0.5))
     return maps
 
 
@@ -89,8 +89,8 @@ def write_map_set(volume_path: Path, maps: MapSet, half_maps: bool = True) -> li
             write_volume(path, maps.half_volumes[k - 1], maps.apix)
             written.append(path)
     columns = {"resolution_angstrom": maps.shell_resolutions_angstrom, FSC_HALF_MAPS_COLUMN: maps.fsc}
-    if maps.fsc_vs_reference is not None:
-        columns[FSC_REFERENCE_COLUMN] = maps.fsc_vs_reference
+    if maps.fsc_vs_known is not None:
+        columns[FSC_KNOWN_MAP_COLUMN] = maps.fsc_vs_known
     fsc_path = volume_path.with_name(f"{volume_path.stem}_fsc.tsv")
     write_fsc_table(fsc_path, columns)
     written.append(fsc_path)
@@ -98,7 +98,7 @@ def write_map_set(volume_path: Path, maps: MapSet, half_maps: bool = True) -> li
 
 
 
-def read_reference_map(path: Path | None, box: int) -> torch.Tensor | None:
+def read_known_map(path: Path | None, box: int) -> torch.Tensor | None:
     """A known map to compare with (``--reference``), checked to have the particles' ``box`` (``None`` if no path).
 
     Returns `(B, B, B)` float32 [z, y, x]; raises ValueError naming the option on another box.

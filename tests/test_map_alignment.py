@@ -6,7 +6,7 @@ import pytest
 import torch
 from cryofastar.recon.fourier import irfft3_centered, rfft3_centered
 from cryofastar.recon.fsc import fsc
-from cryofastar.recon.map_alignment import resolution_vs_reference, translate_onto
+from cryofastar.recon.map_alignment import resolution_vs_known_map, translate_onto
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 
 BOX, APIX = 32, 4.0
@@ -32,8 +32,8 @@ def test_a_translated_map_is_moved_back_onto_its_reference(volume):
 
 
 def test_resolution_takes_the_better_hand_and_the_centre(volume):
-    good = resolution_vs_reference(volume, volume, APIX)
+    good = resolution_vs_known_map(volume, volume, APIX)
     assert good == pytest.approx(2 * APIX)  # identical maps: Nyquist
-    assert resolution_vs_reference(_shifted(volume.flip(0), (2.0, 1.0, 0.0)), volume, APIX) == pytest.approx(good)
+    assert resolution_vs_known_map(_shifted(volume.flip(0), (2.0, 1.0, 0.0)), volume, APIX) == pytest.approx(good)
     noise = torch.randn(BOX, BOX, BOX, generator=torch.Generator().manual_seed(0))
-    assert resolution_vs_reference(noise, volume, APIX) > 5 * good
+    assert resolution_vs_known_map(noise, volume, APIX) > 5 * good

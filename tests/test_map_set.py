@@ -8,7 +8,7 @@ import pytest
 import torch
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.io import read_volume, write_volume
-from cryofastar.recon.map_set import map_set, read_reference_map, write_map_set
+from cryofastar.recon.map_set import map_set, read_known_map, write_map_set
 from cryofastar.recon.rotations import random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, simulate_particles
 
@@ -30,8 +30,8 @@ def test_maps_and_curves_of_an_accumulator(filled) -> None:
     maps = map_set(acc, truth)
     assert maps.volume.shape == (BOX, BOX, BOX) and maps.half_volumes.shape == (2, BOX, BOX, BOX)
     assert maps.fsc.shape == (BOX // 2 + 1,) and math.isfinite(maps.resolution_angstrom)
-    assert maps.reference_resolution_angstrom is not None and maps.reference_resolution_angstrom < 3 * 2 * APIX
-    assert map_set(acc).fsc_vs_reference is None
+    assert maps.known_map_resolution_angstrom is not None and maps.known_map_resolution_angstrom < 3 * 2 * APIX
+    assert map_set(acc).fsc_vs_known is None
 
 
 def test_one_form_for_every_map_set_written(filled, tmp_path) -> None:
@@ -49,8 +49,8 @@ def test_one_form_for_every_map_set_written(filled, tmp_path) -> None:
     assert (tmp_path / "solo" / "v_fsc.tsv").read_text().splitlines()[0].split("\t")[-1] == "fsc_half_maps"
 
 
-def test_reference_map_of_another_box_is_refused(tmp_path) -> None:
+def test_a_known_map_of_another_box_is_refused(tmp_path) -> None:
     write_volume(tmp_path / "ref.mrc", torch.zeros(16, 16, 16), APIX)
-    assert read_reference_map(None, BOX) is None
+    assert read_known_map(None, BOX) is None
     with pytest.raises(ValueError, match="--reference .* has box 16 px, particles 32 px"):
-        read_reference_map(tmp_path / "ref.mrc", BOX)
+        read_known_map(tmp_path / "ref.mrc", BOX)

@@ -8,11 +8,11 @@ import torch
 
 from .atomic import atomic_path
 
-__all__ = ["FSC_HALF_MAPS_COLUMN", "FSC_REFERENCE_COLUMN", "write_fsc_table"]
+__all__ = ["FSC_HALF_MAPS_COLUMN", "FSC_KNOWN_MAP_COLUMN", "write_fsc_table"]
 
 FSC_HALF_MAPS_COLUMN = "fsc_half_maps"
 """Column of the FSC between the two half maps (every FSC table the package writes has it)."""
-FSC_REFERENCE_COLUMN = "fsc_vs_reference"
+FSC_KNOWN_MAP_COLUMN = "fsc_vs_reference"
 """Column of the FSC of the map against a known map (when one was given)."""
 
 

@@ -31,7 +31,7 @@ def backproject(settings: BackprojectSettings) -> None:
         f"{result.n_particles} particles (half sets {result.half_counts[0]}/{result.half_counts[1]}) "
         f"in {result.seconds:.1f} s; half-map FSC 0.143 resolution {result.resolution_angstrom:.2f} Å"
     )
-    if result.reference_resolution_angstrom is not None:
-        typer.echo(f"FSC 0.5 resolution against {s.reference}: {result.reference_resolution_angstrom:.2f} Å")
+    if result.known_map_resolution_angstrom is not None:
+        typer.echo(f"FSC 0.5 resolution against {s.known_map}: {result.known_map_resolution_angstrom:.2f} Å")
     for path in result.outputs:
         typer.echo(f"wrote {path}")

@@ -53,8 +53,8 @@ def summary(result: ReconstructResult, settings: ReconstructSettings) -> list[st
             won += " (uninformative network: poses from ab initio instead)"
         ab = f"; ab initio took {result.ab_initio_seconds:.1f} s" if "ab-initio" in result.refine_modes else ""
         lines.append(f"refined in {result.refine_seconds:.1f} s ({', '.join(result.refine_modes)}){won}{ab}")
-    if result.reference_resolution_angstrom is not None:
-        lines.append(f"FSC 0.5 resolution against {settings.reference}: {result.reference_resolution_angstrom:.2f} Å "
+    if result.known_map_resolution_angstrom is not None:
+        lines.append(f"FSC 0.5 resolution against {settings.known_map}: {result.known_map_resolution_angstrom:.2f} Å "
                      "(frames not aligned: ab initio maps are in a frame of their own)")
     return lines + [f"wrote {path}" for path in result.outputs]
 

@@ -37,7 +37,7 @@ from cryofastar.model.evaluation import EvaluateSettings, evaluate_particle_sets
 from cryofastar.model.training_data import EVAL_SEED_START
 from cryofastar.monitoring.dashboard_process import DashboardProcess, connectable
 from cryofastar.recon.io import read_volume
-from cryofastar.recon.map_alignment import resolution_vs_reference
+from cryofastar.recon.map_alignment import resolution_vs_known_map
 from cryofastar.recon.simulate.potential import atoms_to_volume
 from cryofastar.recon.simulate.procedural import procedural_molecule
 from cryofastar.recon.simulate.session import write_session
@@ -159,7 +159,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], object] = print) -> D
     truth, _ = read_volume(session / "reference.mrc")
     errors = evaluate_particle_sets(EvaluateSettings(outputs / "particles.star", session / "particles.star"))
     aligned, _ = map_in_true_frame(outputs / "particles.star", errors.predicted.alignment, device=daemon.device)
-    true_fsc = resolution_vs_reference(aligned, truth, s.apix, 0.5)
+    true_fsc = resolution_vs_known_map(aligned, truth, s.apix, 0.5)
     echo(f"done in {seconds:.0f} s: {particles} particles in the map; half-map FSC 0.143: {resolution:.1f} Å")
     echo(f"against the truth: median pose error {errors.predicted.geodesic_median_degrees:.1f}° (random poses: "
          f"{errors.chance.geodesic_median_degrees:.0f}°); FSC 0.5 of the map (in the true frame) against the true "
