@@ -28,7 +28,6 @@ map set ``volume.mrc``, ``volume_half1/2.mrc``, ``volume_fsc.tsv``
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.io import ParticleSource
-from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, NETWORK_COLUMNS, SCORE_COLUMN, SPREAD_COLUMN
+from cryofastar.recon.io.columns import NETWORK_COLUMNS
 from cryofastar.recon.io.star import ParticleTable, write_particles
 from cryofastar.recon.map_set import map_set, read_known_map, write_map_set
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
@@ -57,6 +56,7 @@ from .policy import (
     is_informative,
     network_won_fraction,
 )
+from .pose_table import PoseTable
 from .posing import NetworkPoser
 
 logger = logging.getLogger(__name__)
@@ -258,11 +258,14 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
     if settings.refine:
         finished = _finish_poses(job, acc, rotations, origins)
         acc, rotations, origins = finished.accumulator, finished.rotations, finished.origins
-        extra[SCORE_COLUMN], extra[SPREAD_COLUMN] = finished.scores.double().numpy(), finished.spread.double().numpy()
+    record = PoseTable()  # the final poses, in the engine's one pose table (as the daemon keeps them)
+    record.append(source.stacks, source.indices, rotations, origins, poses.confidence, source.half_sets, job.ctf,
+                  None if finished is None else finished.scores, None if finished is None else finished.spread,
+                  0 if finished is None else len(finished.modes))
     outdir.mkdir(parents=True, exist_ok=True)
     star_out = outdir / "particles.star"
-    write_particles(star_out, _particles_for_output(table, outdir, rotations, origins, poses.confidence, extra),
-                    _optics_for_output(table))
+    rows = _particles_for_output(table, record.image_names(outdir), record.pose_columns(settings.refine), extra)
+    write_particles(star_out, rows, _optics_for_output(table))
     maps = map_set(acc, known_map)
     outputs = [star_out, *write_map_set(outdir / "volume.mrc", maps)]
     finite = poses.disagreement[torch.isfinite(poses.disagreement)]
@@ -414,22 +417,12 @@ def _optics_for_output(table: ParticleTable) -> pd.DataFrame:
     return pd.DataFrame(optics)
 
 
-def _image_names_from(table: ParticleTable, outdir: Path) -> list[str]:
-    """rlnImageName of every particle with its stack path relative to ``outdir`` (so the file resolves there)."""
-    relative = {stack: os.path.relpath(Path(stack).resolve(), outdir.resolve())
-                for stack in np.unique(table.stack_paths)}
-    return [f"{int(i):06d}@{relative[stack]}" for i, stack in zip(table.image_indices, table.stack_paths, strict=True)]
-
-
-def _particles_for_output(table: ParticleTable, outdir: Path, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
-                          confidence: torch.Tensor, extra: dict[str, np.ndarray]) -> pd.DataFrame:
+def _particles_for_output(table: ParticleTable, image_names: list[str], poses: dict[str, np.ndarray],
+                          extra: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The input rows (optics values moved to the optics block, RELION 3.0 origins dropped) with the new poses."""
     merged = set(table.optics.columns) - {"rlnOpticsGroup"} if table.optics is not None else set()
     rows = table.particles.drop(columns=[c for c in table.particles.columns if c in merged])
     rows = rows.drop(columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in rows.columns])
     if "rlnOpticsGroup" not in rows.columns:
         rows = rows.assign(rlnOpticsGroup=1)
-    rot, tilt, psi = matrix_to_euler(rotations)
-    return rows.assign(rlnImageName=_image_names_from(table, outdir),
-                       rlnAngleRot=rot.numpy(), rlnAngleTilt=tilt.numpy(), rlnAnglePsi=psi.numpy(),
-                       rlnOriginXAngst=origins_angstrom[:, 0].numpy(), rlnOriginYAngst=origins_angstrom[:, 1].numpy(),
-                       **{CONFIDENCE_COLUMN: confidence.double().numpy()}, **extra)
+    return rows.assign(rlnImageName=image_names, **poses, **extra)

@@ -1,6 +1,8 @@
-"""The pose of every particle in a live session's map, and how far refinement has taken it.
+"""The pose of every particle being reconstructed, and how far refinement has taken it.
 
-One row per accumulated particle, in insertion order: its stack and index, RELION pose
+The one pose table of the engine: the daemon keeps one for its live map, the offline job
+records its final poses in one, and both write their ``particles.star`` pose columns
+from it (:meth:`PoseTable.pose_columns`). One row per particle, in insertion order: its stack and index, RELION pose
 (angles in degrees, rlnOriginX/YAngst), network confidence, half set, CTF, and the
 refinement's bookkeeping (score, angular spread, version of the map it was last matched
 against). The streaming refinement reads and updates it
@@ -160,22 +162,33 @@ class PoseTable:
                 table._parts[k] = [np.full((n, width) if width else n, fill, dtype=dtype)]
         return table
 
+    def image_names(self, out: Path) -> list[str]:
+        """`(n,)` rlnImageName of every particle: ``NNNNNN@stack``, the stack relative to ``out`` (resolves there)."""
+        relative = [os.path.relpath(Path(s).resolve(), out.resolve()) for s in self.stack_names]
+        names = np.array(relative, dtype=object)[self.column("stack_id")]
+        return [f"{int(i):06d}@{n}" for i, n in zip(self.column("index"), names, strict=True)]
+
+    def pose_columns(self, refinement: bool = True) -> dict[str, np.ndarray]:
+        """The pose columns of a particle STAR file, `(n,)` each: rlnAngleRot/Tilt/Psi (degrees),
+        rlnOriginX/YAngst (Å), the network's confidence and (``refinement``) the refinement's score and
+        angular spread (NaN where not refined). The one form of poses both the daemon and the offline job write."""
+        angles, origins = self.column("angles"), self.column("origins")
+        columns = {"rlnAngleRot": angles[:, 0], "rlnAngleTilt": angles[:, 1], "rlnAnglePsi": angles[:, 2],
+                   "rlnOriginXAngst": origins[:, 0], "rlnOriginYAngst": origins[:, 1],
+                   CONFIDENCE_COLUMN: self.column("confidence")}
+        if refinement:
+            columns.update({SCORE_COLUMN: self.column("score"), SPREAD_COLUMN: self.column("spread")})
+        return columns
+
     def to_star(self, out: Path, box: int, apix: float, optics: dict[str, float]) -> tuple[pd.DataFrame,
                                                                                         pd.DataFrame]:
         """`(particles, optics)` blocks of a RELION 3.1 STAR file written in ``out``."""
-        relative = [os.path.relpath(s, out.resolve()) for s in self.stack_names]
-        names = np.array(relative, dtype=object)[self.column("stack_id")]
         indices = self.column("index")
-        angles, origins = self.column("angles"), self.column("origins")
         rows = {
-            "rlnImageName": [f"{int(i):06d}@{n}" for i, n in zip(indices, names, strict=True)],
-            "rlnAngleRot": angles[:, 0], "rlnAngleTilt": angles[:, 1], "rlnAnglePsi": angles[:, 2],
-            "rlnOriginXAngst": origins[:, 0], "rlnOriginYAngst": origins[:, 1],
+            "rlnImageName": self.image_names(out),
+            **self.pose_columns(),
             "rlnOpticsGroup": np.ones(len(indices), dtype=np.int64),
             "rlnRandomSubset": self.column("half_set").astype(np.int64),
-            CONFIDENCE_COLUMN: self.column("confidence"),
-            SCORE_COLUMN: self.column("score"),
-            SPREAD_COLUMN: self.column("spread"),
         }
         ctf = self.column("ctf")
         if len(ctf) and np.isfinite(ctf).all():
