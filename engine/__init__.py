@@ -12,7 +12,11 @@ and the benchmarks, so that a rule exists once:
 - :mod:`~cryofastar.engine.offline`: the offline job on a whole particle set: poses,
   refinement rounds, ab initio when the network is uninformative, the maps;
 - :mod:`~cryofastar.engine.streaming_refiner`: the same policy applied pass by pass
-  to a growing session (the daemon's refinement).
+  to a growing session (the daemon's refinement);
+- :mod:`~cryofastar.engine.live_refinement`: that policy carried out on the live map
+  (each pass refined, old particles re-posed by exact remove + add);
+- :mod:`~cryofastar.engine.pose_table`: the one pose table of both paths, and the pose
+  columns of every ``particles.star`` they write.
 
 Built on :mod:`cryofastar.model` and :mod:`cryofastar.recon`; knows nothing of threads,
 queues, watchers or publishers (docs/architecture.md).
