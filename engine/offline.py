@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ab_initio import run_ab_initio
+from cryofastar.recon.backprojection import backproject
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
@@ -199,19 +200,21 @@ class _Job:
     source: ParticleSource  # the particles with finite images (what every output holds)
     device: torch.device
     settings: ReconstructSettings
-    ctf: CtfParams | None
-    halves: torch.Tensor  # (n,) int64 1/2
     work_images: torch.Tensor | None  # (n, W, W) float32 at the refinement's working box
+
+    @property
+    def halves(self) -> torch.Tensor:
+        """`(n,)` int64 half sets (1/2) of the particles."""
+        return self.source.half_sets
+
+    @property
+    def ctf(self) -> CtfParams | None:
+        """The particles' CTF for back-projection (``None`` with ``--no-ctf`` or none in the file)."""
+        return self.source.ctf if self.settings.use_ctf else None
 
     def backproject(self, rotations: torch.Tensor, origins: torch.Tensor) -> HalfSetAccumulator:
         """A fresh half-set accumulator with every particle at its pose (images read again, ``chunk`` at a time)."""
-        source, chunk = self.source, self.settings.chunk
-        acc = HalfSetAccumulator(source.box, source.apix, device=self.device)
-        for first in range(0, len(source), chunk):
-            rows = np.arange(first, min(len(source), first + chunk))
-            acc.add(source.images(rows).all_images(), rotations[rows], origins[rows], self.halves[rows],
-                    self._ctf(rows))
-        return acc
+        return backproject(self.source, rotations, origins, self.ctf, batch=self.settings.chunk, device=self.device)
 
     def _ctf(self, rows: np.ndarray) -> CtfParams | None:
         return None if self.ctf is None else self.ctf[torch.as_tensor(rows)]
@@ -241,8 +244,8 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
     source, _ = source.finite(settings.chunk)  # images with NaN or Inf pixels: one warning, left out of every output
     table = source.table
     work = min(settings.refine_box, source.box)
-    job = _Job(source, resolve_device(settings.device), settings, source.ctf if settings.use_ctf else None,
-               source.half_sets, torch.empty(len(source), work, work) if settings.refine else None)
+    job = _Job(source, resolve_device(settings.device), settings,
+               torch.empty(len(source), work, work) if settings.refine else None)
     acc = None  # map-only: no map before ab initio
     if settings.poses_from == "network":
         acc, poses = _network_poses(job, progress)

@@ -83,7 +83,7 @@ class NetworkPoser:
     frame_state: dict | None
         :meth:`state_dict` of an earlier poser of the same session (a resumed session keeps
         its reference, anchors and hand); ``None``: the reference is chosen by
-        :meth:`choose_reference` (or by the first :meth:`pose`).
+        :meth:`choose_reference`.
     """
 
     def __init__(self, model: CryoFastAR, views: int = 128, anchors: int = 8, frame_state: dict | None = None) -> None:
@@ -125,13 +125,11 @@ class NetworkPoser:
     def pose(self, images: torch.Tensor, apix: float) -> Poses:
         """Poses of `(n, B, B)` images at the input box, pixel size ``apix`` Å, in the session frame.
 
-        Without a reference yet, the first images choose it (:meth:`choose_reference`).
+        The session reference must be chosen first (:meth:`choose_reference`, or a ``frame_state``).
         """
-        small = to_model_box(images, self.model_box)
         if self.frame is None:
-            self.choose_reference(images)
-        assert self.frame is not None
-        batch = self.frame.pose(small)
+            raise RuntimeError("no session reference yet: choose_reference() comes before pose()")
+        batch = self.frame.pose(to_model_box(images, self.model_box))
         apix_model = model_pixel_size(images.shape[-1], apix, self.model_box)
         return Poses(batch.rotations, batch.origins_px * apix_model, batch.confidence,
                      batch.anchor_disagreement_degrees, batch.mirrored)

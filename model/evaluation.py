@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.backprojection import backproject
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.io import ParticleSource, ParticleTable, image_keys, read_particles
 from cryofastar.recon.io.atomic import atomic_path
@@ -581,9 +581,6 @@ def map_in_true_frame(pred: Path, alignment: Alignment, interpolation: str = "ne
     source, _ = ParticleSource.from_star(pred).finite(chunk)
     table = source.table
     rotations = apply_alignment_to_rotations(table.rotations(), alignment)
-    origins, halves = table.origins_angstrom(), source.half_sets
-    acc = HalfSetAccumulator(table.box, table.apix, interpolation=interpolation, device=device)
-    for first in range(0, len(table), chunk):
-        rows = np.arange(first, min(len(table), first + chunk))
-        acc.add(source.images(rows).all_images(), rotations[rows], origins[rows], halves[rows])
+    acc = backproject(source, rotations, table.origins_angstrom(), batch=chunk, device=device,
+                      interpolation=interpolation)
     return acc.volume(), table.apix

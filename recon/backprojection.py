@@ -19,13 +19,14 @@ import torch
 from cryofastar.options import argument, option
 
 from .accumulator import HalfSetAccumulator
+from .ctf import CtfParams
 from .device import resolve_device
 from .io import ParticleSource
 from .map_set import map_set, read_known_map, write_map_set
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INTERPOLATIONS", "BackprojectResult", "BackprojectSettings", "backproject_particles"]
+__all__ = ["INTERPOLATIONS", "BackprojectResult", "BackprojectSettings", "backproject", "backproject_particles"]
 
 INTERPOLATIONS = ("trilinear", "nearest")
 """Insertion kernels (:mod:`cryofastar.recon.insertion`)."""
@@ -112,22 +113,51 @@ def backproject_particles(settings: BackprojectSettings) -> BackprojectResult:
     source, skipped = source.finite(s.batch)
     table = source.table
     ctf = source.ctf if s.use_ctf else None
-    rotations = table.rotations()
-    origins = table.origins_angstrom()
-    halves = source.half_sets
-    acc = HalfSetAccumulator(table.box, table.apix, oversampling=s.oversampling,
-                             interpolation=s.interpolation, device=dev)  # type: ignore[arg-type]
     logger.info("%d particles, box %d px, %.3f Å/px, CTF %s, %s on %s", len(table), table.box,
                 table.apix, "on" if ctf is not None else "off", s.interpolation, dev)
     start = time.perf_counter()
-    for first in range(0, len(table), s.batch):
-        rows = np.arange(first, min(first + s.batch, len(table)))
-        images = source.images(rows).all_images()
-        acc.add(images, rotations[rows], origins[rows], halves[rows],
-                None if ctf is None else ctf[torch.as_tensor(rows)])
+    acc = backproject(source, table.rotations(), table.origins_angstrom(), ctf, batch=s.batch, device=dev,
+                      interpolation=s.interpolation, oversampling=s.oversampling)
     maps = map_set(acc, known_map)
     seconds = time.perf_counter() - start
     outputs = write_map_set(s.output, maps, half_maps=s.half_maps)
     counts = acc.particle_counts.tolist()
     return BackprojectResult(len(table), (counts[0], counts[1]), maps.resolution_angstrom, maps.fsc, seconds, outputs,
                              maps.known_map_resolution_angstrom, skipped.names.tolist())
+
+
+def backproject(source: ParticleSource, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
+                ctf: CtfParams | None = None, batch: int = 2048, device: torch.device | str = "cpu",
+                interpolation: str = "trilinear", oversampling: int = 2) -> HalfSetAccumulator:
+    """Every particle of ``source`` inserted at its pose into a fresh half-set accumulator, ``batch`` at a time.
+
+    Parameters
+    ----------
+    source: ParticleSource
+        The particles (every image must read and be finite: :meth:`ParticleSource.finite`
+        first; a left-out image is a ParticleFileError). Their half sets are the source's.
+    rotations: torch.Tensor
+        `(n, 3, 3)` RELION matrices ``A``, one per particle of ``source``.
+    origins_angstrom: torch.Tensor
+        `(n, 2)` rlnOriginX/YAngst (Å).
+    ctf: CtfParams | None
+        Per-particle CTF (Wiener-style insertion), or ``None``.
+    batch: int
+        Particles read and inserted at a time (bounds memory).
+    device: torch.device | str
+        Where the grids live.
+    interpolation, oversampling: str, int
+        Insertion kernel and Fourier grid oversampling (:class:`HalfSetAccumulator`).
+
+    Returns
+    -------
+    HalfSetAccumulator
+        At the source's box and pixel size.
+    """
+    acc = HalfSetAccumulator(source.box, source.apix, oversampling=oversampling,
+                             interpolation=interpolation, device=device)  # type: ignore[arg-type]
+    for first in range(0, len(source), batch):
+        rows = np.arange(first, min(first + batch, len(source)))
+        acc.add(source.images(rows).all_images(), rotations[rows], origins_angstrom[rows], source.half_sets[rows],
+                None if ctf is None else ctf[torch.as_tensor(rows)])
+    return acc

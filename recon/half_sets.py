@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import torch
 
-__all__ = ["half_sets_for_stack"]
+__all__ = ["half_sets_for_particles", "half_sets_for_stack"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -44,3 +45,28 @@ def half_sets_for_stack(stack_name: str, indices: torch.Tensor) -> torch.Tensor:
     x = (x * 0x45D9F3B) & _MASK32
     x = x ^ (x >> 16)
     return 1 + (x & 1)
+
+
+def half_sets_for_particles(stacks: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    """Half set (1 or 2) of particles given by stack path and 1-based index, in that order.
+
+    :func:`half_sets_for_stack` once per stack (vectorised within it), not once per particle.
+
+    Parameters
+    ----------
+    stacks: np.ndarray
+        `(n,)` stack paths (str).
+    indices: np.ndarray
+        `(n,)` 1-based indices within them.
+
+    Returns
+    -------
+    halves: torch.Tensor
+        `(n,)` int64, each 1 or 2.
+    """
+    stacks, indices = np.asarray(stacks), np.asarray(indices, dtype=np.int64)
+    halves = torch.empty(len(indices), dtype=torch.int64)
+    for stack in np.unique(stacks):  # a loop over files, not particles
+        where = np.nonzero(stacks == stack)[0]
+        halves[where] = half_sets_for_stack(str(stack), torch.as_tensor(indices[where]))
+    return halves

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from cryofastar.recon import CtfParams, HalfSetAccumulator, fsc, half_sets_for_stack
+from cryofastar.recon.half_sets import half_sets_for_particles
 from cryofastar.recon.rotations import random_rotations
 from cryofastar.recon.simulate import CtfRange, simulate_particles
 
@@ -66,6 +68,15 @@ def test_half_set_rule_is_stable_and_balanced() -> None:
     assert set(a.unique().tolist()) == {1, 2}
     assert abs(int((a == 1).sum()) - 5000) < 200
     assert not torch.equal(a, half_sets_for_stack("mic_0002.mrcs", idx))
+
+
+def test_half_sets_of_particles_of_several_stacks_follow_each_stack_rule() -> None:
+    stacks = np.array(["/d/mic_0002.mrcs", "/d/mic_0001.mrcs", "/d/mic_0002.mrcs", "mic_0001.mrcs"])
+    indices = np.array([7, 3, 1, 9])
+    halves = half_sets_for_particles(stacks, indices)
+    assert halves.dtype == torch.int64
+    one_by_one = [int(half_sets_for_stack(s, torch.tensor([i]))[0]) for s, i in zip(stacks, indices, strict=True)]
+    assert halves.tolist() == one_by_one
 
 
 def test_ctf_weighted_insertion_recovers_the_map(phantom32: torch.Tensor) -> None:

@@ -29,6 +29,8 @@ def _orthonormal(rotations: torch.Tensor) -> bool:
 
 def test_network_recipe_poses_input_box_images_in_one_frame(poser: NetworkPoser, images: torch.Tensor) -> None:
     assert not poser.has_reference and poser.state_dict() == {}
+    with pytest.raises(RuntimeError, match="choose_reference"):
+        poser.pose(images, APIX)  # the reference is chosen among candidates, never by accident from a whole pass
     best = poser.choose_reference(images[:8])
     assert 0 <= best < 8 and poser.has_reference
     poses = poser.pose(images, APIX)

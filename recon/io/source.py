@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from ..ctf import CtfParams
-from ..half_sets import half_sets_for_stack
+from ..half_sets import half_sets_for_particles
 from .errors import NotAParticleStack, ParticleFileError
 from .mrc import read_images
 from .star import ParticleTable, read_particles
@@ -276,10 +276,7 @@ class ParticleSource:
         if stacks.shape != indices.shape:
             raise ValueError(f"{len(stacks)} stacks for {len(indices)} indices")
         if half_sets is None:
-            half_sets = torch.empty(len(indices), dtype=torch.int64)
-            for stack in np.unique(stacks):  # one hash per stack, vectorised within
-                where = np.nonzero(stacks == stack)[0]
-                half_sets[where] = half_sets_for_stack(str(stack), torch.as_tensor(indices[where]))
+            half_sets = half_sets_for_particles(stacks, indices)
         names = np.char.add(np.char.add(np.char.zfill(indices.astype(str), 6), "@"), stacks)
         return cls(origin=Path(origin), stacks=stacks, indices=indices, names=names, half_sets=half_sets,
                    box=int(box), apix=float(apix), ctf=ctf)

@@ -26,7 +26,7 @@ import torch
 
 from ..ctf import CtfParams
 from ..euler import euler_to_matrix
-from ..half_sets import half_sets_for_stack
+from ..half_sets import half_sets_for_particles
 from .atomic import atomic_path
 from .errors import ParticleFileError
 from .mrc import stack_shape
@@ -116,11 +116,7 @@ class ParticleTable:
             if bool(((halves == 1) | (halves == 2)).all()):
                 return halves
             raise ParticleFileError(f"{self.star_path}: rlnRandomSubset must be 1 or 2")
-        halves = torch.empty(len(self), dtype=torch.int64)
-        for stack in np.unique(self.stack_paths):  # one hash per stack, vectorised within
-            rows = np.nonzero(self.stack_paths == stack)[0]
-            halves[rows] = half_sets_for_stack(stack, torch.as_tensor(self.image_indices[rows]))
-        return halves
+        return half_sets_for_particles(self.stack_paths, self.image_indices)
 
     def select(self, rows: np.ndarray) -> ParticleTable:
         """The table restricted to `(m,)` int64 ``rows`` (0-based, in that order; particles renumbered)."""
