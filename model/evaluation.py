@@ -50,6 +50,7 @@ from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.io import ParticleSource, ParticleTable, image_keys, read_particles
 from cryofastar.recon.io.atomic import atomic_path
 from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, NETWORK_COLUMNS
+from cryofastar.recon.pose_alignment import Alignment, apply_alignment_to_rotations, as_rotations, global_alignment
 from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations, random_rotations
 
 from cryofastar.options import argument, option
@@ -71,27 +72,6 @@ __all__ = [
     "network_poses",
     "pose_errors",
 ]
-
-@dataclass(frozen=True)
-class Alignment:
-    """The global transform from the predicted frame to the true one.
-
-    Attributes
-    ----------
-    rotation: torch.Tensor
-        `(3, 3)` float64 ``G`` in SO(3); aligned poses are ``A_pred @ G`` (or
-        ``J @ A_pred @ J @ G`` when ``mirrored``).
-    mirrored: bool
-        Whether the predicted frame has the other handedness (``J = diag(1, 1, -1)``).
-    median_degrees: tuple[float, float]
-        Median geodesic error (degrees) after the fit with the original hand and with
-        the mirrored hand; the hand with the smaller one is kept.
-    """
-
-    rotation: torch.Tensor
-    mirrored: bool
-    median_degrees: tuple[float, float]
-
 
 @dataclass(frozen=True)
 class PoseErrors:
@@ -175,95 +155,6 @@ def _median(values: torch.Tensor) -> float:
     return float(torch.quantile(values.to(torch.float64), 0.5))
 
 
-def _as_rotations(rot: torch.Tensor, name: str) -> torch.Tensor:
-    rot = torch.as_tensor(rot).to(torch.float64)
-    if rot.ndim != 3 or rot.shape[-2:] != (3, 3) or rot.shape[0] == 0:
-        raise ValueError(f"{name} must be (n, 3, 3) rotation matrices with n >= 1, got {tuple(rot.shape)}")
-    return rot
-
-
-def _project_so3(m: torch.Tensor) -> torch.Tensor:
-    """Nearest rotation (Frobenius) to the `(3, 3)` matrix ``m``: ``U diag(1, 1, det) V.T``."""
-    u, _, vh = torch.linalg.svd(m)
-    d = torch.ones(3, dtype=m.dtype, device=m.device)
-    d[2] = torch.sign(torch.linalg.det(u @ vh))  # u @ vh is orthogonal: det = +-1
-    return (u * d) @ vh
-
-
-def _fit_rotation(pred: torch.Tensor, true: torch.Tensor, keep_fraction: float, refinements: int) -> torch.Tensor:
-    """``G`` minimising ``sum ||pred @ G - true||_F^2`` over the best-fitting particles.
-
-    The first fit uses every particle; each refinement refits on the ``keep_fraction``
-    with the smallest geodesic error under the previous ``G``.
-    """
-    g = _project_so3((pred.transpose(-1, -2) @ true).sum(0))
-    n_keep = max(1, math.ceil(keep_fraction * pred.shape[0]))
-    for _ in range(refinements):
-        best = torch.topk(geodesic_degrees(pred @ g, true), n_keep, largest=False).indices
-        g = _project_so3((pred[best].transpose(-1, -2) @ true[best]).sum(0))
-    return g
-
-
-def global_alignment(
-    pred: torch.Tensor, true: torch.Tensor, keep_fraction: float = 0.5, refinements: int = 1
-) -> Alignment:
-    """The global rotation (and handedness) taking predicted poses to true ones.
-
-    For each hand (predicted poses as given, and mirrored ``J @ A @ J``) ``G`` in SO(3)
-    is the least-squares fit of ``A_pred @ G = A_true`` (``G = U diag(1, 1, ±1) V.T``
-    from the SVD of ``sum A_pred.T @ A_true``), refitted ``refinements`` times on the
-    ``keep_fraction`` best-fitting particles (robust to outliers). The hand with the
-    smaller median geodesic error wins.
-
-    Parameters
-    ----------
-    pred, true: torch.Tensor
-        `(n, 3, 3)` RELION matrices of the same particles, in the same order.
-    keep_fraction: float
-        Fraction of particles (0 < f <= 1) used in each refinement.
-    refinements: int
-        Number of trimmed refits (0: plain least squares on all particles).
-
-    Returns
-    -------
-    alignment: Alignment
-        ``G`` (float64), the handedness and the median error of each hand.
-    """
-    pred, true = _as_rotations(pred, "pred"), _as_rotations(true, "true")
-    if pred.shape != true.shape:
-        raise ValueError(f"pred and true must have the same shape, got {tuple(pred.shape)} and {tuple(true.shape)}")
-    if not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    fits, medians = [], []
-    for candidate in (pred, mirror_rotations(pred)):
-        g = _fit_rotation(candidate, true, keep_fraction, refinements)
-        fits.append(g)
-        medians.append(_median(geodesic_degrees(candidate @ g, true)))
-    mirrored = medians[1] < medians[0]
-    return Alignment(rotation=fits[int(mirrored)], mirrored=bool(mirrored), median_degrees=(medians[0], medians[1]))
-
-
-def apply_alignment_to_rotations(rot: torch.Tensor, alignment: Alignment) -> torch.Tensor:
-    """Express predicted poses in the true frame.
-
-    Parameters
-    ----------
-    rot: torch.Tensor
-        `(..., 3, 3)` predicted RELION matrices.
-    alignment: Alignment
-        From :func:`global_alignment`.
-
-    Returns
-    -------
-    aligned: torch.Tensor
-        `(..., 3, 3)` float64 ``A @ G``, or ``J @ A @ J @ G`` when ``alignment.mirrored``.
-    """
-    rot = torch.as_tensor(rot).to(torch.float64)
-    if alignment.mirrored:
-        rot = mirror_rotations(rot)
-    return rot @ alignment.rotation.to(rot.device)
-
-
 def _translation_errors(pred_shift_px: torch.Tensor | None, true_shift_px: torch.Tensor | None,
                         n: int) -> torch.Tensor | None:
     if pred_shift_px is None and true_shift_px is None:
@@ -305,7 +196,7 @@ def fit_map_translation(
     t: torch.Tensor
         `(3,)` float64 (x, y, z) in pixels, in the true frame.
     """
-    rows = _as_rotations(true_rot, "true_rot")[:, :2, :]  # (n, 2, 3)
+    rows = as_rotations(true_rot, "true_rot")[:, :2, :]  # (n, 2, 3)
     n = rows.shape[0]
     diff = (torch.as_tensor(pred_shift_px) - torch.as_tensor(true_shift_px)).to(torch.float64).reshape(n, 2)
     n_keep = min(n, max(2, math.ceil(keep_fraction * n)))
@@ -353,7 +244,7 @@ def pose_errors(
         (degrees) and translation error (px) per particle, with the alignment (and the
         fitted map translation).
     """
-    pred, true = _as_rotations(pred_rot, "pred_rot"), _as_rotations(true_rot, "true_rot")
+    pred, true = as_rotations(pred_rot, "pred_rot"), as_rotations(true_rot, "true_rot")
     if alignment is None:
         alignment = global_alignment(pred, true)
     aligned = apply_alignment_to_rotations(pred, alignment)
@@ -401,7 +292,7 @@ def chance_level(
         Remove a fitted map translation first, as :func:`pose_errors` does, so the chance
         figure is measured the same way as the predicted one it stands beside.
     """
-    true = _as_rotations(true_rot, "true_rot")
+    true = as_rotations(true_rot, "true_rot")
     random = random_rotations(true.shape[0], generator).to(true.device)
     if pred_shift_px is not None:
         pred_shift_px = torch.as_tensor(pred_shift_px)
