@@ -102,8 +102,36 @@ def test_map_only_ab_initio_converges_from_random_poses(phantom32: torch.Tensor)
                            callback=lambda label, poses, seen: stages.append(label))
     errors = pose_errors(result.poses.rotations, sim.rotations)
     assert float(errors.geodesic_degrees.median()) < 16.0  # 10-12° over generator seeds; grid step 20°
-    assert stages[:6] == [f"restart 1/2 seed {i}" for i in range(1, 7)]
-    assert "restart 2/2 seed 6" in stages and len(stages) <= 2 * settings.max_seed_passes
+    assert stages[:6] == [f"restart 1 seed {i}" for i in range(1, 7)]
+    assert "restart 2 seed 6" in stages
+    assert result.verdict.converged and result.verdict.restarts == 2  # the two starts found the same map
+    assert result.verdict.agreement_degrees < settings.agreement_degrees
     assert sum("restart_score" in h for h in result.history) == 2
     assert result.accumulator.box == 32 and result.accumulator.n_particles == 400
     assert result.poses.origins_angstrom.shape == (400, 2)
+
+
+def test_ab_initio_on_pure_noise_says_it_did_not_converge() -> None:
+    """Images of noise only: every random start settles somewhere else, so the verdict is negative."""
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(200, 32, 32, generator=g)
+    settings = AbInitioSettings(particle_diameter_angstrom=40.0, seed_particles=200, seed_passes=3, max_seed_passes=3,
+                                seed_restarts=2, max_seed_restarts=3, batch_size=100, initial_particles=100,
+                                global_step_degrees=20.0)
+    result = run_ab_initio(noise, 1 + (torch.arange(200) % 2), APIX, passes=1, settings=settings)
+    verdict = result.verdict
+    assert not verdict.converged and verdict.restarts == 3
+    assert verdict.agreement_degrees > settings.agreement_degrees and len(verdict.pair_degrees) == 3
+    assert "NOT converged" in verdict.summary() and verdict.as_dict()["restarts"] == 3
+
+
+def test_settings_resolved_ties_the_schedule_to_the_particle_diameter() -> None:
+    """Bands, mask and shifts follow the diameter and the box; what is given is kept."""
+    s = AbInitioSettings(particle_diameter_angstrom=150.0).resolved(64, 2.0)
+    assert (s.initial_resolution_angstrom, s.shared_resolution_angstrom, s.final_resolution_angstrom) == (
+        pytest.approx(50.0), pytest.approx(30.0), pytest.approx(15.0))
+    assert s.max_shift_angstrom == pytest.approx(0.08 * 64 * 2.0) and s.mask_diameter_angstrom == pytest.approx(180.0)
+    small = AbInitioSettings(final_resolution_angstrom=9.0).resolved(64, 1.0, particle_diameter_angstrom=30.0)
+    assert small.final_resolution_angstrom == 9.0 and small.initial_resolution_angstrom == pytest.approx(10.0)
+    assert small.shared_resolution_angstrom == pytest.approx(6.0)
+    assert AbInitioSettings().resolved(64, 1.0, 10.0).final_resolution_angstrom == pytest.approx(2.5)  # 2.5 px floor

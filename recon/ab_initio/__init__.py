@@ -14,11 +14,11 @@ at that box; the caller builds the full-box map from the returned best poses.
 **One minibatch** (``settings.batch_size`` particles):
 
 1. *References.* From the accumulator's half maps ``H1, H2`` and their sum: below
-   ``shared_resolution_angstrom`` (20 Å) both halves use the map of both halves (as
+   ``shared_resolution_angstrom`` (``D / 5``) both halves use the map of both halves (as
    RELION starts both from one low-passed reference); above it each half uses its own
    map, so the halves stay independent there. Each reference is masked by a soft
-   sphere, optionally clipped at 0 (densities are positive) and low-passed to the
-   current band ``k_max`` (:class:`~cryofastar.recon.map_slices.MapSlicer`).
+   sphere of 1.2 particle diameters (solvent mask), optionally clipped at 0 (densities
+   are positive) and low-passed to the current band ``k_max`` (:class:`~cryofastar.recon.map_slices.MapSlicer`).
 2. *Scores.* Each particle against every orientation of a global SO(3) grid
    (``global_step_degrees``) and every shift of a window (``max_shift_angstrom``,
    step ``shift_step_px`` working pixels), as the normalised cross-correlation
@@ -33,8 +33,10 @@ at that box; the caller builds the full-box map from the returned best poses.
    re-posed particle's previous candidates are removed first (exact inverse), so it is
    never matched against its own contribution.
 
-**Resolution schedule.** The band starts at ``initial_resolution_angstrom`` (~35 Å)
-and tightens geometrically to ``final_resolution_angstrom`` as particles are
+**Resolution schedule.** Tied to the particle's diameter ``D`` (given, or estimated
+from the images: :mod:`~cryofastar.recon.particle_diameter`): the band starts at
+``initial_resolution_angstrom`` (``D / 3``) and tightens geometrically to
+``final_resolution_angstrom`` (``D / 10``) as particles are
 processed (``schedule_particles`` poses), never finer than the half-map FSC 0.143
 allows. Until the accumulator holds ``initial_particles``, new particles get random
 orientations (weight 1, shift 0): that noisy first map breaks the symmetry of a
@@ -62,9 +64,9 @@ shift that re-centres the particle (docs/conventions.md). Maps (and hence poses)
 defined up to a global rotation and the hand.
 """
 
-from .offline import AbInitioResult, run_ab_initio
+from .offline import AbInitioResult, AbInitioVerdict, run_ab_initio
 from .settings import AbInitioSettings
 from .soft_poses import SoftPoses
 from .streaming import AbInitio
 
-__all__ = ["AbInitio", "AbInitioResult", "AbInitioSettings", "SoftPoses", "run_ab_initio"]
+__all__ = ["AbInitio", "AbInitioResult", "AbInitioVerdict", "AbInitioSettings", "SoftPoses", "run_ab_initio"]

@@ -4,18 +4,71 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from ..accumulator import HalfSetAccumulator
 from ..ctf import CtfParams
+from ..particle_diameter import estimate_particle_diameter
+from ..pose_alignment import global_alignment
 from ..rotations import geodesic_degrees
 from .settings import AbInitioSettings
 from .soft_poses import SoftPoses
 from .streaming import AbInitio
 
-__all__ = ["AbInitioResult", "run_ab_initio"]
+__all__ = ["AbInitioResult", "AbInitioVerdict", "run_ab_initio"]
+
+
+@dataclass
+class AbInitioVerdict:
+    """Did ab initio converge? The verdict and its evidence.
+
+    Ab initio is judged converged when two independent random starts of the seed stage
+    found the same structure: their poses of the same seed particles agree after one
+    global rotation and hand (median angle at most ``agreement_degrees``). A wrong start
+    settles in a self-consistent map of its own (its half maps agree, its scores look
+    fine); two wrong starts rarely settle in the same one. The scores of the restarts are
+    recorded but are not the verdict: they are not comparable across molecules.
+
+    Attributes
+    ----------
+    converged: bool
+        Two restarts agreed.
+    restarts: int
+        Seed stages run.
+    kept: int
+        Which restart (1-based) was kept: the best-scoring of the agreeing ones (of all, if none agreed).
+    agreement_degrees: float
+        The smallest median angle between two restarts' poses after alignment (``nan`` with one restart).
+    scores: list[float]
+        Each restart's mean best score of the seed set at the shared band.
+    pair_degrees: dict[str, float]
+        ``"i-j"`` -> median angle between restarts i and j (1-based).
+    particle_diameter_angstrom: float
+        The diameter the schedule was tied to (given or estimated, Å).
+    """
+
+    converged: bool
+    restarts: int
+    kept: int
+    agreement_degrees: float
+    scores: list[float]
+    pair_degrees: dict[str, float]
+    particle_diameter_angstrom: float
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain JSON-able dict."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for logs and status messages."""
+        diameter = f"particle diameter {self.particle_diameter_angstrom:.0f} Å"
+        if self.converged:
+            return (f"converged: 2 of {self.restarts} random starts agree "
+                    f"(median {self.agreement_degrees:.1f}°); {diameter}")
+        return (f"NOT converged: no 2 of {self.restarts} random starts agree (closest pair "
+                f"{self.agreement_degrees:.0f}°); {diameter}")
 
 
 @dataclass
@@ -30,6 +83,8 @@ class AbInitioResult:
         The state (internal working-box maps), e.g. to continue streaming.
     accumulator: HalfSetAccumulator
         Full-box half maps built from the best poses (hard assignment).
+    verdict: AbInitioVerdict
+        Whether ab initio converged, with its evidence.
     seconds: float
         Wall time of the passes (without the final full-box insertion).
     history: list[dict]
@@ -41,6 +96,7 @@ class AbInitioResult:
     poses: SoftPoses
     ab_initio: AbInitio
     accumulator: HalfSetAccumulator
+    verdict: AbInitioVerdict
     seconds: float
     history: list[dict] = field(default_factory=list)
 
@@ -56,8 +112,12 @@ def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, pa
     orientations in a pass is at most ``settled_change_degrees`` (at most
     ``max_seed_passes`` passes in all): a thousand particles suffice for a low
     resolution map, and each pass over few particles is one cheap EM step. The seed
-    stage runs ``seed_restarts`` times from other random starts; the one whose maps
-    match the seed set best (mean best score at ``shared_resolution_angstrom``) is kept. *Passes:*
+    stage runs from other random starts until two agree (at least ``seed_restarts``, at
+    most ``max_seed_restarts``); of the agreeing ones, the one whose maps match the seed set
+    best (mean best score at ``shared_resolution_angstrom``) is kept, and the agreement is
+    the verdict (:class:`AbInitioVerdict`). Before it, unless the settings give the
+    particle's diameter, it is estimated from (at most 2,000 of) the images, and the
+    schedule is tied to it (:meth:`AbInitioSettings.resolved`). *Passes:*
     the other particles are added (pass 1), then all are re-posed ``passes - 1`` times.
     Orders are random; every step goes minibatch by minibatch. (With no more particles
     than the seed subset, the seed stage alone runs, ``max(seed_passes, passes)`` times.)
@@ -99,7 +159,11 @@ def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, pa
     everyone = torch.randperm(run.n, generator=run.order_generator)
     seed_set = everyone[: min(run.n, settings.seed_particles)]
     seed_passes = settings.seed_passes if seed_set.numel() < run.n else max(settings.seed_passes, passes)
-    state = run.seed_stage(seed_set, seed_passes, apix, device)
+    if settings.particle_diameter_angstrom is None:  # measured on (at most) 2,000 of the particles
+        sample = everyone[:2000]
+        diameter = estimate_particle_diameter(images[sample], apix, None if ctf is None else ctf[sample])
+        run.settings = settings = replace(settings, particle_diameter_angstrom=diameter)
+    state, verdict = run.seed_stage(seed_set, seed_passes, apix, device)
     if seed_set.numel() < run.n:
         run.step(state, f"pass 1/{passes}", everyone[seed_set.numel():], new=True)
         for p in range(1, passes):
@@ -107,7 +171,7 @@ def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, pa
     seconds = time.perf_counter() - run.start
     acc = HalfSetAccumulator(images.shape[-1], apix, interpolation=interpolation, device=device)
     acc.add(images, run.poses.rotations, run.poses.origins_angstrom, run.halves, ctf=ctf)
-    return AbInitioResult(run.poses, state, acc, seconds, run.history)
+    return AbInitioResult(run.poses, state, acc, verdict, seconds, run.history)
 
 
 class _Run:
@@ -141,13 +205,17 @@ class _Run:
             self.callback(label, self.poses, self.seen.clone())
 
     def seed_stage(self, seed_set: torch.Tensor, seed_passes: int, apix: float,
-                   device: torch.device | str) -> AbInitio:
-        """The seed stage from ``seed_restarts`` random starts; the start whose maps explain the seed set best."""
+                   device: torch.device | str) -> tuple[AbInitio, AbInitioVerdict]:
+        """Seed stages from random starts until two agree (:class:`AbInitioSettings`); the kept one and the verdict."""
         s = self.settings
-        best = None  # (mean score at the common band, state, poses of the seed set)
-        for restart in range(s.seed_restarts):
+        runs: list[tuple[float, AbInitio, SoftPoses]] = []  # (score at the shared band, state, seed-set poses)
+        pairs: dict[tuple[int, int], float] = {}  # (i, j) -> median angle between the restarts' poses
+        agreeing: list[tuple[int, int]] = []
+        seed_ctf = None if self.ctf is None else self.ctf[seed_set]
+        while len(runs) < max(1, s.max_seed_restarts):
+            restart = len(runs)
             state = AbInitio(self.images.shape[-1], apix, s, seed=self.seed + 7919 * restart, device=device)
-            prefix = f"restart {restart + 1}/{s.seed_restarts} " if s.seed_restarts > 1 else ""
+            prefix = f"restart {restart + 1} "
             self.step(state, f"{prefix}seed 1", seed_set, new=True)
             p = 1
             while True:  # at least seed_passes, then until the poses settle (or max_seed_passes)
@@ -158,15 +226,23 @@ class _Run:
                 self.history[-1]["median_change_degrees"] = change
                 if p >= seed_passes and (change <= s.settled_change_degrees or p >= s.max_seed_passes):
                     break
-            if s.seed_restarts > 1:  # which restart explains the seed set best, at one common band
-                check = state.match(self.images[seed_set], self.halves[seed_set],
-                                    None if self.ctf is None else self.ctf[seed_set],
-                                    resolution_angstrom=s.shared_resolution_angstrom)
-                score = float(check.scores.mean())
-                self.history[-1]["restart_score"] = score
-                if best is None or score > best[0]:
-                    best = (score, state, self.poses[seed_set])
-        if best is not None:
-            state = best[1]
-            self.poses.set(seed_set, best[2])
-        return state
+            check = state.match(self.images[seed_set], self.halves[seed_set], seed_ctf,
+                                resolution_angstrom=state.settings.shared_resolution_angstrom)
+            runs.append((float(check.scores.mean()), state, self.poses[seed_set]))
+            self.history[-1]["restart_score"] = runs[-1][0]
+            for j in range(restart):
+                alignment = global_alignment(runs[restart][2].rotations, runs[j][2].rotations)
+                pairs[(j, restart)] = min(alignment.median_degrees)
+                if pairs[(j, restart)] <= s.agreement_degrees:
+                    agreeing.append((j, restart))
+            if agreeing and len(runs) >= s.seed_restarts:
+                break
+        members = sorted({i for pair in agreeing for i in pair}) or list(range(len(runs)))
+        kept = max(members, key=lambda i: runs[i][0])
+        self.poses.set(seed_set, runs[kept][2])
+        verdict = AbInitioVerdict(
+            converged=bool(agreeing), restarts=len(runs), kept=kept + 1,
+            agreement_degrees=min(pairs.values()) if pairs else float("nan"),
+            scores=[r[0] for r in runs], pair_degrees={f"{i + 1}-{j + 1}": d for (i, j), d in pairs.items()},
+            particle_diameter_angstrom=float(runs[kept][1].settings.particle_diameter_angstrom))
+        return runs[kept][1], verdict

@@ -44,7 +44,9 @@ class AbInitio:
     apix: float
         Session pixel size (Å).
     settings: AbInitioSettings | None
-        Schedule and search settings.
+        Schedule and search settings; what they leave ``None`` is filled in by
+        :meth:`AbInitioSettings.resolved` (the particle diameter: ``DEFAULT_FILL`` of the box
+        unless given; :func:`run_ab_initio` estimates it from the images).
     seed: int
         Seed of the random starting orientations.
     device: torch.device | str
@@ -61,10 +63,10 @@ class AbInitio:
 
     def __init__(self, box: int, apix: float, settings: AbInitioSettings | None = None, seed: int = 0,
                  device: torch.device | str = "cpu") -> None:
-        self.settings = s = settings or AbInitioSettings()
+        self.box, self.apix = int(box), float(apix)
+        self.settings = s = (settings or AbInitioSettings()).resolved(self.box, self.apix)
         if s.final_resolution_angstrom > s.initial_resolution_angstrom:
             raise ValueError("final resolution must not be coarser than the initial one")
-        self.box, self.apix = int(box), float(apix)
         self.device = torch.device(device)
         self.working_box = working_box(self.box, self.apix, s)
         self.working_apix = self.apix * self.box / self.working_box
@@ -75,7 +77,8 @@ class AbInitio:
         steps = torch.arange(-radius, radius + 1, dtype=torch.float32) * s.shift_step_px
         sy, sx = torch.meshgrid(steps, steps, indexing="ij")
         self.shifts_px = torch.stack([sx.reshape(-1), sy.reshape(-1)], -1)  # (S, 2) working px (x, y)
-        self.mask = _soft_sphere(self.working_box, s.mask_diameter_fraction * self.working_box).to(self.device)
+        mask_px = min(s.mask_diameter_fraction * self.working_box, s.mask_diameter_angstrom / self.working_apix)
+        self.mask = _soft_sphere(self.working_box, mask_px).to(self.device)
         self.generator = torch.Generator().manual_seed(seed)
         self.poses_done = 0
         self.particles_inside = 0  # particles (not candidates) currently in the accumulator
@@ -170,7 +173,9 @@ class AbInitio:
         """Restore an :class:`AbInitio` from :meth:`state_dict` (ValueError if it is not one)."""
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ValueError("not an ab initio state of version 1")
-        out = cls(state["box"], state["apix"], AbInitioSettings(**state["settings"]), device=device)
+        known = {f.name for f in fields(AbInitioSettings)}  # settings of older versions: unknown names dropped
+        settings = AbInitioSettings(**{k: v for k, v in state["settings"].items() if k in known})
+        out = cls(state["box"], state["apix"], settings, device=device)
         out.accumulator = HalfSetAccumulator.from_state_dict(state["accumulator"], device)
         out.poses_done, out.particles_inside = int(state["poses_done"]), int(state["particles_inside"])
         out.generator.set_state(state["generator"])
