@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 from cryofastar.recon import HalfSetAccumulator
-from cryofastar.recon.ab_initio import run_ab_initio
+from cryofastar.recon.ab_initio import AbInitioResult, AbInitioSettings, run_ab_initio
 from cryofastar.recon.backprojection import backproject
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
@@ -45,6 +45,7 @@ from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.io import ParticleSource
 from cryofastar.recon.io.columns import NETWORK_COLUMNS
 from cryofastar.recon.io.star import ParticleTable, write_particles
+from cryofastar.recon.io.tables import write_json
 from cryofastar.recon.map_set import map_set, read_known_map, write_map_set
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 
@@ -53,6 +54,7 @@ from cryofastar.options import argument, option
 from .policy import (
     AB_INITIO_PASSES,
     MIN_LOCAL_ROUNDS_AFTER_AB_INITIO,
+    ab_initio_attempts,
     check_pose_source,
     is_informative,
     network_won_fraction,
@@ -175,6 +177,9 @@ class ReconstructResult:
         (``None`` without a network or without refinement).
     ab_initio_seconds: float
         Wall time of ab initio (0 when it did not run).
+    ab_initio: dict | None
+        When ab initio ran: its verdict (``AbInitioVerdict.as_dict``, the last attempt's)
+        and ``attempts`` (each attempt's verdict); also written to ``ab_initio.json``.
     """
 
     n_particles: int
@@ -191,6 +196,7 @@ class ReconstructResult:
     refine_modes: list[str] = field(default_factory=list)
     network_won_fraction: float | None = None
     ab_initio_seconds: float = 0.0
+    ab_initio: dict | None = None
 
 
 @dataclass
@@ -271,6 +277,8 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
     write_particles(star_out, rows, _optics_for_output(table))
     maps = map_set(acc, known_map)
     outputs = [star_out, *write_map_set(outdir / "volume.mrc", maps)]
+    if finished is not None and finished.ab_initio is not None:
+        outputs.append(write_json(outdir / "ab_initio.json", finished.ab_initio))
     finite = poses.disagreement[torch.isfinite(poses.disagreement)]
     return ReconstructResult(
         n_particles=len(table), reference_row=poses.reference_row, resolution_angstrom=maps.resolution_angstrom,
@@ -280,7 +288,8 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
         refine_seconds=0.0 if finished is None else finished.seconds,
         refine_modes=[] if finished is None else finished.modes,
         network_won_fraction=None if finished is None else finished.won,
-        ab_initio_seconds=0.0 if finished is None else finished.ab_initio_seconds)
+        ab_initio_seconds=0.0 if finished is None else finished.ab_initio_seconds,
+        ab_initio=None if finished is None else finished.ab_initio)
 
 
 @dataclass
@@ -296,6 +305,7 @@ class _Finished:
     won: float | None
     seconds: float
     ab_initio_seconds: float
+    ab_initio: dict | None
 
 
 def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Tensor | None,
@@ -315,9 +325,7 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
     if won is None or not is_informative(won):  # no network, or an uninformative one
         t1 = time.perf_counter()
         work = job.work_images.shape[-1]
-        result = run_ab_initio(job.work_images, job.halves, source.apix * source.box / work, passes=AB_INITIO_PASSES,
-                               ctf=job.ctf, seed=settings.seed, device=job.device,
-                               callback=lambda label, *_: logger.info("ab initio: %s done", label))
+        result, ab_initio = _ab_initio(job, source.apix * source.box / work)
         rotations, origins = result.poses.rotations.clone(), result.poses.origins_angstrom.clone()
         ab_initio_s = time.perf_counter() - t1
         # result.accumulator is the back-projection of the working-box images at their best poses
@@ -327,7 +335,29 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
     for _ in range(local_rounds):
         rotations, origins, scores, spread = _match_all(job, acc, search, rotations, origins, "local")
         acc = _next_map(job, "local", modes, rotations, origins)
-    return _Finished(acc, rotations, origins, scores, spread, modes, won, time.perf_counter() - t0, ab_initio_s)
+    return _Finished(acc, rotations, origins, scores, spread, modes, won, time.perf_counter() - t0, ab_initio_s,
+                     None if ab_initio_s == 0.0 else ab_initio)
+
+
+def _ab_initio(job: _Job, apix: float) -> tuple[AbInitioResult, dict]:
+    """Map-only ab initio, attempted again with a larger seed set when its verdict is negative (policy).
+
+    Returns the result kept (the first that converged, else the last) and the record written
+    to ``ab_initio.json``: the kept verdict and every attempt's.
+    """
+    attempts: list[dict] = []
+    result = None
+    for attempt, settings in enumerate(ab_initio_attempts(AbInitioSettings(), len(job.source))):
+        result = run_ab_initio(job.work_images, job.halves, apix, passes=AB_INITIO_PASSES, ctf=job.ctf,
+                               settings=settings, seed=job.settings.seed + 1000 * attempt, device=job.device,
+                               callback=lambda label, *_: logger.info("ab initio: %s done", label))
+        attempts.append({"seed_particles": min(settings.seed_particles, len(job.source)),
+                         **result.verdict.as_dict()})
+        logger.info("ab initio attempt %d: %s", attempt + 1, result.verdict.summary())
+        if result.verdict.converged:
+            break
+    assert result is not None  # ab_initio_attempts yields at least one
+    return result, {**result.verdict.as_dict(), "summary": result.verdict.summary(), "attempts": attempts}
 
 
 def _match_all(job: _Job, acc: HalfSetAccumulator, search: RefineSettings, rotations: torch.Tensor,

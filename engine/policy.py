@@ -7,6 +7,9 @@ One place for each rule, so that ``reconstruct`` and ``watch`` decide alike:
   is informative when its neighbourhood won (the kept pose lies within
   ``NEIGHBOURHOOD_RANGES`` local search ranges of the network's) for at least
   ``INFORMATIVE_FRACTION`` of the particles. Otherwise poses come from map-only ab initio.
+- **Ab initio that did not converge is run again** (``AB_INITIO_ATTEMPTS``): when no two
+  random starts of its seed stage agree (its verdict, :class:`AbInitioVerdict`), the next
+  attempt has a seed set twice as large (more signal per map update, as low SNR needs).
 - **Ab initio's passes**: the offline job runs ``AB_INITIO_PASSES`` passes over all
   particles after the seed stage; its poses are capped at ab initio's own small box, so at
   least ``MIN_LOCAL_ROUNDS_AFTER_AB_INITIO`` local round always follows it.
@@ -14,14 +17,17 @@ One place for each rule, so that ``reconstruct`` and ``watch`` decide alike:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
+from cryofastar.recon.ab_initio import AbInitioSettings
 from cryofastar.recon.rotations import geodesic_degrees
 
-__all__ = ["AB_INITIO_PASSES", "INFORMATIVE_FRACTION", "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO", "NEIGHBOURHOOD_RANGES",
-           "POSE_SOURCES", "check_pose_source", "is_informative", "network_won_fraction"]
+__all__ = ["AB_INITIO_ATTEMPTS", "AB_INITIO_PASSES", "INFORMATIVE_FRACTION", "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO",
+           "NEIGHBOURHOOD_RANGES", "POSE_SOURCES", "ab_initio_attempts", "check_pose_source", "is_informative",
+           "network_won_fraction"]
 
 INFORMATIVE_FRACTION = 0.5
 """The network is informative when its neighbourhood wins the ``best`` probe for at least this fraction."""
@@ -31,6 +37,8 @@ AB_INITIO_PASSES = 2
 """Offline: passes over all particles after ab initio's seed stage (as bench/bench_ab_initio.py measures it)."""
 MIN_LOCAL_ROUNDS_AFTER_AB_INITIO = 1
 """Ab initio's poses are capped at its own small box: at least this many local rounds follow it."""
+AB_INITIO_ATTEMPTS = 2
+"""Ab initio runs at most this many times; each attempt after a negative verdict doubles the seed set."""
 POSE_SOURCES = ("network", "map-only")
 """Where a session's first poses come from: the CryoFastAR network, or none (map-only ab initio)."""
 
@@ -68,3 +76,17 @@ def is_informative(won_fractions: float | Iterable[float]) -> bool:
     """Whether the network is informative, from one probe's won fraction or the mean of several."""
     values = [won_fractions] if isinstance(won_fractions, float | int) else list(won_fractions)
     return bool(values) and float(np.mean(values)) >= INFORMATIVE_FRACTION
+
+
+def ab_initio_attempts(settings: AbInitioSettings, n_particles: int) -> Iterator[AbInitioSettings]:
+    """The settings of each ab initio attempt (the caller stops at the first that converges).
+
+    The first is ``settings``; each next one doubles the seed set, while ``n_particles``
+    allow a larger one (one attempt when the seed set already holds every particle).
+    """
+    seed = settings.seed_particles
+    for attempt in range(AB_INITIO_ATTEMPTS):
+        if attempt and seed >= n_particles:
+            return
+        yield replace(settings, seed_particles=seed)
+        seed *= 2

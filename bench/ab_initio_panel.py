@@ -1,0 +1,211 @@
+"""The ab initio panel: `reconstruct` (no network, map-only ab initio + refinement) on many unseen molecules.
+
+Each cell is one molecule x box x CTF (off/on) x SNR x particle count x seed. Per cell the
+script, on one machine:
+
+1. takes the molecule's clean particles from the cache (bench/panel_molecules.py: real
+   held-out structures, Cn oligomers of them and held-out procedural molecules; pixel size
+   by one rule, shifts up to 3 px, CTF with defocus 0.8-2.5 µm, astigmatism, 300 kV), adds
+   noise at the cell's SNR and writes a RELION 3.1 STAR file and stack, as a user would have;
+2. runs the offline job exactly as ``cryofastar-stream reconstruct --poses-from map-only``
+   does (:func:`cryofastar.engine.offline.reconstruct`), timed;
+3. scores its poses after one global alignment (rotation and hand) onto the true ones
+   (median geodesic error, mean ‖ΔR‖_F, not squared: the paper's metric), and the map the
+   aligned poses make (one back-projector, with the CTF, for every row) against the true
+   map: FSC-0.5 resolution. True poses (ceiling) and SO(3)-uniform random poses (floor) are
+   scored the same way.
+
+A cell succeeds when the median error is below 5° **and** its map's FSC-0.5 resolution is
+within 1.3x of the true-pose map's. The job's own convergence verdict (``ab_initio.json``)
+is recorded beside it; ``verdict_agrees`` says whether it matched the truth.
+
+Results merge into ``--json`` (one entry per cell; cells already there are skipped unless
+``--redo``), so the panel fills over several runs; ``--report`` prints the tables.
+
+    .venv/bin/python bench/ab_initio_panel.py --quick                  # 6 molecules, SNR 0.1, 2,000 particles
+    .venv/bin/python bench/ab_initio_panel.py --snr 0.1 0.05 --n 5000  # the issue's main cells, all molecules
+    .venv/bin/python bench/ab_initio_panel.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from cryofastar.engine.offline import ReconstructSettings, reconstruct
+from cryofastar.model.evaluation import apply_alignment_to_rotations, pose_errors
+from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
+from cryofastar.recon.io import read_particles, write_particles
+from cryofastar.recon.io.mrc import write_stack
+from cryofastar.recon.map_alignment import translate_onto
+from cryofastar.recon.rotations import random_rotations
+
+sys.path.insert(0, str(Path(__file__).parent))
+from panel_molecules import CTF_RANGE, MOLECULES, QUICK, CleanSet, clean_set  # noqa: E402 - a sibling module
+
+HERE = Path(__file__).parent
+SUCCESS_DEGREES = 5.0
+SUCCESS_FSC_FACTOR = 1.3
+
+
+def cell_key(molecule: str, box: int, ctf: bool, snr: float, n: int, seed: int) -> str:
+    return f"{molecule}|b{box}|{'ctf' if ctf else 'noctf'}|snr{snr:g}|n{n}|s{seed}"
+
+
+def write_cell(cs: CleanSet, images: torch.Tensor, folder: Path) -> Path:
+    """A RELION 3.1 STAR file and one stack of the cell's particles (no poses: the job must find them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = images.shape[0]
+    write_stack(folder / "particles.mrcs", images, cs.apix)
+    rows = {"rlnImageName": [f"{i + 1:06d}@particles.mrcs" for i in range(n)], "rlnOpticsGroup": [1] * n}
+    optics = {"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [cs.apix],
+              "rlnImageSize": [cs.box], "rlnImageDimensionality": [2]}
+    optics.update({"rlnVoltage": [CTF_RANGE.voltage_kv], "rlnSphericalAberration": [CTF_RANGE.spherical_aberration_mm],
+                   "rlnAmplitudeContrast": [CTF_RANGE.amplitude_contrast]})
+    if cs.ctf is not None:
+        c = cs.ctf[:n]
+        rows.update({"rlnDefocusU": c.defocus_u_angstrom.numpy(), "rlnDefocusV": c.defocus_v_angstrom.numpy(),
+                     "rlnDefocusAngle": c.defocus_angle_degrees.numpy(),
+                     "rlnPhaseShift": c.phase_shift_degrees.numpy()})
+    star = folder / "particles.star"
+    write_particles(star, pd.DataFrame(rows), pd.DataFrame(optics))
+    return star
+
+
+def score(cs: CleanSet, images: torch.Tensor, rotations: torch.Tensor, origins_angstrom: torch.Tensor) -> dict:
+    """Pose errors after global alignment (rotation, hand, map translation) and the aligned map's FSC vs the truth."""
+    n = images.shape[0]
+    true_rot, true_px = cs.rotations[:n], cs.origins_angstrom[:n] / cs.apix
+    errors = pose_errors(rotations, true_rot, origins_angstrom / cs.apix, true_px, fit_translation=True)
+    aligned = apply_alignment_to_rotations(rotations, errors.alignment)
+    acc = HalfSetAccumulator(cs.box, cs.apix)
+    acc.add(images, aligned, origins_angstrom, 1 + torch.arange(n) % 2, ctf=None if cs.ctf is None else cs.ctf[:n])
+    curve = fsc(translate_onto(acc.volume(), cs.volume), cs.volume)
+    return {"median_deg": errors.geodesic_median_degrees, "frobenius_mean": errors.frobenius_mean,
+            "shift_median_px": errors.translation_median_px, "mirrored": errors.alignment.mirrored,
+            "fsc05_angstrom": resolution_at_threshold(curve, cs.apix, 0.5)}
+
+
+def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float, n: int, seed: int) -> dict:
+    cs = clean_set(molecule, box, ctf, max(args.n_cache, n), args.cache)
+    images = cs.noisy(n, snr, seed)
+    folder = args.work / cell_key(molecule.name, box, ctf, snr, n, seed).replace("|", "_")
+    star = write_cell(cs, images, folder)
+    t = time.perf_counter()
+    result = reconstruct(star, folder / "out", ReconstructSettings(device="cpu", poses_from="map-only", seed=seed,
+                                                                   progress=False))
+    wall = time.perf_counter() - t
+    table = read_particles(folder / "out" / "particles.star")
+    ours = score(cs, images, table.rotations().double(), table.origins_angstrom().double())
+    true = score(cs, images, cs.rotations[:n], cs.origins_angstrom[:n])
+    g = torch.Generator().manual_seed(seed)
+    floor = score(cs, images, random_rotations(n, g), torch.zeros(n, 2, dtype=torch.float64))
+    success = (ours["median_deg"] < SUCCESS_DEGREES
+               and ours["fsc05_angstrom"] <= SUCCESS_FSC_FACTOR * true["fsc05_angstrom"])
+    verdict = result.ab_initio or {}
+    entry = {"molecule": molecule.name, "source": molecule.source, "shape": cs.shape, "atoms": cs.atoms, "box": box,
+             "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed, "wall_s": wall,
+             "ab_initio_s": result.ab_initio_seconds, "success": bool(success), "ours": ours, "true_poses": true,
+             "random_poses": floor, "verdict": verdict.get("converged"), "ab_initio": verdict,
+             "verdict_agrees": verdict.get("converged") == bool(success)}
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return entry
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def report(cells: dict) -> None:
+    rows = sorted(cells.values(), key=lambda e: (e["box"], e["ctf"], -e["snr"], e["n"], e["molecule"], e["seed"]))
+    print("| molecule | shape | Å/px | CTF | SNR | n | seed | median ° | ‖ΔR‖_F | FSC0.5 Å (true / random) | "
+          "wall s | verdict | success |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for e in rows:
+        o, t, r = e["ours"], e["true_poses"], e["random_poses"]
+        print(f"| {e['molecule']} | {e['shape']} | {e['apix']:.2f} | {'yes' if e['ctf'] else 'no'} | {e['snr']:g} | "
+              f"{e['n']} | {e['seed']} | {o['median_deg']:.1f} | {o['frobenius_mean']:.3f} | "
+              f"{o['fsc05_angstrom']:.1f} ({t['fsc05_angstrom']:.1f} / {r['fsc05_angstrom']:.1f}) | "
+              f"{e['wall_s']:.0f} | "
+              f"{'converged' if e['verdict'] else 'NOT converged'} | {'yes' if e['success'] else '**no**'} |")
+    print()
+    groups: dict[tuple, list] = {}
+    for e in rows:
+        groups.setdefault((e["box"], e["ctf"], e["snr"], e["n"]), []).append(e)
+    print("| box | CTF | SNR | n | cells | success | mean ‖ΔR‖_F of successes | verdict agrees | median wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (box, ctf, snr, n), es in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2], kv[0][3])):
+        ok = [e for e in es if e["success"]]
+        frob = sum(e["ours"]["frobenius_mean"] for e in ok) / len(ok) if ok else math.nan
+        agree = sum(e["verdict_agrees"] for e in es)
+        walls = sorted(e["wall_s"] for e in es)
+        print(f"| {box} | {'yes' if ctf else 'no'} | {snr:g} | {n} | {len(es)} | {len(ok)}/{len(es)} "
+              f"({100 * len(ok) / len(es):.0f}%) | {frob:.3f} | {agree}/{len(es)} | {walls[len(walls) // 2]:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="6 molecules, box 64, SNR 0.1, 2,000 particles, "
+                        "CTF off and on, seed 1")
+    parser.add_argument("--molecules", nargs="+", default=None, help="names (default: all, or the quick subset)")
+    parser.add_argument("--box", type=int, nargs="+", default=[64])
+    parser.add_argument("--ctf", choices=["off", "on"], nargs="+", default=["off", "on"])
+    parser.add_argument("--snr", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--n", type=int, nargs="+", default=[5000])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--n-cache", type=int, default=10_000, help="clean particles cached per molecule")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "ab_initio_panel.json")
+    parser.add_argument("--work", type=Path, default=HERE / ".panel-work")
+    parser.add_argument("--cache", type=Path, default=None, help="clean particles (default ~/.cache/cryofastar/panel)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep each cell's STAR, stack and outputs")
+    parser.add_argument("--report", action="store_true", help="print the tables of --json and stop")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    store = json.loads(args.json.read_text()) if args.json.exists() else {"cells": {}}
+    if args.report:
+        report(store["cells"])
+        return
+    if args.quick:
+        args.molecules = args.molecules or list(QUICK)
+        args.n, args.snr, args.seeds, args.box = [2000], [0.1], [1], [64]
+    names = args.molecules or [m.name for m in MOLECULES]
+    unknown = set(names) - {m.name for m in MOLECULES}
+    if unknown:
+        raise SystemExit(f"error: unknown molecules {sorted(unknown)}; known: {[m.name for m in MOLECULES]}")
+    store["machine"] = machine()
+    for box in args.box:
+        for ctf in (c == "on" for c in args.ctf):
+            for snr in args.snr:
+                for n in args.n:
+                    for seed in args.seeds:
+                        for molecule in (m for m in MOLECULES if m.name in names):
+                            key = cell_key(molecule.name, box, ctf, snr, n, seed)
+                            if key in store["cells"] and not args.redo:
+                                continue
+                            entry = run_cell(args, molecule, box, ctf, snr, n, seed)
+                            store["cells"][key] = entry
+                            args.json.parent.mkdir(parents=True, exist_ok=True)
+                            tmp = args.json.with_suffix(".tmp")
+                            tmp.write_text(json.dumps(store, indent=1, allow_nan=True) + "\n")
+                            tmp.replace(args.json)
+                            o = entry["ours"]
+                            print(f"{key}: median {o['median_deg']:.1f}°, FSC0.5 {o['fsc05_angstrom']:.1f} Å "
+                                  f"(true {entry['true_poses']['fsc05_angstrom']:.1f}), {entry['wall_s']:.0f} s, "
+                                  f"verdict {'converged' if entry['verdict'] else 'NOT converged'}, "
+                                  f"success {entry['success']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
