@@ -100,8 +100,7 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
     folder = args.work / cell_key(molecule.name, box, ctf, snr, n, seed).replace("|", "_")
     star = write_cell(cs, images, folder)
     t = time.perf_counter()
-    result = reconstruct(star, folder / "out", ReconstructSettings(device="cpu", poses_from="map-only", seed=seed,
-                                                                   progress=False))
+    result = reconstruct(star, folder / "out", ReconstructSettings(device="cpu", poses_from="map-only", seed=seed))
     wall = time.perf_counter() - t
     table = read_particles(folder / "out" / "particles.star")
     ours = score(cs, images, table.rotations().double(), table.origins_angstrom().double())

@@ -345,6 +345,15 @@ def test_missing_required_column(relion31: Path) -> None:
         read_particles(relion31)
 
 
+def test_particles_without_poses_are_read_and_asking_for_their_poses_is_a_clear_error(relion31: Path) -> None:
+    """Particles straight from extraction have no angles: ab initio's input. Reading works; poses do not."""
+    rewrite_particles(relion31, lambda p, o: (p.drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]), o))
+    table = read_particles(relion31)
+    assert not table.has_poses and len(table) > 0
+    with pytest.raises(ParticleFileError, match="no poses"):
+        table.rotations()
+
+
 def test_missing_image_name_column(relion31: Path) -> None:
     rewrite_particles(relion31, lambda p, o: (p.drop(columns=["rlnImageName"]), o))
     with pytest.raises(ParticleFileError, match="rlnImageName"):

@@ -70,8 +70,16 @@ class ParticleTable:
     def __len__(self) -> int:
         return len(self.particles)
 
+    @property
+    def has_poses(self) -> bool:
+        """Whether the file gives rlnAngleRot/Tilt/Psi (particles straight from extraction do not)."""
+        return set(_ANGLES) <= set(self.particles.columns)
+
     def rotations(self) -> torch.Tensor:
-        """`(n, 3, 3)` RELION matrices from rlnAngleRot/Tilt/Psi."""
+        """`(n, 3, 3)` RELION matrices from rlnAngleRot/Tilt/Psi (ParticleFileError when the file has none)."""
+        if not self.has_poses:
+            raise _fail(self.star_path, "no poses (rlnAngleRot/Tilt/Psi); find them first with "
+                        "`cryofastar-stream reconstruct`")
         angles = torch.as_tensor(self.particles[_ANGLES].to_numpy(np.float64))
         return euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
 
@@ -207,14 +215,18 @@ def read_particles(path: str | os.PathLike[str], apix: float | None = None) -> P
     if not isinstance(blocks, dict) or not blocks:
         raise _fail(path, "not a STAR file with data blocks")
     particles, optics = _particles_block(path, blocks)
-    missing = [c for c in ["rlnImageName", *_ANGLES] if c not in particles.columns]
+    missing = [c for c in ["rlnImageName"] if c not in particles.columns]
     if missing:
         raise _fail(path, f"missing required column(s): {', '.join(missing)}")
+    given = [c for c in _ANGLES if c in particles.columns]
+    if given and len(given) < len(_ANGLES):  # poses are optional, but all three angles or none
+        raise _fail(path, f"missing required column(s): {', '.join(c for c in _ANGLES if c not in given)} "
+                    f"(rlnAngleRot/Tilt/Psi go together)")
     if len(particles) == 0:
         raise _fail(path, "the particle block is empty")
     particles = _merge_optics(path, particles.reset_index(drop=True), optics)
-    numeric = [c for c in _ANGLES if not pd.api.types.is_numeric_dtype(particles[c])]
-    if numeric or not np.isfinite(particles[_ANGLES].to_numpy(np.float64)).all():
+    numeric = [c for c in given if not pd.api.types.is_numeric_dtype(particles[c])]
+    if numeric or (given and not np.isfinite(particles[_ANGLES].to_numpy(np.float64)).all()):
         raise _fail(path, "rlnAngleRot/Tilt/Psi must be finite numbers")
     pixel_size = _pixel_size(path, particles, apix)
 
