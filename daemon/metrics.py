@@ -53,6 +53,10 @@ class DaemonMetrics:
                                 "Gold-standard (half-map FSC 0.143) resolution of the running map, in metres.",
                                 registry=r)
         self.resolution.set(math.nan)
+        self.ab_initio_converged = Gauge("cryofastar_ab_initio_converged",
+                                         "Verdict of the last map-only ab initio: 1 converged (two random starts "
+                                         "agree), 0 not converged, NaN before any ran.", registry=r)
+        self.ab_initio_converged.set(math.nan)
 
     def set_resolution_angstrom(self, angstrom: float) -> None:
         """Set the resolution gauge from Å (NaN while undefined)."""

@@ -503,6 +503,8 @@ class Daemon:
         """Metrics of a refinement step (``refine``, ``repose``, ``ab_initio``)."""
         if step in ("refine", "repose"):
             self._count("particles_refined" if step == "refine" else "particles_reposed", n)
+        if step == "ab_initio" and self.refiner.ab_verdict is not None:
+            self.metrics.ab_initio_converged.set(float(self.refiner.ab_verdict.converged))
         self.metrics.latency.labels(step).observe(seconds)
 
     # ------------------------------------------------------------------ outputs

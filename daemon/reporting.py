@@ -130,12 +130,14 @@ class ViewDirections:
 
 
 def refinement_status(refiner: StreamingRefiner) -> dict[str, object]:
-    """The ``refinement`` field of status messages: the streaming refiner's phase, map version and band."""
+    """The ``refinement`` field of status messages: the refiner's phase, map version, band and ab initio's verdict."""
     r = refiner
     return {"active": r.active, "phase": r.phase, "reference_version": r.version,
             "network_informative": r.network_informative,
             "working_box": None if r.reference is None else r.reference.work,
-            "band_angstrom": None if r.reference is None else r.reference.apix_work / r.reference.local_band}
+            "band_angstrom": None if r.reference is None else r.reference.apix_work / r.reference.local_band,
+            "ab_initio": None if r.ab_verdict is None else {**r.ab_verdict.as_dict(),
+                                                            "summary": r.ab_verdict.summary()}}
 
 
 class StatusBoard:

@@ -85,7 +85,7 @@ class LiveRefinement:
         """
         if not self.refiner.active:
             return None
-        if self.refiner.needs_bootstrap:
+        if self.refiner.needs_bootstrap or self.refiner.retry_due(len(self.session.poses)):
             self._bootstrap(apix)
         t0 = time.perf_counter()
         try:
@@ -105,7 +105,7 @@ class LiveRefinement:
 
     def repose(self, apix: float) -> None:
         """Re-pose up to ``repose_per_pass`` particles already in the map (docs/refinement.md)."""
-        if self.refiner.needs_bootstrap:
+        if self.refiner.needs_bootstrap or self.refiner.retry_due(len(self.session.poses)):
             self._bootstrap(apix)
             return
         table = self.session.poses

@@ -47,11 +47,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from cryofastar.recon.ab_initio import AbInitio, AbInitioSettings, SoftPoses, run_ab_initio
+from cryofastar.recon.ab_initio import AbInitio, AbInitioSettings, AbInitioVerdict, SoftPoses, run_ab_initio
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 
-from .policy import is_informative, network_won_fraction
+from .policy import AB_INITIO_ATTEMPTS, ab_initio_attempts, is_informative, network_won_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,9 @@ class StreamingRefiner:
         self.phase = "waiting" if settings.refine else "off"
         self.ab: AbInitio | None = None
         self.ab_settings = AbInitioSettings()
+        self.ab_verdict: AbInitioVerdict | None = None  # the last bootstrap's verdict
+        self._ab_attempts = 0  # bootstraps run
+        self._retry_seed: int | None = None  # seed set of the next attempt after a negative verdict
         self._soft: SoftPoses | None = None  # per pose-table row (rows with _has_soft)
         self._has_soft = np.zeros(0, dtype=bool)
         self._final_band_version: int | None = None  # first ab step at the final band
@@ -188,10 +191,18 @@ class StreamingRefiner:
         """Whether the ab initio must be started (on the map's oldest particles) before the next step."""
         return self.phase == "ab-initio" and self.ab is None
 
+    def retry_due(self, n_particles: int) -> bool:
+        """Whether ab initio, whose verdict was negative, should start again now (policy: a doubled seed set).
+
+        True once the map holds the larger seed set, while ab initio is still the phase.
+        """
+        return (self.phase == "ab-initio" and self._retry_seed is not None and self.ab is not None
+                and n_particles >= self._retry_seed)
+
     @property
     def seed_particles(self) -> int:
-        """Particles the ab initio is bootstrapped on."""
-        return self.ab_settings.seed_particles
+        """Particles the next ab initio bootstrap runs on."""
+        return self._retry_seed or AbInitioSettings().seed_particles
 
     def _working(self, images: torch.Tensor) -> torch.Tensor:
         return images_to_working_box(images, min(self.settings.refine_box, images.shape[-1]))
@@ -201,13 +212,23 @@ class StreamingRefiner:
         """Start the ab initio on particles already in the map (pose-table ``rows``; `(n, B, B)` images)."""
         small = self._working(images)
         apix_work = apix * images.shape[-1] / small.shape[-1]
-        self.ab_settings = AbInitioSettings(interpolation=self.settings.interpolation)
+        attempts = list(ab_initio_attempts(AbInitioSettings(interpolation=self.settings.interpolation),
+                                           max(len(rows), self.seed_particles)))
+        self.ab_settings = attempts[min(self._ab_attempts, len(attempts) - 1)]
         result = run_ab_initio(small, half_sets, apix_work, passes=1, ctf=ctf, settings=self.ab_settings,
-                               device=self.device)
+                               seed=1000 * self._ab_attempts, device=self.device)
         self.ab = result.ab_initio
+        self._has_soft[:] = False  # a new ab initio holds only these rows; the others are added to it when re-posed
+        self.ab_verdict = result.verdict
+        self._ab_attempts += 1
+        more = self._ab_attempts < AB_INITIO_ATTEMPTS and not result.verdict.converged
+        self._retry_seed = 2 * self.ab_settings.seed_particles if more else None
         self.version += 1
-        logger.info("ab initio bootstrapped on %d particles in %.1f s (band %.1f Å)", len(rows), result.seconds,
-                    self.ab.resolution_angstrom)
+        logger.info("ab initio bootstrapped on %d particles in %.1f s (band %.1f Å): %s", len(rows), result.seconds,
+                    self.ab.resolution_angstrom, result.verdict.summary())
+        if more:
+            logger.warning("ab initio did not converge; it starts again on %d particles once the map holds them",
+                           self._retry_seed)
         return self._soft_result(result.poses, rows)
 
     def _soft_result(self, soft: SoftPoses, rows: np.ndarray | None) -> RefinedPoses:

@@ -107,6 +107,9 @@ def test_reconstruct_map_only_poses_from_ab_initio(tmp_path: Path) -> None:
     result = run("reconstruct", str(session / "particles.star"), "-o", str(out), "--poses-from", "map-only",
                  "--refine-rounds", "2", "--no-progress")
     assert "(ab-initio, local, local)" in result.stdout and "ab initio took" in result.stdout
+    verdict = json.loads((out / "ab_initio.json").read_text())  # the verdict and its evidence
+    assert verdict["converged"] and verdict["agreement_degrees"] <= 15 and verdict["attempts"][0]["restarts"] >= 2
+    assert "ab initio converged: 2 of" in result.stdout and f"wrote {out / 'ab_initio.json'}" in result.stdout
     particles = starfile.read(out / "particles.star")["particles"]
     assert "rlnCryofastarNetworkAngleRot" not in particles.columns  # no network
     assert particles["rlnCryofastarRefineScore"].notna().all() and particles["rlnCryofastarAngularSpread"].notna().all()

@@ -37,3 +37,12 @@ def test_informative_at_the_threshold_and_from_the_mean_of_probes() -> None:
     assert is_informative([0.2, 0.9])  # the mean of several probes decides (the daemon keeps the last four)
     assert not is_informative([0.2, 0.6])
     assert not is_informative([])  # no probe: not (yet) informative
+
+
+def test_ab_initio_attempts_double_the_seed_set_while_particles_allow() -> None:
+    from cryofastar.engine.policy import AB_INITIO_ATTEMPTS, ab_initio_attempts
+    from cryofastar.recon.ab_initio import AbInitioSettings
+
+    seeds = [s.seed_particles for s in ab_initio_attempts(AbInitioSettings(seed_particles=1000), 5000)]
+    assert seeds == [1000, 2000][:AB_INITIO_ATTEMPTS]
+    assert [s.seed_particles for s in ab_initio_attempts(AbInitioSettings(seed_particles=1000), 800)] == [1000]

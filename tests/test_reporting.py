@@ -89,7 +89,8 @@ def test_the_report_carries_the_session_its_counts_and_its_rejections(tmp_path):
     assert status["resolution_angstrom"] is None and status["views"] is None
     assert status["poses_from"] == "map-only" and status["model"] is None and status["device"] == "cpu"
     assert status["refinement"] == {"active": False, "phase": "waiting", "reference_version": 0,
-                                    "network_informative": None, "working_box": None, "band_angstrom": None}
+                                    "network_informative": None, "working_box": None, "band_angstrom": None,
+                                    "ab_initio": None}
     assert [r["path"] for r in status["rejected_recent"]] == [str(tmp_path / "bad.mrcs")]
     assert status["watch"] == str(tmp_path / "watch") and status["uptime_seconds"] >= 0
     state.fsc_history.append((0.0, 10, math.inf))  # an undefined resolution is sent as unknown

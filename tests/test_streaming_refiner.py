@@ -102,3 +102,18 @@ def test_a_session_restarted_past_its_ab_initio_resumes_in_the_local_phase(tmp_p
     (tmp_path / "out").mkdir(exist_ok=True)
     SessionState(counters={"refinement_local": 1}).save(tmp_path / "out" / CHECKPOINT_NAME)
     assert Daemon(settings).refinement_phase == "local"
+
+
+def test_ab_initio_that_did_not_converge_starts_again_once_the_map_holds_a_larger_seed_set(tmp_path):
+    """Noise only: the verdict is negative, so a second bootstrap on twice the seed set is due (and then no more)."""
+    refiner = StreamingRefiner(_settings(tmp_path, refine_after=10, refine_box=16), torch.device("cpu"),
+                               poses_from="map-only")
+    refiner.phase = "ab-initio"
+    noise = torch.randn(40, 16, 16, generator=torch.Generator().manual_seed(4))
+    half_sets = 1 + torch.arange(40) % 2
+    assert refiner.needs_bootstrap and refiner.ab_verdict is None and refiner.seed_particles == 1000
+    refiner.bootstrap(noise, half_sets, None, 4.0, np.arange(40))
+    assert refiner.ab_verdict is not None and not refiner.ab_verdict.converged
+    assert refiner.seed_particles == 2000 and not refiner.retry_due(1999) and refiner.retry_due(2000)
+    refiner.bootstrap(noise, half_sets, None, 4.0, np.arange(40))  # the second and last attempt
+    assert not refiner.ab_verdict.converged and not refiner.retry_due(10_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -58,8 +59,10 @@ class AbInitioVerdict:
     particle_diameter_angstrom: float
 
     def as_dict(self) -> dict[str, object]:
-        """Plain JSON-able dict."""
-        return asdict(self)
+        """Plain JSON-able dict (``None`` for a non-finite ``agreement_degrees``)."""
+        out = asdict(self)
+        out["agreement_degrees"] = self.agreement_degrees if math.isfinite(self.agreement_degrees) else None
+        return out
 
     def summary(self) -> str:
         """One line for logs and status messages."""
