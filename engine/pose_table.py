@@ -39,10 +39,11 @@ class PoseTable:
         self._stack_ids: dict[str, int] = {}
         self._parts: dict[str, list[np.ndarray]] = {k: [] for k in self._COLUMNS}
 
-    _COLUMNS = ("stack_id", "index", "angles", "origins", "confidence", "half_set", "ctf", "ctf_optics", "score",
-                "spread", "refined")
+    _COLUMNS = ("stack_id", "index", "angles", "origins", "confidence", "half_set", "ctf", "ctf_optics",
+                "ctf_envelope", "score", "spread", "refined")
     # columns added after the first checkpoints: their value for particles of an older checkpoint
-    _DEFAULTS = {"ctf_optics": (3, np.nan, np.float64), "score": (0, np.nan, np.float64),
+    _DEFAULTS = {"ctf_optics": (3, np.nan, np.float64), "ctf_envelope": (2, np.nan, np.float64),
+                 "score": (0, np.nan, np.float64),
                  "spread": (0, np.nan, np.float64), "refined": (0, 0, np.int32)}
 
     def __len__(self) -> int:
@@ -92,6 +93,12 @@ class PoseTable:
         self._parts["ctf_optics"].append(np.full((len(indices), 3), np.nan) if ctf is None else torch.stack(
             [ctf.voltage_kv, ctf.spherical_aberration_mm, ctf.amplitude_contrast], -1).double().numpy())
         n = len(indices)
+        envelope = np.full((n, 2), np.nan)  # rlnCtfBfactor, rlnCtfScalefactor (NaN: not given, RELION's 0 and 1)
+        if ctf is not None and ctf.b_factor_angstrom2 is not None:
+            envelope[:, 0] = ctf.b_factor_angstrom2.double().numpy()
+        if ctf is not None and ctf.scale is not None:
+            envelope[:, 1] = ctf.scale.double().numpy()
+        self._parts["ctf_envelope"].append(envelope)
         self._parts["score"].append(np.full(n, np.nan) if score is None else score.double().numpy())
         self._parts["spread"].append(np.full(n, np.nan) if spread is None else spread.double().numpy())
         self._parts["refined"].append(np.full(n, refined, dtype=np.int32))
@@ -127,16 +134,19 @@ class PoseTable:
             return None
         if not known.all() or not np.isfinite(optics).all():
             raise ValueError("the CTF these particles were inserted with is not fully known")
+        envelope = self.column("ctf_envelope")[rows]
+        b_factor = None if np.isnan(envelope[:, 0]).all() else np.nan_to_num(envelope[:, 0], nan=0.0)
+        scale = None if np.isnan(envelope[:, 1]).all() else np.nan_to_num(envelope[:, 1], nan=1.0)
         return CtfParams.from_arrays(defocus_u_angstrom=defocus[:, 0], defocus_v_angstrom=defocus[:, 1],
                                      defocus_angle_degrees=defocus[:, 2], phase_shift_degrees=defocus[:, 3],
                                      voltage_kv=optics[:, 0], spherical_aberration_mm=optics[:, 1],
-                                     amplitude_contrast=optics[:, 2])
+                                     amplitude_contrast=optics[:, 2], b_factor_angstrom2=b_factor, scale=scale)
 
     def column(self, name: str) -> np.ndarray:
         """One column over all particles (``stack_id``, ``index``, ``angles`` (n, 3), ...)."""
         parts = self._parts[name]
         if not parts:
-            widths = {"angles": (0, 3), "origins": (0, 2), "ctf": (0, 4), "ctf_optics": (0, 3)}
+            widths = {"angles": (0, 3), "origins": (0, 2), "ctf": (0, 4), "ctf_optics": (0, 3), "ctf_envelope": (0, 2)}
             return np.zeros(widths.get(name, (0,)))
         joined = np.concatenate(parts)
         self._parts[name] = [joined]

@@ -3,8 +3,9 @@
 Convention (docs/conventions.md, "CTF"): RELION's parameters — rlnDefocusU/V in
 Å (positive = underfocus), rlnDefocusAngle in degrees (azimuth of the defocus-U
 axis from +x), rlnVoltage in kV, rlnSphericalAberration in mm,
-rlnAmplitudeContrast as a fraction, rlnPhaseShift in degrees. The CTF is
-RELION's ``-sin(chi)`` form, positive at low frequency for underfocus. torch-ctf
+rlnAmplitudeContrast as a fraction, rlnPhaseShift in degrees, optional rlnCtfBfactor
+(Å², envelope ``exp(-B |k|^2 / 4)``) and rlnCtfScalefactor. The CTF is RELION's
+``-sin(chi)`` form, positive at low frequency for underfocus. torch-ctf
 uses mean defocus and half the astigmatism in µm with the same angle and sign;
 ``tests/test_ctf.py`` checks it against RELION's formula.
 """
@@ -22,7 +23,8 @@ __all__ = ["CtfParams", "ctf_rfft"]
 
 @dataclass(frozen=True)
 class CtfParams:
-    """Per-particle CTF parameters, RELION units; every field a `(n,)` tensor."""
+    """Per-particle CTF parameters, RELION units; every field a `(n,)` float64 tensor (the last two optional:
+    ``None`` means RELION's default, no envelope and scale 1)."""
 
     defocus_u_angstrom: torch.Tensor
     defocus_v_angstrom: torch.Tensor
@@ -31,10 +33,13 @@ class CtfParams:
     spherical_aberration_mm: torch.Tensor
     amplitude_contrast: torch.Tensor
     phase_shift_degrees: torch.Tensor
+    b_factor_angstrom2: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
 
     def __getitem__(self, index: torch.Tensor | slice) -> CtfParams:
         """Parameters of a subset of particles."""
-        return CtfParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return CtfParams(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                            for f in fields(self)})
 
     def __len__(self) -> int:
         return int(self.defocus_u_angstrom.shape[0])
@@ -42,7 +47,16 @@ class CtfParams:
     @classmethod
     def cat(cls, parts: list[CtfParams]) -> CtfParams:
         """The parameters of several particle sets, one after the other."""
-        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+        out = {}
+        for f in fields(cls):
+            values = [getattr(p, f.name) for p in parts]
+            if all(v is None for v in values):
+                out[f.name] = None
+            else:  # a part without the optional field has RELION's default (B = 0, scale = 1)
+                fill = 1.0 if f.name == "scale" else 0.0
+                out[f.name] = torch.cat([torch.full((len(p),), fill, dtype=torch.float64) if v is None else v
+                                         for p, v in zip(parts, values, strict=True)])
+        return cls(**out)
 
     @classmethod
     def from_arrays(cls, **values: object) -> CtfParams:
@@ -52,7 +66,7 @@ class CtfParams:
                 return v.detach().to(torch.float64).reshape(-1)
             return torch.tensor(np.asarray(v, dtype=np.float64)).reshape(-1)  # copies
 
-        tensors = {k: as_float64(v) for k, v in values.items()}
+        tensors = {k: as_float64(v) for k, v in values.items() if v is not None}
         n = max(t.numel() for t in tensors.values())
         return cls(**{k: t.expand(n).clone() for k, t in tensors.items()})
 
@@ -96,4 +110,12 @@ def ctf_rfft(params: CtfParams, box: int, apix: float, device: torch.device | st
         rfft=True,
         fftshift=False,
     )
-    return ctf.reshape(len(params), box, box // 2 + 1).to(torch.float32)
+    ctf = ctf.reshape(len(params), box, box // 2 + 1).to(torch.float32)
+    if params.b_factor_angstrom2 is not None:  # RELION: times exp(-B |k|^2 / 4), |k| in 1/Å
+        ky = torch.fft.fftfreq(box, d=float(apix), device=ctf.device)
+        kx = torch.fft.rfftfreq(box, d=float(apix), device=ctf.device)
+        k2 = ky[:, None] ** 2 + kx[None, :] ** 2
+        ctf = ctf * torch.exp(-as_dev(params.b_factor_angstrom2)[:, None, None] / 4 * k2)
+    if params.scale is not None:
+        ctf = ctf * as_dev(params.scale)[:, None, None]
+    return ctf

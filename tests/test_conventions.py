@@ -135,6 +135,18 @@ def test_ctf_matches_relion_formula(angle: float) -> None:
     assert float(ours[0, 1]) > 0  # positive at low frequency for underfocus
 
 
+def test_ctf_bfactor_envelope_and_scale_follow_relion() -> None:
+    """RELION's CTF::getCTF: times exp(-B |k|^2 / 4) (|k| in 1/Å) and times the scale factor."""
+    base = dict(defocus_u_angstrom=18000.0, defocus_v_angstrom=15500.0, defocus_angle_degrees=20.0, voltage_kv=300.0,
+                spherical_aberration_mm=2.7, amplitude_contrast=0.1, phase_shift_degrees=0.0)
+    plain = ctf_rfft(CtfParams.from_arrays(**base), 64, 1.3)[0].double()
+    damped = ctf_rfft(CtfParams.from_arrays(**base, b_factor_angstrom2=80.0, scale=0.5), 64, 1.3)[0].double()
+    ky = torch.fft.fftfreq(64, d=1.3, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(64, d=1.3, dtype=torch.float64)
+    envelope = 0.5 * torch.exp(-80.0 / 4 * (ky[:, None] ** 2 + kx[None, :] ** 2))
+    assert float((damped - plain * envelope).abs().max()) < 1e-5
+
+
 def test_snr_definition(phantom32: torch.Tensor) -> None:
     g = torch.Generator().manual_seed(4)
     sim = simulate_particles(phantom32, 200, apix=1.0, snr=0.5, generator=g)

@@ -66,3 +66,18 @@ def test_ctf_parameters_of_several_chunks_concatenate_in_order():
     assert len(both) == 5
     assert both.defocus_u_angstrom.tolist() == first.defocus_u_angstrom.tolist() + second.defocus_u_angstrom.tolist()
     assert both.amplitude_contrast.tolist() == pytest.approx([0.07] * 5)
+
+
+def test_ctf_bfactor_and_scale_survive_the_table_and_default_where_not_given():
+    table = PoseTable()
+    params = CtfParams.from_arrays(defocus_u_angstrom=1.5e4, defocus_v_angstrom=1.4e4, defocus_angle_degrees=0.0,
+                                   voltage_kv=300.0, spherical_aberration_mm=2.7, amplitude_contrast=0.1,
+                                   phase_shift_degrees=0.0, b_factor_angstrom2=torch.tensor([40.0, 60.0]), scale=0.9)
+    table.append(np.array(["/a.mrcs"] * 2), np.arange(1, 3), random_rotations(2, torch.Generator().manual_seed(0)),
+                 torch.zeros(2, 2, dtype=torch.float64), torch.ones(2), torch.tensor([1, 2]), params)
+    back = table.ctf(np.arange(2))
+    assert back.b_factor_angstrom2.tolist() == [40.0, 60.0] and back.scale.tolist() == pytest.approx([0.9, 0.9])
+    plain = _table(2).ctf(np.arange(2))
+    assert plain.b_factor_angstrom2 is None and plain.scale is None  # RELION's defaults: no envelope, scale 1
+    mixed = CtfParams.cat([back, plain])
+    assert mixed.b_factor_angstrom2.tolist() == [40.0, 60.0, 0.0, 0.0] and mixed.scale.tolist()[2:] == [1.0, 1.0]

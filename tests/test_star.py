@@ -210,6 +210,34 @@ def test_ctf_present_with_defocus_columns(relion31: Path) -> None:
     torch.testing.assert_close(ctf.phase_shift_degrees, torch.zeros(10, dtype=torch.float64))
 
 
+def test_ctf_bfactor_and_scale_are_read_as_relion_means_them(relion31: Path) -> None:
+    def add(particles: pd.DataFrame, optics: pd.DataFrame):
+        particles["rlnDefocusU"], particles["rlnDefocusV"] = 15000.0, 14000.0
+        particles["rlnPhaseShift"], particles["rlnCtfBfactor"], particles["rlnCtfScalefactor"] = 90.0, 50.0, 0.8
+        return particles, optics
+
+    ctf = read_particles(rewrite_particles(relion31, add)).ctf()
+    torch.testing.assert_close(ctf.phase_shift_degrees, torch.full((10,), 90.0, dtype=torch.float64))
+    torch.testing.assert_close(ctf.b_factor_angstrom2, torch.full((10,), 50.0, dtype=torch.float64))
+    torch.testing.assert_close(ctf.scale, torch.full((10,), 0.8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("columns", "message"), [
+    ({"rlnDefocusV": 14000.0}, "rlnDefocusV given without rlnDefocusU"),
+    ({"rlnDefocusU": 0.0, "rlnDefocusV": 14000.0}, "rlnDefocusU must be a positive defocus"),
+    ({"rlnDefocusU": float("nan"), "rlnDefocusV": 14000.0}, "rlnDefocusU must be a positive defocus"),
+    ({"rlnDefocusU": 15000.0, "rlnDefocusV": -3.0}, "rlnDefocusV must be a positive defocus"),
+])
+def test_partial_or_impossible_ctf_columns_are_one_clear_error(relion31: Path, columns, message) -> None:
+    def add(particles: pd.DataFrame, optics: pd.DataFrame):
+        for name, value in columns.items():
+            particles[name] = value
+        return particles, optics
+
+    with pytest.raises(ParticleFileError, match=message):
+        read_particles(rewrite_particles(relion31, add)).ctf()
+
+
 def test_half_sets_are_valid_and_stable(relion31: Path, tmp_path: Path) -> None:
     first = read_particles(relion31).half_sets()
     second = read_particles(relion31).half_sets()

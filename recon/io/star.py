@@ -35,6 +35,7 @@ __all__ = ["ParticleTable", "read_particles", "write_particles"]
 
 _ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 _OPTICS_CTF = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
+_PARTICLE_CTF = ["rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor", "rlnCtfScalefactor"]
 
 
 @dataclass
@@ -95,10 +96,28 @@ class ParticleTable:
         return torch.as_tensor(values)
 
     def ctf(self) -> CtfParams | None:
-        """Per-particle CTF parameters, or ``None`` if the set has no rlnDefocusU."""
+        """Per-particle CTF parameters as RELION means them, or ``None`` if the set has no CTF columns.
+
+        ParticleFileError (one line) for partial CTF columns (e.g. rlnDefocusV without
+        rlnDefocusU, or no rlnVoltage/rlnSphericalAberration/rlnAmplitudeContrast in the
+        particles or their optics group) and for a defocus that is not a positive number
+        (0 or NaN: RELION would silently correct for a defocus-0 CTF).
+        """
         p = self.particles
+        partial = [c for c in _PARTICLE_CTF if c in p.columns]
         if "rlnDefocusU" not in p.columns:
+            if partial:
+                raise ParticleFileError(f"{self.star_path}: CTF column(s) {', '.join(partial)} given without "
+                                        "rlnDefocusU")
             return None
+        for name in ("rlnDefocusU", "rlnDefocusV"):
+            if name in p.columns:
+                values = pd.to_numeric(p[name], errors="coerce").to_numpy(np.float64)
+                bad = np.nonzero(~(np.isfinite(values) & (values > 0)))[0]
+                if len(bad):
+                    raise ParticleFileError(f"{self.star_path}: {name} must be a positive defocus in Å, "
+                                            f"got {p[name].iloc[bad[0]]!r} at particle {bad[0] + 1} "
+                                            f"({len(bad)} such particles)")
 
         def col(name: str, default: float | None = None) -> np.ndarray:
             if name in p.columns:
@@ -115,6 +134,8 @@ class ParticleTable:
             spherical_aberration_mm=col("rlnSphericalAberration"),
             amplitude_contrast=col("rlnAmplitudeContrast"),
             phase_shift_degrees=col("rlnPhaseShift", 0.0),
+            b_factor_angstrom2=col("rlnCtfBfactor") if "rlnCtfBfactor" in p.columns else None,
+            scale=col("rlnCtfScalefactor") if "rlnCtfScalefactor" in p.columns else None,
         )
 
     def half_sets(self) -> torch.Tensor:
