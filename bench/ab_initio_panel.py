@@ -80,11 +80,14 @@ def write_cell(cs: CleanSet, images: torch.Tensor, folder: Path) -> Path:
     return star
 
 
-def score(cs: CleanSet, images: torch.Tensor, rotations: torch.Tensor, origins_angstrom: torch.Tensor) -> dict:
-    """Pose errors after global alignment (rotation, hand, map translation) and the aligned map's FSC vs the truth."""
+def score(cs: CleanSet, images: torch.Tensor, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
+          symmetry: int = 1) -> dict:
+    """Pose errors after global alignment (rotation, hand, map translation; modulo a Cn ``symmetry``) and the
+    aligned map's FSC vs the truth (a symmetric map projects alike at equivalent poses: the map needs only G)."""
     n = images.shape[0]
     true_rot, true_px = cs.rotations[:n], cs.origins_angstrom[:n] / cs.apix
-    errors = pose_errors(rotations, true_rot, origins_angstrom / cs.apix, true_px, fit_translation=True)
+    errors = pose_errors(rotations, true_rot, origins_angstrom / cs.apix, true_px, fit_translation=True,
+                         symmetry=symmetry)
     aligned = apply_alignment_to_rotations(rotations, errors.alignment)
     acc = HalfSetAccumulator(cs.box, cs.apix)
     acc.add(images, aligned, origins_angstrom, 1 + torch.arange(n) % 2, ctf=None if cs.ctf is None else cs.ctf[:n])
@@ -103,15 +106,16 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
     result = reconstruct(star, folder / "out", ReconstructSettings(device="cpu", poses_from="map-only", seed=seed))
     wall = time.perf_counter() - t
     table = read_particles(folder / "out" / "particles.star")
-    ours = score(cs, images, table.rotations().double(), table.origins_angstrom().double())
-    true = score(cs, images, cs.rotations[:n], cs.origins_angstrom[:n])
+    sym = molecule.symmetry
+    ours = score(cs, images, table.rotations().double(), table.origins_angstrom().double(), sym)
+    true = score(cs, images, cs.rotations[:n], cs.origins_angstrom[:n], sym)
     g = torch.Generator().manual_seed(seed)
-    floor = score(cs, images, random_rotations(n, g), torch.zeros(n, 2, dtype=torch.float64))
+    floor = score(cs, images, random_rotations(n, g), torch.zeros(n, 2, dtype=torch.float64), sym)
     success = (ours["median_deg"] < SUCCESS_DEGREES
                and ours["fsc05_angstrom"] <= SUCCESS_FSC_FACTOR * true["fsc05_angstrom"])
     verdict = result.ab_initio or {}
-    entry = {"molecule": molecule.name, "source": molecule.source, "shape": cs.shape, "atoms": cs.atoms, "box": box,
-             "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed, "wall_s": wall,
+    entry = {"molecule": molecule.name, "source": molecule.source, "symmetry": sym, "shape": cs.shape,
+             "atoms": cs.atoms, "box": box, "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed, "wall_s": wall,
              "ab_initio_s": result.ab_initio_seconds, "success": bool(success), "ours": ours, "true_poses": true,
              "random_poses": floor, "verdict": verdict.get("converged"), "ab_initio": verdict,
              "verdict_agrees": verdict.get("converged") == bool(success)}
@@ -141,15 +145,63 @@ def report(cells: dict) -> None:
     groups: dict[tuple, list] = {}
     for e in rows:
         groups.setdefault((e["box"], e["ctf"], e["snr"], e["n"]), []).append(e)
-    print("| box | CTF | SNR | n | cells | success | mean ‖ΔR‖_F of successes | verdict agrees | median wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| box | CTF | SNR | n | cells | success | found (< 15°) | mean ‖ΔR‖_F of successes | verdict = success | "
+          "verdict = found | median wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (box, ctf, snr, n), es in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2], kv[0][3])):
         ok = [e for e in es if e["success"]]
         frob = sum(e["ours"]["frobenius_mean"] for e in ok) / len(ok) if ok else math.nan
+        found = sum(e["ours"]["median_deg"] < FOUND_DEGREES for e in es)
         agree = sum(e["verdict_agrees"] for e in es)
+        agree_found = sum(bool(e["verdict"]) == (e["ours"]["median_deg"] < FOUND_DEGREES) for e in es)
         walls = sorted(e["wall_s"] for e in es)
         print(f"| {box} | {'yes' if ctf else 'no'} | {snr:g} | {n} | {len(es)} | {len(ok)}/{len(es)} "
-              f"({100 * len(ok) / len(es):.0f}%) | {frob:.3f} | {agree}/{len(es)} | {walls[len(walls) // 2]:.0f} |")
+              f"({100 * len(ok) / len(es):.0f}%) | {found}/{len(es)} | {frob:.3f} | {agree}/{len(es)} | "
+              f"{agree_found}/{len(es)} | {walls[len(walls) // 2]:.0f} |")
+
+
+FOUND_DEGREES = 15.0
+"""Below this median error the structure was found, even where the cell misses the 5° success bar."""
+
+
+def draw_figure(cells: dict, path: Path) -> None:
+    """An SVG grid (no plotting library needed): molecules x conditions, coloured by outcome, median error written.
+
+    Green: success; amber: structure found (median < 15°) but not a success; red: not found.
+    A square in the corner of a cell shows the verdict (filled: converged).
+    """
+    rows = sorted({(e["atoms"], e["molecule"], e["shape"]) for e in cells.values()})
+    columns = sorted({(e["box"], e["ctf"], -e["snr"], e["n"]) for e in cells.values()})
+    by_cell: dict[tuple, list] = {}
+    for e in cells.values():
+        by_cell.setdefault((e["molecule"], (e["box"], e["ctf"], -e["snr"], e["n"])), []).append(e)
+    cw, ch, left, top = 64, 22, 170, 70
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + cw * len(columns) + 20}" '
+           f'height="{top + ch * len(rows) + 60}" font-family="DejaVu Sans, sans-serif" font-size="11">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="10" y="18" font-size="13">ab initio panel: median pose error (°) per cell; '
+           f'green success, amber found (&lt; {FOUND_DEGREES:g}°), red not found; ■ verdict converged</text>']
+    for j, (box, ctf, snr, n) in enumerate(columns):
+        x = left + j * cw + cw / 2
+        out.append(f'<text x="{x}" y="{top - 28}" text-anchor="middle">{"CTF" if ctf else "no CTF"}</text>')
+        out.append(f'<text x="{x}" y="{top - 16}" text-anchor="middle">SNR {-snr:g}</text>')
+        out.append(f'<text x="{x}" y="{top - 4}" text-anchor="middle">b{box} n{n}</text>')
+    for i, (atoms, name, shape) in enumerate(rows):
+        y = top + i * ch
+        out.append(f'<text x="8" y="{y + 15}">{name} ({shape}, {atoms} atoms)</text>')
+        for j, column in enumerate(columns):
+            x = left + j * cw
+            for k, e in enumerate(sorted(by_cell.get((name, column), []), key=lambda e: e["seed"])):
+                w = cw / len(by_cell[(name, column)])
+                median = e["ours"]["median_deg"]
+                colour = "#4caf50" if e["success"] else "#ffb300" if median < FOUND_DEGREES else "#e53935"
+                out.append(f'<rect x="{x + k * w:.1f}" y="{y}" width="{w - 1:.1f}" height="{ch - 2}" fill="{colour}"/>')
+                out.append(f'<text x="{x + k * w + w / 2:.1f}" y="{y + 15}" text-anchor="middle">{median:.0f}</text>')
+                if e["verdict"]:
+                    out.append(f'<rect x="{x + k * w + 2:.1f}" y="{y + 2}" width="5" height="5" fill="black"/>')
+    out.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
 
 
 def main() -> None:
@@ -169,12 +221,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep each cell's STAR, stack and outputs")
-    parser.add_argument("--report", action="store_true", help="print the tables of --json and stop")
+    parser.add_argument("--report", action="store_true", help="print the tables of --json, draw --figure and stop")
+    parser.add_argument("--figure", type=Path, default=HERE.parent / "docs" / "images" / "ab_initio_panel.svg")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     store = json.loads(args.json.read_text()) if args.json.exists() else {"cells": {}}
     if args.report:
         report(store["cells"])
+        draw_figure(store["cells"], args.figure)
+        print(f"\nwrote {args.figure}")
         return
     if args.quick:
         args.molecules = args.molecules or list(QUICK)

@@ -48,6 +48,12 @@ class Molecule:
     name: str
     source: str
 
+    @property
+    def symmetry(self) -> int:
+        """Order of the Cn symmetry about z (1: none): poses are scored modulo it."""
+        kind, _, rest = self.source.partition(":")
+        return int(rest.split(":")[1]) if kind == "cn" else 1
+
 
 MOLECULES: tuple[Molecule, ...] = (
     Molecule("1A8O", "eval:1A8O"),

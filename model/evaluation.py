@@ -50,7 +50,14 @@ from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.io import ParticleSource, ParticleTable, image_keys, read_particles
 from cryofastar.recon.io.atomic import atomic_path
 from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, NETWORK_COLUMNS
-from cryofastar.recon.pose_alignment import Alignment, apply_alignment_to_rotations, as_rotations, global_alignment
+from cryofastar.recon.pose_alignment import (
+    Alignment,
+    apply_alignment_to_rotations,
+    as_rotations,
+    cyclic_symmetry,
+    global_alignment,
+    nearest_symmetry_mates,
+)
 from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations, random_rotations
 
 from cryofastar.options import argument, option
@@ -220,6 +227,7 @@ def pose_errors(
     true_shift_px: torch.Tensor | None = None,
     alignment: Alignment | None = None,
     fit_translation: bool = False,
+    symmetry: int = 1,
 ) -> PoseErrors:
     """Per-particle pose errors after global alignment of the predicted frame.
 
@@ -236,6 +244,9 @@ def pose_errors(
         Also remove the map's global translation from the predicted shifts before
         measuring them (:func:`fit_map_translation`): for poses found ab initio, whose
         map may sit off-centre. Needs both shifts.
+    symmetry: int
+        Order of the true map's Cn symmetry about z (1: none): errors are measured to the
+        nearest equivalent true pose ``A_true @ S_k`` (``global_alignment``'s ``symmetry``).
 
     Returns
     -------
@@ -246,8 +257,10 @@ def pose_errors(
     """
     pred, true = as_rotations(pred_rot, "pred_rot"), as_rotations(true_rot, "true_rot")
     if alignment is None:
-        alignment = global_alignment(pred, true)
+        alignment = global_alignment(pred, true, symmetry=symmetry)
     aligned = apply_alignment_to_rotations(pred, alignment)
+    if symmetry > 1:
+        true = nearest_symmetry_mates(aligned, true, cyclic_symmetry(symmetry))
     translation = _translation_errors(pred_shift_px, true_shift_px, pred.shape[0])
     map_translation = None
     if fit_translation and translation is not None:

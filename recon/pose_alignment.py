@@ -18,7 +18,29 @@ import torch
 
 from .rotations import geodesic_degrees, mirror_rotations
 
-__all__ = ["Alignment", "apply_alignment_to_rotations", "as_rotations", "global_alignment", "median_degrees"]
+__all__ = ["Alignment", "apply_alignment_to_rotations", "as_rotations", "cyclic_symmetry", "global_alignment",
+           "median_degrees", "nearest_symmetry_mates"]
+
+
+def cyclic_symmetry(order: int) -> torch.Tensor:
+    """`(order, 3, 3)` float64 rotations about z by ``2 pi k / order``: the operators of Cn (RELION's axis)."""
+    if order < 1:
+        raise ValueError(f"symmetry order must be >= 1, got {order}")
+    a = torch.arange(order, dtype=torch.float64) * (2 * math.pi / order)
+    c, s = torch.cos(a), torch.sin(a)
+    z, o = torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(order, 3, 3)
+
+
+def nearest_symmetry_mates(aligned: torch.Tensor, true: torch.Tensor, operators: torch.Tensor) -> torch.Tensor:
+    """For each particle, the pose among ``true_i @ S_k`` (all equivalent for a symmetric map) nearest ``aligned_i``.
+
+    A map with symmetry operators ``S_k`` (map frame) projects alike at ``A`` and ``A @ S_k``.
+    ``aligned``, ``true`` `(n, 3, 3)`, ``operators`` `(m, 3, 3)`; returns `(n, 3, 3)`.
+    """
+    mates = true[:, None] @ operators[None]  # (n, m, 3, 3)
+    best = geodesic_degrees(aligned[:, None], mates).argmin(1)
+    return mates[torch.arange(true.shape[0]), best]
 
 
 def median_degrees(values: torch.Tensor) -> float:
@@ -77,8 +99,26 @@ def _fit_rotation(pred: torch.Tensor, true: torch.Tensor, keep_fraction: float, 
     return g
 
 
+def _fit_rotation_symmetric(pred: torch.Tensor, true: torch.Tensor, operators: torch.Tensor,
+                            keep_fraction: float, refinements: int) -> torch.Tensor:
+    """``G`` for a symmetric map: the best of one-particle fits (``pred_j.T @ true_j``, up to 64 particles,
+    judged by the median angle to the nearest symmetry mates), then trimmed least-squares refits against them."""
+    n = pred.shape[0]
+    picks = torch.linspace(0, n - 1, min(n, 64)).round().long()
+    candidates = pred[picks].transpose(-1, -2) @ true[picks]  # (c, 3, 3)
+    scores = torch.stack([geodesic_degrees(pred @ g, nearest_symmetry_mates(pred @ g, true, operators)).median()
+                          for g in candidates])
+    g = candidates[scores.argmin()]
+    n_keep = max(1, math.ceil(keep_fraction * n))
+    for _ in range(max(1, refinements) + 2):
+        targets = nearest_symmetry_mates(pred @ g, true, operators)
+        best = torch.topk(geodesic_degrees(pred @ g, targets), n_keep, largest=False).indices
+        g = _project_so3((pred[best].transpose(-1, -2) @ targets[best]).sum(0))
+    return g
+
+
 def global_alignment(
-    pred: torch.Tensor, true: torch.Tensor, keep_fraction: float = 0.5, refinements: int = 1
+    pred: torch.Tensor, true: torch.Tensor, keep_fraction: float = 0.5, refinements: int = 1, symmetry: int = 1
 ) -> Alignment:
     """The global rotation (and handedness) taking predicted poses to true ones.
 
@@ -96,6 +136,11 @@ def global_alignment(
         Fraction of particles (0 < f <= 1) used in each refinement.
     refinements: int
         Number of trimmed refits (0: plain least squares on all particles).
+    symmetry: int
+        Order ``n`` of the map's Cn symmetry about z (1: none). Poses are then equivalent up
+        to ``A @ S_k``; errors are measured to the nearest equivalent pose, and ``G`` starts
+        from the best of one-particle fits (a single least-squares fit fails when particles
+        took different equivalent poses).
 
     Returns
     -------
@@ -107,11 +152,17 @@ def global_alignment(
         raise ValueError(f"pred and true must have the same shape, got {tuple(pred.shape)} and {tuple(true.shape)}")
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    operators = cyclic_symmetry(symmetry)
     fits, medians = [], []
     for candidate in (pred, mirror_rotations(pred)):
-        g = _fit_rotation(candidate, true, keep_fraction, refinements)
+        if symmetry == 1:
+            g = _fit_rotation(candidate, true, keep_fraction, refinements)
+            targets = true
+        else:
+            g = _fit_rotation_symmetric(candidate, true, operators, keep_fraction, refinements)
+            targets = nearest_symmetry_mates(candidate @ g, true, operators)
         fits.append(g)
-        medians.append(median_degrees(geodesic_degrees(candidate @ g, true)))
+        medians.append(median_degrees(geodesic_degrees(candidate @ g, targets)))
     mirrored = medians[1] < medians[0]
     return Alignment(rotation=fits[int(mirrored)], mirrored=bool(mirrored), median_degrees=(medians[0], medians[1]))
 
