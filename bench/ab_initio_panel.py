@@ -115,7 +115,8 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
                and ours["fsc05_angstrom"] <= SUCCESS_FSC_FACTOR * true["fsc05_angstrom"])
     verdict = result.ab_initio or {}
     entry = {"molecule": molecule.name, "source": molecule.source, "symmetry": sym, "shape": cs.shape,
-             "atoms": cs.atoms, "box": box, "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed, "wall_s": wall,
+             "atoms": cs.atoms, "box": box, "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed,
+             "wall_s": wall,
              "ab_initio_s": result.ab_initio_seconds, "success": bool(success), "ours": ours, "true_poses": true,
              "random_poses": floor, "verdict": verdict.get("converged"), "ab_initio": verdict,
              "verdict_agrees": verdict.get("converged") == bool(success)}
