@@ -18,8 +18,8 @@ import torch
 
 from .rotations import geodesic_degrees, mirror_rotations
 
-__all__ = ["Alignment", "apply_alignment_to_rotations", "as_rotations", "cyclic_symmetry", "global_alignment",
-           "median_degrees", "nearest_symmetry_mates"]
+__all__ = ["Alignment", "PoseAgreement", "apply_alignment_to_rotations", "as_rotations", "cyclic_symmetry",
+           "global_alignment", "median_degrees", "nearest_symmetry_mates", "pose_agreement"]
 
 
 def cyclic_symmetry(order: int) -> torch.Tensor:
@@ -188,3 +188,96 @@ def apply_alignment_to_rotations(rot: torch.Tensor, alignment: Alignment) -> tor
     return rot @ alignment.rotation.to(rot.device)
 
 
+
+
+@dataclass(frozen=True)
+class PoseAgreement:
+    """How well two pose sets of the same particles agree, up to a global transform and an unknown Cn symmetry.
+
+    Attributes
+    ----------
+    agree: bool
+        The two describe the same map.
+    median_degrees: float
+        Median angle between the poses after the alignment, to the nearest equivalent pose
+        when ``order`` > 1.
+    order: int
+        The cyclic symmetry the agreement needed (1: none; n: the particles took different
+        of n equivalent poses in the two sets).
+    """
+
+    agree: bool
+    median_degrees: float
+    order: int
+
+
+def _rotation_about(axis: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """`(m, 3, 3)` rotations by ``angles`` (rad) about the unit ``axis`` (Rodrigues)."""
+    k = torch.zeros(3, 3, dtype=torch.float64)
+    k[0, 1], k[0, 2], k[1, 2] = -axis[2], axis[1], -axis[0]
+    k = k - k.T
+    eye = torch.eye(3, dtype=torch.float64)
+    return eye + torch.sin(angles)[:, None, None] * k + (1 - torch.cos(angles))[:, None, None] * (k @ k)
+
+
+def pose_agreement(first: torch.Tensor, second: torch.Tensor, tolerance_degrees: float = 15.0,
+                   max_order: int = 6) -> PoseAgreement:
+    """Do two pose sets of the same particles (e.g. two ab initio starts) describe the same map?
+
+    Neither the frame, nor the hand, nor the symmetry of the map is known. ``G`` (and the
+    hand) is the one-particle fit ``first_j.T @ second_j`` that brings most particles
+    within ``tolerance_degrees``, refitted on those. Then each particle's residual
+    ``S_i = G.T first_i.T second_i`` is the identity for a map without symmetry, and one
+    of the rotations by ``2 pi k / n`` about the symmetry axis for a Cn map whose particles
+    took different equivalent poses in the two sets. The sets agree when the median angle
+    of ``S_i`` to the identity is within the tolerance (order 1), or, for the smallest
+    order n <= ``max_order``, to the nearest of the n rotations about the residuals' common
+    axis within half the tolerance with each of the n populated (a particle spinning freely
+    about one axis, as a wrong start of an elongated particle can, fills every angle and
+    fails this).
+
+    Parameters
+    ----------
+    first, second: torch.Tensor
+        `(n, 3, 3)` RELION matrices of the same particles.
+    tolerance_degrees: float
+        Largest median angle of agreement (half of it with symmetry).
+    max_order: int
+        Highest cyclic symmetry tried.
+    """
+    first, second = as_rotations(first, "first"), as_rotations(second, "second")
+    n = first.shape[0]
+    picks = torch.linspace(0, n - 1, min(n, 64)).round().long()
+    best = None  # (fraction within tolerance, residuals S)
+    for hand in (first, mirror_rotations(first)):
+        candidates = hand[picks].transpose(-1, -2) @ second[picks]  # (c, 3, 3): hand_j G = second_j
+        residual = candidates.transpose(-1, -2)[:, None] @ hand.transpose(-1, -2)[None] @ second[None]  # (c, n, 3, 3)
+        eye = torch.eye(3, dtype=torch.float64).expand_as(residual)
+        close = geodesic_degrees(residual, eye) <= tolerance_degrees
+        c = int(close.sum(1).argmax())
+        inliers = close[c]
+        g = _project_so3((hand[inliers].transpose(-1, -2) @ second[inliers]).sum(0))  # refit on the inliers
+        s = g.T @ hand.transpose(-1, -2) @ second
+        fraction = float((geodesic_degrees(s, torch.eye(3, dtype=torch.float64).expand_as(s))
+                          <= tolerance_degrees).double().mean())
+        if best is None or fraction > best[0]:
+            best = (fraction, s)
+    s = best[1]
+    angle = geodesic_degrees(s, torch.eye(3, dtype=torch.float64).expand_as(s))
+    plain = median_degrees(angle)
+    if plain <= tolerance_degrees:
+        return PoseAgreement(True, plain, 1)
+    turned = angle > 2 * tolerance_degrees
+    if int(turned.sum()) >= 3:
+        v = torch.stack([s[:, 2, 1] - s[:, 1, 2], s[:, 0, 2] - s[:, 2, 0], s[:, 1, 0] - s[:, 0, 1]], -1)[turned]
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        axis = torch.linalg.eigh(v.T @ v)[1][:, -1]
+        for order in range(2, max_order + 1):
+            ops = _rotation_about(axis, torch.arange(order, dtype=torch.float64) * (2 * math.pi / order))
+            distance = geodesic_degrees(s[:, None], ops[None])  # (n, order)
+            nearest, which = distance.min(1)
+            counts = torch.bincount(which, minlength=order)
+            if (median_degrees(nearest) <= tolerance_degrees / 2
+                    and bool((counts >= n / (3 * order)).all())):
+                return PoseAgreement(True, median_degrees(nearest), order)
+    return PoseAgreement(False, plain, 1)

@@ -40,3 +40,46 @@ def test_poses_of_a_c3_map_that_took_different_equivalent_poses_align_modulo_the
     errors = geodesic_degrees(aligned, nearest_symmetry_mates(aligned, true, ops))
     assert float(errors.median()) < 4.0
     assert min(plain.median_degrees) > 30.0  # without the symmetry the same poses look wrong
+
+
+def _noisy(rot: torch.Tensor, g: torch.Generator, scale: float = 0.03) -> torch.Tensor:
+    jitter = torch.randn(rot.shape[0], 3, 3, generator=g, dtype=torch.float64) * scale
+    return rot @ torch.linalg.matrix_exp(jitter - jitter.transpose(-1, -2))
+
+
+def test_pose_agreement_of_two_starts_that_found_the_same_map_in_other_frames_and_hands() -> None:
+    from cryofastar.recon.pose_alignment import pose_agreement
+
+    g = torch.Generator().manual_seed(1)
+    first = random_rotations(800, g)
+    second = mirror_rotations(_noisy(first, g) @ random_rotations(1, g)[0])
+    result = pose_agreement(first, second)
+    assert result.agree and result.order == 1 and result.median_degrees < 6.0
+
+
+def test_pose_agreement_finds_a_c3_map_whose_particles_took_other_equivalent_poses() -> None:
+    from cryofastar.recon.pose_alignment import pose_agreement
+
+    g = torch.Generator().manual_seed(2)
+    first = random_rotations(900, g)
+    axis_frame = random_rotations(1, g)[0]  # the symmetry axis of the first start's map, anywhere
+    ops = axis_frame @ cyclic_symmetry(3) @ axis_frame.T
+    which = torch.randint(0, 3, (900,), generator=g)
+    second = _noisy(first @ ops[which], g) @ random_rotations(1, g)[0]
+    result = pose_agreement(first, second)
+    assert result.agree and result.order == 3
+
+
+@pytest.mark.parametrize("kind", ["random", "free spin"])
+def test_pose_agreement_refuses_unrelated_sets_and_a_free_spin_about_one_axis(kind: str) -> None:
+    from cryofastar.recon.pose_alignment import _rotation_about, pose_agreement
+
+    g = torch.Generator().manual_seed(3)
+    first = random_rotations(900, g)
+    if kind == "random":
+        second = random_rotations(900, g)
+    else:  # right axis, any roll about it: what a wrong start of an elongated particle can look like
+        axis = torch.nn.functional.normalize(torch.randn(3, generator=g, dtype=torch.float64), dim=0)
+        spins = _rotation_about(axis, torch.rand(900, generator=g, dtype=torch.float64) * 2 * torch.pi)
+        second = first @ spins
+    assert not pose_agreement(first, second).agree

@@ -12,7 +12,7 @@ import torch
 from ..accumulator import HalfSetAccumulator
 from ..ctf import CtfParams
 from ..particle_diameter import estimate_particle_diameter
-from ..pose_alignment import global_alignment
+from ..pose_alignment import pose_agreement
 from ..rotations import geodesic_degrees
 from .settings import AbInitioSettings
 from .soft_poses import SoftPoses
@@ -27,7 +27,8 @@ class AbInitioVerdict:
 
     Ab initio is judged converged when two independent random starts of the seed stage
     found the same structure: their poses of the same seed particles agree after one
-    global rotation and hand (median angle at most ``agreement_degrees``). A wrong start
+    global rotation and hand (median angle at most ``agreement_degrees``), allowing for an
+    unknown Cn symmetry of the map (:func:`~cryofastar.recon.pose_alignment.pose_agreement`). A wrong start
     settles in a self-consistent map of its own (its half maps agree, its scores look
     fine); two wrong starts rarely settle in the same one. The scores of the restarts are
     recorded but are not the verdict: they are not comparable across molecules.
@@ -48,6 +49,10 @@ class AbInitioVerdict:
         ``"i-j"`` -> median angle between restarts i and j (1-based).
     particle_diameter_angstrom: float
         The diameter the schedule was tied to (given or estimated, Å).
+    symmetry_order: int | None
+        When converged: the cyclic symmetry the agreement needed (1: the starts gave the same
+        poses; n: the same up to a Cn symmetry of the map, whose particles took different
+        equivalent poses in the two starts).
     """
 
     converged: bool
@@ -57,6 +62,7 @@ class AbInitioVerdict:
     scores: list[float]
     pair_degrees: dict[str, float]
     particle_diameter_angstrom: float
+    symmetry_order: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         """Plain JSON-able dict (``None`` for a non-finite ``agreement_degrees``)."""
@@ -68,8 +74,9 @@ class AbInitioVerdict:
         """One line for logs and status messages."""
         diameter = f"particle diameter {self.particle_diameter_angstrom:.0f} Å"
         if self.converged:
+            symmetric = f", up to C{self.symmetry_order}" if self.symmetry_order and self.symmetry_order > 1 else ""
             return (f"converged: 2 of {self.restarts} random starts agree "
-                    f"(median {self.agreement_degrees:.1f}°); {diameter}")
+                    f"(median {self.agreement_degrees:.1f}°{symmetric}); {diameter}")
         return (f"NOT converged: no 2 of {self.restarts} random starts agree (closest pair "
                 f"{self.agreement_degrees:.0f}°); {diameter}")
 
@@ -214,6 +221,7 @@ class _Run:
         runs: list[tuple[float, AbInitio, SoftPoses]] = []  # (score at the shared band, state, seed-set poses)
         pairs: dict[tuple[int, int], float] = {}  # (i, j) -> median angle between the restarts' poses
         agreeing: list[tuple[int, int]] = []
+        orders: dict[tuple[int, int], int] = {}  # agreeing pair -> the cyclic symmetry the agreement needed
         seed_ctf = None if self.ctf is None else self.ctf[seed_set]
         while len(runs) < max(1, s.max_seed_restarts):
             restart = len(runs)
@@ -234,10 +242,11 @@ class _Run:
             runs.append((float(check.scores.mean()), state, self.poses[seed_set]))
             self.history[-1]["restart_score"] = runs[-1][0]
             for j in range(restart):
-                alignment = global_alignment(runs[restart][2].rotations, runs[j][2].rotations)
-                pairs[(j, restart)] = min(alignment.median_degrees)
-                if pairs[(j, restart)] <= s.agreement_degrees:
+                agreement = pose_agreement(runs[restart][2].rotations, runs[j][2].rotations, s.agreement_degrees)
+                pairs[(j, restart)] = agreement.median_degrees
+                if agreement.agree:
                     agreeing.append((j, restart))
+                    orders[(j, restart)] = agreement.order
             if agreeing and len(runs) >= s.seed_restarts:
                 break
         members = sorted({i for pair in agreeing for i in pair}) or list(range(len(runs)))
@@ -246,6 +255,7 @@ class _Run:
         verdict = AbInitioVerdict(
             converged=bool(agreeing), restarts=len(runs), kept=kept + 1,
             agreement_degrees=min(pairs.values()) if pairs else float("nan"),
+            symmetry_order=min(orders.values()) if orders else None,
             scores=[r[0] for r in runs], pair_degrees={f"{i + 1}-{j + 1}": d for (i, j), d in pairs.items()},
             particle_diameter_angstrom=float(runs[kept][1].settings.particle_diameter_angstrom))
         return runs[kept][1], verdict
