@@ -85,7 +85,8 @@ class ReconstructSettings:
     apix: float | None
         Pixel size (Å) if the STAR file gives none.
     use_ctf: bool
-        Use the CTF columns in back-projection when present (poses never need them).
+        Use the CTF columns when present: in ab initio and refinement (each particle against its
+        CTF-modulated projections) and in back-projection (Wiener weight).
     chunk: int
         Particles read, posed, matched and inserted at a time (bounds memory).
     candidates: int
@@ -111,8 +112,8 @@ class ReconstructSettings:
     views: int = option(128, help="Views per forward pass (reference and anchors included).")
     weights: Path | None = option(None, help="Network weights (safetensors); default: the shipped weights.")
     apix: float | None = option(None, help="Pixel size in Å if the STAR file gives none.")
-    use_ctf: bool = option(True, flags=("--ctf/--no-ctf",), help="Use the CTF columns in back-projection when "
-                           "present (poses never need them).")
+    use_ctf: bool = option(True, flags=("--ctf/--no-ctf",), help="Use the CTF columns when present: particles are "
+                           "matched against CTF-modulated projections and back-projected with a Wiener weight.")
     chunk: int = 2048
     candidates: int = 64
     known_map: Path | None = option(None, flags=("--reference",), help="Known map (MRC, same box): also report "
@@ -375,7 +376,9 @@ def _match_all(job: _Job, acc: HalfSetAccumulator, search: RefineSettings, rotat
     scores, spread = torch.empty(n), torch.empty(n)
     for first in range(0, n, chunk):  # vectorised within a chunk; chunks bound memory
         part = slice(first, min(n, first + chunk))
-        match, new_origins = ref.match(job.work_images[part], job.halves[part], rotations[part], origins[part], mode)
+        ctf = None if job.ctf is None else job.ctf[torch.arange(part.start, part.stop)]
+        match, new_origins = ref.match(job.work_images[part], job.halves[part], rotations[part], origins[part], mode,
+                                       ctf)
         rotations[part], origins[part] = match.rotations, new_origins
         scores[part], spread[part] = match.scores, match.spread_degrees
     return rotations, origins, scores, spread

@@ -264,7 +264,7 @@ class StreamingRefiner:
         assert self.reference is not None
         mode = self._mode()
         self._passes += 1
-        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, mode)
+        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, mode, ctf)
         if mode == "best":  # which start won: the network's neighbourhood or the global search
             won = network_won_fraction(match.rotations, rotations, self.search.local_range_degrees)
             self._probes.append(won)
@@ -297,7 +297,7 @@ class StreamingRefiner:
                 self._final_band_version = self.version  # the band is as fine as the schedule and the FSC allow
             return self._soft_result(soft, rows)
         assert self.reference is not None
-        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, "local")
+        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, "local", ctf)
         return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, "local", self.version)
 
     def maybe_finish_ab_initio(self, refined: np.ndarray) -> bool:

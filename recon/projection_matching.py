@@ -41,7 +41,7 @@ from .fourier import rfft2_centered
 from .map_slices import MapSlicer, band_frequencies
 from .orientation_grids import local_rotation_grid
 
-__all__ = ["PoseMatch", "particle_spectra", "refine_local", "score_candidates", "search_global"]
+__all__ = ["PoseMatch", "ctf_at_band", "particle_spectra", "refine_local", "score_candidates", "search_global"]
 
 
 @dataclass
@@ -190,8 +190,17 @@ def _check_radius(max_shift_px: int, box: int) -> int:
     return int(max_shift_px)
 
 
+def ctf_at_band(ctf_grid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`(n, M)` values of per-particle CTF images `(n, B, B // 2 + 1)` (rfft layout) at band frequencies ``k``."""
+    box = ctf_grid.shape[-2]
+    ix = torch.round(k[:, 0] * box).long()
+    iy = torch.round(k[:, 1] * box).long() % box
+    return ctf_grid[:, iy.to(ctf_grid.device), ix.to(ctf_grid.device)]
+
+
 def search_global(images: torch.Tensor, slicer: MapSlicer, grid: torch.Tensor, max_shift_px: int = 4,
-                  origins_px: torch.Tensor | None = None, chunk_scores: int = 20_000_000) -> PoseMatch:
+                  origins_px: torch.Tensor | None = None, chunk_scores: int = 20_000_000,
+                  ctf_grid: torch.Tensor | None = None) -> PoseMatch:
     """Best orientation of every particle on one grid shared by all (e.g. all of SO(3)).
 
     Parameters
@@ -208,6 +217,11 @@ def search_global(images: torch.Tensor, slicer: MapSlicer, grid: torch.Tensor, m
         `(n, 2)` current rlnOriginX/Y in px (``None``: 0).
     chunk_scores: int
         Scores held at once (memory: 4 bytes each); particles are taken in chunks.
+    ctf_grid: torch.Tensor | None
+        `(n, B, B // 2 + 1)` each particle's CTF (:func:`~cryofastar.recon.ctf.ctf_rfft`), or
+        ``None``. With it, each particle's spectrum is multiplied by its CTF before the
+        correlation: ``<CTF F, P> = <F, CTF P>`` (the image against the CTF-modulated
+        projection, the sign of every CTF lobe right; normalised by ``|CTF F| |P|``).
     """
     _check_images(images, slicer)
     radius = _check_radius(max_shift_px, slicer.box)
@@ -224,6 +238,8 @@ def search_global(images: torch.Tensor, slicer: MapSlicer, grid: torch.Tensor, m
     for start in range(0, n, per_chunk):  # chunks bound memory; each is one matrix product
         part = slice(start, min(n, start + per_chunk))
         spectra = particle_spectra(images[part].to(device), k, origins[part])
+        if ctf_grid is not None:
+            spectra = spectra * ctf_at_band(ctf_grid[part].to(device), k)
         table = score_candidates(spectra, slices, k, radius)
         best, shift, best_score = _best(table, radius)
         rotations[part] = grid[best.cpu()].double()
@@ -235,7 +251,7 @@ def search_global(images: torch.Tensor, slicer: MapSlicer, grid: torch.Tensor, m
 
 def refine_local(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tensor, origins_px: torch.Tensor,
                  range_degrees: float = 10.0, step_degrees: float = 5.0, stages: int = 3,
-                 max_shift_px: int = 2, chunk: int = 256) -> PoseMatch:
+                 max_shift_px: int = 2, chunk: int = 256, ctf_grid: torch.Tensor | None = None) -> PoseMatch:
     """Coarse-to-fine local search around each particle's pose.
 
     Stage 0 scores the ball ``A Δ`` of radius ``range_degrees`` and grid step
@@ -264,6 +280,8 @@ def refine_local(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tenso
         Shift search radius of the first stage, in px.
     chunk: int
         Particles per vectorised step (memory ~ ``chunk * C * M * 8`` bytes).
+    ctf_grid: torch.Tensor | None
+        `(n, B, B // 2 + 1)` each particle's CTF, or ``None`` (as in :func:`search_global`).
 
     Returns
     -------
@@ -298,6 +316,8 @@ def refine_local(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tenso
         for stage, (ball, k, r) in enumerate(plan):
             candidates = rot[:, None] @ ball[None]  # (c, C, 3, 3)
             spectra = particle_spectra(images[part].to(device), k, origin)
+            if ctf_grid is not None:
+                spectra = spectra * ctf_at_band(ctf_grid[part].to(device), k)
             table = score_candidates(spectra, slicer.slices(candidates, k), k, r)
             best, shift, best_score = _best(table, r)
             if stage == 0:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch_fourier_rescale import fourier_rescale_2d, fourier_rescale_3d
 
+from .ctf import CtfParams, ctf_rfft
 from .map_slices import MapSlicer
 from .orientation_grids import global_rotation_grid
 from .projection_matching import PoseMatch, refine_local, search_global
@@ -159,7 +160,8 @@ class RefinementReference:
         return self._global
 
     def match(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor | None,
-              origins_angstrom: torch.Tensor, mode: str = "local") -> tuple[PoseMatch, torch.Tensor]:
+              origins_angstrom: torch.Tensor, mode: str = "local",
+              ctf: CtfParams | None = None) -> tuple[PoseMatch, torch.Tensor]:
         """Refine (``local``) or search (``global``, ``best``) the poses of particles.
 
         Parameters
@@ -179,6 +181,9 @@ class RefinementReference:
             both halves (band :attr:`global_band`), then a local search around its best
             against the particle's own half map; ``"best"``: both, keeping per particle
             the pose whose final local score is higher (poses of unknown quality).
+        ctf: CtfParams | None
+            The particles' CTF (the images contain it; the maps are CTF-corrected): each is
+            matched against its CTF-modulated projections. ``None``: no CTF.
 
         Returns
         -------
@@ -195,26 +200,30 @@ class RefinementReference:
         if mode != "global" and (rotations is None or rotations.shape != (n, 3, 3)):
             raise ValueError(f"mode {mode!r} needs rotations (n, 3, 3)")
         small = images_to_working_box(images, self.work).to(self.device)
+        if ctf is not None and len(ctf) != n:
+            raise ValueError(f"{len(ctf)} CTF parameter sets for {n} images")
+        ctf_grid = None if ctf is None else ctf_rfft(ctf, self.work, self.apix_work, device=self.device)
         origins_px = origins_angstrom.double().cpu() / self.apix_work
         halves = torch.as_tensor(half_sets).long().cpu()
         s = self.settings
         if mode == "local":
-            out = self._local_per_half(small, halves, rotations.double().cpu(), origins_px)
+            out = self._local_per_half(small, halves, rotations.double().cpu(), origins_px, ctf_grid)
             return out, out.origins_px * self.apix_work
         found = search_global(small, self.global_slicer(), global_rotation_grid(s.global_step_degrees),
-                              max_shift_px=min(s.global_max_shift_px, self.work // 2 - 1), origins_px=origins_px)
-        polished = self._local_per_half(small, halves, found.rotations, found.origins_px)
+                              max_shift_px=min(s.global_max_shift_px, self.work // 2 - 1), origins_px=origins_px,
+                              ctf_grid=ctf_grid)
+        polished = self._local_per_half(small, halves, found.rotations, found.origins_px, ctf_grid)
         polished.spread_degrees = found.spread_degrees  # the global search's uncertainty covers all of SO(3)
         if mode == "global":
             return polished, polished.origins_px * self.apix_work
-        local = self._local_per_half(small, halves, rotations.double().cpu(), origins_px)
+        local = self._local_per_half(small, halves, rotations.double().cpu(), origins_px, ctf_grid)
         better = polished.scores > local.scores
         for name in ("rotations", "origins_px", "scores", "spread_degrees"):
             getattr(local, name)[better] = getattr(polished, name)[better]
         return local, local.origins_px * self.apix_work
 
     def _local_per_half(self, small: torch.Tensor, halves: torch.Tensor, rotations: torch.Tensor,
-                        origins_px: torch.Tensor) -> PoseMatch:
+                        origins_px: torch.Tensor, ctf_grid: torch.Tensor | None = None) -> PoseMatch:
         """Local search of each half's particles against that half's map (working box)."""
         n, s = small.shape[0], self.settings
         out = PoseMatch(torch.empty(n, 3, 3, dtype=torch.float64), torch.empty(n, 2, dtype=torch.float64),
@@ -225,7 +234,8 @@ class RefinementReference:
                 continue
             match = refine_local(small[members], self.local_slicer(h), rotations[members], origins_px[members],
                                  range_degrees=s.local_range_degrees, step_degrees=s.local_step_degrees,
-                                 stages=s.local_stages, max_shift_px=min(s.local_max_shift_px, self.work // 2 - 1))
+                                 stages=s.local_stages, max_shift_px=min(s.local_max_shift_px, self.work // 2 - 1),
+                                 ctf_grid=None if ctf_grid is None else ctf_grid[members.to(ctf_grid.device)])
             out.rotations[members], out.origins_px[members] = match.rotations, match.origins_px
             out.scores[members], out.spread_degrees[members] = match.scores, match.spread_degrees
         return out

@@ -90,3 +90,22 @@ def test_bad_arguments_are_refused(data):
         reference.match(sim.images[:, :32, :32], torch.ones(24), sim.rotations, torch.zeros(24, 2))
     with pytest.raises(ValueError, match="half maps"):
         RefinementReference(volume, APIX, 8.0)
+
+
+def test_ctf_modulated_particles_are_matched_against_ctf_modulated_projections(data):
+    """Images carry a CTF (defocus 2-3 µm: several lobes in the band), the map does not: with the CTF the
+    global search finds the poses; ignoring it, lobes of the wrong sign mislead it."""
+    from cryofastar.recon.simulate.particles import CtfRange
+
+    volume, _ = data
+    sim = simulate_particles(volume, 24, APIX, 2.0, torch.Generator().manual_seed(5), max_shift_px=2.0,
+                             ctf=CtfRange(defocus_min_angstrom=20_000.0, defocus_max_angstrom=30_000.0))
+    halves = 1 + (torch.arange(24) % 2)
+    reference = RefinementReference(torch.stack([volume, volume]), APIX, 8.0, RefineSettings(working_box=32))
+    with_ctf, _ = reference.match(sim.images, halves, None, torch.zeros(24, 2), mode="global", ctf=sim.ctf)
+    without, _ = reference.match(sim.images, halves, None, torch.zeros(24, 2), mode="global")
+    error_with = float(geodesic_degrees(with_ctf.rotations, sim.rotations).median())
+    error_without = float(geodesic_degrees(without.rotations, sim.rotations).median())
+    assert error_with < 5.0 and error_without > 2 * error_with
+    with pytest.raises(ValueError, match="CTF parameter sets"):
+        reference.match(sim.images, halves, None, torch.zeros(24, 2), mode="global", ctf=sim.ctf[:3])
