@@ -81,12 +81,12 @@ def is_informative(won_fractions: float | Iterable[float]) -> bool:
 def ab_initio_attempts(settings: AbInitioSettings, n_particles: int) -> Iterator[AbInitioSettings]:
     """The settings of each ab initio attempt (the caller stops at the first that converges).
 
-    The first is ``settings``; each next one doubles the seed set, while ``n_particles``
-    allow a larger one (one attempt when the seed set already holds every particle).
+    The first is ``settings``; each next one doubles the seed set (at most every particle),
+    while ``n_particles`` allow a larger one (one attempt when the seed set already holds
+    every particle).
     """
-    seed = settings.seed_particles
-    for attempt in range(AB_INITIO_ATTEMPTS):
-        if attempt and seed >= n_particles:
-            return
+    seeds = [settings.seed_particles]
+    while len(seeds) < AB_INITIO_ATTEMPTS and seeds[-1] < n_particles:
+        seeds.append(min(2 * seeds[-1], n_particles))
+    for seed in seeds:
         yield replace(settings, seed_particles=seed)
-        seed *= 2

@@ -46,3 +46,4 @@ def test_ab_initio_attempts_double_the_seed_set_while_particles_allow() -> None:
     seeds = [s.seed_particles for s in ab_initio_attempts(AbInitioSettings(seed_particles=1000), 5000)]
     assert seeds == [1000, 2000][:AB_INITIO_ATTEMPTS]
     assert [s.seed_particles for s in ab_initio_attempts(AbInitioSettings(seed_particles=1000), 800)] == [1000]
+    assert [s.seed_particles for s in ab_initio_attempts(AbInitioSettings(seed_particles=1000), 1500)] == [1000, 1500]
