@@ -176,12 +176,13 @@ def draw_figure(cells: dict, path: Path) -> None:
     by_cell: dict[tuple, list] = {}
     for e in cells.values():
         by_cell.setdefault((e["molecule"], (e["box"], e["ctf"], -e["snr"], e["n"])), []).append(e)
-    cw, ch, left, top = 64, 22, 170, 70
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + cw * len(columns) + 20}" '
+    cw, ch, left, top = 64, 22, 230, 86
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{max(560, left + cw * len(columns) + 20)}" '
            f'height="{top + ch * len(rows) + 60}" font-family="DejaVu Sans, sans-serif" font-size="11">',
            '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="10" y="18" font-size="13">ab initio panel: median pose error (°) per cell; '
-           f'green success, amber found (&lt; {FOUND_DEGREES:g}°), red not found; ■ verdict converged</text>']
+           '<text x="10" y="18" font-size="13">ab initio panel: median pose error (°) of each cell</text>',
+           f'<text x="10" y="34">green: success; amber: found (&lt; {FOUND_DEGREES:g}°), not a success; '
+           'red: not found; ■ verdict: converged</text>']
     for j, (box, ctf, snr, n) in enumerate(columns):
         x = left + j * cw + cw / 2
         out.append(f'<text x="{x}" y="{top - 28}" text-anchor="middle">{"CTF" if ctf else "no CTF"}</text>')
@@ -197,7 +198,7 @@ def draw_figure(cells: dict, path: Path) -> None:
                 median = e["ours"]["median_deg"]
                 colour = "#4caf50" if e["success"] else "#ffb300" if median < FOUND_DEGREES else "#e53935"
                 out.append(f'<rect x="{x + k * w:.1f}" y="{y}" width="{w - 1:.1f}" height="{ch - 2}" fill="{colour}"/>')
-                out.append(f'<text x="{x + k * w + w / 2:.1f}" y="{y + 15}" text-anchor="middle">{median:.0f}</text>')
+                out.append(f'<text x="{x + k * w + w / 2:.1f}" y="{y + 15}" text-anchor="middle">{median:.1f}</text>')
                 if e["verdict"]:
                     out.append(f'<rect x="{x + k * w + 2:.1f}" y="{y + 2}" width="5" height="5" fill="black"/>')
     out.append("</svg>")
