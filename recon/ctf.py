@@ -97,10 +97,13 @@ def ctf_rfft(params: CtfParams, box: int, apix: float, device: torch.device | st
 
     defocus_um = as_dev((params.defocus_u_angstrom + params.defocus_v_angstrom) / 2e4)
     astigmatism_um = as_dev((params.defocus_u_angstrom - params.defocus_v_angstrom) / 2e4)
+    # torch-ctf takes the square root of the astigmatism: where V > U (RELION allows it) the
+    # same CTF is U and V swapped, the axis turned by 90°
+    angle = as_dev(params.defocus_angle_degrees) + 90.0 * (astigmatism_um < 0)
     ctf = calculate_ctf_2d(
         defocus=defocus_um,
-        astigmatism=astigmatism_um,
-        astigmatism_angle=as_dev(params.defocus_angle_degrees),
+        astigmatism=astigmatism_um.abs(),
+        astigmatism_angle=angle,
         voltage=as_dev(params.voltage_kv),
         spherical_aberration=as_dev(params.spherical_aberration_mm),
         amplitude_contrast=as_dev(params.amplitude_contrast),

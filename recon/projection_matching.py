@@ -104,8 +104,15 @@ def _unit(values: torch.Tensor) -> torch.Tensor:
     return real / real.norm(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
-def score_candidates(spectra: torch.Tensor, slices: torch.Tensor, k: torch.Tensor, radius: int) -> torch.Tensor:
+def score_candidates(spectra: torch.Tensor, slices: torch.Tensor, k: torch.Tensor, radius: int,
+                     ctf: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised cross-correlation of every particle, candidate and integer shift.
+
+    Without CTF the score is ``<F, P> / (|F| |P|)``. With ``ctf`` it is the particle against
+    the candidate's CTF-modulated projection, ``<F, CTF P> / (|F| |CTF P|)``: the norm of
+    ``CTF P`` depends on the candidate, and normalising by ``|P|`` instead biases the
+    search towards views whose power sits where the CTF is strong (about 1.7° on clean
+    particles of a 56 Å protein).
 
     Parameters
     ----------
@@ -117,6 +124,8 @@ def score_candidates(spectra: torch.Tensor, slices: torch.Tensor, k: torch.Tenso
         `(M, 2)` band frequencies in cycles/px.
     radius: int
         Shifts searched: every integer ``t`` with ``|tx|, |ty| <= radius`` px.
+    ctf: torch.Tensor | None
+        `(n, M)` real CTF of each particle at ``k`` (:func:`ctf_at_band`), or ``None``.
 
     Returns
     -------
@@ -125,12 +134,26 @@ def score_candidates(spectra: torch.Tensor, slices: torch.Tensor, k: torch.Tenso
     """
     shifts = _shift_window(radius, spectra.device)
     phase = 2 * math.pi * (shifts @ k.to(spectra.device).T)  # (S, M)
-    moved = spectra[:, None, :] * torch.polar(torch.ones_like(phase), phase)  # (n, S, M)
-    a = _unit(moved)  # (n, S, 2M)
-    b = _unit(slices)  # (C, 2M) or (n, C, 2M)
+    if ctf is None:
+        moved = spectra[:, None, :] * torch.polar(torch.ones_like(phase), phase)  # (n, S, M)
+        a = _unit(moved)  # (n, S, 2M)
+        b = _unit(slices)  # (C, 2M) or (n, C, 2M)
+        if b.ndim == 2:
+            return (a.reshape(-1, a.shape[-1]) @ b.T).reshape(a.shape[0], a.shape[1], -1).transpose(1, 2)
+        return torch.bmm(b, a.transpose(1, 2))  # (n, C, S)
+    ctf = ctf.to(spectra.device, torch.float32)
+    image_norm = spectra.abs().square().sum(-1).sqrt().clamp_min(1e-20)  # (n,) |F|
+    moved = (spectra * ctf)[:, None, :] * torch.polar(torch.ones_like(phase), phase)  # (n, S, M): CTF F, shifted
+    a = torch.cat([moved.real, moved.imag], -1) / image_norm[:, None, None]  # (n, S, 2M)
+    b = torch.cat([slices.real, slices.imag], -1)  # (C, 2M) or (n, C, 2M)
+    power = slices.real.square() + slices.imag.square()  # |P|^2
     if b.ndim == 2:
-        return (a.reshape(-1, a.shape[-1]) @ b.T).reshape(a.shape[0], a.shape[1], -1).transpose(1, 2)
-    return torch.bmm(b, a.transpose(1, 2))  # (n, C, S)
+        num = (a.reshape(-1, a.shape[-1]) @ b.T).reshape(a.shape[0], a.shape[1], -1).transpose(1, 2)
+        model_norm = (ctf.square() @ power.T).sqrt()  # (n, C) |CTF P|
+    else:
+        num = torch.bmm(b, a.transpose(1, 2))
+        model_norm = torch.einsum("nm,ncm->nc", ctf.square(), power).sqrt()
+    return num / model_norm.clamp_min(1e-20)[..., None]
 
 
 def _best(scores: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -219,9 +242,9 @@ def search_global(images: torch.Tensor, slicer: MapSlicer, grid: torch.Tensor, m
         Scores held at once (memory: 4 bytes each); particles are taken in chunks.
     ctf_grid: torch.Tensor | None
         `(n, B, B // 2 + 1)` each particle's CTF (:func:`~cryofastar.recon.ctf.ctf_rfft`), or
-        ``None``. With it, each particle's spectrum is multiplied by its CTF before the
-        correlation: ``<CTF F, P> = <F, CTF P>`` (the image against the CTF-modulated
-        projection, the sign of every CTF lobe right; normalised by ``|CTF F| |P|``).
+        ``None``. With it, each particle is compared with the CTF-modulated projections:
+        ``<F, CTF P> / (|F| |CTF P|)`` (:func:`score_candidates`; the sign of every CTF lobe
+        right).
     """
     _check_images(images, slicer)
     radius = _check_radius(max_shift_px, slicer.box)
@@ -238,9 +261,8 @@ def search_global(images: torch.Tensor, slicer: MapSlicer, grid: torch.Tensor, m
     for start in range(0, n, per_chunk):  # chunks bound memory; each is one matrix product
         part = slice(start, min(n, start + per_chunk))
         spectra = particle_spectra(images[part].to(device), k, origins[part])
-        if ctf_grid is not None:
-            spectra = spectra * ctf_at_band(ctf_grid[part].to(device), k)
-        table = score_candidates(spectra, slices, k, radius)
+        ctf = None if ctf_grid is None else ctf_at_band(ctf_grid[part].to(device), k)
+        table = score_candidates(spectra, slices, k, radius, ctf)
         best, shift, best_score = _best(table, radius)
         rotations[part] = grid[best.cpu()].double()
         new_origins[part] = origins[part] - shift.double().cpu()
@@ -316,9 +338,8 @@ def refine_local(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tenso
         for stage, (ball, k, r) in enumerate(plan):
             candidates = rot[:, None] @ ball[None]  # (c, C, 3, 3)
             spectra = particle_spectra(images[part].to(device), k, origin)
-            if ctf_grid is not None:
-                spectra = spectra * ctf_at_band(ctf_grid[part].to(device), k)
-            table = score_candidates(spectra, slicer.slices(candidates, k), k, r)
+            ctf = None if ctf_grid is None else ctf_at_band(ctf_grid[part].to(device), k)
+            table = score_candidates(spectra, slicer.slices(candidates, k), k, r, ctf)
             best, shift, best_score = _best(table, r)
             if stage == 0:
                 spread[part] = _spread_degrees(table.max(dim=-1).values, best, candidates, k.shape[0]).cpu()

@@ -123,14 +123,16 @@ def _relion_ctf(
     return -torch.sin(k1 * deltaf * u2 + k2 * u2 * u2 - k3)
 
 
-@pytest.mark.parametrize("angle", [0.0, 33.0, 121.0])
-def test_ctf_matches_relion_formula(angle: float) -> None:
+@pytest.mark.parametrize(("angle", "du", "dv"), [(0.0, 18000.0, 15500.0), (33.0, 18000.0, 15500.0),
+                                                 (121.0, 18000.0, 15500.0), (33.0, 15500.0, 18000.0)])
+def test_ctf_matches_relion_formula(angle: float, du: float, dv: float) -> None:
+    """Also where DefocusV > DefocusU, which RELION allows."""
     params = CtfParams.from_arrays(
-        defocus_u_angstrom=18000.0, defocus_v_angstrom=15500.0, defocus_angle_degrees=angle,
+        defocus_u_angstrom=du, defocus_v_angstrom=dv, defocus_angle_degrees=angle,
         voltage_kv=300.0, spherical_aberration_mm=2.7, amplitude_contrast=0.1, phase_shift_degrees=0.0,
     )
     ours = ctf_rfft(params, 64, 1.3)[0].double()
-    relion = _relion_ctf(18000.0, 15500.0, angle, 300.0, 2.7, 0.1, 64, 1.3)
+    relion = _relion_ctf(du, dv, angle, 300.0, 2.7, 0.1, 64, 1.3)
     assert float((ours - relion).abs().max()) < 5e-3
     assert float(ours[0, 1]) > 0  # positive at low frequency for underfocus
 

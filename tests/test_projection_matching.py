@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cryofastar.recon.ctf import CtfParams, ctf_rfft
 from cryofastar.recon.fourier import rfft2_centered
 from cryofastar.recon.map_slices import MapSlicer, band_frequencies
 from cryofastar.recon.orientation_grids import global_rotation_grid, local_rotation_grid
-from cryofastar.recon.projection_matching import refine_local, search_global
+from cryofastar.recon.projection_matching import ctf_at_band, refine_local, score_candidates, search_global
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
@@ -73,6 +74,30 @@ def test_local_refinement_recovers_known_poses_and_shifts(volume):
     assert float((result.origins_px - true_origins).abs().max()) < 0.35  # sub-pixel
     assert bool((result.scores > 0.95).all())
     assert result.spread_degrees.shape == (16,) and bool((result.spread_degrees < 10.0).all())
+
+
+def test_ctf_scores_compare_the_particle_with_the_modulated_projection(volume):
+    """A particle that is exactly CTF x P(A) scores 1 at A and less at every other candidate.
+
+    Normalising by |P| instead of |CTF P| (the old score) let candidates whose power sits
+    where the CTF is strong beat the true one.
+    """
+    k = band_frequencies(BOX, 0.5)
+    others = global_rotation_grid(30.0)
+    others = others[geodesic_degrees(others, torch.eye(3, dtype=others.dtype).expand_as(others)) > 5.0]
+    grid = torch.cat([torch.eye(3, dtype=others.dtype)[None], others])
+    slices = MapSlicer(volume, 0.5).slices(grid, k)  # (C, M); candidate 0 is the truth
+    two = torch.ones(2, dtype=torch.float64)
+    ctf_params = CtfParams(torch.tensor([18000.0, 9000.0], dtype=torch.float64),
+                           torch.tensor([17000.0, 9500.0], dtype=torch.float64),
+                           torch.tensor([30.0, 70.0], dtype=torch.float64), 300 * two, 2.7 * two, 0.1 * two, 0 * two)
+    ctf = ctf_at_band(ctf_rfft(ctf_params, BOX, APIX), k)  # (2, M)
+    spectra = ctf * slices[0]  # both particles are CTF x the truth's slice, no noise
+    scores = score_candidates(spectra, slices, k, 0, ctf)[..., 0]  # (2, C)
+    assert torch.allclose(scores[:, 0], torch.ones(2), atol=1e-4)
+    assert bool((scores[:, 1:] < scores[:, :1] - 1e-3).all())
+    per_particle = score_candidates(spectra, slices.expand(2, *slices.shape), k, 0, ctf)
+    assert torch.allclose(per_particle[..., 0], scores, atol=1e-5)  # shared and per-particle slices agree
 
 
 def test_global_search_finds_the_neighbourhood_of_any_pose(volume):
