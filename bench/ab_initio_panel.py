@@ -49,7 +49,7 @@ from cryofastar.recon.map_alignment import translate_onto
 from cryofastar.recon.rotations import random_rotations
 
 sys.path.insert(0, str(Path(__file__).parent))
-from panel_molecules import CTF_RANGE, MOLECULES, QUICK, CleanSet, clean_set  # noqa: E402 - a sibling module
+from panel_molecules import CTF_RANGE, MOLECULES, QUICK, CleanSet, clean_set, symmetry_operators  # noqa: E402
 
 HERE = Path(__file__).parent
 SUCCESS_DEGREES = 5.0
@@ -81,9 +81,10 @@ def write_cell(cs: CleanSet, images: torch.Tensor, folder: Path) -> Path:
 
 
 def score(cs: CleanSet, images: torch.Tensor, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
-          symmetry: int = 1) -> dict:
-    """Pose errors after global alignment (rotation, hand, map translation; modulo a Cn ``symmetry``) and the
-    aligned map's FSC vs the truth (a symmetric map projects alike at equivalent poses: the map needs only G)."""
+          symmetry: int | torch.Tensor = 1) -> dict:
+    """Pose errors after global alignment (rotation, hand, map translation; modulo the molecule's ``symmetry``
+    operators, :func:`panel_molecules.symmetry_operators`) and the aligned map's FSC vs the truth (a symmetric
+    map projects alike at equivalent poses: the map needs only G)."""
     n = images.shape[0]
     true_rot, true_px = cs.rotations[:n], cs.origins_angstrom[:n] / cs.apix
     errors = pose_errors(rotations, true_rot, origins_angstrom / cs.apix, true_px, fit_translation=True,
@@ -97,32 +98,61 @@ def score(cs: CleanSet, images: torch.Tensor, rotations: torch.Tensor, origins_a
             "fsc05_angstrom": resolution_at_threshold(curve, cs.apix, 0.5)}
 
 
+def poses_path(args: argparse.Namespace, key: str) -> Path:
+    """Where a cell's poses are kept (in the work folder, not committed) for ``--rescore``."""
+    return args.work / "poses" / (key.replace("|", "_") + ".pt")
+
+
 def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float, n: int, seed: int) -> dict:
+    key = cell_key(molecule.name, box, ctf, snr, n, seed)
     cs = clean_set(molecule, box, ctf, max(args.n_cache, n), args.cache)
     images = cs.noisy(n, snr, seed)
-    folder = args.work / cell_key(molecule.name, box, ctf, snr, n, seed).replace("|", "_")
+    folder = args.work / key.replace("|", "_")
     star = write_cell(cs, images, folder)
     t = time.perf_counter()
     result = reconstruct(star, folder / "out", ReconstructSettings(device="cpu", poses_from="map-only", seed=seed))
     wall = time.perf_counter() - t
     table = read_particles(folder / "out" / "particles.star")
-    sym = molecule.symmetry
-    ours = score(cs, images, table.rotations().double(), table.origins_angstrom().double(), sym)
+    poses = {"rotations": table.rotations().double(), "origins_angstrom": table.origins_angstrom().double()}
+    poses_path(args, key).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(poses, poses_path(args, key))
+    verdict = result.ab_initio or {}
+    entry = {"molecule": molecule.name, "source": molecule.source, "shape": cs.shape,
+             "atoms": cs.atoms, "box": box, "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed,
+             "wall_s": wall, "ab_initio_s": result.ab_initio_seconds, "verdict": verdict.get("converged"),
+             "ab_initio": verdict}
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return score_cell(entry, cs, images, molecule, poses)
+
+
+def score_cell(entry: dict, cs: CleanSet, images: torch.Tensor, molecule, poses: dict) -> dict:
+    """The cell's rows (ours, true poses, random poses), success and whether the verdict agreed, into ``entry``."""
+    n, seed = images.shape[0], entry["seed"]
+    sym = symmetry_operators(molecule)
+    ours = score(cs, images, poses["rotations"], poses["origins_angstrom"], sym)
     true = score(cs, images, cs.rotations[:n], cs.origins_angstrom[:n], sym)
     g = torch.Generator().manual_seed(seed)
     floor = score(cs, images, random_rotations(n, g), torch.zeros(n, 2, dtype=torch.float64), sym)
     success = (ours["median_deg"] < SUCCESS_DEGREES
                and ours["fsc05_angstrom"] <= SUCCESS_FSC_FACTOR * true["fsc05_angstrom"])
-    verdict = result.ab_initio or {}
-    entry = {"molecule": molecule.name, "source": molecule.source, "symmetry": sym, "shape": cs.shape,
-             "atoms": cs.atoms, "box": box, "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed,
-             "wall_s": wall,
-             "ab_initio_s": result.ab_initio_seconds, "success": bool(success), "ours": ours, "true_poses": true,
-             "random_poses": floor, "verdict": verdict.get("converged"), "ab_initio": verdict,
-             "verdict_agrees": verdict.get("converged") == bool(success)}
-    if not args.keep:
-        shutil.rmtree(folder, ignore_errors=True)
+    entry.update({"symmetry": len(sym), "success": bool(success), "ours": ours, "true_poses": true,
+                  "random_poses": floor, "verdict_agrees": entry["verdict"] == bool(success)})
     return entry
+
+
+def rescore(args: argparse.Namespace, store: dict) -> None:
+    """Score again every cell whose poses are kept (after a change to the scoring, e.g. a symmetry found)."""
+    known = {m.name: m for m in MOLECULES}
+    for key, entry in store["cells"].items():
+        path = poses_path(args, key)
+        if not path.exists():
+            print(f"{key}: no kept poses, not rescored")
+            continue
+        molecule = known[entry["molecule"]]
+        cs = clean_set(molecule, entry["box"], entry["ctf"], max(args.n_cache, entry["n"]), args.cache)
+        score_cell(entry, cs, cs.noisy(entry["n"], entry["snr"], entry["seed"]), molecule, torch.load(path))
+        print(f"{key}: median {entry['ours']['median_deg']:.1f}°, success {entry['success']}", flush=True)
 
 
 def machine() -> dict:
@@ -206,6 +236,13 @@ def draw_figure(cells: dict, path: Path) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
+def write_store(path: Path, store: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(store, indent=1, allow_nan=True) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="6 molecules, box 64, SNR 0.1, 2,000 particles, "
@@ -223,11 +260,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep each cell's STAR, stack and outputs")
+    parser.add_argument("--rescore", action="store_true", help="score again the cells whose poses --work keeps")
     parser.add_argument("--report", action="store_true", help="print the tables of --json, draw --figure and stop")
     parser.add_argument("--figure", type=Path, default=HERE.parent / "docs" / "images" / "ab_initio_panel.svg")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     store = json.loads(args.json.read_text()) if args.json.exists() else {"cells": {}}
+    if args.rescore:
+        rescore(args, store)
+        write_store(args.json, store)
+        return
     if args.report:
         report(store["cells"])
         draw_figure(store["cells"], args.figure)
@@ -252,10 +294,7 @@ def main() -> None:
                                 continue
                             entry = run_cell(args, molecule, box, ctf, snr, n, seed)
                             store["cells"][key] = entry
-                            args.json.parent.mkdir(parents=True, exist_ok=True)
-                            tmp = args.json.with_suffix(".tmp")
-                            tmp.write_text(json.dumps(store, indent=1, allow_nan=True) + "\n")
-                            tmp.replace(args.json)
+                            write_store(args.json, store)
                             o = entry["ours"]
                             print(f"{key}: median {o['median_deg']:.1f}°, FSC0.5 {o['fsc05_angstrom']:.1f} Å "
                                   f"(true {entry['true_poses']['fsc05_angstrom']:.1f}), {entry['wall_s']:.0f} s, "

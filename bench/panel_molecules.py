@@ -15,14 +15,18 @@ noise of the cell. Noise follows the simulator's SNR definition (docs/convention
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import gemmi
 import numpy as np
 import torch
 from cryofastar.datasets import default_cache_dir, fetch_structures
 from cryofastar.recon.ctf import CtfParams
+from cryofastar.recon.pose_alignment import cyclic_symmetry
+from cryofastar.recon.rotations import geodesic_degrees
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.atoms import Atoms, load_structure
 from cryofastar.recon.simulate.particles import CtfRange, simulate_particles
@@ -47,12 +51,6 @@ class Molecule:
 
     name: str
     source: str
-
-    @property
-    def symmetry(self) -> int:
-        """Order of the Cn symmetry about z (1: none): poses are scored modulo it."""
-        kind, _, rest = self.source.partition(":")
-        return int(rest.split(":")[1]) if kind == "cn" else 1
 
 
 MOLECULES: tuple[Molecule, ...] = (
@@ -186,3 +184,68 @@ def clean_set(molecule: Molecule, box: int, ctf: bool, n: int, cache: Path | Non
 
 def _stable_seed(name: str) -> int:
     return int(np.frombuffer(name.encode().ljust(8, b"\0")[:8], dtype=np.uint64)[0] % (2**31))
+
+
+@functools.cache
+def symmetry_operators(molecule: Molecule, tolerance_angstrom: float = 2.0) -> torch.Tensor:
+    """`(m, 3, 3)` float64 rotations (identity first) that map the molecule onto itself, in the map's frame.
+
+    A map with these operators ``S`` projects alike at ``A`` and ``A @ S``, so poses are
+    scored modulo them (:func:`cryofastar.model.evaluation.pose_errors`). For the Cn
+    oligomers of the panel they are Cn about z; for a real structure they come from its
+    atoms: every pair of chains of the same sequence gives the rotation superposing one on
+    the other (Kabsch on their common Cα), kept when it turns the assembly's centre onto
+    itself and brings the median Cα within ``tolerance_angstrom`` of a Cα of the assembly.
+    Homo-oligomers deposited with all their copies (9X2O, 6WG6, ...) are symmetric whether
+    or not a paper says so; the particles cannot tell those poses apart.
+    """
+    kind, _, rest = molecule.source.partition(":")
+    if kind == "cn":
+        return cyclic_symmetry(int(rest.split(":")[1]))
+    identity = torch.eye(3, dtype=torch.float64)[None]
+    if kind != "eval":
+        return identity
+    structure = gemmi.read_structure(str(_structure_paths()[rest]))
+    structure.setup_entities()
+    structure.remove_ligands_and_waters()
+    structure.remove_hydrogens()
+    every = np.array([(a.pos.x, a.pos.y, a.pos.z) for ch in structure[0] for r in ch for a in r])
+    centre = every.mean(0)
+    chains = {}
+    for chain in structure[0]:
+        ca = {(r.seqid.num, r.seqid.icode, r.name): r["CA"][0].pos for r in chain if r.find_atom("CA", "*")}
+        if len(ca) >= 20:
+            chains[chain.name] = {key: np.array([p.x, p.y, p.z]) - centre for key, p in ca.items()}
+    all_ca = torch.as_tensor(np.concatenate([np.stack(list(c.values())) for c in chains.values()]))
+    found = [identity[0]]
+    names = list(chains)
+    for i in names:
+        for j in names:
+            common = sorted(set(chains[i]) & set(chains[j]))
+            if i == j or len(common) < 0.8 * min(len(chains[i]), len(chains[j])):
+                continue
+            a = torch.as_tensor(np.stack([chains[i][key] for key in common]))
+            b = torch.as_tensor(np.stack([chains[j][key] for key in common]))
+            u, _, vh = torch.linalg.svd((b - b.mean(0)).T @ (a - a.mean(0)))
+            d = torch.sign(torch.linalg.det(u @ vh))
+            q = u @ torch.diag(torch.tensor([1.0, 1.0, float(d)], dtype=torch.float64)) @ vh  # b ~ q a
+            if float((b.mean(0) - a.mean(0) @ q.T).norm()) > 3 * tolerance_angstrom:
+                continue  # superposes the chains but not about the assembly's centre: no point symmetry
+            moved = all_ca @ q.T
+            if float(torch.cdist(moved, all_ca).min(1).values.median()) > tolerance_angstrom:
+                continue
+            _add_new(found, q)
+    grown = True
+    while grown and len(found) < 60:  # close the group: products of symmetries are symmetries
+        size = len(found)
+        for f in list(found):
+            for g in list(found):
+                _add_new(found, f @ g)
+        grown = len(found) > size
+    return torch.stack(found)
+
+
+def _add_new(found: list[torch.Tensor], q: torch.Tensor, degrees: float = 10.0) -> None:
+    """Append rotation ``q`` unless one already in ``found`` is within ``degrees`` of it (pseudo-symmetry)."""
+    if all(float(geodesic_degrees(q[None], f[None])[0]) > degrees for f in found):
+        found.append(q)

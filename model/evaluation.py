@@ -54,9 +54,9 @@ from cryofastar.recon.pose_alignment import (
     Alignment,
     apply_alignment_to_rotations,
     as_rotations,
-    cyclic_symmetry,
     global_alignment,
     nearest_symmetry_mates,
+    symmetry_group,
 )
 from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations, random_rotations
 
@@ -227,7 +227,7 @@ def pose_errors(
     true_shift_px: torch.Tensor | None = None,
     alignment: Alignment | None = None,
     fit_translation: bool = False,
-    symmetry: int = 1,
+    symmetry: int | torch.Tensor = 1,
 ) -> PoseErrors:
     """Per-particle pose errors after global alignment of the predicted frame.
 
@@ -244,9 +244,10 @@ def pose_errors(
         Also remove the map's global translation from the predicted shifts before
         measuring them (:func:`fit_map_translation`): for poses found ab initio, whose
         map may sit off-centre. Needs both shifts.
-    symmetry: int
-        Order of the true map's Cn symmetry about z (1: none): errors are measured to the
-        nearest equivalent true pose ``A_true @ S_k`` (``global_alignment``'s ``symmetry``).
+    symmetry: int | torch.Tensor
+        Order of the true map's Cn symmetry about z (1: none), or its operators `(m, 3, 3)`:
+        errors are measured to the nearest equivalent true pose ``A_true @ S_k``
+        (``global_alignment``'s ``symmetry``).
 
     Returns
     -------
@@ -259,8 +260,9 @@ def pose_errors(
     if alignment is None:
         alignment = global_alignment(pred, true, symmetry=symmetry)
     aligned = apply_alignment_to_rotations(pred, alignment)
-    if symmetry > 1:
-        true = nearest_symmetry_mates(aligned, true, cyclic_symmetry(symmetry))
+    operators = symmetry_group(symmetry)
+    if len(operators) > 1:
+        true = nearest_symmetry_mates(aligned, true, operators)
     translation = _translation_errors(pred_shift_px, true_shift_px, pred.shape[0])
     map_translation = None
     if fit_translation and translation is not None:

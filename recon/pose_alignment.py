@@ -19,6 +19,7 @@ import torch
 from .rotations import geodesic_degrees, mirror_rotations
 
 __all__ = ["Alignment", "PoseAgreement", "apply_alignment_to_rotations", "as_rotations", "cyclic_symmetry",
+           "symmetry_group",
            "global_alignment", "median_degrees", "nearest_symmetry_mates", "pose_agreement"]
 
 
@@ -30,6 +31,21 @@ def cyclic_symmetry(order: int) -> torch.Tensor:
     c, s = torch.cos(a), torch.sin(a)
     z, o = torch.zeros_like(a), torch.ones_like(a)
     return torch.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(order, 3, 3)
+
+
+def symmetry_group(symmetry: int | torch.Tensor) -> torch.Tensor:
+    """`(m, 3, 3)` float64 symmetry operators: Cn about z for an order ``n``, or the given operators.
+
+    ``symmetry`` is an order (1: none) or an `(m, 3, 3)` tensor of rotations in the map's
+    frame (a map with them projects alike at ``A`` and ``A @ S_k``), the identity among them.
+    """
+    if isinstance(symmetry, int):
+        return cyclic_symmetry(symmetry)
+    ops = as_rotations(torch.as_tensor(symmetry), "symmetry")
+    eye = torch.eye(3, dtype=ops.dtype)
+    if not bool(((ops - eye).abs().amax(dim=(-2, -1)) < 1e-6).any()):
+        raise ValueError("symmetry operators must include the identity")
+    return ops
 
 
 def nearest_symmetry_mates(aligned: torch.Tensor, true: torch.Tensor, operators: torch.Tensor) -> torch.Tensor:
@@ -118,7 +134,8 @@ def _fit_rotation_symmetric(pred: torch.Tensor, true: torch.Tensor, operators: t
 
 
 def global_alignment(
-    pred: torch.Tensor, true: torch.Tensor, keep_fraction: float = 0.5, refinements: int = 1, symmetry: int = 1
+    pred: torch.Tensor, true: torch.Tensor, keep_fraction: float = 0.5, refinements: int = 1,
+    symmetry: int | torch.Tensor = 1,
 ) -> Alignment:
     """The global rotation (and handedness) taking predicted poses to true ones.
 
@@ -136,11 +153,12 @@ def global_alignment(
         Fraction of particles (0 < f <= 1) used in each refinement.
     refinements: int
         Number of trimmed refits (0: plain least squares on all particles).
-    symmetry: int
-        Order ``n`` of the map's Cn symmetry about z (1: none). Poses are then equivalent up
-        to ``A @ S_k``; errors are measured to the nearest equivalent pose, and ``G`` starts
-        from the best of one-particle fits (a single least-squares fit fails when particles
-        took different equivalent poses).
+    symmetry: int | torch.Tensor
+        Order ``n`` of the map's Cn symmetry about z (1: none), or its operators `(m, 3, 3)`
+        (:func:`symmetry_group`). Poses are then equivalent up to ``A @ S_k``; errors are
+        measured to the nearest equivalent pose, and ``G`` starts from the best of
+        one-particle fits (a single least-squares fit fails when particles took different
+        equivalent poses).
 
     Returns
     -------
@@ -152,10 +170,10 @@ def global_alignment(
         raise ValueError(f"pred and true must have the same shape, got {tuple(pred.shape)} and {tuple(true.shape)}")
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    operators = cyclic_symmetry(symmetry)
+    operators = symmetry_group(symmetry)
     fits, medians = [], []
     for candidate in (pred, mirror_rotations(pred)):
-        if symmetry == 1:
+        if len(operators) == 1:
             g = _fit_rotation(candidate, true, keep_fraction, refinements)
             targets = true
         else:

@@ -9,6 +9,7 @@ from cryofastar.recon.pose_alignment import (
     cyclic_symmetry,
     global_alignment,
     nearest_symmetry_mates,
+    symmetry_group,
 )
 from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations, random_rotations
 
@@ -40,6 +41,25 @@ def test_poses_of_a_c3_map_that_took_different_equivalent_poses_align_modulo_the
     errors = geodesic_degrees(aligned, nearest_symmetry_mates(aligned, true, ops))
     assert float(errors.median()) < 4.0
     assert min(plain.median_degrees) > 30.0  # without the symmetry the same poses look wrong
+
+
+def test_explicit_operators_score_a_homodimer_whose_c2_axis_is_not_z() -> None:
+    """A real homodimer's C2 lies wherever the deposited model puts it: poses are scored modulo given operators."""
+    g = torch.Generator().manual_seed(5)
+    axis_frame = random_rotations(1, g)[0]
+    ops = axis_frame @ cyclic_symmetry(2) @ axis_frame.T  # C2 about a random axis, identity first
+    assert symmetry_group(ops).shape == (2, 3, 3)
+    true = random_rotations(400, g)
+    which = torch.randint(0, 2, (400,), generator=g)
+    frame = random_rotations(1, g)[0]
+    pred = _noisy(true @ ops[which], g, 0.02) @ frame.T
+    alignment = global_alignment(pred, true, symmetry=ops)
+    aligned = apply_alignment_to_rotations(pred, alignment)
+    assert float(geodesic_degrees(aligned, nearest_symmetry_mates(aligned, true, ops)).mean()) < 4.0
+    wrong = apply_alignment_to_rotations(pred, global_alignment(pred, true, symmetry=2))  # C2 about z: wrong group
+    assert float(geodesic_degrees(wrong, nearest_symmetry_mates(wrong, true, cyclic_symmetry(2))).mean()) > 20.0
+    with pytest.raises(ValueError, match="identity"):
+        symmetry_group(ops[1:])
 
 
 def _noisy(rot: torch.Tensor, g: torch.Generator, scale: float = 0.03) -> torch.Tensor:
