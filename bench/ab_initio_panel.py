@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import starfile
 import torch
 from cryofastar.engine.offline import ReconstructSettings, reconstruct
 from cryofastar.model.evaluation import apply_alignment_to_rotations, pose_errors
@@ -46,7 +47,9 @@ from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
 from cryofastar.recon.io import read_particles, write_particles
 from cryofastar.recon.io.mrc import write_stack
 from cryofastar.recon.map_alignment import translate_onto
-from cryofastar.recon.rotations import random_rotations
+from cryofastar.recon.pose_alignment import nearest_symmetry_mates, symmetry_group
+from cryofastar.recon.refinement import RefinementReference
+from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 
 sys.path.insert(0, str(Path(__file__).parent))
 from panel_molecules import CTF_RANGE, MOLECULES, QUICK, CleanSet, clean_set, symmetry_operators  # noqa: E402
@@ -98,6 +101,38 @@ def score(cs: CleanSet, images: torch.Tensor, rotations: torch.Tensor, origins_a
             "fsc05_angstrom": resolution_at_threshold(curve, cs.apix, 0.5)}
 
 
+def attainable(cs: CleanSet, images: torch.Tensor, symmetry: int | torch.Tensor = 1, chunk: int = 1000) -> dict:
+    """How well one pose per particle can be known in this cell, whatever finds the map.
+
+    The particles are matched (the engine's :class:`RefinementReference`, default search
+    settings, with the CTF) against the half maps their *true* poses make (a perfect ab
+    initio's map, noise included): ``local_from_truth`` refines each particle's pose from the
+    truth (the best-scoring pose near it: the precision the data allow any one-pose-per-particle
+    estimator with this score); ``global`` searches SO(3) then refines (what our search finds
+    with a perfect map). Median errors (degrees, modulo ``symmetry``, no alignment needed: the
+    maps are in the true frame) and the share of particles more than 30° off.
+    """
+    n = images.shape[0]
+    true_rot, true_org = cs.rotations[:n], cs.origins_angstrom[:n]
+    ctf = None if cs.ctf is None else cs.ctf[:n]
+    acc = HalfSetAccumulator(cs.box, cs.apix)
+    halves = 1 + torch.arange(n) % 2
+    acc.add(images, true_rot, true_org, halves, ctf=ctf)
+    reference = RefinementReference(acc.half_volumes(), cs.apix, acc.resolution_angstrom())
+    out = {"true_pose_half_map_angstrom": acc.resolution_angstrom()}
+    for mode, label in (("local", "local_from_truth"), ("global", "global")):
+        found = torch.empty_like(true_rot)
+        for first in range(0, n, chunk):
+            rows = torch.arange(first, min(n, first + chunk))
+            match, _ = reference.match(images[rows], halves[rows], true_rot[rows], true_org[rows], mode,
+                                       None if ctf is None else ctf[rows])
+            found[rows] = match.rotations
+        errors = geodesic_degrees(found, nearest_symmetry_mates(found, true_rot, symmetry_group(symmetry).double()))
+        out[f"{label}_median_deg"] = float(errors.median())
+        out[f"{label}_over30"] = float((errors > 30).double().mean())
+    return out
+
+
 def poses_path(args: argparse.Namespace, key: str) -> Path:
     """Where a cell's poses are kept (in the work folder, not committed) for ``--rescore``."""
     return args.work / "poses" / (key.replace("|", "_") + ".pt")
@@ -117,10 +152,13 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
     poses_path(args, key).parent.mkdir(parents=True, exist_ok=True)
     torch.save(poses, poses_path(args, key))
     verdict = result.ab_initio or {}
+    rows = starfile.read(folder / "out" / "particles.star", always_dict=True)["particles"]
+    spread = float(rows["rlnCryofastarAngularSpread"].median()) if "rlnCryofastarAngularSpread" in rows else None
     entry = {"molecule": molecule.name, "source": molecule.source, "shape": cs.shape,
              "atoms": cs.atoms, "box": box, "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed,
              "wall_s": wall, "ab_initio_s": result.ab_initio_seconds, "verdict": verdict.get("converged"),
-             "ab_initio": verdict}
+             "ab_initio": verdict,
+             "median_angular_spread_deg": spread}  # the last refinement round's posterior RMS angle (evidence)
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
     return score_cell(entry, cs, images, molecule, poses)
@@ -155,6 +193,22 @@ def rescore(args: argparse.Namespace, store: dict) -> None:
         print(f"{key}: median {entry['ours']['median_deg']:.1f}°, success {entry['success']}", flush=True)
 
 
+def add_attainable(args: argparse.Namespace, store: dict, key: str, molecule) -> None:
+    """:func:`attainable` into the stored cell ``key`` (skipped when absent, or present unless ``--redo``)."""
+    entry = store["cells"].get(key)
+    if entry is None or ("attainable" in entry and not args.redo):
+        return
+    cs = clean_set(molecule, entry["box"], entry["ctf"], max(args.n_cache, entry["n"]), args.cache)
+    t = time.perf_counter()
+    entry["attainable"] = {**attainable(cs, cs.noisy(entry["n"], entry["snr"], entry["seed"]),
+                                        symmetry_operators(molecule)), "seconds": time.perf_counter() - t}
+    write_store(args.json, store)
+    a = entry["attainable"]
+    print(f"{key}: attainable: local from truth {a['local_from_truth_median_deg']:.1f}°, global with the true-pose "
+          f"maps {a['global_median_deg']:.1f}° ({100 * a['global_over30']:.0f}% > 30°); ours "
+          f"{entry['ours']['median_deg']:.1f}°", flush=True)
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
@@ -163,14 +217,16 @@ def machine() -> dict:
 def report(cells: dict) -> None:
     rows = sorted(cells.values(), key=lambda e: (e["box"], e["ctf"], -e["snr"], e["n"], e["molecule"], e["seed"]))
     print("| molecule | shape | Å/px | CTF | SNR | n | seed | median ° | ‖ΔR‖_F | FSC0.5 Å (true / random) | "
-          "wall s | verdict | success |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "attainable ° (from truth / global) | wall s | verdict | success |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for e in rows:
         o, t, r = e["ours"], e["true_poses"], e["random_poses"]
+        a = e.get("attainable")
+        reach = "–" if a is None else f"{a['local_from_truth_median_deg']:.1f} / {a['global_median_deg']:.1f}"
         print(f"| {e['molecule']} | {e['shape']} | {e['apix']:.2f} | {'yes' if e['ctf'] else 'no'} | {e['snr']:g} | "
               f"{e['n']} | {e['seed']} | {o['median_deg']:.1f} | {o['frobenius_mean']:.3f} | "
               f"{o['fsc05_angstrom']:.1f} ({t['fsc05_angstrom']:.1f} / {r['fsc05_angstrom']:.1f}) | "
-              f"{e['wall_s']:.0f} | "
+              f"{reach} | {e['wall_s']:.0f} | "
               f"{'converged' if e['verdict'] else 'NOT converged'} | {'yes' if e['success'] else '**no**'} |")
     print()
     groups: dict[tuple, list] = {}
@@ -261,6 +317,8 @@ def main() -> None:
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep each cell's STAR, stack and outputs")
     parser.add_argument("--rescore", action="store_true", help="score again the cells whose poses --work keeps")
+    parser.add_argument("--attainable", action="store_true", help="for the selected cells already in --json: how "
+                        "well one pose per particle can be known (true-pose maps; no ab initio run)")
     parser.add_argument("--report", action="store_true", help="print the tables of --json, draw --figure and stop")
     parser.add_argument("--figure", type=Path, default=HERE.parent / "docs" / "images" / "ab_initio_panel.svg")
     args = parser.parse_args()
@@ -290,6 +348,9 @@ def main() -> None:
                     for seed in args.seeds:
                         for molecule in (m for m in MOLECULES if m.name in names):
                             key = cell_key(molecule.name, box, ctf, snr, n, seed)
+                            if args.attainable:
+                                add_attainable(args, store, key, molecule)
+                                continue
                             if key in store["cells"] and not args.redo:
                                 continue
                             entry = run_cell(args, molecule, box, ctf, snr, n, seed)

@@ -15,6 +15,7 @@ noise of the cell. Noise follows the simulator's SNR definition (docs/convention
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from dataclasses import dataclass
@@ -211,21 +212,23 @@ def symmetry_operators(molecule: Molecule, tolerance_angstrom: float = 2.0) -> t
     structure.remove_hydrogens()
     every = np.array([(a.pos.x, a.pos.y, a.pos.z) for ch in structure[0] for r in ch for a in r])
     centre = every.mean(0)
-    chains = {}
+    chains = {}  # chain -> (residue names, (m, 3) Cα about the centre), in chain order
     for chain in structure[0]:
-        ca = {(r.seqid.num, r.seqid.icode, r.name): r["CA"][0].pos for r in chain if r.find_atom("CA", "*")}
-        if len(ca) >= 20:
-            chains[chain.name] = {key: np.array([p.x, p.y, p.z]) - centre for key, p in ca.items()}
-    all_ca = torch.as_tensor(np.concatenate([np.stack(list(c.values())) for c in chains.values()]))
+        residues = [r for r in chain if r.find_atom("CA", "*")]
+        if len(residues) >= 20:
+            chains[chain.name] = ([r.name for r in residues],
+                                  np.array([(r["CA"][0].pos.x, r["CA"][0].pos.y, r["CA"][0].pos.z) for r in residues])
+                                  - centre)
+    all_ca = torch.as_tensor(np.concatenate([ca for _, ca in chains.values()]))
     found = [identity[0]]
     names = list(chains)
     for i in names:
         for j in names:
-            common = sorted(set(chains[i]) & set(chains[j]))
-            if i == j or len(common) < 0.8 * min(len(chains[i]), len(chains[j])):
+            pairs = _same_residues(chains[i][0], chains[j][0])  # by sequence: chains may be numbered apart
+            if i == j or len(pairs) < 0.8 * min(len(chains[i][0]), len(chains[j][0])):
                 continue
-            a = torch.as_tensor(np.stack([chains[i][key] for key in common]))
-            b = torch.as_tensor(np.stack([chains[j][key] for key in common]))
+            a = torch.as_tensor(chains[i][1][pairs[:, 0]])
+            b = torch.as_tensor(chains[j][1][pairs[:, 1]])
             u, _, vh = torch.linalg.svd((b - b.mean(0)).T @ (a - a.mean(0)))
             d = torch.sign(torch.linalg.det(u @ vh))
             q = u @ torch.diag(torch.tensor([1.0, 1.0, float(d)], dtype=torch.float64)) @ vh  # b ~ q a
@@ -243,6 +246,12 @@ def symmetry_operators(molecule: Molecule, tolerance_angstrom: float = 2.0) -> t
                 _add_new(found, f @ g)
         grown = len(found) > size
     return torch.stack(found)
+
+
+def _same_residues(a: list[str], b: list[str]) -> np.ndarray:
+    """`(m, 2)` indices of the residues two chains share, matched by sequence (not by residue number)."""
+    blocks = difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_matching_blocks()
+    return np.array([(k.a + t, k.b + t) for k in blocks for t in range(k.size)], dtype=np.int64).reshape(-1, 2)
 
 
 def _add_new(found: list[torch.Tensor], q: torch.Tensor, degrees: float = 10.0) -> None:
