@@ -31,11 +31,8 @@ Per molecule (``--molecules``, default three of bench/ab_initio_panel.py's panel
    when every particle is in the map and idle re-posing has converged,
    ``Daemon.refinement_converged``): a copy of the daemon's pose table
    (``daemon.state.poses``: stack, 1-based index, Euler angles, origins of every particle in
-   the map) is taken without stopping the daemon. The daemon has no lock on it (its
-   accumulator thread owns it); the copy reads the table's per-batch arrays without
-   merging them (``PoseTable.column`` would merge them, a write), truncated to the rows
-   every column has, so a row re-posed while it is copied may pair old angles with new
-   origins: a slightly stale copy. Each row is mapped to its truth row (stack number x
+   the map) is taken without stopping the daemon, with ``PoseTable.snapshot`` (under the
+   table's lock: no batch or re-posing is half in it). Each row is mapped to its truth row (stack number x
    ``--per-stack`` + index - 1) and the subset scored with ab_initio_panel.score (median
    geodesic error after one global alignment incl. hand, modulo the molecule's symmetry;
    mean ‖ΔR‖_F; FSC-0.5 against the true map of the map the aligned poses make, with the
@@ -194,7 +191,7 @@ class PoseCopy:
 
 
 def copy_poses(daemon: Daemon, stack_numbers: dict[str, int], starts: np.ndarray) -> PoseCopy:
-    """A copy of ``daemon.state.poses`` (module docstring: no lock, no merging of its arrays), rows mapped to truth.
+    """A consistent copy of ``daemon.state.poses`` (``PoseTable.snapshot``), rows mapped to their truth rows.
 
     Parameters
     ----------
@@ -205,14 +202,7 @@ def copy_poses(daemon: Daemon, stack_numbers: dict[str, int], starts: np.ndarray
     starts : np.ndarray
         Truth row of each stack's first particle.
     """
-    table = daemon.state.poses
-    names = list(table.stack_names)  # appended before the rows naming them
-    keys = ("stack_id", "index", "angles", "origins", "refined")
-    parts = {k: list(table._parts[k]) for k in keys}  # noqa: SLF001 - a read-only copy, see the docstring
-    columns = {k: np.concatenate(v) if v else np.zeros((0, 3) if k == "angles" else (0, 2) if k == "origins" else 0)
-               for k, v in parts.items()}
-    n = min(len(c) for c in columns.values())
-    columns = {k: np.array(c[:n]) for k, c in columns.items()}
+    names, columns = daemon.state.poses.snapshot(("stack_id", "index", "angles", "origins", "refined"))
     stack_of_row = np.array([stack_numbers[names[i]] for i in columns["stack_id"]], dtype=np.int64)
     truth = starts[stack_of_row] + columns["index"].astype(np.int64) - 1
     order = np.argsort(truth, kind="stable")

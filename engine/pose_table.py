@@ -13,6 +13,7 @@ and writes it as ``particles.star``.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +32,16 @@ class PoseTable:
     """Pose and identity of every accumulated particle, in insertion order.
 
     Columns are kept as lists of per-batch arrays and joined on demand, so appending a
-    batch costs nothing per particle.
+    batch costs nothing per particle. One thread owns the table (the daemon's accumulator
+    thread); every method holds a lock, so another thread may read it safely with
+    :meth:`snapshot` (a consistent copy) while the owner goes on.
     """
 
     def __init__(self) -> None:
         self.stack_names: list[str] = []
         self._stack_ids: dict[str, int] = {}
         self._parts: dict[str, list[np.ndarray]] = {k: [] for k in self._COLUMNS}
+        self._lock = threading.RLock()
 
     _COLUMNS = ("stack_id", "index", "angles", "origins", "confidence", "half_set", "ctf", "ctf_optics",
                 "ctf_envelope", "score", "spread", "refined")
@@ -47,7 +51,8 @@ class PoseTable:
                  "spread": (0, np.nan, np.float64), "refined": (0, 0, np.int32)}
 
     def __len__(self) -> int:
-        return int(sum(len(a) for a in self._parts["index"]))
+        with self._lock:
+            return int(sum(len(a) for a in self._parts["index"]))
 
     def append(self, stacks: np.ndarray, indices: np.ndarray, rotations: torch.Tensor, origins_angstrom: torch.Tensor,
                confidence: torch.Tensor, half_sets: torch.Tensor, ctf: CtfParams | None,
@@ -71,47 +76,49 @@ class PoseTable:
         refined: int
             Version of the map they were matched against (0: not refined).
         """
-        ids = np.empty(len(indices), dtype=np.int32)
-        for stack in np.unique(stacks):  # one dictionary lookup per stack
-            if stack not in self._stack_ids:
-                self._stack_ids[str(stack)] = len(self.stack_names)
-                self.stack_names.append(str(stack))
-            ids[stacks == stack] = self._stack_ids[str(stack)]
-        rot, tilt, psi = matrix_to_euler(rotations.double())
-        self._parts["stack_id"].append(ids)
-        self._parts["index"].append(np.asarray(indices, dtype=np.int64))
-        self._parts["angles"].append(torch.stack([rot, tilt, psi], -1).numpy())
-        self._parts["origins"].append(origins_angstrom.double().numpy())
-        self._parts["confidence"].append(confidence.double().numpy())
-        self._parts["half_set"].append(half_sets.numpy().astype(np.int8))
-        if ctf is None:
-            values = np.full((len(indices), 4), np.nan)
-        else:
-            values = torch.stack([ctf.defocus_u_angstrom, ctf.defocus_v_angstrom, ctf.defocus_angle_degrees,
-                                  ctf.phase_shift_degrees], -1).double().numpy()
-        self._parts["ctf"].append(values)
-        self._parts["ctf_optics"].append(np.full((len(indices), 3), np.nan) if ctf is None else torch.stack(
-            [ctf.voltage_kv, ctf.spherical_aberration_mm, ctf.amplitude_contrast], -1).double().numpy())
-        n = len(indices)
-        envelope = np.full((n, 2), np.nan)  # rlnCtfBfactor, rlnCtfScalefactor (NaN: not given, RELION's 0 and 1)
-        if ctf is not None and ctf.b_factor_angstrom2 is not None:
-            envelope[:, 0] = ctf.b_factor_angstrom2.double().numpy()
-        if ctf is not None and ctf.scale is not None:
-            envelope[:, 1] = ctf.scale.double().numpy()
-        self._parts["ctf_envelope"].append(envelope)
-        self._parts["score"].append(np.full(n, np.nan) if score is None else score.double().numpy())
-        self._parts["spread"].append(np.full(n, np.nan) if spread is None else spread.double().numpy())
-        self._parts["refined"].append(np.full(n, refined, dtype=np.int32))
+        with self._lock:
+            ids = np.empty(len(indices), dtype=np.int32)
+            for stack in np.unique(stacks):  # one dictionary lookup per stack
+                if stack not in self._stack_ids:
+                    self._stack_ids[str(stack)] = len(self.stack_names)
+                    self.stack_names.append(str(stack))
+                ids[stacks == stack] = self._stack_ids[str(stack)]
+            rot, tilt, psi = matrix_to_euler(rotations.double())
+            self._parts["stack_id"].append(ids)
+            self._parts["index"].append(np.asarray(indices, dtype=np.int64))
+            self._parts["angles"].append(torch.stack([rot, tilt, psi], -1).numpy())
+            self._parts["origins"].append(origins_angstrom.double().numpy())
+            self._parts["confidence"].append(confidence.double().numpy())
+            self._parts["half_set"].append(half_sets.numpy().astype(np.int8))
+            if ctf is None:
+                values = np.full((len(indices), 4), np.nan)
+            else:
+                values = torch.stack([ctf.defocus_u_angstrom, ctf.defocus_v_angstrom, ctf.defocus_angle_degrees,
+                                      ctf.phase_shift_degrees], -1).double().numpy()
+            self._parts["ctf"].append(values)
+            self._parts["ctf_optics"].append(np.full((len(indices), 3), np.nan) if ctf is None else torch.stack(
+                [ctf.voltage_kv, ctf.spherical_aberration_mm, ctf.amplitude_contrast], -1).double().numpy())
+            n = len(indices)
+            envelope = np.full((n, 2), np.nan)  # rlnCtfBfactor, rlnCtfScalefactor (NaN: not given, RELION's 0 and 1)
+            if ctf is not None and ctf.b_factor_angstrom2 is not None:
+                envelope[:, 0] = ctf.b_factor_angstrom2.double().numpy()
+            if ctf is not None and ctf.scale is not None:
+                envelope[:, 1] = ctf.scale.double().numpy()
+            self._parts["ctf_envelope"].append(envelope)
+            self._parts["score"].append(np.full(n, np.nan) if score is None else score.double().numpy())
+            self._parts["spread"].append(np.full(n, np.nan) if spread is None else spread.double().numpy())
+            self._parts["refined"].append(np.full(n, refined, dtype=np.int32))
 
     def update(self, rows: np.ndarray, rotations: torch.Tensor, origins_angstrom: torch.Tensor, score: torch.Tensor,
                spread: torch.Tensor, refined: int | np.ndarray) -> None:
         """Replace the pose of particles ``rows`` (re-posed; shapes as in :meth:`append`)."""
         rot, tilt, psi = matrix_to_euler(rotations.double())
-        self.column("angles")[rows] = torch.stack([rot, tilt, psi], -1).numpy()
-        self.column("origins")[rows] = origins_angstrom.double().numpy()
-        self.column("score")[rows] = score.double().numpy()
-        self.column("spread")[rows] = spread.double().numpy()
-        self.column("refined")[rows] = refined
+        with self._lock:
+            self.column("angles")[rows] = torch.stack([rot, tilt, psi], -1).numpy()
+            self.column("origins")[rows] = origins_angstrom.double().numpy()
+            self.column("score")[rows] = score.double().numpy()
+            self.column("spread")[rows] = spread.double().numpy()
+            self.column("refined")[rows] = refined
 
     def stack_paths(self, rows: np.ndarray) -> np.ndarray:
         """`(k,)` resolved stack path (str) of particles ``rows``."""
@@ -143,14 +150,27 @@ class PoseTable:
                                      amplitude_contrast=optics[:, 2], b_factor_angstrom2=b_factor, scale=scale)
 
     def column(self, name: str) -> np.ndarray:
-        """One column over all particles (``stack_id``, ``index``, ``angles`` (n, 3), ...)."""
-        parts = self._parts[name]
-        if not parts:
-            widths = {"angles": (0, 3), "origins": (0, 2), "ctf": (0, 4), "ctf_optics": (0, 3), "ctf_envelope": (0, 2)}
-            return np.zeros(widths.get(name, (0,)))
-        joined = np.concatenate(parts)
-        self._parts[name] = [joined]
-        return joined
+        """One column over all particles (``stack_id``, ``index``, ``angles`` (n, 3), ...).
+
+        The array is the table's own (writing to it changes the table): for the owning thread.
+        """
+        with self._lock:
+            parts = self._parts[name]
+            if not parts:
+                widths = {"angles": (0, 3), "origins": (0, 2), "ctf": (0, 4), "ctf_optics": (0, 3),
+                          "ctf_envelope": (0, 2)}
+                return np.zeros(widths.get(name, (0,)))
+            joined = np.concatenate(parts)
+            self._parts[name] = [joined]
+            return joined
+
+    def snapshot(self, names: tuple[str, ...]) -> tuple[list[str], dict[str, np.ndarray]]:
+        """A consistent copy, from any thread: the stack names and columns ``names``, all of the same length.
+
+        Taken under the table's lock, so no batch or re-posing is half in it.
+        """
+        with self._lock:
+            return list(self.stack_names), {k: self.column(k).copy() for k in names}
 
     def state_dict(self) -> dict[str, object]:
         """Tensors and a list of stack names (loadable with ``weights_only=True``)."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
 import torch
 from cryofastar.engine.pose_table import PoseTable
 from cryofastar.recon import CtfParams
+from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 
 
@@ -81,3 +83,43 @@ def test_ctf_bfactor_and_scale_survive_the_table_and_default_where_not_given():
     assert plain.b_factor_angstrom2 is None and plain.scale is None  # RELION's defaults: no envelope, scale 1
     mixed = CtfParams.cat([back, plain])
     assert mixed.b_factor_angstrom2.tolist() == [40.0, 60.0, 0.0, 0.0] and mixed.scale.tolist()[2:] == [1.0, 1.0]
+
+
+def test_snapshot_from_another_thread_never_sees_half_a_batch_or_half_a_reposing():
+    """The owner appends batches and re-poses every row; in each row angle rot = origin x = its version (mod 90)."""
+    table, stop, bad = PoseTable(), threading.Event(), []
+
+    def pose(version: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        angle = torch.tensor([float(version % 90)], dtype=torch.float64)
+        rot = euler_to_matrix(angle, torch.full_like(angle, 30.0), torch.zeros_like(angle)).expand(n, 3, 3)
+        return rot, torch.full((n, 2), float(version % 90), dtype=torch.float64)
+
+    def owner() -> None:
+        for version in range(1, 300):
+            if stop.is_set():
+                return
+            n = 50
+            rot, origins = pose(version, n)
+            table.append(np.array(["/a.mrcs"] * n), np.arange(1, n + 1), rot, origins, torch.ones(n),
+                         torch.ones(n, dtype=torch.long), None, refined=version)
+            rows = np.arange(len(table))
+            rot, origins = pose(version, len(rows))
+            table.update(rows, rot, origins, torch.zeros(len(rows)), torch.zeros(len(rows)), version)
+
+    thread = threading.Thread(target=owner)
+    thread.start()
+    snapshots = 0
+    while thread.is_alive() and not bad:
+        names, columns = table.snapshot(("index", "angles", "origins", "refined"))
+        snapshots += 1
+        lengths = {len(c) for c in columns.values()}
+        expected = columns["refined"] % 90
+        if len(lengths) != 1:
+            bad.append(f"columns of lengths {lengths}")
+        elif not (np.allclose(columns["origins"][:, 0], expected)
+                  and np.allclose(columns["angles"][:, 0], expected, atol=1e-6)):
+            bad.append("a row with the angles, origins and version of different updates")
+    stop.set()
+    thread.join()
+    assert not bad, bad[0]
+    assert snapshots > 1 and table.snapshot(("index",))[0] == ["/a.mrcs"]
