@@ -39,12 +39,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import starfile
 import torch
 from cryofastar.engine.offline import ReconstructSettings, reconstruct
 from cryofastar.model.evaluation import apply_alignment_to_rotations, pose_errors
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
 from cryofastar.recon.io import read_particles, write_particles
+from cryofastar.recon.io.columns import SPREAD_COLUMN
 from cryofastar.recon.io.mrc import write_stack
 from cryofastar.recon.map_alignment import translate_onto
 from cryofastar.recon.pose_alignment import nearest_symmetry_mates, symmetry_group
@@ -63,23 +63,32 @@ def cell_key(molecule: str, box: int, ctf: bool, snr: float, n: int, seed: int) 
     return f"{molecule}|b{box}|{'ctf' if ctf else 'noctf'}|snr{snr:g}|n{n}|s{seed}"
 
 
-def write_cell(cs: CleanSet, images: torch.Tensor, folder: Path) -> Path:
-    """A RELION 3.1 STAR file and one stack of the cell's particles (no poses: the job must find them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    n = images.shape[0]
-    write_stack(folder / "particles.mrcs", images, cs.apix)
-    rows = {"rlnImageName": [f"{i + 1:06d}@particles.mrcs" for i in range(n)], "rlnOpticsGroup": [1] * n}
+def write_star(star: Path, cs: CleanSet, stack: str, first: int, n: int) -> None:
+    """A RELION 3.1 STAR file of particles ``first .. first + n - 1`` of ``cs``, images 1..n of ``stack``.
+
+    ``stack`` is the stack's path as the STAR names it (relative to the STAR's directory);
+    optics with voltage, Cs and amplitude contrast, defocus columns when ``cs`` has a CTF, no
+    poses (the job must find them).
+    """
+    rows = {"rlnImageName": [f"{i + 1:06d}@{stack}" for i in range(n)], "rlnOpticsGroup": [1] * n}
     optics = {"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [cs.apix],
               "rlnImageSize": [cs.box], "rlnImageDimensionality": [2]}
     optics.update({"rlnVoltage": [CTF_RANGE.voltage_kv], "rlnSphericalAberration": [CTF_RANGE.spherical_aberration_mm],
                    "rlnAmplitudeContrast": [CTF_RANGE.amplitude_contrast]})
     if cs.ctf is not None:
-        c = cs.ctf[:n]
+        c = cs.ctf[first:first + n]
         rows.update({"rlnDefocusU": c.defocus_u_angstrom.numpy(), "rlnDefocusV": c.defocus_v_angstrom.numpy(),
                      "rlnDefocusAngle": c.defocus_angle_degrees.numpy(),
                      "rlnPhaseShift": c.phase_shift_degrees.numpy()})
-    star = folder / "particles.star"
     write_particles(star, pd.DataFrame(rows), pd.DataFrame(optics))
+
+
+def write_cell(cs: CleanSet, images: torch.Tensor, folder: Path) -> Path:
+    """A RELION 3.1 STAR file and one stack of the cell's particles (no poses: the job must find them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_stack(folder / "particles.mrcs", images, cs.apix)
+    star = folder / "particles.star"
+    write_star(star, cs, "particles.mrcs", 0, images.shape[0])
     return star
 
 
@@ -152,8 +161,8 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
     poses_path(args, key).parent.mkdir(parents=True, exist_ok=True)
     torch.save(poses, poses_path(args, key))
     verdict = result.ab_initio or {}
-    rows = starfile.read(folder / "out" / "particles.star", always_dict=True)["particles"]
-    spread = float(rows["rlnCryofastarAngularSpread"].median()) if "rlnCryofastarAngularSpread" in rows else None
+    rows = table.particles
+    spread = float(rows[SPREAD_COLUMN].median()) if SPREAD_COLUMN in rows else None
     entry = {"molecule": molecule.name, "source": molecule.source, "shape": cs.shape,
              "atoms": cs.atoms, "box": box, "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed,
              "wall_s": wall, "ab_initio_s": result.ab_initio_seconds, "verdict": verdict.get("converged"),

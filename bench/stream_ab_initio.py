@@ -11,8 +11,8 @@ Per molecule (``--molecules``, default three of bench/ab_initio_panel.py's panel
    held-out procedural molecules, pixel size by the panel's rule, shifts up to 3 px, CTF
    with defocus 0.8-2.5 µm) with noise at ``--snr`` (``CleanSet.noisy(n, snr, seed)``), cut
    into stacks of ``--per-stack``. Each stack has its own RELION 3.1 STAR file (optics with
-   voltage, Cs and amplitude contrast, defocus columns per particle, no poses: written like
-   ab_initio_panel.write_cell). The stacks are written into ``<root>/watch/.stacks`` and the
+   voltage, Cs and amplitude contrast, defocus columns per particle, no poses:
+   ab_initio_panel.write_star). The stacks are written into ``<root>/watch/.stacks`` and the
    STAR files into ``<root>/watch/.staging``, both hidden, so the watcher ignores them.
 2. **Daemon**: an in-process :class:`~cryofastar.daemon.pipeline.Daemon` with the settings
    ``cryofastar-stream --watch <root>/watch`` gives (every default: poses from the network,
@@ -88,18 +88,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.io.mrc import write_stack
-from cryofastar.recon.io.star import write_particles
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ab_initio_panel import SUCCESS_DEGREES, SUCCESS_FSC_FACTOR, cell_key, machine, score, write_store  # noqa: E402
+from ab_initio_panel import SUCCESS_DEGREES, SUCCESS_FSC_FACTOR, cell_key, machine, score, write_star, write_store  # noqa: E402
 from bench_stream import hardware  # noqa: E402 - a sibling script
-from panel_molecules import CTF_RANGE, MOLECULES, CleanSet, clean_set, symmetry_operators  # noqa: E402
+from panel_molecules import MOLECULES, CleanSet, clean_set, symmetry_operators  # noqa: E402
 
 HERE = Path(__file__).parent
 BOX = 64
@@ -129,19 +127,9 @@ def write_session(cs: CleanSet, images: torch.Tensor, watch: Path, per_stack: in
         name = f"particles_{k + 1:04d}"
         stack = stacks_dir / f"{name}.mrcs"
         write_stack(stack, part, cs.apix)
-        # names resolved from the STAR's final place, watch/ (recon/io/star.py: relative to the STAR's directory)
-        rows = {"rlnImageName": [f"{i + 1:06d}@.stacks/{stack.name}" for i in range(n)], "rlnOpticsGroup": [1] * n}
-        optics = {"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [cs.apix],
-                  "rlnImageSize": [cs.box], "rlnImageDimensionality": [2], "rlnVoltage": [CTF_RANGE.voltage_kv],
-                  "rlnSphericalAberration": [CTF_RANGE.spherical_aberration_mm],
-                  "rlnAmplitudeContrast": [CTF_RANGE.amplitude_contrast]}
-        if cs.ctf is not None:
-            c = cs.ctf[start:start + n]
-            rows.update({"rlnDefocusU": c.defocus_u_angstrom.numpy(), "rlnDefocusV": c.defocus_v_angstrom.numpy(),
-                         "rlnDefocusAngle": c.defocus_angle_degrees.numpy(),
-                         "rlnPhaseShift": c.phase_shift_degrees.numpy()})
         star = staging / f"{name}.star"
-        write_particles(star, pd.DataFrame(rows), pd.DataFrame(optics))
+        # names resolved from the STAR's final place, watch/ (recon/io/star.py: relative to the STAR's directory)
+        write_star(star, cs, f".stacks/{stack.name}", start, n)
         stars.append(star)
         stacks.append(stack)
         counts.append(n)
@@ -292,10 +280,6 @@ class BackgroundScorer:
             scored, seconds = job.get()
             out.append((meta, scored, 0.0 if reused else seconds, reused))
         return out
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
 
     def close(self) -> None:
         self._pool.terminate()
