@@ -57,6 +57,10 @@ class DaemonMetrics:
                                          "Verdict of the last map-only ab initio: 1 converged (two random starts "
                                          "agree), 0 not converged, NaN before any ran.", registry=r)
         self.ab_initio_converged.set(math.nan)
+        self.pose_precision = Gauge("cryofastar_pose_precision_degrees",
+                                    "Estimated median pose error of the refined particles, from their posterior "
+                                    "angular spreads (degrees; NaN before any was refined).", registry=r)
+        self.pose_precision.set(math.nan)
 
     def set_resolution_angstrom(self, angstrom: float) -> None:
         """Set the resolution gauge from Å (NaN while undefined)."""

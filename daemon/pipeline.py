@@ -50,6 +50,7 @@ from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource, SkippedImages
+from cryofastar.recon.pose_precision import pose_precision
 
 from .batching import PassGatherer
 from .broadcast import SessionBroadcast
@@ -218,8 +219,10 @@ class Daemon:
         queues = {"files": self.files.qsize(), "chunks": self.chunks.qsize(), "posed": self.posed.qsize()}
         for name, depth in queues.items():
             self.metrics.queue_depth.labels(name).set(depth)
+        precision = pose_precision(self.state.poses.snapshot(("spread",))[1]["spread"])  # NaN: never refined
+        self.metrics.pose_precision.set(math.nan if precision is None else precision.estimated_median_error_degrees)
         return self._board.report(self.state, queues, 0 if self._watcher is None else self._watcher.pending,
-                                  refinement_status(self.refiner), self.geometry)
+                                  refinement_status(self.refiner, precision), self.geometry)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

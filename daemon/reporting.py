@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cryofastar.engine.pose_table import PoseTable
 from cryofastar.engine.streaming_refiner import StreamingRefiner
+from cryofastar.recon.pose_precision import PosePrecision
 from cryofastar.recon.view_directions import view_direction_histogram
 
 from .metrics import DaemonMetrics
@@ -129,15 +130,17 @@ class ViewDirections:
         return True
 
 
-def refinement_status(refiner: StreamingRefiner) -> dict[str, object]:
-    """The ``refinement`` field of status messages: the refiner's phase, map version, band and ab initio's verdict."""
+def refinement_status(refiner: StreamingRefiner, precision: PosePrecision | None = None) -> dict[str, object]:
+    """The ``refinement`` field of status messages: the refiner's phase, map version, band, ab initio's verdict
+    and the refined poses' estimated ``precision`` (:mod:`~cryofastar.recon.pose_precision`)."""
     r = refiner
     return {"active": r.active, "phase": r.phase, "reference_version": r.version,
             "network_informative": r.network_informative,
             "working_box": None if r.reference is None else r.reference.work,
             "band_angstrom": None if r.reference is None else r.reference.apix_work / r.reference.local_band,
             "ab_initio": None if r.ab_verdict is None else {**r.ab_verdict.as_dict(),
-                                                            "summary": r.ab_verdict.summary()}}
+                                                            "summary": r.ab_verdict.summary()},
+            "pose_precision": None if precision is None else {**precision.as_dict(), "summary": precision.summary()}}
 
 
 class StatusBoard:

@@ -22,7 +22,9 @@ Outputs (:func:`reconstruct`): ``particles.star`` (the input rows with the final
 rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, the network's confidence and own poses, and
 the last round's score and angular spread, :mod:`~cryofastar.recon.io.columns`) and the
 map set ``volume.mrc``, ``volume_half1/2.mrc``, ``volume_fsc.tsv``
-(:func:`~cryofastar.recon.map_set.write_map_set`).
+(:func:`~cryofastar.recon.map_set.write_map_set`); when ab initio ran, ``ab_initio.json``
+(its verdict, every attempt's, and the final poses' estimated precision,
+:mod:`~cryofastar.recon.pose_precision`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from cryofastar.recon.io.columns import NETWORK_COLUMNS
 from cryofastar.recon.io.star import ParticleTable, write_particles
 from cryofastar.recon.io.tables import write_json
 from cryofastar.recon.map_set import map_set, read_known_map, write_map_set
+from cryofastar.recon.pose_precision import pose_precision
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 
 from cryofastar.options import argument, option
@@ -179,8 +182,12 @@ class ReconstructResult:
     ab_initio_seconds: float
         Wall time of ab initio (0 when it did not run).
     ab_initio: dict | None
-        When ab initio ran: its verdict (``AbInitioVerdict.as_dict``, the last attempt's)
-        and ``attempts`` (each attempt's verdict); also written to ``ab_initio.json``.
+        When ab initio ran: its verdict (``AbInitioVerdict.as_dict``, the last attempt's),
+        ``attempts`` (each attempt's verdict) and ``pose_precision``; also written to
+        ``ab_initio.json``.
+    pose_precision: dict | None
+        After refinement: how precisely the final poses are known, estimated from the last
+        round's posterior spreads (:func:`~cryofastar.recon.pose_precision.pose_precision`).
     """
 
     n_particles: int
@@ -198,6 +205,7 @@ class ReconstructResult:
     network_won_fraction: float | None = None
     ab_initio_seconds: float = 0.0
     ab_initio: dict | None = None
+    pose_precision: dict | None = None
 
 
 @dataclass
@@ -276,6 +284,11 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
     star_out = outdir / "particles.star"
     rows = _particles_for_output(table, record.image_names(outdir), record.pose_columns(settings.refine), extra)
     write_particles(star_out, rows, _optics_for_output(table))
+    precision = None if finished is None else pose_precision(finished.spread)
+    if precision is not None:
+        logger.info("%s", precision.summary())
+    if finished is not None and finished.ab_initio is not None:
+        finished.ab_initio["pose_precision"] = None if precision is None else precision.as_dict()
     maps = map_set(acc, known_map)
     outputs = [star_out, *write_map_set(outdir / "volume.mrc", maps)]
     if finished is not None and finished.ab_initio is not None:
@@ -290,7 +303,8 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
         refine_modes=[] if finished is None else finished.modes,
         network_won_fraction=None if finished is None else finished.won,
         ab_initio_seconds=0.0 if finished is None else finished.ab_initio_seconds,
-        ab_initio=None if finished is None else finished.ab_initio)
+        ab_initio=None if finished is None else finished.ab_initio,
+        pose_precision=None if precision is None else {**precision.as_dict(), "summary": precision.summary()})
 
 
 @dataclass

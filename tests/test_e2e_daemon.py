@@ -266,8 +266,11 @@ def test_refinement_reposes_particles_and_the_map_matches_their_final_poses(stac
         while not isinstance(status, StatusMessage):
             status = subscriber.receive(timeout_s=5.0)
         assert status.status["poses_from"] == poses_from and status.status["refinement"]["active"]
+        precision = status.status["refinement"]["pose_precision"]  # estimated from the refined particles' spreads
+        assert precision["particles"] > 0 and precision["estimated_median_error_degrees"] >= 0
         metrics = daemon.scrape()
     assert metrics["cryofastar_particles_refined_total"] > 0
+    assert metrics["cryofastar_pose_precision_degrees"] >= 0
     assert metrics["cryofastar_particles_reposed_total"] > 0
     assert 'cryofastar_stage_latency_seconds_count{stage="repose"}' in metrics
     code, stderr = daemon.stop()

@@ -111,6 +111,14 @@ def test_reconstruct_map_only_poses_from_ab_initio(tmp_path: Path) -> None:
     assert verdict["converged"] and verdict["agreement_degrees"] <= 15 and verdict["attempts"][0]["restarts"] >= 2
     assert "ab initio converged: 2 of" in result.stdout and f"wrote {out / 'ab_initio.json'}" in result.stdout
     particles = starfile.read(out / "particles.star")["particles"]
+    # the verdict's second part: the final poses' precision, from the spreads written beside them
+    precision = verdict["pose_precision"]
+    assert precision["particles"] == 400
+    assert precision["median_spread_degrees"] == pytest.approx(particles["rlnCryofastarAngularSpread"].median(),
+                                                               rel=1e-5)
+    assert precision["estimated_median_error_degrees"] == pytest.approx(0.888 * precision["median_spread_degrees"],
+                                                                        rel=1e-3)
+    assert ("poses precise" if precision["precise"] else "poses NOT precise") in result.stdout
     assert "rlnCryofastarNetworkAngleRot" not in particles.columns  # no network
     assert particles["rlnCryofastarRefineScore"].notna().all() and particles["rlnCryofastarAngularSpread"].notna().all()
     run("evaluate", str(out / "particles.star"), str(session / "particles.star"), "--json", str(tmp_path / "e.json"))

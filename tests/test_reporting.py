@@ -16,6 +16,7 @@ from cryofastar.daemon.state import SessionState
 from cryofastar.engine.pose_table import PoseTable
 from cryofastar.engine.streaming_refiner import StreamingRefiner
 from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.pose_precision import pose_precision
 from cryofastar.recon.rotations import random_rotations
 
 
@@ -90,7 +91,10 @@ def test_the_report_carries_the_session_its_counts_and_its_rejections(tmp_path):
     assert status["poses_from"] == "map-only" and status["model"] is None and status["device"] == "cpu"
     assert status["refinement"] == {"active": False, "phase": "waiting", "reference_version": 0,
                                     "network_informative": None, "working_box": None, "band_angstrom": None,
-                                    "ab_initio": None}
+                                    "ab_initio": None, "pose_precision": None}
+    precise = refinement_status(refiner, pose_precision(torch.tensor([3.0, 5.0, float("nan")])))["pose_precision"]
+    assert precise["particles"] == 2 and precise["median_spread_degrees"] == 4.0 and precise["precise"]
+    assert precise["summary"].startswith("poses precise: estimated median error 3.6°")
     assert [r["path"] for r in status["rejected_recent"]] == [str(tmp_path / "bad.mrcs")]
     assert status["watch"] == str(tmp_path / "watch") and status["uptime_seconds"] >= 0
     state.fsc_history.append((0.0, 10, math.inf))  # an undefined resolution is sent as unknown

@@ -55,6 +55,8 @@ def summary(result: ReconstructResult, settings: ReconstructSettings) -> list[st
         lines.append(f"refined in {result.refine_seconds:.1f} s ({', '.join(result.refine_modes)}){won}{ab}")
     if result.ab_initio is not None:
         lines.append(f"ab initio {result.ab_initio['summary']} after {len(result.ab_initio['attempts'])} attempt(s)")
+    if result.pose_precision is not None:
+        lines.append(result.pose_precision["summary"])
     if result.known_map_resolution_angstrom is not None:
         lines.append(f"FSC 0.5 resolution against {settings.known_map}: {result.known_map_resolution_angstrom:.2f} Å "
                      "(frames not aligned: ab initio maps are in a frame of their own)")
