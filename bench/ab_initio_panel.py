@@ -49,6 +49,7 @@ from cryofastar.recon.io.columns import SPREAD_COLUMN
 from cryofastar.recon.io.mrc import write_stack
 from cryofastar.recon.map_alignment import translate_onto
 from cryofastar.recon.pose_alignment import nearest_symmetry_mates, symmetry_group
+from cryofastar.recon.pose_precision import MEDIAN_PER_RMS, PRECISE_DEGREES
 from cryofastar.recon.refinement import RefinementReference
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 
@@ -246,37 +247,67 @@ def machine() -> dict:
             "threads": torch.get_num_threads()}
 
 
+def estimated_precision(entry: dict) -> float | None:
+    """The engine's estimate of the cell's median pose error (degrees; :mod:`cryofastar.recon.pose_precision`).
+
+    From the verdict in ``ab_initio.json``; cells run before it was written there have only the
+    median spread, which the engine's estimate is a fixed multiple of. ``None``: not recorded.
+    """
+    precision = (entry.get("ab_initio") or {}).get("pose_precision")
+    if precision is not None:
+        return precision["estimated_median_error_degrees"]
+    spread = entry.get("median_angular_spread_deg")
+    return None if spread is None else MEDIAN_PER_RMS * spread
+
+
+def full_verdict(entry: dict) -> bool | None:
+    """Both parts of the verdict: found (two starts agree) and precise (estimate under the bar).
+
+    ``None``: no estimate recorded.
+    """
+    estimate = estimated_precision(entry)
+    return None if estimate is None else bool(entry["verdict"]) and estimate < PRECISE_DEGREES
+
+
 def report(cells: dict) -> None:
     rows = sorted(cells.values(), key=lambda e: (e["box"], e["ctf"], -e["snr"], e["n"], e["molecule"], e["seed"]))
     print("| molecule | shape | Å/px | CTF | SNR | n | seed | median ° | ‖ΔR‖_F | FSC0.5 Å (true / random) | "
-          "attainable ° (from truth / global) | wall s | verdict | success |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "attainable ° (from truth / global) | est. ° | wall s | verdict | success |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for e in rows:
         o, t, r = e["ours"], e["true_poses"], e["random_poses"]
         a = e.get("attainable")
         reach = "–" if a is None else f"{a['local_from_truth_median_deg']:.1f} / {a['global_median_deg']:.1f}"
+        if a is not None and "leave_out_groups" not in a:
+            reach += " (self in map)"
+        estimate = estimated_precision(e)
+        verdict = "converged" if e["verdict"] else "NOT converged"
+        if estimate is not None:
+            verdict += ", precise" if estimate < PRECISE_DEGREES else ", NOT precise"
         print(f"| {e['molecule']} | {e['shape']} | {e['apix']:.2f} | {'yes' if e['ctf'] else 'no'} | {e['snr']:g} | "
               f"{e['n']} | {e['seed']} | {o['median_deg']:.1f} | {o['frobenius_mean']:.3f} | "
               f"{o['fsc05_angstrom']:.1f} ({t['fsc05_angstrom']:.1f} / {r['fsc05_angstrom']:.1f}) | "
-              f"{reach} | {e['wall_s']:.0f} | "
-              f"{'converged' if e['verdict'] else 'NOT converged'} | {'yes' if e['success'] else '**no**'} |")
+              f"{reach} | {'–' if estimate is None else f'{estimate:.1f}'} | {e['wall_s']:.0f} | "
+              f"{verdict} | {'yes' if e['success'] else '**no**'} |")
     print()
     groups: dict[tuple, list] = {}
     for e in rows:
         groups.setdefault((e["box"], e["ctf"], e["snr"], e["n"]), []).append(e)
-    print("| box | CTF | SNR | n | cells | success | found (< 15°) | mean ‖ΔR‖_F of successes | verdict = success | "
-          "verdict = found | median wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| box | CTF | SNR | n | cells | success | found (< 15°) | mean ‖ΔR‖_F of successes | converged = success | "
+          "converged = found | converged and precise = success | median wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (box, ctf, snr, n), es in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2], kv[0][3])):
         ok = [e for e in es if e["success"]]
         frob = sum(e["ours"]["frobenius_mean"] for e in ok) / len(ok) if ok else math.nan
         found = sum(e["ours"]["median_deg"] < FOUND_DEGREES for e in es)
         agree = sum(e["verdict_agrees"] for e in es)
         agree_found = sum(bool(e["verdict"]) == (e["ours"]["median_deg"] < FOUND_DEGREES) for e in es)
+        judged = [e for e in es if full_verdict(e) is not None]
+        full = sum(full_verdict(e) == e["success"] for e in judged)
         walls = sorted(e["wall_s"] for e in es)
         print(f"| {box} | {'yes' if ctf else 'no'} | {snr:g} | {n} | {len(es)} | {len(ok)}/{len(es)} "
               f"({100 * len(ok) / len(es):.0f}%) | {found}/{len(es)} | {frob:.3f} | {agree}/{len(es)} | "
-              f"{agree_found}/{len(es)} | {walls[len(walls) // 2]:.0f} |")
+              f"{agree_found}/{len(es)} | {full}/{len(judged)} | {walls[len(walls) // 2]:.0f} |")
 
 
 FOUND_DEGREES = 15.0
