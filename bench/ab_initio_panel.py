@@ -427,7 +427,8 @@ def main() -> None:
                             if key in store["cells"] and not args.redo:
                                 continue
                             entry = run_cell(args, molecule, box, ctf, snr, n, seed)
-                            before = store["cells"].get(key, {}).get("attainable", {})
+                            on_disk = json.loads(args.json.read_text())["cells"] if args.json.exists() else {}
+                            before = on_disk.get(key, {}).get("attainable", {})  # as another run may have left it
                             if "leave_out_groups" in before:  # a property of the cell's data, not of the method
                                 entry["attainable"] = before
                             store["cells"][key] = entry
