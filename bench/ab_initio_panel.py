@@ -211,18 +211,35 @@ def score_cell(entry: dict, cs: CleanSet, images: torch.Tensor, molecule, poses:
     return entry
 
 
-def rescore(args: argparse.Namespace, store: dict) -> None:
-    """Score again every cell whose poses are kept (after a change to the scoring, e.g. a symmetry found)."""
+def rescore(args: argparse.Namespace, store: dict) -> list[str]:
+    """Score again every cell (of ``--molecules``, if given) whose poses are kept (after a change to the scoring,
+    e.g. a symmetry found); returns the keys rescored.
+
+    A cell run before the angular spread was recorded takes it from its kept output (``--keep``) when that
+    output holds the same poses (the same run).
+    """
     known = {m.name: m for m in MOLECULES}
+    done = []
     for key, entry in store["cells"].items():
         path = poses_path(args, key)
+        if args.molecules and entry["molecule"] not in args.molecules:
+            continue
         if not path.exists():
             print(f"{key}: no kept poses, not rescored")
             continue
         molecule = known[entry["molecule"]]
         cs = clean_set(molecule, entry["box"], entry["ctf"], max(args.n_cache, entry["n"]), args.cache)
-        score_cell(entry, cs, cs.noisy(entry["n"], entry["snr"], entry["seed"]), molecule, torch.load(path))
+        poses = torch.load(path)
+        score_cell(entry, cs, cs.noisy(entry["n"], entry["snr"], entry["seed"]), molecule, poses)
+        kept = args.work / key.replace("|", "_") / "out" / "particles.star"
+        if entry.get("median_angular_spread_deg") is None and kept.exists():
+            table = read_particles(kept)
+            if SPREAD_COLUMN in table.particles and torch.allclose(table.rotations().double(), poses["rotations"],
+                                                                   atol=1e-4):
+                entry["median_angular_spread_deg"] = float(table.particles[SPREAD_COLUMN].median())
+        done.append(key)
         print(f"{key}: median {entry['ours']['median_deg']:.1f}°, success {entry['success']}", flush=True)
+    return done
 
 
 def add_attainable(args: argparse.Namespace, store: dict, key: str, molecule) -> None:
@@ -398,8 +415,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     store = json.loads(args.json.read_text()) if args.json.exists() else {"cells": {}}
     if args.rescore:
-        rescore(args, store)
-        write_store(args.json, store)
+        write_store(args.json, store, rescore(args, store))
         return
     if args.report:
         report(store["cells"])
