@@ -165,6 +165,11 @@ def attainable(cs: CleanSet, images: torch.Tensor, symmetry: int | torch.Tensor 
     return out
 
 
+def leave_group_out(cell: dict | None) -> bool:
+    """Whether ``cell`` holds attainable figures measured leave-group-out (the current way)."""
+    return cell is not None and "leave_out_groups" in cell.get("attainable", {})
+
+
 def poses_path(args: argparse.Namespace, key: str) -> Path:
     """Where a cell's poses are kept (in the work folder, not committed) for ``--rescore``."""
     return args.work / "poses" / (key.replace("|", "_") + ".pt")
@@ -245,8 +250,7 @@ def rescore(args: argparse.Namespace, store: dict) -> list[str]:
 def add_attainable(args: argparse.Namespace, store: dict, key: str, molecule) -> None:
     """:func:`attainable` into the stored cell ``key`` (skipped when absent, or current unless ``--redo``)."""
     entry = store["cells"].get(key)
-    current = "leave_out_groups" in entry.get("attainable", {}) if entry is not None else False
-    if entry is None or (current and not args.redo):  # measured before leave-group-out: measured again
+    if entry is None or (leave_group_out(entry) and not args.redo):  # measured before leave-group-out: again
         return
     cs = clean_set(molecule, entry["box"], entry["ctf"], max(args.n_cache, entry["n"]), args.cache)
     t = time.perf_counter()
@@ -295,7 +299,7 @@ def report(cells: dict) -> None:
         o, t, r = e["ours"], e["true_poses"], e["random_poses"]
         a = e.get("attainable")
         reach = "–" if a is None else f"{a['local_from_truth_median_deg']:.1f} / {a['global_median_deg']:.1f}"
-        if a is not None and "leave_out_groups" not in a:
+        if a is not None and not leave_group_out(e):
             reach += " (self in map)"
         estimate = estimated_precision(e)
         verdict = "converged" if e["verdict"] else "NOT converged"
@@ -375,13 +379,18 @@ def draw_figure(cells: dict, path: Path) -> None:
 def write_store(path: Path, store: dict, keys: list[str] | None = None) -> None:
     """Write ``store`` to ``path`` atomically; with ``keys``, only those cells (and the machine), merged into
     the file as it is now, under a lock: two runs (e.g. ``--attainable`` beside a panel run) never undo
-    each other's cells."""
+    each other's cells. A cell written again without attainable figures keeps the leave-group-out ones
+    the file has (a property of the cell's data, not of the method)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if keys is not None and path.exists():
             on_disk = json.loads(path.read_text())
-            on_disk["cells"].update({k: store["cells"][k] for k in keys})
+            for k in keys:
+                before = on_disk["cells"].get(k)
+                if "attainable" not in store["cells"][k] and leave_group_out(before):
+                    store["cells"][k]["attainable"] = before["attainable"]
+                on_disk["cells"][k] = store["cells"][k]
             on_disk["machine"] = store.get("machine", on_disk.get("machine"))
             store = on_disk
         tmp = path.with_suffix(".tmp")
@@ -443,10 +452,6 @@ def main() -> None:
                             if key in store["cells"] and not args.redo:
                                 continue
                             entry = run_cell(args, molecule, box, ctf, snr, n, seed)
-                            on_disk = json.loads(args.json.read_text())["cells"] if args.json.exists() else {}
-                            before = on_disk.get(key, {}).get("attainable", {})  # as another run may have left it
-                            if "leave_out_groups" in before:  # a property of the cell's data, not of the method
-                                entry["attainable"] = before
                             store["cells"][key] = entry
                             write_store(args.json, store, [key])
                             o = entry["ours"]

@@ -75,7 +75,7 @@ def pose_precision(spread_degrees: torch.Tensor | np.ndarray, bar_degrees: float
 
     Returns ``None`` when no particle has a finite spread.
     """
-    values = np.asarray(torch.as_tensor(spread_degrees).detach().cpu().double().numpy()).reshape(-1)
+    values = torch.as_tensor(spread_degrees).detach().cpu().double().reshape(-1).numpy()
     values = values[np.isfinite(values)]
     if values.size == 0:
         return None
