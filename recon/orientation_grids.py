@@ -9,6 +9,7 @@ Rotations are RELION matrices ``A`` (map frame -> particle frame, docs/conventio
   a uniform set stays uniform under that bijection (tested by coverage).
 - :func:`local_rotation_grid`: small rotations ``Δ`` on a cubic grid of rotation vectors
   inside a ball of radius ``range_degrees``; candidates around a pose ``A`` are ``A Δ``.
+  :func:`local_rotation_vectors` gives the same grid as rotation vectors (for averaging).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch_so3 import get_uniform_euler_angles
 
 from .euler import euler_to_matrix
 
-__all__ = ["global_rotation_grid", "local_rotation_grid", "rotation_vectors_to_matrices"]
+__all__ = ["global_rotation_grid", "local_rotation_grid", "local_rotation_vectors", "rotation_vectors_to_matrices"]
 
 
 def global_rotation_grid(step_degrees: float) -> torch.Tensor:
@@ -48,11 +49,11 @@ def _skew(v: torch.Tensor) -> torch.Tensor:
                         torch.stack([-y, x, zero], -1)], -2)
 
 
-def local_rotation_grid(range_degrees: float, step_degrees: float) -> torch.Tensor:
-    """`(M, 3, 3)` float64 small rotations within ``range_degrees`` of the identity.
+def local_rotation_vectors(range_degrees: float, step_degrees: float) -> torch.Tensor:
+    """`(M, 3)` float64 rotation vectors (radians) of :func:`local_rotation_grid`, in its order.
 
-    Rotation vectors on a cubic grid of spacing ``step_degrees`` inside a ball of radius
-    ``range_degrees`` (identity first). ``M`` is about ``4.2 (range / step)^3``.
+    A cubic grid of spacing ``step_degrees`` inside a ball of radius ``range_degrees``
+    (identity, the zero vector, first). ``M`` is about ``4.2 (range / step)^3``.
     """
     if not 0 < step_degrees <= range_degrees:
         raise ValueError(f"need 0 < step <= range, got step {step_degrees}°, range {range_degrees}°")
@@ -60,5 +61,13 @@ def local_rotation_grid(range_degrees: float, step_degrees: float) -> torch.Tens
     axis = torch.arange(-n, n + 1, dtype=torch.float64) * math.radians(step_degrees)
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
     grid = grid[grid.norm(dim=-1) <= math.radians(range_degrees) + 1e-12]
-    grid = grid[torch.argsort(grid.norm(dim=-1), stable=True)]  # identity first
-    return rotation_vectors_to_matrices(grid)
+    return grid[torch.argsort(grid.norm(dim=-1), stable=True)]  # identity first
+
+
+def local_rotation_grid(range_degrees: float, step_degrees: float) -> torch.Tensor:
+    """`(M, 3, 3)` float64 small rotations within ``range_degrees`` of the identity.
+
+    Rotation vectors on a cubic grid of spacing ``step_degrees`` inside a ball of radius
+    ``range_degrees`` (identity first; :func:`local_rotation_vectors`).
+    """
+    return rotation_vectors_to_matrices(local_rotation_vectors(range_degrees, step_degrees))

@@ -28,6 +28,14 @@ Two modes, both vectorised (no Python loop over particles):
 - :func:`search_global`: one SO(3) grid shared by all particles (slices computed once).
 - :func:`refine_local`: coarse-to-fine balls around each particle's own pose
   (``range`` and ``step`` halve at each stage; the shift window narrows to ±1 px).
+
+**Posterior mean.** When the posterior is wide (low SNR), its best candidate scatters
+around the true pose more than its mean does: the argmax picks a noise peak, the mean
+averages over them. :func:`refine_local` can therefore end with a posterior-mean stage:
+score a ball of rotation vectors ``v_c`` around the best pose ``A`` at the full band and
+the shift found, and return ``A exp(sum_c p_c v_c)`` with the posterior weights above
+(a rotation-vector mean, accurate for balls of a few degrees). Where one candidate
+dominates (high SNR) the mean is that candidate.
 """
 
 from __future__ import annotations
@@ -39,9 +47,10 @@ import torch
 
 from .fourier import rfft2_centered
 from .map_slices import MapSlicer, band_frequencies
-from .orientation_grids import local_rotation_grid
+from .orientation_grids import local_rotation_grid, local_rotation_vectors, rotation_vectors_to_matrices
 
-__all__ = ["PoseMatch", "ctf_at_band", "particle_spectra", "refine_local", "score_candidates", "search_global"]
+__all__ = ["PoseMatch", "ctf_at_band", "particle_spectra", "posterior_mean_rotations", "refine_local",
+           "score_candidates", "search_global"]
 
 
 @dataclass
@@ -183,6 +192,12 @@ def _best(scores: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor
     return best, shift, best_score
 
 
+def _posterior(per_candidate: torch.Tensor, n_frequencies: int) -> torch.Tensor:
+    """`(n, C)` posterior weights ``p_c ~ exp(M (ncc_c^2 - ncc_best^2))`` of `(n, C)` scores (rows sum to 1)."""
+    top = per_candidate.max(dim=-1, keepdim=True).values
+    return torch.softmax(n_frequencies * (per_candidate.clamp_min(0).square() - top.clamp_min(0).square()), dim=-1)
+
+
 def _spread_degrees(per_candidate: torch.Tensor, best: torch.Tensor, candidates: torch.Tensor,
                     n_frequencies: int) -> torch.Tensor:
     """`(n,)` posterior RMS angle (degrees) of candidates around the best (module docstring).
@@ -191,9 +206,7 @@ def _spread_degrees(per_candidate: torch.Tensor, best: torch.Tensor, candidates:
     """
     n = per_candidate.shape[0]
     rows = torch.arange(n, device=per_candidate.device)
-    top = per_candidate[rows, best][:, None]
-    log_p = n_frequencies * (per_candidate.clamp_min(0).square() - top.clamp_min(0).square())
-    p = torch.softmax(log_p, dim=-1)
+    p = _posterior(per_candidate, n_frequencies)
     rot = candidates.to(per_candidate.device, torch.float32)
     rot = rot.expand(n, *rot.shape) if rot.ndim == 3 else rot
     best_rot = rot[rows, best]  # (n, 3, 3)
@@ -273,8 +286,9 @@ def search_global(images: torch.Tensor, slicer: MapSlicer, grid: torch.Tensor, m
 
 def refine_local(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tensor, origins_px: torch.Tensor,
                  range_degrees: float = 10.0, step_degrees: float = 5.0, stages: int = 3,
-                 max_shift_px: int = 2, chunk: int = 256, ctf_grid: torch.Tensor | None = None) -> PoseMatch:
-    """Coarse-to-fine local search around each particle's pose.
+                 max_shift_px: int = 2, chunk: int = 256, ctf_grid: torch.Tensor | None = None,
+                 mean_range_degrees: float = 0.0, mean_step_degrees: float = 3.0) -> PoseMatch:
+    """Coarse-to-fine local search around each particle's pose, optionally ending in a posterior mean.
 
     Stage 0 scores the ball ``A Δ`` of radius ``range_degrees`` and grid step
     ``step_degrees`` (:func:`~cryofastar.recon.orientation_grids.local_rotation_grid`)
@@ -282,7 +296,9 @@ def refine_local(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tenso
     to half the slicer's band. Each later stage ``s`` halves the step, scores the 19
     grid points within 1.5 steps of the current best, with shifts within ±1 px, over a
     band growing to the slicer's full ``k_max`` at the last stage. The final angular
-    step is ``step_degrees / 2^(stages - 1)``.
+    step is ``step_degrees / 2^(stages - 1)``. With ``mean_range_degrees > 0`` the pose
+    returned is the posterior mean over a ball around that best pose
+    (:func:`posterior_mean_rotations`; module docstring).
 
     Parameters
     ----------
@@ -304,11 +320,14 @@ def refine_local(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tenso
         Particles per vectorised step (memory ~ ``chunk * C * M * 8`` bytes).
     ctf_grid: torch.Tensor | None
         `(n, B, B // 2 + 1)` each particle's CTF, or ``None`` (as in :func:`search_global`).
+    mean_range_degrees, mean_step_degrees: float
+        Radius and grid step of the posterior-mean ball (``0``: return the best candidate).
 
     Returns
     -------
     PoseMatch
-        ``spread_degrees`` comes from the first (widest) stage.
+        ``scores`` are the best candidate's; ``spread_degrees`` comes from the first
+        (widest) stage.
     """
     _check_images(images, slicer)
     radius = _check_radius(max_shift_px, slicer.box)
@@ -346,4 +365,57 @@ def refine_local(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tenso
             rot = candidates[rows, best]
             origin = origin - shift.double()
         rot_out[part], origin_out[part], scores[part] = rot.cpu(), origin.cpu(), best_score.cpu()
+    if mean_range_degrees > 0:
+        rot_out = posterior_mean_rotations(images, slicer, rot_out, origin_out, mean_range_degrees, mean_step_degrees,
+                                           chunk=max(1, chunk // 4), ctf_grid=ctf_grid)
     return PoseMatch(rot_out, origin_out, scores, spread)
+
+
+def posterior_mean_rotations(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tensor,
+                             origins_px: torch.Tensor, range_degrees: float = 6.0, step_degrees: float = 3.0,
+                             chunk: int = 64, ctf_grid: torch.Tensor | None = None) -> torch.Tensor:
+    """`(n, 3, 3)` float64 posterior-mean RELION matrices over a ball around each pose.
+
+    Each particle is scored (at the slicer's full band, shift fixed at ``origins_px``)
+    against ``A exp(v_c)`` for the rotation vectors ``v_c`` of
+    :func:`~cryofastar.recon.orientation_grids.local_rotation_vectors` (``range_degrees``,
+    ``step_degrees``); the result is ``A exp(sum_c p_c v_c)`` with the posterior weights
+    ``p_c ~ exp(M (ncc_c^2 - ncc_max^2))`` (module docstring).
+
+    Parameters
+    ----------
+    images: torch.Tensor
+        `(n, B, B)` particles at the map's box and pixel size.
+    slicer: MapSlicer
+        The map.
+    rotations: torch.Tensor
+        `(n, 3, 3)` RELION matrices ``A`` the balls are centred on (usually the best candidates).
+    origins_px: torch.Tensor
+        `(n, 2)` rlnOriginX/Y in px.
+    range_degrees, step_degrees: float
+        Radius and grid step of the ball (about ``4.2 (range / step)^3`` candidates).
+    chunk: int
+        Particles per vectorised step.
+    ctf_grid: torch.Tensor | None
+        `(n, B, B // 2 + 1)` each particle's CTF, or ``None``.
+    """
+    _check_images(images, slicer)
+    n = images.shape[0]
+    if rotations.shape != (n, 3, 3) or origins_px.shape != (n, 2):
+        raise ValueError(f"for {n} images expected rotations (n, 3, 3) and origins (n, 2), got "
+                         f"{tuple(rotations.shape)} and {tuple(origins_px.shape)}")
+    device = slicer.device
+    vectors = local_rotation_vectors(range_degrees, step_degrees).to(device)  # (C, 3)
+    ball = rotation_vectors_to_matrices(vectors)
+    k = band_frequencies(slicer.box, slicer.k_max, device)
+    out = rotations.double().cpu().clone()
+    for start in range(0, n, chunk):
+        part = slice(start, min(n, start + chunk))
+        rot = out[part].to(device)
+        candidates = rot[:, None] @ ball[None]  # (c, C, 3, 3)
+        spectra = particle_spectra(images[part].to(device), k, origins_px[part].double().to(device))
+        ctf = None if ctf_grid is None else ctf_at_band(ctf_grid[part].to(device), k)
+        table = score_candidates(spectra, slicer.slices(candidates, k), k, 0, ctf)[..., 0]  # (c, C)
+        mean = _posterior(table, k.shape[0]).double() @ vectors  # (c, 3) rotation-vector mean
+        out[part] = (rot @ rotation_vectors_to_matrices(mean)).cpu()
+    return out

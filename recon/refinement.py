@@ -52,6 +52,11 @@ class RefineSettings:
         Shift search radius (working-box px) of the global search.
     global_resolution_angstrom: float
         Finest resolution compared in a global search (the map of both halves).
+    mean_range_degrees, mean_step_degrees: float
+        Ball of the posterior-mean stage that ends every local search
+        (:func:`~cryofastar.recon.projection_matching.posterior_mean_rotations`; range 0: the
+        best candidate is kept). The mean lies closer to the truth than the best candidate
+        when the posterior is wide (low SNR): docs/refinement.md.
     """
 
     working_box: int = 64
@@ -62,6 +67,8 @@ class RefineSettings:
     global_step_degrees: float = 15.0
     global_max_shift_px: int = 4
     global_resolution_angstrom: float = 20.0
+    mean_range_degrees: float = 9.0
+    mean_step_degrees: float = 4.5
 
 
 def images_to_working_box(images: torch.Tensor, working_box: int) -> torch.Tensor:
@@ -235,7 +242,8 @@ class RefinementReference:
             match = refine_local(small[members], self.local_slicer(h), rotations[members], origins_px[members],
                                  range_degrees=s.local_range_degrees, step_degrees=s.local_step_degrees,
                                  stages=s.local_stages, max_shift_px=min(s.local_max_shift_px, self.work // 2 - 1),
-                                 ctf_grid=None if ctf_grid is None else ctf_grid[members.to(ctf_grid.device)])
+                                 ctf_grid=None if ctf_grid is None else ctf_grid[members.to(ctf_grid.device)],
+                                 mean_range_degrees=s.mean_range_degrees, mean_step_degrees=s.mean_step_degrees)
             out.rotations[members], out.origins_px[members] = match.rotations, match.origins_px
             out.scores[members], out.spread_degrees[members] = match.scores, match.spread_degrees
         return out

@@ -7,8 +7,19 @@ import torch
 from cryofastar.recon.ctf import CtfParams, ctf_rfft
 from cryofastar.recon.fourier import rfft2_centered
 from cryofastar.recon.map_slices import MapSlicer, band_frequencies
-from cryofastar.recon.orientation_grids import global_rotation_grid, local_rotation_grid
-from cryofastar.recon.projection_matching import ctf_at_band, refine_local, score_candidates, search_global
+from cryofastar.recon.orientation_grids import (
+    global_rotation_grid,
+    local_rotation_grid,
+    local_rotation_vectors,
+    rotation_vectors_to_matrices,
+)
+from cryofastar.recon.projection_matching import (
+    ctf_at_band,
+    posterior_mean_rotations,
+    refine_local,
+    score_candidates,
+    search_global,
+)
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
@@ -74,6 +85,40 @@ def test_local_refinement_recovers_known_poses_and_shifts(volume):
     assert float((result.origins_px - true_origins).abs().max()) < 0.35  # sub-pixel
     assert bool((result.scores > 0.95).all())
     assert result.spread_degrees.shape == (16,) and bool((result.spread_degrees < 10.0).all())
+
+
+def test_local_rotation_vectors_are_the_grid_of_local_rotation_grid():
+    vectors = local_rotation_vectors(6.0, 2.0)
+    assert vectors.shape == (123, 3) and float(vectors[0].norm()) == 0.0
+    assert torch.allclose(rotation_vectors_to_matrices(vectors), local_rotation_grid(6.0, 2.0))
+
+
+def test_posterior_mean_lands_between_grid_points_that_explain_the_particle_alike(volume):
+    """Clean particles started half a grid step (1.5°) off: the ball's candidates at 1.5° on
+    either side of the truth score alike, so their posterior mean is nearer the truth than either."""
+    sim = simulate_particles(volume, 12, APIX, None, torch.Generator().manual_seed(5), max_shift_px=0.0)
+    axes = torch.nn.functional.normalize(torch.randn(12, 3, generator=torch.Generator().manual_seed(6),
+                                                     dtype=torch.float64), dim=-1)
+    start = sim.rotations @ rotation_vectors_to_matrices(axes * torch.deg2rad(torch.tensor(1.5, dtype=torch.float64)))
+    slicer, origins = MapSlicer(volume, 0.5), sim.origins_angstrom / APIX
+    mean = posterior_mean_rotations(sim.images, slicer, start, origins, range_degrees=6.0, step_degrees=3.0, chunk=5)
+    error = geodesic_degrees(mean, sim.rotations)
+    assert float(error.median()) < 1.0 and float(error.max()) < 1.5
+    at_truth = posterior_mean_rotations(sim.images, slicer, sim.rotations, origins)  # a sharp peak stays put
+    assert float(geodesic_degrees(at_truth, sim.rotations).max()) < 0.5
+    with pytest.raises(ValueError, match="rotations"):
+        posterior_mean_rotations(sim.images, slicer, start[:3], origins)
+
+
+def test_local_refinement_ending_in_the_posterior_mean_still_recovers_poses(volume):
+    sim = simulate_particles(volume, 8, APIX, None, torch.Generator().manual_seed(7), max_shift_px=1.0)
+    start = sim.rotations @ local_rotation_grid(6.0, 6.0)[1:7].repeat(2, 1, 1)[:8]
+    plain = refine_local(sim.images, MapSlicer(volume, 0.5), start, sim.origins_angstrom / APIX)
+    mean = refine_local(sim.images, MapSlicer(volume, 0.5), start, sim.origins_angstrom / APIX,
+                        mean_range_degrees=6.0)
+    assert float(geodesic_degrees(mean.rotations, sim.rotations).max()) < 2.0
+    assert torch.equal(mean.scores, plain.scores) and torch.equal(mean.origins_px, plain.origins_px)
+    assert not torch.equal(mean.rotations, plain.rotations)
 
 
 def test_ctf_scores_compare_the_particle_with_the_modulated_projection(volume):
