@@ -287,7 +287,7 @@ def search_global(images: torch.Tensor, slicer: MapSlicer, grid: torch.Tensor, m
 def refine_local(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tensor, origins_px: torch.Tensor,
                  range_degrees: float = 10.0, step_degrees: float = 5.0, stages: int = 3,
                  max_shift_px: int = 2, chunk: int = 256, ctf_grid: torch.Tensor | None = None,
-                 mean_range_degrees: float = 0.0, mean_step_degrees: float = 3.0) -> PoseMatch:
+                 mean_range_degrees: float = 0.0, mean_step_degrees: float = 4.5) -> PoseMatch:
     """Coarse-to-fine local search around each particle's pose, optionally ending in a posterior mean.
 
     Stage 0 scores the ball ``A Δ`` of radius ``range_degrees`` and grid step
@@ -372,7 +372,7 @@ def refine_local(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tenso
 
 
 def posterior_mean_rotations(images: torch.Tensor, slicer: MapSlicer, rotations: torch.Tensor,
-                             origins_px: torch.Tensor, range_degrees: float = 6.0, step_degrees: float = 3.0,
+                             origins_px: torch.Tensor, range_degrees: float = 9.0, step_degrees: float = 4.5,
                              chunk: int = 64, ctf_grid: torch.Tensor | None = None) -> torch.Tensor:
     """`(n, 3, 3)` float64 posterior-mean RELION matrices over a ball around each pose.
 
@@ -393,7 +393,8 @@ def posterior_mean_rotations(images: torch.Tensor, slicer: MapSlicer, rotations:
     origins_px: torch.Tensor
         `(n, 2)` rlnOriginX/Y in px.
     range_degrees, step_degrees: float
-        Radius and grid step of the ball (about ``4.2 (range / step)^3`` candidates).
+        Radius and grid step of the ball (about ``4.2 (range / step)^3`` candidates; the
+        defaults are :class:`~cryofastar.recon.refinement.RefineSettings`'s: 33 candidates).
     chunk: int
         Particles per vectorised step.
     ctf_grid: torch.Tensor | None

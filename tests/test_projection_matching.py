@@ -104,7 +104,8 @@ def test_posterior_mean_lands_between_grid_points_that_explain_the_particle_alik
     mean = posterior_mean_rotations(sim.images, slicer, start, origins, range_degrees=6.0, step_degrees=3.0, chunk=5)
     error = geodesic_degrees(mean, sim.rotations)
     assert float(error.median()) < 1.0 and float(error.max()) < 1.5
-    at_truth = posterior_mean_rotations(sim.images, slicer, sim.rotations, origins)  # a sharp peak stays put
+    at_truth = posterior_mean_rotations(sim.images, slicer, sim.rotations, origins, range_degrees=6.0,
+                                        step_degrees=3.0)  # a sharp peak stays put
     assert float(geodesic_degrees(at_truth, sim.rotations).max()) < 0.5
     with pytest.raises(ValueError, match="rotations"):
         posterior_mean_rotations(sim.images, slicer, start[:3], origins)
@@ -115,7 +116,7 @@ def test_local_refinement_ending_in_the_posterior_mean_still_recovers_poses(volu
     start = sim.rotations @ local_rotation_grid(6.0, 6.0)[1:7].repeat(2, 1, 1)[:8]
     plain = refine_local(sim.images, MapSlicer(volume, 0.5), start, sim.origins_angstrom / APIX)
     mean = refine_local(sim.images, MapSlicer(volume, 0.5), start, sim.origins_angstrom / APIX,
-                        mean_range_degrees=6.0)
+                        mean_range_degrees=6.0, mean_step_degrees=3.0)
     assert float(geodesic_degrees(mean.rotations, sim.rotations).max()) < 2.0
     assert torch.equal(mean.scores, plain.scores) and torch.equal(mean.origins_px, plain.origins_px)
     assert not torch.equal(mean.rotations, plain.rotations)
