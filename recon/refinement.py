@@ -18,6 +18,7 @@ Shared by the offline ``reconstruct --refine`` and the streaming daemon. Rules
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,9 +26,12 @@ import torch
 from torch_fourier_rescale import fourier_rescale_2d, fourier_rescale_3d
 
 from .ctf import CtfParams, ctf_rfft
-from .map_slices import MapSlicer
+from .delocalisation import effective_ctf, fit_loss, kept_fraction
+from .map_slices import MapSlicer, band_frequencies
 from .orientation_grids import global_rotation_grid
-from .projection_matching import PoseMatch, refine_local, search_global
+from .projection_matching import PoseMatch, ctf_at_band, particle_spectra, refine_local, search_global
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["RefineSettings", "RefinementReference", "band_limit", "images_to_working_box", "map_to_working_box"]
 
@@ -141,6 +145,9 @@ class RefinementReference:
                                          for v in half_volumes.float()]).to(self.device)
         self._local: dict[int, MapSlicer] = {}
         self._global: MapSlicer | None = None
+        self.delocalisation_loss: float | None = None
+        """Share of the modelled CTF delocalisation loss the particles show (0..1; ``None`` until the
+        first batch with a CTF and poses was matched: :mod:`~cryofastar.recon.delocalisation`)."""
 
     @property
     def local_band(self) -> float:
@@ -209,16 +216,25 @@ class RefinementReference:
         small = images_to_working_box(images, self.work).to(self.device)
         if ctf is not None and len(ctf) != n:
             raise ValueError(f"{len(ctf)} CTF parameter sets for {n} images")
-        ctf_grid = None if ctf is None else ctf_rfft(ctf, self.work, self.apix_work, device=self.device)
         origins_px = origins_angstrom.double().cpu() / self.apix_work
         halves = torch.as_tensor(half_sets).long().cpu()
         s = self.settings
+        plain = kept = None
+        if ctf is not None:
+            plain = ctf_rfft(ctf, self.work, self.apix_work, device=self.device)
+            kept = kept_fraction(ctf, self.work, self.apix_work, self.box * self.apix, device=self.device)
+            if self.delocalisation_loss is None and rotations is not None:
+                self._fit_delocalisation(small, halves, rotations.double().cpu(), origins_px, plain, kept)
+        ctf_grid = None if plain is None else effective_ctf(plain, kept, self.delocalisation_loss or 0.0)
         if mode == "local":
             out = self._local_per_half(small, halves, rotations.double().cpu(), origins_px, ctf_grid)
             return out, out.origins_px * self.apix_work
         found = search_global(small, self.global_slicer(), global_rotation_grid(s.global_step_degrees),
                               max_shift_px=min(s.global_max_shift_px, self.work // 2 - 1), origins_px=origins_px,
                               ctf_grid=ctf_grid)
+        if plain is not None and self.delocalisation_loss is None:  # global mode: fit at the poses found
+            self._fit_delocalisation(small, halves, found.rotations, found.origins_px, plain, kept)
+            ctf_grid = effective_ctf(plain, kept, self.delocalisation_loss)
         polished = self._local_per_half(small, halves, found.rotations, found.origins_px, ctf_grid)
         polished.spread_degrees = found.spread_degrees  # the global search's uncertainty covers all of SO(3)
         if mode == "global":
@@ -228,6 +244,31 @@ class RefinementReference:
         for name in ("rotations", "origins_px", "scores", "spread_degrees"):
             getattr(local, name)[better] = getattr(polished, name)[better]
         return local, local.origins_px * self.apix_work
+
+    def _fit_delocalisation(self, small: torch.Tensor, halves: torch.Tensor, rotations: torch.Tensor,
+                            origins_px: torch.Tensor, ctf_grid: torch.Tensor, kept: torch.Tensor,
+                            most: int = 1000) -> None:
+        """Set :attr:`delocalisation_loss` from (at most ``most`` of) these particles at these poses.
+
+        Each particle's spectrum is compared with its predicted one at its pose in its own half
+        map, at the local band (:func:`~cryofastar.recon.delocalisation.fit_loss`).
+        """
+        parts = []
+        for h in (1, 2):
+            members = torch.nonzero(halves == h).squeeze(-1)[: max(1, most // 2)]
+            if members.numel() == 0:
+                continue
+            slicer = self.local_slicer(h)
+            k = band_frequencies(self.work, slicer.k_max, self.device)
+            where = members.to(self.device)
+            spectra = particle_spectra(small[where], k, origins_px[members].double().to(self.device))
+            predicted = slicer.slices(rotations[members].to(self.device)[:, None], k)[:, 0]
+            predicted = predicted * ctf_at_band(ctf_grid[where], k)
+            parts.append(((spectra * predicted.conj()).real, predicted.abs().square(),
+                          ctf_at_band(kept[where], k)))
+        self.delocalisation_loss = fit_loss(*(torch.cat(p) for p in zip(*parts, strict=True)))
+        logger.info("CTF delocalisation: the particles show %.0f%% of the modelled loss beyond their box",
+                    100 * self.delocalisation_loss)
 
     def _local_per_half(self, small: torch.Tensor, halves: torch.Tensor, rotations: torch.Tensor,
                         origins_px: torch.Tensor, ctf_grid: torch.Tensor | None = None) -> PoseMatch:
