@@ -219,13 +219,10 @@ class RefinementReference:
         origins_px = origins_angstrom.double().cpu() / self.apix_work
         halves = torch.as_tensor(half_sets).long().cpu()
         s = self.settings
-        plain = kept = None
-        if ctf is not None:
-            plain = ctf_rfft(ctf, self.work, self.apix_work, device=self.device)
-            kept = kept_fraction(ctf, self.work, self.apix_work, self.box * self.apix, device=self.device)
-            if self.delocalisation_loss is None and rotations is not None:
-                self._fit_delocalisation(small, halves, rotations.double().cpu(), origins_px, plain, kept)
-        ctf_grid = None if plain is None else effective_ctf(plain, kept, self.delocalisation_loss or 0.0)
+        plain = None if ctf is None else ctf_rfft(ctf, self.work, self.apix_work, device=self.device)
+        if plain is not None and self.delocalisation_loss is None and rotations is not None:
+            self._fit_delocalisation(small, halves, rotations.double().cpu(), origins_px, ctf, plain)
+        ctf_grid = None if plain is None else self._effective_ctf(ctf, plain)
         if mode == "local":
             out = self._local_per_half(small, halves, rotations.double().cpu(), origins_px, ctf_grid)
             return out, out.origins_px * self.apix_work
@@ -233,8 +230,8 @@ class RefinementReference:
                               max_shift_px=min(s.global_max_shift_px, self.work // 2 - 1), origins_px=origins_px,
                               ctf_grid=ctf_grid)
         if plain is not None and self.delocalisation_loss is None:  # global mode: fit at the poses found
-            self._fit_delocalisation(small, halves, found.rotations, found.origins_px, plain, kept)
-            ctf_grid = effective_ctf(plain, kept, self.delocalisation_loss)
+            self._fit_delocalisation(small, halves, found.rotations, found.origins_px, ctf, plain)
+            ctf_grid = self._effective_ctf(ctf, plain)
         polished = self._local_per_half(small, halves, found.rotations, found.origins_px, ctf_grid)
         polished.spread_degrees = found.spread_degrees  # the global search's uncertainty covers all of SO(3)
         if mode == "global":
@@ -245,8 +242,17 @@ class RefinementReference:
             getattr(local, name)[better] = getattr(polished, name)[better]
         return local, local.origins_px * self.apix_work
 
+    def _kept(self, ctf: CtfParams) -> torch.Tensor:
+        """`(n, W, W // 2 + 1)` share of each frequency's signal the particles' box keeps (working grid)."""
+        return kept_fraction(ctf, self.work, self.apix_work, self.box * self.apix, device=self.device)
+
+    def _effective_ctf(self, ctf: CtfParams, plain: torch.Tensor) -> torch.Tensor:
+        """The CTF grid ``plain`` of ``ctf`` with the fitted share of the delocalisation loss (``plain`` at 0)."""
+        loss = self.delocalisation_loss or 0.0
+        return plain if loss == 0 else effective_ctf(plain, self._kept(ctf), loss)
+
     def _fit_delocalisation(self, small: torch.Tensor, halves: torch.Tensor, rotations: torch.Tensor,
-                            origins_px: torch.Tensor, ctf_grid: torch.Tensor, kept: torch.Tensor,
+                            origins_px: torch.Tensor, ctf: CtfParams, ctf_grid: torch.Tensor,
                             most: int = 1000) -> None:
         """Set :attr:`delocalisation_loss` from (at most ``most`` of) these particles at these poses.
 
@@ -268,7 +274,7 @@ class RefinementReference:
             predicted = slicer.slices(rotations[members].to(self.device)[:, None], k)[:, 0]
             predicted = predicted * ctf_at_band(ctf_grid[where], k)
             parts.append(((spectra * predicted.conj()).real, predicted.abs().square(),
-                          ctf_at_band(kept[where], k)))
+                          ctf_at_band(self._kept(ctf[members]), k)))
         self.delocalisation_loss = fit_loss(*(torch.cat(p) for p in zip(*parts, strict=True)))
         logger.info("CTF delocalisation: the particles show %.0f%% of the modelled loss beyond their box",
                     100 * self.delocalisation_loss)
