@@ -152,20 +152,54 @@ def last_iteration(outdir: Path) -> tuple[int, Path]:
 def compare_initial_model(args: argparse.Namespace, molecule, ctf: bool, snr: float, n: int, seed: int,
                           classes: int, panel: dict) -> dict:
     key = cell_key(molecule.name, args.box, ctf, snr, n, seed)
-    ours = panel.get(key)
-    if ours is None:
+    if key not in panel:
         raise SystemExit(f"error: the panel has no cell {key}: run bench/ab_initio_panel.py on it first")
     cs = clean_set(molecule, args.box, ctf, max(10_000, n))
     images = cs.noisy(n, snr, seed)
-    folder = args.work / (f"initial_model_K{classes}_" + key.replace("|", "_"))
+    folder = initial_model_folder(args, key, classes)
+    if args.score_stopped:
+        return score_stopped_initial_model(args, molecule, cs, images, folder, classes, panel[key])
     star = write_cell(cs, images, folder)
     (folder / "out").mkdir(exist_ok=True)
     diameter = min(1.1 * 2 * atoms_of(molecule).radius_angstrom(), (cs.box - 2) * cs.apix)
     cmd = ["relion_refine", "--i", star.name, "--o", "out/run", "--K", str(classes), "--particle_diameter",
            f"{diameter:.0f}", "--j", str(args.threads), *(["--ctf"] if ctf else []), *INITIAL_MODEL_ARGS,
            *args.relion_args]
+    (folder / "command.txt").write_text(" ".join(cmd) + "\n")
     started = time.time()
     wall, finished = run(cmd, folder, folder / "relion_refine.log", args.timeout, stop_at_timeout=True)
+    entry = score_initial_model(molecule, cs, images, folder, classes, panel[key], wall, finished, started)
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return entry
+
+
+def initial_model_folder(args: argparse.Namespace, key: str, classes: int) -> Path:
+    """Where a cell's RELION initial model runs (``--work``)."""
+    return args.work / (f"initial_model_K{classes}_" + key.replace("|", "_"))
+
+
+def score_stopped_initial_model(args: argparse.Namespace, molecule, cs: CleanSet, images: torch.Tensor,
+                                folder: Path, classes: int, ours: dict) -> dict:
+    """Score a RELION run that was stopped by hand (its folder kept) at its last written iteration.
+
+    Its wall time is that of the last iteration written, counted from the cell's STAR file
+    (written just before RELION started); the run counts as not finished.
+    """
+    if not (folder / "command.txt").exists() or not (folder / "out").is_dir():
+        raise SystemExit(f"error: no stopped RELION run in {folder}")
+    started = (folder / "particles.star").stat().st_mtime
+    _, data = last_iteration(folder / "out")
+    entry = score_initial_model(molecule, cs, images, folder, classes, ours, data.stat().st_mtime - started,
+                                False, started)
+    entry["stopped_by_hand"] = True
+    return entry
+
+
+def score_initial_model(molecule, cs: CleanSet, images: torch.Tensor, folder: Path, classes: int, ours: dict,
+                        wall: float, finished: bool, started: float) -> dict:
+    """The entry of one initial-model cell: RELION's last iteration scored like the panel scores ours."""
+    n = images.shape[0]
     iteration, data = last_iteration(folder / "out")
     written = {int(p.name[6:9]): p.stat().st_mtime - started
                for p in sorted((folder / "out").glob("run_it*_data.star"))}
@@ -185,25 +219,30 @@ def compare_initial_model(args: argparse.Namespace, molecule, ctf: bool, snr: fl
     true = score(sub, images[members], cs.rotations[members], cs.origins_angstrom[members], sym)
     success = (peer["median_deg"] < SUCCESS_DEGREES
                and peer["fsc05_angstrom"] <= SUCCESS_FSC_FACTOR * true["fsc05_angstrom"])
-    entry = {"molecule": molecule.name, "box": args.box, "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n,
-             "seed": seed, "classes": classes, "particle_diameter_angstrom": diameter, "iterations": iteration,
-             "scored_particles": len(members), "relion_s": wall, "relion_finished": finished,
-             "relion_iteration_s": written,
-             "relion_projected_s": wall if finished else wall * sgd_particle_passes(300) / sgd_particle_passes(
-                 max(iteration, 1)),
-             "relion": peer, "relion_true_poses": true,
-             "relion_success": bool(success), "ours_s": ours["wall_s"], "ours": ours["ours"],
-             "ours_success": ours["success"], "ours_true_poses": ours["true_poses"],
-             "command": " ".join(cmd)}
-    if not args.keep:
-        shutil.rmtree(folder, ignore_errors=True)
-    return entry
+    diameter = min(1.1 * 2 * atoms_of(molecule).radius_angstrom(), (cs.box - 2) * cs.apix)
+    return {"molecule": molecule.name, "box": cs.box, "apix": cs.apix, "ctf": cs.ctf is not None,
+            "snr": ours["snr"], "n": n, "seed": ours["seed"], "classes": classes,
+            "particle_diameter_angstrom": diameter, "iterations": iteration,
+            "scored_particles": len(members), "relion_s": wall, "relion_finished": finished,
+            "relion_iteration_s": written,
+            "relion_projected_s": wall if finished else wall * sgd_particle_passes(300) / sgd_particle_passes(
+                max(iteration, 1)),
+            "relion": peer, "relion_true_poses": true,
+            "relion_success": bool(success), "ours_s": ours["wall_s"], "ours": ours["ours"],
+            "ours_success": ours["success"], "ours_true_poses": ours["true_poses"],
+            "command": (folder / "command.txt").read_text().strip()}
 
 
 def _subset(cs: CleanSet, members: torch.Tensor) -> CleanSet:
     """The clean set restricted to ``members`` (so :func:`score` sees those particles as the first ``m``)."""
     return CleanSet(cs.molecule, cs.atoms, cs.shape, cs.box, cs.apix, cs.volume, cs.clean[members],
                     cs.rotations[members], cs.origins_angstrom[members], None if cs.ctf is None else cs.ctf[members])
+
+
+def _stopped(entry: dict) -> str:
+    """What the wall-time cell of an unfinished RELION run says beside its time."""
+    return (f" (stopped at iteration {entry['iterations']} of 300, projected "
+            f"{entry['relion_projected_s']:.0f})")
 
 
 def report(store: dict) -> None:
@@ -228,16 +267,17 @@ def report(store: dict) -> None:
             r, o = e["relion"], e["ours"]
             print(f"| {e['molecule']} | {'yes' if e['ctf'] else 'no'} | {e['snr']:g} | {e['n']} | {e['classes']} "
                   f"({e['scored_particles']} scored) | {r['median_deg']:.1f} / {r['frobenius_mean']:.3f} / "
-                  f"{r['fsc05_angstrom']:.1f} ({e['relion_true_poses']['fsc05_angstrom']:.1f}) | {e['relion_s']:.0f} | "
+                  f"{r['fsc05_angstrom']:.1f} ({e['relion_true_poses']['fsc05_angstrom']:.1f}) | {e['relion_s']:.0f}"
+                  f"{'' if e['relion_finished'] else _stopped(e)} | "
                   f"{'yes' if e['relion_success'] else 'no'} | {o['median_deg']:.1f} / {o['frobenius_mean']:.3f} / "
                   f"{o['fsc05_angstrom']:.1f} ({e['ours_true_poses']['fsc05_angstrom']:.1f}) | {e['ours_s']:.0f} | "
                   f"{'yes' if e['ours_success'] else 'no'} | {e['relion_s'] / e['ours_s']:.1f}x |")
         for k in sorted({e["classes"] for e in im.values()}):
             es = [e for e in im.values() if e["classes"] == k]
-            walls = sorted(e["relion_s"] / e["ours_s"] for e in es)
+            walls = sorted(e["relion_s"] / e["ours_s"] for e in es)  # a stopped run's time is a lower bound
             print(f"\nK={k}: {len(es)} cells; RELION success {sum(e['relion_success'] for e in es)}/{len(es)}, "
                   f"ours {sum(e['ours_success'] for e in es)}/{len(es)}; "
-                  f"RELION's wall time / ours: median {walls[len(walls) // 2]:.1f}x")
+                  f"RELION's wall time / ours: {walls[0]:.1f}x to {walls[-1]:.1f}x")
 
 
 def main() -> None:
@@ -262,6 +302,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=HERE / ".relion-work")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep each cell's files")
+    parser.add_argument("--score-stopped", action="store_true",
+                        help="--initial-model: score a run stopped by hand (its folder in --work) at its last "
+                             "written iteration, as not finished, instead of running RELION")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     store = json.loads(args.json.read_text()) if args.json.exists() else {}
