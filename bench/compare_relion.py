@@ -88,6 +88,10 @@ def run(cmd: list[str], cwd: Path, log: Path, timeout: float, stop_at_timeout: b
     return time.perf_counter() - t, True
 
 
+SGD_ITERATIONS = 300
+"""relion_refine's SGD iterations with its defaults (50 initial + 200 in between + 50 final)."""
+
+
 def sgd_particle_passes(iterations: int, ini: int = 50, between: int = 200, fin: int = 50, ini_subset: int = 100,
                         fin_subset: int = 500) -> float:
     """Particles RELION's SGD has processed after ``iterations`` (mini-batches grow linearly in between)."""
@@ -158,10 +162,10 @@ def compare_initial_model(args: argparse.Namespace, molecule, ctf: bool, snr: fl
     images = cs.noisy(n, snr, seed)
     folder = initial_model_folder(args, key, classes)
     if args.score_stopped:
-        return score_stopped_initial_model(args, molecule, cs, images, folder, classes, panel[key])
+        return score_stopped_initial_model(molecule, cs, images, folder, classes, panel[key])
     star = write_cell(cs, images, folder)
     (folder / "out").mkdir(exist_ok=True)
-    diameter = min(1.1 * 2 * atoms_of(molecule).radius_angstrom(), (cs.box - 2) * cs.apix)
+    diameter = mask_diameter_angstrom(molecule, cs)
     cmd = ["relion_refine", "--i", star.name, "--o", "out/run", "--K", str(classes), "--particle_diameter",
            f"{diameter:.0f}", "--j", str(args.threads), *(["--ctf"] if ctf else []), *INITIAL_MODEL_ARGS,
            *args.relion_args]
@@ -174,13 +178,18 @@ def compare_initial_model(args: argparse.Namespace, molecule, ctf: bool, snr: fl
     return entry
 
 
+def mask_diameter_angstrom(molecule, cs: CleanSet) -> float:
+    """The mask diameter (Å) RELION is given: 1.1x the molecule's true largest extent, as a user would type it."""
+    return min(1.1 * 2 * atoms_of(molecule).radius_angstrom(), (cs.box - 2) * cs.apix)
+
+
 def initial_model_folder(args: argparse.Namespace, key: str, classes: int) -> Path:
     """Where a cell's RELION initial model runs (``--work``)."""
     return args.work / (f"initial_model_K{classes}_" + key.replace("|", "_"))
 
 
-def score_stopped_initial_model(args: argparse.Namespace, molecule, cs: CleanSet, images: torch.Tensor,
-                                folder: Path, classes: int, ours: dict) -> dict:
+def score_stopped_initial_model(molecule, cs: CleanSet, images: torch.Tensor, folder: Path, classes: int,
+                                ours: dict) -> dict:
     """Score a RELION run that was stopped by hand (its folder kept) at its last written iteration.
 
     Its wall time is that of the last iteration written, counted from the cell's STAR file
@@ -219,14 +228,13 @@ def score_initial_model(molecule, cs: CleanSet, images: torch.Tensor, folder: Pa
     true = score(sub, images[members], cs.rotations[members], cs.origins_angstrom[members], sym)
     success = (peer["median_deg"] < SUCCESS_DEGREES
                and peer["fsc05_angstrom"] <= SUCCESS_FSC_FACTOR * true["fsc05_angstrom"])
-    diameter = min(1.1 * 2 * atoms_of(molecule).radius_angstrom(), (cs.box - 2) * cs.apix)
+    projected = wall * sgd_particle_passes(SGD_ITERATIONS) / sgd_particle_passes(max(iteration, 1))
     return {"molecule": molecule.name, "box": cs.box, "apix": cs.apix, "ctf": cs.ctf is not None,
             "snr": ours["snr"], "n": n, "seed": ours["seed"], "classes": classes,
-            "particle_diameter_angstrom": diameter, "iterations": iteration,
+            "particle_diameter_angstrom": mask_diameter_angstrom(molecule, cs), "iterations": iteration,
             "scored_particles": len(members), "relion_s": wall, "relion_finished": finished,
             "relion_iteration_s": written,
-            "relion_projected_s": wall if finished else wall * sgd_particle_passes(300) / sgd_particle_passes(
-                max(iteration, 1)),
+            "relion_projected_s": wall if finished else projected,
             "relion": peer, "relion_true_poses": true,
             "relion_success": bool(success), "ours_s": ours["wall_s"], "ours": ours["ours"],
             "ours_success": ours["success"], "ours_true_poses": ours["true_poses"],
@@ -241,7 +249,7 @@ def _subset(cs: CleanSet, members: torch.Tensor) -> CleanSet:
 
 def _stopped(entry: dict) -> str:
     """What the wall-time cell of an unfinished RELION run says beside its time."""
-    return (f" (stopped at iteration {entry['iterations']} of 300, projected "
+    return (f" (stopped at iteration {entry['iterations']} of {SGD_ITERATIONS}, projected "
             f"{entry['relion_projected_s']:.0f})")
 
 
