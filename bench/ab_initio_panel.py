@@ -182,7 +182,8 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
     folder = args.work / key.replace("|", "_")
     star = write_cell(cs, images, folder)
     t = time.perf_counter()
-    result = reconstruct(star, folder / "out", ReconstructSettings(device="cpu", poses_from="map-only", seed=seed))
+    settings = ReconstructSettings(device=args.device, poses_from="map-only", seed=seed)
+    result = reconstruct(star, folder / "out", settings)
     wall = time.perf_counter() - t
     table = read_particles(folder / "out" / "particles.star")
     poses = {"rotations": table.rotations().double(), "origins_angstrom": table.origins_angstrom().double()}
@@ -193,8 +194,8 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
     spread = float(rows[SPREAD_COLUMN].median()) if SPREAD_COLUMN in rows else None
     entry = {"molecule": molecule.name, "source": molecule.source, "shape": cs.shape,
              "atoms": cs.atoms, "box": box, "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed,
-             "wall_s": wall, "ab_initio_s": result.ab_initio_seconds, "verdict": verdict.get("converged"),
-             "ab_initio": verdict,
+             "device": args.device, "wall_s": wall, "ab_initio_s": result.ab_initio_seconds,
+             "verdict": verdict.get("converged"), "ab_initio": verdict,
              "median_angular_spread_deg": spread}  # the last refinement round's posterior RMS angle (evidence)
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
@@ -264,8 +265,10 @@ def add_attainable(args: argparse.Namespace, store: dict, key: str, molecule) ->
 
 
 def machine() -> dict:
+    """The machine the cells ran on (wall times are comparable only within one machine)."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "gpu": gpu}
 
 
 def estimated_precision(entry: dict) -> float | None:
@@ -413,6 +416,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=HERE / ".panel-work")
     parser.add_argument("--cache", type=Path, default=None, help="clean particles (default ~/.cache/cryofastar/panel)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the job runs (the issue's figures: cpu, 2 threads; keep cuda cells in their own "
+                        "--json, their wall times are another machine's)")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep each cell's STAR, stack and outputs")
     parser.add_argument("--rescore", action="store_true", help="score again the cells whose poses --work keeps")

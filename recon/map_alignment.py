@@ -35,8 +35,9 @@ def translate_onto(volume: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
         offset = 0.5 * (values[0] - values[2]) / curvature if curvature < 0 else 0.0
         s = peak[axis] + max(-0.5, min(0.5, offset))
         shift.append(s - box if s > box / 2 else s)
-    k = [torch.fft.fftfreq(box, dtype=torch.float64), torch.fft.fftfreq(box, dtype=torch.float64),
-         torch.fft.rfftfreq(box, dtype=torch.float64)]
+    k = [torch.fft.fftfreq(box, dtype=torch.float64, device=volume.device),
+         torch.fft.fftfreq(box, dtype=torch.float64, device=volume.device),
+         torch.fft.rfftfreq(box, dtype=torch.float64, device=volume.device)]
     kz, ky, kx = torch.meshgrid(*k, indexing="ij")
     phase = -2 * torch.pi * (kz * shift[0] + ky * shift[1] + kx * shift[2])
     moved = torch.fft.irfftn(torch.fft.rfftn(volume.double()) * torch.polar(torch.ones_like(phase), phase),
