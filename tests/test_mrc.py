@@ -9,18 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cryofastar.recon.io.source as source_module
 import mrcfile
 import numpy as np
 import pytest
 import torch
 from cryofastar.recon.io import (
     ParticleFileError,
+    ParticleSource,
     read_images,
     read_volume,
     stack_shape,
     write_stack,
     write_volume,
 )
+from cryofastar.recon.io.mrc import MAX_IMAGE_SIDE, MAX_VOLUME_SIDE
 from stack_helpers import BOX, stack_images
 
 # --------------------------------------------------------------------------- MRC round trips
@@ -102,3 +105,63 @@ def test_mrc_readers_reject_missing_and_non_mrc_files(tmp_path: Path) -> None:
         stack_shape(junk)
     with pytest.raises(ParticleFileError, match="not a readable MRC"):
         read_images(junk, np.array([1]))
+
+
+# --------------------------------------------------------------------------- headers that lie (issue 20)
+
+
+def _patched_stack(path: Path, fields: dict[str, int], size: int | None = None) -> Path:
+    """A real 3-image stack written by mrcfile, then header words overwritten as raw little-endian int32.
+
+    ``size`` extends the file sparsely (no disk used) so that it is as long as a lying header claims.
+    """
+    write_stack(path, stack_images(0, n=3), 2.0)
+    offsets = {"nx": 0, "ny": 4, "nz": 8, "mode": 12, "nsymbt": 92}
+    raw = bytearray(path.read_bytes())
+    for name, value in fields.items():
+        raw[offsets[name]:offsets[name] + 4] = np.int32(value).tobytes()
+    path.write_bytes(bytes(raw))
+    if size is not None:
+        with open(path, "r+b") as handle:
+            handle.truncate(size)
+    return path
+
+
+@pytest.mark.parametrize(("fields", "size", "message"), [
+    ({"nz": -5}, None, r"dimensions 16 x 16 x -5 are not all positive"),  # was OverflowError from mmap
+    ({"nx": -16, "ny": -16}, None, r"not all positive"),
+    ({"nz": 0}, None, r"not all positive"),
+    # a sparse file exactly as long as the header says: 8 GiB of float32 images (was MemoryError on read)
+    ({"nx": 65536, "ny": 65536, "nz": 1}, 1024 + 65536 * 65536 * 4, r"65536 x 65536 px images; at most 4096"),
+    ({"nz": 10**6}, None, r"truncated: the header claims 1024001024 bytes, the file has 4096"),
+    ({"nsymbt": 2**31 - 1}, None, r"truncated"),
+    ({"nsymbt": -4}, None, r"negative extended header"),
+    ({"mode": 99}, None, r"Unrecognised mode"),
+], ids=["negative-nz", "negative-nx", "zero-nz", "huge-box-sparse", "huge-nz", "huge-extended", "negative-extended",
+        "mode"])
+def test_a_header_that_lies_is_refused_before_anything_is_mapped_or_allocated(tmp_path: Path, fields, size,
+                                                                             message) -> None:
+    path = _patched_stack(tmp_path / "lies.mrcs", fields, size)
+    for read in (stack_shape, read_images, read_volume, lambda p: ParticleSource.from_stack(p)):
+        with pytest.raises(ParticleFileError, match=rf"lies\.mrcs: not a readable MRC file \(.*{message}") as info:
+            read(path)
+        assert "\n" not in str(info.value)
+
+
+def test_the_caps_allow_real_boxes_and_refuse_larger_maps(tmp_path: Path) -> None:
+    assert MAX_IMAGE_SIDE >= 1024 and MAX_VOLUME_SIDE >= 512
+    path = tmp_path / "big.mrcs"
+    write_stack(path, torch.zeros(1, 1024, 1024), 1.0)  # a large particle box is fine
+    assert stack_shape(path) == (1, 1024, 1024)
+    volume = _patched_stack(tmp_path / "map.mrc", {"nx": 2048, "ny": 2048, "nz": 2048}, 1024 + 2048**3 * 4)
+    with pytest.raises(ParticleFileError, match=r"2048 x 2048 x 2048 map; at most 1024 px"):
+        read_volume(volume)
+
+
+def test_chunks_of_a_big_box_stay_under_the_byte_cap(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "wide.mrcs"
+    box = 512
+    write_stack(path, torch.zeros(3, box, box), 1.0)
+    source = ParticleSource.from_stack(path)
+    monkeypatch.setattr(source_module, "CHUNK_BYTES", 2 * box * box * 4)  # two images' worth
+    assert [len(chunk) for chunk in source.chunks(512)] == [2, 1]

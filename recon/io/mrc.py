@@ -2,6 +2,14 @@
 
 Arrays are [n, y, x] for stacks and [z, y, x] for volumes (mrcfile's order);
 pixel size in Å is the header's voxel size.
+
+Every reader checks the 1024-byte header against the file's size before mrcfile maps
+the file or anything is allocated (:func:`check_header`): the dimensions must be
+positive, the mode known, the data the header claims must fit in the file, and an
+image side (nx, ny) may be at most :data:`MAX_IMAGE_SIDE` px (a volume at most
+:data:`MAX_VOLUME_SIDE` px on each axis). A file that fails raises
+:class:`ParticleFileError` (one line), never an ``OverflowError`` or a huge allocation:
+a sparse file can have the size an absurd header asks for.
 """
 
 from __future__ import annotations
@@ -12,20 +20,80 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import torch
+from mrcfile.dtypes import HEADER_DTYPE
+from mrcfile.utils import byte_order_from_machine_stamp, dtype_from_mode
 
 from .atomic import atomic_path
 from .errors import ParticleFileError
 
-__all__ = ["read_images", "read_volume", "stack_shape", "write_stack", "write_volume"]
+__all__ = ["MAX_IMAGE_SIDE", "MAX_VOLUME_SIDE", "check_header", "open_mrc", "read_images", "read_volume",
+           "stack_shape", "write_stack", "write_volume"]
+
+MAX_IMAGE_SIDE = 4096
+"""Largest image side (header nx and ny, px) the readers accept: 64 MiB per float32 image.
+Particle boxes are a few hundred px; a larger header is corrupt (docs/conventions.md, Files)."""
+MAX_VOLUME_SIDE = 1024
+"""Largest side (px) of a map :func:`read_volume` reads whole: 4 GiB as float32."""
+_HEADER_BYTES = 1024
 
 
-def _open(path: Path) -> mrcfile.mrcmmap.MrcMemmap:
+def _unreadable(path: Path, why: object) -> ParticleFileError:
+    return ParticleFileError(f"{path}: not a readable MRC file ({str(why).splitlines()[0] if str(why) else why!r})")
+
+
+def check_header(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """`(nx, ny, nz)` of an MRC file whose header is consistent with its size (nothing else is read).
+
+    Raises
+    ------
+    ParticleFileError
+        Missing file; shorter than a header; unknown machine stamp or mode; a dimension
+        that is not positive; nx or ny above :data:`MAX_IMAGE_SIDE`; a negative extended
+        header; or more data claimed than the file holds (truncated).
+    """
+    path = Path(path)
     if not path.is_file():
         raise ParticleFileError(f"{path}: file not found")
     try:
+        with open(path, "rb") as handle:
+            raw = handle.read(_HEADER_BYTES)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    if len(raw) < _HEADER_BYTES:
+        raise _unreadable(path, f"{len(raw)} bytes, shorter than an MRC header")
+    header = np.frombuffer(raw, dtype=HEADER_DTYPE)[0]
+    try:
+        order = byte_order_from_machine_stamp(header["machst"])
+    except ValueError as exc:
+        raise _unreadable(path, exc) from None
+    header = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(order))[0]
+    nx, ny, nz, mode, extended = (int(header[k]) for k in ("nx", "ny", "nz", "mode", "nsymbt"))
+    if min(nx, ny, nz) < 1:
+        raise _unreadable(path, f"header dimensions {nx} x {ny} x {nz} are not all positive")
+    if max(nx, ny) > MAX_IMAGE_SIDE:
+        raise _unreadable(path, f"header claims {nx} x {ny} px images; at most {MAX_IMAGE_SIDE} px are accepted")
+    if extended < 0:
+        raise _unreadable(path, f"negative extended header size {extended}")
+    try:
+        itemsize = dtype_from_mode(mode).itemsize
+    except ValueError as exc:
+        raise _unreadable(path, exc) from None
+    needed = _HEADER_BYTES + extended + nx * ny * nz * itemsize  # Python ints: no overflow
+    if needed > size:
+        raise _unreadable(path, f"truncated: the header claims {needed} bytes, the file has {size}")
+    return nx, ny, nz
+
+
+def open_mrc(path: str | os.PathLike[str]) -> mrcfile.mrcmmap.MrcMemmap:
+    """The file memory-mapped read-only, after :func:`check_header` (ParticleFileError, one line, if unusable)."""
+    path = Path(path)
+    check_header(path)
+    try:
         return mrcfile.mmap(path, mode="r", permissive=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ParticleFileError(f"{path}: not a readable MRC file ({exc})") from exc
+    except (ValueError, OSError, EOFError, OverflowError) as exc:
+        raise _unreadable(path, exc) from None
+
 
 
 def _stack_data(mrc: mrcfile.mrcmmap.MrcMemmap, path: Path) -> np.ndarray:
@@ -39,7 +107,7 @@ def _stack_data(mrc: mrcfile.mrcmmap.MrcMemmap, path: Path) -> np.ndarray:
 def stack_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     """`(n_images, B, B)` of a particle stack (a single 2D image counts as 1)."""
     path = Path(path)
-    with _open(path) as mrc:
+    with open_mrc(path) as mrc:
         n_images, box, _ = _stack_data(mrc, path).shape
     return (int(n_images), int(box), int(box))
 
@@ -60,7 +128,7 @@ def read_images(path: str | os.PathLike[str], indices: np.ndarray | None = None)
         `(n, B, B)` float32 [n, y, x].
     """
     path = Path(path)
-    with _open(path) as mrc:
+    with open_mrc(path) as mrc:
         data = _stack_data(mrc, path)
         if indices is None:
             out = np.array(data, dtype=np.float32)
@@ -79,7 +147,11 @@ def read_images(path: str | os.PathLike[str], indices: np.ndarray | None = None)
 def read_volume(path: str | os.PathLike[str]) -> tuple[torch.Tensor, float]:
     """Read a cubic map: `(B, B, B)` float32 [z, y, x] and its pixel size in Å."""
     path = Path(path)
-    with _open(path) as mrc:
+    nx, ny, nz = check_header(path)
+    if max(nx, ny, nz) > MAX_VOLUME_SIDE:
+        raise _unreadable(path, f"header claims a {nx} x {ny} x {nz} map; at most {MAX_VOLUME_SIDE} px a side "
+                          "are read")
+    with open_mrc(path) as mrc:
         data = np.array(mrc.data, dtype=np.float32)
         apix = float(mrc.voxel_size.x)
     if data.ndim != 3 or len(set(data.shape)) != 1:

@@ -10,8 +10,9 @@ or from a bare ``.mrcs`` / ``.mrc`` stack (:meth:`ParticleSource.from_stack`); o
 headers are read until images are asked for.
 
 Images are read by :meth:`ParticleSource.images` (given rows) or
-:meth:`ParticleSource.chunks` (all rows, a bounded number at a time), one read per
-stack, and come back as a :class:`ParticleChunk`.
+:meth:`ParticleSource.chunks` (all rows, a bounded number at a time: at most the rows
+asked for and at most :data:`CHUNK_BYTES` of pixels), one read per stack, and come back
+as a :class:`ParticleChunk`.
 
 NaN / Inf policy (the only one): an image with a non-finite pixel is left out of what
 a read returns, and the chunk reports it (:attr:`ParticleChunk.skipped`: its rows,
@@ -30,7 +31,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 import torch
@@ -38,7 +38,7 @@ import torch
 from ..ctf import CtfParams
 from ..half_sets import half_sets_for_particles
 from .errors import NotAParticleStack, ParticleFileError
-from .mrc import read_images
+from .mrc import open_mrc, read_images
 from .star import ParticleTable, read_particles
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ NON_FINITE = "NaN or Inf pixels"
 """The reason a read leaves an image out."""
 _OPTICS_VALUES = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 _NAMES_SHOWN = 10  # image names spelled out in SkippedImages.describe()
+CHUNK_BYTES = 256 * 2**20
+"""Most float32 pixels one chunk of :meth:`ParticleSource.chunks` holds (fewer rows for big boxes)."""
 
 
 @dataclass(frozen=True)
@@ -340,7 +342,8 @@ class ParticleSource:
                              self.optics, skipped)
 
     def chunks(self, size: int = 1024) -> Iterator[ParticleChunk]:
-        """Read every image, ``size`` rows at a time (see :meth:`images`); a chunk may be empty.
+        """Read every image, ``size`` rows at a time (fewer if they would exceed :data:`CHUNK_BYTES`; see
+        :meth:`images`); a chunk may be empty.
 
         Raises
         ------
@@ -349,6 +352,7 @@ class ParticleSource:
         """
         if size < 1:
             raise ValueError(f"chunk size must be at least 1, got {size}")
+        size = max(1, min(size, CHUNK_BYTES // (4 * self.box * self.box)))
         for start in range(0, len(self), size):
             yield self.images(np.arange(start, min(len(self), start + size)))
 
@@ -404,15 +408,10 @@ def image_keys(particles: ParticleTable | ParticleSource) -> pd.Index:
 
 def _stack_header(path: Path) -> tuple[int, int, float]:
     """`(n_images, box, apix)` of a particle stack from its header (pixels are not read)."""
-    if not path.is_file():
-        raise ParticleFileError(f"{path}: file not found")
-    try:
-        with mrcfile.mmap(path, mode="r", permissive=False) as mrc:
-            shape = mrc.data.shape
-            is_volume = path.suffix.lower() == ".mrc" and mrc.data.ndim == 3 and int(mrc.header.ispg) != 0
-            apix = float(mrc.voxel_size.x)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ParticleFileError(f"{path}: not a readable MRC file ({str(exc).splitlines()[0]})") from None
+    with open_mrc(path) as mrc:  # the header checked against the file size first
+        shape = mrc.data.shape
+        is_volume = path.suffix.lower() == ".mrc" and mrc.data.ndim == 3 and int(mrc.header.ispg) != 0
+        apix = float(mrc.voxel_size.x)
     if is_volume:
         raise NotAParticleStack(f"{path}: a 3D map (header space group is not 0), not a particle stack")
     if len(shape) == 2:
