@@ -13,6 +13,12 @@ session already took (:class:`~cryofastar.daemon.journal.IngestJournal`) are ski
 so a stack seen bare and later named by a STAR is counted once (first come, first
 served: particles taken bare are back-projected without CTF correction).
 
+Every stack a file brings particles from must have a name (its path below the watched
+directory) that ``particles.star`` can hold for RELION and starfile to read back
+(:func:`~cryofastar.recon.io.names.image_name_problem`, docs/conventions.md "File
+names"): a tab, a newline, a byte that is not UTF-8, a quote, ``#``, ``%`` or ``:`` gets
+the file rejected before anything is read, with the name shown escaped.
+
 The first accepted file fixes the session's box and pixel size; a later file with
 another box, or a pixel size off by more than 0.5 %, is rejected. A file's new
 particles are a :class:`~cryofastar.recon.io.source.ParticleSource` (the one reading
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from cryofastar.recon.io import NotAParticleStack, ParticleFileError, ParticleSource
+from cryofastar.recon.io.names import image_name_problem, printable
 
 from .journal import IngestJournal
 
@@ -73,6 +80,20 @@ def _inside(path: Path, root: Path) -> bool:
     return True
 
 
+def _check_names(origin: Path, stacks: list[str], root: Path) -> None:
+    """Raise :class:`Rejected` if a stack's path below ``root`` breaks the file-name rule (module docstring)."""
+    for stack in stacks:
+        try:
+            name = str(Path(stack).resolve().relative_to(root.resolve()))
+        except ValueError:
+            name = Path(stack).name
+        problem = image_name_problem(name)
+        if problem is not None:
+            which = "its name" if Path(stack).resolve() == origin.resolve() else f"stack '{printable(name)}'"
+            raise Rejected(f"{printable(str(origin))}: {which} has {problem}; rename it (docs/conventions.md, "
+                           "File names)")
+
+
 def _stack_source(path: Path, apix_override: float | None) -> ParticleSource:
     try:
         return ParticleSource.from_stack(path, apix=apix_override)
@@ -87,9 +108,11 @@ def _star_source(path: Path, root: Path, apix_override: float | None) -> Particl
         source = ParticleSource.from_star(path, apix=apix_override)
     except ParticleFileError as exc:
         raise Rejected(str(exc)) from None
-    outside = [s for s in np.unique(source.stacks) if not _inside(Path(s), root)]
+    stacks = [str(s) for s in np.unique(source.stacks)]
+    outside = [s for s in stacks if not _inside(Path(s), root)]
     if outside:
         raise Rejected(f"{path}: names stack {outside[0]} outside the watched directory {root}")
+    _check_names(path, stacks, root)
     return source
 
 
@@ -121,14 +144,16 @@ def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None,
     Raises
     ------
     Rejected
-        The file cannot be used: unreadable or truncated, a 3D map, no pixel size, a
-        box or pixel size other than the session's, a STAR naming missing stacks or
-        stacks outside the watched directory.
+        The file cannot be used: unreadable or truncated (or a header that claims more
+        than the file holds), a 3D map, no pixel size, a box or pixel size other than the
+        session's, a STAR naming missing stacks or stacks outside the watched directory,
+        a stack whose name the outputs cannot hold.
     """
     suffix = path.suffix.lower()
     if suffix == ".star":
         source = _star_source(path, root, apix)
     elif suffix in _STACK_SUFFIXES:
+        _check_names(path, [str(path)], root)  # before the file is opened
         source = _stack_source(path, apix)
     else:
         raise Rejected(f"{path}: not a particle file (.mrcs, .mrc or .star)")

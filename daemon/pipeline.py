@@ -50,6 +50,7 @@ from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource, SkippedImages
+from cryofastar.recon.io.names import printable
 from cryofastar.recon.pose_precision import pose_precision
 
 from .batching import PassGatherer
@@ -147,6 +148,7 @@ class Daemon:
         self._inserted = 0  # particles inserted by this run (with refinement.moved: the map's changes)
         self.refinement = LiveRefinement(self.refiner, self.state, self._read_again, self._record_refinement)
         self._errors: list[str] = []
+        self._star_error: str | None = None  # why particles.star was last not written
         self._buffered = 0  # particles waiting in the poser for a full pass
         self._broadcast: SessionBroadcast | None = None
         self._watcher: StackWatcher | None = None
@@ -303,9 +305,23 @@ class Daemon:
                     self.chunks.put(_STOP)
                     return
                 if self._reading.is_set():
-                    self._read(item)
+                    self._read_or_reject(item)
             finally:
                 self.files.task_done()
+
+    def _read_or_reject(self, path: Path) -> None:
+        """:meth:`_read`; should anything but the readers' documented errors escape, the file is rejected.
+
+        One file must never stop the session: the readers raise ParticleFileError for bad
+        input (a rejection); anything else is a bug, logged with its traceback, and the
+        reader goes on with the next file.
+        """
+        try:
+            self._read(path)
+        except Exception as exc:  # noqa: BLE001 - the last resort that keeps the session alive
+            logger.exception("unexpected error while reading %s", printable(str(path)))
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self._reject(path, f"{path}: unexpected error while reading it ({type(exc).__name__}: {first})")
 
     def _read(self, path: Path) -> None:
         s = self.settings
@@ -318,7 +334,6 @@ class Daemon:
         except Rejected as exc:
             self._reject(path, str(exc))
             return
-        self.geometry = geometry
         if len(source) == 0:
             return
         skipped: list[SkippedImages] = []
@@ -326,6 +341,7 @@ class Daemon:
             for chunk in source.chunks(s.read_chunk):
                 skipped.append(chunk.skipped)
                 if len(chunk):
+                    self.geometry = geometry  # fixed by the first file that brings a particle, not one rejected
                     self.taken.add(chunk.stacks, chunk.indices)
                     self._count("particles_ingested", len(chunk))
                     self.chunks.put(chunk)
@@ -540,8 +556,13 @@ class Daemon:
             return
         t0 = time.perf_counter()
         self.state.counters["refinement_local"] = int(self.refiner.phase == "local")
-        self.state.write_particles(self.out)
-        self.state.save(self.out / CHECKPOINT_NAME)
+        self.state.save(self.out / CHECKPOINT_NAME)  # first: whatever particles.star meets, nothing is lost
+        try:
+            self.state.write_particles(self.out)
+        except ParticleFileError as exc:  # a name no STAR file can hold (ingest refuses those; an old checkpoint)
+            if str(exc) != self._star_error:  # once, not at every checkpoint
+                logger.error("particles.star not written (the map and the checkpoint are): %s", exc)
+                self._star_error = str(exc)
         self._schedule.checkpoint_written()
         self.metrics.latency.labels("checkpoint").observe(time.perf_counter() - t0)
 

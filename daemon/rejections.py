@@ -1,8 +1,11 @@
 """The session's record of rejected input: ``rejected.tsv`` and the recent rows of status messages.
 
 ``rejected.tsv`` in ``--out`` has a header ``unix_time  path  reason`` and one
-tab-separated row per rejection (a whole file, or some of a file's particles). Tabs and
-newlines in a reason become spaces, so every row is one line. The last
+tab-separated UTF-8 row per rejection (a whole file, or some of a file's particles). In
+the path and the reason, tabs, newlines, other control and line-break characters and
+bytes of a file name that are not UTF-8 are written as backslash escapes (``\t``, ``\n``,
+``\xff``; :func:`~cryofastar.recon.io.names.printable`), so every row is one line
+whatever a file is called (docs/conventions.md, "File names"). The last
 :data:`RECENT_REJECTIONS` rows are also kept in memory for the ``rejected_recent`` field
 of status messages; a restarted session reads them back from the file.
 """
@@ -13,6 +16,8 @@ import collections
 import threading
 import time
 from pathlib import Path
+
+from cryofastar.recon.io.names import printable
 
 __all__ = ["RECENT_REJECTIONS", "REJECTED_NAME", "RejectionLog", "recent_rejections"]
 
@@ -76,10 +81,10 @@ class RejectionLog:
         -------
         dict
             The status entry recorded: ``{"time", "path", "reason"}`` (time rounded to ms,
-            tabs and newlines of the reason replaced by spaces).
+            path and reason as :func:`~cryofastar.recon.io.names.printable` shows them).
         """
-        now, reason = time.time(), reason.replace(chr(9), " ").replace(chr(10), " ")
-        entry = {"time": round(now, 3), "path": str(path), "reason": reason}
+        now, path, reason = time.time(), printable(str(path)), printable(reason)
+        entry = {"time": round(now, 3), "path": path, "reason": reason}
         line = f"{now:.3f}\t{path}\t{reason}\n"
         with self._lock:
             self._recent.append(entry)

@@ -22,6 +22,8 @@ import torch
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.euler import euler_to_matrix, matrix_to_euler
 from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, SCORE_COLUMN, SPREAD_COLUMN
+from cryofastar.recon.io.errors import ParticleFileError
+from cryofastar.recon.io.names import printable, star_value_problem
 
 __all__ = ["PoseTable"]
 
@@ -193,8 +195,17 @@ class PoseTable:
         return table
 
     def image_names(self, out: Path) -> list[str]:
-        """`(n,)` rlnImageName of every particle: ``NNNNNN@stack``, the stack relative to ``out`` (resolves there)."""
+        """`(n,)` rlnImageName of every particle: ``NNNNNN@stack``, the stack relative to ``out`` (resolves there).
+
+        Raises
+        ------
+        ParticleFileError
+            A stack name no STAR file can hold (:func:`~cryofastar.recon.io.names.star_value_problem`).
+        """
         relative = [os.path.relpath(Path(s).resolve(), out.resolve()) for s in self.stack_names]
+        for name in relative:  # a check per stack, not per particle
+            if (problem := star_value_problem(name)) is not None:
+                raise ParticleFileError(f"stack '{printable(name)}' has {problem}")
         names = np.array(relative, dtype=object)[self.column("stack_id")]
         return [f"{int(i):06d}@{n}" for i, n in zip(self.column("index"), names, strict=True)]
 

@@ -36,7 +36,8 @@ def half_sets_for_stack(stack_name: str, indices: torch.Tensor) -> torch.Tensor:
         `(n,)` int64, each 1 or 2.
     """
     name = stack_name.replace("\\", "/").rsplit("/", 1)[-1]
-    seed = zlib.crc32(name.encode())
+    # the name's bytes as on disk: UTF-8, and an undecodable byte (os.fsdecode's lone surrogate) as itself
+    seed = zlib.crc32(name.encode("utf-8", "surrogateescape"))
     x = (torch.as_tensor(indices, dtype=torch.int64) * 2654435761) & _MASK32
     x = x ^ seed
     x = x ^ (x >> 16)

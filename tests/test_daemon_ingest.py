@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -158,3 +160,49 @@ def test_session_state_checkpoint_round_trip_and_particles_star(tmp_path):
     (out / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable session checkpoint"):
         SessionState.load(out / "bad.pt")
+
+
+# ------------------------------------------------------------- issue 20: one file must not kill the session
+
+BAD_NAMES = {"tab": b"a\tb.mrcs", "newline": b"a\nb.mrcs", "byte-ff": b"a\xffb.mrcs", "quote": b"it's.mrcs",
+             "hash": b"a#b.mrcs", "colon": b"10:30.mrcs"}
+
+
+@pytest.mark.parametrize("case", list(BAD_NAMES))
+def test_a_stack_whose_name_the_outputs_cannot_hold_is_rejected_before_it_is_read(tmp_path, case):
+    watched = tmp_path / "watched"
+    (watched / "sub").mkdir(parents=True)
+    path = watched / "sub" / os.fsdecode(BAD_NAMES[case])  # the name as os.listdir / the watcher give it
+    _stack(path)
+    expected = r"sub/.*: its name has .*; rename it \(docs/conventions.md, File names\)"
+    with pytest.raises(Rejected, match=expected) as info:
+        plan_particle_file(path, watched, None, IngestJournal())
+    message = str(info.value)
+    assert "\n" not in message and "\t" not in message and message.encode("utf-8")
+    # a STAR naming that stack is rejected too, naming the stack (written by hand: no STAR writer can write
+    # a tab or a newline, and the starfile package reads a quote as ")
+    if case in ("hash", "colon"):
+        star = watched / "p.star"
+        write_particles(star, pd.DataFrame({"rlnImageName": [f"000001@sub/{path.name}"], "rlnOpticsGroup": [1]}),
+                        pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [2.0]}))
+        with pytest.raises(Rejected, match=r"p\.star: stack 'sub/.*' has .*, which RELION reads as image-name syntax"):
+            plan_particle_file(star, watched, None, IngestJournal())
+
+
+@pytest.mark.parametrize(("fields", "size"), [({8: -5}, None), ({0: 65536, 4: 65536, 8: 8}, 1024 + 65536**2 * 32)],
+                         ids=["negative-nz", "huge-box-sparse"])
+def test_a_stack_whose_header_lies_is_rejected_and_fixes_no_geometry(tmp_path, fields, size):
+    """Issue 20: OverflowError escaped from mmap; a sparse 128 GiB file made the reader allocate 128 GiB."""
+    path = tmp_path / "lies.mrcs"
+    _stack(path)
+    raw = bytearray(path.read_bytes())
+    for offset, value in fields.items():
+        raw[offset:offset + 4] = np.int32(value).tobytes()
+    path.write_bytes(bytes(raw))
+    if size is not None:
+        os.truncate(path, size)  # sparse: as long as the header says, no disk used
+    with pytest.raises(Rejected, match=r"lies\.mrcs: not a readable MRC file \((header dimensions|header claims)"):
+        plan_particle_file(path, tmp_path, None, IngestJournal())
+    _stack(tmp_path / "good.mrcs")
+    _, geometry = plan_particle_file(tmp_path / "good.mrcs", tmp_path, None, IngestJournal())
+    assert geometry == SessionGeometry(16, 2.0)

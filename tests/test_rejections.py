@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 from cryofastar.daemon.rejections import REJECTED_NAME, RejectionLog, recent_rejections
 
@@ -22,12 +24,12 @@ def test_the_log_writes_one_header_one_line_per_row_and_keeps_the_last_rows(tmp_
     log = RejectionLog(tmp_path, keep=2)
     assert log.recent() == [] and not (tmp_path / REJECTED_NAME).exists()
     entry = log.record(tmp_path / "a.mrcs", "a.mrcs: box 64 px\tdiffers\nfrom 128")
-    assert entry["reason"] == "a.mrcs: box 64 px differs from 128" and entry["path"] == str(tmp_path / "a.mrcs")
+    assert entry["reason"] == "a.mrcs: box 64 px\\tdiffers\\nfrom 128" and entry["path"] == str(tmp_path / "a.mrcs")
     log.record("b.mrcs", "b")
     log.record("c.mrcs", "c")
     lines = (tmp_path / REJECTED_NAME).read_text(encoding="utf-8").splitlines()
     assert lines[0] == "unix_time\tpath\treason" and len(lines) == 4
-    assert lines[1].split("\t")[1:] == [str(tmp_path / "a.mrcs"), "a.mrcs: box 64 px differs from 128"]
+    assert lines[1].split("\t")[1:] == [str(tmp_path / "a.mrcs"), "a.mrcs: box 64 px\\tdiffers\\nfrom 128"]
     assert float(lines[1].split("\t")[0]) == entry["time"]
     assert [r["path"] for r in log.recent()] == ["b.mrcs", "c.mrcs"]
     assert RejectionLog(tmp_path, keep=2).recent() == log.recent()  # a restarted session shows the same rows
@@ -52,3 +54,18 @@ def test_rows_of_concurrent_writers_are_never_interleaved(tmp_path):
         k, i = path.removeprefix("/data/t").removesuffix(".mrcs").split("_")
         assert reason == f"thread {k} row {i} " + "x" * 200
     assert len(log.recent()) == 5
+
+
+def test_any_file_name_is_one_utf8_row_and_comes_back_after_a_restart(tmp_path):
+    """Issue 20: a name with byte 0xff (a lone surrogate from os.listdir) raised UnicodeEncodeError here; a tab or a
+    line break in it split the row."""
+    names = [os.fsdecode(b"/w/a\xffb.mrcs"), "/w/a\tb.mrcs", "/w/a\nb.mrcs", "/w/a\u2028b\x85c\x1cd.mrcs"]
+    log = RejectionLog(tmp_path, keep=10)
+    for name in names:
+        log.record(Path(name), f"{name}: its name has a problem")
+    lines = (tmp_path / REJECTED_NAME).read_text(encoding="utf-8").splitlines()  # splitlines: every line break
+    assert len(lines) == 1 + len(names) and all(len(line.split("\t")) == 3 for line in lines)
+    shown = ["/w/a\\xffb.mrcs", "/w/a\\tb.mrcs", "/w/a\\nb.mrcs", "/w/a\\u2028b\\x85c\\x1cd.mrcs"]
+    assert [line.split("\t")[1] for line in lines[1:]] == shown
+    assert [r["path"] for r in RejectionLog(tmp_path).recent()] == shown == [r["path"] for r in log.recent()]
+    assert [r["reason"] for r in log.recent()] == [f"{s}: its name has a problem" for s in shown]

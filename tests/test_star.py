@@ -188,6 +188,35 @@ def test_write_particles_roundtrip(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("name", ["a\tb.mrcs", "a\nb.mrcs", "a'b.mrcs", 'a"b.mrcs', "a\udcffb.mrcs"],
+                         ids=["tab", "newline", "single-quote", "double-quote", "byte-ff"])
+def test_write_particles_refuses_a_name_no_reader_gets_back_and_keeps_the_old_file(tmp_path: Path, name) -> None:
+    """Issue 20: a tab used to raise csv.Error from starfile, a quote wrote a file starfile misreads."""
+    star = tmp_path / "written.star"
+    write_particles(star, particles_table(), optics_table())
+    before = star.read_bytes()
+    rows = particles_table()
+    rows["rlnImageName"] = rows["rlnImageName"].astype(object)  # pandas' own strings cannot hold byte 0xff
+    rows.loc[3, "rlnImageName"] = f"000001@{name}"
+    with pytest.raises(ParticleFileError, match=r"written\.star: cannot write rlnImageName '000001@a.*b\.mrcs' has a "
+                       r"(quote|control or line-break character|byte that is not UTF-8)") as info:
+        write_particles(star, rows, optics_table())
+    assert "\n" not in str(info.value) and str(info.value).encode("utf-8")
+    assert star.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_write_particles_quotes_whitespace_and_hash_and_read_particles_reads_them_back(tmp_path: Path) -> None:
+    names = ("stack a.mrcs", "stack#b.mrcs")
+    for seed, stack in enumerate(names):
+        write_stack(tmp_path / stack, stack_images(seed), APIX)
+    rows = particles_table()
+    rows["rlnImageName"] = rows["rlnImageName"].str.replace("stack_", "stack ").str.replace("stack b", "stack#b")
+    write_particles(tmp_path / "written.star", rows, optics_table())
+    assert '"000001@stack#b.mrcs"' in (tmp_path / "written.star").read_text()
+    table = read_particles(tmp_path / "written.star")
+    assert [Path(p).name for p in table.stack_paths] == [names[0]] * N_PER_STACK + [names[1]] * N_PER_STACK
+
+
 def test_ctf_present_with_defocus_columns(relion31: Path) -> None:
     def add_defocus(particles: pd.DataFrame, optics: pd.DataFrame):
         n = len(particles)

@@ -38,7 +38,8 @@ _HEADER_BYTES = 1024
 
 
 def _unreadable(path: Path, why: object) -> ParticleFileError:
-    return ParticleFileError(f"{path}: not a readable MRC file ({str(why).splitlines()[0] if str(why) else why!r})")
+    text = str(why).splitlines()[0] if str(why) else type(why).__name__
+    return ParticleFileError(f"{path}: not a readable MRC file ({text})")
 
 
 def check_header(path: str | os.PathLike[str]) -> tuple[int, int, int]:

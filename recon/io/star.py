@@ -30,6 +30,7 @@ from ..half_sets import half_sets_for_particles
 from .atomic import atomic_path
 from .errors import ParticleFileError
 from .mrc import stack_shape
+from .names import star_column
 
 __all__ = ["ParticleTable", "read_particles", "write_particles"]
 
@@ -286,6 +287,26 @@ def read_particles(path: str | os.PathLike[str], apix: float | None = None) -> P
 
 
 def write_particles(path: str | os.PathLike[str], particles: pd.DataFrame, optics: pd.DataFrame) -> None:
-    """Write a RELION 3.1 particle STAR file (data_optics + data_particles), atomically."""
-    with atomic_path(path) as tmp:
-        starfile.write({"optics": optics, "particles": particles}, tmp, overwrite=True)
+    """Write a RELION 3.1 particle STAR file (data_optics + data_particles), atomically.
+
+    Text values (rlnImageName) are written by the file-name rule of
+    :mod:`~cryofastar.recon.io.names`: double-quoted if they hold whitespace or ``#``, so
+    that RELION and starfile (and :func:`read_particles`) read them back unchanged.
+
+    Raises
+    ------
+    ParticleFileError
+        A text value no STAR reader gets back (a control character such as a tab or a
+        newline, a byte that is not UTF-8, a quote); nothing is written then.
+    """
+    blocks = {}
+    for name, block in (("optics", optics), ("particles", particles)):
+        block = block.copy()
+        for column in block.columns:
+            try:
+                block[column] = star_column(block[column])
+            except ValueError as exc:
+                raise ParticleFileError(f"{path}: cannot write {column} {exc}") from None
+        blocks[name] = block
+    with atomic_path(path) as tmp:  # quote_character "": the values above are quoted already
+        starfile.write(blocks, tmp, overwrite=True, quote_character="")
