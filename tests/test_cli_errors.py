@@ -104,6 +104,31 @@ def _nan_pixels(d: Path) -> list[str]:
     return ["backproject", str(star), "-o", str(d / "map.mrc")]
 
 
+def _lying_header(d: Path, fields: dict[int, int], size: int | None = None) -> Path:
+    """A set whose stack_b.mrcs header has int32 words (byte offset -> value) overwritten; ``size``: sparse length."""
+    star = make_set(d)
+    raw = bytearray((d / "stack_b.mrcs").read_bytes())
+    for offset, value in fields.items():
+        raw[offset:offset + 4] = np.int32(value).tobytes()
+    (d / "stack_b.mrcs").write_bytes(bytes(raw))
+    if size is not None:
+        os.truncate(d / "stack_b.mrcs", size)
+    return star
+
+
+def _negative_nz(d: Path) -> list[str]:  # issue 20: OverflowError from mmap, a traceback
+    return ["backproject", str(_lying_header(d, {8: -5})), "-o", str(d / "map.mrc")]
+
+
+def _huge_box(d: Path) -> list[str]:  # issue 20: a sparse 128 GiB stack, "Unable to allocate 128 GiB"
+    return ["backproject", str(_lying_header(d, {0: 65536, 4: 65536, 8: 8}, 1024 + 65536**2 * 32)), "-o",
+            str(d / "map.mrc")]
+
+
+def _reconstruct_negative_nz(d: Path) -> list[str]:
+    return ["reconstruct", str(_lying_header(d, {8: -5})), "--out", str(d / "job")]
+
+
 def _nonexistent_star(d: Path) -> list[str]:
     d.mkdir(parents=True)
     return ["backproject", str(d / "no_such.star"), "-o", str(d / "map.mrc")]
@@ -138,6 +163,9 @@ CASES: dict[str, Case] = {
     "mismatched-boxes": Case(_mismatched_boxes, "box", "map.mrc"),
     "non-mrc-stack": Case(_non_mrc_stack, "MRC", "map.mrc"),
     "nonexistent-star": Case(_nonexistent_star, "not found", "map.mrc"),
+    "negative-nz": Case(_negative_nz, "stack_b.mrcs: not a readable MRC file (header dimensions", "map.mrc"),
+    "huge-box": Case(_huge_box, "header claims 65536 x 65536 px images", "map.mrc"),
+    "reconstruct-negative-nz": Case(_reconstruct_negative_nz, "not all positive", "job/particles.star"),
     "bad-interpolation": Case(_bad_interpolation, "--interpolation", "map.mrc"),
     "simulate-odd-box": Case(_odd_box, "--box", "sim/particles.star"),
     "simulate-negative-apix": Case(_negative_apix, "--apix", "sim/particles.star"),

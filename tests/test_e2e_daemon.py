@@ -3,7 +3,9 @@ ZeroMQ subscriber, a real HTTP scrape of /metrics, SIGTERM drains, SIGKILL + res
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import starfile
@@ -178,6 +181,64 @@ def test_bad_files_are_rejected_and_the_session_goes_on(stacks, tmp_path, daemon
                    "outside the watched directory"):
         assert reason in rejected, rejected
     assert len(starfile.read(out / "particles.star")["particles"]) == 2 * PER_STACK + 4
+
+
+def _lying_stack(source: Path, target: Path, fields: dict[int, int], size: int | None = None) -> None:
+    """A copy of a real stack with header words (byte offset -> int32) overwritten; ``size``: sparse length."""
+    raw = bytearray(source.read_bytes())
+    for offset, value in fields.items():
+        raw[offset:offset + 4] = np.int32(value).tobytes()
+    hidden = target.parent / f".{target.name}.part"
+    hidden.write_bytes(bytes(raw))
+    if size is not None:
+        os.truncate(hidden, size)
+    os.replace(hidden, target)
+
+
+@pytest.mark.slow
+def test_files_that_used_to_kill_the_daemon_are_rejected_and_a_restart_goes_on(stacks, tmp_path, daemons):
+    """Issue 20, from outside: a huge-box header as the session's first file (a sparse 128 GiB file: the reader
+    allocated 128 GiB), a negative nz (OverflowError), names with a tab, a newline and byte 0xff (csv.Error at
+    the checkpoint, UnicodeEncodeError in the half sets and rejected.tsv), '#' and a quote (a particles.star
+    backproject could not read). Each gets one row; the session goes on; a restart does not die."""
+    watch, out = tmp_path / "session", tmp_path / "out"
+    watch.mkdir()
+    _lying_stack(stacks[0], watch / "huge.mrcs", {0: 65536, 4: 65536, 8: 8}, 1024 + 65536**2 * 32)
+    _lying_stack(stacks[0], watch / "negative.mrcs", {8: -5})
+    odd = [b"tab\there.mrcs", b"new\nline.mrcs", b"byte\xff.mrcs", b"hash#1.mrcs", b"it's.mrcs"]
+    for name in odd:
+        shutil.copy(stacks[1], watch / os.fsdecode(name))
+    daemon = daemons(watch, out)
+    with Subscriber(daemon.zmq) as subscriber:
+        status = wait_for_status(subscriber, lambda s: s["files_rejected"] >= 7, timeout=60)
+        place(stacks[2], watch)
+        place(stacks[3], watch)
+        wait_for_map(subscriber, 2 * PER_STACK)
+        status = wait_for_status(subscriber, lambda s: s["particles_in_map"] >= 2 * PER_STACK)
+        assert status["files_rejected"] == 7
+    code, stderr = daemon.stop(signal.SIGINT)
+    assert code == 0, stderr
+    rows = (out / "rejected.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(rows) == 7 and all(len(row.split("\t")) == 3 for row in rows)
+    text = "\n".join(rows)
+    for expected in ("huge.mrcs: not a readable MRC file (header claims 65536 x 65536 px images; at most 4096",
+                     "negative.mrcs: not a readable MRC file (header dimensions 48 x 48 x -5 are not all positive",
+                     "tab\\there.mrcs: its name has a control or line-break character (\\t)",
+                     "new\\nline.mrcs: its name has", "byte\\xff.mrcs: its name has a byte that is not UTF-8",
+                     "hash#1.mrcs: its name has '#', which RELION reads as image-name syntax",
+                     "it's.mrcs: its name has a quote (')"):
+        assert expected in text, text
+    particles = starfile.read(out / "particles.star")["particles"]  # readable: what backproject reads
+    assert len(particles) == 2 * PER_STACK
+    restarted = daemons(watch, out)  # the same directory, the same bad files
+    with Subscriber(restarted.zmq) as subscriber:
+        status = wait_for_status(subscriber, lambda s: s["files_rejected"] >= 14, timeout=60)
+        assert status["particles_in_map"] == 2 * PER_STACK
+    code, stderr = restarted.stop(signal.SIGINT)
+    assert code == 0, stderr
+    backprojected = subprocess.run([str(SCRIPT), "backproject", str(out / "particles.star"), "-o",
+                                    str(tmp_path / "map.mrc")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert backprojected.returncode == 0, backprojected.stderr
 
 
 @pytest.mark.slow
