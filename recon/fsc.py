@@ -8,11 +8,13 @@ Shells are one Fourier pixel wide: shell ``i`` holds frequencies with
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .fourier import rfft3_centered
 
-__all__ = ["fsc", "resolution_at_threshold", "shell_resolutions_angstrom"]
+__all__ = ["fsc", "resolution_at_threshold", "resolution_text", "shell_resolutions_angstrom"]
 
 
 def _shell_index(box: int, device: torch.device) -> torch.Tensor:
@@ -68,13 +70,22 @@ def shell_resolutions_angstrom(box: int, apix: float) -> torch.Tensor:
     return box * apix / shells
 
 
+def resolution_text(angstrom: float | None) -> str:
+    """``"4.00 Å"``, or ``"undefined"`` for a resolution that is ``None``, NaN or infinite."""
+    if angstrom is None or not math.isfinite(angstrom):
+        return "undefined"
+    return f"{angstrom:.2f} Å"
+
+
 def resolution_at_threshold(curve: torch.Tensor, apix: float, threshold: float = 0.143) -> float:
     """Resolution (Å) where the FSC first drops below ``threshold``.
 
     The crossing is linearly interpolated between the last shell at or above the
     threshold and the first below it (in spatial frequency). If the curve never
     drops below the threshold, Nyquist (``2 * apix``) is returned; if it is below
-    from shell 1 on, the box size (``B * apix``, no information) is returned.
+    from shell 1 on, the box size (``B * apix``, no information) is returned. If a
+    shell from 1 on is NaN or infinite (maps with NaN or Inf voxels), the resolution is
+    unknown and NaN is returned, never Nyquist (docs/conventions.md, FSC).
 
     Parameters
     ----------
@@ -87,6 +98,8 @@ def resolution_at_threshold(curve: torch.Tensor, apix: float, threshold: float =
     """
     values = curve.double().cpu()
     box = 2 * (values.numel() - 1)
+    if values.numel() < 2 or not bool(torch.isfinite(values[1:]).all()):
+        return float("nan")
     below = torch.nonzero(values[1:] < threshold).squeeze(-1)
     if below.numel() == 0:
         return 2.0 * apix

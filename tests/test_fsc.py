@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from cryofastar.recon import fsc, resolution_at_threshold, shell_resolutions_angstrom
@@ -37,3 +39,21 @@ def test_resolution_interpolates_the_crossing() -> None:
 def test_fsc_rejects_mismatched_maps() -> None:
     with pytest.raises(ValueError, match="cubic"):
         fsc(torch.zeros(8, 8, 8), torch.zeros(10, 10, 10))
+
+
+# ------------------------------------------------------------- issue 20: a NaN map has no resolution
+
+
+def test_a_curve_that_is_nan_has_an_unknown_resolution_not_nyquist(phantom32: torch.Tensor) -> None:
+    """Issue 20: a half map of NaN was reported at Nyquist (4.00 Å): an all-NaN curve never drops below 0.143."""
+    from cryofastar.recon.fsc import resolution_text
+
+    nan_half = torch.full_like(phantom32, float("nan"))
+    curve = fsc(phantom32, nan_half)
+    assert bool(torch.isnan(curve[1:]).all())
+    assert math.isnan(resolution_at_threshold(curve, 2.0))
+    one_shell = torch.tensor([1.0, 0.9, float("nan"), 0.9, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert math.isnan(resolution_at_threshold(one_shell, 2.0, 0.5))  # a hole in the curve: unknown, not a guess
+    assert resolution_text(resolution_at_threshold(curve, 2.0)) == "undefined"
+    assert resolution_text(4.0) == "4.00 Å" and resolution_text(None) == "undefined"
+

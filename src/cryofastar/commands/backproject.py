@@ -14,6 +14,7 @@ import typer
 
 from cryofastar.options import settings_command
 from cryofastar.recon.backprojection import BackprojectSettings, backproject_particles
+from cryofastar.recon.fsc import resolution_text
 
 __all__ = ["backproject"]
 
@@ -29,9 +30,10 @@ def backproject(settings: BackprojectSettings) -> None:
     result = backproject_particles(s)
     typer.echo(
         f"{result.n_particles} particles (half sets {result.half_counts[0]}/{result.half_counts[1]}) "
-        f"in {result.seconds:.1f} s; half-map FSC 0.143 resolution {result.resolution_angstrom:.2f} Å"
+        f"in {result.seconds:.1f} s; half-map FSC 0.143 resolution {resolution_text(result.resolution_angstrom)}"
     )
     if result.known_map_resolution_angstrom is not None:
-        typer.echo(f"FSC 0.5 resolution against {s.known_map}: {result.known_map_resolution_angstrom:.2f} Å")
+        typer.echo(f"FSC 0.5 resolution against {s.known_map}: "
+                   f"{resolution_text(result.known_map_resolution_angstrom)}")
     for path in result.outputs:
         typer.echo(f"wrote {path}")

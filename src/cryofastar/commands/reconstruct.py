@@ -19,6 +19,7 @@ import typer
 from cryofastar.engine.offline import ReconstructJob, ReconstructResult, ReconstructSettings
 from cryofastar.engine.offline import reconstruct as run
 from cryofastar.options import settings_command
+from cryofastar.recon.fsc import resolution_text
 
 __all__ = ["reconstruct"]
 
@@ -41,11 +42,11 @@ def summary(result: ReconstructResult, settings: ReconstructSettings) -> list[st
     if settings.poses_from == "network":
         lines = [f"{result.n_particles} particles posed in {result.pose_seconds:.1f} s, inserted in "
                  f"{result.insert_seconds:.1f} s ({result.total_seconds:.1f} s in all); half-map FSC 0.143 "
-                 f"resolution {result.resolution_angstrom:.2f} Å; anchor disagreement "
+                 f"resolution {resolution_text(result.resolution_angstrom)}; anchor disagreement "
                  f"{result.anchor_disagreement_degrees:.1f}°, {result.mirrored_passes} passes mirrored"]
     else:
         lines = [f"{result.n_particles} particles, no network ({result.total_seconds:.1f} s in all); half-map "
-                 f"FSC 0.143 resolution {result.resolution_angstrom:.2f} Å"]
+                 f"FSC 0.143 resolution {resolution_text(result.resolution_angstrom)}"]
     if result.refine_modes:
         won = "" if result.network_won_fraction is None else \
             f"; the network's poses were the better start for {100 * result.network_won_fraction:.0f}% of particles"
@@ -58,7 +59,8 @@ def summary(result: ReconstructResult, settings: ReconstructSettings) -> list[st
     if result.pose_precision is not None:
         lines.append(result.pose_precision["summary"])
     if result.known_map_resolution_angstrom is not None:
-        lines.append(f"FSC 0.5 resolution against {settings.known_map}: {result.known_map_resolution_angstrom:.2f} Å "
+        known = resolution_text(result.known_map_resolution_angstrom)
+        lines.append(f"FSC 0.5 resolution against {settings.known_map}: {known} "
                      "(frames not aligned: ab initio maps are in a frame of their own)")
     return lines + [f"wrote {path}" for path in result.outputs]
 

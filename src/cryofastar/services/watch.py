@@ -25,6 +25,7 @@ from collections.abc import Callable
 from cryofastar.daemon.pipeline import Daemon
 from cryofastar.daemon.settings import DaemonSettings
 from cryofastar.monitoring.dashboard_process import DashboardProcess, connectable
+from cryofastar.recon.fsc import resolution_text
 from cryofastar.services.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def run_service(settings: DaemonSettings, service: ServiceSettings | None = None
         daemon.stop()
         if dashboard is not None:
             dashboard.stop()
-    echo(f"stopped: {daemon.particles_in_map} particles in the map, resolution {daemon.resolution_angstrom:.2f} Å; "
+    echo(f"stopped: {daemon.particles_in_map} particles in the map, resolution "
+         f"{resolution_text(daemon.resolution_angstrom)}; "
          f"map {settings.out / 'volume.mrc'}")
     if daemon.errors:
         raise RuntimeError(f"the pipeline failed: {daemon.errors[0]}")
