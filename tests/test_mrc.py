@@ -165,3 +165,45 @@ def test_chunks_of_a_big_box_stay_under_the_byte_cap(tmp_path: Path, monkeypatch
     source = ParticleSource.from_stack(path)
     monkeypatch.setattr(source_module, "CHUNK_BYTES", 2 * box * box * 4)  # two images' worth
     assert [len(chunk) for chunk in source.chunks(512)] == [2, 1]
+
+
+# --------------------------------------------------------------------------- MRC modes (issue 20)
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [(0, np.int8), (1, np.int16), (6, np.uint16), (12, np.float16)])
+def test_integer_and_half_float_modes_are_read_as_float32_exactly(tmp_path: Path, mode: int, dtype) -> None:
+    """The modes RELION reads (0, 1, 6; 12 from RELION 4) convert to float32 without loss; mode 0 is signed,
+    as relion_image_handler reads it (-62 stays -62)."""
+    rng = np.random.default_rng(mode)
+    values = rng.normal(0.0, 20.0, (3, BOX, BOX)) + (100.0 if dtype is np.uint16 else 0.0)
+    values[0, 0, 0] = -62 if dtype is not np.uint16 else 62
+    data = np.clip(values, np.iinfo(dtype).min, np.iinfo(dtype).max) if dtype is not np.float16 else values
+    data = data.astype(dtype)
+    path = tmp_path / f"m{mode}.mrcs"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+        mrc.set_image_stack()
+        mrc.voxel_size = 2.0
+    assert int(mrcfile.open(path).header.mode) == mode
+    images = read_images(path)
+    assert images.dtype == torch.float32
+    torch.testing.assert_close(images, torch.from_numpy(data.astype(np.float32)), rtol=0, atol=0)
+    assert float(images[0, 0, 0]) == float(data[0, 0, 0])
+
+
+@pytest.mark.parametrize("mode", [3, 4])
+def test_complex_modes_are_refused_with_a_reason(tmp_path: Path, mode: int) -> None:
+    """Issue 20: a complex64 stack was read as its real part without a word (RELION 3.1: "only real-space images
+    may be read into RELION")."""
+    path = tmp_path / "complex.mrcs"
+    if mode == 4:
+        with mrcfile.new(path) as mrc:
+            mrc.set_data(np.ones((3, BOX, BOX), dtype=np.complex64))
+            mrc.set_image_stack()
+            mrc.voxel_size = 2.0
+    else:  # mrcfile cannot write complex int16: the header of a real file, patched
+        _patched_stack(path, {"mode": 3})
+    for read in (stack_shape, read_images, lambda p: ParticleSource.from_stack(p)):
+        with pytest.raises(ParticleFileError, match=rf"complex\.mrcs: not a readable MRC file \(mode {mode} \(complex "
+                                                    r"(int16|float32)\) holds Fourier-space data"):
+            read(path)

@@ -224,3 +224,86 @@ def test_offline_commands_leave_out_and_name_a_nan_image(tmp_path, caplog):
     assert out.n_particles == 23 and len(written) == 23
     assert not any(name.startswith("000005@") and name.endswith("particles_00002.mrcs")
                    for name in written.particles["rlnImageName"])
+
+
+# ------------------------------------------------------------- issue 20: the map poisoned silently, repeats
+
+
+def test_pixels_no_particle_has_are_left_out_and_reported_with_why(tmp_path, caplog):
+    """Issue 20: a stack scaled by 1e20, or one pixel at 2.4e27, was taken and ruined the map."""
+    images = _images(6, 2)
+    images[1, 4, 4] = 2.4e27  # beyond MAX_PIXEL_MAGNITUDE
+    images[3, 9, 2] += 5000.0  # a hot pixel: 5000 RMS from its image's mean, under 1e6
+    with pytest.warns(RuntimeWarning):  # mrcfile's header statistics overflow float32
+        write_stack(tmp_path / "hot.mrcs", images, APIX)
+    with pytest.warns(RuntimeWarning):
+        write_stack(tmp_path / "scaled.mrcs", _images(4, 3) * 1e20, APIX)
+    source = ParticleSource.from_stack(tmp_path / "hot.mrcs")
+    chunk = source.images()
+    assert chunk.rows.tolist() == [0, 2, 4, 5] and torch.equal(chunk.images, images[[0, 2, 4, 5]])
+    assert chunk.skipped.rows.tolist() == [1, 3]
+    assert chunk.skipped.reasons.tolist() == [source_module.TOO_LARGE, source_module.OUTLIER]
+    assert chunk.skipped.describe("hot.mrcs") == (
+        "hot.mrcs: 1 image(s) contain pixels beyond ±1e+06 and were skipped (000002@" + str(tmp_path / "hot.mrcs")
+        + "); 1 image(s) contain a pixel over 1000 times the stack's typical RMS from the image mean and were "
+        "skipped (000004@" + str(tmp_path / "hot.mrcs") + ")")
+    # the verdict depends on the stack, not on which rows are read together
+    assert [c.skipped.rows.tolist() for c in source.chunks(1)] == [[], [1], [], [3], [], []]
+    scaled = ParticleSource.from_stack(tmp_path / "scaled.mrcs")
+    assert len(scaled.images()) == 0 and len(scaled.images().skipped) == 4
+    with pytest.raises(ParticleFileError, match="every image contains pixels beyond ±1e\\+06; nothing to use"):
+        scaled.finite()
+    # real data keep every image: noisy and noise-free simulated particles, a constant (blank) image
+    volume = torch.zeros(24, 24, 24)
+    volume[8:14, 9:12, 7:17] = 1.0
+    for snr in (None, 0.1):
+        star = write_session(tmp_path / f"sim{snr}", volume, 3.0, 20, snr=snr, seed=5, per_stack=10)
+        sim = ParticleSource.from_star(star)
+        assert len(sim.finite()[1]) == 0
+    write_stack(tmp_path / "blank.mrcs", torch.cat([torch.zeros(1, BOX, BOX), _images(3, 4)]), APIX)
+    assert len(ParticleSource.from_stack(tmp_path / "blank.mrcs").images().skipped) == 0
+
+
+def test_an_image_named_twice_is_taken_once_and_the_repeats_reported(tmp_path, caplog):
+    """Issue 20: a STAR listing the same particle 10 times inserted it 10 times."""
+    star, a, b = _two_stack_set(tmp_path)
+    table = read_particles(star)
+    rows = table.particles.iloc[[0] * 10 + list(range(1, 9))].reset_index(drop=True)
+    rows.loc[3, "rlnImageName"] = "1@" + str((tmp_path / "b.mrcs").resolve())  # the same image spelt otherwise
+    write_particles(tmp_path / "tenfold.star", rows, table.optics)
+    source = ParticleSource.from_star(tmp_path / "tenfold.star")
+    assert len(source) == 18
+    once = source.distinct()
+    assert len(once) == 9 and once.names.tolist() == source.names[[0, *range(10, 18)]].tolist()
+    assert once.left_out.rows.tolist() == list(range(1, 10))
+    assert set(once.left_out.reasons) == {source_module.DUPLICATE}
+    chunks = list(once.chunks(4))
+    assert len(chunks[0].skipped) == 9 and [len(c.skipped) for c in chunks[1:]] == [0, 0]
+    assert chunks[0].skipped.describe("t.star").startswith(
+        "t.star: 9 image(s) repeat an earlier row's image (same stack and index) and were skipped (000001@b.mrcs, ")
+    assert torch.equal(torch.cat([c.images for c in chunks]), torch.cat([b, a]))
+    # the offline path: one warning line, every image once
+    with caplog.at_level(logging.WARNING, logger="cryofastar.recon.io.source"):
+        kept, report = source.finite(size=4)
+    assert len(caplog.records) == 1 and "9 image(s) repeat" in caplog.records[0].getMessage()
+    assert len(kept) == 9 and report.rows.tolist() == list(range(1, 10)) and len(kept.table) == 9
+    assert torch.equal(kept.images().all_images(), torch.cat([b, a]))
+
+
+def test_offline_backproject_inserts_a_repeated_image_once_with_one_warning(tmp_path, caplog):
+    from cryofastar.recon.backprojection import BackprojectSettings, backproject_particles
+
+    volume = torch.zeros(24, 24, 24)
+    volume[8:14, 9:12, 7:17] = 1.0
+    star = write_session(tmp_path / "s", volume, 3.0, 12, snr=None, seed=5, per_stack=12)
+    table = read_particles(star)
+    starfile_rows = table.particles.iloc[[0] * 10 + list(range(1, 12))].reset_index(drop=True)
+    write_particles(tmp_path / "s" / "tenfold.star", starfile_rows.drop(
+        columns=[c for c in table.optics.columns if c != "rlnOpticsGroup"]), table.optics)
+    with caplog.at_level(logging.WARNING):
+        result = backproject_particles(BackprojectSettings(tmp_path / "s" / "tenfold.star", tmp_path / "map.mrc",
+                                                           interpolation="nearest", oversampling=1, batch=8,
+                                                           device="cpu"))
+    assert result.n_particles == 12 and sum(result.half_counts) == 12 and len(result.skipped) == 9
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "9 image(s) repeat an earlier row's image" in warnings[0]

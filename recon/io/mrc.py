@@ -10,6 +10,12 @@ image side (nx, ny) may be at most :data:`MAX_IMAGE_SIDE` px (a volume at most
 :data:`MAX_VOLUME_SIDE` px on each axis). A file that fails raises
 :class:`ParticleFileError` (one line), never an ``OverflowError`` or a huge allocation:
 a sparse file can have the size an absurd header asks for.
+
+Modes (:data:`READ_MODES`, docs/conventions.md "Files"; checked on RELION 3.1.3's
+``relion_image_handler``): 0 (int8, signed as RELION reads it), 1 (int16), 2 (float32), 6
+(uint16) and 12 (float16: RELION 3.1 refuses it, RELION 4 and later read it) are read
+and converted to float32, exactly. Complex modes 3 and 4 are refused (RELION: "only
+real-space images may be read"), as is every other mode.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from mrcfile.utils import byte_order_from_machine_stamp, dtype_from_mode
 from .atomic import atomic_path
 from .errors import ParticleFileError
 
-__all__ = ["MAX_IMAGE_SIDE", "MAX_VOLUME_SIDE", "check_header", "open_mrc", "read_images", "read_volume",
-           "stack_shape", "write_stack", "write_volume"]
+__all__ = ["MAX_IMAGE_SIDE", "MAX_VOLUME_SIDE", "READ_MODES", "check_header", "open_mrc", "read_images",
+           "read_volume", "stack_shape", "typical_image_rms", "write_stack", "write_volume"]
 
 MAX_IMAGE_SIDE = 4096
 """Largest image side (header nx and ny, px) the readers accept: 64 MiB per float32 image.
@@ -35,6 +41,9 @@ Particle boxes are a few hundred px; a larger header is corrupt (docs/convention
 MAX_VOLUME_SIDE = 1024
 """Largest side (px) of a map :func:`read_volume` reads whole: 4 GiB as float32."""
 _HEADER_BYTES = 1024
+READ_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+"""MRC modes the readers take (converted to float32; module docstring)."""
+_REFUSED_MODES = {3: "complex int16", 4: "complex float32"}
 
 
 def _unreadable(path: Path, why: object) -> ParticleFileError:
@@ -76,10 +85,15 @@ def check_header(path: str | os.PathLike[str]) -> tuple[int, int, int]:
         raise _unreadable(path, f"header claims {nx} x {ny} px images; at most {MAX_IMAGE_SIDE} px are accepted")
     if extended < 0:
         raise _unreadable(path, f"negative extended header size {extended}")
+    if mode in _REFUSED_MODES:
+        raise _unreadable(path, f"mode {mode} ({_REFUSED_MODES[mode]}) holds Fourier-space data; particle images "
+                          "are real (modes 0, 1, 2, 6, 12)")
     try:
         itemsize = dtype_from_mode(mode).itemsize
     except ValueError as exc:
         raise _unreadable(path, exc) from None
+    if mode not in READ_MODES:
+        raise _unreadable(path, f"mode {mode} is not read (modes 0, 1, 2, 6, 12)")
     needed = _HEADER_BYTES + extended + nx * ny * nz * itemsize  # Python ints: no overflow
     if needed > size:
         raise _unreadable(path, f"truncated: the header claims {needed} bytes, the file has {size}")
@@ -143,6 +157,25 @@ def read_images(path: str | os.PathLike[str], indices: np.ndarray | None = None)
                 )
             out = np.array(data[idx - 1], dtype=np.float32)
     return torch.from_numpy(out)
+
+
+def typical_image_rms(path: str | os.PathLike[str], sample: int = 15) -> float:
+    """Median RMS (about each image's mean) of up to ``sample`` images spread evenly through a stack.
+
+    The scale the pixel policy (:mod:`~cryofastar.recon.io.source`) compares images with;
+    it depends on the stack alone, not on which images a read asks for. Images with a
+    non-finite pixel are not counted (0.0 if none is left). One image in memory at a time.
+    """
+    path = Path(path)
+    with open_mrc(path) as mrc:
+        data = _stack_data(mrc, path)
+        picks = np.unique(np.linspace(0, data.shape[0] - 1, min(sample, data.shape[0])).round().astype(np.int64))
+        rms = []
+        for k in picks:
+            image = np.asarray(data[int(k)], dtype=np.float32).astype(np.float64)
+            if np.isfinite(image).all():
+                rms.append(float(np.sqrt(np.mean((image - image.mean()) ** 2))))
+    return float(np.median(rms)) if rms else 0.0
 
 
 def read_volume(path: str | os.PathLike[str]) -> tuple[torch.Tensor, float]:

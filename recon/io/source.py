@@ -14,16 +14,28 @@ Images are read by :meth:`ParticleSource.images` (given rows) or
 asked for and at most :data:`CHUNK_BYTES` of pixels), one read per stack, and come back
 as a :class:`ParticleChunk`.
 
-NaN / Inf policy (the only one): an image with a non-finite pixel is left out of what
-a read returns, and the chunk reports it (:attr:`ParticleChunk.skipped`: its rows,
-image names and why). Nothing is dropped silently; callers log the report, write it
-to ``rejected.tsv`` (the daemon) or print it. :meth:`ParticleSource.finite` scans a
-whole source once and returns it restricted to its finite images, with the report,
-for offline commands that need every particle's row fixed before they start.
+Pixel policy (the only one; docs/conventions.md, "Pixel values"): after conversion to
+float32 an image is left out of what a read returns if a pixel is NaN or Inf
+(:data:`NON_FINITE`), if a pixel's magnitude exceeds :data:`MAX_PIXEL_MAGNITUDE`
+(:data:`TOO_LARGE`: a stack scaled by 1e20, a pixel at 2.4e27), or if a pixel lies more
+than :data:`OUTLIER_FACTOR` times the stack's typical image RMS from its image's mean
+(:data:`OUTLIER`: a hot pixel; the typical RMS is the median RMS of up to
+:data:`SCALE_SAMPLE` images spread evenly through the stack, so it does not depend on
+which rows are read together). The chunk reports it (:attr:`ParticleChunk.skipped`: its
+rows, image names and why). Nothing is dropped silently; callers log the report, write
+it to ``rejected.tsv`` (the daemon) or print it.
+
+Repeated images: a STAR file that names the same image (same stack, same index) on
+several rows brings it once. :meth:`ParticleSource.distinct` keeps the first row and
+reports the others (:data:`DUPLICATE`); the report comes with the first chunk
+:meth:`ParticleSource.chunks` yields. :meth:`ParticleSource.finite` does both, scanning a
+whole source once and returning it restricted to its first, usable images, with the
+report, for offline commands that need every particle's row fixed before they start.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -38,15 +50,31 @@ import torch
 from ..ctf import CtfParams
 from ..half_sets import half_sets_for_particles
 from .errors import NotAParticleStack, ParticleFileError
-from .mrc import open_mrc, read_images
+from .mrc import open_mrc, read_images, typical_image_rms
 from .star import ParticleTable, read_particles
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParticleChunk", "ParticleSource", "SkippedImages", "image_keys"]
+__all__ = ["DUPLICATE", "MAX_PIXEL_MAGNITUDE", "NON_FINITE", "OUTLIER", "OUTLIER_FACTOR", "TOO_LARGE", "ParticleChunk",
+           "ParticleSource", "SkippedImages", "image_keys"]
 
 NON_FINITE = "NaN or Inf pixels"
-"""The reason a read leaves an image out."""
+"""Why a read leaves an image out: a pixel is NaN or Inf after float32 conversion."""
+MAX_PIXEL_MAGNITUDE = 1e6
+"""Largest pixel magnitude a particle image may have (after float32 conversion): 15 times a 16-bit
+detector count, and far below where float32 power spectra of a 4096 px image overflow (~1e12)."""
+TOO_LARGE = f"pixels beyond ±{MAX_PIXEL_MAGNITUDE:.0e}"
+"""Why a read leaves an image out: a pixel's magnitude exceeds :data:`MAX_PIXEL_MAGNITUDE`."""
+OUTLIER_FACTOR = 1000.0
+"""A pixel further than this many times the stack's typical image RMS from its image's mean is no
+particle's (Gaussian noise reaches ~6 RMS; a noise-free projection in a box of B px at most B RMS)."""
+SCALE_SAMPLE = 15
+"""Images (spread evenly through a stack) whose median RMS is the stack's typical image RMS."""
+OUTLIER = f"a pixel over {OUTLIER_FACTOR:g} times the stack's typical RMS from the image mean"
+"""Why a read leaves an image out: a pixel beyond :data:`OUTLIER_FACTOR` x the stack's typical RMS."""
+DUPLICATE = "an earlier row's image (same stack and index)"
+"""Why a row is left out: it names an image an earlier row of the file already named."""
+_VERBS = {DUPLICATE: "repeat"}  # how SkippedImages.describe() says it ("contain" otherwise)
 _OPTICS_VALUES = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 _NAMES_SHOWN = 10  # image names spelled out in SkippedImages.describe()
 CHUNK_BYTES = 256 * 2**20
@@ -63,16 +91,28 @@ class SkippedImages:
         `(k,)` int64 rows of the source that were left out.
     names: np.ndarray
         `(k,)` image names (str, ``N@stack``) of those rows.
-    reason: str
-        Why they were left out (:data:`NON_FINITE`).
+    reasons: np.ndarray | str
+        `(k,)` why each was left out (:data:`NON_FINITE`, :data:`TOO_LARGE`, :data:`OUTLIER`,
+        :data:`DUPLICATE`); one string stands for all.
     """
 
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     names: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=str))
-    reason: str = NON_FINITE
+    reasons: np.ndarray | str = NON_FINITE
+
+    def __post_init__(self) -> None:
+        reasons = np.asarray(self.reasons, dtype=object)
+        if reasons.ndim == 0:
+            reasons = np.full(len(self.rows), self.reasons, dtype=object)
+        object.__setattr__(self, "reasons", reasons)
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
+
+    @property
+    def reason(self) -> str:
+        """Every distinct reason, in order of first appearance, joined by ``"; "``."""
+        return "; ".join(dict.fromkeys(map(str, self.reasons)))
 
     @classmethod
     def concat(cls, parts: list[SkippedImages]) -> SkippedImages:
@@ -80,13 +120,20 @@ class SkippedImages:
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls()
-        return cls(np.concatenate([p.rows for p in parts]), np.concatenate([p.names for p in parts]), parts[0].reason)
+        return cls(np.concatenate([p.rows for p in parts]), np.concatenate([p.names for p in parts]),
+                   np.concatenate([p.reasons for p in parts]))
 
     def describe(self, origin: str | os.PathLike[str]) -> str:
-        """One line: ``"{origin}: k image(s) contain NaN or Inf pixels and were skipped (names)"``."""
-        shown = ", ".join(map(str, self.names[:_NAMES_SHOWN]))
-        more = f" and {len(self) - _NAMES_SHOWN} more" if len(self) > _NAMES_SHOWN else ""
-        return f"{origin}: {len(self)} image(s) contain {self.reason} and were skipped ({shown}{more})"
+        """One line: ``"{origin}: k image(s) contain NaN or Inf pixels and were skipped (names)"``,
+        one such clause per reason (``"; "`` between them)."""
+        clauses = []
+        for reason in dict.fromkeys(map(str, self.reasons)):
+            names = self.names[self.reasons == reason]
+            shown = ", ".join(map(str, names[:_NAMES_SHOWN]))
+            more = f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
+            clauses.append(f"{len(names)} image(s) {_VERBS.get(reason, 'contain')} {reason} and were skipped "
+                           f"({shown}{more})")
+        return f"{origin}: " + "; ".join(clauses)
 
 
 @dataclass
@@ -181,6 +228,9 @@ class ParticleSource:
     table: ParticleTable | None
         The STAR rows, restricted alongside (row ``i`` of the table is particle ``i``);
         ``None`` for a bare stack.
+    left_out: SkippedImages
+        Rows :meth:`distinct` left out (repeats of an earlier row's image; rows of the
+        source it was called on); the first chunk :meth:`chunks` yields reports them.
     """
 
     origin: Path
@@ -193,6 +243,7 @@ class ParticleSource:
     ctf: CtfParams | None = None
     optics: dict[str, float] = field(default_factory=dict)
     table: ParticleTable | None = None
+    left_out: SkippedImages = field(default_factory=SkippedImages)
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -200,7 +251,7 @@ class ParticleSource:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_star(cls, path: str | os.PathLike[str], apix: float | None = None,
-                  table: ParticleTable | None = None) -> ParticleSource:
+                  table: ParticleTable | None = None, root: str | os.PathLike[str] | None = None) -> ParticleSource:
         """The particles of a RELION STAR file (stacks resolved and checked, pixels not read).
 
         Parameters
@@ -211,13 +262,16 @@ class ParticleSource:
             Pixel size (Å) to use when the file gives none.
         table: ParticleTable | None
             The file already parsed (then ``path`` and ``apix`` are not read again).
+        root: str | os.PathLike[str] | None
+            A directory every stack must lie in (symlinks followed), checked before a stack
+            is opened (:func:`~cryofastar.recon.io.read_particles`).
 
         Raises
         ------
         ParticleFileError
             The file or a stack it names cannot be used (one line).
         """
-        table = table if table is not None else read_particles(path, apix=apix)
+        table = table if table is not None else read_particles(path, apix=apix, root=root)
         optics = {c: float(table.particles[c].iloc[0]) for c in _OPTICS_VALUES if c in table.particles}
         return cls(origin=Path(table.star_path), stacks=table.stack_paths,
                    indices=table.image_indices.astype(np.int64),
@@ -298,12 +352,30 @@ class ParticleSource:
                        half_sets=self.half_sets[picked], ctf=None if self.ctf is None else self.ctf[picked],
                        table=None if self.table is None else self.table.select(rows))
 
+    def first_rows(self) -> np.ndarray:
+        """`(m,)` int64 rows (in order) whose image no earlier row names (the key: resolved stack, index)."""
+        resolved = {stack: os.path.realpath(stack) for stack in set(self.stacks.tolist())}
+        keys = pd.Index([f"{int(i)}@{resolved[stack]}" for i, stack in zip(self.indices, self.stacks, strict=True)])
+        return np.nonzero(~keys.duplicated(keep="first"))[0].astype(np.int64)
+
+    def distinct(self) -> ParticleSource:
+        """The source with each image once: the first row that names it kept, later ones left out and
+        recorded in :attr:`left_out` (reason :data:`DUPLICATE`), which the first chunk of
+        :meth:`chunks` reports."""
+        first = self.first_rows()
+        if len(first) == len(self):
+            return self
+        repeats = np.setdiff1d(np.arange(len(self)), first)
+        report = SkippedImages(repeats, self.names[repeats], DUPLICATE)
+        return replace(self.select(first), left_out=SkippedImages.concat([self.left_out, report]))
+
     # ------------------------------------------------------------------ reading
     def images(self, rows: np.ndarray | None = None) -> ParticleChunk:
         """Read the images of ``rows`` (all if ``None``): one read per stack, none per particle.
 
-        Images with a NaN or Inf pixel are left out and reported in ``chunk.skipped``;
-        ``chunk.rows`` says which rows were read.
+        Images the pixel policy refuses (module docstring: a NaN or Inf pixel, a pixel
+        beyond :data:`MAX_PIXEL_MAGNITUDE`, or an outlier pixel) are left out and reported
+        in ``chunk.skipped``; ``chunk.rows`` says which rows were read.
 
         Parameters
         ----------
@@ -326,24 +398,26 @@ class ParticleSource:
         unique, which = np.unique(stacks, return_inverse=True)
         order = np.argsort(which, kind="stable")  # rows grouped by stack
         bounds = np.searchsorted(which[order], np.arange(len(unique) + 1))
+        why = np.full(len(rows), "", dtype=object)  # "" kept, else the pixel policy's reason
         for k, stack in enumerate(unique):  # a loop over files, not particles
             where = order[bounds[k]:bounds[k + 1]]
             block = read_images(stack, self.indices[rows[where]])
             if block.shape[1:] != out.shape[1:]:
                 raise ParticleFileError(f"{stack}: box {block.shape[-1]} px, expected {self.box} px")
             out[torch.as_tensor(where)] = block
-        finite = torch.isfinite(out).all(dim=(-2, -1)).numpy()
-        kept = rows[finite]
-        skipped = SkippedImages(rows[~finite], self.names[rows[~finite]]) if not finite.all() else SkippedImages()
+            why[where] = _pixel_verdicts(block, stack)
+        ok = why == ""
+        kept = rows[ok]
+        skipped = SkippedImages(rows[~ok], self.names[rows[~ok]], why[~ok]) if not ok.all() else SkippedImages()
         picked = torch.as_tensor(kept)
         return ParticleChunk(self.origin, kept, self.stacks[kept], self.indices[kept],
-                             out[torch.as_tensor(finite)] if len(kept) < len(rows) else out,
+                             out[torch.as_tensor(ok)] if len(kept) < len(rows) else out,
                              self.half_sets[picked], None if self.ctf is None else self.ctf[picked],
                              self.optics, skipped)
 
     def chunks(self, size: int = 1024) -> Iterator[ParticleChunk]:
         """Read every image, ``size`` rows at a time (fewer if they would exceed :data:`CHUNK_BYTES`; see
-        :meth:`images`); a chunk may be empty.
+        :meth:`images`); a chunk may be empty. The first chunk's ``skipped`` also holds :attr:`left_out`.
 
         Raises
         ------
@@ -354,31 +428,38 @@ class ParticleSource:
             raise ValueError(f"chunk size must be at least 1, got {size}")
         size = max(1, min(size, CHUNK_BYTES // (4 * self.box * self.box)))
         for start in range(0, len(self), size):
-            yield self.images(np.arange(start, min(len(self), start + size)))
+            chunk = self.images(np.arange(start, min(len(self), start + size)))
+            if start == 0 and len(self.left_out):
+                chunk.skipped = SkippedImages.concat([self.left_out, chunk.skipped])
+            yield chunk
 
     def finite(self, size: int = 1024, warn: bool = True) -> tuple[ParticleSource, SkippedImages]:
-        """The source restricted to the images that read and are finite, and what was left out.
+        """The source restricted to each image's first row (:meth:`distinct`) and to the images the pixel
+        policy takes (module docstring), and what was left out.
 
-        Costs one chunked read of every image. With ``warn`` a left-out image gets one
-        warning line (``logging``) naming them.
+        Costs one chunked read of every image. With ``warn`` the left-out rows get one
+        warning line (``logging``) naming them, with why.
 
         Returns
         -------
         source, skipped: tuple[ParticleSource, SkippedImages]
-            The finite particles (rows renumbered ``0..n-k-1``) and the report (rows of ``self``).
+            The usable particles (rows renumbered ``0..n-k-1``) and the report (rows of ``self``).
 
         Raises
         ------
         ParticleFileError
-            A stack is unreadable, or no image is finite.
+            A stack is unreadable, or no image is usable.
         """
-        kept, skipped = [], []
-        for chunk in self.chunks(size):
-            kept.append(chunk.rows)
-            skipped.append(chunk.skipped)
+        first = self.first_rows()
+        repeats = np.setdiff1d(np.arange(len(self)), first)
+        unique = self.select(first) if len(repeats) else self
+        kept, skipped = [], [SkippedImages(repeats, self.names[repeats], DUPLICATE)]
+        for chunk in unique.chunks(size):
+            kept.append(first[chunk.rows])
+            skipped.append(SkippedImages(first[chunk.skipped.rows], chunk.skipped.names, chunk.skipped.reasons))
         report = SkippedImages.concat(skipped)
         if len(report) == len(self):
-            raise ParticleFileError(f"{self.origin}: every image contains {NON_FINITE}; nothing to use")
+            raise ParticleFileError(f"{self.origin}: every image contains {report.reason}; nothing to use")
         if len(report) and warn:
             logger.warning("%s", report.describe(self.origin))
         return (self.select(np.concatenate(kept)) if len(report) else self), report
@@ -404,6 +485,44 @@ def image_keys(particles: ParticleTable | ParticleSource) -> pd.Index:
     if keys.has_duplicates:
         raise ValueError(f"{origin}: rlnImageName {keys[keys.duplicated()][0]!r} appears more than once")
     return keys
+
+
+def _typical_rms(stack: str) -> float:
+    """:func:`~cryofastar.recon.io.mrc.typical_image_rms` of ``stack``, computed once per version of the file
+    (path, inode, size, mtime): re-reads of a session's particles do not read the sample again."""
+    try:
+        info = os.stat(stack)
+    except OSError as exc:
+        raise ParticleFileError(f"{stack}: cannot be read ({exc.strerror})") from None
+    return _typical_rms_of(stack, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _typical_rms_of(stack: str, inode: int, size: int, mtime_ns: int) -> float:  # noqa: ARG001 - cache key
+    return typical_image_rms(stack, SCALE_SAMPLE)
+
+
+def _pixel_verdicts(block: torch.Tensor, stack: str) -> np.ndarray:
+    """`(m,)` object array: ``""`` for each image of ``block`` (from ``stack``) the pixel policy takes, else why.
+
+    Rules, in order (module docstring): a non-finite pixel; a pixel beyond
+    :data:`MAX_PIXEL_MAGNITUDE`; a pixel more than :data:`OUTLIER_FACTOR` x the stack's
+    typical image RMS (:func:`~cryofastar.recon.io.mrc.typical_image_rms`) from its image's mean.
+    """
+    why = np.full(block.shape[0], "", dtype=object)
+    finite = torch.isfinite(block).all(dim=(-2, -1)).numpy()
+    why[~finite] = NON_FINITE
+    peak = block.abs().amax(dim=(-2, -1)).numpy()
+    why[finite & (peak > MAX_PIXEL_MAGNITUDE)] = TOO_LARGE
+    sane = np.nonzero(why == "")[0]
+    if len(sane):
+        scale = _typical_rms(stack)
+        if scale > 0:
+            centred = block[torch.as_tensor(sane)].double()
+            centred = centred - centred.mean(dim=(-2, -1), keepdim=True)
+            deviation = centred.abs().amax(dim=(-2, -1)).numpy()
+            why[sane[deviation > OUTLIER_FACTOR * scale]] = OUTLIER
+    return why
 
 
 def _stack_header(path: Path) -> tuple[int, int, float]:

@@ -200,20 +200,37 @@ def _pixel_size(path: Path, particles: pd.DataFrame, apix: float | None) -> floa
     raise _fail(path, "no pixel size (rlnImagePixelSize in data_optics); pass --apix")
 
 
-def _resolve_stack(star_dir: Path, name: str) -> Path | None:
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, every symlink followed, lies in ``root`` (also resolved)."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve_stack(star_path: Path, name: str, root: Path | None = None) -> Path | None:
+    """The stack ``name`` resolved (symlinks followed), or ``None`` if missing; ParticleFileError, before anything
+    is opened, if ``root`` is given and the stack (or the place a symlink leads to) lies outside it."""
     candidate = Path(name)
-    if candidate.is_absolute():
-        return candidate if candidate.is_file() else None
-    # the STAR file's folder, then up to 3 of its parents (RELION job folders sit
-    # 2 levels below the project directory the names are relative to), then cwd
-    bases = [star_dir, *list(star_dir.resolve().parents)[:3], Path.cwd()]
-    for base in bases:
-        if (base / candidate).is_file():
-            return (base / candidate).resolve()
+    star_dir = star_path.parent
+    # an absolute name as it is; a relative one in the STAR file's folder, then up to 3 of its
+    # parents (RELION job folders sit 2 levels below the project directory the names are
+    # relative to), then cwd
+    places = [candidate] if candidate.is_absolute() else \
+        [base / candidate for base in (star_dir, *list(star_dir.resolve().parents)[:3], Path.cwd())]
+    for place in places:
+        if root is not None and not _inside(place, root):
+            if place.is_absolute() and candidate.is_absolute() or os.path.lexists(place):
+                raise _fail(star_path, f"names stack {place.resolve()} outside the watched directory {root}")
+            continue  # nothing there: look further, never open it
+        if place.is_file():
+            return place.resolve()
     return None
 
 
-def read_particles(path: str | os.PathLike[str], apix: float | None = None) -> ParticleTable:
+def read_particles(path: str | os.PathLike[str], apix: float | None = None,
+                   root: str | os.PathLike[str] | None = None) -> ParticleTable:
     """Read and validate a RELION particle STAR file.
 
     Every stack named is opened once to check that it exists, is MRC, holds the
@@ -226,6 +243,10 @@ def read_particles(path: str | os.PathLike[str], apix: float | None = None) -> P
         STAR file.
     apix: float | None
         Pixel size (Å) to use when the file gives none.
+    root: str | os.PathLike[str] | None
+        A directory every stack must lie in, symlinks followed (the daemon's watched
+        directory): a stack named outside it, by an absolute path, ``..`` or a symlink
+        leading out, is a ParticleFileError raised before that stack is opened.
     """
     path = Path(path)
     if not path.is_file():
@@ -263,7 +284,7 @@ def read_particles(path: str | os.PathLike[str], apix: float | None = None) -> P
     stack_paths = np.empty(len(particles), dtype=object)
     box = None
     for name in map(str, np.unique(stack_names)):
-        resolved = _resolve_stack(path.parent, name)
+        resolved = _resolve_stack(path, name, None if root is None else Path(root))
         if resolved is None:
             raise _fail(path, f"image name points at missing stack {name!r}")
         n_images, side, _ = stack_shape(resolved)
