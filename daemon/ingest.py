@@ -6,7 +6,14 @@ Two kinds of file bring particles:
   image, pixel size from the header (or ``--apix``), no CTF;
 - a **RELION particle STAR file**: the rows' stacks (resolved as
   :func:`cryofastar.recon.io.read_particles` does), with their optics, CTF and
-  rlnRandomSubset. Every stack it names must lie inside the watched directory.
+  rlnRandomSubset. Every stack it names must lie inside the watched directory, symlinks
+  followed; one that does not (an absolute path such as ``/etc/passwd``, ``..``, a symlink
+  leading out) gets the file rejected before that stack is opened. A bare stack that is a
+  symlink leading out of the watched directory is rejected before it is opened too.
+
+A STAR file that names the same image (same stack and index) on several rows brings it
+once: the first row is kept, the others are left out and written to rejected.tsv with the
+reason (:meth:`~cryofastar.recon.io.source.ParticleSource.distinct`).
 
 A particle is identified by ``(resolved stack path, 1-based index)``; particles the
 session already took (:class:`~cryofastar.daemon.journal.IngestJournal`) are skipped,
@@ -25,8 +32,10 @@ particles are a :class:`~cryofastar.recon.io.source.ParticleSource` (the one rea
 layer); its images are read a bounded number at a time
 (:meth:`~cryofastar.recon.io.source.ParticleSource.chunks`), so a STAR file of a whole
 session never has to fit in memory at once. Images with NaN or Inf pixels are left out
-by the source and reported on each chunk (``chunk.skipped``); the daemon takes the rest
-of the file and writes them to rejected.tsv.
+by the source and reported on each chunk (``chunk.skipped``), as are images whose pixels
+no particle has (beyond 1e6, or a hot pixel: the pixel policy of
+:mod:`~cryofastar.recon.io.source`); the daemon takes the rest of the file and writes them
+to rejected.tsv.
 """
 
 from __future__ import annotations
@@ -73,6 +82,7 @@ class SessionGeometry:
 
 
 def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, every symlink followed, lies in ``root`` (nothing is opened)."""
     try:
         path.resolve().relative_to(root.resolve())
     except ValueError:
@@ -105,7 +115,7 @@ def _stack_source(path: Path, apix_override: float | None) -> ParticleSource:
 
 def _star_source(path: Path, root: Path, apix_override: float | None) -> ParticleSource:
     try:
-        source = ParticleSource.from_star(path, apix=apix_override)
+        source = ParticleSource.from_star(path, apix=apix_override, root=root)  # refuses outside stacks unopened
     except ParticleFileError as exc:
         raise Rejected(str(exc)) from None
     stacks = [str(s) for s in np.unique(source.stacks)]
@@ -113,7 +123,7 @@ def _star_source(path: Path, root: Path, apix_override: float | None) -> Particl
     if outside:
         raise Rejected(f"{path}: names stack {outside[0]} outside the watched directory {root}")
     _check_names(path, stacks, root)
-    return source
+    return source.distinct()
 
 
 def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None, taken: IngestJournal,
@@ -138,8 +148,8 @@ def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None,
     source, geometry: tuple[ParticleSource, SessionGeometry]
         The new particles (possibly none; read them with
         :meth:`~cryofastar.recon.io.source.ParticleSource.chunks`, which leaves out and
-        reports images with NaN or Inf pixels) and the session geometry (fixed by this
-        file if it was the first).
+        reports images the pixel policy refuses, and, with the first chunk, a STAR's
+        repeated rows) and the session geometry (fixed by this file if it was the first).
 
     Raises
     ------
@@ -153,6 +163,9 @@ def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None,
     if suffix == ".star":
         source = _star_source(path, root, apix)
     elif suffix in _STACK_SUFFIXES:
+        if not _inside(path, root):  # a symlink leading out of the watched directory: before it is opened
+            raise Rejected(f"{printable(str(path))}: a symlink to {printable(str(path.resolve()))}, outside the "
+                           f"watched directory {printable(str(root))}")
         _check_names(path, [str(path)], root)  # before the file is opened
         source = _stack_source(path, apix)
     else:

@@ -49,6 +49,7 @@ from cryofastar.model.weights import DEFAULT_WEIGHTS
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
+from cryofastar.recon.fsc import resolution_text
 from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource, SkippedImages
 from cryofastar.recon.io.names import printable
 from cryofastar.recon.pose_precision import pose_precision
@@ -549,7 +550,7 @@ class Daemon:
         self.metrics.maps_published.inc()
         self.metrics.set_resolution_angstrom(resolution)
         self.metrics.latency.labels("map").observe(time.perf_counter() - t0)
-        logger.info("map: %d particles, %.2f Å", st.n_particles, resolution)
+        logger.info("map: %d particles, %s", st.n_particles, resolution_text(resolution))
 
     def _checkpoint(self) -> None:
         if self.state.accumulator is None:

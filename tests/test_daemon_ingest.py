@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -206,3 +207,87 @@ def test_a_stack_whose_header_lies_is_rejected_and_fixes_no_geometry(tmp_path, f
     _stack(tmp_path / "good.mrcs")
     _, geometry = plan_particle_file(tmp_path / "good.mrcs", tmp_path, None, IngestJournal())
     assert geometry == SessionGeometry(16, 2.0)
+
+
+# ------------------------------------------------------------- issue 20: exactly once, and nothing outside
+
+
+def _star(path, names, apix=2.0):
+    rows = pd.DataFrame({"rlnImageName": names, "rlnOpticsGroup": 1})
+    write_particles(path, rows, pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [apix]}))
+    return path
+
+
+def test_a_star_naming_one_image_ten_times_brings_it_once_and_reports_the_rest(tmp_path):
+    _stack(tmp_path / "s.mrcs", n=3)
+    star = _star(tmp_path / "p.star", ["000001@s.mrcs"] * 10 + ["000002@s.mrcs", "3@s.mrcs", "2@./s.mrcs"])
+    plan, _ = plan_particle_file(star, tmp_path, None, IngestJournal())
+    assert plan.indices.tolist() == [1, 2, 3]
+    chunk = next(plan.chunks())
+    assert len(chunk) == 3 and len(chunk.skipped) == 10
+    assert chunk.skipped.describe(star).startswith(f"{star}: 10 image(s) repeat an earlier row's image (same stack "
+                                                   "and index) and were skipped (000001@s.mrcs, ")
+
+
+@pytest.fixture
+def opened():
+    """Every path opened through Python's ``open`` / ``os.open`` while a test runs (a real audit hook)."""
+    import sys
+
+    seen: list[str] = []
+    active = [True]
+
+    def hook(event, args):  # noqa: ANN001, ANN202
+        if active[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            seen.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)  # hooks cannot be removed; this one goes quiet after the test
+    yield seen
+    active[0] = False
+
+
+@pytest.mark.parametrize("case", ["absolute", "star-symlink", "bare-symlink", "dotdot"])
+def test_a_stack_outside_the_watched_directory_is_refused_before_it_is_opened(tmp_path, case, opened):
+    """Issue 20: a STAR naming /etc/passwd, or a stack that is a symlink out of the tree, was opened (its header read)
+    before the daemon's inside check; a bare stack that is a symlink leading out was taken."""
+    watched, outside = tmp_path / "watched", tmp_path / "outside"
+    watched.mkdir()
+    outside.mkdir()
+    _stack(outside / "secret.mrcs", n=2)
+    _stack(watched / "good.mrcs", n=2)
+    target = outside / "secret.mrcs"
+    if case == "absolute":
+        target = tmp_path / "passwd"  # as /etc/passwd, but one the test owns
+        target.write_text("root:x:0:0:root:/root:/bin/bash\n" * 40)
+        path = _star(watched / "p.star", [f"000001@{target}"])
+    elif case == "dotdot":
+        path = _star(watched / "p.star", ["000001@good.mrcs", "000001@../outside/secret.mrcs"])
+    else:
+        (watched / "link.mrcs").symlink_to(target)
+        path = watched / "link.mrcs" if case == "bare-symlink" else \
+            _star(watched / "p.star", ["000001@good.mrcs", "000001@link.mrcs"])
+    opened.clear()
+    with pytest.raises(Rejected, match=rf"{target.name}.*outside the watched directory") as info:
+        plan_particle_file(path, watched, None, IngestJournal())
+    assert "\n" not in str(info.value)
+    assert not [p for p in opened if Path(p).resolve() == target.resolve()], opened
+    # /etc/passwd itself, by its absolute name
+    star = _star(watched / "etc.star", ["000001@/etc/passwd"])
+    opened.clear()
+    with pytest.raises(Rejected, match=r"names stack /etc/passwd outside the watched directory"):
+        plan_particle_file(star, watched, None, IngestJournal())
+    assert "/etc/passwd" not in opened
+    # a symlink inside the tree to a stack inside the tree is fine (the same particles as the stack, once)
+    (watched / "alias.mrcs").symlink_to(watched / "good.mrcs")
+    plan, _ = plan_particle_file(_star(watched / "q.star", ["000001@alias.mrcs", "000001@good.mrcs"]), watched, None,
+                                 IngestJournal())
+    assert len(plan) == 1 and len(plan.left_out) == 1
+
+
+def test_a_bare_stack_of_absurd_pixels_brings_no_particle(tmp_path):
+    images = torch.randn(4, 16, 16) * 1e20
+    with pytest.warns(RuntimeWarning):  # mrcfile's header statistics overflow float32
+        write_stack(tmp_path / "x.mrcs", images, 2.0)
+    plan, _ = plan_particle_file(tmp_path / "x.mrcs", tmp_path, None, IngestJournal())
+    chunk = next(plan.chunks())
+    assert len(chunk) == 0 and len(chunk.skipped) == 4 and "beyond ±1e+06" in chunk.skipped.describe("x")
