@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
@@ -239,6 +240,49 @@ def test_files_that_used_to_kill_the_daemon_are_rejected_and_a_restart_goes_on(s
     backprojected = subprocess.run([str(SCRIPT), "backproject", str(out / "particles.star"), "-o",
                                     str(tmp_path / "map.mrc")], capture_output=True, text=True, env=ENV, timeout=300)
     assert backprojected.returncode == 0, backprojected.stderr
+
+
+@pytest.mark.slow
+def test_poison_repeats_and_files_outside_the_tree_never_reach_the_map(stacks, tmp_path, daemons):
+    """Issue 20, part 2, from outside: a stack scaled by 1e20 was taken (and ruined the map), a STAR naming one
+    particle ten times inserted it ten times, a STAR naming /etc/passwd had it opened, and a stack that is a
+    symlink out of the watched tree was taken. Now: every particle once, nothing outside opened, one row each."""
+    watch, out, outside = tmp_path / "session", tmp_path / "out", tmp_path / "outside"
+    watch.mkdir()
+    outside.mkdir()
+    shutil.copy(stacks[0], outside / "secret.mrcs")
+    (watch / "link.mrcs").symlink_to(outside / "secret.mrcs")
+    write_particles(watch / "etc.star", pd.DataFrame({"rlnImageName": ["000001@/etc/passwd"], "rlnOpticsGroup": 1}),
+                    pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [3.0]}))
+    with mrcfile.open(stacks[1]) as mrc:
+        scaled, apix = torch.from_numpy(mrc.data * np.float32(1e20)), float(mrc.voxel_size.x)
+    with pytest.warns(RuntimeWarning):  # mrcfile's header statistics overflow float32
+        write_stack(tmp_path / "scaled.mrcs", scaled, apix)
+    place(tmp_path / "scaled.mrcs", watch)
+    (watch / ".raw").mkdir()  # hidden: the watcher does not take it bare, only through the STAR
+    shutil.copy(stacks[3], watch / ".raw" / "s3.mrcs")
+    names = ["000001@.raw/s3.mrcs"] * 10 + [f"{i:06d}@.raw/s3.mrcs" for i in range(2, PER_STACK + 1)]
+    write_particles(watch / "tenfold.star", pd.DataFrame({"rlnImageName": names, "rlnOpticsGroup": 1}),
+                    pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [apix]}))
+    daemon = daemons(watch, out)
+    with Subscriber(daemon.zmq) as subscriber:
+        place(stacks[2], watch)
+        wait_for_map(subscriber, 2 * PER_STACK)
+        status = wait_for_status(subscriber, lambda s: s["particles_in_map"] >= 2 * PER_STACK and
+                                 s["files_rejected"] >= 2)
+        assert status["particles_in_map"] == 2 * PER_STACK  # s3 once (not 49 times), stacks[2]; nothing scaled
+        assert status["resolution_angstrom"] is None or np.isfinite(status["resolution_angstrom"])
+    code, stderr = daemon.stop(signal.SIGINT)
+    assert code == 0, stderr
+    text = (out / "rejected.tsv").read_text(encoding="utf-8")
+    for expected in ("link.mrcs: a symlink to", "etc.star: names stack /etc/passwd outside the watched directory",
+                     f"{PER_STACK} image(s) contain pixels beyond ±1e+06 and were skipped",
+                     "tenfold.star: 9 image(s) repeat an earlier row's image (same stack and index)"):
+        assert expected in text, text
+    particles = starfile.read(out / "particles.star")["particles"]
+    assert len(particles) == 2 * PER_STACK and particles["rlnImageName"].is_unique
+    volume, _ = read_volume(out / "volume.mrc")
+    assert bool(torch.isfinite(volume).all()) and float(volume.abs().max()) < 1e6
 
 
 @pytest.mark.slow
