@@ -354,9 +354,9 @@ class ParticleSource:
 
     def first_rows(self) -> np.ndarray:
         """`(m,)` int64 rows (in order) whose image no earlier row names (the key: resolved stack, index)."""
-        resolved = {stack: os.path.realpath(stack) for stack in set(self.stacks.tolist())}
-        keys = pd.Index([f"{int(i)}@{resolved[stack]}" for i, stack in zip(self.indices, self.stacks, strict=True)])
-        return np.nonzero(~keys.duplicated(keep="first"))[0].astype(np.int64)
+        resolved = {stack: os.path.realpath(stack) for stack in set(self.stacks.tolist())}  # one per stack
+        keys = pd.DataFrame({"stack": pd.Series(self.stacks, dtype=object).map(resolved), "index": self.indices})
+        return np.nonzero(~keys.duplicated(keep="first").to_numpy())[0].astype(np.int64)
 
     def distinct(self) -> ParticleSource:
         """The source with each image once: the first row that names it kept, later ones left out and
