@@ -10,6 +10,8 @@ after that, for the reference and its mirror image, keeping the better.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .fsc import fsc, resolution_at_threshold
@@ -50,7 +52,10 @@ def resolution_vs_known_map(volume: torch.Tensor, reference: torch.Tensor, apix:
     """FSC resolution (Å) of ``volume`` against ``reference`` or its mirror, whichever is better.
 
     ``volume`` is first translated onto the map it is compared with (:func:`translate_onto`).
-    Both maps `(B, B, B)` [z, y, x] at ``apix`` Å/px.
+    Both maps `(B, B, B)` [z, y, x] at ``apix`` Å/px. NaN (unknown, e.g. a NaN map) only when
+    neither comparison has a resolution.
     """
-    return min(resolution_at_threshold(fsc(translate_onto(volume, target), target), apix, threshold)
-               for target in (reference, reference.flip(0)))
+    found = [resolution_at_threshold(fsc(translate_onto(volume, target), target), apix, threshold)
+             for target in (reference, reference.flip(0))]
+    known = [r for r in found if not math.isnan(r)]
+    return min(known) if known else math.nan

@@ -37,3 +37,9 @@ def test_resolution_takes_the_better_hand_and_the_centre(volume):
     assert resolution_vs_known_map(_shifted(volume.flip(0), (2.0, 1.0, 0.0)), volume, APIX) == pytest.approx(good)
     noise = torch.randn(BOX, BOX, BOX, generator=torch.Generator().manual_seed(0))
     assert resolution_vs_known_map(noise, volume, APIX) > 5 * good
+
+
+def test_a_nan_map_has_an_unknown_resolution_and_a_good_one_keeps_its_own(volume: torch.Tensor) -> None:
+    nan_map = torch.full_like(volume, float("nan"))
+    assert torch.isnan(torch.tensor(resolution_vs_known_map(nan_map, volume, APIX)))
+    assert resolution_vs_known_map(volume, volume, APIX) == pytest.approx(2 * APIX)  # identical: Nyquist
