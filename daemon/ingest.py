@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cryofastar.recon.io import NotAParticleStack, ParticleFileError, ParticleSource
+from cryofastar.recon.io import NotAParticleStack, ParticleFileError, ParticleSource, path_inside
 from cryofastar.recon.io.names import image_name_problem, printable
 
 from .journal import IngestJournal
@@ -81,15 +81,6 @@ class SessionGeometry:
             raise Rejected(f"{path}: pixel size {apix:.4f} Å differs from the session's {self.apix:.4f} Å")
 
 
-def _inside(path: Path, root: Path) -> bool:
-    """Whether ``path``, every symlink followed, lies in ``root`` (nothing is opened)."""
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
-
-
 def _check_names(origin: Path, stacks: list[str], root: Path) -> None:
     """Raise :class:`Rejected` if a stack's path below ``root`` breaks the file-name rule (module docstring)."""
     for stack in stacks:
@@ -119,7 +110,7 @@ def _star_source(path: Path, root: Path, apix_override: float | None) -> Particl
     except ParticleFileError as exc:
         raise Rejected(str(exc)) from None
     stacks = [str(s) for s in np.unique(source.stacks)]
-    outside = [s for s in stacks if not _inside(Path(s), root)]
+    outside = [s for s in stacks if not path_inside(Path(s), root)]
     if outside:
         raise Rejected(f"{path}: names stack {outside[0]} outside the watched directory {root}")
     _check_names(path, stacks, root)
@@ -163,7 +154,7 @@ def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None,
     if suffix == ".star":
         source = _star_source(path, root, apix)
     elif suffix in _STACK_SUFFIXES:
-        if not _inside(path, root):  # a symlink leading out of the watched directory: before it is opened
+        if not path_inside(path, root):  # a symlink leading out of the watched directory: before it is opened
             raise Rejected(f"{printable(str(path))}: a symlink to {printable(str(path.resolve()))}, outside the "
                            f"watched directory {printable(str(root))}")
         _check_names(path, [str(path)], root)  # before the file is opened

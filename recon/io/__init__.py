@@ -3,7 +3,7 @@
 from .errors import NotAParticleStack, ParticleFileError
 from .mrc import read_images, read_volume, stack_shape, write_stack, write_volume
 from .source import ParticleChunk, ParticleSource, SkippedImages, image_keys
-from .star import ParticleTable, read_particles, write_particles
+from .star import ParticleTable, path_inside, read_particles, write_particles
 from .tables import write_fsc_table
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "ParticleTable",
     "SkippedImages",
     "image_keys",
+    "path_inside",
     "read_images",
     "read_particles",
     "read_volume",

@@ -32,7 +32,7 @@ from .errors import ParticleFileError
 from .mrc import stack_shape
 from .names import star_column
 
-__all__ = ["ParticleTable", "read_particles", "write_particles"]
+__all__ = ["ParticleTable", "path_inside", "read_particles", "write_particles"]
 
 _ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 _OPTICS_CTF = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
@@ -200,8 +200,8 @@ def _pixel_size(path: Path, particles: pd.DataFrame, apix: float | None) -> floa
     raise _fail(path, "no pixel size (rlnImagePixelSize in data_optics); pass --apix")
 
 
-def _inside(path: Path, root: Path) -> bool:
-    """Whether ``path``, every symlink followed, lies in ``root`` (also resolved)."""
+def path_inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, every symlink followed, lies in ``root`` (also resolved); nothing is opened."""
     try:
         path.resolve().relative_to(root.resolve())
     except ValueError:
@@ -220,7 +220,7 @@ def _resolve_stack(star_path: Path, name: str, root: Path | None = None) -> Path
     places = [candidate] if candidate.is_absolute() else \
         [base / candidate for base in (star_dir, *list(star_dir.resolve().parents)[:3], Path.cwd())]
     for place in places:
-        if root is not None and not _inside(place, root):
+        if root is not None and not path_inside(place, root):
             if place.is_absolute() and candidate.is_absolute() or os.path.lexists(place):
                 raise _fail(star_path, f"names stack {place.resolve()} outside the watched directory {root}")
             continue  # nothing there: look further, never open it
