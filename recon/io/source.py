@@ -518,9 +518,11 @@ def _pixel_verdicts(block: torch.Tensor, stack: str) -> np.ndarray:
     if len(sane):
         scale = _typical_rms(stack)
         if scale > 0:
-            centred = block[torch.as_tensor(sane)].double()
-            centred = centred - centred.mean(dim=(-2, -1), keepdim=True)
-            deviation = centred.abs().amax(dim=(-2, -1)).numpy()
+            images = block[torch.as_tensor(sane)]
+            mean = images.mean(dim=(-2, -1), dtype=torch.float64)
+            # max |pixel - mean| lies at the image's largest or smallest pixel: no float64 copy of the block
+            deviation = torch.maximum(images.amax(dim=(-2, -1)).double() - mean,
+                                      mean - images.amin(dim=(-2, -1)).double()).numpy()
             why[sane[deviation > OUTLIER_FACTOR * scale]] = OUTLIER
     return why
 
