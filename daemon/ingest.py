@@ -41,6 +41,7 @@ to rejected.tsv.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None,
         source = _star_source(path, root, apix)
     elif suffix in _STACK_SUFFIXES:
         if not path_inside(path, root):  # a symlink leading out of the watched directory: before it is opened
-            raise Rejected(f"{printable(str(path))}: a symlink to {printable(str(path.resolve()))}, outside the "
+            raise Rejected(f"{printable(str(path))}: a symlink to {printable(os.path.realpath(path))}, outside the "
                            f"watched directory {printable(str(root))}")
         _check_names(path, [str(path)], root)  # before the file is opened
         source = _stack_source(path, apix)

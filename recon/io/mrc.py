@@ -7,9 +7,11 @@ Every reader checks the 1024-byte header against the file's size before mrcfile 
 the file or anything is allocated (:func:`check_header`): the dimensions must be
 positive, the mode known, the data the header claims must fit in the file, and an
 image side (nx, ny) may be at most :data:`MAX_IMAGE_SIDE` px (a volume at most
-:data:`MAX_VOLUME_SIDE` px on each axis). A file that fails raises
-:class:`ParticleFileError` (one line), never an ``OverflowError`` or a huge allocation:
-a sparse file can have the size an absurd header asks for.
+:data:`MAX_VOLUME_SIDE` px on each axis) and a stack may claim at most
+:data:`MAX_STACK_IMAGES` images; and the file must hold no bytes after the data the
+header claims. A file that fails raises :class:`ParticleFileError` (one line), never an
+``OverflowError``, a warning or a huge allocation: a sparse file can have the size an
+absurd header asks for.
 
 Modes (:data:`READ_MODES`, docs/conventions.md "Files"; checked on RELION 3.1.3's
 ``relion_image_handler``): 0 (int8, signed as RELION reads it), 1 (int16), 2 (float32), 6
@@ -32,14 +34,19 @@ from mrcfile.utils import byte_order_from_machine_stamp, dtype_from_mode
 from .atomic import atomic_path
 from .errors import ParticleFileError
 
-__all__ = ["MAX_IMAGE_SIDE", "MAX_VOLUME_SIDE", "READ_MODES", "check_header", "open_mrc", "read_images",
-           "read_volume", "stack_shape", "typical_image_rms", "write_stack", "write_volume"]
+__all__ = ["MAX_IMAGE_SIDE", "MAX_STACK_IMAGES", "MAX_VOLUME_SIDE", "READ_MODES", "check_header", "open_mrc",
+           "read_images", "read_volume", "stack_shape", "typical_image_rms", "voxel_size", "write_stack",
+           "write_volume"]
 
 MAX_IMAGE_SIDE = 4096
 """Largest image side (header nx and ny, px) the readers accept: 64 MiB per float32 image.
 Particle boxes are a few hundred px; a larger header is corrupt (docs/conventions.md, Files)."""
 MAX_VOLUME_SIDE = 1024
 """Largest side (px) of a map :func:`read_volume` reads whole: 4 GiB as float32."""
+MAX_STACK_IMAGES = 1_000_000
+"""Most images (header nz) a stack may claim. A header's claim costs memory before any pixel is read (each
+image's stack path and name are listed, ~8 bytes per character of the path), and a sparse file can have the
+size any claim needs; particle stacks hold hundreds to a few 10^5 images."""
 _HEADER_BYTES = 1024
 READ_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
 """MRC modes the readers take (converted to float32; module docstring)."""
@@ -58,8 +65,9 @@ def check_header(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     ------
     ParticleFileError
         Missing file; shorter than a header; unknown machine stamp or mode; a dimension
-        that is not positive; nx or ny above :data:`MAX_IMAGE_SIDE`; a negative extended
-        header; or more data claimed than the file holds (truncated).
+        that is not positive; nx or ny above :data:`MAX_IMAGE_SIDE`; nz above
+        :data:`MAX_STACK_IMAGES`; a negative extended header; or a file size other than the
+        header's (more data claimed than the file holds: truncated; bytes after the data).
     """
     path = Path(path)
     if not path.is_file():
@@ -83,6 +91,8 @@ def check_header(path: str | os.PathLike[str]) -> tuple[int, int, int]:
         raise _unreadable(path, f"header dimensions {nx} x {ny} x {nz} are not all positive")
     if max(nx, ny) > MAX_IMAGE_SIDE:
         raise _unreadable(path, f"header claims {nx} x {ny} px images; at most {MAX_IMAGE_SIDE} px are accepted")
+    if nz > MAX_STACK_IMAGES:
+        raise _unreadable(path, f"header claims {nz} images; at most {MAX_STACK_IMAGES} per stack are read")
     if extended < 0:
         raise _unreadable(path, f"negative extended header size {extended}")
     if mode in _REFUSED_MODES:
@@ -97,6 +107,9 @@ def check_header(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     needed = _HEADER_BYTES + extended + nx * ny * nz * itemsize  # Python ints: no overflow
     if needed > size:
         raise _unreadable(path, f"truncated: the header claims {needed} bytes, the file has {size}")
+    if needed < size:  # more images than nz (a stack still growing?) or junk: the header does not describe it
+        raise _unreadable(path, f"{size - needed} bytes after the data the header claims ({needed} bytes); the "
+                          "header does not describe the file")
     return nx, ny, nz
 
 
@@ -109,6 +122,12 @@ def open_mrc(path: str | os.PathLike[str]) -> mrcfile.mrcmmap.MrcMemmap:
     except (ValueError, OSError, EOFError, OverflowError) as exc:
         raise _unreadable(path, exc) from None
 
+
+
+def voxel_size(mrc: mrcfile.mrcmmap.MrcMemmap) -> float:
+    """The header's pixel size along x in Å (cella.x / mx); NaN or Inf, without a warning, if mx is 0."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return float(mrc.voxel_size.x)
 
 
 def _stack_data(mrc: mrcfile.mrcmmap.MrcMemmap, path: Path) -> np.ndarray:
@@ -187,7 +206,7 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[torch.Tensor, float]:
                           "are read")
     with open_mrc(path) as mrc:
         data = np.array(mrc.data, dtype=np.float32)
-        apix = float(mrc.voxel_size.x)
+        apix = voxel_size(mrc)
     if data.ndim != 3 or len(set(data.shape)) != 1:
         raise ParticleFileError(f"{path}: expected a cubic volume, got shape {data.shape}")
     return torch.from_numpy(data), apix

@@ -50,7 +50,7 @@ import torch
 from ..ctf import CtfParams
 from ..half_sets import half_sets_for_particles
 from .errors import NotAParticleStack, ParticleFileError
-from .mrc import open_mrc, read_images, typical_image_rms
+from .mrc import open_mrc, read_images, typical_image_rms, voxel_size
 from .star import ParticleTable, read_particles
 
 logger = logging.getLogger(__name__)
@@ -532,7 +532,7 @@ def _stack_header(path: Path) -> tuple[int, int, float]:
     with open_mrc(path) as mrc:  # the header checked against the file size first
         shape = mrc.data.shape
         is_volume = path.suffix.lower() == ".mrc" and mrc.data.ndim == 3 and int(mrc.header.ispg) != 0
-        apix = float(mrc.voxel_size.x)
+        apix = voxel_size(mrc)
     if is_volume:
         raise NotAParticleStack(f"{path}: a 3D map (header space group is not 0), not a particle stack")
     if len(shape) == 2:

@@ -15,6 +15,7 @@ to), then the working directory. RELION 3.0 files
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,19 @@ from ..half_sets import half_sets_for_particles
 from .atomic import atomic_path
 from .errors import ParticleFileError
 from .mrc import stack_shape
-from .names import star_column
+from .names import printable, star_column
 
 __all__ = ["ParticleTable", "path_inside", "read_particles", "write_particles"]
 
 _ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 _OPTICS_CTF = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
 _PARTICLE_CTF = ["rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor", "rlnCtfScalefactor"]
+_PIXEL_SIZES = ["rlnImagePixelSize", "rlnPixelSize", "rlnDetectorPixelSize", "rlnMagnification"]
+_NUMBERS = [*_ANGLES, "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY", "rlnDefocusU",
+            *_PARTICLE_CTF, *_OPTICS_CTF, *_PIXEL_SIZES, "rlnImageSize", "rlnRandomSubset", "rlnOpticsGroup"]
+"""Columns that must hold numbers: a text value in one is a ParticleFileError naming it (not a crash later)."""
+_MAY_BE_NAN = {"rlnDefocusU", "rlnDefocusV"}  # ctf() refuses them with its own message; every other: finite
+_POSITIVE = [*_PIXEL_SIZES, "rlnImageSize", "rlnVoltage"]
 
 
 @dataclass
@@ -120,6 +127,16 @@ class ParticleTable:
                                             f"got {p[name].iloc[bad[0]]!r} at particle {bad[0] + 1} "
                                             f"({len(bad)} such particles)")
 
+        ranges = {"rlnVoltage": (lambda v: v > 0, "a positive voltage in kV"),
+                  "rlnAmplitudeContrast": (lambda v: (v >= 0) & (v < 1), "an amplitude contrast in [0, 1)")}
+        for name, (fine, what) in ranges.items():
+            if name in p.columns:
+                values = pd.to_numeric(p[name], errors="coerce").to_numpy(np.float64)
+                bad = np.nonzero(~(np.isfinite(values) & fine(values)))[0]
+                if len(bad):
+                    raise ParticleFileError(f"{self.star_path}: {name} must be {what}, got {p[name].iloc[bad[0]]!r} "
+                                            f"at particle {bad[0] + 1}")
+
         def col(name: str, default: float | None = None) -> np.ndarray:
             if name in p.columns:
                 return p[name].to_numpy(np.float64)
@@ -142,9 +159,9 @@ class ParticleTable:
     def half_sets(self) -> torch.Tensor:
         """`(n,)` int64 half set (1/2): rlnRandomSubset if present, else the stable hash."""
         if "rlnRandomSubset" in self.particles.columns:
-            halves = torch.tensor(np.array(self.particles["rlnRandomSubset"], dtype=np.int64))
-            if bool(((halves == 1) | (halves == 2)).all()):
-                return halves
+            values = pd.to_numeric(self.particles["rlnRandomSubset"], errors="coerce").to_numpy(np.float64)
+            if bool(((values == 1) | (values == 2)).all()):
+                return torch.from_numpy(values.astype(np.int64))
             raise ParticleFileError(f"{self.star_path}: rlnRandomSubset must be 1 or 2")
         return half_sets_for_particles(self.stack_paths, self.image_indices)
 
@@ -157,6 +174,35 @@ class ParticleTable:
 
 def _fail(path: Path, message: str) -> ParticleFileError:
     return ParticleFileError(f"{path}: {message}")
+
+
+def _checked_block(path: Path, block: pd.DataFrame, name: str) -> pd.DataFrame:
+    """``block`` with its :data:`_NUMBERS` columns as numbers; ParticleFileError (naming the column, the value
+    and the row) for a column given twice, a text value in a number column, or a NaN or Inf where a number
+    must be finite (every number column but the defoci, which :meth:`ParticleTable.ctf` checks)."""
+    repeated = block.columns[block.columns.duplicated()]
+    if len(repeated):
+        raise _fail(path, f"column {repeated[0]} appears twice in {name}")
+    block = block.copy()
+    for column in [c for c in _NUMBERS if c in block.columns]:
+        given = block[column]
+        values = pd.to_numeric(given, errors="coerce") if not pd.api.types.is_numeric_dtype(given) else given
+        values = values.astype(np.float64) if pd.api.types.is_bool_dtype(values) else values
+        text = values.isna() & given.notna()
+        unusable = text | (~np.isfinite(values.to_numpy(np.float64)) & (column not in _MAY_BE_NAN))
+        if bool(unusable.any()):
+            row = int(np.nonzero(unusable.to_numpy())[0][0])
+            shown = repr(given.iloc[row]) if isinstance(given.iloc[row], str) else f"{given.iloc[row]}"
+            what = "numbers" if bool(text.any()) else "finite numbers"
+            if column in _ANGLES:
+                raise _fail(path, f"rlnAngleRot/Tilt/Psi must be finite numbers, got {column} {shown} at row "
+                            f"{row + 1} of {name}")
+            raise _fail(path, f"column {column} of {name} must hold {what}, got {shown} at row {row + 1}")
+        if column in _POSITIVE and not bool((values > 0).all()):
+            row = int(np.nonzero((values <= 0).to_numpy())[0][0])
+            raise _fail(path, f"column {column} of {name} must be positive, got {given.iloc[row]} at row {row + 1}")
+        block[column] = values
+    return block
 
 
 def _particles_block(path: Path, blocks: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -178,6 +224,9 @@ def _merge_optics(path: Path, particles: pd.DataFrame, optics: pd.DataFrame | No
         if len(optics) != 1:
             raise _fail(path, "particles lack rlnOpticsGroup but there are several optics groups")
         particles = particles.assign(rlnOpticsGroup=optics["rlnOpticsGroup"].iloc[0])
+    repeated = optics["rlnOpticsGroup"][optics["rlnOpticsGroup"].duplicated()]
+    if len(repeated):
+        raise _fail(path, f"data_optics defines optics group {repeated.iloc[0]} more than once")
     undefined = ~particles["rlnOpticsGroup"].isin(optics["rlnOpticsGroup"])
     if bool(undefined.any()):
         group = particles["rlnOpticsGroup"][undefined].iloc[0]
@@ -196,17 +245,30 @@ def _pixel_size(path: Path, particles: pd.DataFrame, apix: float | None) -> floa
     if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(particles.columns):
         return float(particles["rlnDetectorPixelSize"].iloc[0] * 1e4 / particles["rlnMagnification"].iloc[0])
     if apix is not None:
+        if not (math.isfinite(apix) and apix > 0):
+            raise _fail(path, f"pixel size {apix} Å given; it must be a positive number")
         return float(apix)
     raise _fail(path, "no pixel size (rlnImagePixelSize in data_optics); pass --apix")
 
 
 def path_inside(path: Path, root: Path) -> bool:
-    """Whether ``path``, every symlink followed, lies in ``root`` (also resolved); nothing is opened."""
+    """Whether ``path``, every symlink followed, lies in ``root`` (also resolved); nothing is opened.
+
+    A path that cannot be resolved (a symlink loop, a NUL character, a name too long) is not inside.
+    """
     try:
         path.resolve().relative_to(root.resolve())
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: pathlib's symlink loop before Python 3.13
         return False
     return True
+
+
+def _shown(path: Path) -> str:
+    """``path`` with its symlinks followed where that is possible (a NUL byte: as written), on one line."""
+    try:
+        return printable(os.path.realpath(path))
+    except ValueError:
+        return printable(str(path))
 
 
 def _resolve_stack(star_path: Path, name: str, root: Path | None = None) -> Path | None:
@@ -222,7 +284,7 @@ def _resolve_stack(star_path: Path, name: str, root: Path | None = None) -> Path
     for place in places:
         if root is not None and not path_inside(place, root):
             if place.is_absolute() and candidate.is_absolute() or os.path.lexists(place):
-                raise _fail(star_path, f"names stack {place.resolve()} outside the watched directory {root}")
+                raise _fail(star_path, f"names stack {_shown(place)} outside the watched directory {root}")
             continue  # nothing there: look further, never open it
         if place.is_file():
             return place.resolve()
@@ -254,10 +316,13 @@ def read_particles(path: str | os.PathLike[str], apix: float | None = None,
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # noqa: BLE001 - starfile raises many types on bad input
-        raise _fail(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise _fail(path, f"not a readable STAR file ({type(exc).__name__}: {first})") from None
     if not isinstance(blocks, dict) or not blocks:
         raise _fail(path, "not a STAR file with data blocks")
     particles, optics = _particles_block(path, blocks)
+    particles = _checked_block(path, particles, "the particles")
+    optics = None if optics is None else _checked_block(path, optics, "data_optics")
     missing = [c for c in ["rlnImageName"] if c not in particles.columns]
     if missing:
         raise _fail(path, f"missing required column(s): {', '.join(missing)}")
@@ -275,9 +340,9 @@ def read_particles(path: str | os.PathLike[str], apix: float | None = None,
 
     names = particles["rlnImageName"].astype(str)
     parts = names.str.split("@", n=1, expand=True)
-    if parts.shape[1] != 2 or parts[1].isna().any() or not parts[0].str.fullmatch(r"\d+").all():
-        bad = names[~names.str.fullmatch(r"\d+@.+")].iloc[0]
-        raise _fail(path, f"rlnImageName {bad!r} is not of the form N@stack.mrcs")
+    if parts.shape[1] != 2 or parts[1].isna().any() or not parts[0].str.fullmatch(r"[0-9]{1,18}").all():
+        bad = names[~names.str.fullmatch(r"[0-9]{1,18}@.+")].iloc[0]
+        raise _fail(path, f"rlnImageName {bad!r} is not of the form N@stack.mrcs (N a 1-based image number)")
     indices = parts[0].astype(np.int64).to_numpy()
     stack_names = parts[1].to_numpy(dtype=str)
 
@@ -300,7 +365,8 @@ def read_particles(path: str | os.PathLike[str], apix: float | None = None,
         stack_paths[rows] = str(resolved)
     assert box is not None
     if "rlnImageSize" in particles.columns and not (particles["rlnImageSize"] == box).all():
-        raise _fail(path, f"rlnImageSize {int(particles['rlnImageSize'].iloc[0])} does not match the stacks' box {box}")
+        other = particles["rlnImageSize"][particles["rlnImageSize"] != box].iloc[0]
+        raise _fail(path, f"rlnImageSize {other:g} does not match the stacks' box {box}")
     return ParticleTable(
         star_path=path, particles=particles, optics=optics, stack_paths=stack_paths.astype(str),
         image_indices=indices, apix=pixel_size, box=int(box),
