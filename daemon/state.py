@@ -12,7 +12,8 @@ Files written in ``--out`` (all atomically, pixel size set on maps):
 
 - ``volume.mrc``, ``volume_half1.mrc``, ``volume_half2.mrc``: the maps, [z, y, x];
 - ``volume_fsc.tsv``: the current half-map FSC curve (:func:`~cryofastar.recon.map_set.write_map_set`);
-- ``fsc_history.tsv``: one row per published map (unix time, particles, resolution Å);
+- ``fsc_history.tsv``: one row per published map (unix time, particles, resolution Å), at most
+  :data:`~cryofastar.daemon.history.FSC_HISTORY_ROWS` rows (older rows thinned, :mod:`.history`);
 - ``particles.star``: RELION 3.1 particle set with every accumulated particle's pose
   (rlnAngleRot/Tilt/Psi in degrees, rlnOriginX/YAngst in Å, rlnRandomSubset,
   rlnCryofastarConfidence), image names relative to ``--out``.
@@ -31,6 +32,7 @@ from cryofastar.recon.io.atomic import atomic_path
 from cryofastar.recon.io.star import write_particles
 from cryofastar.recon.map_set import map_set, write_map_set
 
+from .history import compact_history
 from .ingest import SessionGeometry
 from .journal import IngestJournal
 
@@ -57,7 +59,8 @@ class SessionState:
     optics: dict[str, float]
         rlnVoltage etc. from the first STAR file that gave them (for particles.star).
     fsc_history: list[tuple[float, int, float]]
-        `(unix time, particles, resolution Å)` per published map.
+        `(unix time, particles, resolution Å)` per published map, compacted to at most
+        :data:`~cryofastar.daemon.history.FSC_HISTORY_ROWS` rows (:func:`~cryofastar.daemon.history.compact_history`).
     counters: dict[str, int]
         Running totals that must survive a restart (files seen, rejected, ...).
     """
@@ -110,7 +113,8 @@ class SessionState:
             accumulator = HalfSetAccumulator.from_state_dict(state["accumulator"], device)
         journal = IngestJournal.from_state_dict({s: i.numpy() for s, i in state["journal"].items()})
         return cls(geometry, accumulator, journal, PoseTable.from_state_dict(state["poses"]), state["frame"],
-                   dict(state["optics"]), [tuple(row) for row in state["fsc_history"]], dict(state["counters"]))
+                   dict(state["optics"]), compact_history([tuple(row) for row in state["fsc_history"]]),
+                   dict(state["counters"]))
 
     # ------------------------------------------------------------------ outputs
     def write_maps(self, out: Path) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
@@ -123,7 +127,8 @@ class SessionState:
         assert self.accumulator is not None and self.geometry is not None
         maps = map_set(self.accumulator)
         write_map_set(out / "volume.mrc", maps)
-        self.fsc_history.append((time.time(), self.accumulator.n_particles, maps.resolution_angstrom))
+        self.fsc_history = compact_history(
+            [*self.fsc_history, (time.time(), self.accumulator.n_particles, maps.resolution_angstrom)])
         with atomic_path(out / "fsc_history.tsv") as tmp:
             lines = ["unix_time\tparticles\tresolution_angstrom"]
             lines += [f"{t:.3f}\t{n}\t{r:.4f}" for t, n, r in self.fsc_history]
