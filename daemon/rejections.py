@@ -1,7 +1,10 @@
 """The session's record of rejected input: ``rejected.tsv`` and the recent rows of status messages.
 
 ``rejected.tsv`` in ``--out`` has a header ``unix_time  path  reason`` and one
-tab-separated UTF-8 row per rejection (a whole file, or some of a file's particles). In
+tab-separated UTF-8 row per rejection (a whole file, or some of a file's particles); a
+rejection already in the file (the same path and reason: the same bad file seen again
+after a restart, or rewritten unchanged) is not written again, so the file holds at most
+one row per distinct bad file and reason, however often the session restarts. In
 the path and the reason, tabs, newlines, other control and line-break characters and
 bytes of a file name that are not UTF-8 are written as backslash escapes (``\t``, ``\n``,
 ``\xff``; :func:`~cryofastar.recon.io.names.printable`), so every row is one line
@@ -57,6 +60,15 @@ def recent_rejections(path: Path, keep: int) -> collections.deque:
     return recent
 
 
+def _recorded_rows(path: Path) -> set[tuple[str, str]]:
+    """``(path, reason)`` of every complete row of ``rejected.tsv`` (empty if missing or unreadable)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return {(fields[1], fields[2]) for fields in (line.split("\t", 2) for line in lines) if len(fields) == 3}
+
+
 class RejectionLog:
     """The one writer of a session's ``rejected.tsv``, and its recent rows (thread-safe).
 
@@ -73,9 +85,11 @@ class RejectionLog:
         self.path = Path(out) / REJECTED_NAME
         self._lock = threading.Lock()
         self._recent = recent_rejections(self.path, keep)
+        self._recorded = _recorded_rows(self.path)  # (path, reason) of every row in the file
 
     def record(self, path: Path | str, reason: str) -> dict[str, object]:
-        """Append one row (now, ``path``, ``reason``) to the file and the recent list.
+        """Append one row (now, ``path``, ``reason``) to the file and the recent list, unless the file
+        already holds that path and reason (then nothing is written).
 
         Returns
         -------
@@ -87,6 +101,9 @@ class RejectionLog:
         entry = {"time": round(now, 3), "path": path, "reason": reason}
         line = f"{now:.3f}\t{path}\t{reason}\n"
         with self._lock:
+            if (path, reason) in self._recorded:
+                return entry
+            self._recorded.add((path, reason))
             self._recent.append(entry)
             new = not self.path.exists()
             with open(self.path, "a", encoding="utf-8") as handle:

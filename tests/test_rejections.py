@@ -69,3 +69,17 @@ def test_any_file_name_is_one_utf8_row_and_comes_back_after_a_restart(tmp_path):
     assert [line.split("\t")[1] for line in lines[1:]] == shown
     assert [r["path"] for r in RejectionLog(tmp_path).recent()] == shown == [r["path"] for r in log.recent()]
     assert [r["reason"] for r in log.recent()] == [f"{s}: its name has a problem" for s in shown]
+
+
+def test_the_same_rejection_is_one_row_however_often_the_session_restarts(tmp_path):
+    """Issue 20: every restart re-rejected the same bad files, adding their rows again (rejected.tsv grew)."""
+    for _ in range(5):  # five runs of a session over the same directory
+        log = RejectionLog(tmp_path, keep=10)
+        log.record("/data/bad.mrcs", "/data/bad.mrcs: not a readable MRC")
+        log.record("/data/a\tb.mrcs", "/data/a\tb.mrcs: its name has a tab")  # compared as written (escaped)
+        log.record("/data/bad.mrcs", "/data/bad.mrcs: not a readable MRC")  # seen again in the same run
+    lines = (tmp_path / REJECTED_NAME).read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3 and [line.split("\t")[1] for line in lines[1:]] == ["/data/bad.mrcs", "/data/a\\tb.mrcs"]
+    assert [r["path"] for r in log.recent()] == ["/data/bad.mrcs", "/data/a\\tb.mrcs"]
+    log.record("/data/bad.mrcs", "/data/bad.mrcs: box 64 px differs from 128")  # a new reason: a new row
+    assert len((tmp_path / REJECTED_NAME).read_text(encoding="utf-8").splitlines()) == 4
