@@ -51,11 +51,13 @@ from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.fsc import resolution_text
 from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource, SkippedImages
+from cryofastar.recon.io.atomic import remove_stale_temporaries
 from cryofastar.recon.io.names import printable
 from cryofastar.recon.pose_precision import pose_precision
 
 from .batching import PassGatherer
 from .broadcast import SessionBroadcast
+from .fingerprints import ChangedImages, image_fingerprints
 from .ingest import NotParticles, Rejected, plan_particle_file
 from .metrics import DaemonMetrics, serve_metrics
 from .pose_source import load_network
@@ -116,6 +118,8 @@ class Daemon:
         self.refiner = StreamingRefiner(s, self._device, poses_from=self._poses_from)
         self.metrics = DaemonMetrics()
         s.out.mkdir(parents=True, exist_ok=True)
+        for leaked in remove_stale_temporaries(s.out):  # writes a kill -9 interrupted
+            logger.info("removed %s (an interrupted write)", leaked.name)
         checkpoint = s.out / CHECKPOINT_NAME
         if checkpoint.exists():
             self.state = SessionState.load(checkpoint, self._device)
@@ -467,6 +471,7 @@ class Daemon:
                 self._count("particles_rejected", n)
                 continue
             st.journal.add(chunk.stacks, chunk.indices)
+            st.fingerprints.add(chunk.stacks, chunk.indices, image_fingerprints(chunk.images))
             first_row = len(st.poses)
             st.poses.append(chunk.stacks, chunk.indices, rotations, origins, confidence, chunk.half_sets, chunk.ctf,
                             score, spread, 0 if refined is None else refined.version)
@@ -511,13 +516,22 @@ class Daemon:
     def _read_again(self, rows: np.ndarray) -> torch.Tensor:
         """`(len(rows), B, B)` float32 images of map particles ``rows``, read again (one read per stack).
 
-        Raises ParticleFileError (naming the images) if a stack is gone or an image is no longer finite.
+        Raises ParticleFileError (naming the images) if a stack is gone, an image is no longer finite, or
+        a stack was replaced since its particles went into the map (their fingerprints differ: subtracting
+        other images would corrupt the map; the stack gets a rejected.tsv row).
         """
         table, geometry = self.state.poses, self.state.geometry
-        source = ParticleSource.from_locations(self.out, table.stack_paths(rows), table.column("index")[rows],
-                                               geometry.box, geometry.apix,
+        stacks, indices = table.stack_paths(rows), table.column("index")[rows]
+        source = ParticleSource.from_locations(self.out, stacks, indices, geometry.box, geometry.apix,
                                                torch.from_numpy(table.column("half_set")[rows].astype(np.int64)))
-        return source.images().all_images()
+        images = source.images().all_images()
+        try:
+            self.state.fingerprints.verify(stacks, indices, images)
+        except ChangedImages as exc:
+            for stack in exc.changed:
+                self._reject(Path(stack), exc.reason(stack), count_file=False)
+            raise
+        return images
 
     def _record_refinement(self, step: str, n: int, seconds: float) -> None:
         """Metrics of a refinement step (``refine``, ``repose``, ``ab_initio``)."""
@@ -557,9 +571,12 @@ class Daemon:
             return
         t0 = time.perf_counter()
         self.state.counters["refinement_local"] = int(self.refiner.phase == "local")
-        self.state.save(self.out / CHECKPOINT_NAME)  # first: whatever particles.star meets, nothing is lost
         try:
+            self.state.save(self.out / CHECKPOINT_NAME)  # first: whatever particles.star meets, nothing is lost
             self.state.write_particles(self.out)
+        except OSError as exc:  # a full disk, a read-only folder: the previous files stay, the session goes on
+            logger.error("checkpoint not written (%s); the previous checkpoint is kept, particles read since are "
+                         "read again after a restart; retrying in %.0f s", exc, self.settings.checkpoint_seconds)
         except ParticleFileError as exc:  # a name no STAR file can hold (ingest refuses those; an old checkpoint)
             if str(exc) != self._star_error:  # once, not at every checkpoint
                 logger.error("particles.star not written (the map and the checkpoint are): %s", exc)

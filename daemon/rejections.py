@@ -11,16 +11,26 @@ bytes of a file name that are not UTF-8 are written as backslash escapes (``\t``
 whatever a file is called (docs/conventions.md, "File names"). The last
 :data:`RECENT_REJECTIONS` rows are also kept in memory for the ``rejected_recent`` field
 of status messages; a restarted session reads them back from the file.
+
+A crash in the middle of a row (``kill -9``) leaves a torn last line: the next session
+cuts it off before it appends (the rejection it held comes again, since the same bad
+file is seen again). A row that cannot be written (the disk is full, the folder became
+read-only) is logged once, kept, and written before the next row once writing works
+again; it is in the status messages' recent rows all the same.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 from cryofastar.recon.io.names import printable
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["RECENT_REJECTIONS", "REJECTED_NAME", "RejectionLog", "recent_rejections"]
 
@@ -60,6 +70,19 @@ def recent_rejections(path: Path, keep: int) -> collections.deque:
     return recent
 
 
+def _cut_torn_line(path: Path) -> None:
+    """Cut a torn last line (no newline: a crash mid-row) off ``path``, so the next row starts a line of its own."""
+    try:
+        data = path.read_bytes()  # read whole at start anyway (recent rows, recorded rows)
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1  # 0: not even the header is whole
+        os.truncate(path, keep)
+    except OSError:
+        return
+    logger.warning("%s: cut a torn last row (%d bytes) left by a crash", path, len(data) - keep)
+
+
 def _recorded_rows(path: Path) -> set[tuple[str, str]]:
     """``(path, reason)`` of every complete row of ``rejected.tsv`` (empty if missing or unreadable)."""
     try:
@@ -84,6 +107,9 @@ class RejectionLog:
     def __init__(self, out: Path, keep: int = RECENT_REJECTIONS) -> None:
         self.path = Path(out) / REJECTED_NAME
         self._lock = threading.Lock()
+        _cut_torn_line(self.path)
+        self._unwritten: list[str] = []  # rows a failed write kept, oldest first
+        self._write_error: str | None = None
         self._recent = recent_rejections(self.path, keep)
         self._recorded = _recorded_rows(self.path)  # (path, reason) of every row in the file
 
@@ -105,12 +131,24 @@ class RejectionLog:
                 return entry
             self._recorded.add((path, reason))
             self._recent.append(entry)
+            self._unwritten.append(line)
+            self._write_rows()
+        return entry
+
+    def _write_rows(self) -> None:
+        """Append the rows not yet written (caller holds the lock); on failure keep them and log once."""
+        try:
             new = not self.path.exists()
             with open(self.path, "a", encoding="utf-8") as handle:
-                if new:
-                    handle.write(_HEADER)
-                handle.write(line)
-        return entry
+                handle.write((_HEADER if new else "") + "".join(self._unwritten))
+        except OSError as exc:
+            if str(exc) != self._write_error:
+                logger.error("%s not written (%s); %d row(s) kept in memory, written with the next rejection",
+                             self.path, exc, len(self._unwritten))
+            self._write_error = str(exc)
+            return
+        self._unwritten.clear()
+        self._write_error = None
 
     def recent(self) -> list[dict[str, object]]:
         """The last rows, oldest first (a copy: the status message's ``rejected_recent``)."""

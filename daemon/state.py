@@ -6,7 +6,9 @@ the pose of every accumulated particle, the session frame (reference and anchors
 :class:`cryofastar.model.session_frame.SessionFrame`) and the FSC history. It is saved
 as ONE file, ``checkpoint.pt``, written to a temporary name and renamed into place:
 a crash at any moment leaves either the previous checkpoint or the new one, and the
-journal inside always describes exactly the particles inside the grids.
+journal inside always describes exactly the particles inside the grids. A checkpoint
+that cannot be written (the disk is full, the folder became read-only) raises an
+:class:`OSError` naming the file, and the previous checkpoint stays as it was.
 
 Files written in ``--out`` (all atomically, pixel size set on maps):
 
@@ -17,10 +19,14 @@ Files written in ``--out`` (all atomically, pixel size set on maps):
 - ``particles.star``: RELION 3.1 particle set with every accumulated particle's pose
   (rlnAngleRot/Tilt/Psi in degrees, rlnOriginX/YAngst in Å, rlnRandomSubset,
   rlnCryofastarConfidence), image names relative to ``--out``.
+
+Map files that cannot be written are logged and left as they were; the map itself is
+kept in memory (and published) and written again with the next map.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +38,12 @@ from cryofastar.recon.io.atomic import atomic_path
 from cryofastar.recon.io.star import write_particles
 from cryofastar.recon.map_set import map_set, write_map_set
 
+from .fingerprints import ImageFingerprints
 from .history import compact_history
 from .ingest import SessionGeometry
 from .journal import IngestJournal
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_NAME", "SessionState"]
 
@@ -63,6 +72,8 @@ class SessionState:
         :data:`~cryofastar.daemon.history.FSC_HISTORY_ROWS` rows (:func:`~cryofastar.daemon.history.compact_history`).
     counters: dict[str, int]
         Running totals that must survive a restart (files seen, rejected, ...).
+    fingerprints: ImageFingerprints
+        What each particle's image was when it was inserted (re-posing checks images read again against it).
     """
 
     geometry: SessionGeometry | None = None
@@ -73,6 +84,8 @@ class SessionState:
     optics: dict[str, float] = field(default_factory=dict)
     fsc_history: list[tuple[float, int, float]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    fingerprints: ImageFingerprints = field(default_factory=ImageFingerprints)
+    _map_write_error: str | None = field(default=None, repr=False)
 
     @property
     def n_particles(self) -> int:
@@ -81,7 +94,14 @@ class SessionState:
 
     # ------------------------------------------------------------------ checkpoint
     def save(self, path: Path) -> None:
-        """Write the whole state to ``path`` atomically (see module docstring)."""
+        """Write the whole state to ``path`` atomically (see module docstring).
+
+        Raises
+        ------
+        OSError
+            The file could not be written (e.g. ``[Errno 28] no space left on device while
+            writing /out/checkpoint.pt``); ``path`` is left as it was.
+        """
         state = {
             "version": _STATE_VERSION,
             "geometry": None if self.geometry is None else {"box": self.geometry.box, "apix": self.geometry.apix},
@@ -93,9 +113,10 @@ class SessionState:
             "optics": dict(self.optics),
             "fsc_history": [list(row) for row in self.fsc_history],
             "counters": dict(self.counters),
+            "fingerprints": {s: torch.from_numpy(v) for s, v in self.fingerprints.state_dict().items()},
         }
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(state, handle)  # a file object: a full disk raises OSError(ENOSPC), not "unexpected pos"
 
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> SessionState:
@@ -114,7 +135,8 @@ class SessionState:
         journal = IngestJournal.from_state_dict({s: i.numpy() for s, i in state["journal"].items()})
         return cls(geometry, accumulator, journal, PoseTable.from_state_dict(state["poses"]), state["frame"],
                    dict(state["optics"]), compact_history([tuple(row) for row in state["fsc_history"]]),
-                   dict(state["counters"]))
+                   dict(state["counters"]),
+                   ImageFingerprints.from_state_dict({s: v.numpy() for s, v in state.get("fingerprints", {}).items()}))
 
     # ------------------------------------------------------------------ outputs
     def write_maps(self, out: Path) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
@@ -122,17 +144,29 @@ class SessionState:
 
         ``map`` is `(B, B, B)` [z, y, x]; ``fsc`` `(B // 2 + 1,)` per shell; the
         resolution is the half-map FSC = 0.143 crossing (``inf`` while undefined); the
-        half maps are `(2, B, B, B)`.
+        half maps are `(2, B, B, B)`. Files that cannot be written (a full disk, a
+        read-only folder) are logged (once per distinct error) and left as they were; the
+        map is returned all the same.
         """
         assert self.accumulator is not None and self.geometry is not None
         maps = map_set(self.accumulator)
-        write_map_set(out / "volume.mrc", maps)
         self.fsc_history = compact_history(
             [*self.fsc_history, (time.time(), self.accumulator.n_particles, maps.resolution_angstrom)])
-        with atomic_path(out / "fsc_history.tsv") as tmp:
-            lines = ["unix_time\tparticles\tresolution_angstrom"]
-            lines += [f"{t:.3f}\t{n}\t{r:.4f}" for t, n, r in self.fsc_history]
-            tmp.write_text("\n".join(lines) + "\n")
+        try:
+            write_map_set(out / "volume.mrc", maps)
+            with atomic_path(out / "fsc_history.tsv") as tmp:
+                lines = ["unix_time\tparticles\tresolution_angstrom"]
+                lines += [f"{t:.3f}\t{n}\t{r:.4f}" for t, n, r in self.fsc_history]
+                tmp.write_text("\n".join(lines) + "\n")
+        except OSError as exc:
+            if str(exc) != self._map_write_error:
+                logger.error("map files not written (%s); the map is kept in memory and published, and written "
+                             "again with the next map", exc)
+            self._map_write_error = str(exc)
+        else:
+            if self._map_write_error is not None:
+                logger.info("map files written again in %s", out)
+            self._map_write_error = None
         return maps.volume, maps.fsc, maps.resolution_angstrom, maps.half_volumes
 
     def write_particles(self, out: Path) -> None:
