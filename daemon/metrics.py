@@ -14,7 +14,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from .metrics_server import MetricsServer
 
 __all__ = ["DaemonMetrics", "serve_metrics"]
 
@@ -86,16 +89,21 @@ class DaemonMetrics:
         return value
 
 
-def serve_metrics(metrics: DaemonMetrics, port: int, host: str = "127.0.0.1"):  # noqa: ANN201 - server types
-    """Serve ``/metrics`` on ``host:port``; return the server (call ``shutdown()`` to stop).
+def serve_metrics(metrics: DaemonMetrics, port: int, host: str = "127.0.0.1") -> MetricsServer:
+    """Serve ``/metrics`` on ``host:port`` from one thread with bounded connections (:mod:`.metrics_server`).
+
+    Returns the server: ``server_port`` is the port bound; ``shutdown()`` then ``server_close()`` stop it.
 
     Raises
     ------
     OSError
         The port is in use (the message names it).
     """
+    def render(accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)  # Prometheus text, or OpenMetrics if asked for
+        return encoder(metrics.registry), content_type
+
     try:
-        server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+        return MetricsServer(render, host, port)
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {host}:{port} ({exc.strerror or exc})") from None
-    return server
