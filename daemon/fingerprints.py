@@ -6,8 +6,12 @@ in place after it was read (same name, other content), the images read again are
 the ones inside the map, and subtracting them would corrupt it. The daemon records a
 fingerprint of every image when it inserts it and checks the images read again against
 it (:meth:`ImageFingerprints.verify`): a changed image is refused with a
-:class:`~cryofastar.recon.io.ParticleFileError` naming its stack, so re-posing leaves
-those particles where they are (docs/daemon.md, "A stack replaced in place").
+:class:`~cryofastar.recon.io.ParticleFileError` naming its stack, and re-posing
+(:meth:`LiveRefinement.repose`, its rule for any batch it cannot read) leaves that batch's
+particles where they are: in the map as first read, at their last poses, never re-posed
+again. Each changed stack gets one ``rejected.tsv`` row. (A changed stack met by the
+ab initio's first read makes it give up, as an unreadable one does: the session goes on
+with global search.)
 
 The fingerprint is a weighted sum of the image's float32 bit patterns with fixed
 pseudo-random odd 64-bit weights, modulo 2⁶⁴ (vectorised: one multiply-add per pixel).

@@ -16,7 +16,8 @@ A crash in the middle of a row (``kill -9``) leaves a torn last line: the next s
 cuts it off before it appends (the rejection it held comes again, since the same bad
 file is seen again). A row that cannot be written (the disk is full, the folder became
 read-only) is logged once, kept, and written before the next row once writing works
-again; it is in the status messages' recent rows all the same.
+again (at the next rejection, or when the status message next asks for the recent rows, every
+second); it is in the status messages' recent rows all the same.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class RejectionLog:
                 handle.write((_HEADER if new else "") + "".join(self._unwritten))
         except OSError as exc:
             if str(exc) != self._write_error:
-                logger.error("%s not written (%s); %d row(s) kept in memory, written with the next rejection",
+                logger.error("%s not written (%s); %d row(s) kept in memory, written once writing works again",
                              self.path, exc, len(self._unwritten))
             self._write_error = str(exc)
             return
@@ -151,6 +152,9 @@ class RejectionLog:
         self._write_error = None
 
     def recent(self) -> list[dict[str, object]]:
-        """The last rows, oldest first (a copy: the status message's ``rejected_recent``)."""
+        """The last rows, oldest first (a copy: the status message's ``rejected_recent``); rows a failed
+        write kept are tried again first."""
         with self._lock:
+            if self._unwritten:
+                self._write_rows()
             return list(self._recent)
