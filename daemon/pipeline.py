@@ -575,8 +575,8 @@ class Daemon:
             self.state.save(self.out / CHECKPOINT_NAME)  # first: whatever particles.star meets, nothing is lost
             self.state.write_particles(self.out)
         except OSError as exc:  # a full disk, a read-only folder: the previous files stay, the session goes on
-            logger.error("checkpoint not written (%s); the previous checkpoint is kept, particles read since are "
-                         "read again after a restart; retrying in %.0f s", exc, self.settings.checkpoint_seconds)
+            logger.error("output not written (%s); the previous file is kept, particles read since the last checkpoint "
+                         "are read again after a restart; retrying in %.0f s", exc, self.settings.checkpoint_seconds)
         except ParticleFileError as exc:  # a name no STAR file can hold (ingest refuses those; an old checkpoint)
             if str(exc) != self._star_error:  # once, not at every checkpoint
                 logger.error("particles.star not written (the map and the checkpoint are): %s", exc)
