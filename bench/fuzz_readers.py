@@ -705,12 +705,32 @@ def huge_claim_is_refused(base: Path) -> dict[str, object]:
     return seen
 
 
+def largest_stack_stays_under_the_cap(base: Path) -> dict[str, object]:
+    """A valid stack at the largest side the readers take (MAX_IMAGE_SIDE px, 6 images, a sparse file: 384 MiB of
+    zeros), read as the daemon reads it: the peak allocation (tracemalloc) must stay within ALLOCATION_CAP."""
+    side, n = MAX_IMAGE_SIDE, 6
+    root = base / "largest"
+    root.mkdir()
+    path = root / "largest.mrcs"
+    path.write_bytes(mrc_bytes({"nx": side, "ny": side, "nz": n, "mode": 2, "mx": side, "my": side, "mz": 1,
+                                "cella": APIX * side}, b""))
+    os.truncate(path, 1024 + side * side * n * 4)
+    tracemalloc.reset_peak()
+    base_bytes = tracemalloc.get_traced_memory()[0]
+    taken, skipped = daemon_read(path, root, None)
+    peak = tracemalloc.get_traced_memory()[1] - base_bytes
+    path.unlink()
+    assert taken + skipped == n and peak <= ALLOCATION_CAP, (taken, skipped, peak)
+    return {"side_px": side, "images": n, "taken": taken, "peak_bytes": peak}
+
+
 def campaign(n: int, seed: int, offline: bool = True, progress: bool = True) -> tuple[Tally, dict[str, object]]:
     """Generate ``n`` fuzzed files (hypothesis, seeded) and feed each to the readers."""
     tally = Tally()
     with tempfile.TemporaryDirectory(prefix="fuzz_readers_") as tmp:
         root, outside = make_tree(Path(tmp))
         claims = huge_claim_is_refused(Path(tmp))
+        claims["largest stack read"] = largest_stack_stays_under_the_cap(Path(tmp))
         start = time.perf_counter()
 
         @hypothesis_seed(seed)
@@ -762,6 +782,9 @@ def main() -> None:
     print(f"peak allocation per input: {tally.peak_bytes / 2**20:.2f} MiB (cap {ALLOCATION_CAP / 2**20:.0f} MiB: "
           f"caps side <= {MAX_IMAGE_SIDE}, map side <= {MAX_VOLUME_SIDE}, images per stack <= {MAX_STACK_IMAGES}, "
           f"CHUNK_BYTES {CHUNK_BYTES / 2**20:.0f} MiB); inputs over the cap: {tally.over_cap}")
+    largest = claims.pop("largest stack read")
+    print(f"largest stack the readers take ({largest['side_px']} px x {largest['images']} images, sparse): read "
+          f"with a peak of {largest['peak_bytes'] / 2**20:.0f} MiB (cap {ALLOCATION_CAP / 2**20:.0f} MiB)")
     for label, seen in claims.items():
         print(f"huge claim {label}: refused before reading ({seen['refused'][:90]}; {seen['peak_bytes']} bytes)")
     print(f"wall time: {wall:.1f} s")
@@ -774,7 +797,7 @@ def main() -> None:
               "uncaught_exceptions": tally.by_status["uncaught"], "uncaught_by_kind": dict(tally.uncaught),
               "uncaught_tracebacks": tally.traces[:3], "peak_allocation_bytes": tally.peak_bytes,
               "allocation_cap_bytes": ALLOCATION_CAP, "inputs_over_cap": tally.over_cap,
-              "huge_claims_refused": claims, "wall_seconds": round(wall, 1),
+              "huge_claims_refused": claims, "largest_stack_read": largest, "wall_seconds": round(wall, 1),
               "command": f"python bench/fuzz_readers.py --n {args.n} --seed {args.seed}"
                          + (" --no-offline" if args.no_offline else "")}
     args.out.parent.mkdir(parents=True, exist_ok=True)

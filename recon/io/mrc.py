@@ -174,7 +174,7 @@ def read_images(path: str | os.PathLike[str], indices: np.ndarray | None = None)
                 raise ParticleFileError(
                     f"{path}: image {int(bad[0])} requested but the stack holds {n_images}"
                 )
-            out = np.array(data[idx - 1], dtype=np.float32)
+            out = data[idx - 1].astype(np.float32, copy=False)  # the indexing copied: no second copy
     return torch.from_numpy(out)
 
 
