@@ -25,13 +25,25 @@ nothing is dropped)::
 The poser and the accumulator run at the same time, ``queue_size`` posed passes apart
 (making them take turns on a 2-core CPU was measured slower). :meth:`Daemon.stop`: the
 watcher stops, the reader stops between chunks, whatever is queued is posed and
-accumulated, then the map, ``particles.star`` and the checkpoint are written. Particles
-read but never accumulated are not in the checkpoint's journal, so a restart reads them
-again: nothing is lost and nothing is counted twice, also after ``kill -9``.
+accumulated (for at most ``drain_seconds``; then, or after :meth:`Daemon.hurry`, only the
+pass in progress is finished), then the map, ``particles.star`` and the checkpoint are
+written. Particles read but never accumulated are not in the checkpoint's journal, so a
+restart reads them again: nothing is lost and nothing is counted twice, also after ``kill -9``.
+
+Faults (docs/daemon.md, "When something fails"): a file the readers refuse, a forward
+pass that fails (posed again file by file: only the file that fails is rejected) or an
+insertion that fails is rejected in ``rejected.tsv`` and the session goes on; a file that
+cannot be opened because the process is out of file descriptors is read again later, not
+rejected; a failed status message is skipped. Anything else a stage raises stops it, and
+with it the daemon (:attr:`Daemon.errors` names the stage): :meth:`Daemon.stop` then ends
+the other stages without waiting on the dead one and writes what is consistent (the map,
+``particles.star`` and the checkpoint; if the stage failed while changing the map, the last
+checkpoint is kept instead, see :attr:`Daemon.map_consistent`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -44,7 +56,7 @@ import numpy as np
 import torch
 from cryofastar.engine.live_refinement import LiveRefinement
 from cryofastar.engine.posing import NetworkPoser, Poses, RandomPoser, sets_per_pass
-from cryofastar.engine.streaming_refiner import StreamingRefiner
+from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
 from cryofastar.model.weights import DEFAULT_WEIGHTS
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
@@ -61,6 +73,7 @@ from .fingerprints import ChangedImages, image_fingerprints
 from .ingest import NotParticles, Rejected, plan_particle_file
 from .metrics import DaemonMetrics, serve_metrics
 from .pose_source import load_network
+from .preflight import check_settings, descriptor_usage, out_of_descriptors
 from .publisher import Publisher
 from .rejections import RejectionLog
 from .reporting import StatusBoard, refinement_status
@@ -74,6 +87,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Daemon", "DaemonSettings"]  # DaemonSettings re-exported from .settings
 
 _STOP = object()
+_STAGES = ("reader", "poser", "accumulator")  # in pipeline order: each one's input queue, then the next
 
 
 @dataclass
@@ -106,10 +120,14 @@ class Daemon:
     ------
     ValueError
         Impossible settings, or weights the user named that cannot be loaded.
+    OSError
+        The ZeroMQ or ``/metrics`` port is in use, or the process may open too few files
+        (:mod:`~cryofastar.daemon.preflight`): raised before the network or checkpoint is loaded.
     """
 
     def __init__(self, settings: DaemonSettings) -> None:
         settings.validate()
+        check_settings(settings)  # ports and file descriptors: in milliseconds, before anything slow
         self.settings = s = settings
         self._device = resolve_device(s.device)
         self._sets_per_pass = sets_per_pass(self._device)  # passes per forward call
@@ -128,6 +146,9 @@ class Daemon:
             self.state = SessionState()
         if s.refine and self.state.counters.get("refinement_local"):
             self.refiner.phase = "local"  # a restart of a session past its ab initio: no second bootstrap
+        if len(self.state.poses):  # map versions go on from the newest a particle was posed against: re-posing resumes
+            refined = self.state.poses.column("refined")
+            self.refiner.version = int(refined[refined != UNREADABLE].max(initial=0))
         self.taken = self.state.journal.copy()  # reader's view: accumulated + in flight
         self.geometry = self.state.geometry
         # map-only: random poses before refinement starts, which refinement replaces
@@ -138,9 +159,15 @@ class Daemon:
         self.posed: queue.Queue = queue.Queue(s.queue_size)
         self._reading = threading.Event()
         self._reading.set()
-        self._done = threading.Event()
+        self._stopping = threading.Event()  # stop() was called
+        self._hurry = threading.Event()  # finish the pass in progress, leave what is queued for the next start
         self._status_stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[str, threading.Thread] = {}  # stage -> thread, once started
+        self._stop_sent: set[str] = set()  # stages _STOP was put in front of
+        self._changing_map = False  # the accumulator is between the first and last write of a change to the map
+        self._map_consistent = True
+        self._outputs_written = False  # the accumulator wrote its final outputs (it ended normally)
+        self._stopped = False
         self._batch_counter = 0
         self._rejections = RejectionLog(s.out)
         self._board = StatusBoard(
@@ -154,6 +181,7 @@ class Daemon:
         self.refinement = LiveRefinement(self.refiner, self.state, self._read_again, self._record_refinement)
         self._errors: list[str] = []
         self._star_error: str | None = None  # why particles.star was last not written
+        self._status_error: str | None = None  # why the last status message was not sent
         self._buffered = 0  # particles waiting in the poser for a full pass
         self._broadcast: SessionBroadcast | None = None
         self._watcher: StackWatcher | None = None
@@ -218,8 +246,30 @@ class Daemon:
 
     @property
     def errors(self) -> list[str]:
-        """Unexpected failures of pipeline threads (each also logged)."""
+        """Unexpected failures of pipeline stages, ``"the <stage> stage failed (<error>)"`` (each also logged with its
+        traceback).
+
+        A stage that fails stops; the caller should then :meth:`stop` the daemon (the CLI does at once).
+        """
         return list(self._errors)
+
+    @property
+    def map_consistent(self) -> bool:
+        """False once a stage failed while changing the map: the map in memory is not trusted, :meth:`stop`
+        writes no checkpoint over the last one (a restart resumes from that, reading later particles again)."""
+        return self._map_consistent
+
+    @property
+    def map_path(self) -> Path | None:
+        """``volume.mrc`` in :attr:`out` if this session has written a map (in this run or before a restart)."""
+        path = self.out / "volume.mrc"
+        return path if self.state.fsc_history and path.is_file() else None
+
+    @property
+    def particles_waiting(self) -> int:
+        """Particles read by this run and not (yet) in the map: in flight, or, after :meth:`stop`, left for the
+        next start (they are not in the checkpoint's journal, so a restart reads them again)."""
+        return max(0, len(self.taken) - len(self.state.journal))
 
     def status(self) -> dict[str, object]:
         """Counts, rates and queue depths (the ``status`` message's body); also sets the queue gauges."""
@@ -245,9 +295,9 @@ class Daemon:
         self._broadcast = SessionBroadcast(publisher, s.watch)
         for name, target in (("reader", self._reader), ("poser", self._poser), ("accumulator", self._accumulator),
                              ("status", self._status)):
-            thread = threading.Thread(target=self._guard(target), name=f"cryofastar-{name}", daemon=True)
+            thread = threading.Thread(target=self._guard(name, target), name=f"cryofastar-{name}", daemon=True)
+            self._threads[name] = thread
             thread.start()
-            self._threads.append(thread)
         if self.state.n_particles and self.state.geometry is not None:
             self._publish_map()  # a restarted session shows its map at once
         self._watcher = StackWatcher(s.watch, self._on_file, poll_seconds=s.poll_seconds,
@@ -257,23 +307,93 @@ class Daemon:
                     f"polling every {s.poll_seconds} s" if s.poll_seconds else "inotify", s.out,
                     self._broadcast.address, f"; metrics on {self.metrics_url}" if self._metrics_server else "")
 
-    def stop(self, timeout: float = 600.0) -> None:
-        """Stop watching, drain what is queued, write the map and the checkpoint."""
+    def stop(self, drain_seconds: float = math.inf) -> None:
+        """Stop watching, drain what is queued, write the map and the checkpoint; never waits on a dead stage.
+
+        Parameters
+        ----------
+        drain_seconds: float
+            Pose and insert what is queued for at most this long; then only the pass in
+            progress is finished and the rest is left for the next start (:meth:`hurry`;
+            it is not in the checkpoint's journal: a restart reads it again).
+
+        A daemon never started, or whose stages have failed, stops at once: the stages still
+        alive are told to stop directly, none is waited on once it is dead. If the
+        accumulator failed, the outputs are written here, unless it failed while changing
+        the map (:attr:`map_consistent`).
+        """
+        if self._stopped:
+            return
+        self._stopping.set()
         self._reading.clear()  # the reader skips what is still queued (read again after a restart)
         if self._watcher is not None:
             self._watcher.stop()
-        self.files.put(_STOP)
-        self._done.wait(timeout)
+        if self._threads:
+            self._drain(time.monotonic() + drain_seconds)
+            if not self._outputs_written and self._map_consistent and self.state.accumulator is not None:
+                self._final_outputs_after_failure()
+            self._status_stop.set()
+            for name in ("status", "poser", "reader"):  # a pass in progress ends, a dead stage is not waited on
+                self._threads[name].join(timeout=2.0)
+        self._stopped = True
         self._status_stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
         self._publish_status()
         if self._broadcast is not None:
             self._broadcast.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        logger.info("stopped: %d particles in the map", self.state.n_particles)
+        logger.info("stopped: %d particles in the map%s", self.state.n_particles,
+                    f"; {self.particles_waiting} read but not inserted (read again at the next start)"
+                    if self.particles_waiting else "")
+
+    def hurry(self) -> None:
+        """While stopping: finish only the pass in progress; what is still queued is left for the next start."""
+        self._hurry.set()
+
+    def _drain(self, deadline: float) -> None:
+        """Until the accumulator has ended: hand _STOP to each live stage whose upstream ended without passing
+        it on (failed or never fed), and hurry once ``deadline`` (monotonic) has passed."""
+        accumulator = self._threads["accumulator"]
+        started, said = time.monotonic(), 0
+        while True:
+            for i, name in enumerate(_STAGES):
+                upstream_ended = i == 0 or not self._threads[_STAGES[i - 1]].is_alive() or not accumulator.is_alive()
+                if name not in self._stop_sent and upstream_ended and self._threads[name].is_alive():
+                    with contextlib.suppress(queue.Full):  # full: tried again in 0.1 s
+                        self._queue_of(name).put_nowait(_STOP)
+                        self._stop_sent.add(name)
+            if not accumulator.is_alive():
+                return
+            accumulator.join(0.1)
+            waited = time.monotonic() - started
+            if time.monotonic() > deadline and not self._hurry.is_set():
+                logger.warning("stopping: finishing the pass in progress; %d particles still queued are left for "
+                               "the next start", self.particles_waiting)
+                self._hurry.set()
+            if waited >= 10 * (said + 1):
+                said += 1
+                logger.info("stopping: the accumulator is finishing its pass (%.0f s so far)", waited)
+
+    def _queue_of(self, stage: str) -> queue.Queue:
+        """The queue ``stage`` reads."""
+        return {"reader": self.files, "poser": self.chunks, "accumulator": self.posed}[stage]
+
+    def _put(self, item: object, stage: str) -> bool:
+        """Put ``item`` on ``stage``'s queue, blocking while it is full (back-pressure) but only as long as
+        ``stage`` is alive; False if it is not (the item is then dropped: the daemon is stopping)."""
+        target = self._queue_of(stage)
+        while True:
+            try:
+                target.put(item, timeout=0.2)
+            except queue.Full:
+                thread = self._threads.get(stage)
+                if thread is not None and not thread.is_alive():
+                    return False
+                continue
+            if item is _STOP:
+                self._stop_sent.add(stage)
+            return True
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every queue is empty and nothing is in flight (CLI ``--idle-exit``, demo, benchmarks)."""
@@ -287,27 +407,32 @@ class Daemon:
         return False
 
     # ------------------------------------------------------------------ stages
-    def _guard(self, target):  # noqa: ANN001, ANN202 - thread wrapper
+    def _guard(self, name: str, target):  # noqa: ANN001, ANN202 - thread wrapper
+        """``target`` in a thread: what it raises is logged, named in :attr:`errors`, and ends the stage."""
         def run() -> None:
             try:
                 target()
             except Exception as exc:  # noqa: BLE001 - a dying stage must be visible, and must not hang stop()
-                logger.exception("pipeline thread failed")
-                self._errors.append(f"{type(exc).__name__}: {exc}")
-                self._done.set()
+                torn = name == "accumulator" and self._changing_map
+                if torn:
+                    self._map_consistent = False
+                logger.exception("the %s stage failed%s; the daemon stops", name,
+                                 " while changing the map (the last checkpoint is kept)" if torn else "")
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self._errors.append(f"the {name} stage failed ({type(exc).__name__}: {first})")
         return run
 
     def _on_file(self, path: Path) -> None:
         self.metrics.files_seen.inc()
         self.state.counters["files_seen"] = self.state.counters.get("files_seen", 0) + 1
-        self.files.put(path)  # blocks when the reader is behind: back-pressure on the watcher
+        self._put(path, "reader")  # blocks when the reader is behind: back-pressure on the watcher
 
     def _reader(self) -> None:
         while True:
             item = self.files.get()
             try:
                 if item is _STOP:
-                    self.chunks.put(_STOP)
+                    self._put(_STOP, "poser")
                     return
                 if self._reading.is_set():
                     self._read_or_reject(item)
@@ -320,13 +445,31 @@ class Daemon:
         One file must never stop the session: the readers raise ParticleFileError for bad
         input (a rejection); anything else is a bug, logged with its traceback, and the
         reader goes on with the next file.
+
+        A file that cannot be opened because the process is out of file descriptors is not
+        rejected: the reader waits (0.5 s, doubling to 30 s, with a warning each time) and
+        reads it again; on stop it is left for the next start.
         """
-        try:
-            self._read(path)
-        except Exception as exc:  # noqa: BLE001 - the last resort that keeps the session alive
-            logger.exception("unexpected error while reading %s", printable(str(path)))
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            self._reject(path, f"{path}: unexpected error while reading it ({type(exc).__name__}: {first})")
+        delay = 0.5
+        while True:
+            try:
+                self._read(path)
+                return
+            except Exception as exc:  # noqa: BLE001 - the last resort that keeps the session alive
+                if out_of_descriptors(exc):
+                    opened, limit = descriptor_usage()
+                    logger.warning("cannot open %s: too many open files (%s of %d descriptors open); not rejected: "
+                                   "read again in %.1f s. Raise the limit (ulimit -n) or close what holds "
+                                   "descriptors (subscribers, /metrics connections)", printable(str(path)),
+                                   "?" if opened is None else opened, limit, delay)
+                    if self._stopping.wait(delay):
+                        return  # left for the next start: its particles not read are not in the journal
+                    delay = min(2 * delay, 30.0)
+                    continue
+                logger.exception("unexpected error while reading %s", printable(str(path)))
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self._reject(path, f"{path}: unexpected error while reading it ({type(exc).__name__}: {first})")
+                return
 
     def _read(self, path: Path) -> None:
         s = self.settings
@@ -337,6 +480,8 @@ class Daemon:
             logger.info("skipped: %s", exc)
             return
         except Rejected as exc:
+            if out_of_descriptors(exc):
+                raise  # not the file's fault: read again later (_read_or_reject)
             self._reject(path, str(exc))
             return
         if len(source) == 0:
@@ -349,10 +494,13 @@ class Daemon:
                     self.geometry = geometry  # fixed by the first file that brings a particle, not one rejected
                     self.taken.add(chunk.stacks, chunk.indices)
                     self._count("particles_ingested", len(chunk))
-                    self.chunks.put(chunk)
+                    if not self._put(chunk, "poser"):
+                        break  # the poser failed: the daemon stops, the rest is read again after a restart
                 if not self._reading.is_set():
                     break  # stopping: the rest is read again after a restart
         except ParticleFileError as exc:  # a stack became unreadable since the file was checked
+            if out_of_descriptors(exc):
+                raise  # the chunks already queued stay taken; the rest is read again later
             self._reject(path, str(exc))
         dropped = SkippedImages.concat(skipped)
         if len(dropped):
@@ -369,14 +517,16 @@ class Daemon:
             unit = (s.batch - 1 - s.anchors) * self._sets_per_pass
             framed = isinstance(self.poser, NetworkPoser) and self.poser.has_reference
             wanted = unit if framed else max(s.batch - 1, s.candidates)
-            batch = gather.next_call(unit, wanted, whole_calls=framed, flush=stopping)
+            hurry = self._hurry.is_set()
+            batch = gather.next_call(unit, wanted, whole_calls=framed, flush=stopping or hurry)
             if batch:
-                self._pose(batch)
+                if not hurry:
+                    self._pose(batch)  # when hurried, not posed: left for the next start (not in the journal)
                 self._buffered = gather.waiting  # only now: wait_idle() must not see the pass as done before
                 gather.restart_clock()
                 continue
             if stopping:
-                self.posed.put(_STOP)
+                self._put(_STOP, "accumulator")
                 return
             try:
                 item = self.chunks.get(timeout=gather.timeout())
@@ -390,56 +540,101 @@ class Daemon:
             self._buffered += len(item)
 
     def _pose(self, chunks: list[ParticleChunk]) -> None:
+        """Pose one forward call's particles and hand them to the accumulator.
+
+        A failed call with particles of several files is posed again file by file, so only a
+        file whose particles fail on their own is rejected (``rejected.tsv``: "pose estimation
+        failed"); the others go into the map.
+        """
         s = self.settings
         assert self.geometry is not None
         images = torch.cat([c.images for c in chunks])
         t0 = time.perf_counter()
         if isinstance(self.poser, RandomPoser):  # map-only: random poses, which refinement replaces
             self._count("particles_posed", len(images))
-            self.posed.put(_Posed(chunks, self.poser.pose(images, self.geometry.apix), {}))
+            self._put(_Posed(chunks, self.poser.pose(images, self.geometry.apix), {}), "accumulator")
             return
         try:
-            if not self.poser.has_reference:
-                self.poser.choose_reference(images[: s.candidates])
-            poses = self.poser.pose(images, self.geometry.apix)
-        except Exception as exc:  # noqa: BLE001 - a failed pass loses its particles, never the session
+            poses = self._network_poses(chunks)
+        except Exception as exc:  # noqa: BLE001 - a failed pass loses no other file's particles, never the session
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            by_file: dict[Path, list[ParticleChunk]] = {}
+            for chunk in chunks:
+                by_file.setdefault(chunk.origin, []).append(chunk)
+            if len(by_file) > 1:
+                logger.warning("a forward pass of %d particles from %d files failed (%s: %s); posing each file on "
+                               "its own", len(images), len(by_file), type(exc).__name__, first)
+                for group in by_file.values():
+                    self._pose(group)
+                return
             logger.exception("forward pass failed")
+            origin = chunks[0].origin
             for chunk in chunks:
                 self._forget(chunk)
-                self._reject(chunk.origin, f"{chunk.origin}: pose estimation failed ({exc})", count_file=False)
+            self._reject(origin, f"{origin}: pose estimation failed ({type(exc).__name__}: {first})", count_file=False)
             self._count("particles_rejected", len(images))
             return
         self._batch_counter += 1
         self.metrics.batches.inc(max(1, math.ceil(len(images) / max(1, s.batch - 1 - s.anchors))))
         self._count("particles_posed", len(images))
         self.metrics.latency.labels("pose").observe(time.perf_counter() - t0)
-        self.posed.put(_Posed(chunks, poses, self.poser.state_dict()))
+        self._put(_Posed(chunks, poses, self.poser.state_dict()), "accumulator")
+
+    def _network_poses(self, chunks: list[ParticleChunk]) -> Poses:
+        """The network's poses of ``chunks``' particles in the session frame (the first call chooses its reference)."""
+        assert isinstance(self.poser, NetworkPoser) and self.geometry is not None
+        images = torch.cat([c.images for c in chunks])
+        if not self.poser.has_reference:
+            self.poser.choose_reference(images[: self.settings.candidates])
+        return self.poser.pose(images, self.geometry.apix)
 
     def _accumulator(self) -> None:
+        while True:
+            idle_work = self._idle_work_left()
+            timeout = 0.0 if idle_work else self.settings.publish_seconds / 4
+            try:
+                item = self.posed.get(timeout=timeout) if timeout else self.posed.get_nowait()
+            except queue.Empty:
+                if idle_work:
+                    self._repose()  # nothing new waits: go on improving the map
+                self._maybe_publish_and_checkpoint()
+                continue
+            try:
+                if item is _STOP:
+                    break
+                if self._hurry.is_set():
+                    continue  # stopping in a hurry: left for the next start (not in the journal)
+                self._accumulate(item)
+                self._maybe_publish_and_checkpoint()
+            finally:
+                self.posed.task_done()
+        self._final_outputs()
+        self._outputs_written = True
+
+    def _final_outputs(self) -> None:
+        """At stop: the view directions, the map if it changed since last published, particles.star and checkpoint."""
+        self._update_views(force=True)
+        if self.state.n_particles and (self._schedule.changed(self._edits) or not self.state.fsc_history):
+            self._publish_map()
+        self._checkpoint()
+
+    def _final_outputs_after_failure(self) -> None:
+        """:meth:`_final_outputs` from :meth:`stop` once a stage failed (the map is consistent): the accumulator
+        has ended, so nothing else touches the state; a failure here is logged, the last checkpoint stays."""
+        if self._threads["accumulator"].is_alive():
+            return  # still in a pass: the state is not touched from here
         try:
-            while True:
-                idle_work = self._idle_work_left()
-                timeout = 0.0 if idle_work else self.settings.publish_seconds / 4
-                try:
-                    item = self.posed.get(timeout=timeout) if timeout else self.posed.get_nowait()
-                except queue.Empty:
-                    if idle_work:
-                        self._repose()  # nothing new waits: go on improving the map
-                    self._maybe_publish_and_checkpoint()
-                    continue
-                try:
-                    if item is _STOP:
-                        break
-                    self._accumulate(item)
-                    self._maybe_publish_and_checkpoint()
-                finally:
-                    self.posed.task_done()
-            self._update_views(force=True)
-            if self.state.n_particles and (self._schedule.changed(self._edits) or not self.state.fsc_history):
-                self._publish_map()
-            self._checkpoint()
-        finally:
-            self._done.set()
+            self._final_outputs()
+        except Exception:  # noqa: BLE001 - stopping after a failure: what can be written is, the rest is logged
+            logger.exception("the outputs could not all be written at stop; the last checkpoint is kept")
+
+    @contextlib.contextmanager
+    def _map_change(self):  # noqa: ANN202 - a context manager
+        """Marks a change to the map (grids, journal, poses written together): a stage failing inside it leaves
+        the map in memory untrusted (:attr:`map_consistent`)."""
+        self._changing_map = True
+        yield
+        self._changing_map = False
 
     def _accumulate(self, posed: _Posed) -> None:
         s, st = self.settings, self.state
@@ -451,7 +646,8 @@ class Daemon:
                                                 interpolation=s.interpolation, device=self.device)  # type: ignore[arg-type]
         pass_rotations = posed.poses.rotations
         pass_origins = posed.poses.origins_angstrom
-        refined = self._refine_pass(posed.chunks, pass_rotations, pass_origins)
+        with self._map_change():  # starting the ab initio re-inserts the map's oldest particles
+            refined = self._refine_pass(posed.chunks, pass_rotations, pass_origins)
         start = 0
         for chunk in posed.chunks:  # a few chunks (files) per pass, not particles
             n = len(chunk)
@@ -463,20 +659,21 @@ class Daemon:
                 rotations, origins = refined.rotations[rows], refined.origins_angstrom[rows]
                 score, spread = refined.scores[rows], refined.spread_degrees[rows]
             start += n
-            try:
-                st.accumulator.add(chunk.images, rotations, origins, chunk.half_sets, chunk.ctf)
-            except ValueError as exc:
-                self._forget(chunk)
-                self._reject(chunk.origin, f"{chunk.origin}: insertion failed ({exc})", count_file=False)
-                self._count("particles_rejected", n)
-                continue
-            st.journal.add(chunk.stacks, chunk.indices)
-            st.fingerprints.add(chunk.stacks, chunk.indices, image_fingerprints(chunk.images))
-            first_row = len(st.poses)
-            st.poses.append(chunk.stacks, chunk.indices, rotations, origins, confidence, chunk.half_sets, chunk.ctf,
-                            score, spread, 0 if refined is None else refined.version)
-            if refined is not None and refined.soft is not None:
-                self.refiner.record_soft(np.arange(first_row, first_row + n), refined.soft[rows])
+            with self._map_change():  # the grids, the journal and the poses: all of them or (ValueError) none
+                try:
+                    st.accumulator.add(chunk.images, rotations, origins, chunk.half_sets, chunk.ctf)
+                except ValueError as exc:  # refused before the grids are touched
+                    self._forget(chunk)
+                    self._reject(chunk.origin, f"{chunk.origin}: insertion failed ({exc})", count_file=False)
+                    self._count("particles_rejected", n)
+                    continue
+                st.journal.add(chunk.stacks, chunk.indices)
+                st.fingerprints.add(chunk.stacks, chunk.indices, image_fingerprints(chunk.images))
+                first_row = len(st.poses)
+                st.poses.append(chunk.stacks, chunk.indices, rotations, origins, confidence, chunk.half_sets,
+                                chunk.ctf, score, spread, 0 if refined is None else refined.version)
+                if refined is not None and refined.soft is not None:
+                    self.refiner.record_soft(np.arange(first_row, first_row + n), refined.soft[rows])
             if chunk.optics and not st.optics:
                 st.optics = dict(chunk.optics)
             self.metrics.particles_accumulated.inc(n)
@@ -511,7 +708,8 @@ class Daemon:
         return self._reading.is_set() and self.refinement.idle_work_left()
 
     def _repose(self) -> None:
-        self.refinement.repose(self.state.geometry.apix)
+        with self._map_change():  # particles are taken out of the map and put back at new poses
+            self.refinement.repose(self.state.geometry.apix)
 
     def _read_again(self, rows: np.ndarray) -> torch.Tensor:
         """`(len(rows), B, B)` float32 images of map particles ``rows``, read again (one read per stack).
@@ -528,6 +726,8 @@ class Daemon:
         try:
             self.state.fingerprints.verify(stacks, indices, images)
         except ChangedImages as exc:
+            changed = np.isin(table.column("stack_id"), [table.stack_names.index(name) for name in exc.changed])
+            table.column("refined")[changed] = UNREADABLE  # all of each changed stack: never picked again
             for stack in exc.changed:
                 self._reject(Path(stack), exc.reason(stack), count_file=False)
             raise
@@ -593,8 +793,16 @@ class Daemon:
             self._publish_status()
 
     def _publish_status(self) -> None:
-        if self._broadcast is not None:
+        """Publish a status message; one that cannot be made is skipped (logged once per distinct error)."""
+        if self._broadcast is None:
+            return
+        try:
             self._broadcast.status(self.status())
+        except Exception as exc:  # noqa: BLE001 - status messages are best effort, the map is not
+            text = f"{type(exc).__name__}: {exc}"
+            if text != self._status_error:
+                logger.exception("status message not sent")
+                self._status_error = text
 
     def _count(self, name: str, n: int) -> None:
         self._board.count(name, n)

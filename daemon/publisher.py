@@ -20,7 +20,7 @@ from types import TracebackType
 import zmq
 from cryofastar.protocol import TOPICS, Message, encode
 
-__all__ = ["DEFAULT_ADDRESS", "AddressInUseError", "Publisher", "PublisherError"]
+__all__ = ["DEFAULT_ADDRESS", "AddressInUseError", "Publisher", "PublisherError", "bind", "probe_address"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,71 @@ class PublisherError(OSError):
 
 class AddressInUseError(PublisherError):
     """Another process (or publisher) already listens on the address."""
+
+
+def bind(socket: zmq.Socket, address: str) -> str:
+    """Bind ``socket`` to ``address`` (a port ``0`` means any free port); return the address bound.
+
+    Raises
+    ------
+    AddressInUseError
+        The address is already bound by someone else (the message names it).
+    PublisherError
+        The address is malformed or cannot be bound.
+    """
+    requested = address
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme == "tcp" and rest.rsplit(":", 1)[-1] == "0":
+        address = f"{scheme}://{rest.rsplit(':', 1)[0]}:*"
+    try:
+        socket.bind(address)
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EADDRINUSE:
+            raise AddressInUseError(
+                f"cannot publish on {requested}: address already in use "
+                "(another cryofastar-stream daemon?); choose another address"
+            ) from None
+        raise PublisherError(f"cannot publish on {requested!r}: {exc.strerror}") from None
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def probe_address(address: str) -> None:
+    """Raise as :class:`Publisher` would if ``address`` cannot be bound now; bind nothing lasting.
+
+    Only ``tcp://`` addresses with a fixed port are tried (binding an ``ipc://`` path would
+    take it from whoever holds it); the others pass. A second daemon asked for a port in use
+    thus fails in milliseconds, before it loads its network. (Someone may still take the
+    port between this probe and the real bind; :class:`Publisher` then raises the same error.)
+
+    Raises
+    ------
+    AddressInUseError
+        The port is in use.
+    PublisherError
+        The address is malformed or cannot be bound.
+    """
+    scheme, sep, rest = address.partition("://")
+    if not sep or scheme != "tcp" or rest.rsplit(":", 1)[-1] in ("0", "*"):
+        return
+    context = zmq.Context()
+    socket = context.socket(zmq.PUB)
+    try:
+        socket.setsockopt(zmq.LINGER, 0)
+        bind(socket, address)
+    finally:
+        socket.close(linger=0)
+        context.term()
+
+
+def _start_zero_copy_collector() -> None:
+    """Start pyzmq's zero-copy garbage collector (its own context, thread and sockets) now.
+
+    pyzmq starts it at the first send of a frame of ``zmq.COPY_THRESHOLD`` bytes or more
+    without copying (a map). Its context needs new file descriptors; started later while
+    the process is out of them (``ulimit -n``), libzmq aborts the whole process
+    (``Too many open files (src/epoll.cpp:38)``). Made now, at bind time, it never has to be.
+    """
+    zmq.Frame(bytes(zmq.COPY_THRESHOLD), copy=False)  # freed at once: the collector is up, the frame gone
 
 
 @dataclasses.dataclass
@@ -234,29 +299,14 @@ class Publisher:
                     return True
         return False
 
-    def _bind(self, socket: zmq.Socket) -> str:
-        address = self._requested
-        scheme, sep, rest = address.partition("://")
-        if sep and scheme == "tcp" and rest.rsplit(":", 1)[-1] == "0":
-            address = f"{scheme}://{rest.rsplit(':', 1)[0]}:*"
-        try:
-            socket.bind(address)
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EADDRINUSE:
-                raise AddressInUseError(
-                    f"cannot publish on {self._requested}: address already in use "
-                    "(another cryofastar-stream daemon?); choose another address"
-                ) from None
-            raise PublisherError(f"cannot publish on {self._requested!r}: {exc.strerror}") from None
-        return socket.getsockopt_string(zmq.LAST_ENDPOINT)
-
     def _run(self) -> None:
         context = zmq.Context()
         socket = context.socket(zmq.PUB)
         try:
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.SNDHWM, self._sndhwm)
-            self._address = self._bind(socket)
+            self._address = bind(socket, self._requested)
+            _start_zero_copy_collector()
         except BaseException as exc:
             self._startup_error = exc
             socket.close(linger=0)

@@ -27,7 +27,7 @@ from .metrics import DaemonMetrics
 from .rejections import RejectionLog
 from .state import SessionState
 
-__all__ = ["COUNTS", "RATE_SECONDS", "RateWindow", "StatusBoard", "ViewDirections", "refinement_status"]
+__all__ = ["COUNTS", "RATE_SECONDS", "RateWindow", "StatusBoard", "ViewDirections", "poses_now", "refinement_status"]
 
 RATE_SECONDS = 30.0  # particles_per_second in status messages: over this many seconds
 COUNTS = ("particles_ingested", "particles_posed", "particles_rejected", "particles_refined", "particles_reposed")
@@ -130,6 +130,32 @@ class ViewDirections:
         return True
 
 
+def poses_now(pose_source: str, phase: str) -> str:
+    """Where the poses of the map's particles come from in refinement ``phase`` (``poses_from`` of status messages).
+
+    ``network``: the network's poses as they are (refinement off, waiting for
+    ``--refine-after`` particles, or probing the network); ``random``: a map-only session
+    before refinement starts (random poses, replaced once it does); ``map-only ab initio``:
+    the streaming ab initio's global search against the map (``--poses-from map-only``, or a
+    network found uninformative); ``refined``: refined locally against the session's own
+    half maps, after either.
+
+    Parameters
+    ----------
+    pose_source: str
+        The session's effective source of first poses, ``network`` or ``map-only``
+        (:attr:`Daemon.poses_from <cryofastar.daemon.pipeline.Daemon.poses_from>`).
+    phase: str
+        :attr:`StreamingRefiner.phase <cryofastar.engine.streaming_refiner.StreamingRefiner.phase>`:
+        ``off``, ``waiting``, ``probe``, ``ab-initio`` or ``local``.
+    """
+    if phase == "ab-initio":
+        return "map-only ab initio"
+    if phase == "local":
+        return "refined"
+    return "random" if pose_source == "map-only" else "network"
+
+
 def refinement_status(refiner: StreamingRefiner, precision: PosePrecision | None = None) -> dict[str, object]:
     """The ``refinement`` field of status messages: the refiner's phase, map version, band, ab initio's verdict
     and the refined poses' estimated ``precision`` (:mod:`~cryofastar.recon.pose_precision`)."""
@@ -157,7 +183,9 @@ class StatusBoard:
     device: str
         The torch device the session runs on.
     poses_from: str
-        The effective source of poses (``network`` or ``map-only``).
+        The session's effective source of first poses (``network`` or ``map-only``), sent as
+        ``pose_source``; ``poses_from`` in the message says where the map's poses come from in
+        the current refinement phase (:func:`poses_now`).
     model: str | None
         File name of the network weights (``None``: no network).
     model_box: int | None
@@ -231,7 +259,8 @@ class StatusBoard:
             "box": None if geometry is None else geometry.box,
             "apix": None if geometry is None else geometry.apix,
             "model_box": f["model_box"],
-            "poses_from": f["poses_from"],
+            "poses_from": poses_now(f["poses_from"], str(refinement.get("phase", "off"))),
+            "pose_source": f["poses_from"],
             "model": f["model"],
             "watch": f["watch"],
             "device": f["device"],

@@ -26,7 +26,8 @@ def test_a_new_daemon_reports_an_empty_session_before_it_starts(tmp_path):
     assert daemon.refinement_phase == "waiting" and not daemon.refinement_converged and daemon.errors == []
     status = daemon.status()
     assert status["particles_per_second"] == 0.0 and status["particles_in_map"] == 0
-    assert status["rejected_recent"] == [] and status["poses_from"] == "map-only"
+    assert status["rejected_recent"] == [] and status["pose_source"] == "map-only"
+    assert status["poses_from"] == "random"  # a map-only session before refinement: random poses, not the map's
 
 
 def test_recent_rejections_come_back_in_status_after_a_restart(tmp_path):

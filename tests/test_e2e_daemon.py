@@ -370,7 +370,10 @@ def test_refinement_reposes_particles_and_the_map_matches_their_final_poses(stac
         status = None
         while not isinstance(status, StatusMessage):
             status = subscriber.receive(timeout_s=5.0)
-        assert status.status["poses_from"] == poses_from and status.status["refinement"]["active"]
+        assert status.status["pose_source"] == poses_from and status.status["refinement"]["active"]
+        phase = status.status["refinement"]["phase"]  # where the map's poses come from now (issue 20: not "network")
+        assert status.status["poses_from"] == {"probe": "network", "ab-initio": "map-only ab initio",
+                                               "local": "refined"}[phase]
         precision = status.status["refinement"]["pose_precision"]  # estimated from the refined particles' spreads
         assert precision["particles"] > 0 and precision["estimated_median_error_degrees"] >= 0
         metrics = daemon.scrape()

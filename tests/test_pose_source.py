@@ -44,7 +44,7 @@ def test_unloadable_shipped_weights_fall_back_to_map_only_without_touching_the_s
     assert load_network(settings, torch.device("cpu")) == (None, "map-only")
     assert "poses come from the map only" in caplog.text
     daemon = Daemon(settings)
-    assert daemon.poses_from == "map-only" and daemon.status()["poses_from"] == "map-only"
+    assert daemon.poses_from == "map-only" and daemon.status()["pose_source"] == "map-only"
     assert daemon.refiner.poses_from == "map-only"  # refinement works from the map alone
     assert daemon.status()["model"] is None and daemon.status()["model_box"] is None
     assert settings.poses_from == "network" and dataclasses.asdict(settings) == given  # as the user gave them

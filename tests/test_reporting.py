@@ -81,14 +81,16 @@ def test_the_report_carries_the_session_its_counts_and_its_rejections(tmp_path):
                           refinement=refinement_status(refiner), geometry=SessionGeometry(64, 1.5))
     assert list(status) == ["particles_in_map", *COUNTS, "refinement", "particles_per_second", "files_seen",
                             "files_rejected", "files_pending", "queues", "resolution_angstrom", "box", "apix",
-                            "model_box", "poses_from", "model", "watch", "device", "rejected_recent", "views",
+                            "model_box", "poses_from", "pose_source", "model", "watch", "device", "rejected_recent",
+                            "views",
                             "uptime_seconds"]
     assert status["particles_ingested"] == 40 and status["particles_in_map"] == 0
     assert (status["files_seen"], status["files_rejected"], status["files_pending"]) == (3, 1, 4)
     assert status["queues"] == {"files": 1, "chunks": 0, "posed": 2}
     assert (status["box"], status["apix"]) == (64, 1.5)  # the reader's geometry while the map has none
     assert status["resolution_angstrom"] is None and status["views"] is None
-    assert status["poses_from"] == "map-only" and status["model"] is None and status["device"] == "cpu"
+    assert status["pose_source"] == "map-only" and status["model"] is None and status["device"] == "cpu"
+    assert status["poses_from"] == "random"  # waiting for --refine-after particles: random poses
     assert status["refinement"] == {"active": False, "phase": "waiting", "reference_version": 0,
                                     "network_informative": None, "working_box": None, "band_angstrom": None,
                                     "ab_initio": None, "pose_precision": None}
@@ -115,3 +117,19 @@ def test_particles_in_map_is_the_last_settled_count_not_one_read_while_particles
     state.accumulator.remove(images[:3], rotations[:3], zero[:3], halves[:3])  # half-way through re-posing 3
     assert state.n_particles == 5
     assert board.report(state, {}, 0, {})["particles_in_map"] == 8 and board.rate.particles == 8
+
+
+@pytest.mark.parametrize(("source", "phase", "expected"), [
+    ("network", "off", "network"), ("network", "waiting", "network"), ("network", "probe", "network"),
+    ("network", "ab-initio", "map-only ab initio"), ("network", "local", "refined"),
+    ("map-only", "waiting", "random"), ("map-only", "ab-initio", "map-only ab initio"),
+    ("map-only", "local", "refined")])
+def test_poses_from_says_where_the_maps_poses_come_from_in_each_phase(tmp_path, source, phase, expected):
+    """Issue 20: the dashboard said 'poses from: network' while a network session ran its map-only ab initio."""
+    board = StatusBoard(DaemonMetrics(), RejectionLog(tmp_path), watch=tmp_path, device="cpu", poses_from=source,
+                        model=None, model_box=None, particles_in_map=0, status_seconds=1.0)
+    refiner = StreamingRefiner(DaemonSettings(watch=tmp_path, out=tmp_path / "out", poses_from=source),
+                               torch.device("cpu"), poses_from=source)
+    refiner.phase = phase  # as the refiner moves it (a probe that finds the network uninformative: ab-initio)
+    status = board.report(SessionState(), {}, files_pending=0, refinement=refinement_status(refiner))
+    assert (status["poses_from"], status["pose_source"]) == (expected, source)

@@ -10,18 +10,29 @@ the ``--watch DIR`` alias, and runs the app in :func:`main`. Bad input ends with
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from typing import Annotated
 
-import typer
+
+def _interrupted_while_loading(*_: object) -> None:
+    raise SystemExit(130)  # Ctrl-C while torch and the commands load: a quiet exit, not a traceback from an import
+
+
+# restored once the imports below are done (only the main thread may set handlers)
+_LOADING = threading.current_thread() is threading.main_thread()
+_SIGINT = signal.signal(signal.SIGINT, _interrupted_while_loading) if _LOADING else None
+
+import typer  # noqa: E402 - after the handler above, like every import below
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover - older typer on top of click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from cryofastar import __version__
-from cryofastar.commands import (
+from cryofastar import __version__  # noqa: E402
+from cryofastar.commands import (  # noqa: E402
     backproject,
     dashboard,
     demo,
@@ -32,6 +43,9 @@ from cryofastar.commands import (
     train,
     watch,
 )
+
+if _LOADING:
+    signal.signal(signal.SIGINT, _SIGINT)
 
 app = typer.Typer(
     name="cryofastar-stream",

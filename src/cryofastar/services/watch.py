@@ -6,8 +6,10 @@ This is ``cryofastar-stream watch`` (``--watch DIR``) below its printing: the da
 particles with the network in 128-view passes, inserts them into running half-set
 Fourier volumes at the input's own box and pixel size, writes ``volume.mrc`` etc. in
 ``--out``, publishes maps, poses and status over ZeroMQ (docs/protocol.md) and serves
-Prometheus metrics. SIGINT/SIGTERM drain the queues, write everything and exit;
-restarting with the same ``--out`` resumes where it stopped.
+Prometheus metrics. SIGINT/SIGTERM drain the queues (for at most
+:data:`DRAIN_SECONDS`; a second signal stops after the pass in progress), write everything
+and exit; restarting with the same ``--out`` resumes where it stopped. A signal during
+startup stops the daemon as soon as its network is loaded, before it reads anything.
 
 Its settings are :class:`~cryofastar.daemon.settings.DaemonSettings` and
 :class:`~cryofastar.daemon.settings.ServiceSettings` (what only the service adds: idle
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from cryofastar.daemon.pipeline import Daemon
+from cryofastar.daemon.preflight import probe_port, raise_descriptor_limit
 from cryofastar.daemon.settings import DaemonSettings
 from cryofastar.monitoring.dashboard_process import DashboardProcess, connectable
 from cryofastar.recon.fsc import resolution_text
@@ -30,7 +33,11 @@ from cryofastar.services.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_service"]
+__all__ = ["DRAIN_SECONDS", "run_service"]
+
+DRAIN_SECONDS = 10.0
+"""After SIGINT/SIGTERM, queued particles are posed and inserted for at most this long; then the pass in
+progress is finished and the rest is left for the next start (read again: nothing is lost)."""
 
 
 def run_service(settings: DaemonSettings, service: ServiceSettings | None = None,
@@ -57,35 +64,81 @@ def run_service(settings: DaemonSettings, service: ServiceSettings | None = None
 
     Raises
     ------
+    OSError
+        A port is in use or too few files may be opened (before anything is loaded).
     RuntimeError
-        A stage of the pipeline failed (after everything was written).
+        A stage of the pipeline failed (after what is consistent was written; the message
+        names the stage, the error and what was kept).
     """
     service = service if service is not None else ServiceSettings()
-    daemon = Daemon(settings)
-    dashboard = None
+    if service.dashboard_port is not None:  # with the daemon's own ports, before anything slow
+        probe_port(service.dashboard_host, service.dashboard_port, "--dashboard-port")
+    raise_descriptor_limit()
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    daemon: Daemon | None = None
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping and daemon is not None:
+            logger.warning("%s again: stopping after the pass in progress", signal.Signals(signum).name)
+            daemon.hurry()
+        elif stop.is_set() and daemon is None:
+            raise KeyboardInterrupt  # a second signal while the network is loading: leave at once, nothing written
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    dashboard = None
     try:
-        daemon.start()
-        echo(f"watching {settings.watch} -> {settings.out}; ZeroMQ {daemon.address}"
-             + (f"; metrics {daemon.metrics_url}" if daemon.metrics_url else ""))
-        if service.dashboard_port is not None:
-            dashboard = DashboardProcess(connectable(daemon.address), service.dashboard_port,
-                                         service.dashboard_host)
-            echo(f"dashboard {dashboard.url}")
-        _wait(daemon, stop, service.idle_exit)
+        daemon = Daemon(settings)
+        if not stop.is_set():
+            daemon.start()
+            echo(f"watching {settings.watch} -> {settings.out}; ZeroMQ {daemon.address}"
+                 + (f"; metrics {daemon.metrics_url}" if daemon.metrics_url else ""))
+            if service.dashboard_port is not None:
+                dashboard = DashboardProcess(connectable(daemon.address), service.dashboard_port,
+                                             service.dashboard_host)
+                echo(f"dashboard {dashboard.url}")
+            _wait(daemon, stop, service.idle_exit)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        daemon.stop()
-        if dashboard is not None:
-            dashboard.stop()
-    echo(f"stopped: {daemon.particles_in_map} particles in the map, resolution "
-         f"{resolution_text(daemon.resolution_angstrom)}; "
-         f"map {settings.out / 'volume.mrc'}")
+        stopping = True  # from here a signal hurries the stop instead of interrupting it
+        try:
+            if daemon is not None:
+                daemon.stop(drain_seconds=DRAIN_SECONDS)
+            if dashboard is not None:
+                dashboard.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    echo(_summary(daemon))
     if daemon.errors:
-        raise RuntimeError(f"the pipeline failed: {daemon.errors[0]}")
+        raise RuntimeError(f"{daemon.errors[0]}; {_kept(daemon)}")
     return daemon
+
+
+def _summary(daemon: Daemon) -> str:
+    """The last line: particles, resolution, and the map file only if one was really written."""
+    line = (f"stopped: {daemon.particles_in_map} particles in the map, resolution "
+            f"{resolution_text(daemon.resolution_angstrom)}; ")
+    if daemon.map_path is not None:
+        line += f"map {daemon.map_path}"
+    elif daemon.particles_in_map == 0:
+        line += "no particles yet: no map written"
+    else:
+        line += "no map written (see the log)"
+    if daemon.particles_waiting:
+        line += f"; {daemon.particles_waiting} particles read but not inserted are read again at the next start"
+    return line
+
+
+def _kept(daemon: Daemon) -> str:
+    """What a failed daemon kept, for its error line."""
+    if not daemon.map_consistent:
+        return (f"the map in memory is not trusted, so {daemon.out / 'checkpoint.pt'} was left as last written; "
+                "restart with the same --out to resume from it (particles after it are read again)")
+    if daemon.particles_in_map == 0:
+        return "no particle was in the map yet"
+    return (f"the map, particles.star and checkpoint were written ({daemon.particles_in_map} particles); restart "
+            "with the same --out to resume")
 
 
 def _wait(daemon: Daemon, stop: threading.Event, idle_exit: float | None) -> None:
