@@ -19,7 +19,8 @@ A campaign script, not a timed test. What it does:
    ``particles.star``, ``fsc_history.tsv``, ``rejected.tsv``, and the daemon's counters from
    ``/metrics`` (particles in the map, ingested, re-posed, refined, maps, files rejected).
 5. **Report** (also ``--json``): the warm-up is the first ``--warmup-minutes`` (default
-   min(10, minutes / 4)); its level is the RSS of the first sample after it. After the warm-up:
+   min(10, minutes / 4)), and lasts until the map holds ``--warmup-particles`` (default 1);
+   its level is the RSS of the first sample after it. After the warm-up:
    RSS max and median against that level (growth %, the issue's figure: < 5 % over an hour);
    the bytes per particle of the per-particle tables, measured as the slope of the checkpoint's
    size against particles in the map (the journal and pose table grow with the session by
@@ -246,11 +247,19 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
-def summarise(samples: list[dict], warmup_seconds: float) -> dict[str, object]:
-    """The figures of the module docstring from the samples (the daemon still running at each)."""
-    after = [s for s in samples if s["t"] >= warmup_seconds and "metrics_error" not in s]
+def summarise(samples: list[dict], warmup_seconds: float, warmup_particles: int = 1) -> dict[str, object]:
+    """The figures of the module docstring from the samples (the daemon still running at each).
+
+    The warm-up ends at the first sample at least ``warmup_seconds`` into the session whose map holds at least
+    ``warmup_particles`` particles; the samples from there on are compared with that one.
+    """
+    valid = [s for s in samples if "metrics_error" not in s]
+    start = next((k for k, s in enumerate(valid) if s["t"] >= warmup_seconds
+                  and s["particles_in_map"] >= warmup_particles), len(valid))
+    after = valid[start:]
     if len(after) < 2:
-        return {"error": f"{len(after)} sample(s) after the warm-up of {warmup_seconds:.0f} s: nothing to compare"}
+        return {"error": f"{len(after)} sample(s) after the warm-up of {warmup_seconds:.0f} s and "
+                         f"{warmup_particles} particle(s): nothing to compare"}
     base = after[0]
     rss = [s["rss_bytes"] for s in after]
     particles = [s["particles_in_map"] for s in after]
@@ -263,6 +272,8 @@ def summarise(samples: list[dict], warmup_seconds: float) -> dict[str, object]:
     out_bytes = [s["out_bytes"] for s in after]
     return {
         "warmup_seconds": warmup_seconds,
+        "warmup_particles": warmup_particles,
+        "warmup_ended_at_seconds": base["t"],
         "samples_after_warmup": len(after),
         "seconds_after_warmup": after[-1]["t"] - base["t"],
         "particles_at_warmup": base["particles_in_map"],
@@ -302,7 +313,8 @@ def report(summary: dict[str, object]) -> None:
         return
     mib = 1 / 2**20
     s = summary
-    print(f"after the warm-up ({s['warmup_seconds']:.0f} s, {s['particles_at_warmup']:.0f} particles in the map), "
+    print(f"after the warm-up (ended at {s['warmup_ended_at_seconds']:.0f} s, {s['particles_at_warmup']:.0f} "
+          f"particles in the map), "
           f"{s['samples_after_warmup']} samples over {s['seconds_after_warmup']:.0f} s, "
           f"+{s['particles_added_after_warmup']:.0f} particles:")
     print(f"  RSS: warm-up {s['rss_warmup_bytes'] * mib:.0f} MiB, max {s['rss_max_bytes'] * mib:.0f} MiB "
@@ -333,6 +345,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-particles", type=int, default=None, help="stop writing after this many particles")
     parser.add_argument("--sample-seconds", type=float, default=15.0)
     parser.add_argument("--warmup-minutes", type=float, default=None, help="default min(10, minutes / 4)")
+    parser.add_argument("--warmup-particles", type=int, default=1, help="...and until the map holds this many "
+                        "particles")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--poses-from", default="network", choices=["network", "map-only"])
@@ -390,7 +404,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, object]:
     alive = daemon.process.poll() is None
     code, stop_seconds = daemon.stop()
     final = directory_usage(out)
-    summary = summarise(samples, 60 * args.warmup_minutes)
+    summary = summarise(samples, 60 * args.warmup_minutes, args.warmup_particles)
     result = {
         "command": " ".join(sys.argv),
         "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
