@@ -9,7 +9,8 @@ it (:meth:`ImageFingerprints.verify`): a changed image is refused with a
 :class:`~cryofastar.recon.io.ParticleFileError` naming its stack, and re-posing
 (:meth:`LiveRefinement.repose`, its rule for any batch it cannot read) leaves that batch's
 particles where they are: in the map as first read, at their last poses, never re-posed
-again. Each changed stack gets one ``rejected.tsv`` row. (A changed stack met by the
+again; the daemon marks every particle of a changed stack so (not only the batch's). Each
+changed stack gets one ``rejected.tsv`` row. (A changed stack met by the
 ab initio's first read makes it give up, as an unreadable one does: the session goes on
 with global search.)
 
@@ -46,8 +47,8 @@ class ChangedImages(ParticleFileError):
 
     def reason(self, stack: str) -> str:
         """One stack's rejected.tsv reason."""
-        return (f"{stack}: changed since its particles went into the map ({self.changed[stack]} image(s) differ); "
-                "the map keeps them as first read and they are no longer re-posed")
+        return (f"{stack}: changed since its particles went into the map (images read again differ from those "
+                "inserted); the map keeps its particles as first read and they are no longer re-posed")
 
 
 @functools.lru_cache(maxsize=8)

@@ -146,7 +146,7 @@ def test_a_stack_replaced_in_place_is_detected_when_read_again(tmp_path):
     with pytest.raises(ChangedImages) as caught:
         fingerprints.verify(np.array([str(stack.resolve())] * 2, dtype=object), rows, again)
     assert caught.value.changed == {str(stack.resolve()): 1}  # image 4 changed, image 2 did not
-    assert "changed since its particles went into the map (1 image(s) differ)" in caught.value.reason(
+    assert "changed since its particles went into the map (images read again differ" in caught.value.reason(
         str(stack.resolve()))
     one_bit = first.images.clone()
     one_bit.view(torch.int32)[0, 7, 7] ^= 1  # the smallest change: one bit of one pixel
@@ -178,3 +178,23 @@ def test_files_whose_mtime_lies_are_taken(tmp_path):
     finally:
         watcher.stop()
     assert sorted(delivered) == ["epoch.mrcs", "future.mrcs", "later.mrcs", "past.mrcs"]
+
+
+def test_a_restart_resumes_re_posing_where_it_stopped(tmp_path):
+    """The map version particles were re-posed against is restored: before, a restarted session counted versions
+    from 0 again, so particles re-posed at version 7 were not stale again until seven new references."""
+    from cryofastar.daemon.pipeline import Daemon
+    from cryofastar.daemon.settings import DaemonSettings
+    from cryofastar.engine.streaming_refiner import UNREADABLE
+
+    state = _state(n=6)
+    stacks = np.array(["/data/a.mrcs"] * 6, dtype=object)
+    state.poses.append(stacks, np.arange(1, 7), torch.eye(3).expand(6, 3, 3).double(), torch.zeros(6, 2),
+                       torch.ones(6), torch.arange(6) % 2 + 1, None)
+    state.poses.column("refined")[:] = [3, 7, 7, 5, UNREADABLE, 0]
+    state.counters["refinement_local"] = 1
+    (tmp_path / "watch").mkdir()
+    state.save(tmp_path / "out" / "checkpoint.pt")
+    daemon = Daemon(DaemonSettings(watch=tmp_path / "watch", out=tmp_path / "out", poses_from="map-only",
+                                   zmq="tcp://127.0.0.1:0", metrics_port=None, refine_after=2))
+    assert daemon.refinement_phase == "local" and daemon.refiner.version == 7
