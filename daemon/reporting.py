@@ -68,16 +68,25 @@ class RateWindow:
             return self._points[-1][1]
 
     def add(self, now: float, particles: int) -> None:
-        """Record that the map held ``particles`` at monotonic time ``now`` (times must not decrease)."""
+        """Record that the map held ``particles`` at monotonic time ``now`` (times must not decrease).
+
+        Points older than the window are dropped here too, so the window holds the last
+        ``seconds`` of points whether or not :meth:`per_second` is ever called.
+        """
         with self._lock:
             self._points.append((now, particles))
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        window = self._points
+        while len(window) >= 2 and window[1][0] <= now - self.seconds:
+            window.popleft()  # window[0] stays the last point at or before the horizon: the base count
 
     def per_second(self, now: float) -> float:
         """Particles per second over the last ``seconds`` before ``now`` (less if the session is younger)."""
         with self._lock:
+            self._prune(now)
             window = self._points
-            while len(window) >= 2 and window[1][0] <= now - self.seconds:
-                window.popleft()  # window[0] stays the last point at or before the horizon: the base count
             (t0, n0), n1 = window[0], window[-1][1]
         span = min(self.seconds, now - t0)
         return (n1 - n0) / span if span > 0 else 0.0

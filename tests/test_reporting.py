@@ -45,6 +45,16 @@ def test_particles_per_second_covers_the_last_30_s_and_falls_to_zero_when_idle()
     assert RateWindow(0, now=5.0).per_second(5.0) == 0.0  # no time has passed
 
 
+def test_the_rate_window_holds_only_its_last_seconds_even_if_never_read():
+    """Issue 20 (bounded resources): points were dropped only when the rate was read, so a window nobody read
+    kept one point per insertion for the whole session."""
+    window = RateWindow(0, now=0.0, seconds=30.0)
+    for i in range(1, 100_001):  # a day of insertions, one per second, never read
+        window.add(float(i), 10 * i)
+    assert len(window._points) <= 32 and window.particles == 1_000_000
+    assert window.per_second(100_000.0) == pytest.approx(10.0)
+
+
 def test_view_directions_are_recomputed_only_when_poses_changed_and_the_period_passed():
     views = ViewDirections(period_seconds=1.0)
     assert views.histogram is None
