@@ -49,12 +49,17 @@ class DashboardSettings:
         Address the page is served on.
     stale_seconds: float
         Silence (s) after which the page warns.
+    allow_hosts: tuple[str, ...]
+        Host names the page answers to besides ``localhost``, IP addresses, ``host`` and
+        (served beyond loopback) the machine's name; ``*``: any (docs/monitoring.md).
+    allow_origins: tuple[str, ...]
+        Origins of other pages whose WebSockets are accepted (e.g. a proxy's); ``*``: any.
 
     Raises
     ------
     ValueError
-        ``connect`` is not a ZeroMQ address, ``stale_seconds`` is not positive or
-        ``port`` is out of range.
+        ``connect`` is not a ZeroMQ address, ``stale_seconds`` is not positive,
+        ``port`` is out of range, or an allowed host or origin is malformed.
     """
 
     connect: str = option("tcp://127.0.0.1:5555", help="ZeroMQ endpoint of a running daemon (its --zmq).")
@@ -63,6 +68,14 @@ class DashboardSettings:
                        "authentication: use a trusted network or an SSH tunnel).")
     stale_seconds: float = option(12.0, flags=("--stale-after",),
                                   help="Warn on the page when the daemon has been silent this many seconds.")
+    allow_hosts: tuple[str, ...] = option((), flags=("--allow-host",), cli_type=list[str], parse=tuple,
+                                          metavar="NAME",
+                                          help="Also answer to this host name (repeat for more; * for any). "
+                                          "Requests naming another host get 421, against DNS rebinding.")
+    allow_origins: tuple[str, ...] = option((), flags=("--allow-origin",), cli_type=list[str], parse=tuple,
+                                            metavar="ORIGIN",
+                                            help="Also accept the WebSocket of pages from this origin, e.g. "
+                                            "https://proxy.example (repeat for more; * for any); others get 403.")
 
     def __post_init__(self) -> None:
         if "://" not in self.connect:
@@ -71,6 +84,14 @@ class DashboardSettings:
             raise ValueError(f"--stale-after must be positive, got {self.stale_seconds}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be 0..65535, got {self.port}")
+        self.allow_hosts, self.allow_origins = tuple(self.allow_hosts), tuple(self.allow_origins)
+        self.guard()  # a malformed name or origin: a ValueError now, not at the first request
+
+    def guard(self):  # noqa: ANN201 - RequestGuard, imported late with the server
+        """The :class:`~cryofastar.monitoring.request_guard.RequestGuard` of these settings."""
+        from cryofastar.monitoring.request_guard import RequestGuard
+
+        return RequestGuard(self.host, self.allow_hosts, self.allow_origins)
 
 
 def connectable(address: str) -> str:
@@ -102,7 +123,7 @@ def serve_dashboard(settings: DashboardSettings, echo: Callable[[str], object] =
 
     connect = settings.connect
     sock = bind_socket(settings.host, settings.port)
-    dashboard = Dashboard(connect, settings.stale_seconds)
+    dashboard = Dashboard(connect, settings.stale_seconds, settings.guard())
 
     def ready(url: str) -> None:
         echo(f"{READY}{url} (subscribed to {connect}; Ctrl-C stops)")
@@ -143,10 +164,13 @@ class DashboardProcess:
     """
 
     def __init__(self, connect: str, port: int, host: str = "127.0.0.1", stale_seconds: float = 12.0,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = ()
+                 ) -> None:
+        allowed = [*(a for name in allow_hosts for a in ("--allow-host", name)),
+                   *(a for origin in allow_origins for a in ("--allow-origin", origin))]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cryofastar", "dashboard", "--connect", connect, "--port", str(port),
-             "--host", host, "--stale-after", str(stale_seconds)],
+             "--host", host, "--stale-after", str(stale_seconds), *allowed],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str | None] = []

@@ -2,14 +2,23 @@
 
 Routes:
 
-- ``GET /``: the page (``static/index.html``); ``GET /static/...``: its script and
+- ``GET /``: the page (``static/index.html``); ``GET /static/NAME``: its script and
   style, and ``/static/plotly.min.js`` from the installed ``plotly`` package. Nothing
-  is loaded from the internet.
+  is loaded from the internet. The assets are a fixed table made at start (the regular
+  files of ``static/``, symlinks left out, and plotly.js): a URL is looked up in it and
+  never joined to a file-system path, so no URL (``..``, encoded or not, absolute,
+  backslashes, NUL) reaches any other file.
 - ``GET /ws``: a WebSocket. On connect the server sends ``{"snapshot": {...}}`` (every
   section of :class:`~cryofastar.monitoring.dashboard_state.DashboardState`), then one
   JSON object of changed sections per received message, and ``{"connection": {...}}``
   every second (so the page sees a silent daemon go ``stale``).
 - ``GET /api/state``: the snapshot as JSON (scripts, tests).
+
+Who may ask (:mod:`.request_guard`): requests whose ``Host`` is not one of the
+dashboard's names get 421 (DNS rebinding), WebSocket upgrades from another site's page
+403. How many may ask (:mod:`.connection_limit`): at most 256 connections, idle ones
+closed after 15 s, at most :data:`MAX_PAGES` WebSocket pages; a page sends nothing, so
+a frame it sends over 64 KiB closes it.
 
 The subscriber takes the ``volume`` and ``status`` topics only (``poses`` would cost
 the daemon bandwidth for nothing shown). ZeroMQ reconnects by itself, so the page goes
@@ -23,6 +32,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -33,9 +43,11 @@ import zmq.asyncio
 from aiohttp import WSMsgType, web
 from cryofastar.protocol import ProtocolError, StatusMessage, VolumeMessage, decode
 
+from .connection_limit import ConnectionLimit
 from .dashboard_state import DashboardState
+from .request_guard import RequestGuard
 
-__all__ = ["STATIC", "Dashboard", "bind_socket"]
+__all__ = ["MAX_PAGES", "STATIC", "Dashboard", "assets", "bind_socket"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +55,17 @@ STATIC = Path(__file__).resolve().parent / "static"
 PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 TOPICS = (b"volume", b"status")
 OUTBOX = 64  # messages waiting for one page before it is dropped as too slow
+MAX_PAGES = 64  # WebSocket pages served at a time (each holds at most OUTBOX shared messages)
+MAX_FRAME = 64 * 1024  # bytes of a message a page may send (it sends none)
+
+
+def assets(static: Path = STATIC) -> dict[str, Path]:
+    """URL name -> file of every asset served under ``/static/``: the regular files of ``static``
+    (symlinks and hidden files left out) and plotly.js."""
+    table = {entry.name: Path(entry.path) for entry in os.scandir(static)
+             if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".")}
+    table["plotly.min.js"] = PLOTLY_JS
+    return table
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -77,31 +100,55 @@ class Dashboard:
         Silence after which the page warns that the data are stale.
     """
 
-    def __init__(self, connect: str, stale_seconds: float = 12.0) -> None:
+    def __init__(self, connect: str, stale_seconds: float = 12.0, guard: RequestGuard | None = None,
+                 static: Path = STATIC) -> None:
         if not PLOTLY_JS.is_file():
             raise FileNotFoundError(f"{PLOTLY_JS} is missing: reinstall the plotly package")
         self.state = DashboardState(connect, stale_seconds)
         self.connect = connect
+        self.guard = guard if guard is not None else RequestGuard("127.0.0.1")
+        self.assets = assets(static)
+        if "index.html" not in self.assets:
+            raise FileNotFoundError(f"{static / 'index.html'} is missing: reinstall cryofastar-stream")
+        self.limit: ConnectionLimit | None = None  # set by serve()
         self._pages: dict[web.WebSocketResponse, asyncio.Queue[str]] = {}
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self._check_request])
         self.app.add_routes([web.get("/", self._index), web.get("/ws", self._websocket),
-                             web.get("/api/state", self._api_state),
-                             web.get("/static/plotly.min.js", self._plotly),
-                             web.static("/static", STATIC)])
+                             web.get("/api/state", self._api_state), web.get("/static/{name}", self._asset)])
 
     # ------------------------------------------------------------------ HTTP
-    async def _index(self, _request: web.Request) -> web.FileResponse:
-        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    @web.middleware
+    async def _check_request(self, request: web.Request, handler) -> web.StreamResponse:  # noqa: ANN001
+        refusal = self.guard.check_host(request.headers.getall("Host", []))
+        if refusal is None and request.path == "/ws":
+            refusal = self.guard.check_origin(request.headers.get("Origin"), request.headers["Host"])
+        if refusal is not None:
+            status, text = refusal
+            return web.Response(status=status, text=text, headers={"Connection": "close"})
+        if self.limit is None:
+            return await handler(request)
+        return await self.limit.middleware(request, handler)
 
-    async def _plotly(self, _request: web.Request) -> web.FileResponse:
-        return web.FileResponse(PLOTLY_JS, headers={"Cache-Control": "max-age=86400"})
+    async def _index(self, _request: web.Request) -> web.FileResponse:
+        return web.FileResponse(self.assets["index.html"], headers={"Cache-Control": "no-cache"})
+
+    async def _asset(self, request: web.Request) -> web.FileResponse:
+        path = self.assets.get(request.match_info["name"])
+        if path is None:
+            raise web.HTTPNotFound(text="404 Not Found: not an asset of the dashboard.\n")
+        cache = "max-age=86400" if path == PLOTLY_JS else "no-cache"
+        return web.FileResponse(path, headers={"Cache-Control": cache})
 
     async def _api_state(self, _request: web.Request) -> web.Response:
         return web.json_response(self.state.snapshot(), dumps=_dumps)
 
-    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
-        page = web.WebSocketResponse(heartbeat=20, compress=False)
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        if len(self._pages) >= MAX_PAGES:
+            return web.Response(status=503, text=f"503 Service Unavailable: {MAX_PAGES} pages are open already.\n")
+        page = web.WebSocketResponse(heartbeat=20, compress=False, max_msg_size=MAX_FRAME)
         await page.prepare(request)
+        if self.limit is not None:
+            self.limit.mark_page(request)
         outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX)
         outbox.put_nowait(_dumps({"snapshot": self.state.snapshot()}))  # first, before any update
         self._pages[page] = outbox
@@ -169,14 +216,14 @@ class Dashboard:
     # ------------------------------------------------------------------ run
     async def serve(self, sock: socket.socket, ready=None) -> None:  # noqa: ANN001 - callable(url) or None
         """Serve on a bound socket until cancelled; call ``ready(url)`` once listening."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, keepalive_timeout=15.0)
         await runner.setup()
-        site = web.SockSite(runner, sock)
-        await site.start()
+        self.limit = ConnectionLimit(runner.server)
+        accepting = asyncio.create_task(self.limit.serve(sock))
         host, port = sock.getsockname()[:2]
         if ready is not None:
             ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}/")
-        tasks = [asyncio.create_task(self._subscribe()), asyncio.create_task(self._tick())]
+        tasks = [asyncio.create_task(self._subscribe()), asyncio.create_task(self._tick()), accepting]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
