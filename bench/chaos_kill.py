@@ -2,19 +2,23 @@
 
 A simulated session (``cryofastar-stream simulate``: small box, stacks of a few
 particles) is written into a watched directory over time, one stack per kill cycle at a
-random moment, while the real daemon (``cryofastar-stream watch``, a subprocess; poses
-``map-only``, refinement off for the first part of the cycles and on for the rest, so
-that the streaming ab initio and re-posing run) is killed with SIGKILL and restarted,
-``--kills`` times. Each kill is aimed at one moment class:
+random moment, while the real daemon (``cryofastar-stream watch``, a subprocess) is
+killed with SIGKILL and restarted, ``--kills`` times. For the first ``--refine-from`` of
+the cycles poses are ``map-only`` with refinement not yet started (random poses); after
+that poses come from the network and refinement is on (refine-after 150), so particles
+are refined and re-posed (the map-only streaming ab initio is not used there: it starts
+again at every restart, since its progress is not checkpointed, and never reached
+re-posing between kills). Each kill is aimed at one moment class:
 
 - ``startup``: while the process imports, loads the checkpoint, cleans up;
 - ``random``: a uniform moment after it printed its ``watching`` line;
 - ``checkpoint`` / ``particles_star`` / ``map``: the moment the temporary file of an
   atomic write of ``checkpoint.pt`` / ``particles.star`` / a map file (``volume*.mrc``,
-  ``volume_fsc.tsv``, ``fsc_history.tsv``) appears in ``--out`` (polled every ms); the
-  kill "landed" when that temporary file is still there after the kill;
+  ``volume_fsc.tsv``, ``fsc_history.tsv``) appears in ``--out`` (polled every ms), the
+  first, second or third such write of the run (so the session moves on between kills);
+  the kill "landed" when that temporary file is still there after the kill;
 - ``repose``: (refinement cycles) the moment ``/metrics`` shows the re-posing counter
-  moving, plus up to 0.3 s.
+  moving, plus up to 0.3 s ("landed": it moved).
 
 After each kill the checkpoint is loaded and checked (its journal, pose table and grids
 hold the same particles), and the next start must remove every temporary file the kill
@@ -134,7 +138,8 @@ def _place(stack: Path, directory: Path) -> None:
 
 
 def _daemon_args(work: Path, refine: bool, extra: list[str]) -> list[str]:
-    return [str(SCRIPT), "watch", str(work / "watch"), "--out", str(work / "out"), "--poses-from", "map-only",
+    return [str(SCRIPT), "watch", str(work / "watch"), "--out", str(work / "out"), "--poses-from",
+            "network" if refine else "map-only",
             "--settle", "0.3", "--flush", "1", "--publish-every", "1", "--checkpoint-every", "1", "--batch", "48",
             "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "0", "--interpolation", "nearest",
             "--refine-after", "150" if refine else "1000000000", "--repose-per-pass", "48", "--refine-box",
@@ -178,6 +183,10 @@ def _cycle(work: Path, progress: dict, args: argparse.Namespace) -> dict:
             if kind == "random":
                 time.sleep(rng.uniform(0.0, 6.0))
             elif kind in TARGETS:
+                for _ in range(rng.randrange(3)):  # let one or two such writes finish first
+                    if _wait_for_file(out, TARGETS[kind], process, AIM_TIMEOUT, None) is None:
+                        break
+                    _wait_for_file(out, TARGETS[kind], process, AIM_TIMEOUT, None, gone=True)
                 landed = _wait_for_file(out, TARGETS[kind], process, AIM_TIMEOUT, rng)
                 if landed is None:
                     kind, landed = f"{kind}-missed", False
@@ -185,6 +194,7 @@ def _cycle(work: Path, progress: dict, args: argparse.Namespace) -> dict:
                 moving = _wait_for_repose(metrics, process, AIM_TIMEOUT * 2)
                 if moving:
                     time.sleep(rng.uniform(0.0, 0.3))
+                    landed = True
                 else:
                     kind, landed = "repose-missed", False
         alive = process.poll() is None
@@ -202,12 +212,11 @@ def _cycle(work: Path, progress: dict, args: argparse.Namespace) -> dict:
     left = sorted(p.name for p in out.glob(".*.tmp")) if out.exists() else []
     if kind in TARGETS and landed:
         landed = any(TARGETS[kind].match(n) for n in left)  # the write was still under way at the kill
-    if kind == "repose":
-        landed = _reposing_at_kill(log_path)
     removed = None if stale_left is None else len(stale) - len(stale_left)  # None: killed before it started
     if stale_left:
         note = f"stale temporaries not removed at start: {stale_left}"
-    return {"cycle": i, "class": kind, "refine": refine, "landed": landed, "seconds_after_start": round(killed_at, 3),
+    return {"cycle": i, "class": kind, "refine": refine, "poses_from": "network" if refine else "map-only",
+            "landed": landed, "seconds_after_start": round(killed_at, 3),
             "leaked_tmp": left, "stale_before": stale, "stale_removed": removed, "checkpoint": _check_checkpoint(out),
             "note": note}
 
@@ -225,16 +234,17 @@ def _wait_line(log_path: Path, process: subprocess.Popen, pattern: str, timeout:
 
 
 def _wait_for_file(out: Path, target: re.Pattern, process: subprocess.Popen, timeout: float,
-                   rng: random.Random) -> bool | None:
-    """Poll ``out`` every ms until a name matching ``target`` appears (True), or time runs out (None)."""
+                   rng: random.Random | None, gone: bool = False) -> bool | None:
+    """Poll ``out`` every ms until a name matching ``target`` appears (True; with ``gone``: until none is
+    there), or time runs out (None). With ``rng``, half the time return up to 4 ms later."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         try:
             names = os.listdir(out)
         except FileNotFoundError:
             names = []
-        if any(target.match(n) for n in names):
-            if rng.random() < 0.5:
+        if any(target.match(n) for n in names) != gone:
+            if rng is not None and rng.random() < 0.5:
                 time.sleep(rng.uniform(0.0, 0.004))  # sometimes a little later in the write
             return True
         time.sleep(0.001)
@@ -270,11 +280,6 @@ def _wait_for_repose(metrics: str, process: subprocess.Popen, timeout: float) ->
             return True
         time.sleep(0.1)
     return False
-
-
-def _reposing_at_kill(log_path: Path) -> bool:
-    """Whether the run had reached re-posing (a reference) by the kill (from its log)."""
-    return "refinement reference" in log_path.read_text(errors="replace")
 
 
 def _check_checkpoint(out: Path) -> str:
