@@ -342,7 +342,7 @@ SCENARIOS = {"disk-full": disk_full, "read-only": read_only, "replaced": replace
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("scenarios", nargs="*", choices=list(SCENARIOS), help="default: all four")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "chaos_faults.json")
     args = parser.parse_args()
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
@@ -352,7 +352,7 @@ def main() -> None:
                         "--apix", "3.0", "--snr", "1", "--per-stack", str(PER_STACK), "--seed", "5", "--no-ctf"],
                        check=True, env=ENV, capture_output=True, timeout=900)
         stacks = sorted(sim.glob("particles_*.mrcs"))
-        for name in args.scenarios:
+        for name in args.scenarios or list(SCENARIOS):
             work = Path(tmp) / name
             work.mkdir()
             t0 = time.monotonic()

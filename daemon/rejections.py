@@ -23,6 +23,7 @@ second); it is in the status messages' recent rows all the same.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -138,11 +139,15 @@ class RejectionLog:
 
     def _write_rows(self) -> None:
         """Append the rows not yet written (caller holds the lock); on failure keep them and log once."""
+        size = None
         try:
-            new = not self.path.exists()
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write((_HEADER if new else "") + "".join(self._unwritten))
+                size = handle.seek(0, os.SEEK_END)
+                handle.write((_HEADER if size == 0 else "") + "".join(self._unwritten))
         except OSError as exc:
+            if size is not None:  # a full disk may have taken part of a row: cut it, the rows are written again
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, size)
             if str(exc) != self._write_error:
                 logger.error("%s not written (%s); %d row(s) kept in memory, written once writing works again",
                              self.path, exc, len(self._unwritten))

@@ -198,3 +198,20 @@ def test_a_restart_resumes_re_posing_where_it_stopped(tmp_path):
     daemon = Daemon(DaemonSettings(watch=tmp_path / "watch", out=tmp_path / "out", poses_from="map-only",
                                    zmq="tcp://127.0.0.1:0", metrics_port=None, refine_after=2))
     assert daemon.refinement_phase == "local" and daemon.refiner.version == 7
+
+
+def test_rejected_rows_on_a_full_disk_are_whole_once_space_returns(small_disk):
+    """A full disk may take part of a row: the part is cut, the rows are written whole once space returns."""
+    log = RejectionLog(small_disk)
+    log.record("/w/a.mrcs", "a: bad")
+    with open(small_disk / "filler", "wb", buffering=0) as handle:
+        with pytest.raises(OSError):
+            while True:
+                handle.write(b"\0" * 4096)
+    for i in range(50):  # some bytes may still fit: whatever part of a row went in is cut
+        log.record(f"/w/{i}.mrcs", f"{i}: bad " + "x" * 300)
+    (small_disk / "filler").unlink()
+    log.record("/w/last.mrcs", "last: bad")
+    rows = (small_disk / REJECTED_NAME).read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "unix_time\tpath\treason" and len(rows) == 1 + 52
+    assert [r.split("\t")[1] for r in rows[1:]] == ["/w/a.mrcs", *[f"/w/{i}.mrcs" for i in range(50)], "/w/last.mrcs"]
