@@ -457,11 +457,11 @@ class Daemon:
                 return
             except Exception as exc:  # noqa: BLE001 - the last resort that keeps the session alive
                 if out_of_descriptors(exc):
-                    opened, limit = descriptor_usage()
-                    logger.warning("cannot open %s: too many open files (%s of %d descriptors open); not rejected: "
-                                   "read again in %.1f s. Raise the limit (ulimit -n) or close what holds "
+                    opened, limit = descriptor_usage()  # opened is None when even /proc/self/fd cannot be opened
+                    logger.warning("cannot open %s: too many open files (%s of the limit of %d in use); not "
+                                   "rejected: read again in %.1f s. Raise the limit (ulimit -n) or close what holds "
                                    "descriptors (subscribers, /metrics connections)", printable(str(path)),
-                                   "?" if opened is None else opened, limit, delay)
+                                   "all" if opened is None else opened, limit, delay)
                     if self._stopping.wait(delay):
                         return  # left for the next start: its particles not read are not in the journal
                     delay = min(2 * delay, 30.0)

@@ -89,6 +89,7 @@ def run_service(settings: DaemonSettings, service: ServiceSettings | None = None
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     dashboard = None
     try:
+        logger.info("loading the session (network, checkpoint); SIGINT/SIGTERM from now on stop it cleanly")
         daemon = Daemon(settings)
         if not stop.is_set():
             daemon.start()
