@@ -5,8 +5,10 @@ differ: when the shipped weights cannot be loaded (not installed, incompatible),
 ``network`` session falls back to ``map-only`` (random poses until refinement starts,
 then a streaming ab initio against the running map) with a warning. The daemon keeps
 that effective value on its own (:attr:`Daemon.poses_from
-<cryofastar.daemon.pipeline.Daemon.poses_from>`, the ``poses_from`` field of status
-messages); the settings object stays as the user gave it.
+<cryofastar.daemon.pipeline.Daemon.poses_from>`, the ``pose_source`` field of status
+messages; their ``poses_from`` says where the map's poses come from in the current
+refinement phase, :func:`~cryofastar.daemon.reporting.poses_now`); the settings object
+stays as the user gave it.
 """
 
 from __future__ import annotations
