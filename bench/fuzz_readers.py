@@ -492,6 +492,7 @@ _REASONS = [  # (class, pattern of the message after the file's path); the first
     ("MRC: machine stamp", r"machine stamp"),
     ("MRC: dimensions not positive", r"not all positive"),
     ("MRC: image side over the cap", r"px images; at most"),
+    ("MRC: stack of volumes", r"stack of volumes"),
     ("MRC: too many images", r"images; at most .* per stack"),
     ("MRC: map over the cap", r"px a side are read"),
     ("MRC: extended header", r"extended header"),

@@ -170,6 +170,17 @@ def test_bytes_after_the_data_are_refused_without_a_warning(tree) -> None:
     assert "1024 bytes after the data the header claims" in _refused(path, root, "after the data")
 
 
+@pytest.mark.parametrize(("nz", "mz"), [(5, 0), (5, 2)])
+def test_a_stack_of_volumes_is_refused_by_the_header_check(tree, nz, mz) -> None:
+    """Space group 401 (a stack of volumes): mrcfile shapes the data (nz // mz, mz, ny, nx); mz = 0 raised
+    ZeroDivisionError, nz not a multiple of mz a RuntimeWarning ('larger than expected') past the size check."""
+    root, _ = tree
+    path = root / "volumes.mrcs"
+    path.write_bytes(fuzz.mrc_bytes({"nx": 4, "ny": 4, "nz": nz, "mode": 2, "mx": 4, "my": 4, "mz": mz,
+                                     "cella": 12.0, "ispg": 401}, bytes(4 * 4 * nz * 4)))
+    _refused(path, root, f"space group 401 marks a stack of volumes \\(nz {nz}, mz {mz}\\)")
+
+
 def test_a_header_without_cell_sampling_gives_no_pixel_size_without_a_warning(tree) -> None:
     """mx = 0: mrcfile's voxel size divided by zero (a numpy RuntimeWarning); now only the clear rejection."""
     root, _ = tree

@@ -5,7 +5,8 @@ pixel size in Å is the header's voxel size.
 
 Every reader checks the 1024-byte header against the file's size before mrcfile maps
 the file or anything is allocated (:func:`check_header`): the dimensions must be
-positive, the mode known, the data the header claims must fit in the file, and an
+positive, the mode known, the space group not a stack of volumes (401-630), the data
+the header claims must fit in the file, and an
 image side (nx, ny) may be at most :data:`MAX_IMAGE_SIDE` px (a volume at most
 :data:`MAX_VOLUME_SIDE` px on each axis) and a stack may claim at most
 :data:`MAX_STACK_IMAGES` images; and the file must hold no bytes after the data the
@@ -65,9 +66,10 @@ def check_header(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     ------
     ParticleFileError
         Missing file; shorter than a header; unknown machine stamp or mode; a dimension
-        that is not positive; nx or ny above :data:`MAX_IMAGE_SIDE`; nz above
-        :data:`MAX_STACK_IMAGES`; a negative extended header; or a file size other than the
-        header's (more data claimed than the file holds: truncated; bytes after the data).
+        that is not positive; a stack of volumes (space group 401-630); nx or ny above
+        :data:`MAX_IMAGE_SIDE`; nz above :data:`MAX_STACK_IMAGES`; a negative extended
+        header; or a file size other than the header's (more data claimed than the file
+        holds: truncated; bytes after the data).
     """
     path = Path(path)
     if not path.is_file():
@@ -91,6 +93,10 @@ def check_header(path: str | os.PathLike[str]) -> tuple[int, int, int]:
         raise _unreadable(path, f"header dimensions {nx} x {ny} x {nz} are not all positive")
     if max(nx, ny) > MAX_IMAGE_SIDE:
         raise _unreadable(path, f"header claims {nx} x {ny} px images; at most {MAX_IMAGE_SIDE} px are accepted")
+    ispg = int(header["ispg"])
+    if 401 <= ispg <= 630:  # mrcfile reads a stack of volumes, (nz // mz, mz, ny, nx): mz 0 divides by zero
+        raise _unreadable(path, f"space group {ispg} marks a stack of volumes (nz {nz}, mz {int(header['mz'])}), "
+                          "neither particle images nor one map")
     if nz > MAX_STACK_IMAGES:
         raise _unreadable(path, f"header claims {nz} images; at most {MAX_STACK_IMAGES} per stack are read")
     if extended < 0:
