@@ -57,6 +57,7 @@ TOPICS = (b"volume", b"status")
 OUTBOX = 64  # messages waiting for one page before it is dropped as too slow
 MAX_PAGES = 64  # WebSocket pages served at a time (each holds at most OUTBOX shared messages)
 MAX_FRAME = 64 * 1024  # bytes of a message a page may send (it sends none)
+SEND_SECONDS = 30.0  # a page that takes no message for this long is cut (a map is ~1 MB: 30 kB/s at least)
 
 
 def assets(static: Path = STATIC) -> dict[str, Path]:
@@ -111,7 +112,7 @@ class Dashboard:
         if "index.html" not in self.assets:
             raise FileNotFoundError(f"{static / 'index.html'} is missing: reinstall cryofastar-stream")
         self.limit: ConnectionLimit | None = None  # set by serve()
-        self._pages: dict[web.WebSocketResponse, asyncio.Queue[str]] = {}
+        self._pages: dict[web.WebSocketResponse, tuple[asyncio.Queue[str], asyncio.Transport]] = {}
         self.app = web.Application(middlewares=[self._check_request])
         self.app.add_routes([web.get("/", self._index), web.get("/ws", self._websocket),
                              web.get("/api/state", self._api_state), web.get("/static/{name}", self._asset)])
@@ -122,6 +123,8 @@ class Dashboard:
         refusal = self.guard.check_host(request.headers.getall("Host", []))
         if refusal is None and request.path == "/ws":
             refusal = self.guard.check_origin(request.headers.get("Origin"), request.headers["Host"])
+            if refusal is None and (request.version < (1, 1) or request.headers.get("Sec-WebSocket-Version") != "13"):
+                refusal = 400, "400 Bad Request: a WebSocket needs HTTP/1.1 and Sec-WebSocket-Version: 13 (RFC 6455).\n"
         if refusal is not None:
             status, text = refusal
             return web.Response(status=status, text=text, headers={"Connection": "close"})
@@ -151,8 +154,8 @@ class Dashboard:
             self.limit.mark_page(request)
         outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX)
         outbox.put_nowait(_dumps({"snapshot": self.state.snapshot()}))  # first, before any update
-        self._pages[page] = outbox
-        sender = asyncio.create_task(self._send(page, outbox))
+        self._pages[page] = (outbox, request.transport)
+        sender = asyncio.create_task(self._send(page, outbox, request.transport))
         try:
             async for message in page:  # the page sends nothing; this waits for it to close
                 if message.type == WSMsgType.ERROR:
@@ -163,25 +166,32 @@ class Dashboard:
         return page
 
     @staticmethod
-    async def _send(page: web.WebSocketResponse, outbox: asyncio.Queue) -> None:
-        """One sender per page, in order: a slow page never holds up the subscriber or other pages."""
+    async def _send(page: web.WebSocketResponse, outbox: asyncio.Queue, transport: asyncio.Transport) -> None:
+        """One sender per page, in order: a slow page never holds up the subscriber or other pages.
+
+        A page that takes no message for :data:`SEND_SECONDS` is cut (``abort``: a graceful close would wait
+        for it to read what is queued, which a client that never reads never does)."""
         try:
             while True:
-                await page.send_str(await outbox.get())
+                text = await outbox.get()
+                await asyncio.wait_for(page.send_str(text), SEND_SECONDS)
+        except TimeoutError:
+            logger.warning("a page took nothing for %.0f s; cutting it (it reconnects)", SEND_SECONDS)
+            transport.abort()
         except (ConnectionError, RuntimeError):
-            await page.close()
+            transport.abort()
 
     def _broadcast(self, sections: dict[str, Any]) -> None:
         if not self._pages or not sections:
             return
         text = _dumps(sections)
-        for page, outbox in list(self._pages.items()):
+        for page, (outbox, transport) in list(self._pages.items()):
             try:
                 outbox.put_nowait(text)
-            except asyncio.QueueFull:  # a page that cannot keep up: closed; it reconnects to a fresh snapshot
+            except asyncio.QueueFull:  # a page that cannot keep up: cut; it reconnects to a fresh snapshot
                 self._pages.pop(page, None)
-                logger.warning("a page fell %d messages behind; closing it (it reconnects)", OUTBOX)
-                asyncio.get_running_loop().create_task(page.close())
+                logger.warning("a page fell %d messages behind; cutting it (it reconnects)", OUTBOX)
+                transport.abort()
 
     # ------------------------------------------------------------------ ZeroMQ
     async def _subscribe(self) -> None:
@@ -231,8 +241,11 @@ class Dashboard:
         finally:
             for task in tasks:
                 task.cancel()
-            for page in list(self._pages):
-                await page.close()
+            for page, (_, transport) in list(self._pages.items()):
+                try:
+                    await asyncio.wait_for(page.close(), 2.0)
+                except TimeoutError:  # a page that does not read: its close frame never goes out
+                    transport.abort()
             await runner.cleanup()
 
 

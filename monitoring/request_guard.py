@@ -164,5 +164,5 @@ class RequestGuard:
                 return None
         return 403, (f"403 Forbidden: a WebSocket from the page at {origin!r} may not read this dashboard (only "
                      "its own page may: another site open in the same browser must not see the session). If that "
-                     f"page is yours (e.g. a proxy), serve the dashboard with `cryofastar-stream dashboard --allow-origin "
-                     f"{origin}`.\n")
+                     "page is yours (e.g. a proxy), serve the dashboard with "
+                     f"`cryofastar-stream dashboard --allow-origin {origin}`.\n")
