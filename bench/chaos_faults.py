@@ -342,9 +342,12 @@ SCENARIOS = {"disk-full": disk_full, "read-only": read_only, "replaced": replace
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenarios", nargs="*", choices=list(SCENARIOS), help="default: all four")
+    parser.add_argument("scenarios", nargs="*", help=f"some of {', '.join(SCENARIOS)} (default: all four)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "chaos_faults.json")
     args = parser.parse_args()
+    unknown = sorted(set(args.scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     with tempfile.TemporaryDirectory(prefix="cryofastar-faults-") as tmp:
         sim = Path(tmp) / "sim"
