@@ -202,6 +202,32 @@ def test_a_status_message_that_fails_is_skipped_and_the_session_goes_on(tmp_path
     assert daemon.errors == [] and len(_star_names(settings.out)) == PER_STACK
 
 
+class SlowPass(Daemon):
+    """Every pass takes 0.5 s more to insert (a slow refinement), so passes queue up behind it."""
+
+    def _accumulate(self, posed):  # noqa: ANN001, ANN202
+        time.sleep(0.5)
+        super()._accumulate(posed)
+
+
+def test_a_hurried_stop_finishes_the_pass_in_progress_and_leaves_the_queue_for_the_next_start(tmp_path):
+    """stop(drain_seconds=0) (the CLI's second signal, or its 10 s drain running out): one pass, not the queue."""
+    settings = _settings(tmp_path, batch=12, candidates=8, read_chunk=8, flush_seconds=0.2)  # passes of 11
+    for i in range(3):
+        _stack(settings.watch / f"s{i}.mrcs", seed=i)
+    daemon = SlowPass(settings)
+    daemon.start()
+    _until(lambda: daemon.posed.qsize() >= 2, 60, "posed passes queued behind the slow one")
+    t0 = time.monotonic()
+    daemon.stop(drain_seconds=0)
+    assert time.monotonic() - t0 < 5 and daemon.errors == []
+    inserted, waiting = daemon.particles_in_map, daemon.particles_waiting
+    assert inserted < 3 * PER_STACK and waiting > 0  # the queue was left, not posed and inserted
+    assert _checkpointed(settings.out) == inserted and len(_star_names(settings.out)) == inserted
+    names = _resume(settings, 3 * PER_STACK)
+    assert len(names) == 3 * PER_STACK and names.is_unique  # what was left is read again, each particle once
+
+
 def test_stopping_a_daemon_never_started_is_immediate_and_writes_nothing(tmp_path):
     """Issue 20: Daemon.stop waited 600 s for threads never started (a second daemon on a port in use)."""
     settings = _settings(tmp_path)
