@@ -127,7 +127,9 @@ class Dashboard:
                 refusal = 400, "400 Bad Request: a WebSocket needs HTTP/1.1 and Sec-WebSocket-Version: 13 (RFC 6455).\n"
         if refusal is not None:
             status, text = refusal
-            return web.Response(status=status, text=text, headers={"Connection": "close"})
+            response = web.Response(status=status, text=text)
+            response.force_close()  # a refused client gets no second request on this connection
+            return response
         if self.limit is None:
             return await handler(request)
         return await self.limit.middleware(request, handler)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +19,10 @@ import aiohttp
 import numpy as np
 import pytest
 import zmq
-from cryofastar.monitoring.dashboard_server import Dashboard, bind_socket
+from cryofastar.monitoring.dashboard_server import MAX_PAGES, OUTBOX, STATIC, Dashboard, bind_socket
 from cryofastar.monitoring.dashboard_state import DashboardState
 from cryofastar.monitoring.map_views import block_mean, isosurface_grid, map_views
+from cryofastar.monitoring.request_guard import RequestGuard, split_host
 from cryofastar.protocol import StatusMessage, VolumeMessage, encode
 
 SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
@@ -85,12 +88,12 @@ def test_state_keeps_the_latest_map_history_throughput_and_notices_restarts_and_
 class Served:
     """A Dashboard on a real port in a thread, subscribed to a raw ZeroMQ PUB socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, **dashboard_options) -> None:  # noqa: ANN003 - Dashboard's keyword arguments
         self.context = zmq.Context()
         self.pub = self.context.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         port = self.pub.bind_to_random_port("tcp://127.0.0.1")
-        self.dashboard = Dashboard(f"tcp://127.0.0.1:{port}", stale_seconds=30)
+        self.dashboard = Dashboard(f"tcp://127.0.0.1:{port}", stale_seconds=30, **dashboard_options)
         self.sock = bind_socket("127.0.0.1", 0)
         self.url = ""
         self.loop = asyncio.new_event_loop()
@@ -196,3 +199,142 @@ def test_watch_with_a_dashboard_port_in_use_fails_cleanly(tmp_path):
                                 check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "the dashboard did not start: cannot serve the dashboard on 127.0.0.1" in result.stderr
+
+
+# ---------------------------------------------------------------------------- hostile and slow clients (issue 20)
+def _raw(url: str, payload: bytes, timeout: float = 10) -> tuple[int, bytes]:
+    """Send raw bytes to the server of ``url``; (status, body) of the answer."""
+    host, port = re.match(r"http://([\d.]+):(\d+)", url).groups()
+    data = b""
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(payload)
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _upgrade(host: str, origin: str | None) -> bytes:
+    return ("GET /ws HTTP/1.1\r\nHost: " + host + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            + (f"Origin: {origin}\r\n" if origin else "") + "\r\n").encode()
+
+
+def test_request_guard_names_and_origins():
+    guard = RequestGuard("127.0.0.1", allow_hosts=("Scope.Example.",), allow_origins=("https://proxy.example",))
+    assert split_host("[::1]:8080") == ("::1", 8080) and split_host("LocalHost.:80") == ("localhost", 80)
+    for host in ("127.0.0.1:8080", "localhost", "[::1]:1", "10.1.2.3:8080", "scope.example:8080", "SCOPE.example"):
+        assert guard.check_host([host]) is None, host
+    for host, status in ((["evil.example:8080"], 421), (["127.0.0.1.nip.io"], 421), ([], 400),
+                         (["a", "b"], 400), (["bad host"], 400), (["x:99999"], 400)):
+        assert guard.check_host(host)[0] == status, host
+    assert guard.check_origin(None, "127.0.0.1:8080") is None  # not a browser
+    assert guard.check_origin("http://127.0.0.1:8080", "127.0.0.1:8080") is None
+    assert guard.check_origin("https://proxy.example", "127.0.0.1:8080") is None
+    for origin in ("http://evil.example", "http://127.0.0.1:8081", "https://127.0.0.1:8080", "null", "garbage",
+                   "http://localhost:8080"):  # localhost is another origin than 127.0.0.1, as the browser sees it
+        assert guard.check_origin(origin, "127.0.0.1:8080")[0] == 403, origin
+    assert "gethostname" not in str(guard.names) and socket.gethostname().lower() in RequestGuard("0.0.0.0").names
+    with pytest.raises(ValueError, match="--allow-host"):
+        RequestGuard("127.0.0.1", allow_hosts=("a/b",))
+    with pytest.raises(ValueError, match="--allow-origin"):
+        RequestGuard("127.0.0.1", allow_origins=("ftp://x",))
+
+
+def test_other_sites_cannot_read_the_session_by_dns_rebinding_or_a_cross_site_websocket(served):
+    host = served.url.split("/")[2]
+    status, body = _raw(served.url, b"GET /api/state HTTP/1.1\r\nHost: evil.example:80\r\nConnection: close\r\n\r\n")
+    assert status == 421 and b"DNS rebinding" in body and b"--allow-host evil.example" in body
+    assert _raw(served.url, b"GET /api/state HTTP/1.0\r\n\r\n")[0] == 400  # no Host at all
+    status, body = _raw(served.url, _upgrade(host, "http://evil.example"))
+    assert status == 403 and b"--allow-origin http://evil.example" in body
+
+    async def page(origin: str | None) -> dict:
+        async with aiohttp.ClientSession() as session, session.ws_connect(served.url + "ws", origin=origin) as ws:
+            return json.loads((await ws.receive(timeout=10)).data)
+
+    assert "snapshot" in asyncio.run(page(f"http://{host}"))  # its own page
+    assert "snapshot" in asyncio.run(page(None))  # a script, not a browser
+    served.dashboard.guard = RequestGuard("127.0.0.1", allow_hosts=("scope.example",))
+    assert _raw(served.url, b"GET /api/state HTTP/1.1\r\nHost: scope.example:80\r\nConnection: close\r\n\r\n")[0] == 200
+
+
+def test_only_the_assets_table_is_served_never_a_symlink_or_a_path(tmp_path):
+    static = tmp_path / "static"
+    shutil.copytree(STATIC, static)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-TOKEN\n")
+    (static / "link.txt").symlink_to(secret)
+    (static / ".hidden").write_text("SECRET-TOKEN\n")
+    instance = Served(static=static)
+    try:
+        assert "link.txt" not in instance.dashboard.assets and ".hidden" not in instance.dashboard.assets
+        (static / "late.txt").write_text("SECRET-TOKEN\n")  # written after the start: not in the table either
+        host = instance.url.split("/")[2]
+        for path in ("/static/link.txt", "/static/.hidden", "/static/late.txt", "/static/../secret.txt",
+                     "/static/%2e%2e/secret.txt", "/static/%2e%2e%2fsecret.txt", "/static/%252e%252e%252fsecret.txt",
+                     "/static/..%5csecret.txt", f"/static/{secret}", f"/static/{str(secret).replace('/', '%2f')}",
+                     "/static/index.html%00", "/static/../../dashboard_server.py"):
+            status, body = _raw(instance.url, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                                .encode())
+            assert status in (400, 404) and b"SECRET" not in body, path
+        assert instance.get("/static/dashboard.js")[0] == 200
+    finally:
+        instance.close()
+
+
+def test_a_page_that_never_reads_is_cut_and_the_other_pages_go_on(served):
+    host, port = served.url.split("/")[2].split(":")
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect((host, int(port)))
+    stalled.sendall(_upgrade(f"{host}:{port}", None))  # and never reads again
+    deadline = time.monotonic() + 10
+    while len(served.dashboard._pages) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    async def reading_page() -> int:
+        got = 0
+        async with aiohttp.ClientSession() as session, session.ws_connect(served.url + "ws") as ws:
+            big = "x" * 200_000
+            for seq in range(OUTBOX + 120):  # ~38 MB for the stalled page: its kernel buffers fill, then the outbox
+                served.pub.send_multipart(encode(status_message(padding=big)))
+                await asyncio.sleep(0.01)
+                if seq % 20 == 0:
+                    while True:
+                        try:
+                            await ws.receive(timeout=0.01)
+                            got += 1
+                        except TimeoutError:
+                            break
+            while len(served.dashboard._pages) > 1:
+                await ws.receive(timeout=10)
+                got += 1
+            return got
+
+    received = asyncio.run(reading_page())
+    deadline = time.monotonic() + 10
+    while served.dashboard._pages and time.monotonic() < deadline:  # the reading page's close reaches the server
+        time.sleep(0.05)
+    assert len(served.dashboard._pages) == 0 and received > OUTBOX  # the stalled page cut, this one served
+    stalled.settimeout(10)
+    try:  # the server ended it: what was in flight, then end of stream or a reset (never a timeout)
+        while stalled.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        pass
+    finally:
+        stalled.close()
+
+
+def test_idle_connections_are_capped_and_a_new_page_still_loads(served):
+    host, port = served.url.split("/")[2].split(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(400)]
+    try:
+        time.sleep(1)
+        assert served.dashboard.limit.open_connections <= 256 and served.dashboard.limit.closed >= 144
+        assert served.get("/")[0] == 200  # the oldest idle connection made room
+        assert MAX_PAGES <= 64
+    finally:
+        for sock in idle:
+            sock.close()
