@@ -53,7 +53,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
+CLI = [sys.executable, "-m", "cryofastar"]  # the real CLI, also where only a --target install is at hand (GPU host)
+DEVICE = ["--device", "auto"]  # set from --device in main()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CLASSES_OFF = {"startup": 0.10, "random": 0.30, "checkpoint": 0.25, "particles_star": 0.15, "map": 0.20}
 CLASSES_ON = {"startup": 0.08, "random": 0.22, "checkpoint": 0.18, "particles_star": 0.10, "map": 0.14,
@@ -76,7 +77,9 @@ def main() -> None:
                         help="fraction of the cycles after which refinement is on (refine-after 150)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "chaos_kill.json")
     parser.add_argument("--fresh", action="store_true", help="discard WORK and start over")
+    parser.add_argument("--device", default="auto", help="the daemon's --device (auto, cpu or cuda)")
     args = parser.parse_args()
+    DEVICE[1] = args.device
     work = args.work
     if args.fresh and work.exists():
         shutil.rmtree(work)
@@ -107,7 +110,7 @@ def _setup(work: Path, args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     n_stacks = args.kills + 4
     sim = work / "sim"
-    subprocess.run([str(SCRIPT), "simulate", "--out", str(sim), "--n", str(n_stacks * args.per_stack), "--box",
+    subprocess.run([*CLI, "simulate", "--out", str(sim), "--n", str(n_stacks * args.per_stack), "--box",
                     str(args.box), "--apix", "3.0", "--snr", "1", "--per-stack", str(args.per_stack), "--seed",
                     str(args.seed), "--no-ctf"], check=True, env=ENV, capture_output=True, timeout=1800)
     stacks = sorted(p.name for p in sim.glob("particles_*.mrcs"))
@@ -138,12 +141,12 @@ def _place(stack: Path, directory: Path) -> None:
 
 
 def _daemon_args(work: Path, refine: bool, extra: list[str]) -> list[str]:
-    return [str(SCRIPT), "watch", str(work / "watch"), "--out", str(work / "out"), "--poses-from",
+    return [*CLI, "watch", str(work / "watch"), "--out", str(work / "out"), "--poses-from",
             "network" if refine else "map-only",
             "--settle", "0.3", "--flush", "1", "--publish-every", "1", "--checkpoint-every", "1", "--batch", "48",
             "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "0", "--interpolation", "nearest",
             "--refine-after", "150" if refine else "1000000000", "--repose-per-pass", "48", "--refine-box",
-            "32", *extra]
+            "32", *DEVICE, *extra]
 
 
 # ---------------------------------------------------------------------------------------------------- one cycle
@@ -327,7 +330,7 @@ def _final(work: Path, progress: dict, args: argparse.Namespace) -> dict:
     lost = len(expected - set(found))
     extra = len(set(found) - expected)
     fresh_path = work / "fresh.mrc"
-    subprocess.run([str(SCRIPT), "backproject", str(out / "particles.star"), "-o", str(fresh_path),
+    subprocess.run([*CLI, "backproject", str(out / "particles.star"), "-o", str(fresh_path),
                     "--interpolation", "nearest"], check=True, env=ENV, capture_output=True, timeout=1800)
     live, _ = read_volume(out / "volume.mrc")
     fresh, _ = read_volume(fresh_path)
