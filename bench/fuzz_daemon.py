@@ -78,14 +78,21 @@ def generate(n: int, seed: int, valid_every: int) -> list[tuple[str, bytes, str]
     return files
 
 
-def expected(path: Path, root: Path, geometry: SessionGeometry) -> tuple[str, set[tuple[str, int]]]:
-    """What the readers do with one file: ``("rejected" | "partial" | "whole" | "not particles", images taken)``,
-    images as ``(resolved stack, 1-based index)``; ``"not a regular file"`` for a FIFO or a symlink loop, which
-    the watcher does not hand on."""
+def expected(path: Path, root: Path, geometry: SessionGeometry,
+             taken: IngestJournal | None = None) -> tuple[str, set[tuple[str, int]]]:
+    """What the daemon's readers do with one file, given the particles the session ``taken`` already:
+    ``("rejected" | "partial" | "whole" | "not particles", images taken)``, images as ``(resolved stack,
+    1-based index)``. ``"not a regular file"`` for a FIFO or a symlink loop and ``"empty"`` for an empty file:
+    the watcher does not hand those on (docs/daemon.md; an empty file is logged). A file none of whose
+    particles is new brings nothing and reports nothing (``Daemon._read`` stops there), even repeated rows."""
     if not path.is_file():
         return "not a regular file", set()
+    if path.stat().st_size == 0:
+        return "empty", set()
     try:
-        source, _ = plan_particle_file(path, root, geometry, IngestJournal())
+        source, _ = plan_particle_file(path, root, geometry, taken if taken is not None else IngestJournal())
+        if len(source) == 0:
+            return "whole", set()
         taken: set[tuple[str, int]] = set()
         skipped = 0
         for chunk in source.chunks(fuzz.READ_CHUNK):
@@ -188,17 +195,21 @@ def main() -> None:  # noqa: PLR0915 - one campaign, top to bottom
         os.replace(root / "stacks" / "big.mrcs", base / "big.mrcs")  # 32 px: must not be the session's first file
         fixtures = sorted(p for p in root.rglob("*") if p.suffix in (".mrcs", ".star"))
         plan = {str(p): expected(p, root, geometry) for p in fixtures}
+        taken = IngestJournal()  # what the session holds once the tree's own stacks are in
+        for _, images in plan.values():
+            for stack, index in images:
+                taken.add(np.array([stack]), np.array([index]))
         daemon = Daemon(root, out)
         star = out / "particles.star"
-        first = wait_until(lambda: star.is_file(), 300, daemon)
+        first = wait_until(lambda: star.is_file() and len(star_images(star)) >= len(taken), 300, daemon)
         if not first:
             raise SystemExit("the daemon wrote no particles.star from its valid stacks:\n" + "".join(daemon.lines))
         t_drop = time.perf_counter()
         os.replace(base / "big.mrcs", root / "stacks" / "big.mrcs")
-        plan[str(root / "stacks" / "big.mrcs")] = expected(root / "stacks" / "big.mrcs", root, geometry)
+        plan[str(root / "stacks" / "big.mrcs")] = expected(root / "stacks" / "big.mrcs", root, geometry, taken)
         for k, spec in enumerate(files):
             path = place(root, outside, k, spec)
-            plan[str(path)] = expected(path, root, geometry)
+            plan[str(path)] = expected(path, root, geometry, taken)
         drop_seconds = time.perf_counter() - t_drop
         wanted_rows = sum(1 for kind, _ in plan.values() if kind in ("rejected", "partial"))
         wanted_images = set().union(*(taken for _, taken in plan.values()))
@@ -214,7 +225,7 @@ def main() -> None:  # noqa: PLR0915 - one campaign, top to bottom
         repeated_rows = [p for p in listed if row_paths[p] > 1]
         wrongly_rejected = [p for p, (kind, _) in plan.items() if kind == "whole" and row_paths[p]]
         unexpected_rows = [p for p in row_paths if p not in plan]
-        irregular_rows = sum(row_paths[p] for p, (kind, _) in plan.items() if kind == "not a regular file")
+        irregular_rows = sum(row_paths[p] for p, (kind, _) in plan.items() if kind in ("not a regular file", "empty"))
         in_star = star_images(star) if star.is_file() else []
         counts = collections.Counter(in_star)
         duplicates = sum(1 for c in counts.values() if c > 1)
@@ -239,7 +250,7 @@ def main() -> None:  # noqa: PLR0915 - one campaign, top to bottom
         "all_rows_seen_before_stop": done, "rejected_rows": len(rows), "rows_expected": wanted_rows,
         "rejected_files_missing_from_tsv": len(missing_rows), "rejected_files_listed_twice": len(repeated_rows),
         "accepted_files_in_tsv": len(wrongly_rejected), "rows_for_unknown_paths": len(unexpected_rows),
-        "rows_for_fifos_and_symlink_loops": irregular_rows,
+        "rows_for_empty_files_fifos_and_symlink_loops": irregular_rows,
         "images_expected": len(wanted_images), "particles_in_star": len(in_star), "duplicated_images": duplicates,
         "lost_images": len(lost), "extra_images": len(extra),
         "backproject_exit": result.returncode, "map_vs_backproject_max_rel_diff": difference,
