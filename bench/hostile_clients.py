@@ -231,6 +231,7 @@ class Target:
         return self.process.poll() is None and Path(f"/proc/{self.dashboard_pid}").exists()
 
     def stop(self) -> int | None:
+        """SIGTERM, wait (SIGKILL after 120 s); the exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -238,6 +239,8 @@ class Target:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._reader.join(timeout=10)
+        self.process.stdout.close()
         return self.process.returncode
 
 
@@ -546,11 +549,12 @@ def malformed_requests(host_header: str) -> list[tuple[str, bytes]]:
     ]
 
 
-def probe_malformed(report: Report, target: Target) -> None:
-    """Each malformed request is refused and the server answers a normal one after it."""
+def probe_malformed(report: Report, target: Target, timeout: float = 8.0) -> None:
+    """Each malformed request is refused (a 4xx, or no answer within ``timeout`` s) and the server answers a
+    normal one after it."""
     for which, port in (("dashboard", target.dashboard_port), ("metrics", target.metrics_port)):
         for name, payload in malformed_requests(f"{target.host}:{port}"):
-            answer = raw(target.host, port, payload, timeout=8)
+            answer = raw(target.host, port, payload, timeout=timeout)
             refused = answer.status is None or 400 <= answer.status < 500 or answer.status in (501, 505)
             healthy = _healthy(target, which)
             report.add("malformed HTTP", f"{which}: {name}", refused and healthy and target.alive(),
@@ -589,7 +593,7 @@ def probe_traversal(report: Report, target: Target, secret: Path, token: str, pl
         report.add("path traversal", url, not leaked and only_assets, status=answer.status, bytes=len(body))
 
 
-def probe_websocket(report: Report, target: Target) -> None:
+def probe_websocket(report: Report, target: Target, wait_ignored: float = 5.0) -> None:
     """Malformed upgrades get no 101; hostile frames close only their own socket; the server stays up."""
     h, p = target.host, target.dashboard_port
     hh = f"{h}:{p}"
@@ -626,7 +630,7 @@ def probe_websocket(report: Report, target: Target) -> None:
             t0 = time.monotonic()
             with contextlib.suppress(OSError):
                 sock.sendall(data)
-            closed, code, _ = ws_read_until_close(sock, 15 if must_close else 5)
+            closed, code, _ = ws_read_until_close(sock, 15 if must_close else wait_ignored)
         report.add("websocket frames", name, (closed or not must_close) and _healthy(target, "dashboard"),
                    closed=closed, close_code=code, seconds=round(time.monotonic() - t0, 2))
     grown = proc_figures(target.dashboard_pid)["rss"] - rss

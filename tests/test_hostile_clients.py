@@ -57,8 +57,8 @@ def test_no_url_reads_anything_but_the_dashboards_assets(target, tmp_path):
 
 def test_malformed_requests_and_websocket_frames_are_refused_and_the_servers_go_on(target):
     report = hostile.Report()
-    hostile.probe_malformed(report, target)
-    hostile.probe_websocket(report, target)
+    hostile.probe_malformed(report, target, timeout=3)  # the campaign waits 8 s for an answer that never comes
+    hostile.probe_websocket(report, target, wait_ignored=2)
     assert len(report.checks) > 50 and not _failed(report)
     assert target.alive()
 
