@@ -43,7 +43,8 @@ MAX_HEAD = 8192
 """Bytes a request head (request line and headers) may take."""
 _ACCEPT_PAUSE = 0.5  # s without accepting after EMFILE/ENFILE
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 431: "Request Header Fields Too Large", 505: "HTTP Version Not Supported"}
+            408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            505: "HTTP Version Not Supported"}
 
 
 @dataclass(eq=False)
@@ -160,7 +161,12 @@ class MetricsServer:
                     else:
                         logger.warning("metrics server: %s", exc)
             now = time.monotonic()
-            self._render_if_due(now)
+            try:
+                self._render_if_due(now)
+            except Exception:  # noqa: BLE001 - a failed rendering is a 500 for those waiting, not a dead server
+                logger.exception("metrics server: rendering the metrics failed")
+                for conn in [c for c in self._connections.values() if c.state == "waiting"]:
+                    self._answer(conn, 500, b"rendering the metrics failed (see the daemon's log)\n")
             self._expire(now)
             if self._accept_paused_until and now >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
@@ -327,6 +333,9 @@ class MetricsServer:
         try:
             conn.sent += conn.sock.send(conn.answer[conn.sent:])
         except BlockingIOError:
+            return
+        except OSError:  # reset or gone: its connection only
+            self._close(conn)
             return
         if conn.sent >= len(conn.answer):  # a lingering close: an RST now could discard the answer
             try:

@@ -193,3 +193,25 @@ def test_bench_parses_the_proc_tables_it_relies_on():
             with accepted:
                 assert hostile.connections_by_port(os.getpid()).get(listener.getsockname()[1]) == 1
                 assert client.fileno() > 0
+
+
+def test_a_failing_rendering_is_a_500_and_the_server_goes_on():
+    calls = []
+
+    def render(_accept: str) -> tuple[bytes, str]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a collector failed")
+        return b"m 1\n", "text/plain"
+
+    server = MetricsServer(render, "127.0.0.1", 0)
+    try:
+        assert hostile.raw("127.0.0.1", server.server_port, b"GET /metrics HTTP/1.1\r\n\r\n").status == 500
+        assert hostile.raw("127.0.0.1", server.server_port, b"GET /metrics HTTP/1.1\r\n\r\n").body == b"m 1\n"
+        with socket.create_connection(("127.0.0.1", server.server_port)) as gone:  # resets before its answer
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            gone.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert hostile.raw("127.0.0.1", server.server_port, b"GET /metrics HTTP/1.1\r\n\r\n").status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
