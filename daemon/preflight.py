@@ -23,6 +23,8 @@ import os
 import resource
 import socket
 
+from cryofastar.recon.io.errors import out_of_descriptors
+
 from .publisher import AddressInUseError, probe_address
 from .settings import DaemonSettings
 
@@ -35,7 +37,6 @@ MIN_DESCRIPTORS = 64
 """File descriptors a daemon needs at the least: ~16 open while idle (ZeroMQ, inotify, /metrics, logs), one
 per file being read or written, one per subscriber or /metrics connection."""
 
-_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 
 
 def probe_port(host: str, port: int, what: str) -> None:
@@ -118,19 +119,3 @@ def raise_descriptor_limit() -> int:
         return soft
     logger.info("file-descriptor limit raised from %d to the hard limit %s", soft, hard)
     return hard
-
-
-def out_of_descriptors(exc: BaseException) -> bool:
-    """Whether ``exc``, or an error it was raised from or while handling, is 'too many open files'.
-
-    The readers turn an OSError into ParticleFileError (and ingest into Rejected) with the
-    OSError kept as ``__cause__`` or ``__context__``; this walks that chain.
-    """
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _EXHAUSTED:
-            return True
-        error = error.__cause__ or error.__context__
-    return False

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
+from cryofastar.recon.io.errors import out_of_descriptors
 from cryofastar.recon.rotations import geodesic_degrees
 
 from .pose_table import PoseTable
@@ -118,6 +119,9 @@ class LiveRefinement:
             images = self._read(rows)
             ctf = table.ctf(rows)
         except ValueError as exc:  # ParticleFileError is a ValueError
+            if out_of_descriptors(exc):  # says nothing about the stacks: picked again by a later pass
+                logger.warning("cannot re-pose %d particles now (%s); tried again later", len(rows), exc)
+                return
             logger.warning("cannot re-pose %d particles (%s); they keep their poses", len(rows), exc)
             table.column("refined")[rows] = UNREADABLE
             return

@@ -89,3 +89,26 @@ def test_particles_whose_stack_is_gone_keep_their_poses_and_are_not_retried(sess
     live.repose(APIX)
     assert (state.poses.column("refined")[:10] == UNREADABLE).all() and steps == [] and live.moved == 0
     assert torch.equal(state.accumulator.grids, before)
+
+
+def test_particles_are_tried_again_when_the_process_is_out_of_file_descriptors(session) -> None:
+    """'Too many open files' says nothing about the stack: the particles are re-posed by a later pass."""
+    import os
+    import resource
+
+    live, state, _, volume, _, steps = session
+    live.refiner.update_reference(torch.stack([volume, volume]), APIX, 12.0, n_particles=N)
+    live.refiner.phase = "local"
+    before = state.accumulator.grids.clone()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_fds = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    lowest_free = min(set(range(len(open_fds) + 1)) - open_fds)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # the next open() fails with EMFILE
+    try:
+        live.repose(APIX)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not (state.poses.column("refined") == UNREADABLE).any() and steps == [] and live.moved == 0
+    assert torch.equal(state.accumulator.grids, before)
+    live.repose(APIX)  # descriptors back: the same particles are re-posed
+    assert steps == [("repose", 10)] and live.moved == 10
