@@ -122,6 +122,8 @@ def _refused(path: Path, root: Path, match: str) -> str:
     ("", "1@stacks/loop.mrcs 1", "missing stack|outside the watched directory"),
     # was ValueError (embedded null byte) while naming the refused path
     ("", "1@/etc/pa\x00sswd 1", "outside the watched directory"),
+    # was OSError (File name too long) from Path.is_file
+    ("", "1@" + "a" * 5000 + ".mrcs 1", "missing stack"),
 ])
 def test_hostile_particle_columns_are_one_clear_error(tree, columns, rows, match) -> None:
     root, _ = tree
@@ -142,6 +144,9 @@ def test_hostile_particle_columns_are_one_clear_error(tree, columns, rows, match
     ("1 3.0 300 2.7 2", "rlnAmplitudeContrast must be an amplitude contrast in"),
     # a string optics group against integer ones was a ValueError (merge of int64 and object columns)
     ("x 3.0 300 2.7 0.1", "rlnOpticsGroup of data_optics must hold numbers"),
+    # a float group merged with integer ones: pandas cast it (RuntimeWarning, 'invalid value encountered in cast')
+    ("1 3.0 300 2.7 0.1\n1e308 3.0 300 2.7 0.1", "rlnOpticsGroup of data_optics must hold optics group numbers"),
+    ("1.5 3.0 300 2.7 0.1", "rlnOpticsGroup of data_optics must hold optics group numbers"),
 ])
 def test_hostile_optics_tables_are_one_clear_error(tree, optics_rows, match) -> None:
     root, _ = tree

@@ -24,6 +24,7 @@ real-space images may be read"), as is every other mode.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import mrcfile
@@ -72,7 +73,11 @@ def check_header(path: str | os.PathLike[str]) -> tuple[int, int, int]:
         holds: truncated; bytes after the data).
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):  # Path.is_file raises for some (a name too long)
+        regular = False
+    if not regular:
         raise ParticleFileError(f"{path}: file not found")
     try:
         with open(path, "rb") as handle:

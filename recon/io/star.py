@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,6 +202,13 @@ def _checked_block(path: Path, block: pd.DataFrame, name: str) -> pd.DataFrame:
         if column in _POSITIVE and not bool((values > 0).all()):
             row = int(np.nonzero((values <= 0).to_numpy())[0][0])
             raise _fail(path, f"column {column} of {name} must be positive, got {given.iloc[row]} at row {row + 1}")
+        if column == "rlnOpticsGroup":  # merged on: integers on both sides (an int/float merge casts and warns)
+            whole = (values == np.round(values)) & (values >= 1) & (values < 2**31)
+            if not bool(whole.all()):
+                row = int(np.nonzero(~whole.to_numpy())[0][0])
+                raise _fail(path, f"column rlnOpticsGroup of {name} must hold optics group numbers 1, 2, ..., got "
+                            f"{given.iloc[row]} at row {row + 1}")
+            values = values.astype(np.int64)
         block[column] = values
     return block
 
@@ -286,9 +294,18 @@ def _resolve_stack(star_path: Path, name: str, root: Path | None = None) -> Path
             if place.is_absolute() and candidate.is_absolute() or os.path.lexists(place):
                 raise _fail(star_path, f"names stack {_shown(place)} outside the watched directory {root}")
             continue  # nothing there: look further, never open it
-        if place.is_file():
+        if _is_file(place):
             return place.resolve()
     return None
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (symlinks followed); ``False`` for a name the OS refuses (too long,
+    a NUL byte: ``Path.is_file`` raises for ENAMETOOLONG)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def read_particles(path: str | os.PathLike[str], apix: float | None = None,
