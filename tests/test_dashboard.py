@@ -193,12 +193,13 @@ def test_dashboard_command_refuses_bad_input_with_one_clear_line():
 def test_watch_with_a_dashboard_port_in_use_fails_cleanly(tmp_path):
     (tmp_path / "session").mkdir()
     with bind_socket("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
         result = subprocess.run([str(SCRIPT), "--watch", str(tmp_path / "session"), "--out", str(tmp_path / "out"),
                                  "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "-1", "--dashboard-port",
-                                 str(taken.getsockname()[1])], capture_output=True, text=True, timeout=300,
-                                check=False)
+                                 str(port)], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "the dashboard did not start: cannot serve the dashboard on 127.0.0.1" in result.stderr
+    # refused before anything loads (daemon/preflight.py), naming the option and the port
+    assert f"--dashboard-port {port}: port {port} on 127.0.0.1 is already in use" in result.stderr
 
 
 # ---------------------------------------------------------------------------- hostile and slow clients (issue 20)
