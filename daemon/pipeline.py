@@ -293,13 +293,15 @@ class Daemon:
             publisher.close()
             raise
         self._broadcast = SessionBroadcast(publisher, s.watch)
+        if self.state.n_particles and self.state.geometry is not None:
+            # a restarted session shows its map at once; before the stages start, so that the accumulator
+            # thread (which may re-pose at once) stays the only writer of the map files
+            self._publish_map()
         for name, target in (("reader", self._reader), ("poser", self._poser), ("accumulator", self._accumulator),
                              ("status", self._status)):
             thread = threading.Thread(target=self._guard(name, target), name=f"cryofastar-{name}", daemon=True)
             self._threads[name] = thread
             thread.start()
-        if self.state.n_particles and self.state.geometry is not None:
-            self._publish_map()  # a restarted session shows its map at once
         self._watcher = StackWatcher(s.watch, self._on_file, poll_seconds=s.poll_seconds,
                                      settle_seconds=s.settle_seconds, ignore=[s.out])
         self._watcher.start()

@@ -215,7 +215,7 @@ class StatusBoard:
         self._counts: collections.Counter = collections.Counter()
         self._fixed = {"watch": str(watch), "device": device, "poses_from": poses_from, "model": model,
                        "model_box": model_box}
-        self._started_at = time.time()
+        self._started_at = time.monotonic()  # uptime must not jump with the wall clock
 
     def count(self, name: str, n: int) -> None:
         """Add ``n`` to this run's ``name`` total and to its ``cryofastar_<name>_total`` counter."""
@@ -275,5 +275,5 @@ class StatusBoard:
             "device": f["device"],
             "rejected_recent": self.rejections.recent(),
             "views": self.views.histogram,
-            "uptime_seconds": time.time() - self._started_at,
+            "uptime_seconds": time.monotonic() - self._started_at,
         }

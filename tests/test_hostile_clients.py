@@ -33,7 +33,8 @@ def _failed(report) -> list[str]:  # noqa: ANN001
 def target(tmp_path_factory):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4096)), hard))
-    instance = hostile.Target(tmp_path_factory.mktemp("hostile"), nofile=1024)
+    instance = hostile.Target(tmp_path_factory.mktemp("hostile"), nofile=1024,
+                              extra=("--dashboard-allow-host", "scope-pc.example"))
     yield instance
     assert instance.stop() == 0
 
@@ -45,6 +46,7 @@ def test_every_socket_binds_loopback_and_only_the_dashboards_own_names_and_origi
     assert not _failed(report)
     answer = hostile.get(target.host, target.dashboard_port, "/", "evil.example:80")
     assert answer.status == 421 and b"--allow-host evil.example" in answer.body  # says what to do
+    assert hostile.get(target.host, target.dashboard_port, "/", "scope-pc.example:8080").status == 200  # watch's
 
 
 def test_no_url_reads_anything_but_the_dashboards_assets(target, tmp_path):

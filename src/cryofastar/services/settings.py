@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryofastar.daemon.publisher import DEFAULT_ADDRESS
+from cryofastar.monitoring.request_guard import RequestGuard
 from cryofastar.options import negative_is_none, option
 
 __all__ = ["DemoSettings", "ServiceSettings"]
@@ -24,11 +25,15 @@ class ServiceSettings:
         Also serve the live web dashboard on this port (0: any free port); ``None``: none.
     dashboard_host: str
         Address the dashboard is served on.
+    dashboard_allow_hosts, dashboard_allow_origins: tuple[str, ...]
+        Host names the dashboard also answers to, and origins whose WebSockets it also
+        accepts (``dashboard --allow-host`` / ``--allow-origin``; docs/monitoring.md).
 
     Raises
     ------
     ValueError
-        ``idle_exit`` not positive or ``dashboard_port`` out of range.
+        ``idle_exit`` not positive, ``dashboard_port`` out of range, or an allowed host or
+        origin malformed.
     """
 
     idle_exit: float | None = option(None, help="Exit (cleanly) after this many seconds without new particles; "
@@ -36,12 +41,25 @@ class ServiceSettings:
     dashboard_port: int | None = option(None, help="Also serve the live web dashboard on this port (0: any free "
                                         "port); default: none.")
     dashboard_host: str = option("127.0.0.1", help="Address the dashboard is served on.")
+    dashboard_allow_hosts: tuple[str, ...] = option((), flags=("--dashboard-allow-host",), cli_type=list[str],
+                                                    parse=tuple, metavar="NAME",
+                                                    help="The dashboard also answers to this host name (repeat "
+                                                    "for more; * for any); others get 421 (DNS rebinding).")
+    dashboard_allow_origins: tuple[str, ...] = option((), flags=("--dashboard-allow-origin",), cli_type=list[str],
+                                                      parse=tuple, metavar="ORIGIN",
+                                                      help="The dashboard also accepts WebSockets of pages from "
+                                                      "this origin, e.g. https://proxy.example (repeat; * for any).")
 
     def __post_init__(self) -> None:
         if self.idle_exit is not None and not self.idle_exit > 0:
             raise ValueError(f"--idle-exit must be positive, got {self.idle_exit}")
         if self.dashboard_port is not None and not 0 <= self.dashboard_port <= 65535:
             raise ValueError(f"--dashboard-port must be 0..65535, got {self.dashboard_port}")
+        # malformed names fail here, in the command's own words, not later in the dashboard's child process
+        try:
+            RequestGuard(self.dashboard_host, self.dashboard_allow_hosts, self.dashboard_allow_origins)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("--allow-", "--dashboard-allow-", 1)) from None
 
 
 @dataclass

@@ -97,7 +97,8 @@ def run_service(settings: DaemonSettings, service: ServiceSettings | None = None
                  + (f"; metrics {daemon.metrics_url}" if daemon.metrics_url else ""))
             if service.dashboard_port is not None:
                 dashboard = DashboardProcess(connectable(daemon.address), service.dashboard_port,
-                                             service.dashboard_host)
+                                             service.dashboard_host, allow_hosts=service.dashboard_allow_hosts,
+                                             allow_origins=service.dashboard_allow_origins)
                 echo(f"dashboard {dashboard.url}")
             _wait(daemon, stop, service.idle_exit)
     finally:
