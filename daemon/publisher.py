@@ -100,6 +100,13 @@ def _start_zero_copy_collector() -> None:
     zmq.Frame(bytes(zmq.COPY_THRESHOLD), copy=False)  # freed at once: the collector is up, the frame gone
 
 
+HANDSHAKE_MS = 5_000
+"""A connection to the PUB socket must finish ZeroMQ's handshake within this (ms) or is dropped."""
+
+MAX_INBOUND_BYTES = 4_096
+"""Largest frame a subscriber may send (its subscriptions); a larger one disconnects it."""
+
+
 @dataclasses.dataclass
 class _Pending:
     kind: str
@@ -305,6 +312,12 @@ class Publisher:
         try:
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.SNDHWM, self._sndhwm)
+            # hostile or broken peers: a connection that has not finished ZeroMQ's handshake within
+            # HANDSHAKE_MS is dropped (libzmq's default waits 30 s, holding a descriptor each), and a
+            # peer sending a frame over MAX_INBOUND_BYTES (a subscriber only ever sends short
+            # subscription frames) is disconnected instead of being buffered
+            socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+            socket.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)
             self._address = bind(socket, self._requested)
             _start_zero_copy_collector()
         except BaseException as exc:

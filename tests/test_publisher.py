@@ -334,3 +334,43 @@ def test_the_example_subscriber_in_docs_protocol_md_runs_against_a_publisher(tmp
     assert len(lines) == 3 and all(line.split()[0] in ("volume", "status") for line in lines)
     # volume and status alternate, so 3 consecutive messages hold a volume
     assert any(line.startswith("volume") and line.endswith("(8, 8, 8)") for line in lines), lines
+
+
+def _closed_within(sock, seconds: float) -> float | None:  # noqa: ANN001 - a raw socket
+    """Seconds until the peer closed ``sock`` (reading and discarding), or None if it stayed open."""
+    t0 = time.monotonic()
+    sock.settimeout(0.5)
+    while time.monotonic() - t0 < seconds:
+        try:
+            if sock.recv(65536) == b"":
+                return time.monotonic() - t0
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return time.monotonic() - t0
+    return None
+
+
+def test_a_connection_that_never_finishes_the_handshake_is_dropped_and_an_oversized_frame_disconnects():
+    import socket as sockets
+
+    from cryofastar.daemon.publisher import HANDSHAKE_MS
+
+    with Publisher(ANY_PORT, republish_seconds=None) as publisher:
+        host, port = publisher.address.removeprefix("tcp://").rsplit(":", 1)
+        silent = sockets.create_connection((host, int(port)))  # a raw TCP peer that never speaks ZMTP
+        closed = _closed_within(silent, HANDSHAKE_MS / 1000 + 5)
+        silent.close()
+        assert closed is not None and closed < HANDSHAKE_MS / 1000 + 3, closed
+        context = zmq.Context.instance()
+        greedy = context.socket(zmq.XSUB)  # a subscriber sending a 1 MiB "subscription"
+        greedy.connect(publisher.address)
+        greedy.send(b"\x01" + bytes(1 << 20))
+        ok = context.socket(zmq.SUB)
+        ok.setsockopt(zmq.SUBSCRIBE, b"")
+        ok.connect(publisher.address)
+        time.sleep(0.5)
+        publisher.publish(StatusMessage(status={"n": 1}))
+        assert ok.poll(5000), "a well-behaved subscriber still receives"
+        greedy.close(linger=0)
+        ok.close(linger=0)
