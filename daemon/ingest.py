@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 from cryofastar.recon.io import NotAParticleStack, ParticleFileError, ParticleSource, path_inside
+from cryofastar.recon.io.mrc import MAX_VOLUME_SIDE
 from cryofastar.recon.io.names import image_name_problem, printable
 
 from .journal import IngestJournal
@@ -163,6 +164,9 @@ def plan_particle_file(path: Path, root: Path, geometry: SessionGeometry | None,
     else:
         raise Rejected(f"{path}: not a particle file (.mrcs, .mrc or .star)")
     if geometry is None:
+        if source.box > MAX_VOLUME_SIDE:  # the first file fixes the box: the map would be box³ voxels per grid
+            raise Rejected(f"{path}: box {source.box} px is larger than a session map may be ({MAX_VOLUME_SIDE} px "
+                           f"a side); it does not fix the session's box")
         geometry = SessionGeometry(source.box, source.apix)
     else:
         geometry.check(path, source.box, source.apix)

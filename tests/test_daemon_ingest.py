@@ -209,6 +209,16 @@ def test_a_stack_whose_header_lies_is_rejected_and_fixes_no_geometry(tmp_path, f
     assert geometry == SessionGeometry(16, 2.0)
 
 
+def test_a_first_stack_of_a_box_no_session_map_may_have_is_rejected_and_fixes_no_geometry(tmp_path):
+    """A valid 1,040-px stack as the session's first file would make the map 1040³ voxels per grid."""
+    _stack(tmp_path / "big.mrcs", n=1, box=1040)
+    with pytest.raises(Rejected, match=r"big\.mrcs: box 1040 px is larger than a session map may be \(1024 px"):
+        plan_particle_file(tmp_path / "big.mrcs", tmp_path, None, IngestJournal())
+    _stack(tmp_path / "good.mrcs")
+    _, geometry = plan_particle_file(tmp_path / "good.mrcs", tmp_path, None, IngestJournal())
+    assert geometry == SessionGeometry(16, 2.0)
+
+
 # ------------------------------------------------------------- issue 20: exactly once, and nothing outside
 
 
