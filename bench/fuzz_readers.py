@@ -725,8 +725,10 @@ def largest_stack_stays_under_the_cap(base: Path) -> dict[str, object]:
     return {"side_px": side, "images": n, "taken": taken, "peak_bytes": peak}
 
 
-def campaign(n: int, seed: int, offline: bool = True, progress: bool = True) -> tuple[Tally, dict[str, object]]:
-    """Generate ``n`` fuzzed files (hypothesis, seeded) and feed each to the readers."""
+def campaign(n: int, seed: int, offline: bool = True, progress: bool = True, keep: Path | None = None,
+             ) -> tuple[Tally, dict[str, object]]:
+    """Generate ``n`` fuzzed files (hypothesis, seeded) and feed each to the readers; the inputs that raise an
+    uncaught exception are copied to ``keep`` (their placement in the tree is not kept)."""
     tally = Tally()
     with tempfile.TemporaryDirectory(prefix="fuzz_readers_") as tmp:
         root, outside = make_tree(Path(tmp))
@@ -744,7 +746,11 @@ def campaign(n: int, seed: int, offline: bool = True, progress: bool = True) -> 
             path = materialise(root, outside, k, suffix, data, placement)
             try:
                 generator = "star" if suffix == ".star" else "mrc"
-                tally.add(feed(path, root, geometry, offline), generator)
+                outcome = feed(path, root, geometry, offline)
+                tally.add(outcome, generator)
+                if outcome.status == "uncaught" and keep is not None:  # the input, to replay and keep as a test
+                    keep.mkdir(parents=True, exist_ok=True)
+                    (keep / f"{k:06d}{suffix}").write_bytes(data)
             finally:
                 remove(path)
             if progress and tally.tried % 500 == 0:
@@ -762,10 +768,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed (the run is reproducible)")
     parser.add_argument("--no-offline", action="store_true", help="only the daemon's readers")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fuzz_readers.json")
+    parser.add_argument("--keep-failures", type=Path, default=Path(__file__).parent / "results" / "fuzz_failures",
+                        help="where inputs that raised an uncaught exception are copied")
     args = parser.parse_args()
     tracemalloc.start()
     t0 = time.perf_counter()
-    tally, claims = campaign(args.n, args.seed, offline=not args.no_offline)
+    tally, claims = campaign(args.n, args.seed, offline=not args.no_offline, keep=args.keep_failures)
     wall = time.perf_counter() - t0
     unclear = sum(v for k, v in tally.reasons.items() if k.startswith("unclear") or k.endswith("unclassified"))
     print(f"files tried: {tally.tried} (MRC {tally.by_generator['mrc']}, STAR {tally.by_generator['star']})")
