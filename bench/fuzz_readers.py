@@ -507,7 +507,7 @@ _REASONS = [  # (class, pattern of the message after the file's path); the first
     ("STAR: columns", r"missing required column|appears twice|column .* must"),
     ("no pixel size", r"no pixel size|pixel size .*(must|differs|positive)|rlnImagePixelSize|rlnPixelSize|"
                       r"rlnMagnification|rlnDetectorPixelSize"),
-    ("session geometry", r"differs from the session"),
+    ("session geometry", r"differs from the session|larger than a session map may be"),
     ("STAR: unreadable", r"not a readable STAR file|not a STAR file|not UTF-8|cannot be decoded"),
     ("STAR: no particle block", r"no data_particles block|particle block is empty"),
     ("STAR: columns", r"missing required column|duplicate column|column"),
@@ -707,9 +707,10 @@ def huge_claim_is_refused(base: Path) -> dict[str, object]:
 
 
 def largest_stack_stays_under_the_cap(base: Path) -> dict[str, object]:
-    """A valid stack at the largest side the readers take (MAX_IMAGE_SIDE px, 6 images, a sparse file: 384 MiB of
-    zeros), read as the daemon reads it: the peak allocation (tracemalloc) must stay within ALLOCATION_CAP."""
-    side, n = MAX_IMAGE_SIDE, 6
+    """A valid stack of the largest box a session takes (MAX_VOLUME_SIDE px: its first file fixes the map's side),
+    100 images in a sparse file (400 MiB of zeros, more than one CHUNK_BYTES), read as the daemon reads it: the peak
+    allocation (tracemalloc) must stay within ALLOCATION_CAP."""
+    side, n = MAX_VOLUME_SIDE, 100
     root = base / "largest"
     root.mkdir()
     path = root / "largest.mrcs"
