@@ -207,3 +207,24 @@ def test_complex_modes_are_refused_with_a_reason(tmp_path: Path, mode: int) -> N
         with pytest.raises(ParticleFileError, match=rf"complex\.mrcs: not a readable MRC file \(mode {mode} \(complex "
                                                     r"(int16|float32)\) holds Fourier-space data"):
             read(path)
+
+
+def test_a_float16_stack_with_a_signalling_nan_is_read_without_a_warning(tmp_path):
+    """Fuzzing (issue 20): the cast of a float16 signalling NaN raised numpy's 'invalid value encountered in cast'."""
+    import warnings
+
+    import mrcfile
+    from cryofastar.recon.io.mrc import read_images, typical_image_rms
+
+    data = np.random.default_rng(0).standard_normal((3, 8, 8)).astype(np.float16)
+    data.view(np.uint16)[1, 2, 3] = 0x7D00  # exponent all ones, quiet bit clear: a signalling NaN
+    path = tmp_path / "half.mrcs"
+    with warnings.catch_warnings(), mrcfile.new(path) as mrc:
+        warnings.simplefilter("ignore")  # mrcfile's own note that the data holds NaN
+        mrc.set_data(data)
+        mrc.header.ispg = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(typical_image_rms(path, 3))
+        images = read_images(path)
+    assert images.dtype == torch.float32 and bool(images[1].isnan().any()) and not bool(images[0].isnan().any())

@@ -50,6 +50,13 @@ MAX_STACK_IMAGES = 1_000_000
 image's stack path and name are listed, ~8 bytes per character of the path), and a sparse file can have the
 size any claim needs; particle stacks hold hundreds to a few 10^5 images."""
 _HEADER_BYTES = 1024
+def _quiet_nan_cast() -> np.errstate:
+    """Converting a signalling NaN (e.g. in a float16 stack) to float32 raises the FPU's 'invalid' flag, which
+    numpy reports as a RuntimeWarning; the NaN itself is what the pixel policy (recon/io/source.py) reports, so
+    the cast is quiet."""
+    return np.errstate(invalid="ignore")
+
+
 READ_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
 """MRC modes the readers take (converted to float32; module docstring)."""
 _REFUSED_MODES = {3: "complex int16", 4: "complex float32"}
@@ -173,7 +180,7 @@ def read_images(path: str | os.PathLike[str], indices: np.ndarray | None = None)
         `(n, B, B)` float32 [n, y, x].
     """
     path = Path(path)
-    with open_mrc(path) as mrc:
+    with open_mrc(path) as mrc, _quiet_nan_cast():
         data = _stack_data(mrc, path)
         if indices is None:
             out = np.array(data, dtype=np.float32)
@@ -197,7 +204,7 @@ def typical_image_rms(path: str | os.PathLike[str], sample: int = 15) -> float:
     non-finite pixel are not counted (0.0 if none is left). One image in memory at a time.
     """
     path = Path(path)
-    with open_mrc(path) as mrc:
+    with open_mrc(path) as mrc, _quiet_nan_cast():
         data = _stack_data(mrc, path)
         picks = np.unique(np.linspace(0, data.shape[0] - 1, min(sample, data.shape[0])).round().astype(np.int64))
         rms = []
