@@ -7,6 +7,8 @@ deadline, never a fixed sleep.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -336,6 +338,16 @@ def test_the_example_subscriber_in_docs_protocol_md_runs_against_a_publisher(tmp
     assert any(line.startswith("volume") and line.endswith("(8, 8, 8)") for line in lines), lines
 
 
+_GREEDY_SUBSCRIBER = """
+import sys, time, zmq
+context = zmq.Context()
+greedy = context.socket(zmq.XSUB)
+greedy.connect(sys.argv[1])
+greedy.send(b"\\x01" + bytes(1 << 20))
+time.sleep(1)
+"""
+
+
 def _closed_within(sock, seconds: float) -> float | None:  # noqa: ANN001 - a raw socket
     """Seconds until the peer closed ``sock`` (reading and discarding), or None if it stayed open."""
     t0 = time.monotonic()
@@ -351,7 +363,7 @@ def _closed_within(sock, seconds: float) -> float | None:  # noqa: ANN001 - a ra
     return None
 
 
-def test_a_connection_that_never_finishes_the_handshake_is_dropped_and_an_oversized_frame_disconnects():
+def test_a_connection_that_never_finishes_the_handshake_is_dropped_and_a_huge_subscriber_frame_harms_nothing():
     import socket as sockets
 
     from cryofastar.daemon.publisher import HANDSHAKE_MS
@@ -362,15 +374,14 @@ def test_a_connection_that_never_finishes_the_handshake_is_dropped_and_an_oversi
         closed = _closed_within(silent, HANDSHAKE_MS / 1000 + 5)
         silent.close()
         assert closed is not None and closed < HANDSHAKE_MS / 1000 + 3, closed
-        context = zmq.Context.instance()
-        greedy = context.socket(zmq.XSUB)  # a subscriber sending a 1 MiB "subscription"
-        greedy.connect(publisher.address)
-        greedy.send(b"\x01" + bytes(1 << 20))
-        ok = context.socket(zmq.SUB)
+        # a subscriber sending a 1 MiB "subscription", from another process: libzmq's XSUB side itself may
+        # crash on it (it does, with pyzmq 27), which must not touch the publisher
+        greedy = subprocess.run([sys.executable, "-c", _GREEDY_SUBSCRIBER, publisher.address], timeout=60,
+                                capture_output=True)
+        ok = zmq.Context.instance().socket(zmq.SUB)
         ok.setsockopt(zmq.SUBSCRIBE, b"")
         ok.connect(publisher.address)
         time.sleep(0.5)
         publisher.publish(StatusMessage(status={"n": 1}))
-        assert ok.poll(5000), "a well-behaved subscriber still receives"
-        greedy.close(linger=0)
+        assert ok.poll(5000), f"a well-behaved subscriber still receives (the greedy one exited {greedy.returncode})"
         ok.close(linger=0)
