@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from cryofastar.recon.io import ParticleFileError
 
-from .journal import _groups  # one grouping of (stack, index) arrays for both per-stack tables
+from .journal import get_per_stack, set_per_stack  # one per-stack table for both
 
 __all__ = ["ChangedImages", "ImageFingerprints", "image_fingerprints"]
 
@@ -81,36 +81,14 @@ class ImageFingerprints:
     def add(self, stacks: str | np.ndarray, indices: np.ndarray, fingerprints: np.ndarray) -> None:
         """Record `(n,)` ``fingerprints`` of particles ``indices`` (1-based) of ``stacks`` (one or `(n,)`)."""
         indices = np.asarray(indices, dtype=np.int64)
-        fingerprints = np.asarray(fingerprints, dtype=np.int64)
-        if indices.size == 0:
-            return
-        if int(indices.min()) < 1:
-            raise ValueError("particle indices are 1-based")
         with self._lock:
-            for stack, rows in _groups(stacks, indices):
-                wanted = indices[rows]
-                values = self._values.get(stack, np.zeros(0, dtype=np.int64))
-                top = int(wanted.max())
-                if top > values.size:
-                    values = np.concatenate([values, np.zeros(top - values.size, dtype=np.int64)])
-                values[wanted - 1] = fingerprints[rows]
-                self._values[stack] = values
+            set_per_stack(self._values, stacks, indices, np.asarray(fingerprints, dtype=np.int64), np.int64)
 
     def lookup(self, stacks: str | np.ndarray, indices: np.ndarray) -> np.ndarray:
         """`(n,)` int64 recorded fingerprints (0 where none was recorded)."""
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.zeros(indices.shape, dtype=np.int64)
         with self._lock:
-            for stack, rows in _groups(stacks, indices):
-                values = self._values.get(stack)
-                if values is None:
-                    continue
-                wanted = indices[rows]
-                inside = (wanted >= 1) & (wanted <= values.size)
-                found = np.zeros(wanted.shape, dtype=np.int64)
-                found[inside] = values[wanted[inside] - 1]
-                out[rows] = found
-        return out
+            return get_per_stack(self._values, stacks, indices, np.int64)
 
     def verify(self, stacks: str | np.ndarray, indices: np.ndarray, images: torch.Tensor) -> None:
         """Check `(n, B, B)` images read again against what was recorded for them.

@@ -57,35 +57,14 @@ class IngestJournal:
         (grouped per stack, vectorised within).
         """
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.zeros(indices.shape, dtype=bool)
         with self._lock:
-            for stack, rows in _groups(stacks, indices):
-                mask = self._masks.get(stack)
-                if mask is None:
-                    continue
-                wanted = indices[rows]
-                inside = wanted <= mask.size
-                found = np.zeros(wanted.shape, dtype=bool)
-                found[inside] = mask[wanted[inside] - 1]
-                out[rows] = found
-        return out
+            return get_per_stack(self._masks, stacks, indices, bool)
 
     def add(self, stacks: str | np.ndarray, indices: np.ndarray) -> None:
         """Record particles (recording twice is harmless); ``stacks`` as in :meth:`contains`."""
         indices = np.asarray(indices, dtype=np.int64)
-        if indices.size == 0:
-            return
-        if int(indices.min()) < 1:
-            raise ValueError("particle indices are 1-based")
         with self._lock:
-            for stack, rows in _groups(stacks, indices):
-                wanted = indices[rows]
-                mask = self._masks.get(stack, np.zeros(0, dtype=bool))
-                top = int(wanted.max())
-                if top > mask.size:
-                    mask = np.concatenate([mask, np.zeros(top - mask.size, dtype=bool)])
-                mask[wanted - 1] = True
-                self._masks[stack] = mask
+            set_per_stack(self._masks, stacks, indices, True, bool)
 
     def remove(self, stacks: str | np.ndarray, indices: np.ndarray) -> None:
         """Forget particles (e.g. ones that failed downstream); ``stacks`` as in :meth:`contains`."""
@@ -130,3 +109,41 @@ def _groups(stacks: str | np.ndarray, indices: np.ndarray):  # noqa: ANN202 - a 
         raise ValueError(f"{stacks.shape[0]} stacks for {indices.shape[0]} indices")
     for stack in np.unique(stacks):  # one group per stack, not per particle
         yield str(stack), stacks == stack
+
+
+def set_per_stack(store: dict[str, np.ndarray], stacks: str | np.ndarray, indices: np.ndarray, values: object,
+                  dtype: type) -> None:
+    """``store[stack][index - 1] = value`` for each particle, growing each stack's array as needed.
+
+    ``indices`` `(n,)` int64, 1-based; ``stacks`` one name or `(n,)`; ``values`` one value or `(n,)`. The
+    caller holds its lock. Raises ValueError for an index below 1.
+    """
+    if indices.size == 0:
+        return
+    if int(indices.min()) < 1:
+        raise ValueError("particle indices are 1-based")
+    for stack, rows in _groups(stacks, indices):
+        wanted = indices[rows]
+        array = store.get(stack, np.zeros(0, dtype=dtype))
+        top = int(wanted.max())
+        if top > array.size:
+            array = np.concatenate([array, np.zeros(top - array.size, dtype=dtype)])
+        array[wanted - 1] = values if np.ndim(values) == 0 else np.asarray(values)[rows]
+        store[stack] = array
+
+
+def get_per_stack(store: dict[str, np.ndarray], stacks: str | np.ndarray, indices: np.ndarray,
+                  dtype: type) -> np.ndarray:
+    """`(n,)` ``store[stack][index - 1]`` for each particle; zero (False) where nothing was set. The caller holds
+    its lock."""
+    out = np.zeros(indices.shape, dtype=dtype)
+    for stack, rows in _groups(stacks, indices):
+        array = store.get(stack)
+        if array is None:
+            continue
+        wanted = indices[rows]
+        inside = (wanted >= 1) & (wanted <= array.size)
+        found = np.zeros(wanted.shape, dtype=dtype)
+        found[inside] = array[wanted[inside] - 1]
+        out[rows] = found
+    return out
