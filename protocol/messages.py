@@ -2,13 +2,18 @@
 
 Every message is ``[topic, header, payload]``:
 
-1. topic: ASCII bytes, one of :data:`TOPICS` (``volume``, ``poses``, ``status``);
-   subscribers filter on it.
-2. header: a UTF-8 JSON object with at least ``protocol`` (int, :data:`PROTOCOL_VERSION`),
-   ``kind`` (the topic), ``seq`` (int, increasing per publisher), ``time`` (unix seconds)
-   and ``session`` (the daemon session's id); payload-carrying kinds add ``dtype``
-   (``"<f4"``) and ``shape`` (list of ints).
+1. topic: ASCII bytes, one of :data:`TOPICS` (``volume``, ``poses``, ``status``,
+   ``classes``); subscribers filter on it.
+2. header: a UTF-8 JSON object with at least ``protocol`` (int: the lowest protocol
+   version that can read this kind, :data:`KIND_VERSIONS`), ``kind`` (the topic), ``seq``
+   (int, increasing per publisher), ``time`` (unix seconds) and ``session`` (the daemon
+   session's id); payload-carrying kinds add ``dtype`` (``"<f4"``) and ``shape`` (list of ints).
 3. payload: raw little-endian float32 in C order (``b""`` for ``status``).
+
+Versions: this module speaks :data:`PROTOCOL_VERSION` (2). Each message's header says the
+lowest version that can read it, so ``volume``, ``poses`` and ``status`` (unchanged since
+version 1) still say 1 and a version-1 subscriber that filters its topics keeps working;
+``classes`` (new in version 2) says 2. :func:`decode` refuses a header newer than it speaks.
 
 This package is the contract between the daemon's publisher and every subscriber in
 :mod:`cryofastar.monitoring`: both import it, it imports neither (nor anything of the
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import time as _time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,9 +35,12 @@ import numpy as np
 __all__ = [
     "DTYPE",
     "FSC_THRESHOLD",
+    "KIND_VERSIONS",
     "POSE_COLUMNS",
     "PROTOCOL_VERSION",
     "TOPICS",
+    "ClassSummary",
+    "ClassesMessage",
     "Message",
     "PosesMessage",
     "ProtocolError",
@@ -41,11 +50,16 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION = 1
-"""Version written in every header; a subscriber refuses messages with a higher one."""
+PROTOCOL_VERSION = 2
+"""The protocol version this module speaks: it decodes every header whose ``protocol`` is at most this."""
 
-TOPICS: tuple[str, ...] = ("volume", "poses", "status")
+TOPICS: tuple[str, ...] = ("volume", "poses", "status", "classes")
 """Every topic (= header ``kind``)."""
+
+KIND_VERSIONS: dict[str, int] = {"volume": 1, "poses": 1, "status": 1, "classes": 2}
+"""Topic -> the ``protocol`` its header carries: the lowest version that can read that kind
+(the version that introduced it, or last changed its form). A subscriber refuses messages
+with a higher one, so an older subscriber is refused only the kinds it cannot read."""
 
 DTYPE = "<f4"
 """Payload element type: little-endian float32 (numpy's dtype string)."""
@@ -241,7 +255,218 @@ class StatusMessage:
             raise ValueError(f"status must be a dict, got {type(self.status).__name__}")
 
 
-Message = VolumeMessage | PosesMessage | StatusMessage
+def _count(value: Any, name: str) -> int:
+    """``value`` as an int (numpy ints too; floats, strings and bools refused)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _optional_positive(value: float | None, name: str, allow_zero: bool) -> float | None:
+    """``None`` for ``None`` / NaN / Inf, else a float that must be > 0 (>= 0 with ``allow_zero``)."""
+    if value is None:
+        return None
+    value = _finite_or_none(value)
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} or null, got {value}")
+    return value
+
+
+@dataclass
+class ClassSummary:
+    """What a ``classes`` message says of one 2D class (one entry of its ``classes`` list).
+
+    Attributes
+    ----------
+    number: int
+        RELION's ``rlnClassNumber``, 1-based.
+    count: float
+        Particles in the class: the sum of the particles' membership weights (soft
+        assignment, so not necessarily whole), >= 0.
+    fraction: float
+        ``count`` / the sum of every class's count, in [0, 1] (``rlnClassDistribution``).
+    resolution_angstrom: float | None
+        Estimated resolution of the class average in Å (``rlnEstimatedResolution``);
+        ``None`` when undefined (NaN / Inf are taken as ``None``).
+    accuracy_degrees: float | None
+        Estimated accuracy of the in-plane rotations of its particles, degrees
+        (``rlnAccuracyRotations``); ``None`` when undefined.
+    junk: bool
+        Whether class selection flags the class as junk (noise, ice, edges, aggregates).
+    junk_score: float
+        In [0, 1], higher = more likely junk (``junk`` is this score past the selector's threshold).
+
+    Raises
+    ------
+    ValueError
+        A value out of its range (the text names the class and the field).
+    """
+
+    number: int
+    count: float
+    fraction: float
+    resolution_angstrom: float | None = None
+    accuracy_degrees: float | None = None
+    junk: bool = False
+    junk_score: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.number = _count(self.number, "class number")
+        if self.number < 1:
+            raise ValueError(f"class number must be >= 1 (RELION's rlnClassNumber), got {self.number}")
+        where = f"class {self.number}"
+        self.count = float(self.count)
+        if not (math.isfinite(self.count) and self.count >= 0):
+            raise ValueError(f"{where}: count must be a finite number >= 0, got {self.count}")
+        self.fraction = float(self.fraction)
+        if not 0.0 <= self.fraction <= 1.0:  # NaN fails too
+            raise ValueError(f"{where}: fraction must be in [0, 1], got {self.fraction}")
+        self.resolution_angstrom = _optional_positive(self.resolution_angstrom, f"{where}: resolution_angstrom",
+                                                      allow_zero=False)
+        self.accuracy_degrees = _optional_positive(self.accuracy_degrees, f"{where}: accuracy_degrees",
+                                                   allow_zero=True)
+        if not isinstance(self.junk, (bool, np.bool_)):
+            raise ValueError(f"{where}: junk must be true or false, got {self.junk!r}")
+        self.junk = bool(self.junk)
+        self.junk_score = float(self.junk_score)
+        if not 0.0 <= self.junk_score <= 1.0:
+            raise ValueError(f"{where}: junk_score must be in [0, 1], got {self.junk_score}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as it goes in the header (``None`` for undefined values)."""
+        return {"number": self.number, "count": self.count, "fraction": self.fraction,
+                "resolution_angstrom": self.resolution_angstrom, "accuracy_degrees": self.accuracy_degrees,
+                "junk": self.junk, "junk_score": self.junk_score}
+
+
+@dataclass
+class ClassesMessage:
+    """The current 2D class averages and what is known of each class (topic ``classes``).
+
+    Attributes
+    ----------
+    averages: np.ndarray
+        `(K, B, B)` float32 class averages, [class, y, x], real space, centre at index
+        ``B // 2``; finite values only. Row ``k`` is the average of ``classes[k]``.
+    classes: list[ClassSummary]
+        `K` entries in class order, one per average.
+    apix: float
+        Pixel size of the averages, Å/px.
+    particles: int
+        Particles classified so far.
+    version: int
+        Number of the class set, increasing by one per class set published in a session.
+    seq, time, session:
+        Header fields, as for :class:`VolumeMessage`.
+
+    Raises
+    ------
+    ValueError
+        Averages not `(K, B, B)` with K, B >= 1 or not finite, a class list of another
+        length than K, repeated class numbers, a bad pixel size or count.
+    """
+
+    kind: ClassVar[str] = "classes"
+    averages: np.ndarray
+    classes: list[ClassSummary]
+    apix: float
+    particles: int
+    version: int
+    seq: int = 0
+    time: float = field(default_factory=_time.time)
+    session: str = ""
+
+    def __post_init__(self) -> None:
+        self.averages = _float_array(self.averages, "averages", 3)
+        k, height, width = self.averages.shape
+        if k < 1 or height < 1 or height != width:
+            raise ValueError(f"averages must be (K, B, B) with K, B >= 1, got shape {tuple(self.averages.shape)}")
+        self.classes = [c if isinstance(c, ClassSummary) else ClassSummary(**c) for c in self.classes]
+        if len(self.classes) != k:
+            raise ValueError(f"{len(self.classes)} class entries for {k} averages")
+        numbers = [c.number for c in self.classes]
+        if len(set(numbers)) != k:
+            raise ValueError(f"class numbers must be distinct, got {numbers}")
+        finite = np.isfinite(self.averages).all(axis=(1, 2))
+        if not finite.all():
+            bad = ", ".join(str(numbers[i]) for i in np.flatnonzero(~finite))
+            raise ValueError(f"the averages of class(es) {bad} contain NaN or Inf")
+        self.apix = float(self.apix)
+        if not (math.isfinite(self.apix) and self.apix > 0):
+            raise ValueError(f"apix must be a positive number of Å, got {self.apix}")
+        self.particles = _count(self.particles, "particles")
+        if self.particles < 0:
+            raise ValueError(f"particles must be >= 0, got {self.particles}")
+        self.version = _count(self.version, "version")
+        if self.version < 0:
+            raise ValueError(f"version must be >= 0, got {self.version}")
+
+    @property
+    def box(self) -> int:
+        """Side B of each average, pixels."""
+        return int(self.averages.shape[1])
+
+    @classmethod
+    def from_arrays(cls, averages: np.ndarray, counts: np.ndarray, apix: float, particles: int, version: int, *,
+                    resolution_angstrom: np.ndarray | None = None, accuracy_degrees: np.ndarray | None = None,
+                    junk: np.ndarray | None = None, junk_score: np.ndarray | None = None,
+                    numbers: np.ndarray | None = None, **header: Any) -> ClassesMessage:
+        """A message from per-class arrays (the classifier's form); ``fraction`` is computed.
+
+        Parameters
+        ----------
+        averages: np.ndarray
+            `(K, B, B)` class averages [class, y, x].
+        counts: np.ndarray
+            `(K,)` summed membership weights per class.
+        apix, particles, version:
+            As the attributes.
+        resolution_angstrom, accuracy_degrees: np.ndarray | None
+            `(K,)` each, NaN where undefined; ``None``: undefined for every class.
+        junk: np.ndarray | None
+            `(K,)` bool; ``None``: no class flagged.
+        junk_score: np.ndarray | None
+            `(K,)` in [0, 1]; ``None``: 0 for every class.
+        numbers: np.ndarray | None
+            `(K,)` class numbers; ``None``: 1 .. K.
+        **header:
+            ``seq``, ``time``, ``session``.
+
+        Returns
+        -------
+        ClassesMessage
+            ``fraction`` = ``counts`` / ``counts.sum()`` (0 for every class while the sum is 0).
+        """
+        counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+        k = counts.size
+        total = float(counts.sum())
+        fraction = counts / total if total > 0 else np.zeros(k)
+        nan = np.full(k, np.nan)
+
+        def column(values: np.ndarray | None, default: np.ndarray, name: str) -> list:
+            values = default if values is None else np.asarray(values).reshape(-1)
+            if values.size != k:
+                raise ValueError(f"{name} has {values.size} values for {k} classes")
+            return values.tolist()
+
+        rows = zip(column(numbers, np.arange(1, k + 1), "numbers"), counts.tolist(), fraction.tolist(),
+                   column(resolution_angstrom, nan, "resolution_angstrom"),
+                   column(accuracy_degrees, nan, "accuracy_degrees"),
+                   column(junk, np.zeros(k, bool), "junk"), column(junk_score, np.zeros(k), "junk_score"),
+                   strict=True)
+        classes = [ClassSummary(*row) for row in rows]
+        return cls(averages=averages, classes=classes, apix=apix, particles=particles, version=version, **header)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """`(K,)` float64 ``count`` of each class, in class order."""
+        return np.array([c.count for c in self.classes], dtype=np.float64)
+
+
+Message = VolumeMessage | PosesMessage | StatusMessage | ClassesMessage
 """Any decoded message."""
 
 
@@ -257,18 +482,19 @@ def encode(message: Message) -> list[bytes]:
     Parameters
     ----------
     message: Message
-        A :class:`VolumeMessage`, :class:`PosesMessage` or :class:`StatusMessage`.
+        A :class:`VolumeMessage`, :class:`PosesMessage`, :class:`StatusMessage` or
+        :class:`ClassesMessage`.
 
     Returns
     -------
     frames: list[bytes]
-        Topic (ASCII), header (UTF-8 JSON), payload (little-endian float32, C order;
-        ``b""`` for status).
+        Topic (ASCII), header (UTF-8 JSON; ``protocol`` is the kind's
+        :data:`KIND_VERSIONS`), payload (little-endian float32, C order; ``b""`` for status).
     """
-    if not isinstance(message, (VolumeMessage, PosesMessage, StatusMessage)):
-        raise TypeError(f"cannot encode {type(message).__name__}; expected a Volume/Poses/StatusMessage")
+    if not isinstance(message, (VolumeMessage, PosesMessage, StatusMessage, ClassesMessage)):
+        raise TypeError(f"cannot encode {type(message).__name__}; expected a Volume/Poses/Status/ClassesMessage")
     header: dict[str, Any] = {
-        "protocol": PROTOCOL_VERSION,
+        "protocol": KIND_VERSIONS[message.kind],
         "kind": message.kind,
         "seq": int(message.seq),
         "time": float(message.time),
@@ -303,6 +529,17 @@ def encode(message: Message) -> list[bytes]:
         )
         if message.half_sets is not None:
             header["half_sets"] = message.half_sets
+    elif isinstance(message, ClassesMessage):
+        payload = _payload(message.averages)
+        header.update(
+            dtype=DTYPE,
+            shape=list(message.averages.shape),
+            version=message.version,
+            particles=message.particles,
+            box=message.box,
+            apix=message.apix,
+            classes=[c.to_json() for c in message.classes],
+        )
     else:
         payload = b""
         header["status"] = message.status
@@ -345,16 +582,17 @@ def decode(frames: Sequence[bytes]) -> Message:
     Returns
     -------
     message: Message
-        A :class:`VolumeMessage`, :class:`PosesMessage` or :class:`StatusMessage`,
-        with freshly allocated native float32 arrays. Header fields this version does
-        not know are ignored.
+        A :class:`VolumeMessage`, :class:`PosesMessage`, :class:`StatusMessage` or
+        :class:`ClassesMessage`, with freshly allocated native float32 arrays. Header
+        fields this version does not know are ignored.
 
     Raises
     ------
     ProtocolError
         Wrong frame count, unknown topic, header not a JSON object, missing or wrong
-        fields, a protocol version newer than :data:`PROTOCOL_VERSION`, or a payload
-        whose size does not match ``shape`` and ``dtype``.
+        fields, a protocol version newer than :data:`PROTOCOL_VERSION` (or older than
+        the kind's :data:`KIND_VERSIONS`), or a payload whose size does not match
+        ``shape`` and ``dtype``.
     """
     topic, header, payload = _header(frames)
     try:
@@ -368,7 +606,7 @@ def decode(frames: Sequence[bytes]) -> Message:
                 raise ProtocolError(f"status payload must be empty, got {len(payload)} bytes")
             return StatusMessage(status=_field(header, "status", topic), **common)
         array = _array(header, payload, topic)
-        return (_volume if topic == "volume" else _poses)(header, array, common)
+        return {"volume": _volume, "poses": _poses, "classes": _classes}[topic](header, array, common)
     except ProtocolError:
         raise
     except (ValueError, TypeError) as exc:
@@ -400,6 +638,10 @@ def _header(frames: Sequence[bytes]) -> tuple[str, dict[str, Any], bytes]:
         raise ProtocolError(
             f"message uses protocol {version}, newer than this subscriber's {PROTOCOL_VERSION}; "
             "upgrade cryofastar-stream"
+        )
+    if version < KIND_VERSIONS[topic]:
+        raise ProtocolError(
+            f"{topic} header says protocol {version}, but {topic} messages exist since protocol {KIND_VERSIONS[topic]}"
         )
     kind = _field(header, "kind", topic)
     if kind != topic:
@@ -454,3 +696,52 @@ def _poses(header: dict[str, Any], array: np.ndarray, common: dict[str, Any]) ->
         half_sets=header.get("half_sets"),
         **common,
     )
+
+
+_CLASS_FIELDS = ("number", "count", "fraction", "resolution_angstrom", "accuracy_degrees", "junk", "junk_score")
+"""The fields of each entry of a classes header's ``classes`` list (all required; ``null`` where undefined)."""
+
+
+def _classes(header: dict[str, Any], array: np.ndarray, common: dict[str, Any]) -> ClassesMessage:
+    """A classes message from its checked header and payload array."""
+    kind = "classes"
+    box = _field(header, "box", kind)
+    if array.ndim != 3 or list(array.shape[1:]) != [box, box]:
+        raise ProtocolError(f"classes shape {list(array.shape)} does not match [K, box, box] with box {box}")
+    entries = _field(header, "classes", kind)
+    if not isinstance(entries, list):
+        raise ProtocolError(f"classes header classes must be a list, got {type(entries).__name__}")
+    if len(entries) != array.shape[0]:
+        raise ProtocolError(f"classes header lists {len(entries)} classes but the payload holds {array.shape[0]} "
+                            "averages")
+    classes = []
+    for index, entry in enumerate(entries):
+        where = f"classes header entry {index + 1} of {len(entries)}"
+        if not isinstance(entry, dict):
+            raise ProtocolError(f"{where} must be an object, got {type(entry).__name__}")
+        missing = [name for name in _CLASS_FIELDS if name not in entry]
+        if missing:
+            raise ProtocolError(f"{where} lacks field(s) {', '.join(map(repr, missing))}")
+        if not isinstance(entry["junk"], bool):
+            raise ProtocolError(f"{where}: junk must be true or false, got {entry['junk']!r}")
+        numbers = {name: entry[name] for name in ("count", "fraction", "junk_score")}
+        for name, value in numbers.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ProtocolError(f"{where}: {name} must be a number, got {value!r}")
+        classes.append(ClassSummary(
+            number=entry["number"], count=entry["count"], fraction=entry["fraction"],
+            resolution_angstrom=_optional_float(entry["resolution_angstrom"]),
+            accuracy_degrees=_optional_float(entry["accuracy_degrees"]), junk=entry["junk"],
+            junk_score=entry["junk_score"]))
+    return ClassesMessage(
+        averages=array,
+        classes=classes,
+        apix=float(_field(header, "apix", kind)),
+        particles=_field(header, "particles", kind),
+        version=_field(header, "version", kind),
+        **common,
+    )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -10,9 +10,12 @@ import pytest
 from cryofastar.protocol import (
     DTYPE,
     FSC_THRESHOLD,
+    KIND_VERSIONS,
     POSE_COLUMNS,
     PROTOCOL_VERSION,
     TOPICS,
+    ClassesMessage,
+    ClassSummary,
     PosesMessage,
     ProtocolError,
     StatusMessage,
@@ -52,13 +55,22 @@ def poses_message(n: int = 5, half_sets: bool = True) -> PosesMessage:
     )
 
 
+def classes_message(k: int = 3, box: int = 6) -> ClassesMessage:
+    averages = np.random.default_rng(2).normal(size=(k, box, box)).astype(np.float32)
+    return ClassesMessage.from_arrays(
+        averages, counts=np.arange(k, 0, -1) * 10.5, apix=2.25, particles=77, version=5,
+        resolution_angstrom=np.r_[12.5, [np.nan] * (k - 1)], accuracy_degrees=np.r_[[4.0] * (k - 1), np.nan],
+        junk=np.arange(k) == 1, junk_score=np.linspace(0.1, 0.9, k), seq=9, time=1700000002.5, session="abc123")
+
+
 def header(frames: list[bytes]) -> dict:
     return json.loads(frames[1])
 
 
 def test_constants():
-    assert PROTOCOL_VERSION == 1
-    assert TOPICS == ("volume", "poses", "status")
+    assert PROTOCOL_VERSION == 2
+    assert TOPICS == ("volume", "poses", "status", "classes")
+    assert KIND_VERSIONS == {"volume": 1, "poses": 1, "status": 1, "classes": 2}  # the lowest version that reads each
     assert DTYPE == "<f4" and FSC_THRESHOLD == 0.143
     assert POSE_COLUMNS == ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
                             "confidence")
@@ -215,7 +227,19 @@ def _with_header(frames: list[bytes], **changes) -> list[bytes]:
     return [frames[0], json.dumps(head).encode(), frames[2]]
 
 
+def _with_class(frames: list[bytes], index: int, **changes) -> list[bytes]:
+    """``frames`` of a classes message with entry ``index`` of its class list changed (``_DELETE``: removed)."""
+    head = header(frames)
+    for key, value in changes.items():
+        if value is _DELETE:
+            del head["classes"][index][key]
+        else:
+            head["classes"][index][key] = value
+    return [frames[0], json.dumps(head).encode(), frames[2]]
+
+
 _DELETE = object()
+_CLASSES = encode(classes_message())
 _VOLUME = encode(volume_message())
 _POSES = encode(poses_message())
 _STATUS = encode(StatusMessage(status={"files_seen": 1}))
@@ -229,7 +253,7 @@ MALFORMED = {
     "bad JSON": ([b"status", b"{not json", b""], "status header is not valid UTF-8 JSON"),
     "bad UTF-8": ([b"status", b"\xff\xfe", b""], "not valid UTF-8 JSON"),
     "header not an object": ([b"status", b"[1, 2]", b""], "must be a JSON object, got list"),
-    "newer protocol": (_with_header(_STATUS, protocol=2), "protocol 2, newer than this subscriber's 1"),
+    "newer protocol": (_with_header(_STATUS, protocol=3), "protocol 3, newer than this subscriber's 2"),
     "protocol not an int": (_with_header(_STATUS, protocol="1"), "protocol must be an int"),
     "no protocol": (_with_header(_STATUS, protocol=_DELETE), "lacks field 'protocol'"),
     "kind differs from topic": (_with_header(_STATUS, kind="poses"), "kind 'poses' does not match topic 'status'"),
@@ -250,6 +274,30 @@ MALFORMED = {
     "poses ids not a list": (_with_header(_POSES, particle_ids="1@a.mrcs"), "particle_ids must be a list"),
     "poses bad half set": (_with_header(_POSES, half_sets=[1, 2, 3, 1, 2]), "1 or 2"),
     "seq not a number": (_with_header(_POSES, seq="x"), "malformed poses message"),
+    "classes payload too short": ([*_CLASSES[:2], _CLASSES[2][:-4]], r"payload is 428 bytes but shape \[3, 6, 6\]"),
+    "classes shape and box disagree": (_with_header(_CLASSES, box=4),
+                                       r"shape \[3, 6, 6\] does not match \[K, box, box\] with box 4"),
+    "classes not square": (_with_header(_CLASSES, shape=[3, 4, 9], box=4), r"does not match \[K, box, box\]"),
+    "fewer entries than averages": (_with_header(_CLASSES, classes=header(_CLASSES)["classes"][:2]),
+                                    "lists 2 classes but the payload holds 3 averages"),
+    "class list not a list": (_with_header(_CLASSES, classes={"number": 1}), "classes must be a list, got dict"),
+    "class entry not an object": (_with_header(_CLASSES, classes=[1, 2, 3]), "entry 1 of 3 must be an object"),
+    "negative count": (_with_class(_CLASSES, 1, count=-1), "class 2: count must be a finite number >= 0, got -1"),
+    "count null": (_with_class(_CLASSES, 0, count=None), "entry 1 of 3: count must be a number, got None"),
+    "entry lacks fields": (_with_class(_CLASSES, 2, junk_score=_DELETE, number=_DELETE),
+                           "entry 3 of 3 lacks field\\(s\\) 'number', 'junk_score'"),
+    "junk not a bool": (_with_class(_CLASSES, 0, junk=1), "junk must be true or false, got 1"),
+    "junk score out of range": (_with_class(_CLASSES, 0, junk_score=1.5), "class 1: junk_score must be in \\[0, 1\\]"),
+    "fraction out of range": (_with_class(_CLASSES, 0, fraction=2), "class 1: fraction must be in \\[0, 1\\]"),
+    "class number 0": (_with_class(_CLASSES, 0, number=0), "class number must be >= 1"),
+    "class number not an int": (_with_class(_CLASSES, 0, number=1.5), "class number must be an integer"),
+    "repeated class numbers": (_with_class(_CLASSES, 1, number=1), "class numbers must be distinct"),
+    "negative resolution": (_with_class(_CLASSES, 0, resolution_angstrom=-3), "resolution_angstrom must be > 0"),
+    "classes without version": (_with_header(_CLASSES, version=_DELETE), "classes header lacks field 'version'"),
+    "classes without apix": (_with_header(_CLASSES, apix=0), "apix must be a positive number"),
+    "classes said to be protocol 1": (_with_header(_CLASSES, protocol=1), "classes messages exist since protocol 2"),
+    "NaN in an average": ([*_CLASSES[:2], np.r_[np.zeros(36), [np.nan] + [0] * 35, np.zeros(36)]
+                          .astype("<f4").tobytes()], r"averages of class\(es\) 2 contain NaN or Inf"),
 }
 
 
@@ -259,3 +307,94 @@ def test_malformed_messages_raise_protocol_error_with_one_line(name):
     with pytest.raises(ProtocolError, match=pattern) as info:
         decode(frames)
     assert "\n" not in str(info.value)
+
+
+def test_classes_round_trip_and_wire_layout():
+    message = classes_message()
+    frames = encode(message)
+    head = header(frames)
+    assert frames[0] == b"classes" and head["protocol"] == 2 and head["kind"] == "classes"
+    assert head["dtype"] == "<f4" and head["shape"] == [3, 6, 6] and head["box"] == 6 and head["apix"] == 2.25
+    assert head["version"] == 5 and head["particles"] == 77
+    assert head["classes"][0] == {"number": 1, "count": 31.5, "fraction": 0.5, "resolution_angstrom": 12.5,
+                                  "accuracy_degrees": 4.0, "junk": False, "junk_score": 0.1}
+    assert head["classes"][1]["resolution_angstrom"] is None and head["classes"][2]["accuracy_degrees"] is None  # NaN
+    assert head["classes"][1]["junk"] is True
+    # payload: little-endian float32, C order, [class, y, x]
+    assert frames[2] == message.averages.astype("<f4").tobytes(order="C")
+    assert np.frombuffer(frames[2], "<f4")[36 + 6 + 1] == message.averages[1, 1, 1]
+
+    back = decode(frames)
+    assert isinstance(back, ClassesMessage)
+    np.testing.assert_array_equal(back.averages, message.averages)
+    assert back.averages.dtype == np.float32 and back.averages.flags.writeable and back.box == 6
+    assert back.classes == message.classes and back.classes[1] == ClassSummary(
+        number=2, count=21.0, fraction=21.0 / 63.0, resolution_angstrom=None, accuracy_degrees=4.0,
+        junk=True, junk_score=0.5)
+    assert (back.apix, back.particles, back.version) == (2.25, 77, 5)
+    assert (back.seq, back.time, back.session) == (9, 1700000002.5, "abc123")
+    np.testing.assert_allclose(back.counts, [31.5, 21.0, 10.5])
+    # NaN -> null -> NaN in the classifier's array form
+    resolution = np.array([np.nan if c.resolution_angstrom is None else c.resolution_angstrom for c in back.classes])
+    np.testing.assert_array_equal(np.isnan(resolution), [False, True, True])
+
+
+def test_classes_from_arrays_fills_fractions_numbers_and_defaults():
+    empty = ClassesMessage.from_arrays(np.zeros((2, 4, 4)), [0, 0], 1.0, 0, 0)
+    assert [c.fraction for c in empty.classes] == [0.0, 0.0] and [c.number for c in empty.classes] == [1, 2]
+    assert all(c.resolution_angstrom is None and not c.junk and c.junk_score == 0 for c in empty.classes)
+    numbered = ClassesMessage.from_arrays(np.zeros((2, 4, 4)), [1, 3], 1.0, 4, 1, numbers=np.array([7, 9]),
+                                          junk=np.array([True, False]))
+    assert [(c.number, c.fraction, c.junk) for c in numbered.classes] == [(7, 0.25, True), (9, 0.75, False)]
+    assert isinstance(numbered.classes[0].junk, bool) and isinstance(numbered.classes[0].number, int)
+    with pytest.raises(ValueError, match="junk_score has 3 values for 2 classes"):
+        ClassesMessage.from_arrays(np.zeros((2, 4, 4)), [1, 1], 1.0, 2, 1, junk_score=[0, 0, 0])
+    with pytest.raises(ValueError, match="3 class entries for 2 averages"):
+        ClassesMessage(np.zeros((2, 4, 4)), [ClassSummary(i, 1, 0.3) for i in (1, 2, 3)], 1.0, 3, 1)
+    with pytest.raises(ValueError, match=r"\(K, B, B\)"):
+        ClassesMessage(np.zeros((2, 4, 5)), [ClassSummary(i, 1, 0.5) for i in (1, 2)], 1.0, 2, 1)
+    with pytest.raises(ValueError, match=r"\(K, B, B\)"):
+        ClassesMessage(np.zeros((0, 4, 4)), [], 1.0, 0, 1)
+    with pytest.raises(ValueError, match="version must be >= 0"):
+        ClassesMessage(np.zeros((1, 4, 4)), [ClassSummary(1, 1, 1)], 1.0, 1, -1)
+    with pytest.raises(ValueError, match="particles must be an integer"):
+        ClassesMessage(np.zeros((1, 4, 4)), [ClassSummary(1, 1, 1)], 1.0, 1.5, 1)
+    assert ClassSummary(1, 2, 1, resolution_angstrom=float("inf")).resolution_angstrom is None
+
+
+def _version_1_reader(frames: list[bytes]) -> tuple[str, dict, np.ndarray | None]:
+    """The minimal subscriber of docs/protocol.md as written for version 1 (json + numpy, refuses protocol > 1)."""
+    topic, head, payload = frames
+    head = json.loads(head)
+    if head["protocol"] > 1:
+        raise ValueError(f"protocol {head['protocol']} is newer than this script")
+    return topic.decode(), head, np.frombuffer(payload, "<f4").reshape(head["shape"]) if payload else None
+
+
+def test_a_version_1_subscriber_still_reads_volume_poses_and_status(monkeypatch):
+    volume, poses, status = volume_message(), poses_message(), StatusMessage(status={"files_seen": 4})
+    topic, head, data = _version_1_reader(encode(volume))
+    assert topic == "volume" and head["protocol"] == 1 and head["particles"] == 1234
+    np.testing.assert_array_equal(data, volume.volume)
+    topic, head, data = _version_1_reader(encode(poses))
+    assert topic == "poses" and head["protocol"] == 1 and head["particle_ids"] == poses.particle_ids
+    np.testing.assert_array_equal(data, poses.poses)
+    topic, head, data = _version_1_reader(encode(status))
+    assert topic == "status" and head == {**head, "protocol": 1, "status": {"files_seen": 4}} and data is None
+    with pytest.raises(ValueError, match="protocol 2 is newer"):  # only a script that takes every topic sees it
+        _version_1_reader(encode(classes_message()))
+
+    # this package's decoder speaking version 1 (version and topics as they were) reads the new encoder's
+    # volume, poses and status unchanged, and refuses classes with its usual one line
+    from cryofastar.protocol import messages
+
+    monkeypatch.setattr(messages, "PROTOCOL_VERSION", 1)
+    monkeypatch.setattr(messages, "TOPICS", ("volume", "poses", "status"))
+    np.testing.assert_array_equal(decode(encode(volume)).volume, volume.volume)
+    assert decode(encode(poses)).particle_ids == poses.particle_ids
+    assert decode(encode(status)).status == {"files_seen": 4}
+    with pytest.raises(ProtocolError, match="unknown topic 'classes'"):
+        decode(encode(classes_message()))
+    monkeypatch.setattr(messages, "TOPICS", TOPICS)
+    with pytest.raises(ProtocolError, match="protocol 2, newer than this subscriber's 1"):
+        decode(encode(classes_message()))
