@@ -1,4 +1,4 @@
-"""The reference subscriber: receive the published stream, print it, optionally save the maps.
+"""The reference subscriber: receive the published stream, print it, optionally save maps and class averages.
 
 Reads only the wire protocol (:mod:`cryofastar.protocol`, ``docs/protocol.md``).
 """
@@ -14,22 +14,27 @@ from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+import pandas as pd
+import starfile
 import torch
 import zmq
 from cryofastar.protocol import (
     TOPICS,
+    ClassesMessage,
     Message,
     ProtocolError,
     StatusMessage,
     VolumeMessage,
     decode,
 )
-from cryofastar.recon.io import write_fsc_table, write_volume
+from cryofastar.recon.io import write_fsc_table, write_stack, write_volume
+from cryofastar.recon.io.atomic import atomic_path
 from cryofastar.recon.io.tables import FSC_HALF_MAPS_COLUMN
 
 from cryofastar.options import argument, option
 
-__all__ = ["Subscriber", "describe", "run_subscriber", "save_volume"]
+__all__ = ["CLASS_STAR_COLUMNS", "UNDEFINED_STAR_VALUE", "Subscriber", "describe", "run_subscriber", "save_classes",
+           "save_volume"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +154,62 @@ def save_volume(message: VolumeMessage, save_dir: Path) -> Path:
     return numbered
 
 
+CLASS_STAR_COLUMNS = ("rlnReferenceImage", "rlnClassNumber", "rlnClassDistribution", "rlnEstimatedResolution",
+                      "rlnAccuracyRotations", "rlnCryofastarParticleCount", "rlnCryofastarJunk",
+                      "rlnCryofastarJunkScore")
+"""Columns of the ``data_model_classes`` table :func:`save_classes` writes: RELION's (``rlnReferenceImage`` =
+``class@stack``, so ``relion_display`` shows the averages) and this package's count (summed membership
+weights), junk flag (0 / 1) and junk score ([0, 1])."""
+
+UNDEFINED_STAR_VALUE = 999.0
+"""What :func:`save_classes` writes for an undefined resolution or accuracy: RELION's value for them."""
+
+
+def save_classes(message: ClassesMessage, save_dir: Path) -> Path:
+    """Write a classes message as an MRC stack of the averages and a RELION-style class table (each atomically).
+
+    Writes ``class_averages_<version:06d>.mrcs`` (the `(K, B, B)` averages in class order,
+    pixel size ``apix``) and ``classes_<version:06d>.star`` (one ``data_model_classes`` table,
+    columns :data:`CLASS_STAR_COLUMNS`, one row per class in class order; an undefined
+    resolution or accuracy is :data:`UNDEFINED_STAR_VALUE`, as RELION writes it), and the same
+    two as ``class_averages.mrcs`` and ``classes.star`` (the latest). ``rlnReferenceImage``
+    names the average as ``<row, 6 digits>@<stack>``, the stack relative to ``save_dir``.
+
+    Parameters
+    ----------
+    message: ClassesMessage
+        The received class set.
+    save_dir: Path
+        Directory, created if missing.
+
+    Returns
+    -------
+    path: Path
+        The numbered stack written.
+    """
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    averages = torch.from_numpy(np.ascontiguousarray(message.averages, dtype=np.float32))
+    numbered = save_dir / f"class_averages_{message.version:06d}.mrcs"
+    for stack, table in ((numbered, save_dir / f"classes_{message.version:06d}.star"),
+                         (save_dir / "class_averages.mrcs", save_dir / "classes.star")):
+        write_stack(stack, averages, message.apix)
+        with atomic_path(table) as tmp:
+            starfile.write({"model_classes": _class_table(message, stack.name)}, tmp, overwrite=True)
+    return numbered
+
+
+def _class_table(message: ClassesMessage, stack: str) -> pd.DataFrame:
+    """The ``data_model_classes`` rows of ``message``, averages named in ``stack``."""
+    def defined(value: float | None) -> float:
+        return UNDEFINED_STAR_VALUE if value is None else value
+
+    rows = [(f"{row + 1:06d}@{stack}", c.number, c.fraction, defined(c.resolution_angstrom),
+             defined(c.accuracy_degrees), c.count, int(c.junk), c.junk_score)
+            for row, c in enumerate(message.classes)]
+    return pd.DataFrame(rows, columns=list(CLASS_STAR_COLUMNS))
+
+
 def _value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -176,6 +237,18 @@ def describe(message: Message, saved: Path | None = None, repeat: bool = False) 
         if repeat:
             return line + "  (re-sent)"
         return line + (f"  -> {saved}" if saved is not None else "")
+    if isinstance(message, ClassesMessage):
+        counts = message.counts
+        largest = message.classes[int(np.argmax(counts))]
+        resolution = ("undefined" if largest.resolution_angstrom is None
+                      else f"{largest.resolution_angstrom:.1f} Å")
+        line = (f"{stamp} classes seq {message.seq}  version {message.version}  {len(message.classes)} classes "
+                f"({sum(c.junk for c in message.classes)} junk)  {message.particles} particles  largest: class "
+                f"{largest.number}, {largest.count:.0f} particles, {resolution}  box {message.box} at "
+                f"{message.apix:.3g} Å/px")
+        if repeat:
+            return line + "  (re-sent)"
+        return line + (f"  -> {saved}" if saved is not None else "")
     confidence = float(np.mean(message.confidence)) if len(message.particle_ids) else math.nan
     return (f"{stamp} poses   seq {message.seq}  batch {message.batch}  {len(message.particle_ids)} particles  "
             f"mean confidence {confidence:.3f}")
@@ -190,7 +263,7 @@ class SubscribeSettings:
     address: str
         Publisher endpoint.
     save: Path | None
-        Directory for the received maps and FSC table; ``None`` saves nothing.
+        Directory for the received maps, FSC table and class averages; ``None`` saves nothing.
     count: int | None
         Stop after this many messages (``None``: no limit).
     timeout: float | None
@@ -200,7 +273,9 @@ class SubscribeSettings:
     address: str = argument("tcp://127.0.0.1:5555",
                             help="ZeroMQ endpoint of a running daemon, e.g. tcp://127.0.0.1:5555.")
     save: Path | None = option(None, help="Write every received map here as MRC (volume.mrc, "
-                               "volume_<particles>.mrc, volume_fsc.tsv).")
+                               "volume_<particles>.mrc, volume_fsc.tsv), and every class set as class_averages.mrcs, "
+                               "classes.star and their numbered copies class_averages_<version>.mrcs, "
+                               "classes_<version>.star.")
     count: int | None = option(None, help="Exit after this many messages.")
     timeout: float | None = option(None, help="Exit after this many seconds without a message.")
 
@@ -212,15 +287,16 @@ def run_subscriber(
     timeout_s: float | None,
     echo: Callable[[str], None],
 ) -> int:
-    """Receive messages, print one line each, and save every new map when asked.
+    """Receive messages, print one line each, and save every new map and class set when asked.
 
     Parameters
     ----------
     address: str
         Publisher endpoint, e.g. ``tcp://127.0.0.1:5555``.
     save_dir: Path | None
-        Where to write each new volume (:func:`save_volume`); ``None`` saves nothing.
-        A volume re-sent by the publisher (same session and seq) is not written again.
+        Where to write each new volume (:func:`save_volume`) and class set
+        (:func:`save_classes`); ``None`` saves nothing. A message re-sent by the publisher
+        (same session and seq) is not written again.
     max_messages: int | None
         Stop after this many well-formed messages; ``None``: no limit.
     timeout_s: float | None
@@ -241,6 +317,7 @@ def run_subscriber(
         raise ValueError(f"--timeout must be > 0 seconds, got {timeout_s}")
     received = 0
     last_volume: tuple[str, int] | None = None
+    last_classes: tuple[str, int] | None = None
     with Subscriber(address) as subscriber:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while max_messages is None or received < max_messages:
@@ -264,6 +341,14 @@ def run_subscriber(
                 if save_dir is not None and not repeat:
                     saved = save_volume(message, save_dir)
                 last_volume = key
+                echo(describe(message, saved=saved, repeat=repeat))
+            elif isinstance(message, ClassesMessage):
+                key = (message.session, message.seq)
+                repeat = key == last_classes
+                saved = None
+                if save_dir is not None and not repeat:
+                    saved = save_classes(message, save_dir)
+                last_classes = key
                 echo(describe(message, saved=saved, repeat=repeat))
             else:
                 echo(describe(message))

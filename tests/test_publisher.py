@@ -106,7 +106,7 @@ def test_subscriber_receives_poses_status_and_volume_in_order():
             time.sleep(0.01)
         sent = publisher.sent
         assert sent["poses"] == 1 and sent["volume"] == 1 and sent["status"] >= 2
-        assert publisher.dropped == {"volume": 0, "poses": 0, "status": 0}
+        assert publisher.dropped == {"volume": 0, "poses": 0, "status": 0, "classes": 0}
 
 
 def test_subscriber_filters_topics():
@@ -296,17 +296,17 @@ def test_full_queue_drops_the_oldest_status_first_and_never_a_volume():
             publisher.publish(poses_message())
             publisher.publish(StatusMessage(status={"n": 1}))
             publisher.publish(volume_message())  # full: drops status n=0
-            assert publisher.dropped == {"volume": 0, "poses": 0, "status": 1}
+            assert publisher.dropped == {"volume": 0, "poses": 0, "status": 1, "classes": 0}
             publisher.publish(volume_message())  # full: drops status n=1
             publisher.publish(volume_message())  # full: drops the poses
-            assert publisher.dropped == {"volume": 0, "poses": 1, "status": 2}
+            assert publisher.dropped == {"volume": 0, "poses": 1, "status": 2, "classes": 0}
             publisher.publish(volume_message())  # only volumes wait: queued past the bound
             publisher.publish(StatusMessage(status={"n": 2}))  # nothing to make room: this status is dropped
-            assert publisher.dropped == {"volume": 0, "poses": 1, "status": 3}
+            assert publisher.dropped == {"volume": 0, "poses": 1, "status": 3, "classes": 0}
             assert publisher.pending == 4
     finally:
         publisher.close()  # sends what is queued
-    assert publisher.sent == {"volume": 4, "poses": 0, "status": 0}
+    assert publisher.sent == {"volume": 4, "poses": 0, "status": 0, "classes": 0}
     assert publisher.pending == 0
 
 

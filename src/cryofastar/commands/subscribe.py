@@ -1,8 +1,10 @@
-"""``cryofastar-stream subscribe``: print each message of a running daemon, optionally save the maps.
+"""``cryofastar-stream subscribe``: print each message of a running daemon, optionally save maps and classes.
 
-One line per message (status counters, new map with its resolution, pose batches).
-With ``--save DIR`` every new map is written as ``DIR/volume.mrc`` (the latest) and
-``DIR/volume_<particles>.mrc``, with its FSC curve in ``DIR/volume_fsc.tsv``.
+One line per message (status counters, new map with its resolution, pose batches, 2D
+class sets). With ``--save DIR`` every new map is written as ``DIR/volume.mrc`` (the
+latest) and ``DIR/volume_<particles>.mrc``, with its FSC curve in ``DIR/volume_fsc.tsv``,
+and every new class set as ``DIR/class_averages.mrcs`` + ``DIR/classes.star`` (the latest)
+and ``DIR/class_averages_<version>.mrcs`` + ``DIR/classes_<version>.star``.
 The wire protocol is described in ``docs/protocol.md``; the options are the fields of
 :class:`~cryofastar.monitoring.subscriber.SubscribeSettings`.
 
@@ -29,6 +31,6 @@ __all__ = ["subscribe"]
 
 @settings_command(SubscribeSettings)
 def subscribe(settings: SubscribeSettings) -> None:
-    """Print a running daemon's status, poses and maps (the reference subscriber)."""
+    """Print a running daemon's status, poses, maps and 2D classes (the reference subscriber)."""
     received = run_subscriber(settings.address, settings.save, settings.count, settings.timeout, echo=typer.echo)
     logger.info("received %d messages from %s", received, settings.address)
