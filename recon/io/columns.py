@@ -5,7 +5,7 @@ One place for each, read and written by the offline job, the daemon and ``evalua
 
 from __future__ import annotations
 
-__all__ = ["CONFIDENCE_COLUMN", "NETWORK_COLUMNS", "SCORE_COLUMN", "SPREAD_COLUMN"]
+__all__ = ["CONFIDENCE_COLUMN", "NETWORK_COLUMNS", "SCORE_COLUMN", "SIMULATED_JUNK_COLUMN", "SPREAD_COLUMN"]
 
 CONFIDENCE_COLUMN = "rlnCryofastarConfidence"
 """Per-particle mean network confidence (> 1, higher is surer; 0 without a network)."""
@@ -16,3 +16,6 @@ SPREAD_COLUMN = "rlnCryofastarAngularSpread"
 NETWORK_COLUMNS = ("rlnCryofastarNetworkAngleRot", "rlnCryofastarNetworkAngleTilt", "rlnCryofastarNetworkAnglePsi",
                    "rlnCryofastarNetworkOriginXAngst", "rlnCryofastarNetworkOriginYAngst")
 """The network's own pose of each particle (before refinement), in RELION's units (degrees, Å)."""
+SIMULATED_JUNK_COLUMN = "rlnCryofastarSimulatedJunk"
+"""Truth of a simulated session (``simulate --junk``): 0 for a real particle, else the junk type (1 noise box,
+2 carbon edge, 3 aggregate of two particles, 4 off-centre particle; ``recon.simulate.junk.JunkType``)."""

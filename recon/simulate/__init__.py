@@ -1,6 +1,7 @@
-"""Particle-set simulator: structures and procedural molecules -> RELION particle sets."""
+"""Particle-set simulator: structures and procedural molecules -> RELION particle sets (with junk on demand)."""
 
 from .atoms import Atoms, load_structure
+from .junk import JUNK_TYPES, JunkScale, JunkType, simulate_junk
 from .particles import CtfRange, SimulatedParticles, simulate_particles
 from .potential import atoms_to_volume
 from .procedural import ProceduralSettings, procedural_molecule
@@ -8,8 +9,11 @@ from .run import SimulateSettings, run_simulation
 from .session import write_session
 
 __all__ = [
+    "JUNK_TYPES",
     "Atoms",
     "CtfRange",
+    "JunkScale",
+    "JunkType",
     "ProceduralSettings",
     "SimulateSettings",
     "SimulatedParticles",
@@ -17,6 +21,7 @@ __all__ = [
     "load_structure",
     "procedural_molecule",
     "run_simulation",
+    "simulate_junk",
     "simulate_particles",
     "write_session",
 ]

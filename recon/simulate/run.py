@@ -53,11 +53,15 @@ class SimulateSettings:
         Largest particle displacement per axis (px).
     defocus_min, defocus_max: float
         Defocus range (µm, underfocus positive).
+    junk: float
+        Share of the particles replaced by junk (noise boxes, carbon edges, aggregates of two,
+        off-centre particles, in equal shares; :mod:`~cryofastar.recon.simulate.junk`), in [0, 1).
 
     Raises
     ------
     ValueError
-        An odd or too small box, a pixel size <= 0 or an empty defocus range.
+        An odd or too small box, a pixel size <= 0, an empty defocus range or a junk share
+        outside [0, 1).
     """
 
     out: Path = option(flags=("--out",), help="Output directory for stacks, particles.star, reference.mrc.")
@@ -76,6 +80,10 @@ class SimulateSettings:
     max_shift: float = option(4.0, help="Largest particle displacement per axis, pixels.")
     defocus_min: float = option(0.8, help="Smallest defocus, µm (underfocus positive).")
     defocus_max: float = option(2.5, help="Largest defocus, µm.")
+    junk: float = option(
+        0.0, help="Share of the particles replaced by junk, in [0, 1): noise boxes, carbon edges, aggregates of two "
+        "particles and off-centre particles in equal shares; the truth is particles.star's "
+        "rlnCryofastarSimulatedJunk (0 = particle, 1-4 = those types).")
 
     def __post_init__(self) -> None:
         if self.box < 16 or self.box % 2:
@@ -84,6 +92,9 @@ class SimulateSettings:
             raise ValueError(f"--apix must be positive, got {self.apix}")
         if self.defocus_min <= 0 or self.defocus_max < self.defocus_min:
             raise ValueError("defocus range must satisfy 0 < --defocus-min <= --defocus-max (µm)")
+        if not 0.0 <= self.junk < 1.0:
+            raise ValueError(f"--junk must be a fraction in [0, 1) (the share of particles replaced by junk), "
+                             f"got {self.junk}")
 
     @property
     def noise_snr(self) -> float | None:
@@ -125,5 +136,5 @@ def run_simulation(settings: SimulateSettings) -> Path:
     return write_session(
         s.out, volume, s.apix, s.n, s.noise_snr, s.seed, per_stack=s.per_stack, rate=s.rate, ctf=ctf_range,
         max_shift_px=s.max_shift, metadata=source,
-        on_stack=lambda path, count: logger.info("wrote %s (%d particles)", path.name, count),
+        on_stack=lambda path, count: logger.info("wrote %s (%d particles)", path.name, count), junk_fraction=s.junk,
     )
