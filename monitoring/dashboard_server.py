@@ -20,8 +20,8 @@ dashboard's names get 421 (DNS rebinding), WebSocket upgrades from another site'
 closed after 15 s, at most :data:`MAX_PAGES` WebSocket pages; a page sends nothing, so
 a frame it sends over 64 KiB closes it.
 
-The subscriber takes the ``volume`` and ``status`` topics only (``poses`` would cost
-the daemon bandwidth for nothing shown). ZeroMQ reconnects by itself, so the page goes
+The subscriber takes the ``volume``, ``status`` and ``classes`` topics only (``poses``
+would cost the daemon bandwidth for nothing shown). ZeroMQ reconnects by itself, so the page goes
 on when the daemon restarts; a message that cannot be decoded is counted and shown,
 never fatal.
 """
@@ -41,7 +41,7 @@ import plotly
 import zmq
 import zmq.asyncio
 from aiohttp import WSMsgType, web
-from cryofastar.protocol import ProtocolError, StatusMessage, VolumeMessage, decode
+from cryofastar.protocol import ClassesMessage, ProtocolError, StatusMessage, VolumeMessage, decode
 
 from .connection_limit import ConnectionLimit
 from .dashboard_state import DashboardState
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
-TOPICS = (b"volume", b"status")
+TOPICS = (b"volume", b"status", b"classes")
 OUTBOX = 64  # messages waiting for one page before it is dropped as too slow
 MAX_PAGES = 64  # WebSocket pages served at a time (each holds at most OUTBOX shared messages)
 MAX_FRAME = 64 * 1024  # bytes of a message a page may send (it sends none)
@@ -212,7 +212,7 @@ class Dashboard:
                     logger.warning("skipped a malformed message: %s", exc)
                     self._broadcast(self.state.note_malformed(str(exc)))
                     continue
-                if isinstance(message, VolumeMessage):  # map views take a few ms: off the loop
+                if isinstance(message, (VolumeMessage, ClassesMessage)):  # views and tiles take ms: off the loop
                     self._broadcast(await asyncio.to_thread(self.state.apply, message))
                 elif isinstance(message, StatusMessage):
                     self._broadcast(self.state.apply(message))

@@ -1,9 +1,11 @@
 """What the live dashboard knows: built only from the published stream (docs/protocol.md).
 
-:class:`DashboardState` takes decoded ``volume`` and ``status`` messages and keeps what
-the page shows, as JSON-ready sections:
+:class:`DashboardState` takes decoded ``volume``, ``status`` and ``classes`` messages and
+keeps what the page shows, as JSON-ready sections:
 
 - ``map``: slices, projections, isosurface grid, FSC curve, particles, resolution;
+- ``classes``: the latest 2D class set, largest class first, each with a small PNG of its
+  average (:mod:`.class_tiles`), its number, particle count, resolution and junk flag;
 - ``resolution_history``: rows ``[unix time, particles, resolution Å or None]``;
 - ``throughput``: rows ``[unix time, particles in map, particles/s, particles ingested]``
   from each status message (at most :data:`MAX_POINTS`, oldest dropped);
@@ -25,13 +27,15 @@ import math
 import time
 from typing import Any
 
-from cryofastar.protocol import StatusMessage, VolumeMessage
+from cryofastar.protocol import ClassesMessage, StatusMessage, VolumeMessage
 
+from .class_tiles import png_base64, tile_images
 from .map_views import isosurface_grid, map_views
 
-__all__ = ["MAX_POINTS", "DashboardState"]
+__all__ = ["MAX_POINTS", "MAX_TILES", "DashboardState"]
 
 MAX_POINTS = 7200  # throughput points kept (2 h at one status message per second)
+MAX_TILES = 200  # class tiles sent to the page (the largest classes): at most ~1 MB of PNGs
 
 
 def _finite(value: float | None) -> float | None:
@@ -66,9 +70,11 @@ class DashboardState:
         self.resolution_history: list[list[float | None]] = []
         self.throughput: collections.deque[list[float | None]] = collections.deque(maxlen=MAX_POINTS)
         self.status: dict[str, Any] | None = None
+        self._classes_key: tuple[str, int] | None = None
+        self.classes: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ input
-    def apply(self, message: VolumeMessage | StatusMessage) -> dict[str, Any]:
+    def apply(self, message: VolumeMessage | StatusMessage | ClassesMessage) -> dict[str, Any]:
         """Take one decoded message; return the changed sections (empty if nothing changed)."""
         self.messages += 1
         self._last_message = self._clock()
@@ -90,6 +96,12 @@ class DashboardState:
                    message.status.get("particles_ingested")]
             self.throughput.append(row)
             changed.update(status=self.status, throughput_point=row)
+        elif isinstance(message, ClassesMessage):
+            key = (message.session, message.seq)
+            if key != self._classes_key:  # a re-sent class set is drawn once
+                self._classes_key = key
+                self.classes = self._classes_section(message)
+                changed.update(classes=self.classes)
         changed["connection"] = self.connection()
         return changed
 
@@ -116,6 +128,19 @@ class DashboardState:
             "isosurface": isosurface_grid(message.volume, message.apix),
         }
 
+    @staticmethod
+    def _classes_section(message: ClassesMessage) -> dict[str, Any]:
+        """The class set for the gallery: classes by decreasing count (then number), at most :data:`MAX_TILES`."""
+        order = sorted(range(len(message.classes)), key=lambda i: (-message.classes[i].count,
+                                                                   message.classes[i].number))[:MAX_TILES]
+        tiles = tile_images(message.averages[order])
+        classes = [{**message.classes[i].to_json(), "png": png_base64(tile)} for i, tile in zip(order, tiles,
+                                                                                               strict=True)]
+        return {"time": message.time, "session": message.session, "seq": message.seq, "version": message.version,
+                "particles": message.particles, "box": message.box, "apix": message.apix,
+                "tile_size": int(tiles.shape[-1]), "count": len(message.classes),
+                "junk": sum(c.junk for c in message.classes), "classes": classes}
+
     def _record_history(self, message: VolumeMessage) -> None:
         if message.history is not None and len(message.history):
             self.resolution_history = [[float(t), int(n), _finite(r)] for t, n, r in message.history]
@@ -134,4 +159,4 @@ class DashboardState:
     def snapshot(self) -> dict[str, Any]:
         """Every section, for a page that has just connected."""
         return {"map": self.map, "resolution_history": self.resolution_history, "throughput": list(self.throughput),
-                "status": self.status, "connection": self.connection()}
+                "status": self.status, "classes": self.classes, "connection": self.connection()}

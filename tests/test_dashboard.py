@@ -4,26 +4,30 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
 import zmq
+from cryofastar.monitoring.class_tiles import TILE_SIZE, png_greyscale, tile_images
 from cryofastar.monitoring.dashboard_server import MAX_PAGES, OUTBOX, STATIC, Dashboard, bind_socket
-from cryofastar.monitoring.dashboard_state import DashboardState
+from cryofastar.monitoring.dashboard_state import MAX_TILES, DashboardState
 from cryofastar.monitoring.map_views import block_mean, isosurface_grid, map_views
 from cryofastar.monitoring.request_guard import RequestGuard, split_host
-from cryofastar.protocol import StatusMessage, VolumeMessage, encode
+from cryofastar.protocol import ClassesMessage, StatusMessage, VolumeMessage, encode
 
 SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
 
@@ -43,6 +47,73 @@ def status_message(session: str = "s1", **extra) -> StatusMessage:
     body = {"particles_in_map": 100, "particles_per_second": 12.5, "particles_ingested": 120, "queues": {"files": 0},
             **extra}
     return StatusMessage(body, seq=2, session=session, time=1700000001.0)
+
+
+def classes_message(k: int = 5, box: int = 32, seq: int = 3, session: str = "s1") -> ClassesMessage:
+    """``k`` averages, class ``n`` holding a bright pixel at y = +n (x = 0); counts out of class order."""
+    averages = np.zeros((k, box, box), np.float32)
+    averages[np.arange(k), box // 2 + np.arange(1, k + 1) % (box // 2), box // 2] = 1.0
+    counts = np.resize([40.0, 250.5, 7.0, 120.0, 250.5], k)
+    return ClassesMessage.from_arrays(averages, counts, apix=2.0, particles=668, version=4,
+                                      resolution_angstrom=np.resize([np.nan, 9.5, 30.0, 12.25, 11.0], k),
+                                      junk=np.resize([False, False, True, False, True], k),
+                                      junk_score=np.resize([0.2, 0.1, 0.9, 0.3, 0.7], k), seq=seq, session=session,
+                                      time=1700000003.0)
+
+
+def read_png(data: bytes) -> np.ndarray:
+    """An 8-bit greyscale PNG (filter 0 rows, as png_greyscale writes) read back, rows top first; CRCs checked."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, offset = {}, 8
+    while offset < len(data):
+        (length,), kind = struct.unpack(">I", data[offset:offset + 4]), data[offset + 4:offset + 8]
+        body = data[offset + 8:offset + 8 + length]
+        assert struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])[0] == zlib.crc32(kind + body)
+        chunks[kind] = body
+        offset += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 0) and b"IEND" in chunks
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, width + 1)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:]
+
+
+def test_class_tiles_are_small_scaled_per_tile_and_drawn_y_up():
+    rng = np.random.default_rng(3)
+    averages = rng.normal(size=(3, 128, 128)).astype(np.float32) * np.array([1, 100, 0])[:, None, None]
+    tiles = tile_images(averages)
+    assert tiles.shape == (3, 64, 64) and tiles.dtype == np.uint8 and TILE_SIZE == 64  # 128 px by blocks of 2
+    assert tiles[0].min() == 0 and tiles[0].max() == 255 and tiles[1].max() == 255  # each to its own range
+    assert (tiles[2] == 0).all()  # a flat average stays flat
+    assert tile_images(np.zeros((2, 200, 200))).shape == (2, 50, 50)
+    assert tile_images(np.zeros((1, 48, 48))).shape == (1, 48, 48)
+    image = np.zeros((6, 4), np.uint8)
+    image[1, 3] = 200  # y = 1 (second row from the bottom on screen), x = 3
+    drawn = read_png(png_greyscale(image))
+    assert drawn.shape == (6, 4) and drawn[6 - 1 - 1, 3] == 200 and drawn.sum() == 200
+
+
+def test_state_keeps_the_latest_class_set_largest_first_and_bounded():
+    state = DashboardState("tcp://x:1")
+    assert state.snapshot()["classes"] is None
+    changed = state.apply(classes_message())
+    section = changed["classes"]
+    assert [c["number"] for c in section["classes"]] == [2, 5, 4, 1, 3]  # by count, ties by number
+    assert [c["junk"] for c in section["classes"]] == [False, True, False, False, True]
+    assert section["classes"][0]["count"] == 250.5 and section["classes"][0]["resolution_angstrom"] == 9.5
+    assert section["classes"][3]["resolution_angstrom"] is None  # NaN: null
+    assert (section["count"], section["junk"], section["version"], section["particles"]) == (5, 2, 4, 668)
+    assert section["box"] == 32 and section["tile_size"] == 32 and section["apix"] == 2.0
+    tile = read_png(base64.b64decode(section["classes"][0]["png"]))  # class 2: its bright pixel at y = +2
+    assert tile.shape == (32, 32) and np.unravel_index(tile.argmax(), tile.shape) == (32 - 1 - (16 + 2), 16)
+    assert "classes" not in state.apply(classes_message())  # the same set again (same session, seq): not redrawn
+    assert state.apply(classes_message(seq=4))["classes"]["seq"] == 4
+    json.dumps(state.snapshot(), allow_nan=False)
+
+    big = state.apply(classes_message(k=260, box=256, seq=5))["classes"]  # bounded: 200 tiles of at most 64 px
+    assert MAX_TILES == 200 and len(big["classes"]) == 200 and big["count"] == 260 and big["tile_size"] == 64
+    assert min(c["count"] for c in big["classes"]) == 40.0  # the 60 smallest left out: 52 of count 7, 8 of 40
+    assert len(json.dumps(big)) < 1_000_000
 
 
 def test_map_views_are_oriented_and_sized_for_display():
@@ -155,8 +226,10 @@ def test_server_serves_the_page_offline_and_live_state_over_http_and_websocket(s
 
     served.publish_until(encode(volume_message()), lambda: served.dashboard.state.map is not None)
     served.publish_until([b"status", b"{not json", b""], lambda: served.dashboard.state.malformed > 0)
+    served.publish_until(encode(classes_message()), lambda: served.dashboard.state.classes is not None)
     state = json.loads(served.get("/api/state")[2])
     assert state["map"]["particles"] == 100 and state["connection"]["state"] == "live"
+    assert [c["number"] for c in state["classes"]["classes"]] == [2, 5, 4, 1, 3]
     assert "not valid UTF-8 JSON" in state["connection"]["last_error"]
 
     async def websocket() -> tuple[dict, dict]:

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import zmq
+from cryofastar.protocol import ClassesMessage, encode
 
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
 
@@ -95,8 +99,9 @@ def test_every_panel_fills_with_live_data_from_a_real_daemon(stacks, tmp_path, b
     total = PER_STACK * N_STACKS
     wait_until(page, f"parseInt(document.getElementById('map-note').textContent) >= {total}",
                f"the map never reached {total} particles")
-    wait_until(page, "[...document.querySelectorAll('.panel')].every(p => p.dataset.filled === 'true')",
-               "a panel stayed empty")
+    # every panel but the 2D classes' (tested below with a classes message of its own)
+    wait_until(page, "[...document.querySelectorAll('.panel:not(#panel-classes)')]"
+               ".every(p => p.dataset.filled === 'true')", "a panel stayed empty")
     wait_until(page, "document.querySelector('#rejected tbody').textContent.includes('broken.mrcs')",
                "the rejected file is not listed")
 
@@ -183,3 +188,85 @@ def test_the_page_reconnects_when_the_daemon_and_the_dashboard_restart(stacks, t
                "the new dashboard did not send the map", 30)
     page.close()
     assert daemon.stop()[0] == 0 and dashboard.stop()[0] == 0
+
+
+def gallery_message(box: int = 96) -> ClassesMessage:
+    """Six averages, class ``n`` with one bright pixel at y = +3n, x = 0; counts out of class order."""
+    averages = np.zeros((6, box, box), np.float32)
+    averages[np.arange(6), box // 2 + 3 * np.arange(1, 7), box // 2] = 1.0
+    return ClassesMessage.from_arrays(
+        averages, counts=[40.0, 300.0, 7.0, 120.0, 290.0, 55.0], apix=1.5, particles=812, version=3,
+        resolution_angstrom=[np.nan, 9.6, 31.0, 12.4, 15.0, 18.2], accuracy_degrees=[np.nan, 2.1, 40, 3.3, 9, 5],
+        junk=[False, False, True, False, True, False], junk_score=[0.3, 0.05, 0.95, 0.1, 0.8, 0.2], session="2d")
+
+
+def test_the_class_gallery_shows_a_published_class_set_largest_first_with_junk_greyed(tmp_path, browser,
+                                                                                       processes):
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    dashboard = processes("dashboard", "--connect", f"tcp://127.0.0.1:{port}", "--port", "0")
+    url = dashboard.wait_for(r"dashboard: (http://\S+)").group(1)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(url)
+    wait_until(page, "document.getElementById('connection').textContent !== 'connecting…'", "no WebSocket", 30)
+    assert page.is_visible("#panel-classes .empty") and "No 2D classes yet" in page.text_content("#panel-classes")
+    assert page.locator(".class-tile").count() == 0
+
+    stop = threading.Event()
+
+    def feed() -> None:  # the same class set until the page shows it (PUB/SUB drops what precedes the subscription)
+        frames = encode(gallery_message())
+        while not stop.is_set():
+            pub.send_multipart(frames)
+            stop.wait(0.2)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        wait_until(page, "document.getElementById('panel-classes').dataset.filled === 'true'", "no class gallery", 60)
+    finally:
+        stop.set()
+        feeder.join()
+        pub.close(linger=0)
+        context.term()
+    assert page.is_hidden("#panel-classes .empty")
+    tiles = page.evaluate("""[...document.querySelectorAll('#class-gallery .class-tile')].map(t => ({
+        number: Number(t.dataset.number), junk: t.classList.contains('junk'), text: t.textContent,
+        opacity: Number(getComputedStyle(t).opacity), filter: getComputedStyle(t).filter,
+        width: t.querySelector('img').naturalWidth}))""")
+    assert [t["number"] for t in tiles] == [2, 5, 4, 6, 1, 3]  # largest first
+    assert [t["number"] for t in tiles if t["junk"]] == [5, 3]
+    for tile in tiles:  # junk greyed and labelled; the others in full
+        assert (tile["opacity"] < 0.6 and "grayscale" in tile["filter"] and "junk" in tile["text"]) == tile["junk"]
+        assert tile["width"] == 48  # 96 px averages block-averaged to at most 64 px
+    four = page.locator(".class-tile[data-number='4']")
+    assert four.locator(".class-number").text_content() == "#4"
+    assert four.locator(".class-count").text_content() == "120 ptcls"
+    assert four.locator(".class-resolution").text_content() == "12.4 Å"
+    assert page.locator(".class-tile[data-number='1'] .class-resolution").text_content() == "– Å"  # undefined
+    assert "in-plane accuracy 3.3°" in four.get_attribute("title")
+    note = page.text_content("#classes-note")
+    assert "6 classes" in note and "2 junk" in note and "812 particles" in note and "1.50 Å/px" in note
+    # the image drawn: class 4's bright pixel at y = +12 (block-averaged by 2: +6 of 24), y up as the map slices
+    bright = page.evaluate("""() => {
+        const img = document.querySelector(".class-tile[data-number='4'] img"), c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        const px = g.getImageData(0, 0, c.width, c.height).data;
+        let best = 0;
+        for (let i = 0; i < px.length; i += 4) if (px[i] > px[best]) best = i;
+        return [Math.floor(best / 4 / c.width), (best / 4) % c.width, px[best]];
+    }""")
+    assert bright == [48 - 1 - (24 + 6), 24, 255]  # row from the top, column, value
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#panel-classes").screenshot(path=str(SCREENSHOTS / "dashboard_classes.png"))
+    assert requests and all(r.startswith((url.rstrip("/"), "ws://", "data:")) for r in requests), requests
+    assert errors == []
+    page.close()
+    assert dashboard.stop()[0] == 0

@@ -175,6 +175,44 @@ function drawResolution(history) {
   filled("panel-resolution");
 }
 
+// ---------------------------------------------------------------- 2D classes: the gallery
+// Tiles come in the server's order (largest class first); each average is a PNG made by the server
+// (monitoring/class_tiles.py: at most 64 px, scaled to its own min-max, y up like the map slices).
+function drawClasses(classes) {
+  if (!classes) return;
+  $("class-gallery").replaceChildren(...classes.classes.map(classTile));
+  const shown = classes.classes.length < classes.count ? ` (the ${classes.classes.length} largest shown)` : "";
+  setText("classes-note", `${classes.count} classes${shown} · ${classes.junk} junk · ` +
+          `${classes.particles} particles classified · set ${classes.version} · box ${classes.box} px, ` +
+          `${fmt(classes.apix, 2)} Å/px`);
+  filled("panel-classes");
+}
+
+function classTile(c) {
+  const tile = document.createElement("figure");
+  tile.className = c.junk ? "class-tile junk" : "class-tile";
+  tile.dataset.number = c.number;
+  const resolution = c.resolution_angstrom === null ? "– Å" : `${fmt(c.resolution_angstrom, 1)} Å`;
+  tile.title = `class ${c.number}: ${fmt(c.count, 1)} particles (${fmt(100 * c.fraction, 1)} %), ` +
+    `resolution ${resolution}, in-plane accuracy ${c.accuracy_degrees === null ? "–" : fmt(c.accuracy_degrees, 1)}°, ` +
+    `junk score ${fmt(c.junk_score, 2)}${c.junk ? " (junk)" : ""}`;
+  const image = document.createElement("img");
+  image.src = `data:image/png;base64,${c.png}`;
+  image.alt = `average of class ${c.number}`;
+  const caption = document.createElement("figcaption");
+  const parts = [["class-number", `#${c.number}`], ["class-count", `${fmt(c.count)} ptcls`],
+                 ["class-resolution", resolution]];
+  if (c.junk) parts.push(["junk-label", "junk"]);
+  caption.replaceChildren(...parts.map(([name, text]) => {
+    const span = document.createElement("span");
+    span.className = name;
+    span.textContent = text;
+    return span;
+  }));
+  tile.append(image, caption);
+  return tile;
+}
+
 // ---------------------------------------------------------------- status: throughput, queues, views, tables
 function drawThroughput() {
   const rows = page.throughput;
@@ -316,6 +354,7 @@ function apply(sections) {
     schedule("throughput", 2000, drawThroughput);
   }
   if (sections.status) drawStatus(sections.status);
+  if (sections.classes) drawClasses(sections.classes);
   if (sections.connection) drawConnection(sections.connection);
 }
 
