@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ab_initio import AbInitioResult, AbInitioSettings, run_ab_initio
@@ -46,7 +45,7 @@ from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.io import ParticleSource
 from cryofastar.recon.io.columns import NETWORK_COLUMNS
-from cryofastar.recon.io.star import ParticleTable, write_particles
+from cryofastar.recon.io.star import write_particles
 from cryofastar.recon.io.tables import write_json
 from cryofastar.recon.map_set import map_set, read_known_map, write_map_set
 from cryofastar.recon.pose_precision import pose_precision
@@ -64,6 +63,7 @@ from .policy import (
 )
 from .pose_table import PoseTable
 from .posing import NetworkPoser
+from .star_output import optics_for_output, particles_for_output
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +282,8 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
                   0 if finished is None else len(finished.modes))
     outdir.mkdir(parents=True, exist_ok=True)
     star_out = outdir / "particles.star"
-    rows = _particles_for_output(table, record.image_names(outdir), record.pose_columns(settings.refine), extra)
-    write_particles(star_out, rows, _optics_for_output(table))
+    rows = particles_for_output(table, record.image_names(outdir), record.pose_columns(settings.refine), extra)
+    write_particles(star_out, rows, optics_for_output(table))
     precision = None if finished is None else pose_precision(finished.spread)
     if precision is not None:
         logger.info("%s", precision.summary())
@@ -456,23 +456,3 @@ def _network_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumul
     return acc, poses
 
 
-def _optics_for_output(table: ParticleTable) -> pd.DataFrame:
-    if table.optics is not None:
-        return table.optics
-    optics = {"rlnOpticsGroup": [1], "rlnImagePixelSize": [table.apix], "rlnImageSize": [table.box],
-              "rlnImageDimensionality": [2]}
-    for column in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
-        if column in table.particles.columns:
-            optics[column] = [float(table.particles[column].iloc[0])]
-    return pd.DataFrame(optics)
-
-
-def _particles_for_output(table: ParticleTable, image_names: list[str], poses: dict[str, np.ndarray],
-                          extra: dict[str, np.ndarray]) -> pd.DataFrame:
-    """The input rows (optics values moved to the optics block, RELION 3.0 origins dropped) with the new poses."""
-    merged = set(table.optics.columns) - {"rlnOpticsGroup"} if table.optics is not None else set()
-    rows = table.particles.drop(columns=[c for c in table.particles.columns if c in merged])
-    rows = rows.drop(columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in rows.columns])
-    if "rlnOpticsGroup" not in rows.columns:
-        rows = rows.assign(rlnOpticsGroup=1)
-    return rows.assign(rlnImageName=image_names, **poses, **extra)

@@ -16,9 +16,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from torch_ctf import calculate_ctf_2d
+from torch_ctf import calculate_ctf_2d, calculate_total_phase_shift
 
-__all__ = ["CtfParams", "ctf_rfft"]
+__all__ = ["CtfParams", "ctf_at", "ctf_rfft"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,51 @@ def ctf_rfft(params: CtfParams, box: int, apix: float, device: torch.device | st
     if params.scale is not None:
         ctf = ctf * as_dev(params.scale)[:, None, None]
     return ctf
+
+
+def ctf_at(params: CtfParams, frequencies: torch.Tensor) -> torch.Tensor:
+    """CTF of each particle at arbitrary frequencies (the same values as :func:`ctf_rfft` on its grid).
+
+    RELION's defocus at the frequency's azimuth ``theta`` (from +x) is
+    ``(U + V) / 2 + (U - V) / 2 * cos(2 (theta - rlnDefocusAngle))``; the phase is torch-ctf's.
+
+    Parameters
+    ----------
+    params: CtfParams
+        `n` particles' parameters.
+    frequencies: torch.Tensor
+        `(n, ..., 2)` (kx, ky) in 1/Å, one set per particle (or `(..., 2)` shared by all).
+
+    Returns
+    -------
+    torch.Tensor
+        `(n, ...)` float32 CTF values.
+    """
+    f = frequencies.to(torch.float64)
+    n = len(params)
+    if f.ndim == 1 or f.shape[0] != n:
+        f = f.expand(n, *f.shape)
+    extra = (1,) * (f.ndim - 2)
+
+    def per(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float64).reshape(n, *extra)
+
+    k2 = f.square().sum(-1)
+    theta = torch.atan2(f[..., 1], f[..., 0])
+    mean = (per(params.defocus_u_angstrom) + per(params.defocus_v_angstrom)) / 2
+    half_astig = (per(params.defocus_u_angstrom) - per(params.defocus_v_angstrom)) / 2
+    defocus = mean + half_astig * torch.cos(2 * (theta - torch.deg2rad(per(params.defocus_angle_degrees))))
+    phase = calculate_total_phase_shift(
+        defocus_um=defocus / 1e4,
+        voltage_kv=per(params.voltage_kv),
+        spherical_aberration_mm=per(params.spherical_aberration_mm),
+        phase_shift_degrees=per(params.phase_shift_degrees),
+        amplitude_contrast_fraction=per(params.amplitude_contrast),
+        fftfreq_grid_angstrom_squared=k2,
+    )
+    ctf = -torch.sin(phase)
+    if params.b_factor_angstrom2 is not None:
+        ctf = ctf * torch.exp(-per(params.b_factor_angstrom2) / 4 * k2)
+    if params.scale is not None:
+        ctf = ctf * per(params.scale)
+    return ctf.to(torch.float32)

@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - older typer on top of click
 from cryofastar import __version__  # noqa: E402
 from cryofastar.commands import (  # noqa: E402
     backproject,
+    classify,
     dashboard,
     demo,
     evaluate,
@@ -80,6 +81,7 @@ app.command()(train.train)
 
 
 app.command()(reconstruct.reconstruct)
+app.command()(classify.classify)
 app.command()(watch.watch)
 app.command()(subscribe.subscribe)
 app.command()(dashboard.dashboard)

@@ -1,0 +1,15 @@
+"""Streaming reference-free 2D classification (knows nothing of the daemon).
+
+Modules, one idea each: :mod:`.fourier_sampling` (a particle's spectrum at any
+frequency), :mod:`.inplane_search` (scores over rotations and shifts), :mod:`.class_sums`
+(exact add / remove of what a particle contributes), :mod:`.references` (FRC, Wiener
+averages, mask, centre), :mod:`.classifier` (the incremental EM), :mod:`.junk_score`
+(which classes are junk), :mod:`.class_set` (what users see).
+"""
+
+from .class_set import PARTICLE_CLASS_COLUMNS, ClassSet, class_set, particle_columns
+from .classifier import ClassifierSettings, StreamingClassifier
+from .junk_score import JUNK_THRESHOLD
+
+__all__ = ["JUNK_THRESHOLD", "PARTICLE_CLASS_COLUMNS", "ClassSet", "ClassifierSettings", "StreamingClassifier",
+           "class_set", "particle_columns"]

@@ -1,0 +1,130 @@
+"""What a classification shows: the class averages with their figures, and each particle's class and pose.
+
+:func:`class_set` reads a :class:`~.classifier.StreamingClassifier` into a
+:class:`ClassSet` (what the files, the published message and the dashboard show);
+:func:`particle_columns` gives each particle's RELION Class2D columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..fourier import irfft2_centered
+from .classifier import StreamingClassifier
+from .junk_score import JUNK_THRESHOLD, junk_features, junk_scores
+from .references import class_averages
+
+__all__ = ["PARTICLE_CLASS_COLUMNS", "ClassSet", "class_set", "particle_columns"]
+
+PARTICLE_CLASS_COLUMNS = ("rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+                          "rlnMaxValueProbDistribution", "rlnCryofastarJunk")
+"""Columns :func:`particle_columns` gives (RELION's Class2D meaning, plus our junk flag)."""
+
+
+@dataclass
+class ClassSet:
+    """The classes at one moment.
+
+    Attributes
+    ----------
+    version: int
+        The classifier's reference version (increases with every update).
+    particles: int
+        Particles classified.
+    averages: torch.Tensor
+        `(K, B, B)` float32 CTF-corrected (Wiener) averages [class, y, x], centre ``B // 2``.
+    apix: float
+        Pixel size, Å.
+    counts: torch.Tensor
+        `(K,)` float64 sum of membership weights.
+    resolution_angstrom: torch.Tensor
+        `(K,)` float64 FRC 0.143 resolution (inf where undefined).
+    accuracy_degrees: torch.Tensor
+        `(K,)` float64 median in-plane uncertainty of the members (NaN for an empty class).
+    junk_score: torch.Tensor
+        `(K,)` float64 in [0, 1].
+    junk: torch.Tensor
+        `(K,)` bool, ``junk_score > JUNK_THRESHOLD``.
+    """
+
+    version: int
+    particles: int
+    averages: torch.Tensor
+    apix: float
+    counts: torch.Tensor
+    resolution_angstrom: torch.Tensor
+    accuracy_degrees: torch.Tensor
+    junk_score: torch.Tensor
+    junk: torch.Tensor
+
+    @property
+    def fractions(self) -> torch.Tensor:
+        """`(K,)` share of the particles in each class."""
+        total = float(self.counts.sum())
+        return self.counts / total if total > 0 else torch.zeros_like(self.counts)
+
+
+def _accuracy(classifier: StreamingClassifier) -> torch.Tensor:
+    t = classifier.table
+    n = t.n
+    best = t.classes[:n, 0]
+    sigma = t.psi_sigma[:n]
+    out = np.full(classifier.settings.n_classes, np.nan)
+    ok = (best >= 0) & np.isfinite(sigma)
+    if ok.any():
+        order = np.lexsort((sigma[ok], best[ok]))
+        cls, sig = best[ok][order], sigma[ok][order]
+        starts = np.searchsorted(cls, np.arange(classifier.settings.n_classes))
+        ends = np.searchsorted(cls, np.arange(classifier.settings.n_classes), side="right")
+        has = ends > starts
+        mid = (starts + ends - 1) // 2
+        out[has] = sig[mid[has]]
+    return torch.from_numpy(out)
+
+
+def class_set(classifier: StreamingClassifier) -> ClassSet:
+    """The classifier's classes now (module docstring)."""
+    c = classifier
+    spectra = class_averages(c.sums, c.frc)
+    averages = irfft2_centered(spectra, c.box).to(torch.float32)
+    counts = c.sums.counts()
+    features = junk_features(averages, c.mask, c.resolution, max_resolution_angstrom=c.box * c.apix / 2)
+    score = junk_scores(features, counts)
+    return ClassSet(version=c.version, particles=c.n_particles, averages=averages, apix=c.apix, counts=counts,
+                    resolution_angstrom=c.resolution.clone(), accuracy_degrees=_accuracy(c), junk_score=score,
+                    junk=score > JUNK_THRESHOLD)
+
+
+def particle_columns(classifier: StreamingClassifier, classes: ClassSet, rows: np.ndarray | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Each particle's class and 2D pose in RELION's Class2D columns (:data:`PARTICLE_CLASS_COLUMNS`).
+
+    The pose is that of the particle's most probable class: ``rlnAnglePsi`` (degrees) and
+    ``rlnOriginX/YAngst = -d * apix`` (docs/conventions.md, "2D alignment").
+
+    Parameters
+    ----------
+    classifier: StreamingClassifier
+        The classifier.
+    classes: ClassSet
+        Its class set (for the junk flag).
+    rows: np.ndarray | None
+        `(n,)` particle indices (default: all, in order).
+    """
+    t = classifier.table
+    rows = np.arange(t.n) if rows is None else np.asarray(rows, dtype=np.int64)
+    best = t.classes[rows, 0]
+    junk = classes.junk.numpy()[np.maximum(best, 0)] & (best >= 0)
+    return {
+        "rlnClassNumber": best + 1,
+        "rlnAnglePsi": t.psi[rows, 0] % 360.0,
+        "rlnOriginXAngst": -t.shifts[rows, 0, 0] * classifier.apix,
+        "rlnOriginYAngst": -t.shifts[rows, 0, 1] * classifier.apix,
+        "rlnMaxValueProbDistribution": t.max_prob[rows],
+        "rlnCryofastarJunk": junk.astype(np.int64),
+    }
+
+

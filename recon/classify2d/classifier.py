@@ -1,0 +1,540 @@
+"""Streaming reference-free 2D classification: particles in, class averages out, refined as they come.
+
+:class:`StreamingClassifier` holds ``K`` classes as exact sums (:mod:`.class_sums`) and,
+for every particle it has seen, what that particle added: up to ``keep`` (class,
+weight, in-plane rotation, displacement) entries. Two operations change the classes:
+
+* :meth:`StreamingClassifier.add`: new particles. Until the classes exist (the first
+  ``init_particles`` of a session) each is put in a random class at a random rotation,
+  which makes the random-subset averages RELION and cryoSPARC start from; afterwards
+  each is aligned (:mod:`.inplane_search`) and added with its posterior weights.
+* :meth:`StreamingClassifier.realign`: particles seen before are aligned again to the
+  current references; what they added is removed exactly and the new assignment added
+  (the same exact remove + add as the 3D accumulator's re-posing). Which particles are
+  due is :meth:`StreamingClassifier.due` (never aligned first, then least recently).
+
+This is incremental EM (soft assignment, class priors, a per-ring noise model from the
+residuals): every call leaves the sums equal to the sum of what the current assignments
+contribute. After each call the references are rebuilt (:mod:`.references`): Wiener
+averages with each class's own FRC-based SSNR, masked with the particle's disc, a
+polar search out to the best class resolution (never beyond ``B / 2 - 1``), centred
+(each class's sums and its members' displacements move together, exactly), and classes
+that hold almost nothing are re-seeded from a half set of the largest class.
+
+The search per batch is coarse-to-fine in the shift: new particles first over every
+shift within ``max_shift_px`` on a 2-pixel lattice at low resolution, then the 3x3
+1-pixel neighbourhood of the best at full resolution; re-aligned particles search the
+neighbourhood of their last shift only. Rotations are searched exhaustively (FFT along
+the angle), refined to a fraction of a step by a parabola.
+
+Poses follow RELION's Class2D meaning (docs/conventions.md, "2D alignment"): the
+particle is its class average transformed like a 3D projection at pose ``(0, 0, psi)``
+and displaced by ``d = -origin`` pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..ctf import CtfParams, ctf_at
+from ..fourier import irfft2_centered, rfft2_centered
+from .class_sums import ClassSums
+from .fourier_sampling import PaddedSpectra, padded_spectra
+from .inplane_search import PolarGrid, polar_samples, score_alignments, shift_disc
+from .references import centre_of_mass, class_averages, class_frc, frc_resolution, soft_circular_mask
+
+__all__ = ["ClassifierSettings", "StreamingClassifier"]
+
+_NEIGHBOURHOOD = shift_disc(1.5)  # the 3x3 1-pixel neighbourhood, (0, 0) first
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """What a 2D classification is asked to do (see the module docstring for the roles).
+
+    Attributes
+    ----------
+    n_classes: int
+        ``K``.
+    diameter_angstrom: float
+        The particle's diameter (the mask; the centring window).
+    max_shift_px: float
+        Largest displacement searched for a new particle, pixels.
+    initial_lowpass_angstrom: float
+        Resolution of the first searches (Å).
+    keep: int
+        Classes a particle may contribute to (its most probable ones).
+    min_weight: float
+        Posterior weights below this are dropped (then the rest renormalised).
+    init_particles: int
+        Particles placed at random to start the classes (default ``20 K``).
+    reseed_fraction: float
+        A class with less than this fraction of an even share is re-seeded.
+    noise_memory: float
+        Particles over which the noise model averages (an exponential window).
+    batch: int
+        Particles per search (bounds memory: about ``batch x S x K x A`` floats).
+    seed: int
+        Seed of the random start and re-seeding.
+    """
+
+    n_classes: int = 50
+    diameter_angstrom: float = 150.0
+    max_shift_px: float = 6.0
+    initial_lowpass_angstrom: float = 25.0
+    keep: int = 3
+    min_weight: float = 0.01
+    init_particles: int | None = None
+    reseed_fraction: float = 0.2
+    noise_memory: float = 5000.0
+    batch: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_classes < 1:
+            raise ValueError(f"the number of classes must be at least 1, got {self.n_classes}")
+        if not (self.diameter_angstrom > 0 and math.isfinite(self.diameter_angstrom)):
+            raise ValueError(f"the particle diameter must be a positive number of Å, got {self.diameter_angstrom}")
+        if not self.max_shift_px >= 0:
+            raise ValueError(f"the largest shift must be >= 0 pixels, got {self.max_shift_px}")
+        if not self.initial_lowpass_angstrom > 0:
+            raise ValueError(f"the initial low-pass must be positive, got {self.initial_lowpass_angstrom} Å")
+        if self.keep < 1:
+            raise ValueError(f"keep must be at least 1, got {self.keep}")
+
+    @property
+    def start_particles(self) -> int:
+        """Particles placed at random before any alignment."""
+        return self.init_particles if self.init_particles is not None else 20 * self.n_classes
+
+
+class _Grow:
+    """A dense per-particle table that grows by doubling: the rows are particle indices."""
+
+    def __init__(self, keep: int) -> None:
+        self.n = 0
+        self.keep = keep
+        self._alloc(1024)
+
+    def _alloc(self, capacity: int) -> None:
+        old = getattr(self, "classes", None)
+        fields = {
+            "classes": np.full((capacity, self.keep), -1, np.int64),
+            "weights": np.zeros((capacity, self.keep), np.float64),
+            "psi": np.zeros((capacity, self.keep), np.float64),
+            "shifts": np.zeros((capacity, self.keep, 2), np.float64),
+            "halves": np.ones(capacity, np.int64),
+            "max_prob": np.zeros(capacity, np.float64),
+            "psi_sigma": np.full(capacity, np.nan, np.float64),
+            "aligned_at": np.full(capacity, -1, np.int64),
+        }
+        if old is not None:
+            for name, new in fields.items():
+                new[: self.n] = getattr(self, name)[: self.n]
+        for name, new in fields.items():
+            setattr(self, name, new)
+        self.capacity = capacity
+
+    def extend(self, count: int) -> np.ndarray:
+        if self.n + count > self.capacity:
+            self._alloc(max(2 * self.capacity, self.n + count))
+        rows = np.arange(self.n, self.n + count)
+        self.n += count
+        return rows
+
+    NAMES = ("classes", "weights", "psi", "shifts", "halves", "max_prob", "psi_sigma", "aligned_at")
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name)[: self.n].copy() for name in self.NAMES}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        n = int(state["classes"].shape[0])
+        self.n = 0
+        self._alloc(max(1024, n))
+        self.n = n
+        for name in self.NAMES:
+            getattr(self, name)[:n] = state[name]
+
+
+class StreamingClassifier:
+    """``K`` 2D classes of a session's particles (module docstring).
+
+    Parameters
+    ----------
+    settings: ClassifierSettings
+        Classes, mask, search ranges.
+    box: int
+        Particle side ``B`` in pixels (even).
+    apix: float
+        Pixel size in Å.
+    """
+
+    def __init__(self, settings: ClassifierSettings, box: int, apix: float) -> None:
+        if box < 16 or box % 2:
+            raise ValueError(f"the particle box must be an even number of pixels >= 16, got {box}")
+        if not apix > 0:
+            raise ValueError(f"the pixel size must be positive, got {apix}")
+        self.settings = settings
+        self.box = box
+        self.apix = float(apix)
+        self.sums = ClassSums(settings.n_classes, box, apix)
+        self.table = _Grow(settings.keep)
+        self.rng = np.random.default_rng(settings.seed)
+        self.version = 0  # increments with every rebuild of the references
+        self.steps = 0  # alignment calls so far (the clock of ``aligned_at``)
+        self.offsets_px = torch.zeros(settings.n_classes, 2, dtype=torch.float64)  # total centring moves (information)
+        diameter_px = settings.diameter_angstrom / self.apix
+        self.mask = soft_circular_mask(box, min(diameter_px, box - 2.0), edge_px=max(2.0, 0.05 * box))
+        self.noise = torch.zeros(box // 2 + 1, dtype=torch.float64)  # sigma2 per ring (polar-sample units)
+        self.noise_mass = 0.0
+        self.r_max = self._radius(settings.initial_lowpass_angstrom)
+        self.frc = torch.zeros(settings.n_classes, box // 2 + 1, dtype=torch.float64)
+        self.resolution = torch.full((settings.n_classes,), math.inf, dtype=torch.float64)
+        self.reference_images = torch.zeros(settings.n_classes, box, box)
+        self.seeds: dict[int, torch.Tensor] = {}
+        self._polar: dict[PolarGrid, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ geometry
+    def _radius(self, angstrom: float) -> int:
+        return int(min(self.box // 2 - 1, max(3, math.floor(self.box * self.apix / angstrom))))
+
+    @property
+    def n_particles(self) -> int:
+        """Particles the classifier holds."""
+        return self.table.n
+
+    @property
+    def started(self) -> bool:
+        """Whether the random start is complete (the references mean something)."""
+        return self.table.n >= self.settings.start_particles
+
+    # ------------------------------------------------------------------ public operations
+    def add(self, images: torch.Tensor, ctf: CtfParams | None = None, halves: torch.Tensor | None = None) -> np.ndarray:
+        """Classify new particles; returns their indices (``0, 1, ...`` in the order they came).
+
+        Parameters
+        ----------
+        images: torch.Tensor
+            `(n, B, B)` float32 particle images [y, x], every pixel finite.
+        ctf: CtfParams | None
+            Their CTF (``None``: no CTF).
+        halves: torch.Tensor | None
+            `(n,)` half set of each, 1 or 2 (default: alternating by index).
+        """
+        self._check(images, ctf)
+        n = images.shape[0]
+        rows = self.table.extend(n)
+        self.table.halves[rows] = (rows % 2 + 1) if halves is None else halves.numpy().astype(np.int64)
+        start_left = max(0, self.settings.start_particles - int(rows[0]))
+        if self.noise_mass == 0:
+            self._init_noise(images)
+        spectra = padded_spectra(images)
+        random_rows = rows[:start_left]
+        if len(random_rows):
+            self._place_at_random(spectra, np.arange(len(random_rows)), random_rows, ctf)
+            self._rebuild()
+        aligned = np.arange(len(random_rows), n)
+        if len(aligned):
+            self._align(spectra, aligned, rows[aligned], ctf, previous=None)
+        self._rebuild()
+        return rows
+
+    def realign(self, rows: np.ndarray, images: torch.Tensor, ctf: CtfParams | None = None) -> None:
+        """Align particles seen before again: their contributions are removed exactly and re-added.
+
+        Parameters
+        ----------
+        rows: np.ndarray
+            `(n,)` indices returned by :meth:`add`.
+        images, ctf:
+            The same images and CTF as when they were added (read again from their files).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        self._check(images, ctf)
+        if rows.shape[0] != images.shape[0]:
+            raise ValueError(f"{rows.shape[0]} particle indices for {images.shape[0]} images")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.table.n):
+            raise ValueError(f"particle indices must be within 0..{self.table.n - 1}")
+        spectra = padded_spectra(images)
+        local = np.arange(rows.shape[0])
+        self._contribute(spectra, local, rows, ctf, sign=-1.0)
+        previous = self.table.shifts[rows, 0] if self.started else None
+        never = self.table.aligned_at[rows] < 0
+        if previous is not None:
+            previous = np.where(never[:, None], np.nan, previous)
+        self._align(spectra, local, rows, ctf, previous=previous)
+        self._rebuild()
+
+    def due(self, count: int) -> np.ndarray:
+        """Up to ``count`` particle indices most in need of re-alignment (never aligned, then oldest)."""
+        if not self.started or count <= 0:
+            return np.zeros(0, dtype=np.int64)
+        when = self.table.aligned_at[: self.table.n]
+        order = np.argsort(when, kind="stable")
+        return order[:count].astype(np.int64)
+
+    # ------------------------------------------------------------------ internals
+    def _check(self, images: torch.Tensor, ctf: CtfParams | None) -> None:
+        if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
+            raise ValueError(f"images must be (n, {self.box}, {self.box}), got {tuple(images.shape)}")
+        if not torch.isfinite(images).all():
+            raise ValueError("images with NaN or infinite pixels cannot be classified")
+        if ctf is not None and len(ctf) != images.shape[0]:
+            raise ValueError(f"{len(ctf)} CTF parameter sets for {images.shape[0]} images")
+
+    def _init_noise(self, images: torch.Tensor) -> None:
+        """First noise model: the particles' own power per ring (signal included, so it starts cautious)."""
+        power = rfft2_centered(images.to(torch.float32)).abs().square().to(torch.float64)
+        ring = self.sums.radius.round().long().clamp(max=self.box // 2)
+        per_ring = torch.zeros(images.shape[0], self.box // 2 + 1, dtype=torch.float64).index_add_(
+            1, ring.flatten(), power.reshape(images.shape[0], -1))
+        count = torch.bincount(ring.flatten(), minlength=self.box // 2 + 1).to(torch.float64)
+        self.noise = (per_ring / count).mean(0).clamp(min=1e-12)
+        self.noise_mass = float(images.shape[0])
+
+    def _place_at_random(self, spectra: PaddedSpectra, local: np.ndarray, rows: np.ndarray,
+                         ctf: CtfParams | None) -> None:
+        t = self.table
+        t.classes[rows] = -1
+        t.weights[rows] = 0
+        t.classes[rows, 0] = self.rng.integers(0, self.settings.n_classes, len(rows))
+        t.weights[rows, 0] = 1.0
+        t.psi[rows, 0] = self.rng.uniform(0, 360, len(rows))
+        t.shifts[rows, 0] = 0
+        t.max_prob[rows] = 1.0 / self.settings.n_classes
+        self._contribute(spectra, local, rows, ctf, sign=1.0)
+
+    def _contribute(self, spectra: PaddedSpectra, local: np.ndarray, rows: np.ndarray, ctf: CtfParams | None,
+                    sign: float) -> None:
+        """Add (or remove) what the particles' table entries say they contribute."""
+        t = self.table
+        slot_rows, slot = np.nonzero(t.classes[rows] >= 0)
+        if slot_rows.size == 0:
+            return
+        r = rows[slot_rows]
+        which = torch.from_numpy(local[slot_rows])
+        sub_ctf = None if ctf is None else ctf[which]
+        for lo in range(0, len(r), 256):  # bounded temporaries
+            part = slice(lo, lo + 256)
+            terms = self.sums.contributions(
+                spectra, which[part], None if sub_ctf is None else sub_ctf[torch.arange(len(r))[part]],
+                torch.from_numpy(t.psi[r[part], slot[part]]), torch.from_numpy(t.shifts[r[part], slot[part]]))
+            self.sums.add(torch.from_numpy(t.classes[r[part], slot[part]]), torch.from_numpy(t.halves[r[part]]),
+                          torch.from_numpy(t.weights[r[part], slot[part]]), terms, sign=sign)
+
+    def _grid(self, r_max: int) -> PolarGrid:
+        return PolarGrid.for_radius(r_max)
+
+    def _polar_references(self, grid: PolarGrid) -> torch.Tensor:
+        if grid not in self._polar:
+            self._polar[grid] = polar_samples(padded_spectra(self.reference_images), grid)
+        return self._polar[grid]
+
+    def _ring_weight(self, grid: PolarGrid) -> torch.Tensor:
+        r = grid.radii.to(torch.float64)
+        sigma2 = self.noise[grid.r_min: grid.r_max + 1]
+        return (math.pi * r / (grid.n_angles * sigma2)).to(torch.float32)
+
+    def _search(self, spectra: PaddedSpectra, local: np.ndarray, ctf: CtfParams | None, shifts: torch.Tensor,
+                grid: PolarGrid):
+        which = torch.from_numpy(local)
+        sub = PaddedSpectra(spectra.values[which], spectra.box)
+        particles = polar_samples(sub, grid)
+        ctf_polar = None
+        if ctf is not None:
+            freq = grid.frequencies / (self.box * self.apix)  # 1/Å
+            ctf_polar = ctf_at(ctf[which], freq)
+        result = score_alignments(particles, ctf_polar, shifts, self._polar_references(grid),
+                                  self._ring_weight(grid), grid, self.box)
+        return result, particles, ctf_polar
+
+    def _log_prior(self) -> torch.Tensor:
+        counts = self.sums.counts().to(torch.float32)
+        total = float(counts.sum())
+        if total <= 0:
+            return torch.zeros(self.settings.n_classes)
+        return torch.log((counts / total).clamp(min=1e-3 / self.settings.n_classes))
+
+    def _align(self, spectra: PaddedSpectra, local: np.ndarray, rows: np.ndarray, ctf: CtfParams | None,
+               previous: np.ndarray | None) -> None:
+        """Search, then write the table entries and add the contributions, batch by batch."""
+        s = self.settings
+        fine = self._grid(self.r_max)
+        coarse = self._grid(min(self.r_max, max(4, self.box // 8)))
+        lattice = shift_disc(s.max_shift_px, step=2.0 if s.max_shift_px >= 2 else 1.0)
+        for lo in range(0, len(local), s.batch):
+            part_local = local[lo: lo + s.batch]
+            part_rows = rows[lo: lo + s.batch]
+            n = len(part_local)
+            centre = torch.zeros(n, 2)
+            known = np.zeros(n, dtype=bool)
+            if previous is not None:
+                prev = previous[lo: lo + s.batch]
+                known = np.isfinite(prev[:, 0])
+                centre[torch.from_numpy(known)] = torch.from_numpy(prev[known]).to(torch.float32)
+            if (~known).any():
+                idx = np.nonzero(~known)[0]
+                coarse_result, _, _ = self._search(spectra, part_local[idx], ctf, lattice, coarse)
+                sc = coarse_result.scores  # (m, S, K, A)
+                best = sc.flatten(2).amax(-1).argmax(-1)  # best shift per particle
+                centre[torch.from_numpy(idx)] = lattice[best]
+            trial = centre[:, None, :] + _NEIGHBOURHOOD[None]
+            trial = self._clamp_shift(trial)
+            result, particles, ctf_polar = self._search(spectra, part_local, ctf, trial, fine)
+            self._assign(result, particles, ctf_polar, fine, part_local, part_rows, spectra, ctf)
+
+    def _clamp_shift(self, shifts: torch.Tensor) -> torch.Tensor:
+        limit = self.settings.max_shift_px + 1.0
+        norm = shifts.norm(dim=-1, keepdim=True)
+        return torch.where(norm > limit, shifts * (limit / norm.clamp(min=1e-9)), shifts)
+
+    def _assign(self, result, particles, ctf_polar, grid: PolarGrid, local: np.ndarray, rows: np.ndarray,
+                spectra: PaddedSpectra, ctf: CtfParams | None) -> None:
+        s = self.settings
+        scores = result.scores  # (n, S, K, A)
+        n, n_shifts, k_classes, n_angles = scores.shape
+        log_prior = self._log_prior()
+        per_class = scores.permute(0, 2, 1, 3).reshape(n, k_classes, -1)  # (n, K, S*A)
+        evidence = torch.logsumexp(per_class, -1) + log_prior  # (n, K)
+        post = torch.softmax(evidence, -1)
+        top_w, top_k = post.topk(min(s.keep, k_classes), dim=-1)
+        top_w = torch.where(top_w >= s.min_weight, top_w, 0)
+        top_w[:, 0] = torch.where(top_w[:, 0] > 0, top_w[:, 0], 1.0)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        # best (shift, rotation) within each kept class
+        chosen = torch.gather(per_class, 1, top_k[..., None].expand(-1, -1, per_class.shape[-1]))  # (n, J, S*A)
+        flat_best = chosen.argmax(-1)
+        shift_i, angle_i = flat_best // n_angles, flat_best % n_angles
+        # parabolic refinement along the angle at the best shift
+        line = chosen.reshape(n, -1, n_shifts, n_angles)
+        line = torch.gather(line, 2, shift_i[..., None, None].expand(-1, -1, 1, n_angles))[:, :, 0]  # (n, J, A)
+        left = torch.gather(line, 2, ((angle_i - 1) % n_angles)[..., None])[..., 0]
+        mid = torch.gather(line, 2, angle_i[..., None])[..., 0]
+        right = torch.gather(line, 2, ((angle_i + 1) % n_angles)[..., None])[..., 0]
+        curvature = left - 2 * mid + right
+        offset = torch.where(curvature < 0, 0.5 * (left - right) / curvature.clamp(max=-1e-12), 0).clamp(-0.5, 0.5)
+        step = grid.step_degrees
+        psi = ((angle_i.to(torch.float64) + offset.to(torch.float64)) * step) % 360.0
+        sigma = torch.where(curvature[:, 0] < 0, step / (-curvature[:, 0].clamp(max=-1e-12)).sqrt(),
+                            torch.tensor(float("nan")))
+        shifts = torch.gather(result.shifts, 1, shift_i[..., None].expand(-1, -1, 2))  # (n, J, 2)
+        # MAP probability of the single best hypothesis (RELION's rlnMaxValueProbDistribution)
+        total = torch.logsumexp(per_class + log_prior[None, :, None], -1)
+        total = torch.logsumexp(total, -1)
+        best_all = (per_class + log_prior[None, :, None]).flatten(1).amax(-1)
+        max_prob = torch.exp(best_all - total)
+        t = self.table
+        t.classes[rows] = -1
+        t.weights[rows] = 0
+        keep = top_w > 0
+        kept_k = torch.where(keep, top_k, -1).numpy()
+        t.classes[rows] = kept_k
+        t.weights[rows] = top_w.to(torch.float64).numpy()
+        t.psi[rows] = psi.numpy()
+        t.shifts[rows] = shifts.to(torch.float64).numpy()
+        t.max_prob[rows] = max_prob.to(torch.float64).numpy()
+        t.psi_sigma[rows] = sigma.to(torch.float64).numpy()
+        t.aligned_at[rows] = self.steps
+        self.steps += 1
+        self._update_noise(particles, ctf_polar, grid, top_k[:, 0], shift_i[:, 0], angle_i[:, 0], result.shifts)
+        self._contribute(spectra, local, rows, ctf, sign=1.0)
+
+    def _update_noise(self, particles, ctf_polar, grid: PolarGrid, k, shift_i, angle_i, trial) -> None:
+        """Fold the residual power of each particle's best hypothesis into the per-ring noise model."""
+        n, n_rings, n_angles = particles.shape
+        refs = self._polar_references(grid)[k]  # (n, R, A)
+        roll = (torch.arange(n_angles)[None, :] + angle_i[:, None]) % n_angles  # Ref(theta + psi)
+        turned = torch.gather(refs, 2, roll[:, None, :].expand(-1, n_rings, -1))
+        d = trial[torch.arange(n), shift_i]  # (n, 2)
+        phase = (2 * math.pi / self.box) * torch.einsum("rac,nc->nra", grid.frequencies, d)
+        unshifted = particles * torch.polar(torch.ones_like(phase), phase)
+        model = turned if ctf_polar is None else turned * ctf_polar
+        residual = (unshifted - model).abs().square().mean(-1).to(torch.float64).sum(0)  # (R,)
+        decay = math.exp(-n / self.settings.noise_memory)
+        lo, hi = grid.r_min, grid.r_max + 1
+        mass = self.noise_mass
+        self.noise[lo:hi] = (decay * mass * self.noise[lo:hi] + residual) / (decay * mass + n)
+        self.noise_mass = decay * mass + n
+
+    # ------------------------------------------------------------------ references
+    def _rebuild(self) -> None:
+        """New references from the sums: FRC, Wiener averages, centring, re-seeding, the search radius."""
+        self.frc = class_frc(self.sums)
+        self.resolution = frc_resolution(self.frc, self.box, self.apix)
+        counts = self.sums.counts()
+        if self.started:
+            self._centre()
+            self._reseed(counts)
+            self.r_max = self._search_radius(counts)
+        spectra = class_averages(self.sums, self.frc, r_max=self.r_max)
+        images = irfft2_centered(spectra, self.box).to(torch.float32) * self.mask
+        for k, seed in self.seeds.items():
+            images[k] = seed
+        self.reference_images = images
+        self._polar = {}
+        self.version += 1
+
+    def _search_radius(self, counts: torch.Tensor) -> int:
+        """The polar search's radius: the median class resolution (by particles), grown at most 2 rings a rebuild."""
+        res = self.resolution.clone()
+        res[~torch.isfinite(res)] = self.box * self.apix / 2
+        order = torch.argsort(res)
+        cum = torch.cumsum(counts[order], 0)
+        if float(cum[-1]) <= 0:
+            return self.r_max
+        median = float(res[order][int(torch.searchsorted(cum, 0.5 * cum[-1]))])
+        target = int(math.ceil(self.box * self.apix / median))
+        target = max(self._radius(self.settings.initial_lowpass_angstrom), min(self.box // 2 - 1, target))
+        return min(target, self.r_max + 2) if target > self.r_max else target
+
+    def _centre(self) -> None:
+        """Move each class's density to the box centre: its sums and its members' displacements together."""
+        spectra = class_averages(self.sums, self.frc, r_max=self.r_max)
+        images = irfft2_centered(spectra, self.box).to(torch.float32)
+        com = centre_of_mass(images, self.mask).to(torch.float64)  # (K, 2)
+        move = torch.where(com.norm(dim=-1, keepdim=True) > 0.5, -com, torch.zeros_like(com))
+        if not bool((move != 0).any()):
+            return
+        self.sums.shift_classes(move)
+        self.offsets_px += move
+        # a member with pose (psi, d) now sits at d - A(psi) c in the moved class (class_sums docstring)
+        t = self.table
+        n = t.n
+        cls = t.classes[:n]
+        members = cls >= 0
+        c = move.numpy()[np.where(members, cls, 0)]  # (n, J, 2)
+        psi = np.deg2rad(t.psi[:n])
+        cos, sin = np.cos(psi), np.sin(psi)
+        ax = cos * c[..., 0] + sin * c[..., 1]
+        ay = -sin * c[..., 0] + cos * c[..., 1]
+        t.shifts[:n, :, 0] -= np.where(members, ax, 0)
+        t.shifts[:n, :, 1] -= np.where(members, ay, 0)
+
+    def _reseed(self, counts: torch.Tensor) -> None:
+        """A class with almost nothing starts again from one half set of the largest class."""
+        s = self.settings
+        self.seeds = {}
+        total = float(counts.sum())
+        if total <= 0:
+            return
+        fair = total / s.n_classes
+        small = torch.nonzero(counts < s.reseed_fraction * fair).flatten().tolist()
+        if not small:
+            return
+        order = torch.argsort(counts, descending=True).tolist()
+        spectra_h1 = class_averages(self.sums, self.frc, r_max=self.r_max)  # full set
+        half = [self.sums.wiener(half=h) for h in (1, 2)]
+        for i, k in enumerate(small):
+            donor = order[i % max(1, len(order) // 2)]
+            h = int(self.rng.integers(0, 2))
+            spectrum = torch.where(self.sums.radius <= self.r_max, half[h][donor], 0)
+            # the half set's own noise makes the copy differ from its donor: the two then split its particles
+            image = irfft2_centered(spectrum, self.box).to(torch.float32) * self.mask
+            scale = spectra_h1[donor].abs().square().sum().sqrt() / spectrum.abs().square().sum().sqrt().clamp(
+                min=1e-30)
+            self.seeds[k] = image * float(scale)
+

@@ -1,0 +1,100 @@
+"""Particle spectra sampled at arbitrary frequencies: the one interpolation of 2D classification.
+
+Both the in-plane search (a polar grid of frequencies) and the class sums (the class's
+rfft grid, rotated into each particle's frame) read a particle's 2D Fourier transform
+off the integer grid. Images are zero-padded to twice their side before the transform,
+so the spectrum is sampled every half Fourier pixel and bilinear interpolation of the
+complex values is accurate for particles that fill up to half the box.
+
+Conventions (docs/conventions.md): the real-space centre of a ``B x B`` image is pixel
+``B // 2``; it is the phase origin of every transform here, as in
+:func:`~cryofastar.recon.fourier.rfft2_centered`. Frequencies are in **Fourier pixels of
+the unpadded box** (cycles per box, ``k / (B * apix)`` in 1/Å), vector order (x, y); at
+integer frequencies the padded spectrum equals ``rfft2_centered`` of the unpadded image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PaddedSpectra", "padded_spectra", "sample_spectra"]
+
+
+class PaddedSpectra:
+    """Full, centred 2D spectra of zero-padded images.
+
+    Attributes
+    ----------
+    values: torch.Tensor
+        `(n, P, P)` complex64, ``P = 2 B``; frequency ``(fx, fy)`` (unpadded Fourier
+        pixels) sits at index ``[P // 2 + 2 fy, P // 2 + 2 fx]``.
+    box: int
+        ``B``, the images' side in pixels.
+    """
+
+    def __init__(self, values: torch.Tensor, box: int) -> None:
+        self.values = values
+        self.box = box
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+
+def padded_spectra(images: torch.Tensor) -> PaddedSpectra:
+    """Spectra of `(n, B, B)` real images [y, x], zero-padded to ``2B`` (see :class:`PaddedSpectra`)."""
+    n, box, _ = images.shape
+    lo = box // 2
+    padded = F.pad(images.to(torch.float32), (lo, box - lo, lo, box - lo))  # centre B//2 -> P//2
+    spectrum = torch.fft.fft2(torch.fft.ifftshift(padded, dim=(-2, -1)))
+    return PaddedSpectra(torch.fft.fftshift(spectrum, dim=(-2, -1)), box)
+
+
+def sample_spectra(spectra: PaddedSpectra, frequencies: torch.Tensor,
+                   which: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinear samples of the spectra at arbitrary frequencies.
+
+    Parameters
+    ----------
+    spectra: PaddedSpectra
+        `n` padded spectra.
+    frequencies: torch.Tensor
+        `(M, 2)` frequencies (fx, fy) shared by every spectrum, or `(m, M, 2)` one set per
+        sampled row; unpadded Fourier pixels, ``|f| < B / 2 * sqrt(2)`` (outside the grid
+        reads 0).
+    which: torch.Tensor | None
+        `(m,)` int64 spectrum of each row of a per-row ``frequencies`` (default: every
+        spectrum, ``m = n``).
+
+    Returns
+    -------
+    torch.Tensor
+        `(n or m, M)` complex64 samples.
+    """
+    values = spectra.values
+    n, size, _ = values.shape
+    half = size // 2
+    if which is None:
+        which = torch.arange(n, device=values.device)
+    if frequencies.ndim == 2:
+        frequencies = frequencies.expand(which.shape[0], -1, -1)
+    gx = half + 2.0 * frequencies[..., 0].to(torch.float32)
+    gy = half + 2.0 * frequencies[..., 1].to(torch.float32)
+    x0 = gx.floor()
+    y0 = gy.floor()
+    tx = (gx - x0)
+    ty = (gy - y0)
+    x0 = x0.long()
+    y0 = y0.long()
+    inside = (x0 >= 0) & (y0 >= 0) & (x0 < size - 1) & (y0 < size - 1)
+    x0 = x0.clamp(0, size - 2)
+    y0 = y0.clamp(0, size - 2)
+    flat = values.reshape(-1)
+    base = which[:, None] * (size * size) + y0 * size + x0  # (m, M) into the flattened spectra
+
+    def at(offset: int) -> torch.Tensor:
+        return torch.take(flat, base + offset)
+
+    out = ((1 - ty) * ((1 - tx) * at(0) + tx * at(1))
+           + ty * ((1 - tx) * at(size) + tx * at(size + 1)))
+    return out * inside

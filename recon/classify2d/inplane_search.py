@@ -1,0 +1,167 @@
+"""Score every particle against every class reference over in-plane rotations and shifts.
+
+The model of a particle (docs/conventions.md, "2D alignment"): its spectrum is
+
+    X(q) = CTF(q) * exp(-2 pi i q.d) * Ref_k(A(psi)^T q) + noise,
+
+where ``A(psi)`` is the 2x2 block of RELION's Euler matrix of ``(0, 0, psi)`` (the image
+of the class turned as a 3D projection at that pose), ``d`` the particle's displacement
+in pixels (RELION's origin is ``-d``) and the noise is white per Fourier ring with
+variance ``sigma2(r)``. On a polar grid of frequencies, ``A(psi)^T`` turns a point
+``(r, theta)`` into ``(r, theta + psi)``, so a rotation is a cyclic shift along the
+angle, and the correlation over every rotation is one FFT along the angle. The shift
+``d`` is undone on the particle's side (a phase per polar point, exact), so each
+particle may bring its own set of trial shifts.
+
+The score is the Gaussian log-likelihood up to a constant per particle,
+
+    L(k, d, psi) = sum_r g_r [ 2 Re sum_theta conj(X_d) CTF Ref_k(theta + psi)
+                               - <CTF^2>_r sum_theta |Ref_k(r, theta)|^2 ],
+
+with ``g_r = pi r / (A sigma2(r))`` (a polar point stands for ``pi r / A`` independent
+Fourier pixels of the half plane) and the ring mean of ``CTF^2`` in the energy term
+(exact without astigmatism; the cross term uses the full 2D CTF).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .fourier_sampling import PaddedSpectra, sample_spectra
+
+__all__ = ["PolarGrid", "SearchResult", "polar_samples", "score_alignments", "shift_disc"]
+
+
+@dataclass(frozen=True)
+class PolarGrid:
+    """Rings ``r_min .. r_max`` (unpadded Fourier pixels, step 1) times ``n_angles`` angles.
+
+    ``n_angles`` is even (a real image's spectrum at ``theta + pi`` is the conjugate of
+    that at ``theta``, which the search relies on).
+    """
+
+    r_min: int
+    r_max: int
+    n_angles: int
+
+    @classmethod
+    def for_radius(cls, r_max: int, r_min: int = 1, min_angles: int = 64) -> PolarGrid:
+        """A grid out to ``r_max`` with at least ``2 pi r_max`` angles (a power of two)."""
+        need = max(min_angles, 2 * math.pi * r_max)
+        return cls(r_min, max(r_min, r_max), 1 << math.ceil(math.log2(need)))
+
+    @property
+    def radii(self) -> torch.Tensor:
+        """`(R,)` float32 ring radii."""
+        return torch.arange(self.r_min, self.r_max + 1, dtype=torch.float32)
+
+    @property
+    def angles(self) -> torch.Tensor:
+        """`(A,)` float64 angles in radians, ``2 pi j / A``."""
+        return torch.arange(self.n_angles, dtype=torch.float64) * (2 * math.pi / self.n_angles)
+
+    @property
+    def frequencies(self) -> torch.Tensor:
+        """`(R, A, 2)` float32 (fx, fy) of every polar point."""
+        a = self.angles
+        r = self.radii.to(torch.float64)
+        return torch.stack([r[:, None] * torch.cos(a), r[:, None] * torch.sin(a)], -1).to(torch.float32)
+
+    @property
+    def step_degrees(self) -> float:
+        """Angular step in degrees."""
+        return 360.0 / self.n_angles
+
+
+def polar_samples(spectra: PaddedSpectra, grid: PolarGrid) -> torch.Tensor:
+    """`(n, R, A)` complex64 samples of each spectrum on the polar grid."""
+    freq = grid.frequencies
+    return sample_spectra(spectra, freq.reshape(-1, 2)).reshape(len(spectra), *freq.shape[:2])
+
+
+def shift_disc(radius: float, step: float = 1.0) -> torch.Tensor:
+    """`(S, 2)` float32 shifts (x, y) in pixels on a square lattice of ``step`` within ``radius``, (0, 0) first."""
+    m = int(math.floor(radius / step))
+    axis = torch.arange(-m, m + 1, dtype=torch.float32) * step
+    gy, gx = torch.meshgrid(axis, axis, indexing="ij")
+    pts = torch.stack([gx.flatten(), gy.flatten()], -1)
+    pts = pts[pts.norm(dim=-1) <= radius + 1e-6]
+    order = torch.argsort(pts.norm(dim=-1), stable=True)
+    return pts[order]
+
+
+@dataclass
+class SearchResult:
+    """The score of every (particle, shift, class, rotation).
+
+    Attributes
+    ----------
+    scores: torch.Tensor
+        `(n, S, K, A)` float32 log-likelihoods (module docstring), rotation ``psi_j = 360 j / A`` degrees.
+    shifts: torch.Tensor
+        `(n, S, 2)` the trial displacements ``d`` (pixels, x, y) they were computed at.
+    """
+
+    scores: torch.Tensor
+    shifts: torch.Tensor
+
+
+def score_alignments(
+    particles: torch.Tensor,
+    ctf: torch.Tensor | None,
+    shifts: torch.Tensor,
+    references: torch.Tensor,
+    ring_weight: torch.Tensor,
+    grid: PolarGrid,
+    box: int,
+) -> SearchResult:
+    """Log-likelihood of each particle for each shift, class and in-plane rotation.
+
+    Parameters
+    ----------
+    particles: torch.Tensor
+        `(n, R, A)` complex64 polar samples of the particles (:func:`polar_samples`).
+    ctf: torch.Tensor | None
+        `(n, R, A)` float32 each particle's CTF on the same polar points, or ``None``.
+    shifts: torch.Tensor
+        `(n, S, 2)` or `(S, 2)` trial displacements ``d`` (pixels, x, y).
+    references: torch.Tensor
+        `(K, R, A)` complex64 polar samples of the class references (CTF-free).
+    ring_weight: torch.Tensor
+        `(R,)` ``g_r = pi r / (A sigma2(r))``; 0 drops a ring.
+    grid: PolarGrid
+        The polar grid of all of them.
+    box: int
+        The particles' side ``B`` in pixels (a frequency ``f`` is ``f / B`` cycles per pixel).
+
+    Returns
+    -------
+    SearchResult
+    """
+    n, n_rings, n_angles = particles.shape
+    if shifts.ndim == 2:
+        shifts = shifts.expand(n, -1, -1)
+    freq = grid.frequencies  # (R, A, 2)
+    # undo each trial displacement: multiply by exp(+2 pi i q.d)
+    phase = (2 * math.pi / box) * torch.einsum("rac,nsc->nsra", freq, shifts.to(torch.float32))
+    weighted = particles if ctf is None else particles * ctf
+    weighted = weighted * ring_weight[None, :, None]
+    shifted = weighted[:, None] * torch.polar(torch.ones_like(phase), phase)  # (n, S, R, A)
+    half = n_angles // 2 + 1
+    u_hat = torch.fft.fft(shifted, dim=-1)[..., :half]  # (n, S, R, M)
+    r_hat = torch.fft.fft(references, dim=-1)[..., :half]  # (K, R, M)
+    n_shifts = shifts.shape[1]
+    # sum over rings, one complex matrix product per angular frequency m
+    lhs = u_hat.conj().permute(3, 0, 1, 2).reshape(half, n * n_shifts, n_rings)
+    rhs = r_hat.permute(2, 1, 0)  # (M, R, K)
+    z = torch.bmm(lhs, rhs)  # (M, n*S, K)
+    cross = torch.fft.irfft(z.permute(1, 2, 0), n=n_angles, dim=-1)  # (n*S, K, A): sum_theta conj(U) Ref(theta+psi)
+    cross = cross.reshape(n, n_shifts, -1, n_angles)
+    ctf2 = (torch.ones(n, n_rings) if ctf is None else ctf.square().mean(dim=-1))  # (n, R)
+    ref_power = references.abs().square().sum(dim=-1)  # (K, R)
+    energy = (ctf2 * ring_weight) @ ref_power.T  # (n, K)
+    scores = 2 * cross - energy[:, None, :, None]
+    return SearchResult(scores=scores, shifts=shifts)
