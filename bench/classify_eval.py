@@ -648,6 +648,22 @@ def _average_index(reference_image: pd.Series) -> np.ndarray:
     return np.array([int(str(name).split("@")[0]) - 1 for name in reference_image], dtype=np.int64)
 
 
+def _spread(match: ClassMatch, rows: np.ndarray) -> ClassMatch:
+    """``match`` of the classes ``rows`` (`(K,)` bool) spread over all ``K`` classes, NaN (identity pose) elsewhere."""
+    def put(values: np.ndarray, fill: np.ndarray | float) -> np.ndarray:
+        out = np.empty((len(rows), *values.shape[1:]), dtype=np.float64)
+        out[...] = fill
+        out[rows] = values
+        return out
+
+    return ClassMatch(correlation=put(match.correlation, np.nan),
+                      correlation_unfiltered=put(match.correlation_unfiltered, np.nan),
+                      search_correlation=put(match.search_correlation, np.nan),
+                      rotations=put(match.rotations, np.eye(3)), shifts_px=put(match.shifts_px, np.nan),
+                      mask_radius_px=match.mask_radius_px, lowpass_angstrom=match.lowpass_angstrom,
+                      n_directions=match.n_directions)
+
+
 def evaluate_classification(out_dir: str | Path, session_dir: str | Path, lowpass_angstrom: float | None = 10.0,
                             threshold: float = GOOD_CORRELATION, symmetry: torch.Tensor | None = None,
                             direction_step_degrees: float = 3.5, max_shift_px: float = 3.0) -> dict:
@@ -696,8 +712,11 @@ def evaluate_classification(out_dir: str | Path, session_dir: str | Path, lowpas
         raise ValueError(f"particles in class {int(particle_class[unknown][0])}, which classes.star does not list")
     particle_row = row_of_number.loc[particle_class].to_numpy()
 
-    match = match_class_averages(averages[torch.as_tensor(image_of_row)], volume, map_apix, lowpass_angstrom,
+    counts = np.bincount(particle_row, minlength=len(numbers))
+    occupied = counts > 0  # an empty class has nothing to be judged by: it is left out (NaN)
+    found = match_class_averages(averages[torch.as_tensor(image_of_row[occupied])], volume, map_apix, lowpass_angstrom,
                                  direction_step_degrees, max_shift_px)
+    match = _spread(found, occupied)
     junk_type = (truth[SIMULATED_JUNK_COLUMN].to_numpy(dtype=np.int64) if SIMULATED_JUNK_COLUMN in truth
                  else np.zeros(len(truth), dtype=np.int64))
     real = junk_type == 0
@@ -714,7 +733,6 @@ def evaluate_classification(out_dir: str | Path, session_dir: str | Path, lowpas
                        swing_median_degrees=float(swing.median()), swing_p90_degrees=float(torch.quantile(swing, 0.9)),
                        within_5_degrees=float((twist < 5).double().mean()))
 
-    counts = np.bincount(particle_row, minlength=len(numbers))
     real_counts = np.bincount(particle_row[real], minlength=len(numbers))
     rot, tilt, psi = (t.numpy() for t in matrix_to_euler(torch.as_tensor(match.rotations)))
     per_class = []
@@ -736,7 +754,6 @@ def evaluate_classification(out_dir: str | Path, session_dir: str | Path, lowpas
         if JUNK_COLUMN not in predicted:
             raise ValueError(f"{out_dir / 'particles.star'}: no column {JUNK_COLUMN}")
         junk = junk_metrics(predicted[JUNK_COLUMN].to_numpy(), junk_type)
-    occupied = counts > 0
     return {
         "n_particles": int(len(predicted)), "n_real": int(real.sum()), "n_classes": int(len(numbers)),
         "n_classes_occupied": int(occupied.sum()),
