@@ -14,8 +14,6 @@ from pathlib import Path
 from types import TracebackType
 
 import numpy as np
-import pandas as pd
-import starfile
 import torch
 import zmq
 from cryofastar.protocol import (
@@ -27,14 +25,13 @@ from cryofastar.protocol import (
     VolumeMessage,
     decode,
 )
-from cryofastar.recon.io import write_fsc_table, write_stack, write_volume
-from cryofastar.recon.io.atomic import atomic_path
+from cryofastar.recon.io import write_fsc_table, write_volume
+from cryofastar.recon.io.class_files import write_class_files
 from cryofastar.recon.io.tables import FSC_HALF_MAPS_COLUMN
 
 from cryofastar.options import argument, option
 
-__all__ = ["CLASS_STAR_COLUMNS", "UNDEFINED_STAR_VALUE", "Subscriber", "describe", "run_subscriber", "save_classes",
-           "save_volume"]
+__all__ = ["Subscriber", "describe", "run_subscriber", "save_classes", "save_volume"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,26 +151,18 @@ def save_volume(message: VolumeMessage, save_dir: Path) -> Path:
     return numbered
 
 
-CLASS_STAR_COLUMNS = ("rlnReferenceImage", "rlnClassNumber", "rlnClassDistribution", "rlnEstimatedResolution",
-                      "rlnAccuracyRotations", "rlnCryofastarParticleCount", "rlnCryofastarJunk",
-                      "rlnCryofastarJunkScore")
-"""Columns of the ``data_model_classes`` table :func:`save_classes` writes: RELION's (``rlnReferenceImage`` =
-``class@stack``, so ``relion_display`` shows the averages) and this package's count (summed membership
-weights), junk flag (0 / 1) and junk score ([0, 1])."""
-
-UNDEFINED_STAR_VALUE = 999.0
-"""What :func:`save_classes` writes for an undefined resolution or accuracy: RELION's value for them."""
-
 
 def save_classes(message: ClassesMessage, save_dir: Path) -> Path:
     """Write a classes message as an MRC stack of the averages and a RELION-style class table (each atomically).
 
     Writes ``class_averages_<version:06d>.mrcs`` (the `(K, B, B)` averages in class order,
-    pixel size ``apix``) and ``classes_<version:06d>.star`` (one ``data_model_classes`` table,
-    columns :data:`CLASS_STAR_COLUMNS`, one row per class in class order; an undefined
-    resolution or accuracy is :data:`UNDEFINED_STAR_VALUE`, as RELION writes it), and the same
-    two as ``class_averages.mrcs`` and ``classes.star`` (the latest). ``rlnReferenceImage``
-    names the average as ``<row, 6 digits>@<stack>``, the stack relative to ``save_dir``.
+    pixel size ``apix``) and ``classes_<version:06d>.star``, and the same two as
+    ``class_averages.mrcs`` and ``classes.star`` (the latest), all through the package's one
+    writer of class files, :func:`~cryofastar.recon.io.class_files.write_class_files`: one
+    ``data_model_classes`` table, a row per class in class order (``rlnReferenceImage``
+    naming the average in the stack beside it, ``rlnClassNumber``, ``rlnClassDistribution``,
+    ``rlnEstimatedResolution``, ``rlnAccuracyRotations``, 999 where undefined as RELION
+    writes them, ``rlnCryofastarParticleCount``, ``rlnCryofastarJunk``, ``rlnCryofastarJunkScore``).
 
     Parameters
     ----------
@@ -190,25 +179,15 @@ def save_classes(message: ClassesMessage, save_dir: Path) -> Path:
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     averages = torch.from_numpy(np.ascontiguousarray(message.averages, dtype=np.float32))
+    classes = message.classes
     numbered = save_dir / f"class_averages_{message.version:06d}.mrcs"
     for stack, table in ((numbered, save_dir / f"classes_{message.version:06d}.star"),
                          (save_dir / "class_averages.mrcs", save_dir / "classes.star")):
-        write_stack(stack, averages, message.apix)
-        with atomic_path(table) as tmp:
-            starfile.write({"model_classes": _class_table(message, stack.name)}, tmp, overwrite=True)
+        write_class_files(stack, table, averages, message.apix, [c.count for c in classes],
+                          [c.resolution_angstrom for c in classes], [c.accuracy_degrees for c in classes],
+                          [c.junk for c in classes], [c.junk_score for c in classes],
+                          numbers=[c.number for c in classes])
     return numbered
-
-
-def _class_table(message: ClassesMessage, stack: str) -> pd.DataFrame:
-    """The ``data_model_classes`` rows of ``message``, averages named in ``stack``."""
-    def defined(value: float | None) -> float:
-        return UNDEFINED_STAR_VALUE if value is None else value
-
-    rows = [(f"{row + 1:06d}@{stack}", c.number, c.fraction, defined(c.resolution_angstrom),
-             defined(c.accuracy_degrees), c.count, int(c.junk), c.junk_score)
-            for row, c in enumerate(message.classes)]
-    return pd.DataFrame(rows, columns=list(CLASS_STAR_COLUMNS))
-
 
 def _value(value: object) -> str:
     if isinstance(value, float):

@@ -19,16 +19,10 @@ import pytest
 import starfile
 import zmq
 from cryofastar.daemon.publisher import Publisher
-from cryofastar.monitoring.subscriber import (
-    CLASS_STAR_COLUMNS,
-    UNDEFINED_STAR_VALUE,
-    Subscriber,
-    describe,
-    run_subscriber,
-    save_classes,
-)
+from cryofastar.monitoring.subscriber import Subscriber, describe, run_subscriber, save_classes
 from cryofastar.protocol import TOPICS, ClassesMessage, StatusMessage, VolumeMessage, encode
 from cryofastar.recon.io import read_images
+from cryofastar.recon.io.class_files import CLASS_STAR_COLUMNS, UNDEFINED_STAR_VALUE
 from typer.testing import CliRunner
 
 from cryofastar.cli import app
@@ -122,10 +116,13 @@ def test_save_classes_writes_a_stack_with_its_pixel_size_and_a_relion_class_tabl
         np.testing.assert_allclose(rows["rlnEstimatedResolution"], [14.0, UNDEFINED_STAR_VALUE, 9.5, 999.0])
         np.testing.assert_allclose(rows["rlnAccuracyRotations"], [3.5, 20.0, 2.0, 999.0])
         np.testing.assert_allclose(rows["rlnCryofastarJunkScore"], [0.1, 0.85, 0.05, 0.99])
-    later = classes_message(version=13)
+    later = ClassesMessage.from_arrays(classes_message(version=13).averages, [1, 2, 3, 4], 2.5, 10, 13,
+                                       numbers=[5, 9, 2, 14])  # numbers other than 1..K are kept
     save_classes(later, tmp_path / "out")  # the latest replaces class_averages.mrcs; version 12 stays
     np.testing.assert_array_equal(read_images(numbered.parent / "class_averages.mrcs").numpy(), later.averages)
     np.testing.assert_array_equal(read_images(numbered).numpy(), message.averages)
+    assert list(starfile.read(numbered.parent / "classes_000013.star")["rlnClassNumber"]) == [5, 9, 2, 14]
+    assert list(starfile.read(numbered.parent / "classes.star")["rlnClassNumber"]) == [5, 9, 2, 14]
 
 
 def test_describe_says_the_class_set_in_one_line():

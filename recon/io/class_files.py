@@ -43,7 +43,7 @@ def _defined(values: Sequence[float | None]) -> list[float]:
 def write_class_files(stack_path: str | os.PathLike[str], star_path: str | os.PathLike[str], averages: torch.Tensor,
                       apix: float, counts: Sequence[float], resolution_angstrom: Sequence[float | None],
                       accuracy_degrees: Sequence[float | None], junk: Sequence[bool],
-                      junk_score: Sequence[float]) -> None:
+                      junk_score: Sequence[float], numbers: Sequence[int] | None = None) -> None:
     """Write the averages and their table, each atomically (the stack first, so a table never names a missing one).
 
     Parameters
@@ -56,10 +56,13 @@ def write_class_files(stack_path: str | os.PathLike[str], star_path: str | os.Pa
         Pixel size of the averages, Å.
     counts, resolution_angstrom, accuracy_degrees, junk, junk_score: Sequence
         One value per class (``None``/NaN/inf resolution or accuracy: undefined).
+    numbers: Sequence[int] | None
+        The class numbers (``rlnClassNumber``) of the rows; ``None``: 1 .. K.
     """
     k = int(averages.shape[0])
+    numbers = list(range(1, k + 1)) if numbers is None else [int(n) for n in numbers]
     for name, values in (("counts", counts), ("resolution", resolution_angstrom), ("accuracy", accuracy_degrees),
-                         ("junk", junk), ("junk scores", junk_score)):
+                         ("junk", junk), ("junk scores", junk_score), ("class numbers", numbers)):
         if len(values) != k:
             raise ValueError(f"{len(values)} {name} for {k} class averages")
     stack_path, star_path = Path(stack_path), Path(star_path)
@@ -68,7 +71,7 @@ def write_class_files(stack_path: str | os.PathLike[str], star_path: str | os.Pa
     relative = os.path.relpath(stack_path, star_path.parent)
     table = pd.DataFrame({
         "rlnReferenceImage": [f"{row + 1:06d}@{relative}" for row in range(k)],
-        "rlnClassNumber": list(range(1, k + 1)),
+        "rlnClassNumber": numbers,
         "rlnClassDistribution": [float(c) / total if total > 0 else 0.0 for c in counts],
         "rlnEstimatedResolution": _defined(resolution_angstrom),
         "rlnAccuracyRotations": _defined(accuracy_degrees),
