@@ -124,7 +124,7 @@ def ctf_rfft(params: CtfParams, box: int, apix: float, device: torch.device | st
     return ctf
 
 
-def ctf_at(params: CtfParams, frequencies: torch.Tensor) -> torch.Tensor:
+def ctf_at(params: CtfParams, frequencies: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """CTF of each particle at arbitrary frequencies (the same values as :func:`ctf_rfft` on its grid).
 
     RELION's defocus at the frequency's azimuth ``theta`` (from +x) is
@@ -135,17 +135,19 @@ def ctf_at(params: CtfParams, frequencies: torch.Tensor) -> torch.Tensor:
     params: CtfParams
         `n` particles' parameters.
     frequencies: torch.Tensor
-        `(n, ..., 2)` (kx, ky) in 1/Å, one set per particle (or `(..., 2)` shared by all).
+        `(n, ..., 2)` (kx, ky) in 1/Å, one set per particle (``expand`` a shared set: no copy).
+    dtype: torch.dtype
+        Of the result (computed in float64 either way).
 
     Returns
     -------
     torch.Tensor
-        `(n, ...)` float32 CTF values.
+        `(n, ...)` CTF values.
     """
     f = frequencies.to(torch.float64)
     n = len(params)
-    if f.ndim == 1 or f.shape[0] != n:
-        f = f.expand(n, *f.shape)
+    if f.ndim < 2 or f.shape[0] != n or f.shape[-1] != 2:
+        raise ValueError(f"frequencies must be ({n}, ..., 2) for {n} particles, got {tuple(f.shape)}")
     extra = (1,) * (f.ndim - 2)
 
     def per(t: torch.Tensor) -> torch.Tensor:
@@ -169,4 +171,4 @@ def ctf_at(params: CtfParams, frequencies: torch.Tensor) -> torch.Tensor:
         ctf = ctf * torch.exp(-per(params.b_factor_angstrom2) / 4 * k2)
     if params.scale is not None:
         ctf = ctf * per(params.scale)
-    return ctf.to(torch.float32)
+    return ctf.to(dtype)

@@ -10,8 +10,8 @@ where ``A = A(psi)`` is the 2x2 block of RELION's Euler matrix of ``(0, 0, psi)`
 the particle's spectrum (read off its padded spectrum, :mod:`.fourier_sampling`) and
 ``h`` its half set. So the class average ``num / den`` is the particle turned and
 re-centred into the class's frame and CTF-corrected (Wiener), the model of
-:mod:`.inplane_search` read backwards. The CTF at ``A q`` is the particle's CTF with its
-astigmatism axis turned by ``psi``, computed exactly. The sums are float64/complex128,
+:mod:`.inplane_search` read backwards. The CTF is evaluated exactly at the turned
+frequencies ``A q`` (:func:`~cryofastar.recon.ctf.ctf_at`). The sums are float64/complex128,
 so removing a contribution (the same call with ``sign=-1``) restores them to rounding
 (~1e-12 relative), which is what lets older particles be re-assigned as the classes
 sharpen. Only frequencies within Nyquist (``|q| <= B / 2``) are summed.
@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ..ctf import CtfParams, ctf_rfft
+from ..ctf import CtfParams, ctf_at
 from ..fourier import irfft2_centered, rfft_frequencies_2d
 from .fourier_sampling import PaddedSpectra, sample_spectra
 
@@ -105,10 +105,8 @@ class ClassSums:
         values = values * torch.polar(torch.ones_like(phase), phase)
         if ctf is None:
             weight = torch.ones(values.shape, dtype=torch.float64)
-        else:
-            turned = CtfParams(**{**ctf.__dict__,
-                                  "defocus_angle_degrees": ctf.defocus_angle_degrees + psi_degrees.to(torch.float64)})
-            weight = ctf_rfft(turned, box, self.apix).to(torch.float64)
+        else:  # float64 throughout, so that a removal cancels its addition whatever the batch
+            weight = ctf_at(ctf, freq / (box * self.apix), dtype=torch.float64)
         inside = self.inside.to(torch.float64)
         return values * weight * inside, weight.square() * inside
 

@@ -347,7 +347,7 @@ class StreamingClassifier:
         ctf_polar = None
         if ctf is not None:
             freq = grid.frequencies / (self.box * self.apix)  # 1/Å
-            ctf_polar = ctf_at(ctf[which], freq)
+            ctf_polar = ctf_at(ctf[which], freq.expand(len(local), *freq.shape))
         result = score_alignments(particles, ctf_polar, shifts, self._polar_references(grid),
                                   self._ring_weight(grid), grid, self.box)
         return result, particles, ctf_polar
@@ -432,10 +432,11 @@ class StreamingClassifier:
         t.weights[rows] = 0
         keep = top_w > 0
         kept_k = torch.where(keep, top_k, -1).numpy()
-        t.classes[rows] = kept_k
-        t.weights[rows] = top_w.to(torch.float64).numpy()
-        t.psi[rows] = psi.numpy()
-        t.shifts[rows] = shifts.to(torch.float64).numpy()
+        j = kept_k.shape[1]  # min(keep, K)
+        t.classes[rows, :j] = kept_k
+        t.weights[rows, :j] = top_w.to(torch.float64).numpy()
+        t.psi[rows, :j] = psi.numpy()
+        t.shifts[rows, :j] = shifts.to(torch.float64).numpy()
         t.max_prob[rows] = max_prob.to(torch.float64).numpy()
         t.psi_sigma[rows] = sigma.to(torch.float64).numpy()
         t.aligned_at[rows] = self.steps
