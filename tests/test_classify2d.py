@@ -199,3 +199,18 @@ def test_a_single_particle_batch() -> None:
     clf.add(sim.images[:49], sim.ctf[torch.arange(49)])
     clf.add(sim.images[49:], sim.ctf[torch.arange(49, 50)])
     assert clf.n_particles == 50 and clf.table.aligned_at[49] >= 0
+
+
+def test_state_round_trip_resumes_exactly(tmp_path) -> None:
+    sim, _, _ = _two_views(100, snr=1.0, seed=8)
+    clf = _classifier()
+    clf.add(sim.images[:70], sim.ctf[torch.arange(70)])
+    torch.save(clf.state_dict(), tmp_path / "state.pt")
+    again = _classifier()
+    again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    for c in (clf, again):
+        c.add(sim.images[70:], sim.ctf[torch.arange(70, 100)])
+    assert np.array_equal(clf.table.classes[:100], again.table.classes[:100])
+    assert torch.allclose(clf.sums.num, again.sums.num)
+    with pytest.raises(ValueError, match="cannot resume"):
+        _classifier(k=3).load_state_dict(clf.state_dict())

@@ -277,6 +277,41 @@ class StreamingClassifier:
         order = np.argsort(when, kind="stable")
         return order[:count].astype(np.int64)
 
+    def state_dict(self) -> dict[str, object]:
+        """Everything needed to resume exactly (tensors and numpy arrays; ``torch.save``-able)."""
+        return {
+            "version": 1, "box": self.box, "apix": self.apix, "n_classes": self.settings.n_classes,
+            "sums": self.sums.state_dict(), "table": self.table.state(), "rng": self.rng.bit_generator.state,
+            "reference_version": self.version, "steps": self.steps, "offsets_px": self.offsets_px.clone(),
+            "noise": self.noise.clone(), "noise_mass": self.noise_mass, "r_max": self.r_max,
+            "seeds": {k: v.clone() for k, v in self.seeds.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Resume from :meth:`state_dict` (the same settings, box and pixel size).
+
+        Raises
+        ------
+        ValueError
+            A state of another box, pixel size or number of classes.
+        """
+        if (state["box"], state["n_classes"]) != (self.box, self.settings.n_classes) or \
+                abs(float(state["apix"]) - self.apix) > 1e-6 * self.apix:
+            raise ValueError(f"a classifier state of box {state['box']}, {state['apix']} Å/px, {state['n_classes']} "
+                             f"classes cannot resume one of box {self.box}, {self.apix} Å/px, "
+                             f"{self.settings.n_classes} classes")
+        self.sums.load_state_dict(state["sums"])
+        self.table.load(state["table"])
+        self.rng.bit_generator.state = state["rng"]
+        self.steps = int(state["steps"])
+        self.offsets_px = state["offsets_px"].clone()
+        self.noise = state["noise"].clone()
+        self.noise_mass = float(state["noise_mass"])
+        self.r_max = int(state["r_max"])
+        self.seeds = {int(k): v.clone() for k, v in state["seeds"].items()}
+        self._rebuild(update=False)
+        self.version = int(state["reference_version"])
+
     # ------------------------------------------------------------------ internals
     def _check(self, images: torch.Tensor, ctf: CtfParams | None) -> None:
         if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
@@ -462,12 +497,15 @@ class StreamingClassifier:
         self.noise_mass = decay * mass + n
 
     # ------------------------------------------------------------------ references
-    def _rebuild(self) -> None:
-        """New references from the sums: FRC, Wiener averages, centring, re-seeding, the search radius."""
+    def _rebuild(self, update: bool = True) -> None:
+        """New references from the sums: FRC, Wiener averages, centring, re-seeding, the search radius.
+
+        ``update=False`` (resuming) only recomputes the references of the state as it is.
+        """
         self.frc = class_frc(self.sums)
         self.resolution = frc_resolution(self.frc, self.box, self.apix)
         counts = self.sums.counts()
-        if self.started:
+        if self.started and update:
             self._centre()
             self._reseed(counts)
             self.r_max = self._search_radius(counts)
@@ -477,7 +515,7 @@ class StreamingClassifier:
             images[k] = seed
         self.reference_images = images
         self._polar = {}
-        self.version += 1
+        self.version += int(update)
 
     def _search_radius(self, counts: torch.Tensor) -> int:
         """The polar search's radius: the median class resolution (by particles), grown at most 2 rings a rebuild."""
