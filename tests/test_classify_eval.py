@@ -243,3 +243,21 @@ def test_evaluate_classification_from_the_files(tmp_path, truth_map, exact_class
                    out / "particles.star")
     with pytest.raises(ValueError, match=ce.JUNK_COLUMN):
         ce.evaluate_classification(out, session, direction_step_degrees=5.0)
+
+
+def test_ceiling_from_true_poses_beats_one_class_of_everything(tmp_path, truth_map):
+    """On a real simulated session (CTF, junk): classes made from the true poses recover psi and score high on
+    the band-passed correlation; one class of all views (a blob) does not, and its junk rows are left out."""
+    from cryofastar.recon.simulate.particles import CtfRange
+    from cryofastar.recon.simulate.session import write_session
+
+    volume, apix = truth_map
+    session = tmp_path / "session"
+    write_session(session, volume, apix, 240, 1.0, seed=3, per_stack=100, ctf=CtfRange(), junk_fraction=0.2)
+    ceiling = ce.evaluate_classification(ce.ceiling_classification(session, tmp_path / "ceiling", 8), session,
+                                         direction_step_degrees=5.0)
+    floor = ce.evaluate_classification(ce.ceiling_classification(session, tmp_path / "floor", 1), session,
+                                       direction_step_degrees=5.0)
+    assert ceiling["n_particles"] == ceiling["n_real"] == 192  # 20 % of 240 are junk, left out
+    assert ceiling["inplane"]["n_particles"] > 0 and ceiling["inplane"]["median_degrees"] < 5.0
+    assert ceiling["median_class_correlation_bandpass"] > floor["median_class_correlation_bandpass"] + 0.2
