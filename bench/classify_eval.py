@@ -41,6 +41,7 @@ top-left 2x2 block of ``Rz(psi).T`` (:func:`rotate_images`; tested on real proje
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -669,6 +670,13 @@ def _read_block(path: Path, preferred: str) -> pd.DataFrame:
     raise ValueError(f"{path}: no block {preferred!r} (blocks: {list(blocks)})")
 
 
+def _image_keys(names: pd.Series, star_dir: Path) -> pd.Index:
+    """``N@stack`` names as ``N@/resolved/stack`` (a stack's path is relative to its STAR file's directory)."""
+    parts = names.astype(str).str.split("@", n=1, expand=True)
+    stacks = {name: os.path.realpath(star_dir / name) for name in parts[1].unique()}  # one per stack
+    return pd.Index(parts[0].astype(int).astype(str) + "@" + parts[1].map(stacks))
+
+
 def _average_index(reference_image: pd.Series) -> np.ndarray:
     """0-based image of ``N@stack`` names."""
     return np.array([int(str(name).split("@")[0]) - 1 for name in reference_image], dtype=np.int64)
@@ -728,12 +736,14 @@ def evaluate_classification(out_dir: str | Path, session_dir: str | Path, lowpas
     for column in ("rlnImageName", "rlnClassNumber", "rlnAnglePsi"):
         if column not in predicted:
             raise ValueError(f"{out_dir / 'particles.star'}: no column {column}")
-    truth = truth.set_index("rlnImageName")
-    missing = ~predicted["rlnImageName"].isin(truth.index)
+    # the same image may be named relative to another directory: match on (index, resolved stack)
+    truth.index = _image_keys(truth["rlnImageName"], session_dir)
+    keys = _image_keys(predicted["rlnImageName"], out_dir)
+    missing = ~keys.isin(truth.index)
     if missing.any():
         raise ValueError(f"{int(missing.sum())} classified particles are not in the session "
                          f"(first: {predicted['rlnImageName'][missing].iloc[0]})")
-    truth = truth.loc[predicted["rlnImageName"].to_numpy()]
+    truth = truth.loc[keys]
 
     # class number -> row of classes.star -> image of the stack
     numbers = classes["rlnClassNumber"].to_numpy(dtype=np.int64)
