@@ -893,6 +893,9 @@ def ceiling_classification(session_dir: str | Path, out_dir: str | Path, n_class
     rows = blocks["particles"].loc[real].copy()
     if not (rows["rlnImageName"].to_numpy() == frame["rlnImageName"].to_numpy()[real]).all():
         raise ValueError(f"{session_dir / 'particles.star'}: rows read in another order")
+    parts = rows["rlnImageName"].astype(str).str.split("@", n=1, expand=True)  # stacks named from out_dir
+    relative = {name: os.path.relpath(os.path.realpath(session_dir / name), out_dir) for name in parts[1].unique()}
+    rows["rlnImageName"] = parts[0].astype(int).map("{:06d}".format) + "@" + parts[1].map(relative)
     rows["rlnClassNumber"] = labels.numpy() + 1
     rows["rlnAnglePsi"] = psi.numpy()
     rows[JUNK_COLUMN] = 0

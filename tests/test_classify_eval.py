@@ -217,9 +217,12 @@ def test_evaluate_classification_from_the_files(tmp_path, truth_map, exact_class
         "rlnAnglePsi": true_psi.numpy(), "rlnOpticsGroup": 1, ce.SIMULATED_JUNK_COLUMN: junk_type})},
         session / "particles.star")
     flagged = (members == 3).numpy().astype(int)
-    order = np.random.default_rng(0).permutation(n)  # rows in another order: matched by name
+    # rows in another order, stacks named from the output directory (as classify names them): matched on
+    # (index, resolved stack)
+    order = np.random.default_rng(0).permutation(n)
+    out_names = np.array([name.replace("@", "@../session/") for name in names])
     starfile.write({"optics": optics, "particles": pd.DataFrame({
-        "rlnImageName": np.array(names)[order], "rlnClassNumber": (members.numpy() + 1)[order],
+        "rlnImageName": out_names[order], "rlnClassNumber": (members.numpy() + 1)[order],
         "rlnAnglePsi": psi.numpy()[order], "rlnOriginXAngst": 0.0, "rlnOriginYAngst": 0.0, "rlnOpticsGroup": 1,
         ce.JUNK_COLUMN: flagged[order]})}, out / "particles.star")
     starfile.write({"model_classes": pd.DataFrame({
@@ -237,8 +240,13 @@ def test_evaluate_classification_from_the_files(tmp_path, truth_map, exact_class
     assert junk["precision"] == pytest.approx(6 / 7) and junk["recall"] == pytest.approx(1.0)
     assert junk["recall_by_type"]["aggregate"] == 1.0
 
-    # a classification without its junk column, when the truth has junk, is a clear error
+    # the same names read from the wrong directory are other images: a clear error
     table = starfile.read(out / "particles.star", always_dict=True)
+    wrong = table["particles"].assign(rlnImageName=table["particles"]["rlnImageName"].str.replace("../session/", ""))
+    starfile.write({"optics": optics, "particles": wrong}, out / "particles.star")
+    with pytest.raises(ValueError, match="not in the session"):
+        ce.evaluate_classification(out, session, direction_step_degrees=5.0)
+    # a classification without its junk column, when the truth has junk, is a clear error
     starfile.write({"optics": optics, "particles": table["particles"].drop(columns=[ce.JUNK_COLUMN])},
                    out / "particles.star")
     with pytest.raises(ValueError, match=ce.JUNK_COLUMN):
