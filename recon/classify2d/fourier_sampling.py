@@ -74,27 +74,19 @@ def sample_spectra(spectra: PaddedSpectra, frequencies: torch.Tensor,
     values = spectra.values
     n, size, _ = values.shape
     half = size // 2
+    planes = torch.view_as_real(values).permute(0, 3, 1, 2)  # (n, 2, P, P) real and imaginary parts
     if which is None:
-        which = torch.arange(n, device=values.device)
-    if frequencies.ndim == 2:
-        frequencies = frequencies.expand(which.shape[0], -1, -1)
-    gx = half + 2.0 * frequencies[..., 0].to(torch.float32)
-    gy = half + 2.0 * frequencies[..., 1].to(torch.float32)
-    x0 = gx.floor()
-    y0 = gy.floor()
-    tx = (gx - x0)
-    ty = (gy - y0)
-    x0 = x0.long()
-    y0 = y0.long()
-    inside = (x0 >= 0) & (y0 >= 0) & (x0 < size - 1) & (y0 < size - 1)
-    x0 = x0.clamp(0, size - 2)
-    y0 = y0.clamp(0, size - 2)
-    flat = values.reshape(-1)
-    base = which[:, None] * (size * size) + y0 * size + x0  # (m, M) into the flattened spectra
-
-    def at(offset: int) -> torch.Tensor:
-        return torch.take(flat, base + offset)
-
-    out = ((1 - ty) * ((1 - tx) * at(0) + tx * at(1))
-           + ty * ((1 - tx) * at(size) + tx * at(size + 1)))
-    return out * inside
+        if frequencies.ndim == 3:
+            raise ValueError("per-row frequencies need `which`")
+        rows = planes
+        frequencies = frequencies.expand(n, -1, -1)
+    else:
+        rows = planes.index_select(0, which)
+        if frequencies.ndim == 2:
+            frequencies = frequencies.expand(which.shape[0], -1, -1)
+    # grid_sample's coordinates, align_corners=True: -1 and 1 are the centres of the first and last pixels
+    scale = 2.0 / (size - 1)
+    grid = (half + 2.0 * frequencies.to(torch.float32)) * scale - 1.0  # (m, M, 2) as (x, y)
+    out = torch.nn.functional.grid_sample(rows, grid[:, None], mode="bilinear", padding_mode="zeros",
+                                          align_corners=True)  # (m, 2, 1, M)
+    return torch.complex(out[:, 0, 0], out[:, 1, 0])
