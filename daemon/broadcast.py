@@ -1,4 +1,4 @@
-"""What a session sends over ZeroMQ: its maps, the poses of each pass, its status.
+"""What a session sends over ZeroMQ: its maps, the poses of each pass, its status, its 2D classes.
 
 :class:`SessionBroadcast` turns the pipeline's tensors into the messages of
 :mod:`cryofastar.protocol` (docs/protocol.md) and hands them to a
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cryofastar.protocol import POSE_COLUMNS, PosesMessage, StatusMessage, VolumeMessage
+from cryofastar.protocol import POSE_COLUMNS, ClassesMessage, PosesMessage, StatusMessage, VolumeMessage
+from cryofastar.recon.classify2d import ClassSet
 from cryofastar.recon.euler import matrix_to_euler
 from cryofastar.recon.fsc import shell_resolutions_angstrom
 
@@ -107,6 +108,27 @@ class SessionBroadcast:
                                              resolution if math.isfinite(resolution) else None,
                                              shells.float().numpy(), fsc.float().cpu().numpy(),
                                              history=np.asarray(history[-HISTORY_ROWS:], dtype=np.float64)))
+
+    def classes(self, classes: ClassSet, version: int) -> None:
+        """Publish a 2D class set (nothing once closed: the 2D lane may finish its last step after).
+
+        Parameters
+        ----------
+        classes: ClassSet
+            The classes (:func:`~cryofastar.recon.classify2d.class_set`): `(K, B, B)` averages
+            [class, y, x], per-class counts, resolution (Å; inf where undefined, sent as unknown),
+            in-plane accuracy (degrees), junk flags and scores.
+        version: int
+            Number of the class set in the session (1 for the first).
+        """
+        resolution = classes.resolution_angstrom.numpy().copy()
+        resolution[~np.isfinite(resolution)] = np.nan
+        message = ClassesMessage.from_arrays(
+            classes.averages.float().numpy(), classes.counts.numpy(), classes.apix, classes.particles, version,
+            resolution_angstrom=resolution, accuracy_degrees=classes.accuracy_degrees.numpy(),
+            junk=classes.junk.numpy(), junk_score=classes.junk_score.numpy())
+        if not self.publisher.closed:
+            self.publisher.publish(message)
 
     def status(self, status: dict[str, object]) -> None:
         """Publish a status message (nothing once closed: the last one at stop may come after)."""

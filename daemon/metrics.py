@@ -64,6 +64,27 @@ class DaemonMetrics:
                                     "Estimated median pose error of the refined particles, from their posterior "
                                     "angular spreads (degrees; NaN before any was refined).", registry=r)
         self.pose_precision.set(math.nan)
+        # the 2D lane (daemon/classification_lane.py)
+        self.classify_enabled = Gauge("cryofastar_classify_enabled", "1 while the 2D lane runs (or waits for "
+                                      "particles), 0 when it is off (--no-classify) or disabled by a failure.",
+                                      registry=r)
+        self.classify_particles = Gauge("cryofastar_classify_particles", "Particles in the 2D classes.", registry=r)
+        self.classify_alignments = Counter("cryofastar_classify_alignments", "2D alignments of particles (new and "
+                                           "re-aligned).", registry=r)
+        self.classify_rate = Gauge("cryofastar_classify_alignments_per_second",
+                                   "2D alignments per second over the last 30 s.", registry=r)
+        self.classify_waiting = Gauge("cryofastar_classify_waiting", "Particles read and waiting for the 2D lane "
+                                      "(queued, known by location only, or held until the diameter is known).",
+                                      registry=r)
+        self.classify_failures = Counter("cryofastar_classify_failures", "Failures of the 2D lane (each disables it; "
+                                         "the 3D lane goes on).", registry=r)
+        self.classes_version = Gauge("cryofastar_classes_version", "Number of the last 2D class set published "
+                                     "(0 before the first).", registry=r)
+        self.classes_junk = Gauge("cryofastar_classes_junk", "Classes of the last class set flagged as junk.",
+                                  registry=r)
+        self.classes_updated = Gauge("cryofastar_classes_updated_timestamp_seconds", "Unix time of the last 2D "
+                                     "class set published (NaN before the first).", registry=r)
+        self.classes_updated.set(math.nan)
 
     def set_resolution_angstrom(self, angstrom: float) -> None:
         """Set the resolution gauge from Å (NaN while undefined)."""

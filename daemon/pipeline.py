@@ -69,6 +69,7 @@ from cryofastar.recon.pose_precision import pose_precision
 
 from .batching import PassGatherer
 from .broadcast import SessionBroadcast
+from .classification_lane import ClassificationLane, Located
 from .fingerprints import ChangedImages, image_fingerprints
 from .ingest import NotParticles, Rejected, plan_particle_file
 from .memory import release_free_memory
@@ -89,6 +90,7 @@ __all__ = ["Daemon", "DaemonSettings"]  # DaemonSettings re-exported from .setti
 
 _STOP = object()
 _STAGES = ("reader", "poser", "accumulator")  # in pipeline order: each one's input queue, then the next
+_LANE_STOP_SECONDS = 30.0  # stop() waits at most this for the 2D lane's step in progress and its last files
 
 
 @dataclass
@@ -187,6 +189,15 @@ class Daemon:
         self._broadcast: SessionBroadcast | None = None
         self._watcher: StackWatcher | None = None
         self._metrics_server = None
+        self.classification: ClassificationLane | None = None  # the 2D lane (daemon/classification_lane.py)
+        if s.classify:
+            self.classification = ClassificationLane(
+                s.classification, s.out, self.metrics, classes_every=s.classes_every,
+                checkpoint_seconds=s.checkpoint_seconds, queue_size=s.classify_queue,
+                geometry=None if self.geometry is None else (self.geometry.box, self.geometry.apix),
+                resume=self._map_locations())
+        else:
+            self.metrics.classify_enabled.set(0)
         self.metrics.particles_in_map.set(self.state.n_particles)
         if self.state.fsc_history:
             self.metrics.set_resolution_angstrom(self.state.fsc_history[-1][2])
@@ -272,6 +283,28 @@ class Daemon:
         next start (they are not in the checkpoint's journal, so a restart reads them again)."""
         return max(0, len(self.taken) - len(self.state.journal))
 
+    def _map_locations(self) -> list[Located]:
+        """The particles of the checkpoint's map by location (for the 2D lane: those its own checkpoint lacks are
+        classified again, the reader will not read them again), ``read_chunk`` at a time; before any thread runs."""
+        table = self.state.poses
+        n = len(table)
+        if n == 0:
+            return []
+        stacks, indices = table.stack_paths(np.arange(n)), table.column("index")
+        halves = torch.from_numpy(table.column("half_set").astype(np.int64))
+        known = np.isfinite(table.column("ctf")[:, 0])
+        located = []
+        for rows in (np.flatnonzero(known), np.flatnonzero(~known)):  # with a CTF, without
+            for start in range(0, rows.size, self.settings.read_chunk):
+                part = rows[start:start + self.settings.read_chunk]
+                try:
+                    ctf = table.ctf(part)
+                except ValueError:  # a checkpoint older than the CTF's optics: classified without
+                    ctf = None
+                located.append(Located(stacks[part], indices[part], halves[torch.from_numpy(part)], ctf,
+                                       dict(self.state.optics)))
+        return located
+
     def status(self) -> dict[str, object]:
         """Counts, rates and queue depths (the ``status`` message's body); also sets the queue gauges."""
         queues = {"files": self.files.qsize(), "chunks": self.chunks.qsize(), "posed": self.posed.qsize()}
@@ -280,7 +313,9 @@ class Daemon:
         precision = pose_precision(self.state.poses.snapshot(("spread",))[1]["spread"])  # NaN: never refined
         self.metrics.pose_precision.set(math.nan if precision is None else precision.estimated_median_error_degrees)
         return self._board.report(self.state, queues, 0 if self._watcher is None else self._watcher.pending,
-                                  refinement_status(self.refiner, precision), self.geometry)
+                                  refinement_status(self.refiner, precision), self.geometry,
+                                  classification=None if self.classification is None else
+                                  self.classification.status())
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -303,6 +338,8 @@ class Daemon:
             thread = threading.Thread(target=self._guard(name, target), name=f"cryofastar-{name}", daemon=True)
             self._threads[name] = thread
             thread.start()
+        if self.classification is not None:
+            self.classification.start(self._broadcast.classes)
         self._watcher = StackWatcher(s.watch, self._on_file, poll_seconds=s.poll_seconds,
                                      settle_seconds=s.settle_seconds, ignore=[s.out])
         self._watcher.start()
@@ -329,6 +366,8 @@ class Daemon:
             return
         self._stopping.set()
         self._reading.clear()  # the reader skips what is still queued (read again after a restart)
+        if self.classification is not None:
+            self.classification.request_stop()  # its step in progress ends while the 3D lane drains
         if self._watcher is not None:
             self._watcher.stop()
         if self._threads:
@@ -338,6 +377,8 @@ class Daemon:
             self._status_stop.set()
             for name in ("status", "poser", "reader"):  # a pass in progress ends, a dead stage is not waited on
                 self._threads[name].join(timeout=2.0)
+        if self.classification is not None:
+            self.classification.stop(timeout=_LANE_STOP_SECONDS)  # its classes and checkpoint written
         self._stopped = True
         self._status_stop.set()
         self._publish_status()
@@ -497,6 +538,8 @@ class Daemon:
                     self.geometry = geometry  # fixed by the first file that brings a particle, not one rejected
                     self.taken.add(chunk.stacks, chunk.indices)
                     self._count("particles_ingested", len(chunk))
+                    if self.classification is not None:  # never blocks: a full queue keeps locations only
+                        self.classification.offer(chunk, geometry.box, geometry.apix)
                     if not self._put(chunk, "poser"):
                         break  # the poser failed: the daemon stops, the rest is read again after a restart
                 if not self._reading.is_set():

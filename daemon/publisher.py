@@ -1,9 +1,10 @@
-"""Publish the stream (map, poses, status) on a ZeroMQ PUB socket, from a thread of its own.
+"""Publish the stream (map, poses, status, 2D classes) on a ZeroMQ PUB socket, from a thread of its own.
 
 ZeroMQ sockets are not thread-safe, so one thread owns the socket from bind to close;
 the pipeline threads hand it messages with :meth:`Publisher.publish`, which encodes
-them (:mod:`cryofastar.protocol`) and returns at once. The latest map is re-sent
-every ``republish_seconds`` so a subscriber that connects late gets it within one period.
+them (:mod:`cryofastar.protocol`) and returns at once. The latest map and the latest
+class set (:data:`KEPT_KINDS`) are re-sent every ``republish_seconds`` so a subscriber
+that connects late gets them within one period.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from types import TracebackType
 import zmq
 from cryofastar.protocol import TOPICS, Message, encode
 
-__all__ = ["DEFAULT_ADDRESS", "AddressInUseError", "Publisher", "PublisherError", "bind", "probe_address"]
+__all__ = ["DEFAULT_ADDRESS", "KEPT_KINDS", "AddressInUseError", "Publisher", "PublisherError", "bind", "probe_address"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+KEPT_KINDS = ("volume", "classes")
+"""Kinds of message never dropped when the queue is full, whose latest is re-sent for late subscribers."""
 
 
 class PublisherError(OSError):
@@ -125,11 +129,11 @@ class Publisher:
     session: str | None
         Session id put in every header; ``None`` makes a random 12-hex-digit one.
     republish_seconds: float | None
-        Period (s) of re-sending the latest volume; ``None`` never re-sends.
+        Period (s) of re-sending the latest volume and the latest classes; ``None`` never re-sends.
     queue_size: int
         Messages that may wait for the socket thread. When full, the oldest pending
-        ``status`` is dropped first, then the oldest ``poses``; a ``volume`` is never
-        dropped (it is queued even past the bound).
+        ``status`` is dropped first, then the oldest ``poses``; a ``volume`` or ``classes``
+        message is never dropped (it is queued even past the bound).
     sndhwm: int
         ZeroMQ send high-water mark (messages queued per subscriber). Past it PUB drops
         messages for that slow subscriber. Payloads of 64 KiB or more are sent without
@@ -168,8 +172,8 @@ class Publisher:
         self._seq = 0
         self._closing = False
         self._closed = False
-        self._latest_volume: list[bytes] | None = None
-        self._republish_due = 0.0
+        self._latest: dict[str, list[bytes]] = {}  # kind (KEPT_KINDS) -> frames of the latest sent
+        self._due: dict[str, float] = {}  # kind (KEPT_KINDS) -> monotonic time its latest is re-sent
         self._sent = dict.fromkeys(TOPICS, 0)
         self._dropped = dict.fromkeys(TOPICS, 0)
         self._republished = 0
@@ -206,7 +210,7 @@ class Publisher:
 
     @property
     def republished(self) -> int:
-        """How many times the latest volume was re-sent."""
+        """How many messages were re-sent (the latest volume and the latest classes, each counted)."""
         with self._cond:
             return self._republished
 
@@ -231,7 +235,7 @@ class Publisher:
         Parameters
         ----------
         message: Message
-            A ``VolumeMessage``, ``PosesMessage`` or ``StatusMessage``.
+            A ``VolumeMessage``, ``PosesMessage``, ``StatusMessage`` or ``ClassesMessage``.
 
         Returns
         -------
@@ -257,7 +261,7 @@ class Publisher:
             header["seq"] = seq
             frames[1] = json.dumps(header, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode()
             if len(self._queue) >= self.queue_size and not self._make_room():
-                if pending.kind != "volume":
+                if pending.kind not in KEPT_KINDS:
                     self._dropped[pending.kind] += 1
                     logger.debug("publisher queue full of volumes: dropped %s seq %d", pending.kind, seq)
                     return seq
@@ -296,7 +300,7 @@ class Publisher:
     # -- internals ----------------------------------------------------------------------------------
 
     def _make_room(self) -> bool:
-        """Drop the oldest pending status, else the oldest pending poses; False if only volumes wait."""
+        """Drop the oldest pending status, else the oldest pending poses; False if only volumes and classes wait."""
         for kind in ("status", "poses"):
             for index, item in enumerate(self._queue):
                 if item.kind == kind:
@@ -339,23 +343,24 @@ class Publisher:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
-                    if self._latest_volume is not None and self.republish_seconds is not None:
-                        wait = self._republish_due - time.monotonic()
+                    if self._latest and self.republish_seconds is not None:
+                        wait = min(self._due.values()) - time.monotonic()
                         if wait <= 0:
                             break
                         self._cond.wait(wait)
                     else:
                         self._cond.wait()
                 if self._queue:
-                    item = self._queue.popleft()
+                    items = [self._queue.popleft()]
                     resend = False
                 elif self._closing:
                     return
                 else:
-                    assert self._latest_volume is not None
-                    item = _Pending("volume", self._latest_volume)
+                    now = time.monotonic()
+                    items = [_Pending(kind, frames) for kind, frames in self._latest.items() if self._due[kind] <= now]
                     resend = True
-            self._send(socket, item, resend)
+            for item in items:
+                self._send(socket, item, resend)
 
     def _send(self, socket: zmq.Socket, item: _Pending, resend: bool) -> None:
         try:
@@ -368,10 +373,10 @@ class Publisher:
             return
         with self._cond:
             self._sent[item.kind] += 1
-            if item.kind == "volume":
-                self._latest_volume = item.frames
+            if item.kind in KEPT_KINDS:
+                self._latest[item.kind] = item.frames
                 if self.republish_seconds is not None:
-                    self._republish_due = time.monotonic() + self.republish_seconds
+                    self._due[item.kind] = time.monotonic() + self.republish_seconds
                 if resend:
                     self._republished += 1
 

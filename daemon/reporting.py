@@ -229,7 +229,8 @@ class StatusBoard:
         return int(self._counts[name])
 
     def report(self, state: SessionState, queues: dict[str, int], files_pending: int,
-               refinement: dict[str, object], geometry=None, now: float | None = None) -> dict[str, object]:  # noqa: ANN001
+               refinement: dict[str, object], geometry=None, now: float | None = None,  # noqa: ANN001
+               classification: dict[str, object] | None = None) -> dict[str, object]:
         """The ``status`` message's body (docs/protocol.md, keys in their documented order).
 
         Parameters
@@ -246,6 +247,9 @@ class StatusBoard:
             The reader's geometry, used while the state has none yet.
         now: float | None
             ``time.monotonic()`` for the rate (default: now).
+        classification: dict | None
+            :meth:`ClassificationLane.status <cryofastar.daemon.classification_lane.ClassificationLane.status>`
+            of the 2D lane (``None``: the lane is off, sent as ``{"state": "off"}``).
         """
         st, f = state, self._fixed
         rate = self.rate.per_second(time.monotonic() if now is None else now)
@@ -275,5 +279,6 @@ class StatusBoard:
             "device": f["device"],
             "rejected_recent": self.rejections.recent(),
             "views": self.views.histogram,
+            "classification": {"state": "off"} if classification is None else classification,
             "uptime_seconds": time.monotonic() - self._started_at,
         }

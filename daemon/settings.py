@@ -7,9 +7,10 @@ module imports nothing heavy, so the command line can be built without loading t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryofastar.engine.classification import ClassifySettings
 from cryofastar.engine.policy import check_pose_source
 
 from cryofastar.options import argument, negative_is_none, option
@@ -82,6 +83,16 @@ class DaemonSettings:
         Working box (px) of refinement (particles and maps Fourier-cropped to it).
     probe_every: int
         Every this many refined passes, compare the network's poses with a global search.
+    classify: bool
+        Run the 2D lane: streaming 2D classification beside the map (docs/daemon.md, "The 2D lane").
+    classes_every: float
+        Write and publish the 2D classes at most this often (seconds), when they changed.
+    classification: ClassifySettings
+        The 2D lane's options (``--classes``, ``--diameter``, ``--max-shift``, ``--passes``,
+        ``--classify-seed``: the ``classify`` command's, declared there; ``watch`` adds them).
+    classify_queue: int
+        Chunks that may wait for the 2D lane; past that only their locations are kept (the lane
+        reads their images itself later), so the reader never waits for the 2D lane.
     """
 
     watch: Path = argument(metavar="DIRECTORY", help="Directory the session writes particle stacks (.mrcs/.mrc) "
@@ -126,6 +137,12 @@ class DaemonSettings:
                                   "(bounded work; 0: none).")
     refine_box: int = option(64, help="Working box in px for refinement (particles and maps Fourier-cropped to it).")
     probe_every: int = 8
+    classify: bool = option(True, flags=("--classify/--no-classify",), help="Run the 2D lane: streaming 2D "
+                            "classification beside the map, written in OUT/classes and published (docs/daemon.md).")
+    classes_every: float = option(5.0, help="Write and publish the 2D classes at most this often, in seconds "
+                                  "(when they changed).")
+    classification: ClassifySettings = field(default_factory=ClassifySettings)
+    classify_queue: int = 8
 
     def __post_init__(self) -> None:
         if self.out is None:  # the default of --out
@@ -144,7 +161,7 @@ class DaemonSettings:
         if self.poll_seconds is not None and not self.poll_seconds > 0:
             raise ValueError(f"--poll must be positive, got {self.poll_seconds}")
         for name in ("settle_seconds", "flush_seconds", "publish_seconds", "republish_seconds",
-                     "checkpoint_seconds", "status_seconds"):
+                     "checkpoint_seconds", "status_seconds", "classes_every"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.interpolation not in ("nearest", "trilinear"):
@@ -156,5 +173,7 @@ class DaemonSettings:
             raise ValueError(f"--repose-per-pass must be >= 0, got {self.repose_per_pass}")
         if self.probe_every < 1:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
+        if self.classify_queue < 1:
+            raise ValueError(f"classify_queue must be at least 1, got {self.classify_queue}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"--metrics-port must be 0..65535, got {self.metrics_port}")

@@ -92,7 +92,7 @@ def test_the_report_carries_the_session_its_counts_and_its_rejections(tmp_path):
     assert list(status) == ["particles_in_map", *COUNTS, "refinement", "particles_per_second", "files_seen",
                             "files_rejected", "files_pending", "queues", "resolution_angstrom", "box", "apix",
                             "model_box", "poses_from", "pose_source", "model", "watch", "device", "rejected_recent",
-                            "views",
+                            "views", "classification",
                             "uptime_seconds"]
     assert status["particles_ingested"] == 40 and status["particles_in_map"] == 0
     assert (status["files_seen"], status["files_rejected"], status["files_pending"]) == (3, 1, 4)

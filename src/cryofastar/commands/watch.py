@@ -1,7 +1,8 @@
 """``cryofastar-stream watch DIRECTORY`` (or ``--watch DIRECTORY``): keep a live 3D map of a session.
 
-The options are the fields of :class:`~cryofastar.daemon.settings.DaemonSettings` and
-:class:`~cryofastar.daemon.settings.ServiceSettings`; the service is
+The options are the fields of :class:`~cryofastar.daemon.settings.DaemonSettings`,
+:class:`~cryofastar.engine.classification.ClassifySettings` (the 2D lane's, as for
+``classify``) and :class:`~cryofastar.daemon.settings.ServiceSettings`; the service is
 :func:`~cryofastar.services.watch.run_service`.
 
 Example usage::
@@ -13,19 +14,24 @@ Example usage::
 
 from __future__ import annotations
 
+import dataclasses
+
 import typer
 
 from cryofastar.daemon.settings import DaemonSettings
+from cryofastar.engine.classification import ClassifySettings
 from cryofastar.options import settings_command
 from cryofastar.services.settings import ServiceSettings
 
 __all__ = ["watch"]
 
 
-@settings_command(DaemonSettings, ServiceSettings)  # PublisherError is an OSError
-def watch(settings: DaemonSettings, service: ServiceSettings) -> None:
-    """Watch DIRECTORY and keep a live map (also: cryofastar-stream --watch DIRECTORY)."""
+@settings_command(DaemonSettings, ClassifySettings, ServiceSettings)  # PublisherError is an OSError
+def watch(settings: DaemonSettings, classification: ClassifySettings, service: ServiceSettings) -> None:
+    """Watch DIRECTORY and keep a live map and 2D classes (also: cryofastar-stream --watch DIRECTORY)."""
     from cryofastar.services.watch import run_service  # the pipeline: loaded only when it runs
+
+    settings = dataclasses.replace(settings, classification=classification)
 
     try:
         run_service(settings, service, echo=typer.echo)

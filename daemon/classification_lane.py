@@ -1,0 +1,738 @@
+"""The daemon's 2D lane: streaming 2D classification of the session's particles, in a thread of its own.
+
+:class:`ClassificationLane` takes every chunk of particles the reader reads
+(:meth:`~ClassificationLane.offer`, called by the reader thread) and classifies it with
+a :class:`~cryofastar.recon.classify2d.StreamingClassifier`, following
+:class:`~cryofastar.engine.classification.ClassificationPolicy` as the offline
+``classify`` job does. It never holds the 3D lane back:
+
+- **never blocking the reader**: :meth:`~ClassificationLane.offer` puts the chunk in a
+  bounded queue without waiting; when the queue is full it keeps only the particles'
+  locations (stack, 1-based index, half set, CTF: no pixels) and the lane reads their
+  images itself later (:meth:`~cryofastar.recon.io.ParticleSource.from_locations`). Nothing
+  is lost and the reader never waits.
+- **never stopping the session**: anything the lane raises is logged with its traceback,
+  counted (``cryofastar_classify_failures_total``) and disables the lane (status
+  ``classification.state`` = ``failed``, with the error); the 3D lane goes on. (The 3D
+  stages stop the daemon when they fail: a map that cannot be trusted must not go on
+  being published; a failed 2D lane leaves nothing wrong behind, its files are simply
+  no longer updated.)
+
+The work loop, one step at a time (the thread checks for :meth:`stop` between steps):
+
+1. new particles first (the queue, then particles known by location only): until the
+   particle diameter is known (``--diameter``, or measured with
+   :func:`~cryofastar.recon.particle_diameter.estimate_particle_diameter` on the first
+   :data:`DIAMETER_SAMPLE` particles, or on what there is once no particle came for
+   ``classes_every`` seconds) they are held; then
+   :meth:`~cryofastar.recon.classify2d.StreamingClassifier.add` with the daemon's half sets;
+2. then ``revisits_per_new * n`` due particles re-aligned
+   (:meth:`~cryofastar.recon.classify2d.StreamingClassifier.realign`), their images read
+   again from their stacks by the lane's location table (one row per classifier row:
+   stack, index, CTF, fingerprint of the image added). A stack that vanished or whose
+   images changed is skipped with a log line, its rows never re-aligned again;
+3. with no new particle, due particles are re-aligned at a modest pace (the lane waits
+   as long as each step took) until the session has had ``passes`` alignments per
+   particle, so classes keep improving while the microscope pauses.
+
+Every ``classes_every`` seconds, if the classes changed, and at stop: a ``classes``
+message is published (:meth:`~cryofastar.daemon.broadcast.SessionBroadcast.classes`; its ``version``
+counts the class sets published in the session, going on after a restart) and written in
+``OUT/classes/``: ``class_averages.mrcs`` + ``classes.star``
+(:func:`~cryofastar.engine.classification.write_class_set`) and ``particles.star`` (every
+classified particle: ``rlnImageName`` exactly as the session's ``particles.star`` names
+it, relative to ``--out``, with RELION's Class2D columns, CTF and ``rlnRandomSubset``).
+The 2D columns live there and not in the session's ``particles.star``, whose
+``rlnAnglePsi`` and ``rlnOriginX/YAngst`` are the particle's 3D pose: one column cannot
+hold both meanings.
+
+**Checkpoint** (``OUT/classes/checkpoint.pt``, atomic; every ``checkpoint_seconds`` with
+the class files, and at stop): the classifier's state, the location table, the number of
+alignments and class sets so far. A restart resumes it exactly. Particles the session's
+3D checkpoint holds (the reader will not read them again) but the 2D checkpoint does not
+are classified again by location; particles the reader reads again (read but not in the
+3D checkpoint) that the 2D checkpoint holds are not added twice (the lane's journal of
+what it holds).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from cryofastar.engine.classification import ClassifySettings, classifier_settings, write_class_set
+from cryofastar.recon.classify2d import StreamingClassifier, class_set, particle_columns
+from cryofastar.recon.ctf import CtfParams
+from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource
+from cryofastar.recon.io.atomic import atomic_path, remove_stale_temporaries
+from cryofastar.recon.io.names import printable
+from cryofastar.recon.io.star import write_particles
+from cryofastar.recon.particle_diameter import estimate_particle_diameter
+
+from .fingerprints import image_fingerprints
+from .journal import IngestJournal
+from .metrics import DaemonMetrics
+from .reporting import RateWindow
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CLASSES_DIR", "DIAMETER_SAMPLE", "ClassificationLane", "Located", "LocationTable"]
+
+CLASSES_DIR = "classes"
+"""The lane's folder in ``--out``."""
+CHECKPOINT_NAME = "checkpoint.pt"
+DIAMETER_SAMPLE = 1000
+"""Particles the diameter is measured on (when ``--diameter`` is not given)."""
+_HOLD_BYTES = 256 * 2**20  # or fewer particles, if their images would hold more than this
+_STATE_VERSION = 1
+_CTF_FIELDS = ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_degrees", "voltage_kv",
+               "spherical_aberration_mm", "amplitude_contrast", "phase_shift_degrees", "b_factor_angstrom2", "scale")
+_CTF_COLUMNS = {"rlnDefocusU": 0, "rlnDefocusV": 1, "rlnDefocusAngle": 2, "rlnPhaseShift": 6}
+
+
+@dataclass
+class Located:
+    """Particles known by location only: the lane reads their images itself.
+
+    Attributes
+    ----------
+    stacks, indices: np.ndarray
+        `(n,)` resolved stack path (str) and 1-based index.
+    half_sets: torch.Tensor
+        `(n,)` int64 1/2 (the daemon's).
+    ctf: CtfParams | None
+        Their CTF (``None``: none).
+    optics: dict[str, float]
+        Optics values for the output STAR file, where known.
+    """
+
+    stacks: np.ndarray
+    indices: np.ndarray
+    half_sets: torch.Tensor
+    ctf: CtfParams | None = None
+    optics: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    @classmethod
+    def of(cls, chunk: ParticleChunk) -> Located:
+        """The locations of a chunk's particles (its pixels left behind)."""
+        return cls(chunk.stacks, chunk.indices, chunk.half_sets, chunk.ctf, dict(chunk.optics))
+
+
+def _ctf_array(ctf: CtfParams | None, n: int) -> np.ndarray:
+    """`(n, 9)` float64 CTF parameters in :data:`_CTF_FIELDS` order (NaN: no CTF; NaN B/scale: RELION's default)."""
+    out = np.full((n, len(_CTF_FIELDS)), np.nan)
+    if ctf is not None:
+        for k, name in enumerate(_CTF_FIELDS):
+            value = getattr(ctf, name)
+            if value is not None:
+                out[:, k] = value.numpy()
+    return out
+
+
+def _ctf_of(array: np.ndarray) -> CtfParams | None:
+    """Inverse of :func:`_ctf_array` for rows that all have a CTF (``None`` for rows that all have none)."""
+    if not len(array) or np.isnan(array[:, 0]).all():
+        return None
+    values = {name: array[:, k] for k, name in enumerate(_CTF_FIELDS[:7])}
+    for k, name in ((7, "b_factor_angstrom2"), (8, "scale")):
+        if not np.isnan(array[:, k]).all():
+            values[name] = np.nan_to_num(array[:, k], nan=0.0 if k == 7 else 1.0)
+    return CtfParams.from_arrays(**values)
+
+
+class LocationTable:
+    """Where each classifier row's particle lives: one row per particle, in the classifier's row order.
+
+    Columns: stack id (into :attr:`stack_names`), 1-based index, CTF (`(9,)`, NaN without),
+    fingerprint of the image added (:func:`~cryofastar.daemon.fingerprints.image_fingerprints`),
+    and whether the row may be re-read (a stack that vanished or changed: never again).
+    """
+
+    def __init__(self) -> None:
+        self.stack_names: list[str] = []
+        self._ids: dict[str, int] = {}
+        self.stack_id = np.zeros(0, np.int64)
+        self.index = np.zeros(0, np.int64)
+        self.ctf = np.zeros((0, len(_CTF_FIELDS)))
+        self.fingerprint = np.zeros(0, np.int64)
+        self.readable = np.zeros(0, bool)
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def append(self, stacks: np.ndarray, indices: np.ndarray, ctf: CtfParams | None, fingerprints: np.ndarray) -> None:
+        """Rows for `(n,)` particles just added to the classifier (in its order)."""
+        names, inverse = np.unique(np.asarray(stacks).astype(str), return_inverse=True)
+        for name in names:  # per stack, not per particle
+            self._ids.setdefault(str(name), len(self.stack_names))
+            if len(self._ids) > len(self.stack_names):
+                self.stack_names.append(str(name))
+        ids = np.array([self._ids[str(name)] for name in names], np.int64)[inverse.reshape(-1)]
+        n = len(ids)
+        self.stack_id = np.concatenate([self.stack_id, ids])
+        self.index = np.concatenate([self.index, np.asarray(indices, np.int64)])
+        self.ctf = np.concatenate([self.ctf, _ctf_array(ctf, n)])
+        self.fingerprint = np.concatenate([self.fingerprint, np.asarray(fingerprints, np.int64)])
+        self.readable = np.concatenate([self.readable, np.ones(n, bool)])
+
+    def stacks(self, rows: np.ndarray) -> np.ndarray:
+        """`(k,)` stack paths (str) of ``rows``."""
+        return np.asarray(self.stack_names, dtype=object)[self.stack_id[rows]].astype(str)
+
+    def has_ctf(self, rows: np.ndarray) -> np.ndarray:
+        """`(k,)` bool: whether each row's particle has a CTF."""
+        return ~np.isnan(self.ctf[rows, 0])
+
+    def journal(self) -> IngestJournal:
+        """The particles the table holds, as a journal."""
+        journal = IngestJournal()
+        if len(self):
+            journal.add(self.stacks(np.arange(len(self))), self.index)
+        return journal
+
+    def image_names(self, out: Path) -> list[str]:
+        """``NNNNNN@stack`` of every row, the stack relative to ``out`` (as the session's particles.star names it)."""
+        relative = np.array([os.path.relpath(Path(s).resolve(), out.resolve()) for s in self.stack_names],
+                            dtype=object)
+        return [f"{int(i):06d}@{name}" for i, name in zip(self.index, relative[self.stack_id], strict=True)]
+
+    def state_dict(self) -> dict[str, object]:
+        """Tensors and a list of names (loadable with ``weights_only=True``)."""
+        return {"stack_names": list(self.stack_names), "stack_id": torch.from_numpy(self.stack_id.copy()),
+                "index": torch.from_numpy(self.index.copy()), "ctf": torch.from_numpy(self.ctf.copy()),
+                "fingerprint": torch.from_numpy(self.fingerprint.copy()),
+                "readable": torch.from_numpy(self.readable.copy())}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object]) -> LocationTable:
+        """Inverse of :meth:`state_dict`."""
+        table = cls()
+        table.stack_names = [str(s) for s in state["stack_names"]]  # type: ignore[union-attr]
+        table._ids = {s: i for i, s in enumerate(table.stack_names)}
+        for name in ("stack_id", "index", "ctf", "fingerprint", "readable"):
+            setattr(table, name, state[name].numpy().copy())  # type: ignore[union-attr]
+        return table
+
+
+def _to_tensors(value: object) -> object:
+    """numpy arrays in a nested state turned into tensors (a ``weights_only`` checkpoint holds no numpy)."""
+    if isinstance(value, np.ndarray):
+        return {"__numpy__": torch.from_numpy(np.ascontiguousarray(value))}
+    if isinstance(value, dict):
+        return {k: _to_tensors(v) for k, v in value.items()}
+    return value
+
+
+def _from_tensors(value: object) -> object:
+    """Inverse of :func:`_to_tensors`."""
+    if isinstance(value, dict):
+        if set(value) == {"__numpy__"}:
+            return value["__numpy__"].numpy().copy()
+        return {k: _from_tensors(v) for k, v in value.items()}
+    return value
+
+
+class ClassificationLane:
+    """The 2D lane (module docstring): :meth:`start`, :meth:`offer` from the reader, :meth:`stop`.
+
+    Parameters
+    ----------
+    settings: ClassifySettings
+        Classes, diameter, shifts, passes, seed (the ``classify`` command's options).
+    out: Path
+        The session's ``--out``; the lane writes in ``out / "classes"``.
+    metrics: DaemonMetrics
+        The daemon's metrics (the lane's gauges and counters).
+    classes_every: float
+        Seconds between class sets written and published (when they changed).
+    checkpoint_seconds: float
+        Seconds between checkpoints (written with the class files; also at stop).
+    queue_size: int
+        Chunks that may wait in the lane's queue (then only their locations are kept).
+    geometry: tuple[int, float] | None
+        The session's box (px) and pixel size (Å) if known (a resumed session); else the first
+        :meth:`offer` gives it.
+    resume: list[Located]
+        The particles of the session's 3D checkpoint: those the lane's checkpoint lacks are
+        classified again (the reader will not read them again).
+    """
+
+    def __init__(self, settings: ClassifySettings, out: Path, metrics: DaemonMetrics, *, classes_every: float,
+                 checkpoint_seconds: float, queue_size: int = 8, geometry: tuple[int, float] | None = None,
+                 resume: list[Located] | None = None) -> None:
+        self.settings = settings
+        self.policy = settings.policy
+        self.out = out
+        self.folder = out / CLASSES_DIR
+        self.metrics = metrics
+        self.classes_every = classes_every
+        self.checkpoint_seconds = checkpoint_seconds
+        self._queue: queue.Queue = queue.Queue(queue_size)
+        self._overflow: collections.deque[Located] = collections.deque()
+        self._overflow_lock = threading.Lock()
+        self._overflow_count = 0
+        self._queued = 0  # particles in the queue
+        self._resume = list(resume or [])
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._publish = None  # callable(ClassSet, version), set by start()
+        self.geometry = geometry  # (box px, apix Å): the session's
+        self.classifier: StreamingClassifier | None = None
+        self.table = LocationTable()
+        self.held = IngestJournal()  # every particle the lane has taken (classified, held or read)
+        self._hold: list[ParticleChunk] = []  # particles waiting for the diameter
+        self._hold_count = 0
+        self.diameter: float | None = settings.diameter
+        self.optics: dict[str, float] = {}
+        self.alignments = 0  # in the session (checkpointed)
+        self.published = 0  # class sets published in the session (checkpointed): the messages' version
+        self._published_state = -1  # classifier.version last written
+        self._last_new = time.monotonic()
+        self._last_output = -math.inf
+        self._last_checkpoint = time.monotonic()
+        self._checkpointed: tuple[int, int] = (-1, -1)  # (classifier version, alignments) last checkpointed
+        self._rate = RateWindow(0)
+        self.state = "waiting"  # waiting (for particles / the diameter), running, failed, stopped
+        self.error: str | None = None
+        self.last_update: float | None = None  # unix time of the last class set published
+        self.junk = 0
+        self.read_by_lane = 0  # particles whose images the lane read itself (queue full, or a restart)
+        metrics.classify_enabled.set(1)
+
+    # ------------------------------------------------------------------ public
+    def start(self, publish) -> None:  # noqa: ANN001 - callable(ClassSet, version)
+        """Start the lane's thread; ``publish(classes, version)`` sends a class set
+        (:meth:`~cryofastar.daemon.broadcast.SessionBroadcast.classes`)."""
+        self._publish = publish
+        self._thread = threading.Thread(target=self._run, name="cryofastar-classify", daemon=True)
+        self._thread.start()
+
+    def offer(self, chunk: ParticleChunk, box: int, apix: float) -> None:
+        """Hand the lane a chunk the reader read, of the session's ``box`` (px) and ``apix`` (Å); never blocks
+        (module docstring). Reader thread."""
+        if self.state == "failed" or not len(chunk):
+            return
+        if self.geometry is None:
+            self.geometry = (int(box), float(apix))
+        try:
+            self._queue.put_nowait(chunk)
+            self._queued += len(chunk)
+        except queue.Full:
+            with self._overflow_lock:
+                self._overflow.append(Located.of(chunk))
+                self._overflow_count += len(chunk)
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        """Ask the thread to stop after the step in progress (returns at once; :meth:`stop` waits)."""
+        self._stop.set()
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the step in progress, write the classes and the checkpoint; wait at most ``timeout`` s."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("the 2D lane is still in a step after %.0f s; not waiting for it", timeout)
+
+    @property
+    def waiting(self) -> int:
+        """Particles handed to the lane and not yet classified (queued, known by location, held)."""
+        return self._queued + self._overflow_count + self._hold_count
+
+    def status(self) -> dict[str, object]:
+        """The ``classification`` field of status messages (docs/daemon.md); also sets the waiting gauge."""
+        now = time.monotonic()
+        waiting = self.waiting
+        self.metrics.classify_waiting.set(waiting)
+        rate = self._rate.per_second(now)
+        self.metrics.classify_rate.set(rate)
+        c = self.classifier
+        return {"state": self.state, "particles": 0 if c is None else c.n_particles, "waiting": waiting,
+                "version": self.published, "classes": self.settings.classes, "junk": self.junk,
+                "alignments": self.alignments, "alignments_per_second": rate, "read_by_lane": self.read_by_lane,
+                "diameter_angstrom": self.diameter if c is not None else None,
+                "last_update": self.last_update, "error": self.error}
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        try:
+            self._resume_checkpoint()
+            while not self._stop.is_set():
+                took = self._step()
+                self._maybe_output()
+                if took is None:  # nothing to do: wait for particles
+                    self._wake.wait(min(1.0, self.classes_every))
+                    self._wake.clear()
+                elif took > 0:  # idle re-alignment: at a modest pace
+                    self._wake.wait(min(took, 2.0))
+                    self._wake.clear()
+            self._final_outputs()
+            self.state = "stopped" if self.state != "failed" else self.state
+        except Exception as exc:  # noqa: BLE001 - the 2D lane must never stop the 3D lane (module docstring)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self.error = f"{type(exc).__name__}: {first}"
+            self.state = "failed"
+            self.metrics.classify_failures.inc()
+            self.metrics.classify_enabled.set(0)
+            logger.exception("the 2D lane failed and is disabled (the 3D map goes on): %s", self.error)
+
+    def _step(self) -> float | None:
+        """One step: new particles (and their re-alignments), else idle re-alignment. Returns ``0`` after new
+        particles, the seconds an idle re-alignment took, ``None`` when there was nothing to do."""
+        new = self._next_new()
+        if new is not None:
+            self._last_new = time.monotonic()
+            self._take(new)
+            return 0.0
+        if self.classifier is None:
+            if self._hold and time.monotonic() - self._last_new >= self.classes_every:
+                self._begin()  # no more particles for now: measure the diameter on what there is
+                return 0.0
+            return None
+        if self._idle_work_left():
+            t0 = time.perf_counter()
+            if self._realign(self.policy.chunk) == 0:
+                return None
+            return time.perf_counter() - t0
+        return None
+
+    def _next_new(self) -> ParticleChunk | None:
+        """The next new particles with their images: the queue first, then particles known by location."""
+        try:
+            chunk = self._queue.get_nowait()
+            self._queued -= len(chunk)
+            return chunk
+        except queue.Empty:
+            pass
+        with self._overflow_lock:
+            located = self._overflow.popleft() if self._overflow else None
+        if located is None:
+            return None
+        try:
+            return self._read_located(located)
+        finally:
+            with self._overflow_lock:
+                self._overflow_count -= len(located)
+
+    def _read_located(self, located: Located) -> ParticleChunk | None:
+        """The images of particles known by location (those already held left out); ``None`` if none is left."""
+        fresh = ~self.held.contains(located.stacks, located.indices)
+        if not fresh.any():
+            return None
+        assert self.geometry is not None  # particles by location come after the first chunk or with a checkpoint
+        keep = torch.from_numpy(np.flatnonzero(fresh))
+        ctf = None if located.ctf is None else located.ctf[keep]
+        box, apix = self.geometry
+        source = ParticleSource.from_locations(self.out, located.stacks[fresh], located.indices[fresh], box, apix,
+                                               located.half_sets[keep], ctf)
+        try:
+            chunk = source.images()
+        except ParticleFileError as exc:
+            logger.warning("2D lane: %d particles not classified: %s", int(fresh.sum()), exc)
+            return None
+        if len(chunk.skipped):
+            logger.warning("2D lane: %s", chunk.skipped.describe(self.out))
+        self.read_by_lane += len(chunk)
+        return ParticleChunk(chunk.origin, chunk.rows, chunk.stacks, chunk.indices, chunk.images, chunk.half_sets,
+                             chunk.ctf, located.optics or chunk.optics)
+
+    def _take(self, chunk: ParticleChunk) -> None:
+        """New particles: left out if already held, held until the diameter is known, else classified."""
+        fresh = ~self.held.contains(chunk.stacks, chunk.indices)
+        if not fresh.all():
+            if not fresh.any():
+                return
+            chunk = _subset(chunk, fresh)
+        self.held.add(chunk.stacks, chunk.indices)
+        if chunk.optics and not self.optics:
+            self.optics = dict(chunk.optics)
+        if self.classifier is None:
+            self._hold.append(chunk)
+            self._hold_count += len(chunk)
+            if self.diameter is not None or self._hold_count >= DIAMETER_SAMPLE or \
+                    self._hold_count * chunk.images[0].numel() * 4 >= _HOLD_BYTES:
+                self._begin()
+            return
+        self._add(chunk)
+
+    def _begin(self) -> None:
+        """Create the classifier (measuring the diameter on the held particles if needed) and add them."""
+        assert self.geometry is not None
+        box, apix = self.geometry
+        held, self._hold = self._hold, []
+        if self.diameter is None:
+            with_ctf = [c for c in held if c.ctf is not None]
+            group = with_ctf if 2 * len(with_ctf) >= len(held) else [c for c in held if c.ctf is None]
+            images = torch.cat([c.images for c in group])[:DIAMETER_SAMPLE]
+            ctf = CtfParams.cat([c.ctf for c in group])[: len(images)] if group[0].ctf is not None else None
+            if len(images) < 2:
+                self.diameter = 0.8 * box * apix
+            else:
+                self.diameter = estimate_particle_diameter(images, apix, ctf)
+            logger.info("2D lane: particle diameter measured on %d particles: %.0f Å", len(images), self.diameter)
+        self.classifier = StreamingClassifier(classifier_settings(self.settings, box, apix, self.diameter), box, apix)
+        self.state = "running"
+        for chunk in held:
+            self._hold_count -= len(chunk)
+            self._add(chunk)
+            if self._stop.is_set():
+                for rest in held[held.index(chunk) + 1:]:  # not classified: read again by location after a restart
+                    self._hold_count -= len(rest)
+                    self.held.remove(rest.stacks, rest.indices)
+                return
+
+    def _add(self, chunk: ParticleChunk) -> None:
+        """Classify new particles, then re-align ``revisits_per_new`` as many due ones (the policy)."""
+        assert self.classifier is not None
+        for start in range(0, len(chunk), self.policy.chunk):
+            part = slice(start, start + self.policy.chunk)
+            images = chunk.images[part]
+            ctf = None if chunk.ctf is None else chunk.ctf[part]
+            self.classifier.add(images, ctf, chunk.half_sets[part].to(torch.int64))
+            self.table.append(chunk.stacks[part], chunk.indices[part], ctf, image_fingerprints(images))
+            self._aligned(len(images))
+        if not self._stop.is_set():
+            self._realign(int(self.policy.revisits_per_new * len(chunk)))
+
+    def _aligned(self, n: int) -> None:
+        self.alignments += n
+        self.metrics.classify_alignments.inc(n)
+        self._rate.add(time.monotonic(), self.alignments)
+        self.metrics.classify_particles.set(0 if self.classifier is None else self.classifier.n_particles)
+
+    def _idle_work_left(self) -> bool:
+        """Whether idle re-alignment is worth it: fewer than ``passes`` alignments per particle so far, or a
+        particle never aligned (placed at random while the classes started)."""
+        c = self.classifier
+        if c is None or not c.started or not self.table.readable.any():
+            return False
+        never = (c.table.aligned_at[: c.n_particles] < 0) & self.table.readable
+        return bool(never.any()) or self.alignments < self.settings.passes * c.n_particles
+
+    def _realign(self, count: int) -> int:
+        """Re-align up to ``count`` due particles (images read again); returns how many were."""
+        c = self.classifier
+        if c is None or count <= 0:
+            return 0
+        unreadable = int((~self.table.readable).sum())
+        rows = c.due(count + unreadable)
+        rows = rows[self.table.readable[rows]][:count]
+        if rows.size == 0:
+            return 0
+        done = 0
+        has_ctf = self.table.has_ctf(rows)
+        for group in (rows[has_ctf], rows[~has_ctf]):  # the classifier takes a CTF for all of a call or none
+            if group.size == 0:
+                continue
+            images, group = self._read_rows(group)
+            if group.size:
+                c.realign(group, images, _ctf_of(self.table.ctf[group]))
+                done += int(group.size)
+        self._aligned(done)
+        return done
+
+    def _read_rows(self, rows: np.ndarray, again: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+        """The images of classifier ``rows`` read again, and the rows read: a stack that vanished or changed is
+        skipped (a log line; its rows are never re-aligned again)."""
+        assert self.geometry is not None
+        box, apix = self.geometry
+        stacks = self.table.stacks(rows)
+        try:
+            images = ParticleSource.from_locations(self.out, stacks, self.table.index[rows], box, apix).images()\
+                .all_images()
+        except ParticleFileError:
+            images = None
+        if images is not None:
+            same = image_fingerprints(images) == self.table.fingerprint[rows]
+            if same.all():
+                return images, rows
+        if not again:  # read stack by stack just now, and now not: the files are changing; later
+            return torch.zeros(0, box, box), rows[:0]
+        keep = np.zeros(rows.shape, bool)  # the stacks at fault found one read per stack (only when one is)
+        for stack in np.unique(stacks):
+            mine = stacks == stack
+            try:
+                read = ParticleSource.from_locations(self.out, stacks[mine], self.table.index[rows[mine]], box,
+                                                     apix).images().all_images()
+            except ParticleFileError as exc:
+                self._unreadable(stack, f"cannot be read again ({exc})")
+                continue
+            if (image_fingerprints(read) != self.table.fingerprint[rows[mine]]).any():
+                self._unreadable(stack, "changed since its particles were classified")
+                continue
+            keep |= mine
+        if not keep.any():
+            return torch.zeros(0, box, box), rows[:0]
+        return self._read_rows(rows[keep], again=False)
+
+    def _unreadable(self, stack: str, why: str) -> None:
+        rows = self.table.stack_id == self.table.stack_names.index(stack)
+        self.table.readable[rows] = False
+        logger.warning("2D lane: %s %s; its %d particles stay in their classes as they are, never re-aligned",
+                       printable(stack), why, int(rows.sum()))
+
+    # ------------------------------------------------------------------ outputs and checkpoint
+    def _maybe_output(self) -> None:
+        now = time.monotonic()
+        if now - self._last_output >= self.classes_every:
+            self._output(checkpoint=now - self._last_checkpoint >= self.checkpoint_seconds)
+
+    def _final_outputs(self) -> None:
+        self._output(checkpoint=True)
+
+    def _ready(self) -> bool:
+        """Whether the classes mean something: the classifier started and aligned a particle."""
+        c = self.classifier
+        return c is not None and c.started and bool((c.table.aligned_at[: c.n_particles] >= 0).any())
+
+    def _output(self, checkpoint: bool) -> None:
+        """Publish and write the classes if they changed; checkpoint if asked (and anything changed)."""
+        c = self.classifier
+        self._last_output = time.monotonic()
+        if c is None:
+            return
+        if c.version != self._published_state and self._ready():
+            self._publish_classes()
+        if checkpoint and (c.version, self.alignments) != self._checkpointed:
+            self._checkpoint()
+
+    def _publish_classes(self) -> None:
+        c = self.classifier
+        assert c is not None
+        classes = class_set(c)
+        self.published += 1
+        self._published_state = c.version
+        if self._publish is not None:
+            self._publish(classes, self.published)
+        self.last_update = time.time()
+        self.junk = int(classes.junk.sum())
+        self.metrics.classes_version.set(self.published)
+        self.metrics.classes_junk.set(self.junk)
+        self.metrics.classes_updated.set(self.last_update)
+        try:
+            write_class_set(classes, self.folder)
+            self._write_particles(classes)
+        except (OSError, ParticleFileError) as exc:  # a full disk, a read-only folder: the session goes on
+            logger.error("2D classes not written (%s); the previous files stay; written again with the next "
+                         "class set", exc)
+        logger.info("2D classes %d: %d particles, %d classes flagged as junk", self.published, classes.particles,
+                    self.junk)
+
+    def _write_particles(self, classes) -> None:  # noqa: ANN001 - a ClassSet
+        c = self.classifier
+        assert c is not None and self.geometry is not None
+        box, apix = self.geometry
+        n = c.n_particles
+        rows = {"rlnImageName": self.table.image_names(self.out), **particle_columns(c, classes),
+                "rlnOpticsGroup": np.ones(n, np.int64), "rlnRandomSubset": c.table.halves[:n].astype(np.int64)}
+        if n and self.table.has_ctf(np.arange(n)).all():
+            rows.update({name: self.table.ctf[:, k] for name, k in _CTF_COLUMNS.items()})
+        optics = {"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [apix],
+                  "rlnImageSize": [box], "rlnImageDimensionality": [2], **{k: [v] for k, v in self.optics.items()}}
+        write_particles(self.folder / "particles.star", pd.DataFrame(rows), pd.DataFrame(optics))
+
+    def _checkpoint(self) -> None:
+        c = self.classifier
+        if c is None:
+            return
+        assert self.geometry is not None
+        state = {"version": _STATE_VERSION, "box": self.geometry[0], "apix": self.geometry[1],
+                 "diameter": self.diameter, "classifier": _to_tensors(c.state_dict()),
+                 "locations": self.table.state_dict(), "alignments": self.alignments, "published": self.published,
+                 "published_state": self._published_state, "optics": dict(self.optics)}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.folder / CHECKPOINT_NAME) as tmp, open(tmp, "wb") as handle:
+                torch.save(state, handle)
+        except OSError as exc:
+            logger.error("2D checkpoint not written (%s); the previous one stays", exc)
+        else:
+            self._checkpointed = (c.version, self.alignments)
+        self._last_checkpoint = time.monotonic()
+
+    def _resume_checkpoint(self) -> None:
+        """Load ``classes/checkpoint.pt`` if there is one; queue the 3D checkpoint's particles it lacks.
+
+        Raises
+        ------
+        ValueError
+            A checkpoint that cannot be read, or of another box, pixel size or number of
+            classes (the lane is then disabled; the file is left as it is).
+        """
+        path = self.folder / CHECKPOINT_NAME
+        if self.folder.is_dir():
+            for leaked in remove_stale_temporaries(self.folder):
+                logger.info("removed %s (an interrupted write)", leaked.name)
+        if path.exists():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error
+                raise ValueError(f"{path}: not a readable 2D classification checkpoint "
+                                 f"({str(exc).splitlines()[0]}); move it away to classify afresh") from None
+            if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+                raise ValueError(f"{path}: not a 2D classification checkpoint of version {_STATE_VERSION}")
+            box, apix = int(state["box"]), float(state["apix"])
+            if self.geometry is not None and (self.geometry[0] != box or abs(self.geometry[1] - apix) > 1e-6 * apix):
+                raise ValueError(f"{path}: a 2D checkpoint of box {box} at {apix} Å/px for a session of box "
+                                 f"{self.geometry[0]} at {self.geometry[1]} Å/px; move it away to classify afresh")
+            self.geometry = (box, apix)
+            self.diameter = float(state["diameter"])
+            classifier = StreamingClassifier(classifier_settings(self.settings, box, apix, self.diameter), box, apix)
+            try:
+                classifier.load_state_dict(_from_tensors(state["classifier"]))  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc} (restart with the --classes it was made with, or move "
+                                 f"{self.folder} away to classify afresh)") from None
+            self.classifier = classifier
+            self.table = LocationTable.from_state_dict(state["locations"])
+            self.held = self.table.journal()
+            self.alignments = int(state["alignments"])
+            self.published = int(state["published"])
+            self._published_state = int(state["published_state"])
+            self.optics = dict(state["optics"])
+            self.state = "running"
+            self._checkpointed = (classifier.version, self.alignments)
+            self.metrics.classes_version.set(self.published)
+            self.metrics.classify_particles.set(classifier.n_particles)
+            self._rate = RateWindow(self.alignments)
+            logger.info("2D lane resumed from %s: %d particles, class set %d", path, classifier.n_particles,
+                        self.published)
+        missing = 0
+        for located in self._resume:  # the map's particles the 2D checkpoint lacks: read by location
+            lacking = ~self.held.contains(located.stacks, located.indices)
+            if lacking.any():
+                keep = torch.from_numpy(np.flatnonzero(lacking))
+                with self._overflow_lock:
+                    self._overflow.append(Located(located.stacks[lacking], located.indices[lacking],
+                                                  located.half_sets[keep],
+                                                  None if located.ctf is None else located.ctf[keep],
+                                                  located.optics))
+                    self._overflow_count += int(lacking.sum())
+                missing += int(lacking.sum())
+        self._resume = []
+        if missing:
+            logger.info("2D lane: %d particles of the session's map are not in the 2D checkpoint: classified "
+                        "again (read from their stacks)", missing)
+
+
+def _subset(chunk: ParticleChunk, keep: np.ndarray) -> ParticleChunk:
+    picked = torch.from_numpy(np.flatnonzero(keep))
+    return ParticleChunk(chunk.origin, chunk.rows[keep], chunk.stacks[keep], chunk.indices[keep],
+                         chunk.images[picked], chunk.half_sets[picked],
+                         None if chunk.ctf is None else chunk.ctf[picked], chunk.optics)
