@@ -21,6 +21,11 @@ nothing is dropped)::
   publishes its poses (:mod:`~cryofastar.daemon.broadcast`), and the map and checkpoint
   when :mod:`~cryofastar.daemon.schedule` says so.
 - **status**: the status message (:mod:`~cryofastar.daemon.reporting`) every ``status_seconds``.
+- **2D lane** (``--classify``, :mod:`~cryofastar.daemon.classification_lane`): the reader also hands
+  each chunk to it, never waiting (a full queue keeps the particles' locations only); it
+  classifies them, publishes and writes its class sets in ``--out/classes`` and checkpoints
+  itself. Its failure disables it and never stops the daemon; :meth:`Daemon.stop` asks it to
+  stop first and waits for its last files at the end.
 
 The poser and the accumulator run at the same time, ``queue_size`` posed passes apart
 (making them take turns on a 2-core CPU was measured slower). :meth:`Daemon.stop`: the
