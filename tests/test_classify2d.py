@@ -39,14 +39,14 @@ def _turned_copies(n: int, ctf: CtfRange | None, seed: int = 0, shift: float = 2
 def test_average_of_turned_copies_recovers_the_view(ctf: CtfRange | None) -> None:
     sim, psi, shifts, truth = _turned_copies(24, ctf)
     sums = ClassSums(1, BOX, APIX)
-    terms = sums.contributions(padded_spectra(sim.images), torch.arange(24), sim.ctf, psi, shifts)
+    terms = sums.contributions(padded_spectra(sim.images), torch.ones(24, dtype=torch.bool), sim.ctf, psi, shifts)
     sums.add(torch.zeros(24, dtype=torch.long), torch.ones(24, dtype=torch.long), torch.ones(24), terms)
     average = sums.images(sums.wiener())[0]
     assert _corr(average, truth) > (0.99 if ctf is None else 0.97)
     # a wrong rotation sense does not: the check can fail
     wrong = ClassSums(1, BOX, APIX)
     wrong.add(torch.zeros(24, dtype=torch.long), torch.ones(24, dtype=torch.long), torch.ones(24),
-              wrong.contributions(padded_spectra(sim.images), torch.arange(24), sim.ctf, -psi, shifts))
+              wrong.contributions(padded_spectra(sim.images), torch.ones(24, dtype=torch.bool), sim.ctf, -psi, shifts))
     assert _corr(wrong.images(wrong.wiener())[0], truth) < 0.8
 
 
@@ -57,14 +57,15 @@ def test_remove_is_exact() -> None:
     halves = torch.tensor([1, 2, 2, 1] * 5)
     weights = torch.rand(20, generator=torch.Generator().manual_seed(2))
     every = ClassSums(2, BOX, APIX)
-    every.add(classes, halves, weights, every.contributions(spectra, torch.arange(20), sim.ctf, psi, shifts))
-    gone = torch.arange(0, 20, 3)
+    every.add(classes, halves, weights,
+              every.contributions(spectra, torch.ones(20, dtype=torch.bool), sim.ctf, psi, shifts))
+    gone = torch.arange(20) % 3 == 0
     every.add(classes[gone], halves[gone], weights[gone],
-              every.contributions(spectra, gone, sim.ctf[gone], psi[gone], shifts[gone]), sign=-1.0)
-    rest = torch.tensor([i for i in range(20) if i % 3])
+              every.contributions(spectra, gone, sim.ctf[gone], psi, shifts), sign=-1.0)
+    rest = ~gone
     fresh = ClassSums(2, BOX, APIX)
     fresh.add(classes[rest], halves[rest], weights[rest],
-              fresh.contributions(spectra, rest, sim.ctf[rest], psi[rest], shifts[rest]))
+              fresh.contributions(spectra, rest, sim.ctf[rest], psi, shifts))
     scale = float(fresh.num.abs().max())
     assert float((every.num - fresh.num).abs().max()) < 1e-9 * scale
     assert torch.allclose(every.den, fresh.den, rtol=0, atol=1e-9 * float(fresh.den.max()))
@@ -136,11 +137,14 @@ def test_classifier_separates_two_views_and_finds_the_angles() -> None:
 def _sums_from_table(clf: StreamingClassifier, images: torch.Tensor, ctf) -> ClassSums:
     fresh = ClassSums(clf.settings.n_classes, clf.box, clf.apix)
     t = clf.table
-    rows, slots = np.nonzero(t.classes[: t.n] >= 0)
-    terms = fresh.contributions(padded_spectra(images), torch.from_numpy(rows), ctf[torch.from_numpy(rows)],
-                                torch.from_numpy(t.psi[rows, slots]), torch.from_numpy(t.shifts[rows, slots]))
-    fresh.add(torch.from_numpy(t.classes[rows, slots]), torch.from_numpy(t.halves[rows]),
-              torch.from_numpy(t.weights[rows, slots]), terms)
+    spectra = padded_spectra(images)
+    for slot in range(t.keep):
+        present = t.classes[: t.n, slot] >= 0
+        mask = torch.from_numpy(present)
+        terms = fresh.contributions(spectra, mask, ctf[mask], torch.from_numpy(t.psi[: t.n, slot]),
+                                    torch.from_numpy(t.shifts[: t.n, slot]))
+        fresh.add(torch.from_numpy(t.classes[: t.n, slot][present]), torch.from_numpy(t.halves[: t.n][present]),
+                  torch.from_numpy(t.weights[: t.n, slot][present]), terms)
     return fresh
 
 

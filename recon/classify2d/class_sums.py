@@ -77,20 +77,21 @@ class ClassSums:
     def n_classes(self) -> int:
         return int(self.num.shape[1])
 
-    def contributions(self, spectra: PaddedSpectra, which: torch.Tensor, ctf: CtfParams | None,
+    def contributions(self, spectra: PaddedSpectra, present: torch.Tensor, ctf: CtfParams | None,
                       psi_degrees: torch.Tensor, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each (particle, pose)'s numerator and denominator terms (module docstring), unweighted.
+        """The numerator and denominator terms (module docstring), unweighted, of one pose per spectrum.
 
         Parameters
         ----------
         spectra: PaddedSpectra
-            The particles' padded spectra.
-        which: torch.Tensor
-            `(m,)` int64 spectrum of each contribution.
+            `n` particles' padded spectra.
+        present: torch.Tensor
+            `(n,)` bool: the spectra that contribute (``m`` of them); every spectrum is sampled (no copy
+            of the padded spectra), the others' samples are dropped.
         ctf: CtfParams | None
-            `(m,)` CTF of each contribution's particle, or ``None``.
+            `(m,)` CTF of each contributing particle, or ``None``.
         psi_degrees, shifts: torch.Tensor
-            `(m,)` rotations (degrees) and `(m, 2)` displacements ``d`` (pixels, x, y).
+            `(n,)` rotations (degrees) and `(n, 2)` displacements ``d`` (pixels, x, y) of every spectrum.
 
         Returns
         -------
@@ -98,10 +99,12 @@ class ClassSums:
             `(m, B, B//2+1)` complex128 numerator terms and float64 denominator terms.
         """
         box = self.box
-        freq = rotated_frequencies(box, psi_degrees)  # (m, B, H, 2)
-        m = freq.shape[0]
-        values = sample_spectra(spectra, freq.reshape(m, -1, 2), which).reshape(m, box, -1).to(torch.complex128)
-        phase = (2 * math.pi / box) * (freq * shifts.to(torch.float64)[:, None, None, :]).sum(-1)
+        freq = rotated_frequencies(box, psi_degrees)  # (n, B, H, 2)
+        n = freq.shape[0]
+        values = sample_spectra(spectra, freq.reshape(n, -1, 2).to(torch.float32)).reshape(n, box, -1)
+        values = values[present].to(torch.complex128)
+        freq = freq[present]
+        phase = (2 * math.pi / box) * (freq * shifts[present].to(torch.float64)[:, None, None, :]).sum(-1)
         values = values * torch.polar(torch.ones_like(phase), phase)
         if ctf is None:
             weight = torch.ones(values.shape, dtype=torch.float64)

@@ -53,6 +53,9 @@ from .references import centre_of_mass, class_averages, class_frc, frc_resolutio
 __all__ = ["ClassifierSettings", "StreamingClassifier"]
 
 _NEIGHBOURHOOD = shift_disc(1.5)  # the 3x3 1-pixel neighbourhood, (0, 0) first
+MAX_SEARCH_RADIUS = 20
+"""Outermost ring of the search (Fourier pixels, ``B * apix / 20`` Å): 128 angles suffice. The class sums keep
+every frequency; only the alignment stops there (its cost grows as the square of the radius)."""
 
 
 @dataclass(frozen=True)
@@ -235,14 +238,15 @@ class StreamingClassifier:
         start_left = max(0, self.settings.start_particles - int(rows[0]))
         if self.noise_mass == 0:
             self._init_noise(images)
-        spectra = padded_spectra(images)
         random_rows = rows[:start_left]
         if len(random_rows):
-            self._place_at_random(spectra, np.arange(len(random_rows)), random_rows, ctf)
+            for lo in range(0, len(random_rows), self.settings.batch):
+                part = slice(lo, min(lo + self.settings.batch, len(random_rows)))
+                self._place_at_random(padded_spectra(images[part]), rows[part], None if ctf is None else ctf[part])
             self._rebuild()
-        aligned = np.arange(len(random_rows), n)
-        if len(aligned):
-            self._align(spectra, aligned, rows[aligned], ctf, previous=None)
+        for lo in range(len(random_rows), n, self.settings.batch):
+            part = slice(lo, min(lo + self.settings.batch, n))
+            self._align(padded_spectra(images[part]), rows[part], None if ctf is None else ctf[part], previous=None)
         self._rebuild()
         return rows
 
@@ -262,14 +266,15 @@ class StreamingClassifier:
             raise ValueError(f"{rows.shape[0]} particle indices for {images.shape[0]} images")
         if rows.size and (rows.min() < 0 or rows.max() >= self.table.n):
             raise ValueError(f"particle indices must be within 0..{self.table.n - 1}")
-        spectra = padded_spectra(images)
-        local = np.arange(rows.shape[0])
-        self._contribute(spectra, local, rows, ctf, sign=-1.0)
-        previous = self.table.shifts[rows, 0] if self.started else None
-        never = self.table.aligned_at[rows] < 0
+        previous = self.table.shifts[rows, 0].copy() if self.started else None
         if previous is not None:
-            previous = np.where(never[:, None], np.nan, previous)
-        self._align(spectra, local, rows, ctf, previous=previous)
+            previous[self.table.aligned_at[rows] < 0] = np.nan
+        for lo in range(0, rows.shape[0], self.settings.batch):
+            part = slice(lo, lo + self.settings.batch)
+            spectra = padded_spectra(images[part])
+            part_ctf = None if ctf is None else ctf[part]
+            self._contribute(spectra, rows[part], part_ctf, sign=-1.0)
+            self._align(spectra, rows[part], part_ctf, previous=None if previous is None else previous[part])
         self._rebuild()
 
     def due(self, count: int) -> np.ndarray:
@@ -334,8 +339,7 @@ class StreamingClassifier:
         self.noise = (per_ring / count).mean(0).clamp(min=1e-12)
         self.noise_mass = float(images.shape[0])
 
-    def _place_at_random(self, spectra: PaddedSpectra, local: np.ndarray, rows: np.ndarray,
-                         ctf: CtfParams | None) -> None:
+    def _place_at_random(self, spectra: PaddedSpectra, rows: np.ndarray, ctf: CtfParams | None) -> None:
         t = self.table
         t.classes[rows] = -1
         t.weights[rows] = 0
@@ -344,25 +348,21 @@ class StreamingClassifier:
         t.psi[rows, 0] = self.rng.uniform(0, 360, len(rows))
         t.shifts[rows, 0] = 0
         t.max_prob[rows] = 1.0 / self.settings.n_classes
-        self._contribute(spectra, local, rows, ctf, sign=1.0)
+        self._contribute(spectra, rows, ctf, sign=1.0)
 
-    def _contribute(self, spectra: PaddedSpectra, local: np.ndarray, rows: np.ndarray, ctf: CtfParams | None,
-                    sign: float) -> None:
-        """Add (or remove) what the particles' table entries say they contribute."""
+    def _contribute(self, spectra: PaddedSpectra, rows: np.ndarray, ctf: CtfParams | None, sign: float) -> None:
+        """Add (or remove) what the particles' table entries say they contribute (``spectra[i]`` is ``rows[i]``)."""
         t = self.table
-        slot_rows, slot = np.nonzero(t.classes[rows] >= 0)
-        if slot_rows.size == 0:
-            return
-        r = rows[slot_rows]
-        which = torch.from_numpy(local[slot_rows])
-        sub_ctf = None if ctf is None else ctf[which]
-        for lo in range(0, len(r), 256):  # bounded temporaries
-            part = slice(lo, lo + 256)
+        for slot in range(t.keep):
+            present = t.classes[rows, slot] >= 0
+            if not present.any():
+                continue
+            r = rows[present]
             terms = self.sums.contributions(
-                spectra, which[part], None if sub_ctf is None else sub_ctf[torch.arange(len(r))[part]],
-                torch.from_numpy(t.psi[r[part], slot[part]]), torch.from_numpy(t.shifts[r[part], slot[part]]))
-            self.sums.add(torch.from_numpy(t.classes[r[part], slot[part]]), torch.from_numpy(t.halves[r[part]]),
-                          torch.from_numpy(t.weights[r[part], slot[part]]), terms, sign=sign)
+                spectra, torch.from_numpy(present), None if ctf is None else ctf[torch.from_numpy(present)],
+                torch.from_numpy(t.psi[rows, slot]), torch.from_numpy(t.shifts[rows, slot]))
+            self.sums.add(torch.from_numpy(t.classes[r, slot]), torch.from_numpy(t.halves[r]),
+                          torch.from_numpy(t.weights[r, slot]), terms, sign=sign)
 
     def _grid(self, r_max: int) -> PolarGrid:
         return PolarGrid.for_radius(r_max)
@@ -377,54 +377,52 @@ class StreamingClassifier:
         sigma2 = self.noise[grid.r_min: grid.r_max + 1]
         return (math.pi * r / (grid.n_angles * sigma2)).to(torch.float32)
 
-    def _search(self, spectra: PaddedSpectra, local: np.ndarray, ctf: CtfParams | None, shifts: torch.Tensor,
-                grid: PolarGrid):
-        which = torch.from_numpy(local)
-        sub = PaddedSpectra(spectra.values[which], spectra.box)
-        particles = polar_samples(sub, grid)
+    def _search(self, spectra: PaddedSpectra, ctf: CtfParams | None, shifts: torch.Tensor, grid: PolarGrid,
+                which: np.ndarray | None = None):
+        """Scores of ``spectra`` (or its rows ``which``) over ``shifts`` x classes x rotations."""
+        index = None if which is None else torch.from_numpy(which)
+        particles = polar_samples(spectra, grid, index)
         ctf_polar = None
         if ctf is not None:
             freq = grid.frequencies / (self.box * self.apix)  # 1/Å
-            ctf_polar = ctf_at(ctf[which], freq.expand(len(local), *freq.shape))
+            part_ctf = ctf if index is None else ctf[index]
+            ctf_polar = ctf_at(part_ctf, freq.expand(particles.shape[0], *freq.shape))
         result = score_alignments(particles, ctf_polar, shifts, self._polar_references(grid),
                                   self._ring_weight(grid), grid, self.box)
         return result, particles, ctf_polar
 
-    def _align(self, spectra: PaddedSpectra, local: np.ndarray, rows: np.ndarray, ctf: CtfParams | None,
+    def _align(self, spectra: PaddedSpectra, rows: np.ndarray, ctf: CtfParams | None,
                previous: np.ndarray | None) -> None:
-        """Search, then write the table entries and add the contributions, batch by batch."""
+        """Search one batch (``spectra[i]`` is ``rows[i]``), write its table entries and add its contributions.
+
+        ``previous``: `(n, 2)` each particle's last displacement (NaN: never aligned: a full search).
+        """
         s = self.settings
         fine = self._grid(self.r_max)
-        coarse = self._grid(min(self.r_max, max(4, self.box // 8)))
-        lattice = shift_disc(s.max_shift_px, step=2.0 if s.max_shift_px >= 2 else 1.0)
-        for lo in range(0, len(local), s.batch):
-            part_local = local[lo: lo + s.batch]
-            part_rows = rows[lo: lo + s.batch]
-            n = len(part_local)
-            centre = torch.zeros(n, 2)
-            known = np.zeros(n, dtype=bool)
-            if previous is not None:
-                prev = previous[lo: lo + s.batch]
-                known = np.isfinite(prev[:, 0])
-                centre[torch.from_numpy(known)] = torch.from_numpy(prev[known]).to(torch.float32)
-            if (~known).any():
-                idx = np.nonzero(~known)[0]
-                coarse_result, _, _ = self._search(spectra, part_local[idx], ctf, lattice, coarse)
-                sc = coarse_result.scores  # (m, S, K, A)
-                best = sc.flatten(2).amax(-1).argmax(-1)  # best shift per particle
-                centre[torch.from_numpy(idx)] = lattice[best]
-            trial = centre[:, None, :] + _NEIGHBOURHOOD[None]
-            trial = self._clamp_shift(trial)
-            result, particles, ctf_polar = self._search(spectra, part_local, ctf, trial, fine)
-            self._assign(result, particles, ctf_polar, fine, part_local, part_rows, spectra, ctf)
+        n = len(rows)
+        centre = torch.zeros(n, 2)
+        known = np.zeros(n, dtype=bool)
+        if previous is not None:
+            known = np.isfinite(previous[:, 0])
+            centre[torch.from_numpy(known)] = torch.from_numpy(previous[known]).to(torch.float32)
+        if (~known).any():
+            coarse = self._grid(min(self.r_max, max(4, self.box // 8)))
+            lattice = shift_disc(s.max_shift_px, step=2.0 if s.max_shift_px >= 2 else 1.0)
+            idx = np.nonzero(~known)[0]
+            coarse_result, _, _ = self._search(spectra, ctf, lattice, coarse, None if known.sum() == 0 else idx)
+            best = coarse_result.scores.flatten(2).amax(-1).argmax(-1)  # best shift per particle
+            centre[torch.from_numpy(idx)] = lattice[best]
+        trial = self._clamp_shift(centre[:, None, :] + _NEIGHBOURHOOD[None])
+        result, particles, ctf_polar = self._search(spectra, ctf, trial, fine)
+        self._assign(result, particles, ctf_polar, fine, rows, spectra, ctf)
 
     def _clamp_shift(self, shifts: torch.Tensor) -> torch.Tensor:
         limit = self.settings.max_shift_px + 1.0
         norm = shifts.norm(dim=-1, keepdim=True)
         return torch.where(norm > limit, shifts * (limit / norm.clamp(min=1e-9)), shifts)
 
-    def _assign(self, result, particles, ctf_polar, grid: PolarGrid, local: np.ndarray, rows: np.ndarray,
-                spectra: PaddedSpectra, ctf: CtfParams | None) -> None:
+    def _assign(self, result, particles, ctf_polar, grid: PolarGrid, rows: np.ndarray, spectra: PaddedSpectra,
+                ctf: CtfParams | None) -> None:
         s = self.settings
         scores = result.scores  # (n, S, K, A)
         n, n_shifts, k_classes, n_angles = scores.shape
@@ -471,7 +469,7 @@ class StreamingClassifier:
         t.aligned_at[rows] = self.steps
         self.steps += 1
         self._update_noise(particles, ctf_polar, grid, top_k[:, 0], shift_i[:, 0], angle_i[:, 0], result.shifts)
-        self._contribute(spectra, local, rows, ctf, sign=1.0)
+        self._contribute(spectra, rows, ctf, sign=1.0)
 
     def _update_noise(self, particles, ctf_polar, grid: PolarGrid, k, shift_i, angle_i, trial) -> None:
         """Fold the residual power of each particle's best hypothesis into the per-ring noise model."""
@@ -512,7 +510,8 @@ class StreamingClassifier:
         self.version += int(update)
 
     def _search_radius(self, counts: torch.Tensor) -> int:
-        """The polar search's radius: the median class resolution (by particles), grown at most 2 rings a rebuild."""
+        """The polar search's radius: the median class resolution (by particles), grown at most 2 rings a rebuild,
+        never beyond :data:`MAX_SEARCH_RADIUS`."""
         res = self.resolution.clone()
         res[~torch.isfinite(res)] = self.box * self.apix / 2
         order = torch.argsort(res)
@@ -520,7 +519,7 @@ class StreamingClassifier:
         if float(cum[-1]) <= 0:
             return self.r_max
         median = float(res[order][int(torch.searchsorted(cum, 0.5 * cum[-1]))])
-        target = int(math.ceil(self.box * self.apix / median))
+        target = min(MAX_SEARCH_RADIUS, int(math.ceil(self.box * self.apix / median)))
         target = max(self._radius(self.settings.initial_lowpass_angstrom), min(self.box // 2 - 1, target))
         return min(target, self.r_max + 2) if target > self.r_max else target
 

@@ -60,11 +60,10 @@ def sample_spectra(spectra: PaddedSpectra, frequencies: torch.Tensor,
         `n` padded spectra.
     frequencies: torch.Tensor
         `(M, 2)` frequencies (fx, fy) shared by every spectrum, or `(m, M, 2)` one set per
-        sampled row; unpadded Fourier pixels, ``|f| < B / 2 * sqrt(2)`` (outside the grid
-        reads 0).
+        sampled row; unpadded Fourier pixels, ``|f| < B`` (outside the grid reads 0).
     which: torch.Tensor | None
-        `(m,)` int64 spectrum of each row of a per-row ``frequencies`` (default: every
-        spectrum, ``m = n``).
+        `(m,)` int64 spectrum of each row (default: every spectrum in order, ``m = n``,
+        without copying them).
 
     Returns
     -------
@@ -76,10 +75,9 @@ def sample_spectra(spectra: PaddedSpectra, frequencies: torch.Tensor,
     half = size // 2
     planes = torch.view_as_real(values).permute(0, 3, 1, 2)  # (n, 2, P, P) real and imaginary parts
     if which is None:
-        if frequencies.ndim == 3:
-            raise ValueError("per-row frequencies need `which`")
         rows = planes
-        frequencies = frequencies.expand(n, -1, -1)
+        if frequencies.ndim == 2:
+            frequencies = frequencies.expand(n, -1, -1)
     else:
         rows = planes.index_select(0, which)
         if frequencies.ndim == 2:

@@ -76,10 +76,11 @@ class PolarGrid:
         return 360.0 / self.n_angles
 
 
-def polar_samples(spectra: PaddedSpectra, grid: PolarGrid) -> torch.Tensor:
-    """`(n, R, A)` complex64 samples of each spectrum on the polar grid."""
+def polar_samples(spectra: PaddedSpectra, grid: PolarGrid, which: torch.Tensor | None = None) -> torch.Tensor:
+    """`(n, R, A)` complex64 samples of each spectrum (or of the rows ``which``) on the polar grid."""
     freq = grid.frequencies
-    return sample_spectra(spectra, freq.reshape(-1, 2)).reshape(len(spectra), *freq.shape[:2])
+    out = sample_spectra(spectra, freq.reshape(-1, 2), which)
+    return out.reshape(out.shape[0], *freq.shape[:2])
 
 
 def shift_disc(radius: float, step: float = 1.0) -> torch.Tensor:
@@ -145,11 +146,22 @@ def score_alignments(
     if shifts.ndim == 2:
         shifts = shifts.expand(n, -1, -1)
     freq = grid.frequencies  # (R, A, 2)
-    # undo each trial displacement: multiply by exp(+2 pi i q.d)
-    phase = (2 * math.pi / box) * torch.einsum("rac,nsc->nsra", freq, shifts.to(torch.float32))
+    # undo each trial displacement d = c + delta: multiply by exp(+2 pi i q.c) exp(+2 pi i q.delta), the
+    # first per particle (c: its first trial), the second per trial offset when every particle has the same ones
     weighted = particles if ctf is None else particles * ctf
     weighted = weighted * ring_weight[None, :, None]
-    shifted = weighted[:, None] * torch.polar(torch.ones_like(phase), phase)  # (n, S, R, A)
+    shifts = shifts.to(torch.float32)
+    centre = shifts[:, :1]  # (n, 1, 2)
+    offsets = shifts - centre
+    shared = bool((offsets == offsets[:1]).all())
+    phase_c = (2 * math.pi / box) * torch.einsum("rac,nc->nra", freq, centre[:, 0])
+    weighted = weighted * torch.polar(torch.ones_like(phase_c), phase_c)
+    if shared:
+        phase_o = (2 * math.pi / box) * torch.einsum("rac,sc->sra", freq, offsets[0])
+        shifted = weighted[:, None] * torch.polar(torch.ones_like(phase_o), phase_o)[None]  # (n, S, R, A)
+    else:
+        phase_o = (2 * math.pi / box) * torch.einsum("rac,nsc->nsra", freq, offsets)
+        shifted = weighted[:, None] * torch.polar(torch.ones_like(phase_o), phase_o)
     half = n_angles // 2 + 1
     u_hat = torch.fft.fft(shifted, dim=-1)[..., :half]  # (n, S, R, M)
     r_hat = torch.fft.fft(references, dim=-1)[..., :half]  # (K, R, M)
