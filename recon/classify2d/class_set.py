@@ -91,7 +91,7 @@ def class_set(classifier: StreamingClassifier) -> ClassSet:
     spectra = class_averages(c.sums, c.frc)
     averages = irfft2_centered(spectra, c.box).to(torch.float32)
     counts = c.sums.counts()
-    features = junk_features(averages, c.mask, c.resolution, max_resolution_angstrom=c.box * c.apix / 2)
+    features = junk_features(averages, counts, c.resolution, max_resolution_angstrom=c.box * c.apix / 2)
     score = junk_scores(features, counts)
     return ClassSet(version=c.version, particles=c.n_particles, averages=averages, apix=c.apix, counts=counts,
                     resolution_angstrom=c.resolution.clone(), accuracy_degrees=_accuracy(c), junk_score=score,
