@@ -94,6 +94,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 DIAMETER_SAMPLE = 1000
 """Particles the diameter is measured on (when ``--diameter`` is not given)."""
 _HOLD_BYTES = 256 * 2**20  # or fewer particles, if their images would hold more than this
+_QUEUE_BYTES = 256 * 2**20  # the queue keeps the pixels of at most this much (and queue_size chunks), then locations
 _STATE_VERSION = 1
 _CTF_FIELDS = ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_degrees", "voltage_kv",
                "spherical_aberration_mm", "amplitude_contrast", "phase_shift_degrees", "b_factor_angstrom2", "scale")
@@ -261,7 +262,8 @@ class ClassificationLane:
     checkpoint_seconds: float
         Seconds between checkpoints (written with the class files; also at stop).
     queue_size: int
-        Chunks that may wait in the lane's queue (then only their locations are kept).
+        Chunks that may wait in the lane's queue, holding at most 256 MiB of pixels (then only
+        their locations are kept).
     geometry: tuple[int, float] | None
         The session's box (px) and pixel size (Å) if known (a resumed session); else the first
         :meth:`offer` gives it.
@@ -284,7 +286,8 @@ class ClassificationLane:
         self._overflow: collections.deque[Located] = collections.deque()
         self._overflow_lock = threading.Lock()
         self._overflow_count = 0
-        self._queued = 0  # particles in the queue
+        self._queued = 0  # particles in the queue (these three counts: under _overflow_lock)
+        self._queued_bytes = 0  # their pixels' bytes
         self._resume = list(resume or [])
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -328,11 +331,18 @@ class ClassificationLane:
             return
         if self.geometry is None:
             self.geometry = (int(box), float(apix))
-        try:
-            self._queue.put_nowait(chunk)
-            self._queued += len(chunk)
-        except queue.Full:
-            with self._overflow_lock:
+        size = chunk.images.numel() * chunk.images.element_size()
+        with self._overflow_lock:
+            queued = self._queued_bytes + size <= _QUEUE_BYTES or self._queued == 0
+            if queued:
+                try:
+                    self._queue.put_nowait(chunk)
+                except queue.Full:
+                    queued = False
+            if queued:
+                self._queued += len(chunk)
+                self._queued_bytes += size
+            else:
                 self._overflow.append(Located.of(chunk))
                 self._overflow_count += len(chunk)
         self._wake.set()
@@ -414,13 +424,15 @@ class ClassificationLane:
 
     def _next_new(self) -> ParticleChunk | None:
         """The next new particles with their images: the queue first, then particles known by location."""
-        try:
-            chunk = self._queue.get_nowait()
-            self._queued -= len(chunk)
-            return chunk
-        except queue.Empty:
-            pass
         with self._overflow_lock:
+            try:
+                chunk = self._queue.get_nowait()
+            except queue.Empty:
+                chunk = None
+            if chunk is not None:
+                self._queued -= len(chunk)
+                self._queued_bytes -= chunk.images.numel() * chunk.images.element_size()
+                return chunk
             located = self._overflow.popleft() if self._overflow else None
         if located is None:
             return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -25,7 +26,7 @@ from cryofastar.protocol import ClassesMessage
 from cryofastar.recon.classify2d import StreamingClassifier, class_set
 from cryofastar.recon.io import write_stack
 from cryofastar.recon.io.star import write_particles
-from session_helpers import ENV, SCRIPT, place
+from session_helpers import ENV, SCRIPT, ScriptProcess, place
 
 BOX = 32
 APIX = 3.0
@@ -250,3 +251,48 @@ def test_the_map_takes_the_same_particles_with_the_lane_off(session, tmp_path):
         else:
             assert lane(status) == {"state": "off"} and not (out / CLASSES_DIR).exists()
     assert counts[True] == counts[False] and len(counts[True]) == 300
+
+
+@pytest.mark.slow
+def test_the_real_command_killed_with_sigkill_resumes_and_classifies_every_particle_once(session, tmp_path):
+    watch, out = tmp_path / "session", tmp_path / "out"
+    watch.mkdir()
+    args = ["--watch", str(watch), "--out", str(out), "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "-1",
+            "--poses-from", "map-only", "--refine-after", "100000", "--settle", "0.3", "--flush", "0.5",
+            "--checkpoint-every", "1", "--classes-every", "0.5", "--classes", str(CLASSES), "--diameter", "70"]
+    daemon = ScriptProcess(*args)
+    try:
+        daemon.wait_for(r"ZeroMQ")
+        for stack in stacks_of(session)[:6]:
+            place(stack, watch)
+        checkpoint = out / CLASSES_DIR / "checkpoint.pt"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (checkpoint.exists() and (out / "checkpoint.pt").exists()):
+            time.sleep(0.1)
+        for stack in stacks_of(session)[6:9]:
+            place(stack, watch)
+        time.sleep(1.0)  # in the middle of classifying them
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(timeout=30)
+    finally:
+        daemon.close()
+    for stack in stacks_of(session)[9:]:
+        place(stack, watch)
+    restarted = ScriptProcess("-v", *args, merge_stderr=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the lane writes its particles.star every 0.5 s while it changes
+            star = out / CLASSES_DIR / "particles.star"
+            if star.exists() and len(image_names(star)) == N_STACKS * PER_STACK:
+                break
+            time.sleep(0.5)
+        code, _ = restarted.stop(signal.SIGTERM)
+        assert code == 0, "".join(restarted.lines)
+    finally:
+        restarted.close()
+    print("".join(line for line in restarted.lines if "2D lane" in line or "resuming" in line))
+    names = image_names(out / CLASSES_DIR / "particles.star")
+    assert len(names) == N_STACKS * PER_STACK and len(set(names)) == len(names)  # every particle, once
+    assert set(names) == set(image_names(out / "particles.star"))
+    state = torch.load(out / CLASSES_DIR / "checkpoint.pt", weights_only=True)
+    assert state["locations"]["index"].shape[0] == N_STACKS * PER_STACK
