@@ -169,6 +169,7 @@ def classify(particles: Path, out_dir: Path, settings: ClassifySettings, progres
         done += _revisit(classifier, source, int(policy.revisits_per_new * len(chunk)))
         if progress is not None:
             progress(min(done, total_work), total_work)
+    classifier.begin()  # a set smaller than the random start
     while int(classifier.table.aligned_at[:n].min()) < 0 or done < total_work:
         moved = _revisit(classifier, source, min(policy.chunk, total_work - done) or policy.chunk)
         if moved == 0:

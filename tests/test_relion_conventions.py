@@ -5,7 +5,8 @@ written by ``cryofastar-stream simulate`` with shifts up to 4 px, with and witho
 reading of rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, the CTF parameters or the map's axes and centre
 departed from RELION's, the two maps would disagree (a shift sign error blurs and a half-pixel centre
 error flips the sign of the FSC at high frequency). Both maps must also match the simulator's
-``reference.mrc``.
+``reference.mrc``. And 2D: the Class2D columns ``classify`` writes, applied by
+``relion_stack_create --apply_transformation``, must turn each particle into its class average.
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import starfile
 import torch
+from conftest import blob_phantom
 from cryofastar.recon import fsc
-from cryofastar.recon.io import read_volume
+from cryofastar.recon.euler import euler_to_matrix
+from cryofastar.recon.io import read_images, read_volume, write_particles, write_stack
+from cryofastar.recon.simulate.particles import simulate_particles
 
 SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -75,3 +81,41 @@ def test_negated_origins_break_the_agreement_with_the_truth_for_both(tmp_path: P
     high = slice(8, 20)
     assert float(fsc(relion, truth)[high].mean()) < 0.5 and float(fsc(ours, truth)[high].mean()) < 0.5
     assert float(fsc(relion, ours)[1:20].min()) > 0.85  # wrong the same way: the same meaning of rlnOrigin
+
+
+def test_class2d_columns_mean_what_relion_means(tmp_path: Path) -> None:
+    """``classify``'s rlnAnglePsi / rlnOriginX/YAngst, applied by ``relion_stack_create --apply_transformation``,
+    turn every particle into its class average; with psi negated they do not."""
+    stack_create = shutil.which("relion_stack_create")
+    assert stack_create is not None, "relion_stack_create not found: bash scripts/setup.sh --test installs relion"
+    box, apix, n = 48, 2.0, 40
+    g = torch.Generator().manual_seed(0)
+    psi = torch.rand(n, generator=g, dtype=torch.float64) * 360
+    zero = torch.zeros(n, dtype=torch.float64)
+    view = euler_to_matrix(zero + 30, zero + 60, zero)
+    sim = simulate_particles(blob_phantom(box, seed=3), n, apix, 20.0, g, max_shift_px=3.0,
+                             rotations=euler_to_matrix(zero, zero, psi) @ view)
+    session = tmp_path / "session"
+    session.mkdir()
+    write_stack(session / "p.mrcs", sim.images, apix)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["g1"], "rlnImagePixelSize": [apix],
+                           "rlnImageSize": [box], "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
+    write_particles(session / "particles.star", pd.DataFrame(
+        {"rlnImageName": [f"{i + 1:06d}@p.mrcs" for i in range(n)], "rlnOpticsGroup": 1}), optics)
+    _run([str(SCRIPT), "classify", str(session / "particles.star"), "-o", str(tmp_path / "out"), "--classes", "1",
+          "--no-progress"])
+    average = read_images(tmp_path / "out" / "class_averages.mrcs")[0].numpy()
+
+    def aligned(star: Path, name: str) -> np.ndarray:
+        _run([stack_create, "--i", str(star), "--o", name, "--apply_transformation"], cwd=tmp_path / "out")
+        return read_images(tmp_path / "out" / f"{name}.mrcs").numpy()
+
+    def correlation(images: np.ndarray) -> float:
+        return float(np.median([np.corrcoef(x.ravel(), average.ravel())[0, 1] for x in images]))
+
+    assert correlation(aligned(tmp_path / "out" / "particles.star", "relion_aligned")) > 0.9
+    table = starfile.read(tmp_path / "out" / "particles.star")
+    table["particles"]["rlnAnglePsi"] = -table["particles"]["rlnAnglePsi"]
+    starfile.write(table, tmp_path / "out" / "negated.star", overwrite=True)
+    assert correlation(aligned(tmp_path / "out" / "negated.star", "negated")) < 0.6

@@ -202,6 +202,7 @@ class StreamingClassifier:
         self.resolution = torch.full((settings.n_classes,), math.inf, dtype=torch.float64)
         self.reference_images = torch.zeros(settings.n_classes, box, box)
         self.seeds: dict[int, torch.Tensor] = {}
+        self.start_at = settings.start_particles  # particles placed at random before any alignment
         self._polar: dict[PolarGrid, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ geometry
@@ -216,7 +217,13 @@ class StreamingClassifier:
     @property
     def started(self) -> bool:
         """Whether the random start is complete (the references mean something)."""
-        return self.table.n >= self.settings.start_particles
+        return self.table.n >= self.start_at
+
+    def begin(self) -> None:
+        """End the random start now, with the particles held so far (a session smaller than ``init_particles``)."""
+        if self.table.n and not self.started:
+            self.start_at = self.table.n
+            self._rebuild()
 
     # ------------------------------------------------------------------ public operations
     def add(self, images: torch.Tensor, ctf: CtfParams | None = None, halves: torch.Tensor | None = None) -> np.ndarray:
@@ -235,7 +242,7 @@ class StreamingClassifier:
         n = images.shape[0]
         rows = self.table.extend(n)
         self.table.halves[rows] = (rows % 2 + 1) if halves is None else halves.numpy().astype(np.int64)
-        start_left = max(0, self.settings.start_particles - int(rows[0]))
+        start_left = max(0, self.start_at - int(rows[0]))
         if self.noise_mass == 0:
             self._init_noise(images)
         random_rows = rows[:start_left]
@@ -292,7 +299,7 @@ class StreamingClassifier:
             "sums": self.sums.state_dict(), "table": self.table.state(), "rng": self.rng.bit_generator.state,
             "reference_version": self.version, "steps": self.steps, "offsets_px": self.offsets_px.clone(),
             "noise": self.noise.clone(), "noise_mass": self.noise_mass, "r_max": self.r_max,
-            "seeds": {k: v.clone() for k, v in self.seeds.items()},
+            "seeds": {k: v.clone() for k, v in self.seeds.items()}, "start_at": self.start_at,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -317,6 +324,7 @@ class StreamingClassifier:
         self.noise_mass = float(state["noise_mass"])
         self.r_max = int(state["r_max"])
         self.seeds = {int(k): v.clone() for k, v in state["seeds"].items()}
+        self.start_at = int(state["start_at"])
         self._rebuild(update=False)
         self.version = int(state["reference_version"])
 
