@@ -155,7 +155,7 @@ def test_classes_stream_beside_the_map_and_a_full_queue_or_a_bad_stack_blocks_no
     with mrcfile.open(folder / "class_averages.mrcs", permissive=False) as averages:
         assert averages.data.shape == (CLASSES, BOX, BOX) and float(averages.voxel_size.x) == pytest.approx(APIX)
     classes = starfile.read(folder / "classes.star")
-    assert len(classes) == CLASSES and classes["rlnClassDistribution"].sum() == pytest.approx(1.0)
+    assert len(classes) == CLASSES and classes["rlnClassDistribution"].sum() == pytest.approx(1.0, abs=1e-4)
     particles = starfile.read(folder / "particles.star")["particles"]
     assert len(particles) == 1200 and particles["rlnImageName"].is_unique
     assert set(particles["rlnImageName"]) == set(image_names(out / "particles.star"))  # named as the map's
