@@ -33,7 +33,10 @@ The work loop, one step at a time (the thread checks for :meth:`stop` between st
    images changed is skipped with a log line, its rows never re-aligned again;
 3. with no new particle, due particles are re-aligned at a modest pace (the lane waits
    as long as each step took) until the session has had ``passes`` alignments per
-   particle, so classes keep improving while the microscope pauses.
+   particle, so classes keep improving while the microscope pauses. A session that holds
+   fewer particles than the classifier's random start (``20 K``) and brings no new one for
+   ``6 * classes_every`` seconds starts its classes from what there is
+   (:meth:`~cryofastar.recon.classify2d.StreamingClassifier.begin`).
 
 Every ``classes_every`` seconds, if the classes changed, and at stop: a ``classes``
 message is published (:meth:`~cryofastar.daemon.broadcast.SessionBroadcast.classes`; its ``version``
@@ -94,6 +97,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 DIAMETER_SAMPLE = 1000
 """Particles the diameter is measured on (when ``--diameter`` is not given)."""
 _HOLD_BYTES = 256 * 2**20  # or fewer particles, if their images would hold more than this
+_BEGIN_IDLE_PERIODS = 6  # classes start from fewer than 20 K particles after this many --classes-every without any
 _QUEUE_BYTES = 256 * 2**20  # the queue keeps the pixels of at most this much (and queue_size chunks), then locations
 _STATE_VERSION = 1
 _CTF_FIELDS = ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_degrees", "voltage_kv",
@@ -415,6 +419,13 @@ class ClassificationLane:
                 self._begin()  # no more particles for now: measure the diameter on what there is
                 return 0.0
             return None
+        c = self.classifier
+        if not c.started and c.n_particles >= self.settings.classes and \
+                time.monotonic() - self._last_new >= _BEGIN_IDLE_PERIODS * self.classes_every:
+            c.begin()  # a session smaller than the random start (or one that paused): classes from what there is
+            logger.info("2D lane: no new particle for %.0f s: the classes start from the %d particles there are",
+                        _BEGIN_IDLE_PERIODS * self.classes_every, c.n_particles)
+            return 0.0
         if self._idle_work_left():
             t0 = time.perf_counter()
             if self._realign(self.policy.chunk) == 0:

@@ -69,8 +69,8 @@ def settings(watch: Path, out: Path, **kw) -> DaemonSettings:
     classification = kw.pop("classification", ClassifySettings(classes=CLASSES))
     return DaemonSettings(watch=watch, out=out, zmq="tcp://127.0.0.1:0", poses_from="map-only", refine_after=100000,
                           settle_seconds=0.3, flush_seconds=0.5, publish_seconds=2, checkpoint_seconds=2,
-                          status_seconds=0.5, classes_every=1.0, classification=classification,
-                          **{"metrics_port": None, **kw})
+                          status_seconds=0.5, classification=classification,
+                          **{"metrics_port": None, "classes_every": 1.0, **kw})
 
 
 def wait_until(daemon: Daemon, wanted, what: str, timeout: float = 60) -> dict:  # noqa: ANN001
@@ -296,3 +296,22 @@ def test_the_real_command_killed_with_sigkill_resumes_and_classifies_every_parti
     assert set(names) == set(image_names(out / "particles.star"))
     state = torch.load(out / CLASSES_DIR / "checkpoint.pt", weights_only=True)
     assert state["locations"]["index"].shape[0] == N_STACKS * PER_STACK
+
+
+def test_a_session_smaller_than_the_random_start_gets_its_classes_once_it_pauses(session, tmp_path):
+    watch, out = tmp_path / "session", tmp_path / "out"
+    watch.mkdir()
+    place_with_star(session, watch, range(0, 1))  # 100 particles: fewer than the 20 x 8 of the random start
+    daemon = Daemon(settings(watch, out, classes_every=0.5,
+                             classification=ClassifySettings(classes=CLASSES, diameter=70.0)))
+    daemon.start()
+    try:
+        with Subscriber(daemon.address, topics=("classes",)) as subscriber:
+            waited = time.monotonic()
+            message = subscriber.receive(timeout_s=30)
+            waited = time.monotonic() - waited
+        assert isinstance(message, ClassesMessage) and message.particles == PER_STACK and message.version == 1
+        assert waited >= 6 * 0.5 - 1  # not before the session paused for 6 periods
+    finally:
+        daemon.stop()
+    assert len(image_names(out / CLASSES_DIR / "particles.star")) == PER_STACK
