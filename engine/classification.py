@@ -74,7 +74,7 @@ class ClassifySettings:
     diameter: float | None = option(
         None, help="Particle diameter in Å (the mask and the centring window); default: measured from the images.")
     max_shift: float | None = option(
-        None, help="Largest particle displacement searched, pixels; default: 10% of the box (at least 3).")
+        None, help="Largest particle displacement searched, pixels; default: 8% of the box (at least 5).")
     passes: int = option(4, help="Alignments per particle (the first included); later ones re-assign classes.")
     classify_seed: int = option(0, flags=("--classify-seed",), help="Seed of the random start of the classes.")
 
@@ -122,7 +122,7 @@ class ClassifyResult:
 def classifier_settings(settings: ClassifySettings, box: int, apix: float, diameter_angstrom: float
                         ) -> ClassifierSettings:
     """The classifier's settings for a session of this box and pixel size."""
-    shift = settings.max_shift if settings.max_shift is not None else max(3.0, round(0.1 * box))
+    shift = settings.max_shift if settings.max_shift is not None else max(5.0, round(0.08 * box))
     return ClassifierSettings(n_classes=settings.classes, diameter_angstrom=diameter_angstrom, max_shift_px=shift,
                               seed=settings.classify_seed)
 

@@ -153,11 +153,15 @@ def ctf_at(params: CtfParams, frequencies: torch.Tensor, dtype: torch.dtype = to
     def per(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float64).reshape(n, *extra)
 
-    k2 = f.square().sum(-1)
-    theta = torch.atan2(f[..., 1], f[..., 0])
+    fx, fy = f[..., 0], f[..., 1]
+    k2 = fx.square() + fy.square()
+    # cos(2 (theta - a)) = cos(2 theta) cos(2 a) + sin(2 theta) sin(2 a), without an angle per frequency
+    inverse = torch.where(k2 > 0, 1 / k2.clamp(min=1e-300), 0)
+    cos2, sin2 = (fx.square() - fy.square()) * inverse, 2 * fx * fy * inverse
+    a = 2 * torch.deg2rad(per(params.defocus_angle_degrees))
     mean = (per(params.defocus_u_angstrom) + per(params.defocus_v_angstrom)) / 2
     half_astig = (per(params.defocus_u_angstrom) - per(params.defocus_v_angstrom)) / 2
-    defocus = mean + half_astig * torch.cos(2 * (theta - torch.deg2rad(per(params.defocus_angle_degrees))))
+    defocus = mean + half_astig * (cos2 * torch.cos(a) + sin2 * torch.sin(a))
     phase = calculate_total_phase_shift(
         defocus_um=defocus / 1e4,
         voltage_kv=per(params.voltage_kv),

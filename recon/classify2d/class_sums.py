@@ -104,7 +104,7 @@ class ClassSums:
         values = sample_spectra(spectra, freq.reshape(n, -1, 2).to(torch.float32)).reshape(n, box, -1)
         values = values[present].to(torch.complex128)
         freq = freq[present]
-        phase = (2 * math.pi / box) * (freq * shifts[present].to(torch.float64)[:, None, None, :]).sum(-1)
+        phase = (2 * math.pi / box) * torch.einsum("nbhc,nc->nbh", freq, shifts[present].to(torch.float64))
         values = values * torch.polar(torch.ones_like(phase), phase)
         if ctf is None:
             weight = torch.ones(values.shape, dtype=torch.float64)

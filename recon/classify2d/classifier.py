@@ -24,10 +24,11 @@ polar search out to the best class resolution (never beyond ``B / 2 - 1``), cent
 (each class's sums and its members' displacements move together, exactly), and classes
 that hold almost nothing are re-seeded from a half set of the largest class.
 
-The search per batch is coarse-to-fine in the shift: new particles first over every
-shift within ``max_shift_px`` on a 2-pixel lattice at low resolution, then the 3x3
-1-pixel neighbourhood of the best at full resolution; re-aligned particles search the
-neighbourhood of their last shift only. Rotations are searched exhaustively (FFT along
+The search per batch is coarse-to-fine: at low resolution every class, new particles
+over every shift within ``max_shift_px`` on a 2-pixel lattice, re-aligned ones at their
+last shift; then at full resolution the 3x3 1-pixel neighbourhood of that shift against
+the :data:`CANDIDATE_CLASSES` classes that scored best (the others' posterior is taken
+as 0). Rotations are searched exhaustively (FFT along
 the angle), refined to a fraction of a step by a parabola.
 
 Poses follow RELION's Class2D meaning (docs/conventions.md, "2D alignment"): the
@@ -53,6 +54,10 @@ from .references import centre_of_mass, class_averages, class_frc, frc_resolutio
 __all__ = ["ClassifierSettings", "StreamingClassifier"]
 
 _NEIGHBOURHOOD = shift_disc(1.5)  # the 3x3 1-pixel neighbourhood, (0, 0) first
+COARSE_RADIUS = 8
+"""Outermost ring of the low-resolution search (Fourier pixels): shifts on a 2-pixel lattice and every class."""
+CANDIDATE_CLASSES = 8
+"""Classes each particle is searched against at full resolution: its best at low resolution."""
 MAX_SEARCH_RADIUS = 20
 """Outermost ring of the search (Fourier pixels, ``B * apix / 20`` Å): 128 angles suffice. The class sums keep
 every frequency; only the alignment stops there (its cost grows as the square of the radius)."""
@@ -386,7 +391,7 @@ class StreamingClassifier:
         return (math.pi * r / (grid.n_angles * sigma2)).to(torch.float32)
 
     def _search(self, spectra: PaddedSpectra, ctf: CtfParams | None, shifts: torch.Tensor, grid: PolarGrid,
-                which: np.ndarray | None = None):
+                which: np.ndarray | None = None, classes: torch.Tensor | None = None):
         """Scores of ``spectra`` (or its rows ``which``) over ``shifts`` x classes x rotations."""
         index = None if which is None else torch.from_numpy(which)
         particles = polar_samples(spectra, grid, index)
@@ -396,7 +401,7 @@ class StreamingClassifier:
             part_ctf = ctf if index is None else ctf[index]
             ctf_polar = ctf_at(part_ctf, freq.expand(particles.shape[0], *freq.shape))
         result = score_alignments(particles, ctf_polar, shifts, self._polar_references(grid),
-                                  self._ring_weight(grid), grid, self.box)
+                                  self._ring_weight(grid), grid, self.box, classes)
         return result, particles, ctf_polar
 
     def _align(self, spectra: PaddedSpectra, rows: np.ndarray, ctf: CtfParams | None,
@@ -407,21 +412,32 @@ class StreamingClassifier:
         """
         s = self.settings
         fine = self._grid(self.r_max)
+        coarse = self._grid(min(self.r_max, COARSE_RADIUS))
         n = len(rows)
         centre = torch.zeros(n, 2)
         known = np.zeros(n, dtype=bool)
         if previous is not None:
             known = np.isfinite(previous[:, 0])
             centre[torch.from_numpy(known)] = torch.from_numpy(previous[known]).to(torch.float32)
-        if (~known).any():
-            coarse = self._grid(min(self.r_max, max(4, self.box // 8)))
-            lattice = shift_disc(s.max_shift_px, step=2.0 if s.max_shift_px >= 2 else 1.0)
-            idx = np.nonzero(~known)[0]
-            coarse_result, _, _ = self._search(spectra, ctf, lattice, coarse, None if known.sum() == 0 else idx)
-            best = coarse_result.scores.flatten(2).amax(-1).argmax(-1)  # best shift per particle
-            centre[torch.from_numpy(idx)] = lattice[best]
+        # coarse, at low resolution: every class; new particles over the shift lattice, others at their last shift
+        class_scores = torch.empty(n, s.n_classes)
+        for subset, shifts in ((~known, None), (known, "previous")):
+            if not subset.any():
+                continue
+            idx = np.nonzero(subset)[0]
+            which = None if subset.all() else idx
+            if shifts is None:
+                lattice = shift_disc(s.max_shift_px, step=2.0 if s.max_shift_px >= 2 else 1.0)
+                result, _, _ = self._search(spectra, ctf, lattice, coarse, which)
+                best_shift = result.scores.flatten(2).amax(-1).argmax(-1)
+                centre[torch.from_numpy(idx)] = lattice[best_shift]
+            else:
+                result, _, _ = self._search(spectra, ctf, centre[torch.from_numpy(idx)][:, None, :], coarse, which)
+            class_scores[torch.from_numpy(idx)] = result.scores.amax(-1).amax(1)
+        # fine, at full resolution: the 3x3 neighbourhood of the centre, the most likely classes only
+        candidates = class_scores.topk(min(s.n_classes, CANDIDATE_CLASSES), dim=-1).indices
         trial = self._clamp_shift(centre[:, None, :] + _NEIGHBOURHOOD[None])
-        result, particles, ctf_polar = self._search(spectra, ctf, trial, fine)
+        result, particles, ctf_polar = self._search(spectra, ctf, trial, fine, classes=candidates)
         self._assign(result, particles, ctf_polar, fine, rows, spectra, ctf)
 
     def _clamp_shift(self, shifts: torch.Tensor) -> torch.Tensor:
@@ -437,12 +453,13 @@ class StreamingClassifier:
         per_class = scores.permute(0, 2, 1, 3).reshape(n, k_classes, -1)  # (n, K, S*A)
         evidence = torch.logsumexp(per_class, -1)  # (n, K); uniform class prior (module docstring)
         post = torch.softmax(evidence, -1)
-        top_w, top_k = post.topk(min(s.keep, k_classes), dim=-1)
+        top_w, top_local = post.topk(min(s.keep, k_classes), dim=-1)
+        top_k = top_local if result.classes is None else torch.gather(result.classes, 1, top_local)
         top_w = torch.where(top_w >= s.min_weight, top_w, 0)
         top_w[:, 0] = torch.where(top_w[:, 0] > 0, top_w[:, 0], 1.0)
         top_w = top_w / top_w.sum(-1, keepdim=True)
         # best (shift, rotation) within each kept class
-        chosen = torch.gather(per_class, 1, top_k[..., None].expand(-1, -1, per_class.shape[-1]))  # (n, J, S*A)
+        chosen = torch.gather(per_class, 1, top_local[..., None].expand(-1, -1, per_class.shape[-1]))  # (n, J, S*A)
         flat_best = chosen.argmax(-1)
         shift_i, angle_i = flat_best // n_angles, flat_best % n_angles
         # parabolic refinement along the angle at the best shift

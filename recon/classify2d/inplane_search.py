@@ -104,10 +104,14 @@ class SearchResult:
         `(n, S, K, A)` float32 log-likelihoods (module docstring), rotation ``psi_j = 360 j / A`` degrees.
     shifts: torch.Tensor
         `(n, S, 2)` the trial displacements ``d`` (pixels, x, y) they were computed at.
+    classes: torch.Tensor | None
+        `(n, C)` int64: the classes of each particle's scores when only some were searched
+        (``K`` in ``scores`` is then ``C``); ``None``: every class, in order.
     """
 
     scores: torch.Tensor
     shifts: torch.Tensor
+    classes: torch.Tensor | None = None
 
 
 def score_alignments(
@@ -118,6 +122,7 @@ def score_alignments(
     ring_weight: torch.Tensor,
     grid: PolarGrid,
     box: int,
+    classes: torch.Tensor | None = None,
 ) -> SearchResult:
     """Log-likelihood of each particle for each shift, class and in-plane rotation.
 
@@ -137,6 +142,8 @@ def score_alignments(
         The polar grid of all of them.
     box: int
         The particles' side ``B`` in pixels (a frequency ``f`` is ``f / B`` cycles per pixel).
+    classes: torch.Tensor | None
+        `(n, C)` int64: score each particle against these classes only (default: all ``K``).
 
     Returns
     -------
@@ -168,17 +175,28 @@ def score_alignments(
     n_shifts = shifts.shape[1]
     # sum over rings, one matrix product per angular frequency m, in real arithmetic (much faster than
     # complex bmm on the CPU): conj(a + ib)(c + id) = (ac + bd) + i(ad - bc)
-    u = u_hat.permute(3, 0, 1, 2).reshape(half, n * n_shifts, n_rings)
-    lhs = torch.cat([u.real, u.imag], -1)  # (M, n*S, 2R)
-    r = r_hat.permute(2, 1, 0)  # (M, R, K)
-    rhs = torch.cat([torch.cat([r.real, r.imag], -1), torch.cat([r.imag, -r.real], -1)], 1)  # (M, 2R, 2K)
-    z = torch.bmm(lhs, rhs)  # (M, n*S, 2K): real and imaginary parts
-    k = r.shape[-1]
-    z = torch.complex(z[..., :k], z[..., k:])
-    cross = torch.fft.irfft(z.permute(1, 2, 0), n=n_angles, dim=-1)  # (n*S, K, A): sum_theta conj(U) Ref(theta+psi)
+    if classes is None:
+        u = u_hat.permute(3, 0, 1, 2).reshape(half, n * n_shifts, n_rings)
+        lhs = torch.cat([u.real, u.imag], -1)  # (M, n*S, 2R)
+        r = r_hat.permute(2, 1, 0)  # (M, R, K)
+        rhs = torch.cat([torch.cat([r.real, r.imag], -1), torch.cat([r.imag, -r.real], -1)], 1)  # (M, 2R, 2K)
+        z = torch.bmm(lhs, rhs)  # (M, n*S, 2K): real and imaginary parts
+        k = r.shape[-1]
+        z = torch.complex(z[..., :k], z[..., k:]).permute(1, 2, 0)  # (n*S, K, M)
+    else:  # each particle against its own classes: one product per (particle, m)
+        u = u_hat.permute(0, 3, 1, 2)  # (n, M, S, R)
+        lhs = torch.cat([u.real, u.imag], -1).reshape(n * half, n_shifts, 2 * n_rings)
+        r = r_hat[classes].permute(0, 3, 2, 1)  # (n, M, R, C)
+        rhs = torch.cat([torch.cat([r.real, r.imag], -1), torch.cat([r.imag, -r.real], -1)], 2)  # (n, M, 2R, 2C)
+        k = r.shape[-1]
+        z = torch.bmm(lhs, rhs.reshape(n * half, 2 * n_rings, 2 * k)).reshape(n, half, n_shifts, 2 * k)
+        z = torch.complex(z[..., :k], z[..., k:]).permute(0, 2, 3, 1).reshape(n * n_shifts, k, half)
+    cross = torch.fft.irfft(z, n=n_angles, dim=-1)  # (n*S, K, A): sum_theta conj(U) Ref(theta+psi)
     cross = cross.reshape(n, n_shifts, -1, n_angles)
     ctf2 = (torch.ones(n, n_rings) if ctf is None else ctf.square().mean(dim=-1))  # (n, R)
     ref_power = references.abs().square().sum(dim=-1)  # (K, R)
     energy = (ctf2 * ring_weight) @ ref_power.T  # (n, K)
+    if classes is not None:
+        energy = torch.gather(energy, 1, classes)
     scores = 2 * cross - energy[:, None, :, None]
-    return SearchResult(scores=scores, shifts=shifts)
+    return SearchResult(scores=scores, shifts=shifts, classes=classes)
