@@ -26,7 +26,8 @@ The work loop, one step at a time (the thread checks for :meth:`stop` between st
    :data:`DIAMETER_SAMPLE` particles, or on what there is once no particle came for
    ``classes_every`` seconds) they are held; then
    :meth:`~cryofastar.recon.classify2d.StreamingClassifier.add` with the daemon's half sets;
-2. then ``revisits_per_new * n`` due particles re-aligned
+2. then ``revisits_per_new * n`` due particles re-aligned (``revisits_when_behind * n`` while
+   more new particles wait)
    (:meth:`~cryofastar.recon.classify2d.StreamingClassifier.realign`), their images read
    again from their stacks by the lane's location table (one row per classifier row:
    stack, index, CTF, fingerprint of the image added). A stack that vanished or whose
@@ -531,7 +532,8 @@ class ClassificationLane:
             self.table.append(chunk.stacks[part], chunk.indices[part], ctf, image_fingerprints(images))
             self._aligned(len(images))
         if not self._stop.is_set():
-            self._realign(int(self.policy.revisits_per_new * len(chunk)))
+            per_new = self.policy.revisits_when_behind if self.waiting else self.policy.revisits_per_new
+            self._realign(int(per_new * len(chunk)))
 
     def _aligned(self, n: int) -> None:
         self.alignments += n

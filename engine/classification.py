@@ -3,6 +3,7 @@
 :class:`ClassificationPolicy` decides how the work is shared between new particles and
 re-alignment of older ones (RELION's iterations, done incrementally): after each batch
 of ``n`` new particles, up to ``revisits_per_new * n`` particles that are due
+(``revisits_when_behind * n`` while more new particles wait)
 (:meth:`~cryofastar.recon.classify2d.StreamingClassifier.due`) are aligned again. The
 offline job then keeps re-aligning until every particle has been aligned ``passes``
 times in all; the daemon does so while it waits for new files.
@@ -55,6 +56,9 @@ class ClassificationPolicy:
     ----------
     revisits_per_new: float
         Re-alignments after each batch, per new particle.
+    revisits_when_behind: float
+        The same while more new particles wait (a live lane that is behind spends its time on
+        them first, and catches up on re-alignment when the microscope pauses).
     passes: int
         Alignments per particle the offline job completes (the first one included).
     chunk: int
@@ -62,6 +66,7 @@ class ClassificationPolicy:
     """
 
     revisits_per_new: float = 1.0
+    revisits_when_behind: float = 0.25
     passes: int = 4
     chunk: int = 512
 
