@@ -46,6 +46,7 @@ __all__ = ["ClassificationPolicy", "ClassifyJob", "ClassifyResult", "ClassifySet
            "classify", "write_class_set"]
 
 Progress = Callable[[int, int], None]
+"""``progress(advance, total)``: ``advance`` more alignments done of ``total`` (as ``reconstruct``'s)."""
 
 
 @dataclass(frozen=True)
@@ -168,20 +169,23 @@ def classify(particles: Path, out_dir: Path, settings: ClassifySettings, progres
                                      source.box, source.apix)
     total_work = n * policy.passes
     done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        if progress is not None:
+            progress(max(0, min(done + count, total_work) - min(done, total_work)), total_work)
+        done += count
+
     for chunk in source.chunks(policy.chunk):
         classifier.add(chunk.images, chunk.ctf, chunk.half_sets)
-        done += len(chunk)
-        done += _revisit(classifier, source, int(policy.revisits_per_new * len(chunk)))
-        if progress is not None:
-            progress(min(done, total_work), total_work)
+        advance(len(chunk))
+        advance(_revisit(classifier, source, int(policy.revisits_per_new * len(chunk))))
     classifier.begin()  # a set smaller than the random start
     while int(classifier.table.aligned_at[:n].min()) < 0 or done < total_work:
         moved = _revisit(classifier, source, min(policy.chunk, total_work - done) or policy.chunk)
         if moved == 0:
             break
-        done += moved
-        if progress is not None:
-            progress(min(done, total_work), total_work)
+        advance(moved)
     classes = class_set(classifier)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = write_class_set(classes, out_dir)

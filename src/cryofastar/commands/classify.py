@@ -22,13 +22,15 @@ from cryofastar.engine.classification import classify as run
 from cryofastar.options import settings_command
 from cryofastar.recon.fsc import resolution_text
 
+from .progress import ProgressBar
+
 __all__ = ["classify", "summary"]
 
 
 @settings_command(ClassifyJob, ClassifySettings)  # ParticleFileError is a ValueError
 def classify(job: ClassifyJob, settings: ClassifySettings) -> None:
     """2D classes: align every particle to class averages over rotation and shift, soft assignment, junk flagged."""
-    bar = _ProgressBar() if job.progress else None
+    bar = ProgressBar("classifying") if job.progress else None
     try:
         result = run(job.particles, job.out, settings, progress=bar)
     finally:
@@ -52,24 +54,3 @@ def summary(result: ClassifyResult) -> list[str]:
              f"{junk} classes flagged as junk; the others hold {100 * kept:.0f}% of the particles; best class "
              f"resolution {resolution_text(best if math.isfinite(best) else None)}"]
     return lines + [f"wrote {path}" for path in result.outputs]
-
-
-class _ProgressBar:
-    """A rich progress bar of particle alignments."""
-
-    def __init__(self) -> None:
-        self._bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._bar is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            self._task = self._bar.add_task("classify", total=total)
-            self._bar.start()
-        self._bar.update(self._task, completed=done, total=total)
-
-    def stop(self) -> None:
-        """Close the bar (if it was ever shown)."""
-        if self._bar is not None:
-            self._bar.stop()

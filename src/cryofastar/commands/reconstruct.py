@@ -21,13 +21,15 @@ from cryofastar.engine.offline import reconstruct as run
 from cryofastar.options import settings_command
 from cryofastar.recon.fsc import resolution_text
 
+from .progress import ProgressBar
+
 __all__ = ["reconstruct"]
 
 
 @settings_command(ReconstructJob, ReconstructSettings)  # ParticleFileError is a ValueError
 def reconstruct(job: ReconstructJob, settings: ReconstructSettings) -> None:
     """Ab initio: poses from the network (or the map alone), refined against the map, then the map."""
-    bar = _ProgressBar() if job.progress and settings.poses_from == "network" else None
+    bar = ProgressBar("posing + inserting") if job.progress and settings.poses_from == "network" else None
     try:
         result = run(job.particles, job.out, settings, progress=bar)
     finally:
@@ -63,25 +65,3 @@ def summary(result: ReconstructResult, settings: ReconstructSettings) -> list[st
         lines.append(f"FSC 0.5 resolution against {settings.known_map}: {known} "
                      "(frames not aligned: ab initio maps are in a frame of their own)")
     return lines + [f"wrote {path}" for path in result.outputs]
-
-
-class _ProgressBar:
-    """A rich progress bar of posed particles, shown from the first particles posed (not while reading the input)."""
-
-    def __init__(self) -> None:
-        self._bar = None
-
-    def __call__(self, advance: int, total: int) -> None:
-        if self._bar is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(TextColumn("posing + inserting"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn())
-            self._task = self._bar.add_task("reconstruct", total=total)
-            self._bar.start()
-        self._bar.update(self._task, advance=advance, total=total)
-
-    def stop(self) -> None:
-        """Close the bar (if it was ever shown)."""
-        if self._bar is not None:
-            self._bar.stop()
