@@ -218,3 +218,20 @@ def test_state_round_trip_resumes_exactly(tmp_path) -> None:
     assert torch.allclose(clf.sums.num, again.sums.num)
     with pytest.raises(ValueError, match="cannot resume"):
         _classifier(k=3).load_state_dict(clf.state_dict())
+
+
+def test_scores_against_chosen_classes_equal_those_of_the_full_search() -> None:
+    sim, _, _, truth = _turned_copies(6, CtfRange(), seed=9)
+    grid = PolarGrid.for_radius(10)
+    particles = polar_samples(padded_spectra(sim.images), grid)
+    ctf = ctf_at(sim.ctf, (grid.frequencies / (BOX * APIX)).expand(6, -1, -1, -1))
+    g = torch.Generator().manual_seed(1)
+    refs = polar_samples(padded_spectra(truth[None] + 0.3 * torch.randn(5, BOX, BOX, generator=g)), grid)
+    weight = torch.rand(grid.r_max - grid.r_min + 1, generator=g)
+    trial = shift_disc(1.5)[None] + torch.randn(6, 1, 2, generator=g)
+    full = score_alignments(particles, ctf, trial, refs, weight, grid, BOX)
+    chosen = torch.tensor([[4, 1], [0, 2], [3, 3], [1, 0], [2, 4], [0, 1]])
+    part = score_alignments(particles, ctf, trial, refs, weight, grid, BOX, classes=chosen)
+    expected = torch.gather(full.scores, 2, chosen[:, None, :, None].expand(-1, 9, -1, grid.n_angles))
+    assert torch.allclose(part.scores, expected, rtol=1e-4, atol=1e-3 * float(full.scores.abs().max()))
+    assert torch.equal(part.classes, chosen)

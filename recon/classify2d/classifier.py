@@ -56,7 +56,7 @@ __all__ = ["ClassifierSettings", "StreamingClassifier"]
 _NEIGHBOURHOOD = shift_disc(1.5)  # the 3x3 1-pixel neighbourhood, (0, 0) first
 COARSE_RADIUS = 8
 """Outermost ring of the low-resolution search (Fourier pixels): shifts on a 2-pixel lattice and every class."""
-CANDIDATE_CLASSES = 8
+CANDIDATE_CLASSES = 16
 """Classes each particle is searched against at full resolution: its best at low resolution."""
 MAX_SEARCH_RADIUS = 20
 """Outermost ring of the search (Fourier pixels, ``B * apix / 20`` Å): 128 angles suffice. The class sums keep
@@ -435,7 +435,8 @@ class StreamingClassifier:
                 result, _, _ = self._search(spectra, ctf, centre[torch.from_numpy(idx)][:, None, :], coarse, which)
             class_scores[torch.from_numpy(idx)] = result.scores.amax(-1).amax(1)
         # fine, at full resolution: the 3x3 neighbourhood of the centre, the most likely classes only
-        candidates = class_scores.topk(min(s.n_classes, CANDIDATE_CLASSES), dim=-1).indices
+        candidates = None if s.n_classes <= CANDIDATE_CLASSES else \
+            class_scores.topk(CANDIDATE_CLASSES, dim=-1).indices
         trial = self._clamp_shift(centre[:, None, :] + _NEIGHBOURHOOD[None])
         result, particles, ctf_polar = self._search(spectra, ctf, trial, fine, classes=candidates)
         self._assign(result, particles, ctf_polar, fine, rows, spectra, ctf)
