@@ -17,7 +17,9 @@ within 30 s of the first 1,000 particles. This script measures both on the real 
    --classes K`` (plus ``--extra-args``), a subprocess with a fresh ``OUT`` (an old one would be resumed),
    its output in ``WORK/run_<tag>/daemon.log``. By default every STAR file is in place before the daemon starts
    (the session fully written); with ``--live-rate R`` they are renamed into place at R particles/s once the
-   daemon's first status message arrived (a live session). The 3D lane always runs: ``watch`` has no option to
+   daemon's first status message arrived (a live session). With ``--warm-up K`` the first K stacks' STAR
+   files are placed before the start and the rest (at once, or at ``--live-rate``) only once the 3D lane has
+   posed those: both lanes are then up when the bulk arrives. The 3D lane always runs: ``watch`` has no option to
    turn it off (``--no-refine`` leaves the network's posing and the map; pass it with ``--extra-args`` to see
    the 2D lane beside a lighter 3D lane).
 4. **Recording**: a :class:`~cryofastar.monitoring.subscriber.Subscriber` (connected before the daemon starts)
@@ -57,6 +59,7 @@ Example usage::
     .venv/bin/python bench/bench_classify_lane.py                          # box 64, 6,000 particles, 50 classes
     .venv/bin/python bench/bench_classify_lane.py --box 128                # box 128, 3,000 particles, 1.0 Å/px
     .venv/bin/python bench/bench_classify_lane.py --live-rate 600          # stacks arrive at 600 particles/s
+    .venv/bin/python bench/bench_classify_lane.py --warm-up 1              # the rest once the 3D lane is up
     .venv/bin/python bench/bench_classify_lane.py --n 2000 --tag b64_n2000_check
     .venv/bin/python bench/bench_classify_lane.py --extra-args "--no-refine"
     .venv/bin/python bench/bench_classify_lane.py --figures-from bench/results/classify_lane_b64_n6000.json
@@ -195,8 +198,14 @@ def record(args: argparse.Namespace, watch: Path, staged: list[tuple[Path, int]]
     command = [*_cli(), "watch", str(watch), "--out", str(out), "--zmq", f"tcp://127.0.0.1:{port}",
                "--metrics-port", "-1", "--classes", str(args.classes), *shlex.split(args.extra_args)]
     placed: dict = {}
-    if args.live_rate is None:
-        place(staged, watch, None, placed)  # the session is fully written before the daemon starts
+    warm, rest = staged[: args.warm_up], staged[args.warm_up:]
+    warm_count = sum(count for _, count in warm)
+    if warm:
+        place(warm, watch, None, {})
+        placed["warm_up_particles"] = warm_count
+    elif args.live_rate is None:
+        place(rest, watch, None, placed)  # the session is fully written before the daemon starts
+        rest = []
     subscriber = Subscriber(f"tcp://127.0.0.1:{port}", topics=("status", "classes"))
     samples, classes, last_status = [], [], None
     log_file = (run / "daemon.log").open("w")
@@ -221,10 +230,10 @@ def record(args: argparse.Namespace, watch: Path, staged: list[tuple[Path, int]]
             elif isinstance(message, StatusMessage):
                 last_status = message.status
                 samples.append(_sample(message))
-                if placer is None and args.live_rate is not None:
-                    placer = threading.Thread(target=place, args=(staged, watch, args.live_rate, placed), daemon=True)
-                    placer.start()
                 last = samples[-1]
+                if placer is None and rest and (last["posed"] or 0) >= warm_count:  # live, or after the warm-up
+                    placer = threading.Thread(target=place, args=(rest, watch, args.live_rate, placed), daemon=True)
+                    placer.start()
                 if (last["map"] or 0) >= n and (last["classified"] or 0) >= n:
                     stop_reason = "both lanes hold every particle"
                     break
@@ -336,7 +345,8 @@ def figures(rec: dict, n: int, box: int, classes: int) -> dict:
     if not samples:
         return {"error": "no status message received"}
     placed = rec["placed"].get("first_placed")
-    t0 = rec["started"] if placed is None else max(rec["started"], placed)
+    warm = rec["placed"].get("warm_up_particles")
+    t0 = rec["started"] if placed is None or warm else max(rec["started"], placed)
     t = np.array([t0] + [s["t"] for s in samples], dtype=float)
     read = np.array([0] + [s["read"] or 0 for s in samples], dtype=float)
     in_map = np.array([0] + [s["map"] or 0 for s in samples], dtype=float)
@@ -350,7 +360,7 @@ def figures(rec: dict, n: int, box: int, classes: int) -> dict:
     if lo_2d >= 0.9 * n:
         lo_2d = 0.1 * n  # a session too small for a window past the random start: said in the table
     f = {
-        "n": n, "t0": t0, "t_first_status": first_status, "random_start_particles": random_start,
+        "n": n, "t0": t0, "warm_up": warm, "t_first_status": first_status, "random_start_particles": random_start,
         "window_2d_includes_random_start": lo_2d < random_start,
         "steady_3d": window_rate(t, in_map, 0.1 * n, 0.9 * n),
         "steady_2d": window_rate(t, classified, lo_2d, 0.9 * n),
@@ -424,7 +434,7 @@ def table(f: dict, box: int, live: float | None) -> str:
     t2d = "–" if target is None else f"≥ {target:.0f}"
     fc = f["first_classes"]
     start = " (random start included: session too small)" if f["window_2d_includes_random_start"] else ""
-    zero = "daemon start" if live is None else "first STAR placed"
+    zero = "daemon start" if live is None or f.get("warm_up") else "first STAR placed"
     first = f"{_n(fc['seconds_after_read_level'], '.1f')}"
     if fc["read_level_before_first_status"]:
         first = f"≤ {_n(fc['seconds_after_t0'], '.1f')} (read before the first status: bound from {zero})"
@@ -477,6 +487,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--live-rate", type=float, default=None,
                    help="particles/s: the STAR files appear at this rate while the daemon runs (default: all "
                         "in place before it starts)")
+    p.add_argument("--warm-up", type=int, default=0, metavar="STACKS",
+                   help="place this many stacks' STAR files first and the rest only once the 3D lane has posed "
+                        "them (so that both lanes are up when the rest comes; default 0)")
     p.add_argument("--timeout", type=float, default=900.0, help="stop recording after this many s (default 900)")
     p.add_argument("--work", default="/tmp/bench_classify_lane", help="working directory (sessions, runs)")
     p.add_argument("--extra-args", default="", help="extra arguments for watch (one string)")
@@ -490,6 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.apix = apix if args.apix is None else args.apix
     if args.n < 1 or args.classes < 1 or args.box < 8 or args.box % 2:
         p.error("--n and --classes must be >= 1, --box even and >= 8")
+    if args.warm_up < 0:
+        p.error("--warm-up must be >= 0")
     if args.live_rate is not None and args.live_rate <= 0:
         p.error("--live-rate must be > 0")
     return args
@@ -511,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.figures_from is not None:
         return refigure(Path(args.figures_from))
-    tag = args.tag or f"b{args.box}_n{args.n}" + ("" if args.live_rate is None else f"_live{args.live_rate:g}")
+    tag = args.tag or (f"b{args.box}_n{args.n}" + ("" if args.live_rate is None else f"_live{args.live_rate:g}")
+                       + ("" if not args.warm_up else f"_warm{args.warm_up}"))
     Path(args.work).mkdir(parents=True, exist_ok=True)
     session, simulate_command = simulate(args)
     run = Path(args.work) / f"run_{tag}"
@@ -528,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     print("daemon's last lines:\n" + "\n".join("    " + line for line in rec["daemon_log_tail"][-4:]))
     if "error" not in f:
         mode = "all stacks in place before start" if args.live_rate is None else f"live at {args.live_rate:g} p/s"
+        if args.warm_up:
+            mode = f"{args.warm_up} stack(s) first, the rest once posed: " + mode.replace(" before start", "")
         print(f"\n{n:,} particles, box {args.box}, {args.apix:g} Å/px, {args.classes} classes, {mode}, "
               f"{os.cpu_count()} CPUs, extra args {args.extra_args!r}\n")
         print(table(f, args.box, args.live_rate))
