@@ -40,10 +40,11 @@ def test_console_script_prints_help_with_both_commands() -> None:
 def test_exported_members() -> None:
     import cryofastar.datasets as datasets
     import cryofastar.recon as recon
+    import cryofastar.recon.classify2d as classify2d
     import cryofastar.recon.io as io
     import cryofastar.recon.simulate as simulate
 
-    for module in (datasets, recon, io, simulate):
+    for module in (datasets, recon, io, simulate, classify2d):
         assert module.__all__ == sorted(module.__all__), module.__name__
         for name in module.__all__:
             assert getattr(module, name).__module__.startswith(module.__name__), (module.__name__, name)

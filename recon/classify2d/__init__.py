@@ -7,9 +7,13 @@ averages, mask, centre), :mod:`.classifier` (the incremental EM), :mod:`.junk_sc
 (which classes are junk), :mod:`.class_set` (what users see).
 """
 
-from .class_set import PARTICLE_CLASS_COLUMNS, ClassSet, class_set, particle_columns
+from .class_set import ClassSet, class_set, particle_columns
 from .classifier import ClassifierSettings, StreamingClassifier
-from .junk_score import JUNK_THRESHOLD
 
-__all__ = ["JUNK_THRESHOLD", "PARTICLE_CLASS_COLUMNS", "ClassSet", "ClassifierSettings", "StreamingClassifier",
-           "class_set", "particle_columns"]
+__all__ = [
+    "ClassSet",
+    "ClassifierSettings",
+    "StreamingClassifier",
+    "class_set",
+    "particle_columns",
+]

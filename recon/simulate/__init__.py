@@ -1,7 +1,7 @@
 """Particle-set simulator: structures and procedural molecules -> RELION particle sets (with junk on demand)."""
 
 from .atoms import Atoms, load_structure
-from .junk import JUNK_TYPES, JunkScale, JunkType, simulate_junk
+from .junk import JunkScale, JunkType, simulate_junk
 from .particles import CtfRange, SimulatedParticles, simulate_particles
 from .potential import atoms_to_volume
 from .procedural import ProceduralSettings, procedural_molecule
@@ -9,7 +9,6 @@ from .run import SimulateSettings, run_simulation
 from .session import write_session
 
 __all__ = [
-    "JUNK_TYPES",
     "Atoms",
     "CtfRange",
     "JunkScale",
