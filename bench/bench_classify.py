@@ -254,14 +254,16 @@ def _print_table(record: dict, junk_fraction: float) -> None:
         print(f"{figure:<{width}}  {measured:>14}  {target:<28}  {met}")
 
 
-def _clean(value):
-    """JSON-safe: NaN/inf -> None."""
+def json_safe(value):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python (also for bench_classify_lane.py)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                "machine": machine, "targets": {k: v for k, v in TARGETS.items() if k != "throughput"},
                "throughput_targets": {str(k): v for k, v in TARGETS["throughput"].items()},
                "good_correlation": GOOD_CORRELATION, "molecules": records}
-    path.write_text(json.dumps(_clean(payload), indent=1) + "\n")
+    path.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
     print(f"\nwrote {path}")
     return 1 if any("error" in r for r in records) else 0
 

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -84,6 +83,7 @@ from pathlib import Path
 
 import numpy as np
 import starfile
+from bench_classify import json_safe
 from cryofastar.monitoring.subscriber import Subscriber
 from cryofastar.protocol import ClassesMessage, ProtocolError, StatusMessage
 
@@ -465,19 +465,6 @@ def _rel(t: float | None, t0: float | None) -> float | None:
     return None if t is None or t0 is None else t - t0
 
 
-def _clean(value):
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--box", type=int, default=64, help="box, px (default 64)")
@@ -517,7 +504,7 @@ def refigure(path: Path) -> int:
     f = figures(payload["run"], payload["figures"]["n"], settings["box"], settings["classes"])
     print(table(f, settings["box"], settings["live_rate"]))
     payload["figures"] = f
-    path.write_text(json.dumps(_clean(payload), indent=1) + "\n")
+    path.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
     print(f"\nwrote {path}")
     return 0
 
@@ -558,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                            "python": platform.python_version(), "uptime_start": uptime_start,
                            "uptime_end": uptime_end},
                "figures": f, "run": rec}
-    path.write_text(json.dumps(_clean(payload), indent=1) + "\n")
+    path.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
     print(f"\nwrote {path}")
     complete = rec["stop_reason"] == "both lanes hold every particle" and rec["exit_code"] == 0
     return 0 if complete else 1
