@@ -63,8 +63,9 @@ TARGETS = {
 """The issue's targets."""
 
 
-def _cli() -> list[str]:
-    """The ``cryofastar-stream`` of this environment (beside the running Python, else on PATH)."""
+def cli_command() -> list[str]:
+    """The ``cryofastar-stream`` of this environment (beside the running Python, else on PATH; also for
+    bench_classify_lane.py)."""
     beside = Path(sys.executable).with_name("cryofastar-stream")
     if beside.exists():
         return [str(beside)]
@@ -128,7 +129,7 @@ def run_molecule(name: str, args: argparse.Namespace) -> dict:
               "n": args.n, "box": args.box, "snr": args.snr, "ctf": not args.no_ctf, "junk_fraction": args.junk,
               "seed": seed, "classes": args.classes, "extra_args": args.extra_args, "work": str(root)}
     root.mkdir(parents=True, exist_ok=True)
-    cli = _cli()
+    cli = cli_command()
 
     if args.reuse and (session / "particles.star").is_file() and (session / "reference.mrc").is_file():
         print(f"[{molecule.name}] reusing the session in {session}")

@@ -83,9 +83,10 @@ from pathlib import Path
 
 import numpy as np
 import starfile
-from bench_classify import json_safe
+from bench_classify import cli_command, json_safe
 from cryofastar.monitoring.subscriber import Subscriber
 from cryofastar.protocol import ClassesMessage, ProtocolError, StatusMessage
+from cryofastar.recon.classify2d import ClassifierSettings
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULTS = {64: (6000, 2.0), 128: (3000, 1.0)}
@@ -95,20 +96,8 @@ TARGET_2D = {64: 300.0, 128: 100.0}
 TARGET_FIRST_CLASSES_S = 30.0
 """The issue's first class averages after the 1,000th particle, seconds."""
 FIRST_CLASSES_AT = 1000
-RANDOM_START_PER_CLASS = 20  # the classifier places its first 20 x classes particles at random
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 STOP_WAIT_S = 180.0
-
-
-def _cli() -> list[str]:
-    """The ``cryofastar-stream`` of this environment (beside the running Python, else on PATH)."""
-    beside = Path(sys.executable).with_name("cryofastar-stream")
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("cryofastar-stream")
-    if found is None:
-        raise SystemExit("cryofastar-stream not found (install the package: pip install -e .)")
-    return [found]
 
 
 def _free_port() -> int:
@@ -126,7 +115,7 @@ def simulate(args: argparse.Namespace) -> tuple[Path, list[str] | None]:
         return session, None
     if session.exists():
         shutil.rmtree(session)  # an interrupted simulation: particles.star is written last
-    command = [*_cli(), "simulate", "--out", str(session), "--n", str(args.n), "--box", str(args.box),
+    command = [*cli_command(), "simulate", "--out", str(session), "--n", str(args.n), "--box", str(args.box),
                "--apix", f"{args.apix:g}", "--snr", "0.1", "--ctf", "--per-stack", "500", "--seed", "1"]
     print("session:", shlex.join(command), flush=True)
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -195,7 +184,7 @@ def _sample(message: StatusMessage) -> dict:
 def record(args: argparse.Namespace, watch: Path, staged: list[tuple[Path, int]], run: Path, n: int) -> dict:
     """Run the daemon on ``watch`` and record both lanes until both hold ``n`` particles (module docstring)."""
     out, port = run / "out", _free_port()
-    command = [*_cli(), "watch", str(watch), "--out", str(out), "--zmq", f"tcp://127.0.0.1:{port}",
+    command = [*cli_command(), "watch", str(watch), "--out", str(out), "--zmq", f"tcp://127.0.0.1:{port}",
                "--metrics-port", "-1", "--classes", str(args.classes), *shlex.split(args.extra_args)]
     placed: dict = {}
     warm, rest = staged[: args.warm_up], staged[args.warm_up:]
@@ -355,7 +344,7 @@ def figures(rec: dict, n: int, box: int, classes: int) -> dict:
     posed = np.array([0] + [s["posed"] or 0 for s in samples], dtype=float)
     t_3d_done, t_2d_done = crossing(t, in_map, n), crossing(t, classified, n)
     t_3d_first_posed = crossing(t, posed, 1)
-    random_start = min(RANDOM_START_PER_CLASS * classes, n)
+    random_start = min(ClassifierSettings(n_classes=classes).start_particles, n)  # placed at random, not aligned
     lo_2d = max(0.1 * n, random_start)
     if lo_2d >= 0.9 * n:
         lo_2d = 0.1 * n  # a session too small for a window past the random start: said in the table
