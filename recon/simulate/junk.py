@@ -49,7 +49,6 @@ import torch.nn.functional as F
 from torch_fourier_slice import project_3d_to_2d
 
 from ..ctf import ctf_rfft
-from ..euler import matrix_to_euler
 from ..fourier import irfft2_centered, phase_shift_rfft2, rfft2_centered
 from ..rotations import random_rotations
 from .particles import CtfRange, SimulatedParticles
@@ -221,12 +220,4 @@ def simulate_junk(
         spectrum = spectrum * ctf_rfft(params, big, apix)
     clean = irfft2_centered(spectrum, big)[:, lo : lo + box, lo : lo + box]
     images = clean + float(noise_sigma) * torch.randn(clean.shape, generator=generator)
-    rot, tilt, psi = matrix_to_euler(rotations)
-    return SimulatedParticles(
-        images=images.to(torch.float32),
-        rotations=rotations,
-        angles_degrees=torch.stack([rot, tilt, psi], -1),
-        origins_angstrom=-displacement * apix,
-        ctf=params,
-        noise_sigma=float(noise_sigma),
-    )
+    return SimulatedParticles.drawn(images, rotations, displacement, apix, params, noise_sigma)

@@ -83,6 +83,16 @@ class SimulatedParticles:
     ctf: CtfParams | None
     noise_sigma: float
 
+    @classmethod
+    def drawn(cls, images: torch.Tensor, rotations: torch.Tensor, displacement_px: torch.Tensor, apix: float,
+              ctf: CtfParams | None, noise_sigma: float) -> SimulatedParticles:
+        """The record of images drawn at RELION matrices ``rotations``, displaced by `(n, 2)` ``displacement_px``
+        (x, y): Euler angles from the matrices, origins ``-displacement * apix`` (the shift that re-centres)."""
+        rot, tilt, psi = matrix_to_euler(rotations)
+        return cls(images=images.to(torch.float32), rotations=rotations,
+                   angles_degrees=torch.stack([rot, tilt, psi], -1), origins_angstrom=-displacement_px * apix,
+                   ctf=ctf, noise_sigma=float(noise_sigma))
+
 
 def simulate_particles(
     volume: torch.Tensor,
@@ -126,7 +136,6 @@ def simulate_particles(
     elif rotations.shape != (n, 3, 3):
         raise ValueError(f"rotations must be ({n}, 3, 3), got {tuple(rotations.shape)}")
     rotations = rotations.to(torch.float64)
-    rot, tilt, psi = matrix_to_euler(rotations)
     projections = project_3d_to_2d(volume.to(torch.float32), rotations.transpose(-1, -2).float(), pad_factor=2.0)
     displacement = (torch.rand(n, 2, generator=generator, dtype=torch.float64) * 2 - 1) * max_shift_px
     params = None
@@ -148,11 +157,4 @@ def simulate_particles(
             raise ValueError(f"SNR must be positive, got {snr}")
         sigma = math.sqrt(float(clean.var(dim=(-2, -1)).mean()) / snr)
     images = clean + sigma * torch.randn(clean.shape, generator=generator)
-    return SimulatedParticles(
-        images=images.to(torch.float32),
-        rotations=rotations,
-        angles_degrees=torch.stack([rot, tilt, psi], -1),
-        origins_angstrom=-displacement * apix,
-        ctf=params,
-        noise_sigma=sigma,
-    )
+    return SimulatedParticles.drawn(images, rotations, displacement, apix, params, sigma)
