@@ -64,7 +64,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -79,7 +78,7 @@ from cryofastar.recon.classify2d import StreamingClassifier, class_set, particle
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource
 from cryofastar.recon.io.atomic import atomic_path, remove_stale_temporaries
-from cryofastar.recon.io.names import printable
+from cryofastar.recon.io.names import printable, relative_image_names
 from cryofastar.recon.io.star import write_particles
 from cryofastar.recon.particle_diameter import estimate_particle_diameter
 
@@ -211,9 +210,7 @@ class LocationTable:
 
     def image_names(self, out: Path) -> list[str]:
         """``NNNNNN@stack`` of every row, the stack relative to ``out`` (as the session's particles.star names it)."""
-        relative = np.array([os.path.relpath(Path(s).resolve(), out.resolve()) for s in self.stack_names],
-                            dtype=object)
-        return [f"{int(i):06d}@{name}" for i, name in zip(self.index, relative[self.stack_id], strict=True)]
+        return relative_image_names(self.stack_names, self.stack_id, self.index, out)
 
     def state_dict(self) -> dict[str, object]:
         """Tensors and a list of names (loadable with ``weights_only=True``)."""

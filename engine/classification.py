@@ -33,6 +33,7 @@ import numpy as np
 from cryofastar.recon.classify2d import ClassifierSettings, ClassSet, StreamingClassifier, class_set, particle_columns
 from cryofastar.recon.io import ParticleSource
 from cryofastar.recon.io.class_files import write_class_files
+from cryofastar.recon.io.names import relative_image_names
 from cryofastar.recon.io.star import write_particles
 from cryofastar.recon.particle_diameter import estimate_particle_diameter
 
@@ -192,7 +193,8 @@ def classify(particles: Path, out_dir: Path, settings: ClassifySettings, progres
     table = source.table
     star = out_dir / "particles.star"
     if table is not None:
-        names = [f"{int(i):06d}@{_relative(s, out_dir)}" for s, i in zip(source.stacks, source.indices, strict=True)]
+        stacks, stack_ids = np.unique(source.stacks.astype(str), return_inverse=True)
+        names = relative_image_names(stacks, stack_ids, source.indices, out_dir)
         rows = particles_for_output(table, names, particle_columns(classifier, classes), {})
         write_particles(star, rows, optics_for_output(table))
         outputs.append(star)
@@ -207,11 +209,3 @@ def _revisit(classifier: StreamingClassifier, source: ParticleSource, count: int
     chunk = source.images(rows)
     classifier.realign(rows, chunk.all_images(), chunk.ctf)
     return int(rows.size)
-
-
-def _relative(stack: str, out_dir: Path) -> str:
-    import os
-
-    return os.path.relpath(Path(stack).resolve(), out_dir.resolve())
-
-

@@ -12,7 +12,6 @@ and writes it as ``particles.star``.
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import torch
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.euler import euler_to_matrix, matrix_to_euler
 from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, SCORE_COLUMN, SPREAD_COLUMN
-from cryofastar.recon.io.errors import ParticleFileError
-from cryofastar.recon.io.names import printable, star_value_problem
+from cryofastar.recon.io.names import relative_image_names
 
 __all__ = ["PoseTable"]
 
@@ -202,12 +200,7 @@ class PoseTable:
         ParticleFileError
             A stack name no STAR file can hold (:func:`~cryofastar.recon.io.names.star_value_problem`).
         """
-        relative = [os.path.relpath(Path(s).resolve(), out.resolve()) for s in self.stack_names]
-        for name in relative:  # a check per stack, not per particle
-            if (problem := star_value_problem(name)) is not None:
-                raise ParticleFileError(f"stack '{printable(name)}' has {problem}")
-        names = np.array(relative, dtype=object)[self.column("stack_id")]
-        return [f"{int(i):06d}@{n}" for i, n in zip(self.column("index"), names, strict=True)]
+        return relative_image_names(self.stack_names, self.column("stack_id"), self.column("index"), out)
 
     def pose_columns(self, refinement: bool = True) -> dict[str, np.ndarray]:
         """The pose columns of a particle STAR file, `(n,)` each: rlnAngleRot/Tilt/Psi (degrees),

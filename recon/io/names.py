@@ -26,11 +26,18 @@ characters become backslash escapes (``\\t``, ``\\n``, ``\\xff`` for the undecod
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["image_name_problem", "printable", "star_column", "star_value", "star_value_problem"]
+from .errors import ParticleFileError
+
+__all__ = ["image_name_problem", "printable", "relative_image_names", "star_column", "star_value",
+           "star_value_problem"]
 
 # C0 and C1 controls (Unicode category Cc), line / paragraph separators (Zl, Zp), surrogates (Cs:
 # os.fsdecode's escapes of undecodable bytes), and the two quote characters
@@ -108,3 +115,32 @@ def star_column(values: pd.Series) -> pd.Series:
         return values
     return pd.Series([star_value(v) if isinstance(v, str) else v for v in values], index=values.index,
                      dtype=object)
+
+
+def relative_image_names(stacks: Sequence[str], stack_ids: np.ndarray, indices: np.ndarray,
+                         out: str | os.PathLike[str]) -> list[str]:
+    """rlnImageName ``NNNNNN@stack`` of particles, each stack named relative to ``out`` (so they resolve there).
+
+    Parameters
+    ----------
+    stacks: Sequence[str]
+        The distinct stack paths.
+    stack_ids: np.ndarray
+        `(n,)` int: each particle's entry of ``stacks``.
+    indices: np.ndarray
+        `(n,)` int: each particle's 1-based index in its stack.
+    out: str | os.PathLike[str]
+        The directory of the STAR file the names are for.
+
+    Raises
+    ------
+    ParticleFileError
+        A stack name no STAR file can hold (:func:`star_value_problem`).
+    """
+    root = Path(out).resolve()
+    relative = [os.path.relpath(Path(s).resolve(), root) for s in stacks]
+    for name in relative:  # a check per stack, not per particle
+        if (problem := star_value_problem(name)) is not None:
+            raise ParticleFileError(f"stack '{printable(name)}' has {problem}")
+    names = np.array(relative, dtype=object)[np.asarray(stack_ids, dtype=np.int64)]
+    return [f"{int(i):06d}@{n}" for i, n in zip(indices, names, strict=True)]
