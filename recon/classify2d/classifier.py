@@ -49,7 +49,14 @@ from ..fourier import irfft2_centered, rfft2_centered
 from .class_sums import ClassSums
 from .fourier_sampling import PaddedSpectra, padded_spectra
 from .inplane_search import PolarGrid, polar_samples, score_alignments, shift_disc
-from .references import centre_of_mass, class_averages, class_frc, frc_resolution, soft_circular_mask
+from .references import (
+    centre_of_mass,
+    class_averages,
+    class_frc,
+    frc_resolution,
+    soft_circular_mask,
+    weighted_median,
+)
 
 __all__ = ["ClassifierSettings", "StreamingClassifier"]
 
@@ -540,11 +547,9 @@ class StreamingClassifier:
         never beyond :data:`MAX_SEARCH_RADIUS`."""
         res = self.resolution.clone()
         res[~torch.isfinite(res)] = self.box * self.apix / 2
-        order = torch.argsort(res)
-        cum = torch.cumsum(counts[order], 0)
-        if float(cum[-1]) <= 0:
+        median = weighted_median(res, counts)
+        if median is None:
             return self.r_max
-        median = float(res[order][int(torch.searchsorted(cum, 0.5 * cum[-1]))])
         target = min(MAX_SEARCH_RADIUS, int(math.ceil(self.box * self.apix / median)))
         target = max(self._radius(self.settings.initial_lowpass_angstrom), min(self.box // 2 - 1, target))
         return min(target, self.r_max + 2) if target > self.r_max else target

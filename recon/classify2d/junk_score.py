@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .references import weighted_median
+
 __all__ = ["JUNK_THRESHOLD", "JunkFeatures", "junk_features", "junk_scores"]
 
 JUNK_THRESHOLD = 0.5
@@ -54,12 +56,10 @@ def _radius(box: int) -> torch.Tensor:
     return (c[:, None].square() + c[None, :].square()).sqrt()
 
 
-def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> float:
-    order = torch.argsort(values)
-    cum = torch.cumsum(weights[order].to(torch.float64), 0)
-    if float(cum[-1]) <= 0:
-        return float(values.median())
-    return float(values[order][int(torch.searchsorted(cum, 0.5 * cum[-1]))])
+def _typical(values: torch.Tensor, counts: torch.Tensor) -> float:
+    """The particle-weighted median class's value (the plain median when no class holds a particle)."""
+    median = weighted_median(values, counts)
+    return float(values.median()) if median is None else median
 
 
 def junk_features(averages: torch.Tensor, counts: torch.Tensor, resolution_angstrom: torch.Tensor,
@@ -77,7 +77,7 @@ def junk_features(averages: torch.Tensor, counts: torch.Tensor, resolution_angst
         1, ring.flatten(), x.square().reshape(k, -1))
     cumulative = profile.cumsum(1)
     spread = (cumulative < 0.9 * cumulative[:, -1:]).sum(1).to(torch.float64) + 0.5
-    typical_spread = _weighted_median(spread, counts)
+    typical_spread = _typical(spread, counts)
     inside = r <= typical_spread
     contrast = x[:, inside].square().mean(-1).sqrt()
     res = torch.where(torch.isfinite(resolution_angstrom), resolution_angstrom,
@@ -90,9 +90,9 @@ def junk_scores(features: JunkFeatures, counts: torch.Tensor) -> torch.Tensor:
     def logistic(z: torch.Tensor) -> torch.Tensor:
         return 1 / (1 + torch.exp(-z))
 
-    typical_spread = max(_weighted_median(features.spread, counts), 1e-30)
-    typical_contrast = max(_weighted_median(features.contrast, counts), 1e-30)
-    typical_res = _weighted_median(features.resolution_angstrom, counts)
+    typical_spread = max(_typical(features.spread, counts), 1e-30)
+    typical_contrast = max(_typical(features.contrast, counts), 1e-30)
+    typical_res = _typical(features.resolution_angstrom, counts)
     s_spread = logistic((features.spread / typical_spread - _SPREAD_AT) / 0.07)
     s_contrast = logistic((_CONTRAST_AT - features.contrast / typical_contrast) / 0.08)
     s_res = logistic((features.resolution_angstrom / typical_res - _RESOLUTION_AT) / 0.1)

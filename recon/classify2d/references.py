@@ -20,7 +20,7 @@ import torch
 
 from .class_sums import ClassSums
 
-__all__ = ["centre_of_mass", "class_averages", "class_frc", "frc_resolution", "soft_circular_mask"]
+__all__ = ["centre_of_mass", "class_averages", "class_frc", "frc_resolution", "soft_circular_mask", "weighted_median"]
 
 
 def _ring_sum(values: torch.Tensor, ring: torch.Tensor, n_rings: int) -> torch.Tensor:
@@ -93,3 +93,13 @@ def centre_of_mass(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     y = (density * c[None, :, None]).sum(dim=(-2, -1))
     com = torch.stack([x, y], -1) / total.clamp(min=1e-30)[:, None]
     return torch.where(total[:, None] > 0, com, torch.zeros_like(com))
+
+
+def weighted_median(values: torch.Tensor, weights: torch.Tensor) -> float | None:
+    """The value below which half of the `(K,)` ``weights`` lie (classes weighted by their particles);
+    ``None`` when the weights sum to 0."""
+    order = torch.argsort(values)
+    cumulative = torch.cumsum(weights[order].to(torch.float64), 0)
+    if float(cumulative[-1]) <= 0:
+        return None
+    return float(values[order][int(torch.searchsorted(cumulative, 0.5 * cumulative[-1]))])
