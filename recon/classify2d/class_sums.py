@@ -72,6 +72,8 @@ class ClassSums:
         q = rfft_frequencies_2d(box, dtype=torch.float64) * box
         self.inside = q.norm(dim=-1) <= box / 2  # (B, H) within Nyquist
         self.radius = q.norm(dim=-1)
+        self.ring = self.radius.round().long().clamp(max=box // 2)  # (B, H) ring index 0 .. B//2
+        self._ring_count = torch.bincount(self.ring.flatten(), minlength=box // 2 + 1).to(torch.float64)
 
     @property
     def n_classes(self) -> int:
@@ -162,17 +164,22 @@ class ClassSums:
             num, den = self.num.sum(0), self.den.sum(0)
         else:
             num, den = self.num[half - 1], self.den[half - 1]
-        ring = self.radius.round().long().clamp(max=self.box // 2)  # (B, H)
-        n_rings = self.box // 2 + 1
-        ring_sum = torch.zeros(den.shape[0], n_rings, dtype=torch.float64).index_add_(
-            1, ring.flatten(), den.reshape(den.shape[0], -1))
-        ring_count = torch.bincount(ring.flatten(), minlength=n_rings).to(torch.float64)
-        ring_mean = (ring_sum / ring_count)[:, ring]  # (K, B, H)
+        ring_mean = self.ring_mean(den)[:, self.ring]  # (K, B, H)
         if ssnr is None:
             floor = 1e-3 * ring_mean + 1e-12
         else:
-            floor = ring_mean / ssnr.clamp(min=1e-6)[:, ring] + 1e-12
+            floor = ring_mean / ssnr.clamp(min=1e-6)[:, self.ring] + 1e-12
         return torch.where(self.inside, num / (den + floor), 0)
+
+    def ring_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`(m, B, B//2+1)` values on the rfft grid -> `(m, B//2+1)` their sums per ring (rounded radius)."""
+        flat = values.reshape(values.shape[0], -1)
+        return torch.zeros(values.shape[0], self.box // 2 + 1, dtype=flat.dtype).index_add_(
+            1, self.ring.flatten(), flat)
+
+    def ring_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """`(m, B, B//2+1)` real values on the rfft grid -> `(m, B//2+1)` float64 their means per ring."""
+        return self.ring_sum(values.to(torch.float64)) / self._ring_count
 
     def images(self, spectra: torch.Tensor) -> torch.Tensor:
         """`(K, B, B)` float32 real-space images of class spectra (centre ``B // 2``)."""

@@ -351,12 +351,8 @@ class StreamingClassifier:
 
     def _init_noise(self, images: torch.Tensor) -> None:
         """First noise model: the particles' own power per ring (signal included, so it starts cautious)."""
-        power = rfft2_centered(images.to(torch.float32)).abs().square().to(torch.float64)
-        ring = self.sums.radius.round().long().clamp(max=self.box // 2)
-        per_ring = torch.zeros(images.shape[0], self.box // 2 + 1, dtype=torch.float64).index_add_(
-            1, ring.flatten(), power.reshape(images.shape[0], -1))
-        count = torch.bincount(ring.flatten(), minlength=self.box // 2 + 1).to(torch.float64)
-        self.noise = (per_ring / count).mean(0).clamp(min=1e-12)
+        power = rfft2_centered(images.to(torch.float32)).abs().square()
+        self.noise = self.sums.ring_mean(power).mean(0).clamp(min=1e-12)
         self.noise_mass = float(images.shape[0])
 
     def _place_at_random(self, spectra: PaddedSpectra, rows: np.ndarray, ctf: CtfParams | None) -> None:

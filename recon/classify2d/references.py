@@ -23,19 +23,12 @@ from .class_sums import ClassSums
 __all__ = ["centre_of_mass", "class_averages", "class_frc", "frc_resolution", "soft_circular_mask", "weighted_median"]
 
 
-def _ring_sum(values: torch.Tensor, ring: torch.Tensor, n_rings: int) -> torch.Tensor:
-    flat = values.reshape(values.shape[0], -1)
-    return torch.zeros(values.shape[0], n_rings, dtype=flat.dtype).index_add_(1, ring.flatten(), flat)
-
-
 def class_frc(sums: ClassSums) -> torch.Tensor:
     """`(K, B//2+1)` float64 FRC between the half-set averages of each class (0 where undefined)."""
     a, b = sums.wiener(half=1), sums.wiener(half=2)
-    ring = sums.radius.round().long().clamp(max=sums.box // 2)
-    n_rings = sums.box // 2 + 1
     # the rfft half plane counts each non-self-conjugate pixel once: the ratio is unaffected
-    cross = _ring_sum((a * b.conj()).real, ring, n_rings)
-    power = _ring_sum(a.abs().square(), ring, n_rings) * _ring_sum(b.abs().square(), ring, n_rings)
+    cross = sums.ring_sum((a * b.conj()).real)
+    power = sums.ring_sum(a.abs().square()) * sums.ring_sum(b.abs().square())
     frc = torch.where(power > 0, cross / power.clamp(min=1e-300).sqrt(), torch.zeros_like(cross))
     return frc.clamp(-1.0, 1.0)
 
