@@ -138,22 +138,24 @@ class _Grow:
         self.keep = keep
         self._alloc(1024)
 
+    # name: (columns per particle, with ``keep`` for one per kept class; dtype; fill)
+    FIELDS = {
+        "classes": (("keep",), np.int64, -1),
+        "weights": (("keep",), np.float64, 0.0),
+        "psi": (("keep",), np.float64, 0.0),
+        "shifts": (("keep", 2), np.float64, 0.0),
+        "halves": ((), np.int64, 1),
+        "max_prob": ((), np.float64, 0.0),
+        "psi_sigma": ((), np.float64, np.nan),
+        "aligned_at": ((), np.int64, -1),
+    }
+
     def _alloc(self, capacity: int) -> None:
-        old = getattr(self, "classes", None)
-        fields = {
-            "classes": np.full((capacity, self.keep), -1, np.int64),
-            "weights": np.zeros((capacity, self.keep), np.float64),
-            "psi": np.zeros((capacity, self.keep), np.float64),
-            "shifts": np.zeros((capacity, self.keep, 2), np.float64),
-            "halves": np.ones(capacity, np.int64),
-            "max_prob": np.zeros(capacity, np.float64),
-            "psi_sigma": np.full(capacity, np.nan, np.float64),
-            "aligned_at": np.full(capacity, -1, np.int64),
-        }
-        if old is not None:
-            for name, new in fields.items():
+        for name, (columns, dtype, fill) in self.FIELDS.items():
+            shape = (capacity, *(self.keep if c == "keep" else c for c in columns))
+            new = np.full(shape, fill, dtype)
+            if hasattr(self, name):
                 new[: self.n] = getattr(self, name)[: self.n]
-        for name, new in fields.items():
             setattr(self, name, new)
         self.capacity = capacity
 
@@ -164,17 +166,15 @@ class _Grow:
         self.n += count
         return rows
 
-    NAMES = ("classes", "weights", "psi", "shifts", "halves", "max_prob", "psi_sigma", "aligned_at")
-
     def state(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name)[: self.n].copy() for name in self.NAMES}
+        return {name: getattr(self, name)[: self.n].copy() for name in self.FIELDS}
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         n = int(state["classes"].shape[0])
         self.n = 0
         self._alloc(max(1024, n))
         self.n = n
-        for name in self.NAMES:
+        for name in self.FIELDS:
             getattr(self, name)[:n] = state[name]
 
 
