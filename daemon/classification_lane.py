@@ -75,7 +75,7 @@ import pandas as pd
 import torch
 from cryofastar.engine.classification import ClassifySettings, classifier_settings, write_class_set
 from cryofastar.recon.classify2d import StreamingClassifier, class_set, particle_columns
-from cryofastar.recon.ctf import CtfParams
+from cryofastar.recon.ctf import CtfParams, ctf_array, ctf_from_array
 from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource
 from cryofastar.recon.io.atomic import atomic_path, remove_stale_temporaries
 from cryofastar.recon.io.names import printable, relative_image_names
@@ -100,8 +100,6 @@ _HOLD_BYTES = 256 * 2**20  # or fewer particles, if their images would hold more
 _BEGIN_IDLE_PERIODS = 6  # classes start from fewer than 20 K particles after this many --classes-every without any
 _QUEUE_BYTES = 256 * 2**20  # the queue keeps the pixels of at most this much (and queue_size chunks), then locations
 _STATE_VERSION = 1
-_CTF_FIELDS = ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_degrees", "voltage_kv",
-               "spherical_aberration_mm", "amplitude_contrast", "phase_shift_degrees", "b_factor_angstrom2", "scale")
 _CTF_COLUMNS = {"rlnDefocusU": 0, "rlnDefocusV": 1, "rlnDefocusAngle": 2, "rlnPhaseShift": 6}
 
 
@@ -136,28 +134,6 @@ class Located:
         return cls(chunk.stacks, chunk.indices, chunk.half_sets, chunk.ctf, dict(chunk.optics))
 
 
-def _ctf_array(ctf: CtfParams | None, n: int) -> np.ndarray:
-    """`(n, 9)` float64 CTF parameters in :data:`_CTF_FIELDS` order (NaN: no CTF; NaN B/scale: RELION's default)."""
-    out = np.full((n, len(_CTF_FIELDS)), np.nan)
-    if ctf is not None:
-        for k, name in enumerate(_CTF_FIELDS):
-            value = getattr(ctf, name)
-            if value is not None:
-                out[:, k] = value.numpy()
-    return out
-
-
-def _ctf_of(array: np.ndarray) -> CtfParams | None:
-    """Inverse of :func:`_ctf_array` for rows that all have a CTF (``None`` for rows that all have none)."""
-    if not len(array) or np.isnan(array[:, 0]).all():
-        return None
-    values = {name: array[:, k] for k, name in enumerate(_CTF_FIELDS[:7])}
-    for k, name in ((7, "b_factor_angstrom2"), (8, "scale")):
-        if not np.isnan(array[:, k]).all():
-            values[name] = np.nan_to_num(array[:, k], nan=0.0 if k == 7 else 1.0)
-    return CtfParams.from_arrays(**values)
-
-
 class LocationTable:
     """Where each classifier row's particle lives: one row per particle, in the classifier's row order.
 
@@ -171,7 +147,7 @@ class LocationTable:
         self._ids: dict[str, int] = {}
         self.stack_id = np.zeros(0, np.int64)
         self.index = np.zeros(0, np.int64)
-        self.ctf = np.zeros((0, len(_CTF_FIELDS)))
+        self.ctf = ctf_array(None, 0)
         self.fingerprint = np.zeros(0, np.int64)
         self.readable = np.zeros(0, bool)
 
@@ -189,7 +165,7 @@ class LocationTable:
         n = len(ids)
         self.stack_id = np.concatenate([self.stack_id, ids])
         self.index = np.concatenate([self.index, np.asarray(indices, np.int64)])
-        self.ctf = np.concatenate([self.ctf, _ctf_array(ctf, n)])
+        self.ctf = np.concatenate([self.ctf, ctf_array(ctf, n)])
         self.fingerprint = np.concatenate([self.fingerprint, np.asarray(fingerprints, np.int64)])
         self.readable = np.concatenate([self.readable, np.ones(n, bool)])
 
@@ -564,7 +540,7 @@ class ClassificationLane:
                 continue
             images, group = self._read_rows(group)
             if group.size:
-                c.realign(group, images, _ctf_of(self.table.ctf[group]))
+                c.realign(group, images, ctf_from_array(self.table.ctf[group]))
                 done += int(group.size)
         self._aligned(done)
         return done

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from cryofastar.recon.ctf import CtfParams
+from cryofastar.recon.ctf import CtfParams, ctf_array, ctf_from_array
 from cryofastar.recon.euler import euler_to_matrix, matrix_to_euler
 from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, SCORE_COLUMN, SPREAD_COLUMN
 from cryofastar.recon.io.names import relative_image_names
@@ -90,21 +90,11 @@ class PoseTable:
             self._parts["origins"].append(origins_angstrom.double().numpy())
             self._parts["confidence"].append(confidence.double().numpy())
             self._parts["half_set"].append(half_sets.numpy().astype(np.int8))
-            if ctf is None:
-                values = np.full((len(indices), 4), np.nan)
-            else:
-                values = torch.stack([ctf.defocus_u_angstrom, ctf.defocus_v_angstrom, ctf.defocus_angle_degrees,
-                                      ctf.phase_shift_degrees], -1).double().numpy()
-            self._parts["ctf"].append(values)
-            self._parts["ctf_optics"].append(np.full((len(indices), 3), np.nan) if ctf is None else torch.stack(
-                [ctf.voltage_kv, ctf.spherical_aberration_mm, ctf.amplitude_contrast], -1).double().numpy())
             n = len(indices)
-            envelope = np.full((n, 2), np.nan)  # rlnCtfBfactor, rlnCtfScalefactor (NaN: not given, RELION's 0 and 1)
-            if ctf is not None and ctf.b_factor_angstrom2 is not None:
-                envelope[:, 0] = ctf.b_factor_angstrom2.double().numpy()
-            if ctf is not None and ctf.scale is not None:
-                envelope[:, 1] = ctf.scale.double().numpy()
-            self._parts["ctf_envelope"].append(envelope)
+            params = ctf_array(ctf, n)  # fields in CtfParams order: U, V, angle, kV, Cs, Q0, phase, B, scale
+            self._parts["ctf"].append(params[:, [0, 1, 2, 6]])
+            self._parts["ctf_optics"].append(params[:, [3, 4, 5]])
+            self._parts["ctf_envelope"].append(params[:, [7, 8]])  # NaN: not given (RELION's 0 and 1)
             self._parts["score"].append(np.full(n, np.nan) if score is None else score.double().numpy())
             self._parts["spread"].append(np.full(n, np.nan) if spread is None else spread.double().numpy())
             self._parts["refined"].append(np.full(n, refined, dtype=np.int32))
@@ -142,12 +132,7 @@ class PoseTable:
         if not known.all() or not np.isfinite(optics).all():
             raise ValueError("the CTF these particles were inserted with is not fully known")
         envelope = self.column("ctf_envelope")[rows]
-        b_factor = None if np.isnan(envelope[:, 0]).all() else np.nan_to_num(envelope[:, 0], nan=0.0)
-        scale = None if np.isnan(envelope[:, 1]).all() else np.nan_to_num(envelope[:, 1], nan=1.0)
-        return CtfParams.from_arrays(defocus_u_angstrom=defocus[:, 0], defocus_v_angstrom=defocus[:, 1],
-                                     defocus_angle_degrees=defocus[:, 2], phase_shift_degrees=defocus[:, 3],
-                                     voltage_kv=optics[:, 0], spherical_aberration_mm=optics[:, 1],
-                                     amplitude_contrast=optics[:, 2], b_factor_angstrom2=b_factor, scale=scale)
+        return ctf_from_array(np.column_stack([defocus[:, :3], optics, defocus[:, 3], envelope]))
 
     def column(self, name: str) -> np.ndarray:
         """One column over all particles (``stack_id``, ``index``, ``angles`` (n, 3), ...).

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch_ctf import calculate_ctf_2d, calculate_total_phase_shift
 
-__all__ = ["CtfParams", "ctf_at", "ctf_rfft"]
+__all__ = ["CtfParams", "ctf_array", "ctf_at", "ctf_from_array", "ctf_rfft"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,35 @@ class CtfParams:
         tensors = {k: as_float64(v) for k, v in values.items() if v is not None}
         n = max(t.numel() for t in tensors.values())
         return cls(**{k: t.expand(n).clone() for k, t in tensors.items()})
+
+
+def ctf_array(ctf: CtfParams | None, n: int) -> np.ndarray:
+    """`(n, 9)` float64 parameters of ``n`` particles, one column per :class:`CtfParams` field in declaration
+    order; NaN for an optional field not given, all NaN for no CTF (``ctf=None``)."""
+    names = [f.name for f in fields(CtfParams)]
+    out = np.full((n, len(names)), np.nan)
+    if ctf is not None:
+        for k, name in enumerate(names):
+            value = getattr(ctf, name)
+            if value is not None:
+                out[:, k] = value.detach().double().numpy()
+    return out
+
+
+def ctf_from_array(array: np.ndarray) -> CtfParams | None:
+    """Inverse of :func:`ctf_array` for rows that all have a CTF (``None`` when none has one, or no rows).
+
+    An optional column (B-factor, scale) that is NaN everywhere is not given; NaN in some rows is RELION's
+    default there (0 and 1).
+    """
+    if not len(array) or np.isnan(array[:, 0]).all():
+        return None
+    names = [f.name for f in fields(CtfParams)]
+    values = {name: array[:, k] for k, name in enumerate(names[:7])}
+    for k, (name, default) in enumerate((("b_factor_angstrom2", 0.0), ("scale", 1.0)), start=7):
+        if not np.isnan(array[:, k]).all():
+            values[name] = np.nan_to_num(array[:, k], nan=default)
+    return CtfParams.from_arrays(**values)
 
 
 def ctf_rfft(params: CtfParams, box: int, apix: float, device: torch.device | str = "cpu") -> torch.Tensor:

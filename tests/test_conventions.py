@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from cryofastar.recon import HalfSetAccumulator, euler_to_matrix, fsc, matrix_to_euler
-from cryofastar.recon.ctf import CtfParams, ctf_rfft
+from cryofastar.recon.ctf import CtfParams, ctf_array, ctf_from_array, ctf_rfft
 from cryofastar.recon.fourier import irfft2_centered, phase_shift_rfft2, rfft2_centered
 from cryofastar.recon.rotations import random_rotations
 from cryofastar.recon.simulate import simulate_particles
+from cryofastar.recon.simulate.particles import CtfRange
 from scipy.ndimage import shift as nd_shift
 
 
@@ -155,3 +156,19 @@ def test_snr_definition(phantom32: torch.Tensor) -> None:
     clean = simulate_particles(phantom32, 200, apix=1.0, snr=None, generator=torch.Generator().manual_seed(4))
     measured = float(clean.images.var(dim=(-2, -1)).mean()) / sim.noise_sigma**2
     assert measured == pytest.approx(0.5, rel=0.1)
+
+
+def test_ctf_parameters_round_trip_through_an_array() -> None:
+    plain = CtfRange().sample(5, torch.Generator().manual_seed(0))
+    back = ctf_from_array(ctf_array(plain, 5))
+    assert back.b_factor_angstrom2 is None and back.scale is None
+    assert torch.equal(back.defocus_u_angstrom, plain.defocus_u_angstrom)
+    assert torch.equal(back.phase_shift_degrees, plain.phase_shift_degrees)
+    b_factor = torch.full((5,), 40.0, dtype=torch.float64)
+    with_envelope = CtfParams.cat([plain, CtfParams(**{**plain.__dict__, "b_factor_angstrom2": b_factor})])
+    array = ctf_array(with_envelope, 10)
+    array[:5, 7] = np.nan  # a B-factor not given for half of them: RELION's 0 there
+    back = ctf_from_array(array)
+    assert back.b_factor_angstrom2.tolist() == [0.0] * 5 + [40.0] * 5
+    assert ctf_from_array(ctf_array(None, 3)) is None
+    assert ctf_from_array(ctf_array(None, 0)) is None
