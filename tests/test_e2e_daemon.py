@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -116,14 +117,26 @@ def test_a_live_session_streams_to_a_published_map_and_metrics(stacks, tmp_path,
     # a late subscriber (the real `subscribe` command) gets the latest map within one re-publish period (5 s)
     saved = tmp_path / "received"
     late = subprocess.Popen([str(SCRIPT), "subscribe", daemon.zmq, "--save", str(saved)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.STDOUT, text=True, env=ENV)
+    lines: list[str] = []  # read as printed: the map is saved just before its line is echoed
+
+    def read_lines() -> None:
+        for line in late.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_lines, daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (saved / "volume.mrc").exists():
+        while time.monotonic() < deadline and not ((saved / "volume.mrc").exists()
+                                                   and any("160" in line for line in list(lines))):
             time.sleep(0.1)
     finally:
         late.terminate()
-        late_out, _ = late.communicate(timeout=30)
+        late.wait(timeout=30)
+        reader.join(timeout=30)
+        late.stdout.close()
+    late_out = "".join(lines)
     received, received_apix = read_volume(saved / "volume.mrc")
     assert received.shape == (BOX, BOX, BOX) and received_apix == pytest.approx(3.0)
     assert "160" in late_out  # its status/volume lines name the particle count
