@@ -14,6 +14,7 @@ from cryofastar.recon.ctf import ctf_at, ctf_rfft
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.fourier import rfft_frequencies_2d
 from cryofastar.recon.simulate.particles import CtfRange, simulate_particles
+from torch_fourier_rescale import fourier_rescale_2d
 
 BOX, APIX = 32, 3.0
 
@@ -132,6 +133,38 @@ def test_classifier_separates_two_views_and_finds_the_angles() -> None:
         centre = np.angle(np.exp(1j * diff).mean())
         error = np.rad2deg(np.abs(np.angle(np.exp(1j * (diff - centre)))))
         assert np.median(error) < 5.0
+
+
+def test_a_large_box_is_classified_as_its_fourier_cropped_copy() -> None:
+    """Box 128 works at WORKING_BOX (64): the same classes, angles and origins in Å as the caller's own crop to 64,
+    and averages at the particles' box and pixel size."""
+    box, apix, n = 128, 1.5, 120
+    volume = blob_phantom(box, seed=5)
+    g = torch.Generator().manual_seed(2)
+    label = torch.randint(0, 2, (n,), generator=g)
+    zeros = torch.zeros(n, dtype=torch.float64)
+    rotations = euler_to_matrix(zeros, torch.where(label == 0, zeros, zeros + 90.0),
+                                torch.rand(n, generator=g, dtype=torch.float64) * 360)
+    sim = simulate_particles(volume, n, apix, 1.0, g, max_shift_px=4.0, ctf=CtfRange(), rotations=rotations)
+    cropped = fourier_rescale_2d(sim.images, target_shape=(64, 64))[0].float()
+    runs = []
+    for images, b, a, shift in ((sim.images, box, apix, 6.0), (cropped, 64, 2 * apix, 3.0)):
+        settings = ClassifierSettings(n_classes=2, diameter_angstrom=0.8 * box * apix, max_shift_px=shift,
+                                      init_particles=40, batch=16)
+        clf = StreamingClassifier(settings, b, a)
+        clf.add(images, sim.ctf)
+        clf.realign(clf.due(n), images, sim.ctf)
+        runs.append((clf, class_set(clf)))
+    (large, large_set), (small, small_set) = runs
+    assert (large.box, large.apix, large.particle_box) == (64, 2 * apix, box)
+    assert np.array_equal(large.table.classes[:n], small.table.classes[:n])
+    assert np.allclose(large.table.psi[:n], small.table.psi[:n], atol=1e-3)
+    large_cols, small_cols = particle_columns(large, large_set), particle_columns(small, small_set)
+    assert np.allclose(large_cols["rlnOriginXAngst"], small_cols["rlnOriginXAngst"], atol=1e-3)
+    assert large_set.averages.shape == (2, box, box) and large_set.apix == apix
+    padded = fourier_rescale_2d(small_set.averages, target_shape=(box, box))[0]
+    assert torch.allclose(large_set.averages, padded, atol=1e-4 * float(padded.abs().max()))
+    assert torch.equal(large_set.junk, small_set.junk)
 
 
 def _sums_from_table(clf: StreamingClassifier, images: torch.Tensor, ctf) -> ClassSums:

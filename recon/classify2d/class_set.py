@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch_fourier_rescale import fourier_rescale_2d
 
 from ..fourier import irfft2_centered
 from .classifier import StreamingClassifier
@@ -35,9 +36,10 @@ class ClassSet:
     particles: int
         Particles classified.
     averages: torch.Tensor
-        `(K, B, B)` float32 CTF-corrected (Wiener) averages [class, y, x], centre ``B // 2``.
+        `(K, B, B)` float32 CTF-corrected (Wiener) averages [class, y, x], centre ``B // 2``, at the
+        particles' box (beyond the classifier's working Nyquist they are 0).
     apix: float
-        Pixel size, Å.
+        The particles' pixel size, Å.
     counts: torch.Tensor
         `(K,)` float64 sum of membership weights.
     resolution_angstrom: torch.Tensor
@@ -89,11 +91,14 @@ def class_set(classifier: StreamingClassifier) -> ClassSet:
     """The classifier's classes now (module docstring)."""
     c = classifier
     spectra = class_averages(c.sums, c.frc)
-    averages = irfft2_centered(spectra, c.box).to(torch.float32)
+    averages = irfft2_centered(spectra, c.box).to(torch.float32)  # the working box
     counts = c.sums.counts()
     features = junk_features(averages, counts, c.resolution, max_resolution_angstrom=c.box * c.apix / 2)
     score = junk_scores(features, counts)
-    return ClassSet(version=c.version, particles=c.n_particles, averages=averages, apix=c.apix, counts=counts,
+    if c.box != c.particle_box:  # zero-padded in Fourier space back to the particles' box and pixel size
+        averages = fourier_rescale_2d(averages, target_shape=(c.particle_box, c.particle_box))[0].to(torch.float32)
+    return ClassSet(version=c.version, particles=c.n_particles, averages=averages, apix=c.particle_apix,
+                    counts=counts,
                     resolution_angstrom=c.resolution.clone(), accuracy_degrees=_accuracy(c), junk_score=score,
                     junk=score > JUNK_THRESHOLD)
 
@@ -103,7 +108,8 @@ def particle_columns(classifier: StreamingClassifier, classes: ClassSet, rows: n
     """Each particle's class and 2D pose in RELION's Class2D columns (:data:`PARTICLE_CLASS_COLUMNS`).
 
     The pose is that of the particle's most probable class: ``rlnAnglePsi`` (degrees) and
-    ``rlnOriginX/YAngst = -d * apix`` (docs/conventions.md, "2D alignment").
+    ``rlnOriginX/YAngst = -d * apix`` (docs/conventions.md, "2D alignment"; ``d`` in working pixels of
+    ``apix`` Å each, so the origin in Å holds at the particles' box).
 
     Parameters
     ----------

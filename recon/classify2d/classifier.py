@@ -31,6 +31,14 @@ the :data:`CANDIDATE_CLASSES` classes that scored best (the others' posterior is
 as 0). Rotations are searched exhaustively (FFT along
 the angle), refined to a fraction of a step by a parabola.
 
+Particles of a box larger than :data:`WORKING_BOX` are Fourier-cropped to it on the way
+in (the field of view kept, the pixel size grown by ``B / W``): the search stops at ring
+:data:`MAX_SEARCH_RADIUS` anyway, and the class sums then end at ring ``W / 2``
+(``B * apix / 32`` Å), so a session of box 128 or 256 costs what one of box 64 costs.
+Inside the classifier ``box`` and ``apix`` are the working ones; displacements are in
+working pixels (``shift * apix`` is Å whatever the particle box). :mod:`.class_set` pads the
+averages back to the particle box.
+
 Poses follow RELION's Class2D meaning (docs/conventions.md, "2D alignment"): the
 particle is its class average transformed like a 3D projection at pose ``(0, 0, psi)``
 and displaced by ``d = -origin`` pixels.
@@ -43,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch_fourier_rescale import fourier_rescale_2d
 
 from ..ctf import CtfParams, ctf_at
 from ..fourier import irfft2_centered, rfft2_centered
@@ -67,7 +76,10 @@ CANDIDATE_CLASSES = 16
 """Classes each particle is searched against at full resolution: its best at low resolution."""
 MAX_SEARCH_RADIUS = 20
 """Outermost ring of the search (Fourier pixels, ``B * apix / 20`` Å): 128 angles suffice. The class sums keep
-every frequency; only the alignment stops there (its cost grows as the square of the radius)."""
+every frequency of the working box; only the alignment stops there (its cost grows as the square of the radius)."""
+WORKING_BOX = 64
+"""The largest box the classifier works at (pixels, module docstring): its Nyquist ring, 32, is 1.6 times the
+search's, so the class FRC can still see the classes sharpen beyond what the search uses."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +201,13 @@ class StreamingClassifier:
         Particle side ``B`` in pixels (even).
     apix: float
         Pixel size in Å.
+
+    Attributes
+    ----------
+    particle_box, particle_apix:
+        ``B`` and the particles' pixel size (what :meth:`add` takes).
+    box, apix:
+        The working box ``W = min(B, WORKING_BOX)`` and its pixel size ``apix * B / W`` (module docstring).
     """
 
     def __init__(self, settings: ClassifierSettings, box: int, apix: float) -> None:
@@ -197,22 +216,25 @@ class StreamingClassifier:
         if not apix > 0:
             raise ValueError(f"the pixel size must be positive, got {apix}")
         self.settings = settings
-        self.box = box
-        self.apix = float(apix)
-        self.sums = ClassSums(settings.n_classes, box, apix)
+        self.particle_box = box
+        self.particle_apix = float(apix)
+        self.box = min(box, WORKING_BOX)
+        self.apix = self.particle_apix * box / self.box
+        self.max_shift_px = settings.max_shift_px * self.box / box  # working pixels
+        self.sums = ClassSums(settings.n_classes, self.box, self.apix)
         self.table = _Grow(settings.keep)
         self.rng = np.random.default_rng(settings.seed)
         self.version = 0  # increments with every rebuild of the references
         self.steps = 0  # alignment calls so far (the clock of ``aligned_at``)
         self.offsets_px = torch.zeros(settings.n_classes, 2, dtype=torch.float64)  # total centring moves (information)
         diameter_px = settings.diameter_angstrom / self.apix
-        self.mask = soft_circular_mask(box, min(diameter_px, box - 2.0), edge_px=max(2.0, 0.05 * box))
-        self.noise = torch.zeros(box // 2 + 1, dtype=torch.float64)  # sigma2 per ring (polar-sample units)
+        self.mask = soft_circular_mask(self.box, min(diameter_px, self.box - 2.0), edge_px=max(2.0, 0.05 * self.box))
+        self.noise = torch.zeros(self.box // 2 + 1, dtype=torch.float64)  # sigma2 per ring (polar-sample units)
         self.noise_mass = 0.0
         self.r_max = self._radius(settings.initial_lowpass_angstrom)
-        self.frc = torch.zeros(settings.n_classes, box // 2 + 1, dtype=torch.float64)
+        self.frc = torch.zeros(settings.n_classes, self.box // 2 + 1, dtype=torch.float64)
         self.resolution = torch.full((settings.n_classes,), math.inf, dtype=torch.float64)
-        self.reference_images = torch.zeros(settings.n_classes, box, box)
+        self.reference_images = torch.zeros(settings.n_classes, self.box, self.box)
         self.seeds: dict[int, torch.Tensor] = {}
         self.start_at = settings.start_particles  # particles placed at random before any alignment
         self._polar: dict[PolarGrid, torch.Tensor] = {}
@@ -251,6 +273,7 @@ class StreamingClassifier:
             `(n,)` half set of each, 1 or 2 (default: alternating by index).
         """
         self._check(images, ctf)
+        images = self._to_working(images)
         n = images.shape[0]
         rows = self.table.extend(n)
         self.table.halves[rows] = (rows % 2 + 1) if halves is None else halves.numpy().astype(np.int64)
@@ -285,6 +308,7 @@ class StreamingClassifier:
             raise ValueError(f"{rows.shape[0]} particle indices for {images.shape[0]} images")
         if rows.size and (rows.min() < 0 or rows.max() >= self.table.n):
             raise ValueError(f"particle indices must be within 0..{self.table.n - 1}")
+        images = self._to_working(images)
         previous = self.table.shifts[rows, 0].copy() if self.started else None
         if previous is not None:
             previous[self.table.aligned_at[rows] < 0] = np.nan
@@ -307,7 +331,8 @@ class StreamingClassifier:
     def state_dict(self) -> dict[str, object]:
         """Everything needed to resume exactly (tensors and numpy arrays; ``torch.save``-able)."""
         return {
-            "version": 1, "box": self.box, "apix": self.apix, "n_classes": self.settings.n_classes,
+            "version": 1, "box": self.particle_box, "apix": self.particle_apix, "working_box": self.box,
+            "n_classes": self.settings.n_classes,
             "sums": self.sums.state_dict(), "table": self.table.state(), "rng": self.rng.bit_generator.state,
             "reference_version": self.version, "steps": self.steps, "offsets_px": self.offsets_px.clone(),
             "noise": self.noise.clone(), "noise_mass": self.noise_mass, "r_max": self.r_max,
@@ -322,11 +347,15 @@ class StreamingClassifier:
         ValueError
             A state of another box, pixel size or number of classes.
         """
-        if (state["box"], state["n_classes"]) != (self.box, self.settings.n_classes) or \
-                abs(float(state["apix"]) - self.apix) > 1e-6 * self.apix:
+        if (state["box"], state["n_classes"]) != (self.particle_box, self.settings.n_classes) or \
+                abs(float(state["apix"]) - self.particle_apix) > 1e-6 * self.particle_apix:
             raise ValueError(f"a classifier state of box {state['box']}, {state['apix']} Å/px, {state['n_classes']} "
-                             f"classes cannot resume one of box {self.box}, {self.apix} Å/px, "
+                             f"classes cannot resume one of box {self.particle_box}, {self.particle_apix} Å/px, "
                              f"{self.settings.n_classes} classes")
+        working = int(state.get("working_box", state["box"]))
+        if working != self.box:
+            raise ValueError(f"a classifier state made at a working box of {working} px (another version) cannot "
+                             f"resume one that works at {self.box} px: classify again")
         self.sums.load_state_dict(state["sums"])
         self.table.load(state["table"])
         self.rng.bit_generator.state = state["rng"]
@@ -342,12 +371,20 @@ class StreamingClassifier:
 
     # ------------------------------------------------------------------ internals
     def _check(self, images: torch.Tensor, ctf: CtfParams | None) -> None:
-        if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
-            raise ValueError(f"images must be (n, {self.box}, {self.box}), got {tuple(images.shape)}")
+        b = self.particle_box
+        if images.ndim != 3 or images.shape[1:] != (b, b):
+            raise ValueError(f"images must be (n, {b}, {b}), got {tuple(images.shape)}")
         if not torch.isfinite(images).all():
             raise ValueError("images with NaN or infinite pixels cannot be classified")
         if ctf is not None and len(ctf) != images.shape[0]:
             raise ValueError(f"{len(ctf)} CTF parameter sets for {images.shape[0]} images")
+
+    def _to_working(self, images: torch.Tensor) -> torch.Tensor:
+        """`(n, B, B)` particle images -> `(n, W, W)` float32, Fourier-cropped when ``W < B`` (module docstring)."""
+        images = images.to(torch.float32)
+        if self.box == self.particle_box:
+            return images
+        return fourier_rescale_2d(images, target_shape=(self.box, self.box))[0].to(torch.float32)
 
     def _init_noise(self, images: torch.Tensor) -> None:
         """First noise model: the particles' own power per ring (signal included, so it starts cautious)."""
@@ -430,7 +467,7 @@ class StreamingClassifier:
             idx = np.nonzero(subset)[0]
             which = None if subset.all() else idx
             if shifts is None:
-                lattice = shift_disc(s.max_shift_px, step=2.0 if s.max_shift_px >= 2 else 1.0)
+                lattice = shift_disc(self.max_shift_px, step=2.0 if self.max_shift_px >= 2 else 1.0)
                 result, _, _ = self._search(spectra, ctf, lattice, coarse, which)
                 best_shift = result.scores.flatten(2).amax(-1).argmax(-1)
                 centre[torch.from_numpy(idx)] = lattice[best_shift]
@@ -445,7 +482,7 @@ class StreamingClassifier:
         self._assign(result, particles, ctf_polar, fine, rows, spectra, ctf)
 
     def _clamp_shift(self, shifts: torch.Tensor) -> torch.Tensor:
-        limit = self.settings.max_shift_px + 1.0
+        limit = self.max_shift_px + 1.0
         norm = shifts.norm(dim=-1, keepdim=True)
         return torch.where(norm > limit, shifts * (limit / norm.clamp(min=1e-9)), shifts)
 
