@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import blob_phantom
-from cryofastar.recon.classify2d import ClassifierSettings, StreamingClassifier, class_set, particle_columns
+from cryofastar.recon.classify2d import (
+    ClassifierSettings,
+    StreamingClassifier,
+    class_set,
+    particle_columns,
+    particle_junk,
+)
 from cryofastar.recon.classify2d.class_sums import ClassSums
 from cryofastar.recon.classify2d.fourier_sampling import padded_spectra
 from cryofastar.recon.classify2d.inplane_search import PolarGrid, polar_samples, score_alignments, shift_disc
@@ -208,6 +214,19 @@ def test_class_set_and_particle_columns() -> None:
     assert set(columns["rlnClassNumber"]) <= {1, 2}
     assert np.all((columns["rlnAnglePsi"] >= 0) & (columns["rlnAnglePsi"] < 360))
     assert np.allclose(columns["rlnOriginXAngst"], -clf.table.shifts[:120, 0, 0] * APIX)
+
+
+def test_a_particle_is_junk_only_when_all_its_kept_classes_are() -> None:
+    sim, _, _ = _two_views(60, snr=1.0, seed=6)
+    clf = _classifier(k=3)
+    clf.add(sim.images, sim.ctf)
+    classes = class_set(clf)
+    classes.junk = torch.tensor([True, False, True])
+    t = clf.table
+    t.classes[:4] = [[0, -1, -1], [0, 2, -1], [0, 1, -1], [1, 0, 2]]
+    t.classes[4] = -1  # never aligned
+    assert particle_junk(clf, classes, np.arange(5)).tolist() == [True, True, False, False, False]
+    assert particle_columns(clf, classes, np.arange(5))["rlnCryofastarJunk"].tolist() == [1, 1, 0, 0, 0]
 
 
 def test_bad_input_is_refused_and_keeps_the_classes() -> None:

@@ -7,7 +7,7 @@ averages, mask, centre), :mod:`.classifier` (the incremental EM), :mod:`.junk_sc
 (which classes are junk), :mod:`.class_set` (what users see).
 """
 
-from .class_set import ClassSet, class_set, particle_columns
+from .class_set import ClassSet, class_set, particle_columns, particle_junk
 from .classifier import ClassifierSettings, StreamingClassifier
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "StreamingClassifier",
     "class_set",
     "particle_columns",
+    "particle_junk",
 ]
