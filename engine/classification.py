@@ -17,7 +17,9 @@ times in all; the daemon does so while it waits for new files.
 4. write ``class_averages.mrcs`` + ``classes.star``
    (:func:`~cryofastar.recon.io.class_files.write_class_files`) and ``particles.star``:
    the input rows with RELION's Class2D columns (``rlnClassNumber``, ``rlnAnglePsi``,
-   ``rlnOriginXAngst/YAngst``, ``rlnMaxValueProbDistribution``) and our junk flag.
+   ``rlnOriginXAngst/YAngst``, ``rlnMaxValueProbDistribution``) and our junk flag, and
+   ``selected_particles.star``: the same rows without the junk (what RELION's Select job
+   gives), the input of ``reconstruct`` that keeps junk out of the 3D map.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from cryofastar.recon.classify2d import ClassifierSettings, ClassSet, StreamingClassifier, class_set, particle_columns
+from cryofastar.recon.classify2d import (
+    ClassifierSettings,
+    ClassSet,
+    StreamingClassifier,
+    class_set,
+    particle_columns,
+    particle_junk,
+)
 from cryofastar.recon.io import ParticleSource
 from cryofastar.recon.io.class_files import write_class_files
 from cryofastar.recon.io.names import relative_image_names
@@ -118,6 +127,7 @@ class ClassifyResult:
     diameter_angstrom: float
     seconds: float
     alignments: int
+    junk_particles: int = 0
     outputs: list[Path] = field(default_factory=list)
 
     @property
@@ -195,11 +205,15 @@ def classify(particles: Path, out_dir: Path, settings: ClassifySettings, progres
     if table is not None:
         stacks, stack_ids = np.unique(source.stacks.astype(str), return_inverse=True)
         names = relative_image_names(stacks, stack_ids, source.indices, out_dir)
-        rows = particles_for_output(table, names, particle_columns(classifier, classes), {})
+        columns = particle_columns(classifier, classes)
+        rows = particles_for_output(table, names, columns, {})
         write_particles(star, rows, optics_for_output(table))
-        outputs.append(star)
+        selected = out_dir / "selected_particles.star"
+        write_particles(selected, rows[columns["rlnCryofastarJunk"] == 0], optics_for_output(table))
+        outputs += [star, selected]
+    junk = int(particle_junk(classifier, classes).sum())
     return ClassifyResult(n_particles=n, classes=classes, diameter_angstrom=float(diameter),
-                          seconds=time.perf_counter() - start, alignments=done, outputs=outputs)
+                          seconds=time.perf_counter() - start, alignments=done, junk_particles=junk, outputs=outputs)
 
 
 def _revisit(classifier: StreamingClassifier, source: ParticleSource, count: int) -> int:

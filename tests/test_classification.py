@@ -60,6 +60,11 @@ def test_classify_writes_what_relion_users_open(session: Path, tmp_path: Path) -
     stack = rows["rlnImageName"].iloc[0].split("@")[1]
     assert (out / stack).resolve() == (session / "particles_00001.mrcs").resolve()
     assert "optics" in particles
+    # the selection: the same rows without the junk, readable as a particle set
+    selected = starfile.read(out / "selected_particles.star")["particles"]
+    keep = rows["rlnCryofastarJunk"] == 0
+    assert list(selected["rlnImageName"]) == list(rows.loc[keep, "rlnImageName"])
+    assert f"{int((~keep).sum())} of 600 particles flagged as junk" in done.stdout
 
 
 def test_more_classes_than_particles_is_a_clear_error(session: Path, tmp_path: Path) -> None:

@@ -52,5 +52,6 @@ def summary(result: ClassifyResult) -> list[str]:
              f"({result.rate:.0f} alignments/s, {result.alignments} in all); particle diameter "
              f"{result.diameter_angstrom:.0f} Å",
              f"{junk} classes flagged as junk; the others hold {100 * kept:.0f}% of the particles; best class "
-             f"resolution {resolution_text(best if math.isfinite(best) else None)}"]
+             f"resolution {resolution_text(best if math.isfinite(best) else None)}",
+             f"{result.junk_particles} of {result.n_particles} particles flagged as junk (all their classes are)"]
     return lines + [f"wrote {path}" for path in result.outputs]
