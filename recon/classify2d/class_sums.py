@@ -88,8 +88,7 @@ class ClassSums:
         spectra: PaddedSpectra
             `n` particles' padded spectra.
         present: torch.Tensor
-            `(n,)` bool: the spectra that contribute (``m`` of them); every spectrum is sampled (no copy
-            of the padded spectra), the others' samples are dropped.
+            `(n,)` bool: the spectra that contribute (``m`` of them; only those are sampled).
         ctf: CtfParams | None
             `(m,)` CTF of each contributing particle, or ``None``.
         psi_degrees, shifts: torch.Tensor
@@ -101,11 +100,11 @@ class ClassSums:
             `(m, B, B//2+1)` complex128 numerator terms and float64 denominator terms.
         """
         box = self.box
-        freq = rotated_frequencies(box, psi_degrees)  # (n, B, H, 2)
-        n = freq.shape[0]
-        values = sample_spectra(spectra, freq.reshape(n, -1, 2).to(torch.float32)).reshape(n, box, -1)
-        values = values[present].to(torch.complex128)
-        freq = freq[present]
+        which = None if bool(present.all()) else torch.nonzero(present)[:, 0]
+        freq = rotated_frequencies(box, psi_degrees if which is None else psi_degrees[which])  # (m, B, H, 2)
+        m = freq.shape[0]
+        values = sample_spectra(spectra, freq.reshape(m, -1, 2).to(torch.float32), which).reshape(m, box, -1)
+        values = values.to(torch.complex128)
         phase = (2 * math.pi / box) * torch.einsum("nbhc,nc->nbh", freq, shifts[present].to(torch.float64))
         values = values * torch.polar(torch.ones_like(phase), phase)
         if ctf is None:

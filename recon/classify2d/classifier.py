@@ -57,7 +57,7 @@ from ..ctf import CtfParams, ctf_at
 from ..fourier import irfft2_centered, rfft2_centered
 from .class_sums import ClassSums
 from .fourier_sampling import PaddedSpectra, padded_spectra
-from .inplane_search import PolarGrid, polar_samples, score_alignments, shift_disc
+from .inplane_search import PolarGrid, PolarReferences, polar_samples, score_alignments, shift_disc
 from .references import (
     centre_of_mass,
     class_averages,
@@ -237,7 +237,7 @@ class StreamingClassifier:
         self.reference_images = torch.zeros(settings.n_classes, self.box, self.box)
         self.seeds: dict[int, torch.Tensor] = {}
         self.start_at = settings.start_particles  # particles placed at random before any alignment
-        self._polar: dict[PolarGrid, torch.Tensor] = {}
+        self._polar: dict[PolarGrid, PolarReferences] = {}
 
     # ------------------------------------------------------------------ geometry
     def _radius(self, angstrom: float) -> int:
@@ -420,9 +420,9 @@ class StreamingClassifier:
     def _grid(self, r_max: int) -> PolarGrid:
         return PolarGrid.for_radius(r_max)
 
-    def _polar_references(self, grid: PolarGrid) -> torch.Tensor:
+    def _polar_references(self, grid: PolarGrid) -> PolarReferences:
         if grid not in self._polar:
-            self._polar[grid] = polar_samples(padded_spectra(self.reference_images), grid)
+            self._polar[grid] = PolarReferences.of(polar_samples(padded_spectra(self.reference_images), grid))
         return self._polar[grid]
 
     def _ring_weight(self, grid: PolarGrid) -> torch.Tensor:
@@ -540,7 +540,7 @@ class StreamingClassifier:
     def _update_noise(self, particles, ctf_polar, grid: PolarGrid, k, shift_i, angle_i, trial) -> None:
         """Fold the residual power of each particle's best hypothesis into the per-ring noise model."""
         n, n_rings, n_angles = particles.shape
-        refs = self._polar_references(grid)[k]  # (n, R, A)
+        refs = self._polar_references(grid).samples[k]  # (n, R, A)
         roll = (torch.arange(n_angles)[None, :] + angle_i[:, None]) % n_angles  # Ref(theta + psi)
         turned = torch.gather(refs, 2, roll[:, None, :].expand(-1, n_rings, -1))
         d = trial[torch.arange(n), shift_i]  # (n, 2)

@@ -26,19 +26,25 @@ class PaddedSpectra:
 
     Attributes
     ----------
-    values: torch.Tensor
-        `(n, P, P)` complex64, ``P = 2 B``; frequency ``(fx, fy)`` (unpadded Fourier
-        pixels) sits at index ``[P // 2 + 2 fy, P // 2 + 2 fx]``.
+    planes: torch.Tensor
+        `(n, 2, P, P)` float32 real and imaginary parts, ``P = 2 B``, contiguous (as
+        interpolation reads them); frequency ``(fx, fy)`` (unpadded Fourier pixels) sits at
+        index ``[:, :, P // 2 + 2 fy, P // 2 + 2 fx]``.
     box: int
         ``B``, the images' side in pixels.
     """
 
     def __init__(self, values: torch.Tensor, box: int) -> None:
-        self.values = values
+        self.planes = torch.view_as_real(values).permute(0, 3, 1, 2).contiguous()
         self.box = box
 
+    @property
+    def values(self) -> torch.Tensor:
+        """`(n, P, P)` complex64 spectra (a copy)."""
+        return torch.view_as_complex(self.planes.permute(0, 2, 3, 1).contiguous())
+
     def __len__(self) -> int:
-        return int(self.values.shape[0])
+        return int(self.planes.shape[0])
 
 
 def padded_spectra(images: torch.Tensor) -> PaddedSpectra:
@@ -70,10 +76,9 @@ def sample_spectra(spectra: PaddedSpectra, frequencies: torch.Tensor,
     torch.Tensor
         `(n or m, M)` complex64 samples.
     """
-    values = spectra.values
-    n, size, _ = values.shape
+    planes = spectra.planes  # (n, 2, P, P) real and imaginary parts
+    n, _, size, _ = planes.shape
     half = size // 2
-    planes = torch.view_as_real(values).permute(0, 3, 1, 2)  # (n, 2, P, P) real and imaginary parts
     if which is None:
         rows = planes
         if frequencies.ndim == 2:

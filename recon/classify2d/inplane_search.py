@@ -32,7 +32,7 @@ import torch
 
 from .fourier_sampling import PaddedSpectra, sample_spectra
 
-__all__ = ["PolarGrid", "SearchResult", "polar_samples", "score_alignments", "shift_disc"]
+__all__ = ["PolarGrid", "PolarReferences", "SearchResult", "polar_samples", "score_alignments", "shift_disc"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,40 @@ def shift_disc(radius: float, step: float = 1.0) -> torch.Tensor:
     return pts[order]
 
 
+@dataclass(frozen=True)
+class PolarReferences:
+    """Class references on a polar grid, with what every search against them needs (made once per update).
+
+    Attributes
+    ----------
+    samples: torch.Tensor
+        `(K, R, A)` complex64 polar samples (CTF-free).
+    matrix: torch.Tensor
+        `(M, 2R, 2K)` float32, ``M = A // 2 + 1`` angular frequencies: the references' angular
+        spectra laid out so that a particle's spectrum, as `(2R,)` interleaved (real, imaginary)
+        per ring, times this matrix is the `(K, 2)` interleaved (real, imaginary) correlation:
+        ``conj(a + ib)(c + id) = (ac + bd) + i(ad - bc)`` in real arithmetic (much faster than
+        complex matrix products on the CPU).
+    power: torch.Tensor
+        `(K, R)` float32 ``sum_theta |Ref_k(r, theta)|^2``.
+    """
+
+    samples: torch.Tensor
+    matrix: torch.Tensor
+    power: torch.Tensor
+
+    @classmethod
+    def of(cls, samples: torch.Tensor) -> PolarReferences:
+        """Prepare `(K, R, A)` complex64 polar samples."""
+        k, n_rings, n_angles = samples.shape
+        r_hat = torch.fft.fft(samples, dim=-1)[..., : n_angles // 2 + 1].permute(2, 1, 0)  # (M, R, K)
+        c, d = r_hat.real, r_hat.imag
+        # rows (ring, re/im) against columns (class, re/im): [a b] @ [[c d], [d -c]] = [ac + bd, ad - bc]
+        matrix = torch.stack([torch.stack([c, d], -1), torch.stack([d, -c], -1)], 2)  # (M, R, 2, K, 2)
+        matrix = matrix.reshape(r_hat.shape[0], 2 * n_rings, 2 * k).contiguous()
+        return cls(samples, matrix, samples.abs().square().sum(dim=-1))
+
+
 @dataclass
 class SearchResult:
     """The score of every (particle, shift, class, rotation).
@@ -118,7 +152,7 @@ def score_alignments(
     particles: torch.Tensor,
     ctf: torch.Tensor | None,
     shifts: torch.Tensor,
-    references: torch.Tensor,
+    references: torch.Tensor | PolarReferences,
     ring_weight: torch.Tensor,
     grid: PolarGrid,
     box: int,
@@ -134,8 +168,9 @@ def score_alignments(
         `(n, R, A)` float32 each particle's CTF on the same polar points, or ``None``.
     shifts: torch.Tensor
         `(n, S, 2)` or `(S, 2)` trial displacements ``d`` (pixels, x, y).
-    references: torch.Tensor
-        `(K, R, A)` complex64 polar samples of the class references (CTF-free).
+    references: torch.Tensor | PolarReferences
+        `(K, R, A)` complex64 polar samples of the class references (CTF-free), or those
+        prepared once for many searches (:class:`PolarReferences`).
     ring_weight: torch.Tensor
         `(R,)` ``g_r = pi r / (A sigma2(r))``; 0 drops a ring.
     grid: PolarGrid
@@ -150,6 +185,8 @@ def score_alignments(
     SearchResult
     """
     n, n_rings, n_angles = particles.shape
+    if not isinstance(references, PolarReferences):
+        references = PolarReferences.of(references)
     if shifts.ndim == 2:
         shifts = shifts.expand(n, -1, -1)
     freq = grid.frequencies  # (R, A, 2)
@@ -171,31 +208,22 @@ def score_alignments(
         shifted = weighted[:, None] * torch.polar(torch.ones_like(phase_o), phase_o)
     half = n_angles // 2 + 1
     u_hat = torch.fft.fft(shifted, dim=-1)[..., :half]  # (n, S, R, M)
-    r_hat = torch.fft.fft(references, dim=-1)[..., :half]  # (K, R, M)
     n_shifts = shifts.shape[1]
-    # sum over rings, one matrix product per angular frequency m, in real arithmetic (much faster than
-    # complex bmm on the CPU): conj(a + ib)(c + id) = (ac + bd) + i(ad - bc)
-    if classes is None:
-        u = u_hat.permute(3, 0, 1, 2).reshape(half, n * n_shifts, n_rings)
-        lhs = torch.cat([u.real, u.imag], -1)  # (M, n*S, 2R)
-        r = r_hat.permute(2, 1, 0)  # (M, R, K)
-        rhs = torch.cat([torch.cat([r.real, r.imag], -1), torch.cat([r.imag, -r.real], -1)], 1)  # (M, 2R, 2K)
-        z = torch.bmm(lhs, rhs)  # (M, n*S, 2K): real and imaginary parts
-        k = r.shape[-1]
-        z = torch.complex(z[..., :k], z[..., k:]).permute(1, 2, 0)  # (n*S, K, M)
-    else:  # each particle against its own classes: one product per (particle, m)
-        u = u_hat.permute(0, 3, 1, 2)  # (n, M, S, R)
-        lhs = torch.cat([u.real, u.imag], -1).reshape(n * half, n_shifts, 2 * n_rings)
-        r = r_hat[classes].permute(0, 3, 2, 1)  # (n, M, R, C)
-        rhs = torch.cat([torch.cat([r.real, r.imag], -1), torch.cat([r.imag, -r.real], -1)], 2)  # (n, M, 2R, 2C)
-        k = r.shape[-1]
-        z = torch.bmm(lhs, rhs.reshape(n * half, 2 * n_rings, 2 * k)).reshape(n, half, n_shifts, 2 * k)
-        z = torch.complex(z[..., :k], z[..., k:]).permute(0, 2, 3, 1).reshape(n * n_shifts, k, half)
+    # sum over rings, one real matrix product per angular frequency m (PolarReferences.matrix), against every
+    # class even when only some are asked for: one large product and a gather beat one per particle (that step
+    # 2.7x faster for 16 of 50 classes)
+    lhs = torch.view_as_real(u_hat.permute(3, 0, 1, 2).contiguous()).reshape(half, n * n_shifts, 2 * n_rings)
+    z = torch.bmm(lhs, references.matrix)  # (M, n*S, 2K) interleaved (real, imaginary) per class
+    k = references.matrix.shape[-1] // 2
+    z = z.reshape(half, n, n_shifts, k, 2)
+    if classes is not None:  # each particle's own classes
+        k = classes.shape[1]
+        z = torch.gather(z, 3, classes[None, :, None, :, None].expand(half, n, n_shifts, k, 2))
+    z = torch.view_as_complex(z.contiguous()).reshape(half, n * n_shifts, k).permute(1, 2, 0)  # (n*S, K or C, M)
     cross = torch.fft.irfft(z, n=n_angles, dim=-1)  # (n*S, K, A): sum_theta conj(U) Ref(theta+psi)
     cross = cross.reshape(n, n_shifts, -1, n_angles)
     ctf2 = (torch.ones(n, n_rings) if ctf is None else ctf.square().mean(dim=-1))  # (n, R)
-    ref_power = references.abs().square().sum(dim=-1)  # (K, R)
-    energy = (ctf2 * ring_weight) @ ref_power.T  # (n, K)
+    energy = (ctf2 * ring_weight) @ references.power.T  # (n, K)
     if classes is not None:
         energy = torch.gather(energy, 1, classes)
     scores = 2 * cross - energy[:, None, :, None]
