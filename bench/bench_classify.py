@@ -5,7 +5,8 @@ For each molecule:
 1. ``cryofastar-stream simulate`` (the real command, a subprocess) writes a session of a held-out molecule of
    bench/panel_molecules.py (real evaluation structures nobody trained or tuned on, or procedural molecules of
    held-out seeds; its pixel size by the panel's one rule: the molecule's largest diameter spans 0.7 of the
-   box), default 10,000 particles, box 64, SNR 0.1, with CTF and 20 % junk;
+   box), default 10,000 particles, box 64, SNR 0.1, with CTF and 20 % junk; or, to tune a method (never to
+   report its figures), a training structure named ``train:<file name>`` (cryofastar.datasets, role "train");
 2. ``cryofastar-stream classify SESSION/particles.star -o OUT --classes 50`` (a subprocess), timed by the wall
    clock (process start to exit, so Python's start-up counts against it) — the rate the command prints, if
    any, is reported beside it;
@@ -27,6 +28,7 @@ Example usage::
     .venv/bin/python bench/bench_classify.py --n 2000 --classes 20 --tag small
     .venv/bin/python bench/bench_classify.py --molecules 2XHE,1GBT,proc-05 --junk 0
     .venv/bin/python bench/bench_classify.py --box 128 --extra-args "--device cpu"
+    .venv/bin/python bench/bench_classify.py --molecules train:19hc.pdb,train:pdb7pbl.pdb --no-controls
 """
 
 from __future__ import annotations
@@ -48,7 +50,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from classify_eval import GOOD_CORRELATION, ceiling_classification, evaluate_classification  # noqa: E402
-from panel_molecules import MOLECULES, Molecule, atoms_of, pixel_size, symmetry_operators  # noqa: E402
+from panel_molecules import (  # noqa: E402
+    MOLECULES,
+    Molecule,
+    atoms_of,
+    pixel_size,
+    structure_path,
+    symmetry_operators,
+)
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_MOLECULE = "2XHE"
@@ -76,7 +85,15 @@ def cli_command() -> list[str]:
 
 
 def molecule_named(name: str) -> Molecule:
-    """The panel's molecule ``name`` (case-insensitive), or a clear error listing them."""
+    """The panel's molecule ``name`` (case-insensitive), ``train:<file name>`` (a training structure, to tune
+    on), or a clear error listing them."""
+    if name.lower().startswith("train:"):
+        molecule = Molecule(name, name)
+        try:
+            structure_path(molecule)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        return molecule
     for molecule in MOLECULES:
         if molecule.name.lower() == name.lower():
             return molecule
@@ -86,11 +103,8 @@ def molecule_named(name: str) -> Molecule:
 def _structure_args(molecule: Molecule, seed: int) -> tuple[list[str], int]:
     """``simulate`` arguments that make ``molecule``, and the seed to simulate with."""
     kind, _, rest = molecule.source.partition(":")
-    if kind == "eval":
-        from cryofastar.datasets import fetch_structures
-
-        paths = {p.stem.split(".")[0].upper(): p for p in fetch_structures("eval")}
-        return ["--structure", str(paths[rest])], seed
+    if kind in ("eval", "train"):
+        return ["--structure", str(structure_path(molecule))], seed
     if kind == "procedural":  # simulate's procedural molecule is made from its --seed
         return [], int(rest)
     raise SystemExit(f"{molecule.name}: a {kind} molecule is built in memory by bench/panel_molecules.py and has no "

@@ -46,8 +46,10 @@ class Molecule:
     """One molecule of the panel.
 
     ``source`` is ``eval:<PDB id>`` (a held-out real structure), ``cn:<PDB id>:<n>`` (n copies
-    of that chain about z, touching) or ``procedural:<seed>``; ``shape`` is a label for the
-    tables (globular, elongated, flat, Cn), measured from the atoms' principal axes.
+    of that chain about z, touching) or ``procedural:<seed>``; outside the panel,
+    ``train:<file name>`` is a training structure (for tuning a method, never for its figures).
+    ``shape`` is a label for the tables (globular, elongated, flat, Cn), measured from the
+    atoms' principal axes.
     """
 
     name: str
@@ -83,13 +85,26 @@ def _structure_paths() -> dict[str, Path]:
     return {p.stem.split(".")[0].upper(): p for p in fetch_structures("eval")}
 
 
+def structure_path(molecule: Molecule) -> Path:
+    """The structure file of an ``eval:`` or ``train:`` molecule."""
+    kind, _, rest = molecule.source.partition(":")
+    if kind == "eval":
+        return _structure_paths()[rest]
+    if kind == "train":
+        paths = {p.name: p for p in fetch_structures("train")}
+        if rest not in paths:
+            raise ValueError(f"no training structure {rest!r}; they are: {', '.join(sorted(paths))}")
+        return paths[rest]
+    raise ValueError(f"{molecule.name}: a {kind} molecule has no structure file")
+
+
 def atoms_of(molecule: Molecule) -> Atoms:
     """The molecule's atoms (centred)."""
     kind, _, rest = molecule.source.partition(":")
     if kind == "procedural":
         return procedural_molecule(int(rest)).centered()
-    if kind == "eval":
-        return load_structure(_structure_paths()[rest]).centered()
+    if kind in ("eval", "train"):
+        return load_structure(structure_path(molecule)).centered()
     if kind == "cn":
         pdb, n = rest.split(":")
         return cn_oligomer(load_structure(_structure_paths()[pdb]).centered(), int(n))
@@ -204,9 +219,9 @@ def symmetry_operators(molecule: Molecule, tolerance_angstrom: float = 2.0) -> t
     if kind == "cn":
         return cyclic_symmetry(int(rest.split(":")[1]))
     identity = torch.eye(3, dtype=torch.float64)[None]
-    if kind != "eval":
+    if kind not in ("eval", "train"):
         return identity
-    structure = gemmi.read_structure(str(_structure_paths()[rest]))
+    structure = gemmi.read_structure(str(structure_path(molecule)))
     structure.setup_entities()
     structure.remove_ligands_and_waters()
     structure.remove_hydrogens()
