@@ -89,7 +89,8 @@ def test_anchor_correlation_matches_views_and_leaves_self_and_missing_anchors_em
     features = model.anchor_correlation(rays).view(4, t, 2, 3, TINY.n_lines)  # view, token, anchor, channel, offset
     assert bool((features[0, :, 0] == 0).all()) and bool((features[1, :, 1] == 0).all())  # self: nothing
     assert torch.allclose(features[3, :, 0, 0, 0], torch.ones(t), atol=1e-5)  # complex match at offset 0
-    assert torch.equal(features[3, :, 0], model.correlation(rays[:, 3:], rays[:, 0]).view(t, 3, TINY.n_lines))
+    assert torch.allclose(features[3, :, 0], model.correlation(rays[:, 3:], rays[:, 0]).view(t, 3, TINY.n_lines),
+                          atol=1e-6)  # batched alike to rounding (bitwise depends on the CPU's kernels)
     short = model.anchor_correlation(rays[:, :1]).view(1, t, 2, 3, TINY.n_lines)
     assert bool((short[:, :, 1] == 0).all())  # a set with one non-reference view has no second anchor
 
