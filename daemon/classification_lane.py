@@ -86,6 +86,7 @@ from .fingerprints import image_fingerprints
 from .journal import IngestJournal
 from .metrics import DaemonMetrics
 from .reporting import RateWindow
+from .thread_limits import limit_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -359,6 +360,8 @@ class ClassificationLane:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
+        # one core's worth: the 3D lane keeps its threads (torch.set_num_threads would set MKL's for every lane)
+        limit_this_thread(1)
         try:
             self._resume_checkpoint()
             while not self._stop.is_set():
