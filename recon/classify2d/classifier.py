@@ -93,7 +93,7 @@ class ClassifierSettings:
     diameter_angstrom: float
         The particle's diameter (the mask; the centring window).
     max_shift_px: float
-        Largest displacement searched for a new particle, pixels.
+        Largest displacement searched for a new particle, pixels of the particles (not of the working box).
     initial_lowpass_angstrom: float
         Resolution of the first searches (Å).
     keep: int
