@@ -333,7 +333,7 @@ def test_demo_runs_a_simulated_session_to_a_map(tmp_path):
         busy = taken.getsockname()[1]
         result = subprocess.run([str(SCRIPT), "demo", "--out", str(tmp_path), "--n", "240", "--box", "48", "--apix",
                                  "3.0", "--rate", "400", "--no-live", "--zmq", "tcp://127.0.0.1:0", "--metrics-port",
-                                 "0", "--dashboard-port", str(busy)],
+                                 "0", "--dashboard-port", str(busy), "--no-classify"],
                                 capture_output=True, text=True, env=ENV, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     assert "240 particles in the map" in result.stdout and "median pose error" in result.stdout
@@ -344,6 +344,7 @@ def test_demo_runs_a_simulated_session_to_a_map(tmp_path):
     volume, apix = read_volume(tmp_path / "cryofastar" / "volume.mrc")
     assert volume.shape == (48, 48, 48) and apix == pytest.approx(3.0)
     assert not (tmp_path / "cryofastar" / "rejected.tsv").exists()  # the true map beside the stacks is skipped
+    assert not (tmp_path / "cryofastar" / "classes").exists()  # --no-classify: the map only
 
 
 def test_watch_help_explains_every_option_and_bad_options_fail_cleanly(tmp_path):

@@ -123,7 +123,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], object] = print) -> D
          f"{s.apix} Å/px, SNR {s.snr}, {s.rate:.0f} particles/s")
     daemon = Daemon(DaemonSettings(watch=session, out=outputs, zmq=s.zmq, metrics_port=s.metrics_port,
                                    device=s.device, settle_seconds=0.5, flush_seconds=2.0, publish_seconds=3.0,
-                                   checkpoint_seconds=30.0))
+                                   checkpoint_seconds=30.0, classify=s.classify))
     written = [0]
     failure: list[BaseException] = []
 

@@ -87,6 +87,8 @@ class DemoSettings:
         Port of the live web dashboard (``None``: none).
     browser: bool | None
         Open the dashboard in a browser (``None``: when the machine has a display).
+    classify: bool
+        Run the daemon's 2D lane beside the map.
 
     Raises
     ------
@@ -114,6 +116,8 @@ class DemoSettings:
                                         "dashboard (a free one if taken; 0: any free port; -1: no dashboard).")
     browser: bool | None = option(None, flags=("--browser/--no-browser",), help="Open the dashboard in a web "
                                   "browser (default: when the machine has a display).")
+    classify: bool = option(True, flags=("--classify/--no-classify",), help="Run the daemon's 2D lane (streaming "
+                            "2D classes) beside the map; --no-classify: the map only.")
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.rate <= 0 or self.per_stack < 1:
