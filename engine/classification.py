@@ -38,7 +38,6 @@ from cryofastar.recon.classify2d import (
     StreamingClassifier,
     class_set,
     particle_columns,
-    particle_junk,
 )
 from cryofastar.recon.io import ParticleSource
 from cryofastar.recon.io.class_files import write_class_files
@@ -202,16 +201,16 @@ def classify(particles: Path, out_dir: Path, settings: ClassifySettings, progres
     outputs = write_class_set(classes, out_dir)
     table = source.table
     star = out_dir / "particles.star"
+    columns = particle_columns(classifier, classes)
     if table is not None:
         stacks, stack_ids = np.unique(source.stacks.astype(str), return_inverse=True)
         names = relative_image_names(stacks, stack_ids, source.indices, out_dir)
-        columns = particle_columns(classifier, classes)
         rows = particles_for_output(table, names, columns, {})
         write_particles(star, rows, optics_for_output(table))
         selected = out_dir / "selected_particles.star"
         write_particles(selected, rows[columns["rlnCryofastarJunk"] == 0], optics_for_output(table))
         outputs += [star, selected]
-    junk = int(particle_junk(classifier, classes).sum())
+    junk = int(columns["rlnCryofastarJunk"].sum())
     return ClassifyResult(n_particles=n, classes=classes, diameter_angstrom=float(diameter),
                           seconds=time.perf_counter() - start, alignments=done, junk_particles=junk, outputs=outputs)
 

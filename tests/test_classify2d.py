@@ -15,7 +15,13 @@ from cryofastar.recon.classify2d import (
 )
 from cryofastar.recon.classify2d.class_sums import ClassSums
 from cryofastar.recon.classify2d.fourier_sampling import padded_spectra
-from cryofastar.recon.classify2d.inplane_search import PolarGrid, polar_samples, score_alignments, shift_disc
+from cryofastar.recon.classify2d.inplane_search import (
+    PolarGrid,
+    PolarReferences,
+    polar_samples,
+    score_alignments,
+    shift_disc,
+)
 from cryofastar.recon.ctf import ctf_at, ctf_rfft
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.fourier import rfft_frequencies_2d
@@ -84,7 +90,7 @@ def test_search_finds_rotation_and_shift() -> None:
     grid = PolarGrid.for_radius(BOX // 2 - 2)
     particles = polar_samples(padded_spectra(sim.images), grid)
     ctf = ctf_at(sim.ctf, (grid.frequencies / (BOX * APIX)).expand(12, -1, -1, -1))
-    refs = polar_samples(padded_spectra(truth[None]), grid)
+    refs = PolarReferences.of(polar_samples(padded_spectra(truth[None]), grid))
     trial = shift_disc(3.0)
     result = score_alignments(particles, ctf, trial, refs, torch.ones(grid.r_max - grid.r_min + 1), grid, BOX)
     best = result.scores.reshape(12, -1).argmax(-1)
@@ -281,9 +287,9 @@ def test_scores_against_chosen_classes_equal_those_of_the_full_search() -> None:
     refs = polar_samples(padded_spectra(truth[None] + 0.3 * torch.randn(5, BOX, BOX, generator=g)), grid)
     weight = torch.rand(grid.r_max - grid.r_min + 1, generator=g)
     trial = shift_disc(1.5)[None] + torch.randn(6, 1, 2, generator=g)
-    full = score_alignments(particles, ctf, trial, refs, weight, grid, BOX)
+    full = score_alignments(particles, ctf, trial, PolarReferences.of(refs), weight, grid, BOX)
     chosen = torch.tensor([[4, 1], [0, 2], [3, 3], [1, 0], [2, 4], [0, 1]])
-    part = score_alignments(particles, ctf, trial, refs, weight, grid, BOX, classes=chosen)
+    part = score_alignments(particles, ctf, trial, PolarReferences.of(refs), weight, grid, BOX, classes=chosen)
     expected = torch.gather(full.scores, 2, chosen[:, None, :, None].expand(-1, 9, -1, grid.n_angles))
     assert torch.allclose(part.scores, expected, rtol=1e-4, atol=1e-3 * float(full.scores.abs().max()))
     assert torch.equal(part.classes, chosen)

@@ -99,9 +99,8 @@ def class_set(classifier: StreamingClassifier) -> ClassSet:
     if c.box != c.particle_box:  # zero-padded in Fourier space back to the particles' box and pixel size
         averages = fourier_rescale_2d(averages, target_shape=(c.particle_box, c.particle_box))[0].to(torch.float32)
     return ClassSet(version=c.version, particles=c.n_particles, averages=averages, apix=c.particle_apix,
-                    counts=counts,
-                    resolution_angstrom=c.resolution.clone(), accuracy_degrees=_accuracy(c), junk_score=score,
-                    junk=score > JUNK_THRESHOLD)
+                    counts=counts, resolution_angstrom=c.resolution.clone(), accuracy_degrees=_accuracy(c),
+                    junk_score=score, junk=score > JUNK_THRESHOLD)
 
 
 def particle_columns(classifier: StreamingClassifier, classes: ClassSet, rows: np.ndarray | None = None

@@ -38,11 +38,6 @@ class PaddedSpectra:
         self.planes = torch.view_as_real(values).permute(0, 3, 1, 2).contiguous()
         self.box = box
 
-    @property
-    def values(self) -> torch.Tensor:
-        """`(n, P, P)` complex64 spectra (a copy)."""
-        return torch.view_as_complex(self.planes.permute(0, 2, 3, 1).contiguous())
-
     def __len__(self) -> int:
         return int(self.planes.shape[0])
 

@@ -152,7 +152,7 @@ def score_alignments(
     particles: torch.Tensor,
     ctf: torch.Tensor | None,
     shifts: torch.Tensor,
-    references: torch.Tensor | PolarReferences,
+    references: PolarReferences,
     ring_weight: torch.Tensor,
     grid: PolarGrid,
     box: int,
@@ -168,9 +168,8 @@ def score_alignments(
         `(n, R, A)` float32 each particle's CTF on the same polar points, or ``None``.
     shifts: torch.Tensor
         `(n, S, 2)` or `(S, 2)` trial displacements ``d`` (pixels, x, y).
-    references: torch.Tensor | PolarReferences
-        `(K, R, A)` complex64 polar samples of the class references (CTF-free), or those
-        prepared once for many searches (:class:`PolarReferences`).
+    references: PolarReferences
+        The class references (CTF-free) on the same polar grid, prepared once for many searches.
     ring_weight: torch.Tensor
         `(R,)` ``g_r = pi r / (A sigma2(r))``; 0 drops a ring.
     grid: PolarGrid
@@ -185,8 +184,6 @@ def score_alignments(
     SearchResult
     """
     n, n_rings, n_angles = particles.shape
-    if not isinstance(references, PolarReferences):
-        references = PolarReferences.of(references)
     if shifts.ndim == 2:
         shifts = shifts.expand(n, -1, -1)
     freq = grid.frequencies  # (R, A, 2)
