@@ -298,19 +298,26 @@ def test_the_cli_refuses_a_port_in_use_or_too_few_descriptors_with_one_line_at_o
 
 @pytest.mark.slow
 def test_signals_stop_the_cli_at_any_phase(tmp_path):
-    """SIGINT 1 s after launch (Python still loading torch, or later): a quiet exit; SIGTERM while the network
-    loads: a clean exit 0 before anything is read; SIGINT on an empty directory: exit 0, and the last line says
-    no map was written (issue 20: it named a volume.mrc that did not exist)."""
+    """SIGINT 1 s after launch (Python still loading torch, or later; also with SIGINT inherited as ignored, as on
+    CI): a quiet exit; SIGTERM while the session loads: a clean exit 0; SIGINT on an empty directory: exit 0, and
+    the last line says no map was written (issue 20: it named a volume.mrc that did not exist)."""
     watch = tmp_path / "watch"
     watch.mkdir()
-    early = subprocess.Popen([str(SCRIPT), "--watch", str(watch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=ENV)
-    time.sleep(1.0)
-    early.send_signal(signal.SIGINT)
-    out, err = early.communicate(timeout=60)
-    assert early.returncode in (0, 130) and "Traceback" not in err, (early.returncode, out, err)
-
     args = ("--watch", str(watch), "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "0")
+    for ignored in (False, True):  # CI runs the tests with SIGINT ignored, and the daemon inherits that
+        early = subprocess.Popen([str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=ENV, preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                                 if ignored else None)
+        try:
+            time.sleep(1.0)
+            early.send_signal(signal.SIGINT)
+            out, err = early.communicate(timeout=60)
+        finally:
+            if early.poll() is None:
+                early.kill()
+                early.communicate()
+        assert early.returncode in (0, 130) and "Traceback" not in err, (ignored, early.returncode, out, err)
+
     loading = ScriptProcess("-v", *args, merge_stderr=True)
     try:
         loading.wait_for(r"loading the session")
@@ -320,7 +327,10 @@ def test_signals_stop_the_cli_at_any_phase(tmp_path):
         loading.close()
     text = "".join(loading.lines)
     assert code == 0 and "Traceback" not in text, text
-    assert "watching" not in text and "stopped: 0 particles in the map" in text, text
+    # the load takes ~50 ms here, about the time this test needs to see its line: the SIGTERM may land just after
+    # it, and then the session starts and stops. The gate itself is pinned by test_interrupts (a stop received
+    # before the start: nothing starts)
+    assert "stopped: 0 particles in the map" in text, text
 
     empty = ScriptProcess(*args)
     try:

@@ -10,19 +10,25 @@ the ``--watch DIR`` alias, and runs the app in :func:`main`. Bad input ends with
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 from typing import Annotated
 
-
-def _interrupted_while_loading(*_: object) -> None:
-    raise SystemExit(130)  # Ctrl-C while torch and the commands load: a quiet exit, not a traceback from an import
+from cryofastar import interrupts
 
 
-# restored once the imports below are done (only the main thread may set handlers)
+def _interrupted(signum: int, _frame: object) -> None:
+    interrupts.remember(signum)  # seen by options.settings_command and run_service even if the exception is swallowed
+    raise KeyboardInterrupt  # as Python's default: "error: aborted", status 130
+
+
+# While the modules below load (torch, scipy, gemmi: ~2 s), Ctrl-C is only remembered: an exception raised inside
+# an import can leave numpy half-initialised (a RecursionError) or cross a C++ extension's callback (abort, status
+# 134). The command line exits at once after the imports instead. Only the main thread may set handlers.
 _LOADING = threading.current_thread() is threading.main_thread()
-_SIGINT = signal.signal(signal.SIGINT, _interrupted_while_loading) if _LOADING else None
+_PREVIOUS = signal.signal(signal.SIGINT, interrupts.remember) if _LOADING else None
 
 import typer  # noqa: E402 - after the handler above, like every import below
 
@@ -46,7 +52,25 @@ from cryofastar.commands import (  # noqa: E402
 )
 
 if _LOADING:
-    signal.signal(signal.SIGINT, _SIGINT)
+    if interrupts.received():
+        raise SystemExit(130)  # a quiet exit, nothing started
+    # from here Python's default, remembering; a handler the host program installed is left to it. SIGINT inherited
+    # as ignored (a background job, `nohup`) is not restored: the session stops on it, as it always did once
+    # running, and a window where it is ignored again would lose a SIGINT sent while the session starts
+    _HOSTS = callable(_PREVIOUS) and _PREVIOUS not in (signal.default_int_handler, interrupts.remember)
+    signal.signal(signal.SIGINT, _PREVIOUS if _HOSTS else _interrupted)
+    _EXCEPTHOOK = sys.excepthook
+
+    def _aborted(kind: type[BaseException], exc: BaseException, tb: object) -> None:
+        """Ctrl-C between these imports and :func:`main` (the console script's own lines): one line, status 130."""
+        if not issubclass(kind, KeyboardInterrupt):
+            _EXCEPTHOOK(kind, exc, tb)  # type: ignore[arg-type]
+            return
+        print("error: aborted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # nothing has started; Python would otherwise kill itself with SIGINT (status -2, not 130)
+
+    sys.excepthook = _aborted
 
 app = typer.Typer(
     name="cryofastar-stream",
@@ -111,7 +135,7 @@ def main() -> None:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
         code = 2
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):  # KeyboardInterrupt: Ctrl-C while typer builds the commands
         typer.echo("error: aborted", err=True)
         code = 130
     sys.exit(code if isinstance(code, int) else 0)

@@ -27,8 +27,10 @@ Field options:
   with ``parse=negative_is_none``);
 - ``metavar``: the name an argument is shown under (``DIRECTORY``).
 
-This module imports no other ``cryofastar`` module, so the settings dataclasses of every
-layer (recon, model, daemon, monitoring) can declare their options with it.
+This module imports no other ``cryofastar`` module but the stdlib-only
+:mod:`cryofastar.interrupts` (a command does not start after a Ctrl-C that arrived while the
+command line loaded), so the settings dataclasses of every layer (recon, model, daemon,
+monitoring) can declare their options with it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+
+from cryofastar import interrupts
 
 __all__ = ["CLI_METADATA_KEY", "CliField", "argument", "cli_fields", "fail", "negative_is_none", "option",
            "settings_command"]
@@ -202,6 +206,8 @@ def settings_command(*classes: type, errors: tuple[type[BaseException], ...] = (
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(func)
         def command(**values: Any) -> None:
+            if interrupts.received():  # Ctrl-C while the command line loaded, its exception swallowed
+                raise SystemExit(130)
             try:
                 instances = [cls(**{name: values[name] if parse is None else parse(values[name])
                                     for name, parse in names}) for cls, names in groups]

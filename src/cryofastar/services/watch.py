@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from cryofastar import interrupts
 from cryofastar.daemon.pipeline import Daemon
 from cryofastar.daemon.preflight import probe_port, raise_descriptor_limit
 from cryofastar.daemon.settings import DaemonSettings
@@ -87,6 +88,8 @@ def run_service(settings: DaemonSettings, service: ServiceSettings | None = None
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if interrupts.received():  # one that arrived before, its exception swallowed: stop before starting
+        stop.set()
     dashboard = None
     try:
         logger.info("loading the session (network, checkpoint); SIGINT/SIGTERM from now on stop it cleanly")
