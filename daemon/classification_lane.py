@@ -74,6 +74,7 @@ import numpy as np
 import pandas as pd
 import torch
 from cryofastar.engine.classification import ClassifySettings, classifier_settings, write_class_set
+from cryofastar.engine.junk_exclusion import JunkVerdicts
 from cryofastar.recon.classify2d import StreamingClassifier, class_set, particle_columns
 from cryofastar.recon.ctf import CtfParams, ctf_array, ctf_from_array
 from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource
@@ -101,6 +102,9 @@ _HOLD_BYTES = 256 * 2**20  # or fewer particles, if their images would hold more
 _BEGIN_IDLE_PERIODS = 6  # classes start from fewer than 20 K particles after this many --classes-every without any
 _QUEUE_BYTES = 256 * 2**20  # the queue keeps the pixels of at most this much (and queue_size chunks), then locations
 _STATE_VERSION = 1
+SETTLED_ALIGNMENTS = 1.5
+"""Alignments per particle (session average) before the lane's junk verdicts go to the 3D lane: each particle
+then has been aligned again, on average, against classes sharper than those it first met."""
 _CTF_COLUMNS = {"rlnDefocusU": 0, "rlnDefocusV": 1, "rlnDefocusAngle": 2, "rlnPhaseShift": 6}
 
 
@@ -292,6 +296,8 @@ class ClassificationLane:
         self.error: str | None = None
         self.last_update: float | None = None  # unix time of the last class set published
         self.junk = 0
+        self._verdicts: JunkVerdicts | None = None  # newest, not yet taken by the 3D lane
+        self._verdicts_lock = threading.Lock()
         self.read_by_lane = 0  # particles whose images the lane read itself (queue full, or a restart)
         metrics.classify_enabled.set(1)
 
@@ -617,6 +623,7 @@ class ClassificationLane:
         c = self.classifier
         assert c is not None
         classes = class_set(c)
+        columns = particle_columns(c, classes)
         self.published += 1
         self._published_state = c.version
         if self._publish is not None:
@@ -626,21 +633,39 @@ class ClassificationLane:
         self.metrics.classes_version.set(self.published)
         self.metrics.classes_junk.set(self.junk)
         self.metrics.classes_updated.set(self.last_update)
+        if self.settled():  # the 3D lane takes these particles out of its map (engine.junk_exclusion)
+            n = c.n_particles
+            with self._verdicts_lock:
+                self._verdicts = JunkVerdicts(self.table.stacks(np.arange(n)), self.table.index[:n].copy(),
+                                              columns["rlnCryofastarJunk"].astype(bool), self.published)
         try:
             write_class_set(classes, self.folder)
-            self._write_particles(classes)
+            self._write_particles(columns)
         except (OSError, ParticleFileError) as exc:  # a full disk, a read-only folder: the session goes on
             logger.error("2D classes not written (%s); the previous files stay; written again with the next "
                          "class set", exc)
         logger.info("2D classes %d: %d particles, %d classes flagged as junk", self.published, classes.particles,
                     self.junk)
 
-    def _write_particles(self, classes) -> None:  # noqa: ANN001 - a ClassSet
+    def settled(self) -> bool:
+        """Whether the classes are settled enough to judge particles by: on average every particle aligned
+        :data:`SETTLED_ALIGNMENTS` times (the classes it was first aligned to have sharpened since)."""
+        c = self.classifier
+        return c is not None and c.n_particles > 0 and self.alignments >= SETTLED_ALIGNMENTS * c.n_particles
+
+    def junk_verdicts(self) -> JunkVerdicts | None:
+        """The newest verdicts on every particle the lane holds, once :meth:`settled` (any thread; each set is
+        handed out once: ``None`` until a newer one)."""
+        with self._verdicts_lock:
+            verdicts, self._verdicts = self._verdicts, None
+        return verdicts
+
+    def _write_particles(self, columns: dict[str, np.ndarray]) -> None:
         c = self.classifier
         assert c is not None and self.geometry is not None
         box, apix = self.geometry
         n = c.n_particles
-        rows = {"rlnImageName": self.table.image_names(self.out), **particle_columns(c, classes),
+        rows = {"rlnImageName": self.table.image_names(self.out), **columns,
                 "rlnOpticsGroup": np.ones(n, np.int64), "rlnRandomSubset": c.table.halves[:n].astype(np.int64)}
         if n and self.table.has_ctf(np.arange(n)).all():
             rows.update({name: self.table.ctf[:, k] for name, k in _CTF_COLUMNS.items()})

@@ -52,6 +52,8 @@ class DaemonMetrics:
         self.queue_depth = Gauge("cryofastar_queue_depth", "Items waiting in a pipeline queue.", ["queue"],
                                  registry=r)
         self.particles_in_map = Gauge("cryofastar_particles_in_map", "Particles in the running map.", registry=r)
+        self.particles_excluded = Gauge("cryofastar_particles_excluded", "Particles taken out of the map as 2D junk "
+                                        "(--exclude-junk; read and accounted for, not in the map).", registry=r)
         self.resolution = Gauge("cryofastar_map_resolution_meters",
                                 "Gold-standard (half-map FSC 0.143) resolution of the running map, in metres.",
                                 registry=r)

@@ -59,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryofastar.engine.junk_exclusion import JunkExclusion
 from cryofastar.engine.live_refinement import LiveRefinement
 from cryofastar.engine.posing import NetworkPoser, Poses, RandomPoser, sets_per_pass
 from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
@@ -187,6 +188,8 @@ class Daemon:
                                         self.state.n_particles)
         self._inserted = 0  # particles inserted by this run (with refinement.moved: the map's changes)
         self.refinement = LiveRefinement(self.refiner, self.state, self._read_again, self._record_refinement)
+        self.exclusion = JunkExclusion(self.state, self._read_again)  # the 2D lane's junk out of the map
+        self._exclusion_edits = 0  # particles taken out or put back by this run
         self._errors: list[str] = []
         self._star_error: str | None = None  # why particles.star was last not written
         self._status_error: str | None = None  # why the last status message was not sent
@@ -204,6 +207,7 @@ class Daemon:
         else:
             self.metrics.classify_enabled.set(0)
         self.metrics.particles_in_map.set(self.state.n_particles)
+        self.metrics.particles_excluded.set(self.exclusion.excluded)
         if self.state.fsc_history:
             self.metrics.set_resolution_angstrom(self.state.fsc_history[-1][2])
 
@@ -317,10 +321,13 @@ class Daemon:
             self.metrics.queue_depth.labels(name).set(depth)
         precision = pose_precision(self.state.poses.snapshot(("spread",))[1]["spread"])  # NaN: never refined
         self.metrics.pose_precision.set(math.nan if precision is None else precision.estimated_median_error_degrees)
+        classification = None
+        if self.classification is not None:  # with the map's side of it: particles out of the map as junk
+            classification = {**self.classification.status(), "exclude_junk": self.settings.exclude_junk,
+                              "excluded": self.exclusion.excluded}
         return self._board.report(self.state, queues, 0 if self._watcher is None else self._watcher.pending,
                                   refinement_status(self.refiner, precision), self.geometry,
-                                  classification=None if self.classification is None else
-                                  self.classification.status())
+                                  classification=classification)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -745,7 +752,7 @@ class Daemon:
     @property
     def _edits(self) -> int:
         """Changes to the map so far: particles inserted or moved to new poses (the map changed since published)."""
-        return self._inserted + self.refinement.moved
+        return self._inserted + self.refinement.moved + self._exclusion_edits
 
     def _refine_pass(self, chunks: list[ParticleChunk], rotations: torch.Tensor, origins: torch.Tensor):  # noqa: ANN202
         """The pass's poses refined against the running map (``None`` before refinement starts or on failure)."""
@@ -796,6 +803,7 @@ class Daemon:
     def _maybe_publish_and_checkpoint(self) -> None:
         """Write and publish the map, and checkpoint, when :class:`OutputSchedule` says so (accumulator thread)."""
         st = self.state
+        self._exclude_junk()
         self._update_views()
         now = time.monotonic()
         if self._schedule.map_due(st.n_particles, self._edits, first=not st.fsc_history,
@@ -803,6 +811,24 @@ class Daemon:
             self._publish_map()
         if self._schedule.checkpoint_due(now) and st.accumulator is not None:
             self._checkpoint()
+
+    def _exclude_junk(self) -> None:
+        """Apply the 2D lane's newest junk verdicts to the map (--exclude-junk; engine/junk_exclusion.py)."""
+        if self.classification is None or not self.settings.exclude_junk or self.state.accumulator is None:
+            return
+        verdicts = self.classification.junk_verdicts()
+        if verdicts is not None:
+            self.exclusion.offer(verdicts)
+        if not self.exclusion.due():
+            return
+        t0 = time.perf_counter()
+        with self._map_change():  # particles taken out of the grids or put back, their rows marked
+            step = self.exclusion.step()
+        if step.removed or step.restored:
+            self._exclusion_edits += step.removed + step.restored
+            self.metrics.particles_excluded.set(self.exclusion.excluded)
+            self.metrics.particles_in_map.set(self.state.n_particles)
+            self.metrics.latency.labels("exclude_junk").observe(time.perf_counter() - t0)
 
     def _publish_map(self) -> None:
         st = self.state

@@ -87,6 +87,9 @@ class DaemonSettings:
         Run the 2D lane: streaming 2D classification beside the map (docs/daemon.md, "The 2D lane").
     classes_every: float
         Write and publish the 2D classes at most this often (seconds), when they changed.
+    exclude_junk: bool
+        Take the particles the 2D lane judges junk out of the 3D map once its classes have settled, and
+        put them back if the verdict changes (:mod:`~cryofastar.engine.junk_exclusion`).
     classification: ClassifySettings
         The 2D lane's options (``--classes``, ``--diameter``, ``--max-shift``, ``--passes``,
         ``--classify-seed``: the ``classify`` command's, declared there; ``watch`` adds them).
@@ -141,6 +144,9 @@ class DaemonSettings:
                             "classification beside the map, written in OUT/classes and published (docs/daemon.md).")
     classes_every: float = option(5.0, help="Write and publish the 2D classes at most this often, in seconds "
                                   "(when they changed).")
+    exclude_junk: bool = option(True, flags=("--exclude-junk/--keep-junk",), help="Take the particles the 2D lane "
+                                "judges junk out of the 3D map, and put them back if the classes change their "
+                                "verdict (docs/daemon.md).")
     classification: ClassifySettings = field(default_factory=ClassifySettings)
     classify_queue: int = 8
 

@@ -102,7 +102,7 @@ class LiveRefinement:
         r = self.refiner
         if not r.active or r.converged or r.settings.repose_per_pass == 0:
             return False
-        return bool((self.session.poses.column("refined") < r.version).any())
+        return bool((self._refined() < r.version).any())
 
     def repose(self, apix: float) -> None:
         """Re-pose up to ``repose_per_pass`` particles already in the map (docs/refinement.md)."""
@@ -110,7 +110,7 @@ class LiveRefinement:
             self._bootstrap(apix)
             return
         table = self.session.poses
-        rows = self.refiner.pick_stale(table.column("refined"), table.column("spread"))
+        rows = self.refiner.pick_stale(self._refined(), table.column("spread"))
         if len(rows) == 0:
             return
         t0 = time.perf_counter()
@@ -129,13 +129,13 @@ class LiveRefinement:
         origins = torch.from_numpy(table.column("origins")[rows])
         new = self.refiner.repose(images, halves, table.rotations(rows), origins, ctf, rows)
         self._replace(rows, images, halves, ctf, new)
-        self.refiner.maybe_finish_ab_initio(table.column("refined"))
+        self.refiner.maybe_finish_ab_initio(self._refined())
         self._record("repose", len(rows), time.perf_counter() - t0)
 
     def _bootstrap(self, apix: float) -> None:
         """Start the streaming ab initio on the map's oldest particles and re-insert them at its poses."""
         table = self.session.poses
-        rows = np.arange(min(self.refiner.seed_particles, len(table)))
+        rows = np.flatnonzero(table.in_map())[: self.refiner.seed_particles]  # the oldest in the map
         t0 = time.perf_counter()
         try:
             images = self._read(rows)
@@ -148,6 +148,14 @@ class LiveRefinement:
             return
         self._replace(rows, images, halves, ctf, new)
         self._record("ab_initio", len(rows), time.perf_counter() - t0)
+
+    def _refined(self) -> np.ndarray:
+        """`(n,)` map version each particle was last matched against; those out of the map (2D junk) as
+        :data:`UNREADABLE`: never picked, and no reason to wait for them."""
+        table = self.session.poses
+        refined = table.column("refined")
+        excluded = table.column("excluded").astype(bool)
+        return np.where(excluded, UNREADABLE, refined) if excluded.any() else refined
 
     def _replace(self, rows: np.ndarray, images: torch.Tensor, halves: torch.Tensor, ctf: CtfParams | None,
                  new: RefinedPoses) -> None:

@@ -3,9 +3,10 @@
 The one pose table of the engine: the daemon keeps one for its live map, the offline job
 records its final poses in one, and both write their ``particles.star`` pose columns
 from it (:meth:`PoseTable.pose_columns`). One row per particle, in insertion order: its stack and index, RELION pose
-(angles in degrees, rlnOriginX/YAngst), network confidence, half set, CTF, and the
+(angles in degrees, rlnOriginX/YAngst), network confidence, half set, CTF, the
 refinement's bookkeeping (score, angular spread, version of the map it was last matched
-against). The streaming refinement reads and updates it
+against) and whether it is out of the map as 2D junk (``excluded``,
+:mod:`~cryofastar.engine.junk_exclusion`). The streaming refinement reads and updates it
 (:class:`~cryofastar.engine.live_refinement.LiveRefinement`); the daemon checkpoints it
 and writes it as ``particles.star``.
 """
@@ -44,11 +45,11 @@ class PoseTable:
         self._lock = threading.RLock()
 
     _COLUMNS = ("stack_id", "index", "angles", "origins", "confidence", "half_set", "ctf", "ctf_optics",
-                "ctf_envelope", "score", "spread", "refined")
+                "ctf_envelope", "score", "spread", "refined", "excluded")
     # columns added after the first checkpoints: their value for particles of an older checkpoint
     _DEFAULTS = {"ctf_optics": (3, np.nan, np.float64), "ctf_envelope": (2, np.nan, np.float64),
                  "score": (0, np.nan, np.float64),
-                 "spread": (0, np.nan, np.float64), "refined": (0, 0, np.int32)}
+                 "spread": (0, np.nan, np.float64), "refined": (0, 0, np.int32), "excluded": (0, False, np.bool_)}
 
     def __len__(self) -> int:
         with self._lock:
@@ -98,6 +99,7 @@ class PoseTable:
             self._parts["score"].append(np.full(n, np.nan) if score is None else score.double().numpy())
             self._parts["spread"].append(np.full(n, np.nan) if spread is None else spread.double().numpy())
             self._parts["refined"].append(np.full(n, refined, dtype=np.int32))
+            self._parts["excluded"].append(np.zeros(n, dtype=np.bool_))
 
     def update(self, rows: np.ndarray, rotations: torch.Tensor, origins_angstrom: torch.Tensor, score: torch.Tensor,
                spread: torch.Tensor, refined: int | np.ndarray) -> None:
@@ -199,9 +201,14 @@ class PoseTable:
             columns.update({SCORE_COLUMN: self.column("score"), SPREAD_COLUMN: self.column("spread")})
         return columns
 
+    def in_map(self) -> np.ndarray:
+        """`(n,)` bool: the particle is in the map (not taken out as 2D junk, ``excluded``)."""
+        return ~self.column("excluded").astype(bool)
+
     def to_star(self, out: Path, box: int, apix: float, optics: dict[str, float]) -> tuple[pd.DataFrame,
                                                                                         pd.DataFrame]:
-        """`(particles, optics)` blocks of a RELION 3.1 STAR file written in ``out``."""
+        """`(particles, optics)` blocks of a RELION 3.1 STAR file written in ``out``: the particles in the map
+        (:meth:`in_map`; those excluded as junk are in the 2D lane's ``classes/particles.star``)."""
         indices = self.column("index")
         rows = {
             "rlnImageName": self.image_names(out),
@@ -212,7 +219,9 @@ class PoseTable:
         ctf = self.column("ctf")
         if len(ctf) and np.isfinite(ctf).all():
             rows.update({name: ctf[:, k] for k, name in enumerate(_CTF_COLUMNS)})
+        keep = self.in_map()
         optics_block = {"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
                         "rlnImagePixelSize": [apix], "rlnImageSize": [box],
                         "rlnImageDimensionality": [2], **{k: [v] for k, v in optics.items()}}
-        return pd.DataFrame(rows), pd.DataFrame(optics_block)
+        particles = pd.DataFrame(rows)
+        return (particles if keep.all() else particles[keep].reset_index(drop=True)), pd.DataFrame(optics_block)
