@@ -1,7 +1,7 @@
 """The daemon's 2D lane (daemon/classification_lane.py) in a real daemon on a real directory: class sets over a
 real ZeroMQ SUB socket, the files in OUT/classes, /metrics over real HTTP, a queue too small to hold what the
 reader reads, a stack of another box, restarts (also from a 2D checkpoint older than the map's), a lane that
-fails while the 3D lane goes on, and the same map with the lane off."""
+fails while the 3D lane goes on, the same map with the lane off, and junk taken out of the map (SIGKILL too)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ import starfile
 import torch
 from cryofastar.daemon.classification_lane import CLASSES_DIR, _from_tensors
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
+from cryofastar.daemon.state import SessionState
 from cryofastar.engine.classification import ClassifySettings, classifier_settings
 from cryofastar.monitoring.subscriber import Subscriber
 from cryofastar.protocol import ClassesMessage
 from cryofastar.recon.classify2d import StreamingClassifier, class_set
 from cryofastar.recon.io import write_stack
+from cryofastar.recon.io.columns import SIMULATED_JUNK_COLUMN
 from cryofastar.recon.io.star import write_particles
 from session_helpers import ENV, SCRIPT, ScriptProcess, place
 
@@ -236,7 +238,7 @@ def test_the_map_takes_the_same_particles_with_the_lane_off(session, tmp_path):
         watch, out = tmp_path / f"session_{classify}", tmp_path / f"out_{classify}"
         watch.mkdir()
         place_with_star(session, watch, range(0, 3))
-        daemon = Daemon(settings(watch, out, classify=classify,
+        daemon = Daemon(settings(watch, out, classify=classify, exclude_junk=False,  # the lane alone changes nothing
                                  classification=ClassifySettings(classes=CLASSES, diameter=70.0)))
         daemon.start()
         try:
@@ -259,7 +261,8 @@ def test_the_real_command_killed_with_sigkill_resumes_and_classifies_every_parti
     watch.mkdir()
     args = ["--watch", str(watch), "--out", str(out), "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "-1",
             "--poses-from", "map-only", "--refine-after", "100000", "--settle", "0.3", "--flush", "0.5",
-            "--checkpoint-every", "1", "--classes-every", "0.5", "--classes", str(CLASSES), "--diameter", "70"]
+            "--checkpoint-every", "1", "--classes-every", "0.5", "--classes", str(CLASSES), "--diameter", "70",
+            "--keep-junk"]  # every particle in the map too (junk exclusion: tests/test_junk_exclusion_daemon.py)
     daemon = ScriptProcess(*args)
     try:
         daemon.wait_for(r"ZeroMQ")
@@ -315,3 +318,78 @@ def test_a_session_smaller_than_the_random_start_gets_its_classes_once_it_pauses
     finally:
         daemon.stop()
     assert len(image_names(out / CLASSES_DIR / "particles.star")) == PER_STACK
+
+
+@pytest.fixture(scope="module")
+def junk_session(tmp_path_factory) -> Path:
+    """A simulated session with 25 % junk (1,500 particles in 15 stacks of 100, box 32, 3 Å/px, SNR 1, CTF)."""
+    out = tmp_path_factory.mktemp("simulated_junk")
+    result = subprocess.run([str(SCRIPT), "simulate", "--out", str(out), "--n", "1500", "--box", str(BOX), "--apix",
+                             str(APIX), "--snr", "1", "--ctf", "--per-stack", str(PER_STACK), "--junk", "0.25",
+                             "--seed", "5"], capture_output=True, text=True, env=ENV, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _consistent(out: Path) -> SessionState:
+    """The checkpoint's map holds exactly the rows of its pose table not excluded; particles.star lists those."""
+    state = SessionState.load(out / "checkpoint.pt")
+    in_map = state.poses.in_map()
+    assert state.n_particles == int(in_map.sum()), (state.n_particles, int(in_map.sum()))
+    assert len(state.journal) == len(state.poses)  # excluded particles stay accounted for: never read again
+    return state
+
+
+@pytest.mark.slow
+def test_junk_leaves_the_map_and_a_sigkill_restart_resumes_exactly_that(junk_session, tmp_path):
+    """The real command: the 2D lane's junk is taken out of the 3D map; killed with SIGKILL, the checkpoint's
+    map and pose table agree and the restart goes on from them; the particles taken out are the simulated junk."""
+    watch, out = tmp_path / "session", tmp_path / "out"
+    watch.mkdir()
+    args = ["--watch", str(watch), "--out", str(out), "--zmq", "tcp://127.0.0.1:0", "--metrics-port", "0",
+            "--poses-from", "map-only", "--refine-after", "100000", "--settle", "0.3", "--flush", "0.5",
+            "--checkpoint-every", "1", "--classes-every", "0.5", "--classes", str(CLASSES), "--diameter", "70"]
+    daemon = ScriptProcess(*args)
+    try:
+        daemon.wait_for(r"ZeroMQ")
+        for stack in stacks_of(junk_session):
+            place(stack, watch)
+        deadline = time.monotonic() + 120
+        excluded = 0
+        while time.monotonic() < deadline and excluded == 0:
+            time.sleep(0.5)
+            if (out / "checkpoint.pt").exists():
+                excluded = int((~SessionState.load(out / "checkpoint.pt").poses.in_map()).sum())
+        assert excluded > 0, "no particle taken out of the map within 120 s"
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(timeout=30)
+    finally:
+        daemon.close()
+    killed = _consistent(out)
+    restarted = ScriptProcess("-v", *args, merge_stderr=True)
+    try:
+        metrics = restarted.wait_for(r"metrics (http://\S+)").group(1)
+        scraped = scrape(metrics)
+        assert scraped["cryofastar_particles_excluded"] == int((~killed.poses.in_map()).sum())
+        assert scraped["cryofastar_particles_in_map"] == killed.n_particles
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # every particle read and classified
+            star = out / CLASSES_DIR / "particles.star"
+            if star.exists() and len(image_names(star)) == 1500 and (out / "particles.star").exists():
+                break
+            time.sleep(0.5)
+        time.sleep(2.0)  # a few more class sets and exclusion steps
+        code, _ = restarted.stop(signal.SIGTERM)
+        assert code == 0, "".join(restarted.lines)
+    finally:
+        restarted.close()
+    final = _consistent(out)
+    assert len(final.poses) == 1500
+    names = [f"{n.split('@')[0]}@{Path(n.split('@')[1]).name}" for n in image_names(out / "particles.star")]
+    assert len(names) == final.n_particles and len(set(names)) == len(names)
+    truth = starfile.read(junk_session / "particles.star")["particles"]
+    simulated_junk = {f"{n.split('@')[0]}@{Path(n.split('@')[1]).name}": bool(j)
+                      for n, j in zip(truth["rlnImageName"], truth[SIMULATED_JUNK_COLUMN], strict=True)}
+    taken_out = set(simulated_junk) - set(names)
+    precision = sum(simulated_junk[k] for k in taken_out) / len(taken_out)
+    assert len(taken_out) == 1500 - final.n_particles and precision >= 0.9, (len(taken_out), precision)
