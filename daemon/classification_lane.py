@@ -34,7 +34,9 @@ The work loop, one step at a time (the thread checks for :meth:`stop` between st
    images changed is skipped with a log line, its rows never re-aligned again;
 3. with no new particle, due particles are re-aligned at a modest pace (the lane waits
    as long as each step took) until the session has had ``passes`` alignments per
-   particle, so classes keep improving while the microscope pauses. A session that holds
+   particle, so classes keep improving while the microscope pauses; not while the 3D
+   lane is busy (particles waiting for it, or its ab initio running: ``map_busy`` of
+   :meth:`~ClassificationLane.start`), whose threads that core would slow. A session that holds
    fewer particles than the classifier's random start (``20 K``) and brings no new one for
    ``6 * classes_every`` seconds starts its classes from what there is
    (:meth:`~cryofastar.recon.classify2d.StreamingClassifier.begin`).
@@ -276,6 +278,7 @@ class ClassificationLane:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._publish = None  # callable(ClassSet, version), set by start()
+        self._map_busy = None  # callable() -> bool, set by start()
         self.geometry = geometry  # (box px, apix Å): the session's
         self.classifier: StreamingClassifier | None = None
         self.table = LocationTable()
@@ -302,10 +305,12 @@ class ClassificationLane:
         metrics.classify_enabled.set(1)
 
     # ------------------------------------------------------------------ public
-    def start(self, publish) -> None:  # noqa: ANN001 - callable(ClassSet, version)
+    def start(self, publish, map_busy=None) -> None:  # noqa: ANN001 - callables (ClassSet, version) and () -> bool
         """Start the lane's thread; ``publish(classes, version)`` sends a class set
-        (:meth:`~cryofastar.daemon.broadcast.SessionBroadcast.classes`)."""
+        (:meth:`~cryofastar.daemon.broadcast.SessionBroadcast.classes`); while ``map_busy()`` is true (the 3D
+        lane has particles waiting or runs its ab initio) the lane re-aligns no old particle while idle."""
         self._publish = publish
+        self._map_busy = map_busy
         self._thread = threading.Thread(target=self._run, name="cryofastar-classify", daemon=True)
         self._thread.start()
 
@@ -409,7 +414,7 @@ class ClassificationLane:
             logger.info("2D lane: no new particle for %.0f s: the classes start from the %d particles there are",
                         _BEGIN_IDLE_PERIODS * self.classes_every, c.n_particles)
             return 0.0
-        if self._idle_work_left():
+        if self._idle_work_left() and not self._yields():
             t0 = time.perf_counter()
             if self._realign(self.policy.chunk) == 0:
                 return None
@@ -531,6 +536,17 @@ class ClassificationLane:
             return False
         never = (c.table.aligned_at[: c.n_particles] < 0) & self.table.readable
         return bool(never.any()) or self.alignments < self.settings.passes * c.n_particles
+
+    def _yields(self) -> bool:
+        """Whether idle re-alignment waits for the 3D lane (busy: particles waiting, or its ab initio running).
+
+        On 2 cores the lane's thread takes a core from the 3D lane's threads; its new particles
+        never wait, but improving classes that are already there can."""
+        c = self.classifier
+        if self._map_busy is None or c is None or not self._map_busy():
+            return False
+        never = (c.table.aligned_at[: c.n_particles] < 0) & self.table.readable
+        return not never.any()  # a particle never aligned (placed at random at the start) is aligned at once
 
     def _realign(self, count: int) -> int:
         """Re-align up to ``count`` due particles (images read again); returns how many were."""

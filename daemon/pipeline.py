@@ -351,7 +351,7 @@ class Daemon:
             self._threads[name] = thread
             thread.start()
         if self.classification is not None:
-            self.classification.start(self._broadcast.classes)
+            self.classification.start(self._broadcast.classes, map_busy=self._map_busy)
         self._watcher = StackWatcher(s.watch, self._on_file, poll_seconds=s.poll_seconds,
                                      settle_seconds=s.settle_seconds, ignore=[s.out])
         self._watcher.start()
@@ -811,6 +811,11 @@ class Daemon:
             self._publish_map()
         if self._schedule.checkpoint_due(now) and st.accumulator is not None:
             self._checkpoint()
+
+    def _map_busy(self) -> bool:
+        """Whether the 3D lane has work in hand: files, chunks or posed passes queued, or its ab initio running
+        (the 2D lane then does no idle re-alignment; any thread)."""
+        return self.refiner.phase == "ab-initio" or any(q.qsize() for q in (self.files, self.chunks, self.posed))
 
     def _exclude_junk(self) -> None:
         """Apply the 2D lane's newest junk verdicts to the map (--exclude-junk; engine/junk_exclusion.py)."""

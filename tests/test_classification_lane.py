@@ -5,10 +5,12 @@ fails while the 3D lane goes on, the same map with the lane off, and junk taken 
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,14 +20,15 @@ import numpy as np
 import pytest
 import starfile
 import torch
-from cryofastar.daemon.classification_lane import CLASSES_DIR, _from_tensors
+from cryofastar.daemon.classification_lane import CLASSES_DIR, ClassificationLane, _from_tensors
+from cryofastar.daemon.metrics import DaemonMetrics
 from cryofastar.daemon.pipeline import Daemon, DaemonSettings
 from cryofastar.daemon.state import SessionState
 from cryofastar.engine.classification import ClassifySettings, classifier_settings
 from cryofastar.monitoring.subscriber import Subscriber
 from cryofastar.protocol import ClassesMessage
 from cryofastar.recon.classify2d import StreamingClassifier, class_set
-from cryofastar.recon.io import write_stack
+from cryofastar.recon.io import ParticleSource, write_stack
 from cryofastar.recon.io.columns import SIMULATED_JUNK_COLUMN
 from cryofastar.recon.io.star import write_particles
 from session_helpers import ENV, SCRIPT, ScriptProcess, place
@@ -393,3 +396,33 @@ def test_junk_leaves_the_map_and_a_sigkill_restart_resumes_exactly_that(junk_ses
     taken_out = set(simulated_junk) - set(names)
     precision = sum(simulated_junk[k] for k in taken_out) / len(taken_out)
     assert len(taken_out) == 1500 - final.n_particles and precision >= 0.9, (len(taken_out), precision)
+
+
+def test_idle_realignment_waits_while_the_map_is_busy(session, tmp_path):
+    """New particles are classified at once; re-aligning old ones while idle waits until the 3D lane is not busy."""
+    busy = threading.Event()
+    busy.set()
+    lane = ClassificationLane(ClassifySettings(classes=CLASSES, diameter=70.0), tmp_path / "out", DaemonMetrics(),
+                              classes_every=0.5, checkpoint_seconds=100.0, geometry=(BOX, APIX))
+    lane.start(lambda classes, version: None, map_busy=busy.is_set)
+    try:
+        source = ParticleSource.from_star(session / "particles.star")
+        for chunk in itertools.islice(source.chunks(100), 3):
+            lane.offer(chunk, BOX, APIX)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (lane.classifier is not None and lane.classifier.n_particles
+                                                   == 300 and lane.waiting == 0):
+            time.sleep(0.1)
+        assert lane.classifier is not None and lane.classifier.n_particles == 300
+        time.sleep(0.5)  # the step in progress
+        before = lane.alignments
+        time.sleep(2.0)
+        assert lane.alignments == before < 4 * 300  # none while busy
+        busy.clear()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and lane.alignments < 4 * 300:
+            time.sleep(0.1)
+        assert lane.alignments >= 4 * 300  # --passes 4 once the map is idle
+    finally:
+        lane.stop()
+    assert lane.state == "stopped"
