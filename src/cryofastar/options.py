@@ -45,7 +45,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cryofastar import interrupts
+from cryofastar.interrupts import received as interrupted
 
 __all__ = ["CLI_METADATA_KEY", "CliField", "argument", "cli_fields", "fail", "negative_is_none", "option",
            "settings_command"]
@@ -206,7 +206,7 @@ def settings_command(*classes: type, errors: tuple[type[BaseException], ...] = (
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(func)
         def command(**values: Any) -> None:
-            if interrupts.received():  # Ctrl-C while the command line loaded, its exception swallowed
+            if interrupted():  # Ctrl-C while the command line loaded, its exception swallowed
                 raise SystemExit(130)
             try:
                 instances = [cls(**{name: values[name] if parse is None else parse(values[name])
