@@ -85,7 +85,8 @@ class Watch:
         raise AssertionError(f"{what}: not within {timeout} s (in map {values.get('cryofastar_particles_in_map')})")
 
     def in_map(self, n: int, timeout: float = 240) -> dict:
-        return self.until(lambda v: v.get("cryofastar_particles_in_map", 0) >= n, timeout, f"{n} particles in map")
+        return self.until(lambda v: v.get("cryofastar_particles_in_map", 0) + v.get("cryofastar_particles_excluded", 0)
+                          >= n, timeout, f"{n} particles in map (or taken out as 2D junk)")
 
     def stop(self) -> int:
         if self.process.poll() is None:

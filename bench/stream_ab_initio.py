@@ -363,7 +363,7 @@ def follow(daemon: Daemon, placer: Placer, scorer: BackgroundScorer, stack_numbe
         now = time.monotonic()
         if daemon.errors:
             return records, f"daemon error: {daemon.errors[0]}"
-        final = (not final_taken and placer.all_placed is not None and daemon.particles_in_map >= n
+        final = (not final_taken and placer.all_placed is not None and daemon.particles_accounted >= n
                  and daemon.refinement_converged)
         if now >= next_at or final:
             meta, poses = snapshot(daemon, placer, stack_numbers, starts, "final poses" if final else "period")

@@ -208,6 +208,7 @@ class Daemon:
             self.metrics.classify_enabled.set(0)
         self.metrics.particles_in_map.set(self.state.n_particles)
         self.metrics.particles_excluded.set(self.exclusion.excluded)
+        self._accounted = self.state.n_particles + self.exclusion.excluded  # by the accumulator thread
         if self.state.fsc_history:
             self.metrics.set_resolution_angstrom(self.state.fsc_history[-1][2])
 
@@ -248,6 +249,12 @@ class Daemon:
         """Particles in the running map (as last recorded by the accumulator thread: never a count read while
         particles are being re-posed)."""
         return self._board.rate.particles
+
+    @property
+    def particles_accounted(self) -> int:
+        """Particles the accumulator thread has dealt with: in the map, or taken out of it as 2D junk
+        (``--exclude-junk``). A session has taken everything written once this reaches it."""
+        return self._accounted
 
     @property
     def resolution_angstrom(self) -> float:
@@ -745,6 +752,7 @@ class Daemon:
             self._repose()
         self._schedule.particles_arrived(has_map=bool(st.fsc_history))
         self.metrics.particles_in_map.set(st.n_particles)
+        self._accounted = st.n_particles + self.exclusion.excluded
         self._board.rate.add(time.monotonic(), st.n_particles)
         self.metrics.latency.labels("accumulate").observe(time.perf_counter() - t0)
 
@@ -833,6 +841,7 @@ class Daemon:
             self._exclusion_edits += step.removed + step.restored
             self.metrics.particles_excluded.set(self.exclusion.excluded)
             self.metrics.particles_in_map.set(self.state.n_particles)
+            self._accounted = self.state.n_particles + self.exclusion.excluded
             self.metrics.latency.labels("exclude_junk").observe(time.perf_counter() - t0)
 
     def _publish_map(self) -> None:

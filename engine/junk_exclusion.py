@@ -154,9 +154,8 @@ class JunkExclusion:
         if verdicts is None or acc is None:
             return ExclusionStep()
         state = (verdicts.version, len(table))
-        excluded = table.column("excluded")
         remove, restore = rows_to_change(table.stack_names, table.column("stack_id"), table.column("index"),
-                                         excluded, table.column("refined"), verdicts)
+                                         table.column("excluded"), table.column("refined"), verdicts)
         total = len(remove) + len(restore)
         if total == 0:
             self._applied = state
@@ -174,7 +173,7 @@ class JunkExclusion:
                                len(rows), exc)
                 return ExclusionStep(left=total)
             logger.warning("cannot read %d particles again (%s); they stay in the map as they are", len(rows), exc)
-            table.column("refined")[rows] = UNREADABLE
+            table.set_values("refined", rows, UNREADABLE)
             return ExclusionStep(left=total - len(rows))
         out = np.isin(rows, remove)
         halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
@@ -186,13 +185,13 @@ class JunkExclusion:
         if (~out).any():
             sel = torch.from_numpy(~out)
             acc.add(images[sel], rotations[sel], origins[sel], halves[sel], _subset(ctf, ~out))
-            table.column("refined")[rows[~out]] = NEVER  # posed again against the current map
-        excluded[rows] = out
+            table.set_values("refined", rows[~out], NEVER)  # posed again against the current map
+        table.set_values("excluded", rows, out)
         done = len(rows)
         if done == total:
             self._applied = state
         logger.info("2D junk (class set %d): %d particles taken out of the map, %d put back; %d out in all",
-                    verdicts.version, int(out.sum()), int((~out).sum()), int(excluded.astype(bool).sum()))
+                    verdicts.version, int(out.sum()), int((~out).sum()), self.excluded)
         return ExclusionStep(removed=int(out.sum()), restored=int((~out).sum()), left=total - done)
 
 

@@ -112,6 +112,11 @@ class PoseTable:
             self.column("spread")[rows] = spread.double().numpy()
             self.column("refined")[rows] = refined
 
+    def set_values(self, name: str, rows: np.ndarray, values: object) -> None:
+        """Set column ``name`` at ``rows`` (under the lock: a reader's snapshot sees all of it or none)."""
+        with self._lock:
+            self.column(name)[rows] = values
+
     def stack_paths(self, rows: np.ndarray) -> np.ndarray:
         """`(k,)` resolved stack path (str) of particles ``rows``."""
         return np.asarray(self.stack_names, dtype=object)[self.column("stack_id")[rows]]
@@ -147,9 +152,10 @@ class PoseTable:
                 widths = {"angles": (0, 3), "origins": (0, 2), "ctf": (0, 4), "ctf_optics": (0, 3),
                           "ctf_envelope": (0, 2)}
                 return np.zeros(widths.get(name, (0,)))
-            joined = np.concatenate(parts)
-            self._parts[name] = [joined]
-            return joined
+            if len(parts) > 1:  # joined once; never copied again while nothing is appended, so that the owner's
+                # array stays the table's while another thread reads the column (status, snapshot)
+                self._parts[name] = [np.concatenate(parts)]
+            return self._parts[name][0]
 
     def snapshot(self, names: tuple[str, ...]) -> tuple[list[str], dict[str, np.ndarray]]:
         """A consistent copy, from any thread: the stack names and columns ``names``, all of the same length.

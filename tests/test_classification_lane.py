@@ -72,10 +72,12 @@ def place_with_star(session: Path, watch: Path, numbers: range) -> None:
 
 def settings(watch: Path, out: Path, **kw) -> DaemonSettings:
     classification = kw.pop("classification", ClassifySettings(classes=CLASSES))
+    # exclude_junk off: these sessions have no junk and the tests count the map's particles exactly; junk
+    # exclusion is tested on a session with junk (test_junk_leaves_the_map_...)
     return DaemonSettings(watch=watch, out=out, zmq="tcp://127.0.0.1:0", poses_from="map-only", refine_after=100000,
                           settle_seconds=0.3, flush_seconds=0.5, publish_seconds=2, checkpoint_seconds=2,
                           status_seconds=0.5, classification=classification,
-                          **{"metrics_port": None, "classes_every": 1.0, **kw})
+                          **{"metrics_port": None, "classes_every": 1.0, "exclude_junk": False, **kw})
 
 
 def wait_until(daemon: Daemon, wanted, what: str, timeout: float = 60) -> dict:  # noqa: ANN001
@@ -241,7 +243,7 @@ def test_the_map_takes_the_same_particles_with_the_lane_off(session, tmp_path):
         watch, out = tmp_path / f"session_{classify}", tmp_path / f"out_{classify}"
         watch.mkdir()
         place_with_star(session, watch, range(0, 3))
-        daemon = Daemon(settings(watch, out, classify=classify, exclude_junk=False,  # the lane alone changes nothing
+        daemon = Daemon(settings(watch, out, classify=classify,
                                  classification=ClassifySettings(classes=CLASSES, diameter=70.0)))
         daemon.start()
         try:

@@ -201,7 +201,7 @@ def _follow(daemon: Daemon, simulator: threading.Thread, written: list[int], n: 
     def finished() -> bool:
         if not taken_at:
             if not (not simulator.is_alive() and daemon.wait_idle(0.2)
-                    and bool(daemon.errors or daemon.particles_in_map >= written[0])):
+                    and bool(daemon.errors or daemon.particles_accounted >= written[0])):
                 return False
             taken_at.append(time.monotonic())
         phase = daemon.refinement_phase
