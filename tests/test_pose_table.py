@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -119,7 +120,24 @@ def test_snapshot_from_another_thread_never_sees_half_a_batch_or_half_a_reposing
         elif not (np.allclose(columns["origins"][:, 0], expected)
                   and np.allclose(columns["angles"][:, 0], expected, atol=1e-6)):
             bad.append("a row with the angles, origins and version of different updates")
+        time.sleep(0.001)  # the lock is not fair: a reader that never pauses starves the owner (minutes, not 1 s)
     stop.set()
     thread.join()
     assert not bad, bad[0]
     assert snapshots > 1 and table.snapshot(("index",))[0] == ["/a.mrcs"]
+
+
+def test_the_owners_column_stays_the_tables_while_others_read_it():
+    """The accumulator thread writes into a column it fetched while the status thread reads the table: the
+    reads must not replace the array (they did: each read copied it, and the owner's writes were lost)."""
+    table = _table(6)
+    _table_append = table.append  # a second batch: the column is then joined from two parts once
+    _table_append(np.array(["/b.mrcs"] * 2), np.arange(1, 3), random_rotations(2, torch.Generator().manual_seed(1)),
+                  torch.zeros(2, 2, dtype=torch.float64), torch.ones(2), torch.tensor([1, 2]), None)
+    owner = table.column("excluded")
+    table.snapshot(("excluded", "refined"))  # another thread's reads
+    table.column("excluded")
+    owner[3] = True
+    table.set_values("refined", np.array([1, 7]), 5)
+    assert table.column("excluded").tolist() == [False, False, False, True, False, False, False, False]
+    assert table.column("refined")[[1, 7]].tolist() == [5, 5] and table.in_map().sum() == 7
