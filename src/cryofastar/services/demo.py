@@ -70,7 +70,9 @@ def _table(daemon: Daemon, written: int, n: int, started: float, dashboard: str 
     table = Table(title="cryofastar-stream demo", show_header=False, min_width=60)
     table.add_row("elapsed", f"{time.monotonic() - started:.0f} s")
     table.add_row("particles written by the microscope", f"{written} / {n}")
-    table.add_row("particles in the map", str(s["particles_in_map"]))
+    excluded = s["classification"].get("excluded", 0)
+    table.add_row("particles in the map", str(s["particles_in_map"])
+                  + (f" (+{excluded} taken out as 2D junk)" if excluded else ""))
     table.add_row("throughput", f"{s['particles_per_second']:.0f} particles/s")
     table.add_row("resolution (half-map FSC 0.143)", "—" if res is None else f"{res:.1f} Å")
     table.add_row("refinement", _refinement_line(s))
@@ -155,12 +157,14 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], object] = print) -> D
     if daemon.errors:
         raise RuntimeError(f"the pipeline failed: {daemon.errors[0]}")
     particles, resolution = daemon.particles_in_map, daemon.resolution_angstrom
+    excluded = daemon.particles_accounted - particles
     seconds = time.monotonic() - started
     truth, _ = read_volume(session / "reference.mrc")
     errors = evaluate_particle_sets(EvaluateSettings(outputs / "particles.star", session / "particles.star"))
     aligned, _ = map_in_true_frame(outputs / "particles.star", errors.predicted.alignment, device=daemon.device)
     true_fsc = resolution_vs_known_map(aligned, truth, s.apix, 0.5)
-    echo(f"done in {seconds:.0f} s: {particles} particles in the map; half-map FSC 0.143: {resolution:.1f} Å")
+    junk = f" ({excluded} taken out as 2D junk)" if excluded > 0 else ""
+    echo(f"done in {seconds:.0f} s: {particles} particles in the map{junk}; half-map FSC 0.143: {resolution:.1f} Å")
     echo(f"against the truth: median pose error {errors.predicted.geodesic_median_degrees:.1f}° (random poses: "
          f"{errors.chance.geodesic_median_degrees:.0f}°); FSC 0.5 of the map (in the true frame) against the true "
          f"map: {true_fsc:.1f} Å")
