@@ -89,8 +89,9 @@ def rows_to_change(stack_names: list[str], stack_id: np.ndarray, index: np.ndarr
 
     ``stack_names`` and the `(n,)` columns ``stack_id``, ``index``, ``excluded``, ``refined``
     are the pose table's. A row is taken out when the verdicts call it junk and it is in
-    the map (and readable: ``refined`` != UNREADABLE); put back when it is excluded and
-    the verdicts name it as not junk. Rows the verdicts do not name are left alone.
+    the map; put back when it is excluded and the verdicts name it as not junk; either only
+    while its images can be read again (``refined`` != UNREADABLE). Rows the verdicts do
+    not name are left alone.
     """
     ids = {name: i for i, name in enumerate(stack_names)}
     names, inverse = np.unique(np.asarray(verdicts.stacks).astype(str), return_inverse=True)
@@ -106,8 +107,9 @@ def rows_to_change(stack_names: list[str], stack_id: np.ndarray, index: np.ndarr
     named = (verdict_keys[at] == table_keys) if len(verdict_keys) else np.zeros(len(table_keys), bool)
     judged_junk = named & junk[at] if len(junk) else named
     excluded = excluded.astype(bool)
-    remove = np.flatnonzero(judged_junk & ~excluded & (refined != UNREADABLE))
-    restore = np.flatnonzero(named & ~judged_junk & excluded)
+    readable = refined != UNREADABLE  # a stack gone or replaced: its particles stay as they are
+    remove = np.flatnonzero(judged_junk & ~excluded & readable)
+    restore = np.flatnonzero(named & ~judged_junk & excluded & readable)
     return remove, restore
 
 
@@ -147,8 +149,9 @@ class JunkExclusion:
     def step(self) -> ExclusionStep:
         """Take out and put back up to :data:`MAX_ROWS_PER_STEP` particles (one read of their images).
 
-        Images that cannot be read again (a stack gone or replaced) leave those particles in
-        the map as they are, marked unreadable (never re-posed or taken out), with a log line.
+        Images that cannot be read again (a stack gone or replaced) leave those particles as
+        they are (in the map or out of it), marked unreadable (never re-posed, taken out or
+        put back), with a log line.
         """
         verdicts, table, acc = self.verdicts, self.session.poses, self.session.accumulator
         if verdicts is None or acc is None:
