@@ -27,7 +27,8 @@ The work loop, one step at a time (the thread checks for :meth:`stop` between st
    ``classes_every`` seconds) they are held; then
    :meth:`~cryofastar.recon.classify2d.StreamingClassifier.add` with the daemon's half sets;
 2. then ``revisits_per_new * n`` due particles re-aligned (``revisits_when_behind * n`` while
-   more new particles wait)
+   more new particles wait; none while more wait and the 3D lane is busy too: new
+   particles first, and the re-alignments come once either lane has time)
    (:meth:`~cryofastar.recon.classify2d.StreamingClassifier.realign`), their images read
    again from their stacks by the lane's location table (one row per classifier row:
    stack, index, CTF, fingerprint of the image added). A stack that vanished or whose
@@ -520,6 +521,8 @@ class ClassificationLane:
             self._aligned(len(images))
         if not self._stop.is_set():
             per_new = self.policy.revisits_when_behind if self.waiting else self.policy.revisits_per_new
+            if self.waiting and self._map_is_busy():
+                per_new = 0.0  # behind, and the 3D lane too: new particles first, re-alignment once there is time
             self._realign(int(per_new * len(chunk)))
 
     def _aligned(self, n: int) -> None:
@@ -537,13 +540,17 @@ class ClassificationLane:
         never = (c.table.aligned_at[: c.n_particles] < 0) & self.table.readable
         return bool(never.any()) or self.alignments < self.settings.passes * c.n_particles
 
+    def _map_is_busy(self) -> bool:
+        """Whether the 3D lane is busy (``map_busy`` of :meth:`start`; ``False`` without one)."""
+        return self._map_busy is not None and bool(self._map_busy())
+
     def _yields(self) -> bool:
         """Whether idle re-alignment waits for the 3D lane (busy: particles waiting, or its ab initio running).
 
         On 2 cores the lane's thread takes a core from the 3D lane's threads; its new particles
         never wait, but improving classes that are already there can."""
         c = self.classifier
-        if self._map_busy is None or c is None or not self._map_busy():
+        if c is None or not self._map_is_busy():
             return False
         never = (c.table.aligned_at[: c.n_particles] < 0) & self.table.readable
         return not never.any()  # a particle never aligned (placed at random at the start) is aligned at once

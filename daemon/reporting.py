@@ -134,7 +134,7 @@ class ViewDirections:
         now = time.monotonic() if now is None else now
         if edits == last_edits or not (force or now - last_time >= self.period_seconds):
             return False
-        angles = poses.column("angles")
+        angles = poses.column("angles")[poses.in_map()]  # the map's particles (not those taken out as junk)
         self._latest = (edits, now, view_direction_histogram(angles[:, 0], angles[:, 1]).to_json())
         return True
 

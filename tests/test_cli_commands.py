@@ -104,7 +104,7 @@ def test_watch_help_shows_the_daemon_settings_defaults_and_help() -> None:
         if f.name not in ("watch", "out") and value is not None and not isinstance(value, bool):
             assert f"[default: {value}]" in text, f.name
         shown += 1
-    assert shown == 23
+    assert shown == 24
     assert "--classify --no-classify" in text and "--classes <int> Number of 2D classes. [default: 50]" in text
     assert "--publish-every <float> Write and publish the map at least this often, in seconds... [default: 10.0]" \
         in text
