@@ -537,8 +537,13 @@ class ClassificationLane:
         c = self.classifier
         if c is None or not c.started or not self.table.readable.any():
             return False
-        never = (c.table.aligned_at[: c.n_particles] < 0) & self.table.readable
-        return bool(never.any()) or self.alignments < self.settings.passes * c.n_particles
+        return self._never_aligned() or self.alignments < self.settings.passes * c.n_particles
+
+    def _never_aligned(self) -> bool:
+        """Whether a readable particle was never aligned (placed at random while the classes started)."""
+        c = self.classifier
+        assert c is not None
+        return bool(((c.table.aligned_at[: c.n_particles] < 0) & self.table.readable).any())
 
     def _map_is_busy(self) -> bool:
         """Whether the 3D lane is busy (``map_busy`` of :meth:`start`; ``False`` without one)."""
@@ -549,11 +554,9 @@ class ClassificationLane:
 
         On 2 cores the lane's thread takes a core from the 3D lane's threads; its new particles
         never wait, but improving classes that are already there can."""
-        c = self.classifier
-        if c is None or not self._map_is_busy():
+        if self.classifier is None or not self._map_is_busy():
             return False
-        never = (c.table.aligned_at[: c.n_particles] < 0) & self.table.readable
-        return not never.any()  # a particle never aligned (placed at random at the start) is aligned at once
+        return not self._never_aligned()  # a particle never aligned is aligned at once
 
     def _realign(self, count: int) -> int:
         """Re-align up to ``count`` due particles (images read again); returns how many were."""

@@ -206,9 +206,8 @@ class Daemon:
                 resume=self._map_locations())
         else:
             self.metrics.classify_enabled.set(0)
-        self.metrics.particles_in_map.set(self.state.n_particles)
-        self.metrics.particles_excluded.set(self.exclusion.excluded)
-        self._accounted = self.state.n_particles + self.exclusion.excluded  # by the accumulator thread
+        self._accounted = 0  # in the map or taken out as junk, as last recorded by the accumulator thread
+        self._record_map_counts()
         if self.state.fsc_history:
             self.metrics.set_resolution_angstrom(self.state.fsc_history[-1][2])
 
@@ -751,8 +750,7 @@ class Daemon:
         if refined is not None:
             self._repose()
         self._schedule.particles_arrived(has_map=bool(st.fsc_history))
-        self.metrics.particles_in_map.set(st.n_particles)
-        self._accounted = st.n_particles + self.exclusion.excluded
+        self._record_map_counts()
         self._board.rate.add(time.monotonic(), st.n_particles)
         self.metrics.latency.labels("accumulate").observe(time.perf_counter() - t0)
 
@@ -839,10 +837,15 @@ class Daemon:
             step = self.exclusion.step()
         if step.removed or step.restored:
             self._exclusion_edits += step.removed + step.restored
-            self.metrics.particles_excluded.set(self.exclusion.excluded)
-            self.metrics.particles_in_map.set(self.state.n_particles)
-            self._accounted = self.state.n_particles + self.exclusion.excluded
+            self._record_map_counts()
             self.metrics.latency.labels("exclude_junk").observe(time.perf_counter() - t0)
+
+    def _record_map_counts(self) -> None:
+        """Particles in the map and taken out of it as junk: the two gauges and :attr:`particles_accounted`."""
+        in_map, excluded = self.state.n_particles, self.exclusion.excluded
+        self.metrics.particles_in_map.set(in_map)
+        self.metrics.particles_excluded.set(excluded)
+        self._accounted = in_map + excluded
 
     def _publish_map(self) -> None:
         st = self.state

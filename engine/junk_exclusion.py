@@ -134,7 +134,7 @@ class JunkExclusion:
     @property
     def excluded(self) -> int:
         """Particles out of the map now."""
-        return int(self.session.poses.column("excluded").astype(bool).sum())
+        return int((~self.session.poses.in_map()).sum())
 
     def offer(self, verdicts: JunkVerdicts) -> None:
         """Newer verdicts (applied by the next :meth:`step`)."""
@@ -164,9 +164,7 @@ class JunkExclusion:
             self._applied = state
             return ExclusionStep()
         remove, restore = remove[:MAX_ROWS_PER_STEP], restore[: max(MAX_ROWS_PER_STEP - len(remove), 0)]
-        rows = np.concatenate([remove, restore])
-        order = np.argsort(rows)
-        rows = rows[order]
+        rows = np.sort(np.concatenate([remove, restore]))
         try:
             images = self._read(rows)
             ctf = table.ctf(rows)

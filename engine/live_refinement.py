@@ -153,9 +153,8 @@ class LiveRefinement:
         """`(n,)` map version each particle was last matched against; those out of the map (2D junk) as
         :data:`UNREADABLE`: never picked, and no reason to wait for them."""
         table = self.session.poses
-        refined = table.column("refined")
-        excluded = table.column("excluded").astype(bool)
-        return np.where(excluded, UNREADABLE, refined) if excluded.any() else refined
+        refined, in_map = table.column("refined"), table.in_map()
+        return refined if in_map.all() else np.where(in_map, refined, UNREADABLE)
 
     def _replace(self, rows: np.ndarray, images: torch.Tensor, halves: torch.Tensor, ctf: CtfParams | None,
                  new: RefinedPoses) -> None:
