@@ -51,7 +51,8 @@ def _stack(path: Path, seed: int) -> Path:
 def _settings(tmp_path: Path, **kw) -> DaemonSettings:  # noqa: ANN003
     (tmp_path / "watch").mkdir(exist_ok=True)
     base = dict(zmq="tcp://127.0.0.1:0", metrics_port=None, poses_from="map-only", settle_seconds=0.2,
-                flush_seconds=0.5, publish_seconds=0.5, checkpoint_seconds=0.5, batch=48)
+                flush_seconds=0.5, publish_seconds=0.5, checkpoint_seconds=0.5, batch=48,
+                exclude_junk=False)  # junk-free sessions whose map counts are waited for exactly
     return DaemonSettings(watch=tmp_path / "watch", out=tmp_path / "out", **{**base, **kw})
 
 
