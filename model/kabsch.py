@@ -14,7 +14,33 @@ import torch
 
 from .fpm import tau_to_origins
 
-__all__ = ["fpm_to_poses", "weighted_kabsch"]
+__all__ = ["fpm_to_poses", "rotation_from_covariance", "weighted_kabsch"]
+
+
+def rotation_from_covariance(covariance: torch.Tensor) -> torch.Tensor:
+    """The proper rotation ``R`` maximising ``trace(R @ covariance)`` (Kabsch's SVD step).
+
+    For point pairs ``x1 ≈ R x0`` with weights ``w`` the covariance is ``sum w x0 x1ᵀ``;
+    a rank-2 covariance (points in a plane through the origin) still fixes ``R`` once
+    ``det R = +1`` is imposed.
+
+    Parameters
+    ----------
+    covariance: torch.Tensor
+        `(..., 3, 3)` ``sum w x0 x1ᵀ`` (any float dtype; differentiable).
+
+    Returns
+    -------
+    rotation: torch.Tensor
+        `(..., 3, 3)` proper rotations, the covariance's dtype.
+    """
+    u, _, vh = torch.linalg.svd(covariance)
+    v = vh.transpose(-1, -2)
+    d = torch.sign(torch.linalg.det(v @ u.transpose(-1, -2)))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    fix = torch.ones(*d.shape, 3, dtype=covariance.dtype, device=covariance.device)
+    fix[..., 2] = d
+    return (v * fix[..., None, :]) @ u.transpose(-1, -2)
 
 
 def weighted_kabsch(x0: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,13 +69,7 @@ def weighted_kabsch(x0: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) ->
     centred0 = x0 - mean0[..., None, :]
     centred1 = x - mean1[..., None, :]
     covariance = torch.einsum("...p,...pi,...pj->...ij", w, centred0, centred1)  # sum w x0 x1ᵀ
-    u, _, vh = torch.linalg.svd(covariance)
-    v = vh.transpose(-1, -2)
-    d = torch.sign(torch.linalg.det(v @ u.transpose(-1, -2)))
-    d = torch.where(d == 0, torch.ones_like(d), d)
-    fix = torch.ones(*d.shape, 3, dtype=x.dtype, device=x.device)
-    fix[..., 2] = d
-    rotation = (v * fix[..., None, :]) @ u.transpose(-1, -2)
+    rotation = rotation_from_covariance(covariance)
     offset = mean1 - (rotation @ mean0[..., :, None])[..., 0]
     return rotation, offset
 

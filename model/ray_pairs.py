@@ -1,0 +1,116 @@
+"""Ray-pair scores between two views: which ray of one is the common line with which ray of the other.
+
+For views ``a, b`` with ray features ``e_a, e_b`` (:mod:`cryofastar.model.ray_encoder`) the
+score of ray ``l`` of ``a`` against ray ``m`` of ``b`` is ``t * e_a(l) . e_b(m)`` (``t`` a
+temperature). One more outcome, **no common line**, has its own logit: views nearly parallel
+(or antiparallel) share their whole plane and have no single line. A softmax over the
+``L * L + 1`` outcomes gives the pair's probabilities; the "no line" mass is what the pair
+covariance (:func:`cryofastar.model.common_lines.pair_covariance`) leaves out.
+
+Targets (:func:`common_line_targets`): the true line lies at fractional rays
+``(l*, m*)`` and at the opposite rays ``(l* + L/2, m* + L/2)``; each gets half the mass,
+spread bilinearly over its four nearest cells. Pairs whose view directions are within
+``min_angle_degrees`` of parallel or antiparallel get all mass on "no line".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common_lines import TrueCommonLines
+
+__all__ = ["common_line_loss", "common_line_targets", "found_within", "hard_pairs", "pair_logits",
+           "pair_probabilities"]
+
+
+def pair_logits(features_a: torch.Tensor, features_b: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """`(..., L, D)`, `(..., L, D)` -> `(..., L, L)` scores ``t * e_a(l) . e_b(m)``."""
+    return temperature * (features_a @ features_b.transpose(-1, -2))
+
+
+def pair_probabilities(logits: torch.Tensor, none_logit: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the ``L * L`` ray pairs and "no line".
+
+    Parameters
+    ----------
+    logits: torch.Tensor
+        `(..., L, L)` ray-pair logits.
+    none_logit: torch.Tensor | float
+        `(...)` or scalar logit of "no common line".
+
+    Returns
+    -------
+    probabilities: torch.Tensor
+        `(..., L, L)` ray-pair probabilities.
+    none: torch.Tensor
+        `(...)` probability of "no common line" (the two sum to 1).
+    """
+    flat = _with_none(logits, none_logit).softmax(dim=-1)
+    return flat[..., :-1].reshape(logits.shape), flat[..., -1]
+
+
+def _with_none(logits: torch.Tensor, none_logit: torch.Tensor | float) -> torch.Tensor:
+    none = torch.as_tensor(none_logit, dtype=logits.dtype, device=logits.device).expand(logits.shape[:-2])
+    return torch.cat([logits.flatten(-2), none[..., None]], dim=-1)
+
+
+def hard_pairs(scores: torch.Tensor) -> torch.Tensor:
+    """`(..., L, L)` -> one-hot `(..., L, L)` at each pair's best-scoring ray pair (classical matching)."""
+    flat = scores.flatten(-2)
+    return torch.zeros_like(flat).scatter_(-1, flat.argmax(-1, keepdim=True), 1.0).reshape(scores.shape)
+
+
+def common_line_targets(lines: TrueCommonLines, n_rays: int, min_angle_degrees: float = 5.0) -> torch.Tensor:
+    """Target distributions over the ``L * L + 1`` outcomes (module docstring).
+
+    Parameters
+    ----------
+    lines: TrueCommonLines
+        `(...)` true lines of the pairs (:func:`~cryofastar.model.common_lines.true_common_lines`).
+    n_rays: int
+        ``L``.
+    min_angle_degrees: float
+        View directions closer than this to parallel or antiparallel: "no line".
+
+    Returns
+    -------
+    torch.Tensor
+        `(..., L * L + 1)` float32, summing to 1; the last entry is "no line".
+    """
+    shape, n = lines.ray_a.shape, n_rays
+    target = torch.zeros(*shape, n * n + 1, dtype=torch.float32, device=lines.ray_a.device)
+    for offset in (0.0, n / 2):
+        a, b = (lines.ray_a + offset) % n, (lines.ray_b + offset) % n
+        a0, b0 = a.floor(), b.floor()
+        fa, fb = (a - a0).float(), (b - b0).float()
+        for da, wa in ((0, 1 - fa), (1, fa)):
+            for db, wb in ((0, 1 - fb), (1, fb)):
+                cell = (((a0 + da) % n) * n + (b0 + db) % n).long()
+                target.scatter_add_(-1, cell[..., None], (0.5 * wa * wb)[..., None])
+    none = lines.angle_degrees < min_angle_degrees
+    target[none] = 0.0
+    target[..., -1] = none.float()
+    return target
+
+
+def common_line_loss(logits: torch.Tensor, none_logit: torch.Tensor | float, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `(..., L, L)` logits (+ "no line") against `(..., L * L + 1)` targets."""
+    log_p = _with_none(logits, none_logit).log_softmax(dim=-1)
+    return -(targets * log_p).sum(-1).mean()
+
+
+def found_within(scores: torch.Tensor, lines: TrueCommonLines, tolerance_rays: float) -> torch.Tensor:
+    """`(...)` bool: the best-scoring ray pair is within ``tolerance_rays`` of a true pair, on both rays.
+
+    Either orientation of the line counts (``(l*, m*)`` or ``(l* + L/2, m* + L/2)``); the
+    mismatched ``(l*, m* + L/2)`` does not.
+    """
+    n = scores.shape[-1]
+    best = scores.flatten(-2).argmax(-1)
+    la, lb = (best // n).to(lines.ray_a.dtype), (best % n).to(lines.ray_a.dtype)
+
+    def circular(x: torch.Tensor) -> torch.Tensor:
+        return ((x + n / 2) % n - n / 2).abs()
+
+    errors = [torch.maximum(circular(la - lines.ray_a - o), circular(lb - lines.ray_b - o)) for o in (0.0, n / 2)]
+    return torch.minimum(*errors) <= tolerance_rays
