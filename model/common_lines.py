@@ -144,19 +144,30 @@ def _line_angles(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.atan2(first[..., 1], first[..., 0]), torch.atan2(second[..., 1], second[..., 0])
 
 
-def synchronise(covariance: torch.Tensor, n_dihedral: int = 120, sweeps: int = 8) -> torch.Tensor:
+ROBUST_DEGREES = 10.0
+"""Scale of the robust pair weights of :func:`synchronise`: a pair whose matched rays, once placed, are
+this far apart counts ``exp(-1/2)`` as much as one that agrees exactly (a property of the method, the same
+for every molecule)."""
+
+
+def synchronise(covariance: torch.Tensor, n_dihedral: int = 120, sweeps: int = 8, starts: int = 4,
+                robust_degrees: float = ROBUST_DEGREES) -> torch.Tensor:
     """Relative rotations of a reference (view 0) and its anchors from all their pair covariances.
 
     1. Each anchor's common line with the reference fixes its rotation up to the dihedral
-       angle (:func:`dihedral_rotations`). The first anchor's dihedral is tried on a grid
-       of ``n_dihedral / 2`` values in ``[0, pi)`` (the other half is the mirror image, which
-       common lines cannot tell apart); for each, the other anchors in turn take the
-       dihedral on the full grid that agrees best with the views placed before them. The
-       run with the largest total agreement wins.
-    2. Block-coordinate ascent of the total agreement ``sum trace(R_i M_ij R_jᵀ)``: each
-       anchor in turn is re-fitted by Kabsch against all other views (the reference stays
-       the identity); every step can only increase the agreement. Gradients flow through
-       these sweeps (the grid choice of step 1 is a constant).
+       angle (:func:`dihedral_rotations`). One anchor goes first: its dihedral is tried on a
+       grid of ``n_dihedral / 2`` values in ``[0, pi)`` (the other half is the mirror image,
+       which common lines cannot tell apart); for each, the other anchors in turn take the
+       dihedral on the full grid that agrees best with the views placed before them. Each
+       of the first ``starts`` anchors is tried first; the placement with the largest
+       total agreement wins (one wrong line to the reference then cannot sink the set).
+    2. Block-coordinate ascent of the robustly weighted agreement
+       ``sum w_ij trace(R_i M_ij R_jᵀ)``: each anchor in turn is re-fitted by Kabsch
+       against all other views (the reference stays the identity). Before each sweep every
+       pair is weighted by how well its match agrees with the current rotations,
+       ``w = exp(-theta^2 / (2 robust_degrees^2))``, ``theta`` the angle between its matched
+       rays once placed (mismatched pairs fade out). Gradients flow through these sweeps
+       (the choices of step 1 and the weights are constants).
 
     Parameters
     ----------
@@ -167,6 +178,10 @@ def synchronise(covariance: torch.Tensor, n_dihedral: int = 120, sweeps: int = 8
         Grid of dihedral angles for step 1 (even).
     sweeps: int
         Kabsch sweeps of step 2.
+    starts: int
+        Anchors tried first in step 1.
+    robust_degrees: float
+        Scale of the pair weights of step 2.
 
     Returns
     -------
@@ -180,38 +195,57 @@ def synchronise(covariance: torch.Tensor, n_dihedral: int = 120, sweeps: int = 8
     dtype, device = covariance.dtype, covariance.device
     eye = torch.eye(3, dtype=dtype, device=device)
     with torch.no_grad():
-        start = _greedy_dihedrals(covariance.detach(), n_dihedral)
+        start = _greedy_dihedrals(covariance.detach(), n_dihedral, starts)
     rotations = [eye] + [start[k] for k in range(1, n)]
+    mass = covariance.detach().diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12)  # (N, N) total match weight
     for _ in range(sweeps):
+        with torch.no_grad():
+            placed = torch.stack(rotations).detach()
+            cosine = (trace_agreement(placed[:, None], covariance.detach(), placed[None]) / mass).clamp(-1.0, 1.0)
+            weight = torch.exp(-torch.rad2deg(torch.arccos(cosine)).square() / (2 * robust_degrees ** 2))
         for k in range(1, n):
             others = [j for j in range(n) if j != k]
-            placed = torch.stack([rotations[j] for j in others])
-            rotations[k] = rotation_from_covariance((covariance[k, others] @ placed.transpose(-1, -2)).sum(0))
+            partners = torch.stack([rotations[j] for j in others])
+            target = (weight[k, others, None, None] * covariance[k, others] @ partners.transpose(-1, -2)).sum(0)
+            rotations[k] = rotation_from_covariance(target)
     return torch.stack(rotations)
 
 
-def _greedy_dihedrals(covariance: torch.Tensor, n_dihedral: int) -> torch.Tensor:
+def _greedy_dihedrals(covariance: torch.Tensor, n_dihedral: int, starts: int) -> torch.Tensor:
     """Step 1 of :func:`synchronise`: `(N, 3, 3)` starting rotations (``[0] = I``)."""
     n, dtype, device = covariance.shape[0], covariance.dtype, covariance.device
     alpha, beta = _line_angles(covariance[1:, 0])  # anchor k's line: its ray alpha_k, the reference's beta_k
     grid = torch.arange(n_dihedral, dtype=dtype, device=device) * (2 * math.pi / n_dihedral)
-    runs = grid[: n_dihedral // 2]  # the first anchor's dihedral; the rest is its mirror
-    placed = [torch.eye(3, dtype=dtype, device=device).expand(len(runs), 3, 3),
-              dihedral_rotations(alpha[0], beta[0], runs)]
-    total = torch.zeros(len(runs), dtype=dtype, device=device)
-    for k in range(2, n):
-        candidates = dihedral_rotations(alpha[k - 1], beta[k - 1], grid)  # (G, 3, 3)
-        partners = torch.stack(placed, 1)  # (runs, k, 3, 3)
-        target = (covariance[k, :k] @ partners.transpose(-1, -2)).sum(1)  # (runs, 3, 3): sum_j M_kj R_jᵀ
-        score = torch.einsum("gab,rba->rg", candidates, target)
-        best = score.argmax(dim=1)
-        total = total + score.gather(1, best[:, None])[:, 0]
-        placed.append(candidates[best])
-    return torch.stack(placed, 1)[int(total.argmax())]
+    best, best_total = None, -math.inf
+    for first in range(1, min(starts, n - 1) + 1):
+        order = [first] + [k for k in range(1, n) if k != first]
+        runs = grid[: n_dihedral // 2]  # the first anchor's dihedral; the rest is its mirror
+        placed = {0: torch.eye(3, dtype=dtype, device=device).expand(len(runs), 3, 3),
+                  first: dihedral_rotations(alpha[first - 1], beta[first - 1], runs)}
+        total = torch.zeros(len(runs), dtype=dtype, device=device)
+        for k in order[1:]:
+            candidates = dihedral_rotations(alpha[k - 1], beta[k - 1], grid)  # (G, 3, 3)
+            done = list(placed)
+            partners = torch.stack([placed[j] for j in done], 1)  # (runs, placed, 3, 3)
+            target = (covariance[k, done] @ partners.transpose(-1, -2)).sum(1)  # (runs, 3, 3): sum_j M_kj R_jᵀ
+            score = torch.einsum("gab,rba->rg", candidates, target)
+            choice = score.argmax(dim=1)
+            total = total + score.gather(1, choice[:, None])[:, 0]
+            placed[k] = candidates[choice]
+        run = int(total.argmax())
+        if float(total[run]) > best_total:
+            best_total = float(total[run])
+            best = torch.stack([placed[k][run] for k in range(n)])
+    return best
 
 
-def place_views(covariance: torch.Tensor, partner_rotations: torch.Tensor) -> torch.Tensor:
-    """Rotations of views from their matches with partners of known rotation (Kabsch).
+def place_views(covariance: torch.Tensor, partner_rotations: torch.Tensor, iterations: int = 3,
+                robust_degrees: float = ROBUST_DEGREES) -> torch.Tensor:
+    """Rotations of views from their matches with partners of known rotation (robust Kabsch).
+
+    The first fit maximises ``sum_p trace(R_v M_vp R_pᵀ)``; each of the next ``iterations``
+    weights every partner as :func:`synchronise` does, by how well its match agrees with
+    the fit so far, so one wrong common line does not pull the view away.
 
     Parameters
     ----------
@@ -219,13 +253,25 @@ def place_views(covariance: torch.Tensor, partner_rotations: torch.Tensor) -> to
         `(V, P, 3, 3)` pair covariances ``M_vp`` of each view (first) with each partner.
     partner_rotations: torch.Tensor
         `(P, 3, 3)` the partners' relative rotations.
+    iterations: int
+        Reweighted fits after the first.
+    robust_degrees: float
+        Scale of the partner weights.
 
     Returns
     -------
     torch.Tensor
-        `(V, 3, 3)` relative rotations maximising ``sum_p trace(R_v M_vp R_pᵀ)``.
+        `(V, 3, 3)` relative rotations.
     """
-    return rotation_from_covariance((covariance @ partner_rotations.transpose(-1, -2)).sum(1))
+    placed = covariance @ partner_rotations.transpose(-1, -2)  # (V, P, 3, 3): M_vp R_pᵀ
+    rotations = rotation_from_covariance(placed.sum(1))
+    mass = covariance.detach().diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12)  # (V, P)
+    for _ in range(iterations):
+        with torch.no_grad():
+            cosine = (torch.einsum("vij,vpji->vp", rotations.detach(), placed.detach()) / mass).clamp(-1.0, 1.0)
+            weight = torch.exp(-torch.rad2deg(torch.arccos(cosine)).square() / (2 * robust_degrees ** 2))
+        rotations = rotation_from_covariance((weight[..., None, None] * placed).sum(1))
+    return rotations
 
 
 def ray_fpm(probabilities: torch.Tensor, partner_rotations: torch.Tensor,
