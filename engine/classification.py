@@ -51,8 +51,8 @@ from .star_output import optics_for_output, particles_for_output
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClassificationPolicy", "ClassifyJob", "ClassifyResult", "ClassifySettings", "classifier_settings",
-           "classify", "write_class_set"]
+__all__ = ["ClassificationPolicy", "Classified", "ClassifyJob", "ClassifyResult", "ClassifySettings",
+           "classifier_settings", "classify", "classify_source", "write_class_set"]
 
 Progress = Callable[[int, int], None]
 """``progress(advance, total)``: ``advance`` more alignments done of ``total`` (as ``reconstruct``'s)."""
@@ -153,19 +153,38 @@ def write_class_set(classes: ClassSet, out_dir: Path) -> list[Path]:
     return [stack, star]
 
 
-def classify(particles: Path, out_dir: Path, settings: ClassifySettings, progress: Progress | None = None
-             ) -> ClassifyResult:
-    """Run the offline job (module docstring) on ``particles``; write its outputs in ``out_dir``.
+@dataclass
+class Classified:
+    """A particle set classified in memory (:func:`classify_source`).
+
+    Attributes
+    ----------
+    classifier: StreamingClassifier
+        The classifier, every particle aligned at least once.
+    classes: ClassSet
+        Its class set (averages at the particles' box, counts, junk flags).
+    diameter_angstrom: float
+        The particle diameter used (given or measured).
+    alignments: int
+        Alignments done in all.
+    """
+
+    classifier: StreamingClassifier
+    classes: ClassSet
+    diameter_angstrom: float
+    alignments: int
+
+
+def classify_source(source: ParticleSource, settings: ClassifySettings, progress: Progress | None = None
+                    ) -> Classified:
+    """Classify a particle set with finite images (steps 2-3 of the module docstring); write nothing.
 
     Raises
     ------
     ValueError
-        Fewer particles than classes, or a bad STAR file (:class:`~cryofastar.recon.io.ParticleFileError`).
+        Fewer particles than classes.
     """
-    start = time.perf_counter()
     policy = settings.policy
-    source = ParticleSource.from_star(particles)
-    source, _ = source.finite(policy.chunk)
     n = len(source)
     if n < settings.classes:
         raise ValueError(f"{n} particles cannot fill {settings.classes} classes: ask for at most {n} (--classes)")
@@ -196,7 +215,23 @@ def classify(particles: Path, out_dir: Path, settings: ClassifySettings, progres
         if moved == 0:
             break
         advance(moved)
-    classes = class_set(classifier)
+    return Classified(classifier, class_set(classifier), float(diameter), done)
+
+
+def classify(particles: Path, out_dir: Path, settings: ClassifySettings, progress: Progress | None = None
+             ) -> ClassifyResult:
+    """Run the offline job (module docstring) on ``particles``; write its outputs in ``out_dir``.
+
+    Raises
+    ------
+    ValueError
+        Fewer particles than classes, or a bad STAR file (:class:`~cryofastar.recon.io.ParticleFileError`).
+    """
+    start = time.perf_counter()
+    source = ParticleSource.from_star(particles)
+    source, _ = source.finite(settings.policy.chunk)
+    classified = classify_source(source, settings, progress)
+    classifier, classes = classified.classifier, classified.classes
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = write_class_set(classes, out_dir)
     table = source.table
@@ -211,8 +246,9 @@ def classify(particles: Path, out_dir: Path, settings: ClassifySettings, progres
         write_particles(selected, rows[columns["rlnCryofastarJunk"] == 0], optics_for_output(table))
         outputs += [star, selected]
     junk = int(columns["rlnCryofastarJunk"].sum())
-    return ClassifyResult(n_particles=n, classes=classes, diameter_angstrom=float(diameter),
-                          seconds=time.perf_counter() - start, alignments=done, junk_particles=junk, outputs=outputs)
+    return ClassifyResult(n_particles=len(source), classes=classes, diameter_angstrom=classified.diameter_angstrom,
+                          seconds=time.perf_counter() - start, alignments=classified.alignments, junk_particles=junk,
+                          outputs=outputs)
 
 
 def _revisit(classifier: StreamingClassifier, source: ParticleSource, count: int) -> int:

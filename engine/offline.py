@@ -13,6 +13,13 @@ map-only ab initio (:func:`~cryofastar.recon.ab_initio.run_ab_initio`) replaces 
 poses before the other rounds; every later round is ``local``: each particle around
 its pose, against its own half map.
 
+With ``poses_from="classes"`` the particles are first classified in 2D (the ``classify``
+job's classifier, :func:`~cryofastar.engine.classification.classify_source`); one pass of the
+geometric decoder over the class averages poses the classes, and every particle takes its
+class's pose composed with its own 2D angle and origin (:mod:`~cryofastar.engine.class_posing`).
+From there refinement goes as with the network: round 1 is the ``best`` probe, and map-only
+ab initio replaces the poses if the class poses are not informative.
+
 With ``poses_from="map-only"`` there is no network: the starting poses come from ab
 initio on the particles Fourier-cropped to the refinement's working box, then
 ``refine_rounds`` ``local`` rounds finish them at that box. Ab initio is not counted
@@ -40,6 +47,7 @@ import torch
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ab_initio import AbInitioResult, AbInitioSettings, run_ab_initio
 from cryofastar.recon.backprojection import backproject
+from cryofastar.recon.classify2d import particle_columns
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
@@ -53,6 +61,8 @@ from cryofastar.recon.refinement import RefinementReference, RefineSettings, ima
 
 from cryofastar.options import argument, option
 
+from .class_posing import ClassPoser, class_order, particle_poses
+from .classification import ClassifySettings, classify_source
 from .policy import (
     AB_INITIO_PASSES,
     MIN_LOCAL_ROUNDS_AFTER_AB_INITIO,
@@ -101,7 +111,13 @@ class ReconstructSettings:
         Seed of the reference candidates and of ab initio's random start.
     poses_from: str
         ``network`` (ab initio replaces the network's poses if round 1 finds it
-        uninformative) or ``map-only`` (no network: poses from map-only ab initio).
+        uninformative), ``map-only`` (no network: poses from map-only ab initio) or
+        ``classes`` (2D classes posed by the geometric decoder; ab initio replaces them if
+        round 1 finds them uninformative).
+    classes: int
+        2D classes with ``poses_from="classes"``.
+    class_weights: Path | None
+        Geometric decoder weights for ``poses_from="classes"``; ``None``: classical common lines.
     refine: bool
         Refine poses against the half maps; ``False`` keeps the network's poses.
     refine_rounds: int
@@ -124,7 +140,11 @@ class ReconstructSettings:
     seed: int = option(0, help="Seed for the choice of reference candidates and for ab initio's random start.")
     poses_from: str = option("network", help="network: the CryoFastAR network's poses start refinement (ab initio "
                              "replaces them if the first round finds the network uninformative); map-only: "
-                             "starting poses from map-only ab initio (no network).")
+                             "starting poses from map-only ab initio (no network); classes: 2D classification, "
+                             "then the class averages posed by common lines (ab initio if they prove uninformative).")
+    classes: int = option(50, help="2D classes with --poses-from classes.")
+    class_weights: Path | None = option(None, help="Geometric decoder weights (safetensors) for --poses-from classes; "
+                                        "default: classical common lines.")
     refine: bool = option(True, flags=("--refine/--no-refine",), help="Refine poses by projection matching against "
                           "the half maps (docs/refinement.md); --no-refine keeps the network's poses.")
     refine_rounds: int = option(4, help="Rounds of refinement (with a network the first is a best-of-local-and-global "
@@ -144,6 +164,8 @@ class ReconstructSettings:
             raise ValueError(f"--refine-rounds must be at least 1, got {self.refine_rounds}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {self.chunk}")
+        if self.classes < 2:
+            raise ValueError(f"--classes must be at least 2, got {self.classes}")
 
 
 @dataclass
@@ -181,6 +203,8 @@ class ReconstructResult:
         (``None`` without a network or without refinement).
     ab_initio_seconds: float
         Wall time of ab initio (0 when it did not run).
+    classes_posed: int
+        With ``poses_from="classes"``: the classes the decoder posed (0 otherwise).
     ab_initio: dict | None
         When ab initio ran: its verdict (``AbInitioVerdict.as_dict``, the last attempt's),
         ``attempts`` (each attempt's verdict) and ``pose_precision``; also written to
@@ -206,6 +230,7 @@ class ReconstructResult:
     ab_initio_seconds: float = 0.0
     ab_initio: dict | None = None
     pose_precision: dict | None = None
+    classes_posed: int = 0
 
 
 @dataclass
@@ -247,6 +272,8 @@ class _Poses:
     insert_seconds: float = 0.0
     mirrored: int = 0
     disagreement: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # extra output columns (2D classes)
+    classes_posed: int = 0
 
 
 def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
@@ -264,12 +291,14 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
     acc = None  # map-only: no map before ab initio
     if settings.poses_from == "network":
         acc, poses = _network_poses(job, progress)
+    elif settings.poses_from == "classes":
+        acc, poses = _class_poses(job, progress)
     else:
         poses = _read_working_images(job)
-    extra: dict[str, np.ndarray] = {}
-    if settings.poses_from == "network":
+    extra: dict[str, np.ndarray] = dict(poses.columns)
+    if settings.poses_from in ("network", "classes"):
         rot, tilt, psi = matrix_to_euler(poses.rotations)
-        extra = dict(zip(NETWORK_COLUMNS, (rot.numpy(), tilt.numpy(), psi.numpy(), poses.origins[:, 0].numpy().copy(),
+        extra.update(zip(NETWORK_COLUMNS, (rot.numpy(), tilt.numpy(), psi.numpy(), poses.origins[:, 0].numpy().copy(),
                                            poses.origins[:, 1].numpy().copy()), strict=True))
     rotations, origins = poses.rotations, poses.origins
     finished = None
@@ -304,7 +333,8 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
         network_won_fraction=None if finished is None else finished.won,
         ab_initio_seconds=0.0 if finished is None else finished.ab_initio_seconds,
         ab_initio=None if finished is None else finished.ab_initio,
-        pose_precision=None if precision is None else {**precision.as_dict(), "summary": precision.summary()})
+        pose_precision=None if precision is None else {**precision.as_dict(), "summary": precision.summary()},
+        classes_posed=poses.classes_posed)
 
 
 @dataclass
@@ -331,7 +361,7 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
     search = RefineSettings(working_box=job.work_images.shape[-1])
     modes: list[str] = []
     won, ab_initio_s, local_rounds = None, 0.0, settings.refine_rounds
-    if settings.poses_from == "network":  # round 1: the network's neighbourhood against a global search
+    if settings.poses_from in ("network", "classes"):  # round 1: their neighbourhood against a global search
         matched = _match_all(job, acc, search, rotations, origins, "best")
         won = network_won_fraction(matched[0], rotations, search.local_range_degrees)
         rotations, origins, scores, spread = matched
@@ -408,12 +438,39 @@ def _next_map(job: _Job, step: str, modes: list[str], rotations: torch.Tensor, o
 
 
 def _read_working_images(job: _Job) -> _Poses:
-    """Read every particle into ``job.work_images`` (Fourier-cropped), ``chunk`` at a time; no poses yet."""
+    """Read every particle into ``job.work_images`` (Fourier-cropped; none without refinement), ``chunk`` at a
+    time; no poses yet."""
     n, chunk = len(job.source), job.settings.chunk
-    for first in range(0, n, chunk):
+    for first in range(0, n if job.work_images is not None else 0, chunk):
         rows = np.arange(first, min(n, first + chunk))
         job.work_images[rows] = images_to_working_box(job.source.images(rows).all_images(), job.work_images.shape[-1])
     return _Poses(None, None, torch.zeros(n))
+
+
+def _class_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulator, _Poses]:
+    """Poses of every particle through its 2D class (module docstring), inserted; working-box images kept."""
+    source, settings = job.source, job.settings
+    t0 = time.perf_counter()
+    classified = classify_source(source, ClassifySettings(classes=settings.classes, classify_seed=settings.seed),
+                                 progress)
+    classes = classified.classes
+    order = class_order(classes.counts, classes.junk)
+    class_matrices = ClassPoser.load(settings.class_weights, job.device).pose_classes(classes.averages, order)
+    columns = particle_columns(classified.classifier, classes)
+    member = columns["rlnClassNumber"] - 1
+    rotations = particle_poses(class_matrices, member, columns["rlnAnglePsi"])
+    origins = torch.as_tensor(np.stack([columns["rlnOriginXAngst"], columns["rlnOriginYAngst"]], -1),
+                              dtype=torch.float64)
+    t1 = time.perf_counter()
+    logger.info("%d particles in %d classes (%d posed by common lines) in %.1f s", len(source), settings.classes,
+                len(order), t1 - t0)
+    poses = _read_working_images(job)
+    poses.rotations, poses.origins, poses.pose_seconds = rotations, origins, t1 - t0
+    poses.columns = {"rlnClassNumber": columns["rlnClassNumber"]}
+    poses.classes_posed = len(order)
+    acc = job.backproject(rotations, origins)
+    poses.insert_seconds = time.perf_counter() - t1
+    return acc, poses
 
 
 def _network_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulator, _Poses]:

@@ -39,8 +39,9 @@ MIN_LOCAL_ROUNDS_AFTER_AB_INITIO = 1
 """Ab initio's poses are capped at its own small box: at least this many local rounds follow it."""
 AB_INITIO_ATTEMPTS = 2
 """Ab initio runs at most this many times; each attempt after a negative verdict doubles the seed set."""
-POSE_SOURCES = ("network", "map-only")
-"""Where a session's first poses come from: the CryoFastAR network, or none (map-only ab initio)."""
+POSE_SOURCES = ("network", "map-only", "classes")
+"""Where a session's first poses come from: the CryoFastAR network on particles, none (map-only ab initio), or
+the geometric decoder on 2D class averages (each particle through its class)."""
 
 
 def check_pose_source(poses_from: str, refine: bool, refine_box: int) -> None:
@@ -49,7 +50,7 @@ def check_pose_source(poses_from: str, refine: bool, refine_box: int) -> None:
     ``map-only`` has no poses but refinement's; the working box ``refine_box`` (px) must be 16..512.
     """
     if poses_from not in POSE_SOURCES:
-        raise ValueError(f"--poses-from must be network or map-only, got {poses_from!r}")
+        raise ValueError(f"--poses-from must be network, map-only or classes, got {poses_from!r}")
     if poses_from == "map-only" and not refine:
         raise ValueError("--poses-from map-only needs refinement (it is the only source of poses): drop --no-refine")
     if not 16 <= refine_box <= 512:

@@ -5,6 +5,7 @@ Example usage::
     cryofastar-stream reconstruct session/particles.star -o recon/
     cryofastar-stream reconstruct session/particles.star -o recon/ --no-refine           # network only
     cryofastar-stream reconstruct session/particles.star -o recon/ --poses-from map-only  # no network
+    cryofastar-stream reconstruct session/particles.star -o recon/ --poses-from classes   # 2D classes, common lines
 
 The options are the fields of :class:`~cryofastar.engine.offline.ReconstructJob` and
 :class:`~cryofastar.engine.offline.ReconstructSettings`; the job is
@@ -29,7 +30,8 @@ __all__ = ["reconstruct"]
 @settings_command(ReconstructJob, ReconstructSettings)  # ParticleFileError is a ValueError
 def reconstruct(job: ReconstructJob, settings: ReconstructSettings) -> None:
     """Ab initio: poses from the network (or the map alone), refined against the map, then the map."""
-    bar = ProgressBar("posing + inserting") if job.progress and settings.poses_from == "network" else None
+    label = {"network": "posing + inserting", "classes": "2D classification"}.get(settings.poses_from)
+    bar = ProgressBar(label) if job.progress and label is not None else None
     try:
         result = run(job.particles, job.out, settings, progress=bar)
     finally:
@@ -46,14 +48,20 @@ def summary(result: ReconstructResult, settings: ReconstructSettings) -> list[st
                  f"{result.insert_seconds:.1f} s ({result.total_seconds:.1f} s in all); half-map FSC 0.143 "
                  f"resolution {resolution_text(result.resolution_angstrom)}; anchor disagreement "
                  f"{result.anchor_disagreement_degrees:.1f}°, {result.mirrored_passes} passes mirrored"]
+    elif settings.poses_from == "classes":
+        lines = [f"{result.n_particles} particles in {settings.classes} 2D classes, {result.classes_posed} posed by "
+                 f"common lines: particle poses in {result.pose_seconds:.1f} s, inserted in "
+                 f"{result.insert_seconds:.1f} s; half-map FSC 0.143 resolution "
+                 f"{resolution_text(result.resolution_angstrom)}"]
     else:
         lines = [f"{result.n_particles} particles, no network ({result.total_seconds:.1f} s in all); half-map "
                  f"FSC 0.143 resolution {resolution_text(result.resolution_angstrom)}"]
     if result.refine_modes:
+        source = "class" if settings.poses_from == "classes" else "network's"
         won = "" if result.network_won_fraction is None else \
-            f"; the network's poses were the better start for {100 * result.network_won_fraction:.0f}% of particles"
+            f"; the {source} poses were the better start for {100 * result.network_won_fraction:.0f}% of particles"
         if result.network_won_fraction is not None and "ab-initio" in result.refine_modes:
-            won += " (uninformative network: poses from ab initio instead)"
+            won += f" (uninformative {source} poses: poses from ab initio instead)"
         ab = f"; ab initio took {result.ab_initio_seconds:.1f} s" if "ab-initio" in result.refine_modes else ""
         lines.append(f"refined in {result.refine_seconds:.1f} s ({', '.join(result.refine_modes)}){won}{ab}")
     if result.ab_initio is not None:

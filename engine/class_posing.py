@@ -1,0 +1,157 @@
+"""Poses from 2D classes: one decoder pass over the class averages, then each particle through its class.
+
+Class averages are the views (issue 22): averaging 50-200 aligned particles lifts SNR 0.1
+particles to SNR 1-10, where common lines are found. The steps, for the offline job and the
+daemon alike:
+
+1. **Which classes, in which order** (:func:`class_order`): non-empty classes by size, the
+   classes not flagged junk first (the reference is the largest good class and the anchors
+   the next ones), junk classes last, at most ``MAX_CLASS_VIEWS`` in one pass (the paper's
+   128 views); a larger set is posed in further passes that share the reference and
+   anchors.
+2. **Class poses** (:func:`pose_classes`): the averages brought to the decoder's box
+   (Fourier crop or pad, the field of view kept), on rays
+   (:func:`~cryofastar.recon.fourier_rays.image_rays`), through the geometric decoder
+   (:mod:`cryofastar.model.geometric_decoder`). Its relative rotation ``R_c = A_ref A_cᵀ``
+   becomes the class's RELION matrix ``A_c = R_cᵀ`` in the reference class's frame (the
+   map's frame), determined up to the mirror, which the map's hand carries.
+3. **Particle poses** (:func:`particle_poses`): a particle of class ``c`` with RELION's 2D
+   angle ``psi`` is its class average transformed like a projection at ``(0, 0, psi)``
+   (docs/conventions.md, "2D alignment"), so its pose is ``A = Rz(psi) @ A_c`` and its
+   2D origin is its 3D origin.
+
+Without trained weights the decoder is the classical one: normalised correlation of raw
+rays, each pair's best ray pair (:class:`~cryofastar.model.ray_encoder.ClassicalRayEncoder`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryofastar.model.geometric_decoder import GeometricDecoder
+from cryofastar.model.geometric_weights import GeometricConfig, load_decoder
+from cryofastar.model.preprocess import to_model_box
+from cryofastar.model.ray_encoder import ClassicalRayEncoder
+from cryofastar.recon.euler import euler_to_matrix
+from cryofastar.recon.fourier_rays import image_rays
+
+__all__ = ["CLASSICAL_ANCHORS", "MAX_CLASS_VIEWS", "ClassPoser", "class_order", "particle_poses"]
+
+MAX_CLASS_VIEWS = 128
+"""Views in one decoder pass (reference and anchors included)."""
+CLASSICAL_ANCHORS = 24
+"""Anchors of the classical decoder: measured on class averages of SNR 0.1 sessions (docs/model-card.md),
+more anchors made synchronisation robust to wrong lines (8: median 11 degrees, 24: 2.7 on one molecule)."""
+
+
+def class_order(counts: torch.Tensor, junk: torch.Tensor) -> np.ndarray:
+    """Non-empty classes, good before junk, each by decreasing size (stable: ties by class number).
+
+    Parameters
+    ----------
+    counts: torch.Tensor
+        `(K,)` class sizes (sum of membership weights).
+    junk: torch.Tensor
+        `(K,)` bool junk flags.
+
+    Returns
+    -------
+    np.ndarray
+        Class indices (0-based) in decoder order; empty classes are left out.
+    """
+    counts_np, junk_np = counts.double().cpu().numpy(), junk.bool().cpu().numpy()
+    keys = np.lexsort((np.arange(len(counts_np)), -counts_np, junk_np))
+    return keys[counts_np[keys] > 0]
+
+
+class ClassPoser:
+    """Poses of class averages by the geometric decoder (module docstring, step 2).
+
+    Parameters
+    ----------
+    decoder: GeometricDecoder
+        The decoder (learned or classical).
+    config: GeometricConfig
+        Its box and ray grid.
+    """
+
+    def __init__(self, decoder: GeometricDecoder, config: GeometricConfig):
+        self.decoder, self.config = decoder.eval(), config
+
+    @classmethod
+    def load(cls, weights: Path | None, device: torch.device | str = "cpu") -> ClassPoser:
+        """The decoder of a weights file, or the classical decoder when ``weights`` is ``None``."""
+        if weights is not None:
+            decoder, config = load_decoder(weights, device)
+            return cls(decoder, config)
+        config = GeometricConfig(anchors=CLASSICAL_ANCHORS)
+        decoder = GeometricDecoder(ClassicalRayEncoder(), config.n_rays, anchors=config.anchors, matching="hard")
+        return cls(decoder.to(device), config)
+
+    @torch.no_grad()
+    def pose_classes(self, averages: torch.Tensor, order: np.ndarray) -> torch.Tensor:
+        """RELION matrices of the classes in ``order`` (module docstring, step 2).
+
+        Parameters
+        ----------
+        averages: torch.Tensor
+            `(K, B, B)` class averages [class, y, x], centre ``B // 2``.
+        order: np.ndarray
+            Classes to pose, reference first (:func:`class_order`); at least 2.
+
+        Returns
+        -------
+        torch.Tensor
+            `(K, 3, 3)` float64 matrices ``A_c`` in the reference class's frame; NaN for the
+            classes not in ``order``.
+        """
+        if len(order) < 2:
+            raise ValueError(f"class poses need at least 2 non-empty classes, got {len(order)}")
+        c = self.config
+        device = next(iter(self.decoder.buffers())).device
+        views = to_model_box(averages[torch.as_tensor(order)].float(), c.box).to(device)
+        rays = image_rays(views, c.n_rays, c.n_radii, c.max_radius_fraction)
+        noise = _noise_scale(views)
+        partners = min(c.anchors + 1, len(order))
+        relative = torch.empty(len(order), 3, 3, dtype=torch.float64, device=device)
+        first = self.decoder(rays[:MAX_CLASS_VIEWS], noise[:MAX_CLASS_VIEWS])
+        relative[:MAX_CLASS_VIEWS] = first.rotations
+        # further passes share the reference and anchors, whose rotations depend only on their own pairs:
+        # every pass synchronises them identically, so all passes are in one frame and hand
+        for start in range(MAX_CLASS_VIEWS, len(order), MAX_CLASS_VIEWS - partners):
+            rows = torch.cat([torch.arange(partners), torch.arange(start, min(len(order), start + MAX_CLASS_VIEWS
+                                                                              - partners))])
+            relative[rows[partners:]] = self.decoder(rays[rows], noise[rows]).rotations[partners:]
+        matrices = torch.full((len(averages), 3, 3), float("nan"), dtype=torch.float64)
+        matrices[torch.as_tensor(order)] = relative.transpose(-1, -2).cpu()
+        return matrices
+
+
+def _noise_scale(views: torch.Tensor) -> torch.Tensor:
+    """`(V,)` per-sample Fourier noise estimate: ``B`` times the standard deviation outside the particle
+    (the corners beyond 0.45 B from the centre); a floor of 1 % of the image's own scale for masked averages."""
+    box = views.shape[-1]
+    y, x = torch.meshgrid(torch.arange(box), torch.arange(box), indexing="ij")
+    outside = ((y - box // 2) ** 2 + (x - box // 2) ** 2) > (0.45 * box) ** 2
+    sigma = views[:, outside.to(views.device)].std(dim=-1)
+    floor = 0.01 * views.flatten(1).std(dim=-1)
+    return torch.maximum(sigma, floor).clamp_min(1e-12) * box
+
+
+def particle_poses(class_matrices: torch.Tensor, classes: np.ndarray, psi_degrees: np.ndarray) -> torch.Tensor:
+    """`(n, 3, 3)` float64 RELION matrices ``Rz(psi) @ A_c`` of particles (module docstring, step 3).
+
+    Parameters
+    ----------
+    class_matrices: torch.Tensor
+        `(K, 3, 3)` class poses (:meth:`ClassPoser.pose_classes`).
+    classes: np.ndarray
+        `(n,)` 0-based class of each particle.
+    psi_degrees: np.ndarray
+        `(n,)` RELION 2D ``rlnAnglePsi`` of each particle.
+    """
+    psi = torch.as_tensor(np.asarray(psi_degrees), dtype=torch.float64)
+    inplane = euler_to_matrix(torch.zeros_like(psi), torch.zeros_like(psi), psi)
+    return inplane @ class_matrices[torch.as_tensor(np.asarray(classes), dtype=torch.long)]
