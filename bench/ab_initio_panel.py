@@ -42,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from cryofastar.engine.offline import ReconstructSettings, reconstruct
-from cryofastar.model.evaluation import apply_alignment_to_rotations, pose_errors
+from cryofastar.model.evaluation import apply_alignment_to_rotations, network_poses, pose_errors
 from cryofastar.recon import HalfSetAccumulator, fsc, resolution_at_threshold
 from cryofastar.recon.io import read_particles, write_particles
 from cryofastar.recon.io.columns import SPREAD_COLUMN
@@ -182,10 +182,18 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
     folder = args.work / key.replace("|", "_")
     star = write_cell(cs, images, folder)
     t = time.perf_counter()
-    settings = ReconstructSettings(device=args.device, poses_from="map-only", seed=seed)
+    settings = ReconstructSettings(device=args.device, poses_from=args.poses_from, seed=seed)
     result = reconstruct(star, folder / "out", settings)
     wall = time.perf_counter() - t
     table = read_particles(folder / "out" / "particles.star")
+    start = {}
+    if args.poses_from == "classes":  # the class poses before refinement (the decoder's, via each particle's class)
+        start_rotations, _ = network_poses(table)
+        errors = pose_errors(start_rotations, cs.rotations[:n], symmetry=symmetry_operators(molecule))
+        start = {"poses_from": "classes", "classes_posed": result.classes_posed,
+                 "class_poses_median_deg": errors.geodesic_median_degrees,
+                 "class_poses_won_fraction": result.network_won_fraction,
+                 "class_poses_informative": "ab-initio" not in result.refine_modes}
     poses = {"rotations": table.rotations().double(), "origins_angstrom": table.origins_angstrom().double()}
     poses_path(args, key).parent.mkdir(parents=True, exist_ok=True)
     torch.save(poses, poses_path(args, key))
@@ -196,7 +204,8 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
              "atoms": cs.atoms, "box": box, "apix": cs.apix, "ctf": ctf, "snr": snr, "n": n, "seed": seed,
              "device": args.device, "wall_s": wall, "ab_initio_s": result.ab_initio_seconds,
              "verdict": verdict.get("converged"), "ab_initio": verdict,
-             "median_angular_spread_deg": spread}  # the last refinement round's posterior RMS angle (evidence)
+             "median_angular_spread_deg": spread,  # the last refinement round's posterior RMS angle (evidence)
+             **start}
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
     return score_cell(entry, cs, images, molecule, poses)
@@ -419,6 +428,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where the job runs (the issue's figures: cpu, 2 threads; keep cuda cells in their own "
                         "--json, their wall times are another machine's)")
+    parser.add_argument("--poses-from", choices=["map-only", "classes"], default="map-only",
+                        help="the job's source of first poses (reconstruct --poses-from); keep classes cells in their "
+                        "own --json")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep each cell's STAR, stack and outputs")
     parser.add_argument("--rescore", action="store_true", help="score again the cells whose poses --work keeps")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import starfile
+import torch
 from cryofastar.engine.offline import ReconstructSettings, reconstruct
-from cryofastar.recon.io import read_volume
+from cryofastar.recon.io import read_particles, read_volume
 from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, NETWORK_COLUMNS
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.session import write_session
@@ -42,9 +43,31 @@ def test_network_poses_without_refinement_write_every_output(star: Path, tmp_pat
     assert header == ["shell", "resolution_angstrom", "fsc_half_maps"]
 
 
+def test_class_poses_pose_every_particle_through_its_class(star: Path, tmp_path: Path) -> None:
+    """--poses-from classes without refinement: 2D classes, their common-line poses, each particle through its
+    class: Rz(psi) A_c, one A_c per class (accuracy: bench/ab_initio_panel.py --poses-from classes; 150
+    particles in 8 classes are far too few for good class averages)."""
+    settings = ReconstructSettings(device="cpu", poses_from="classes", classes=8, refine=False)
+    result = reconstruct(star, tmp_path, settings)
+    assert result.n_particles == N and 2 <= result.classes_posed <= 8 and result.refine_modes == []
+    particles = starfile.read(tmp_path / "particles.star")["particles"]
+    assert set(NETWORK_COLUMNS) | {"rlnClassNumber"} <= set(particles.columns)
+    assert particles["rlnClassNumber"].between(1, 8).all()
+    rotations = read_particles(tmp_path / "particles.star").rotations()
+    directions = rotations[:, 2, :]  # A.T @ e_z: Rz(psi) leaves it alone, so every member has its class's
+    numbers = torch.tensor(particles["rlnClassNumber"].to_numpy(copy=True))
+    firsts = []
+    for number in numbers.unique():
+        members = directions[numbers == number]
+        assert torch.allclose(members, members[0].expand_as(members), atol=1e-6)
+        firsts.append(members[0])
+    assert len(firsts) >= 2 and not torch.allclose(firsts[0], firsts[1], atol=1e-3)  # classes posed apart
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"views": 2}, "--views must be at least 3"),
-    ({"poses_from": "magic"}, "--poses-from must be network or map-only"),
+    ({"poses_from": "magic"}, "--poses-from must be network, map-only or classes"),
+    ({"poses_from": "classes", "classes": 1}, "--classes must be at least 2"),
     ({"poses_from": "map-only", "refine": False}, "needs refinement"),
     ({"refine_rounds": 0}, "--refine-rounds must be at least 1"),
     ({"refine_box": 8}, "--refine-box must be 16..512 px"),

@@ -1,0 +1,69 @@
+"""engine.class_posing: which classes are posed, their common-line poses, and particles through their class."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cryofastar.engine.class_posing import MAX_CLASS_VIEWS, ClassPoser, class_order, particle_poses
+from cryofastar.model.evaluation import pose_errors
+from cryofastar.recon.fourier_rays import image_rays
+from cryofastar.recon.rotations import random_rotations
+from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule, simulate_particles
+
+BOX = 64
+
+
+@pytest.fixture(scope="module")
+def volume() -> tuple[torch.Tensor, float]:
+    atoms = procedural_molecule(1_000_000_004)
+    apix = 2 * atoms.radius_angstrom() / (0.6 * BOX)
+    return atoms_to_volume(atoms, BOX, apix), apix
+
+
+def _projections(volume: torch.Tensor, apix: float, rotations: torch.Tensor) -> torch.Tensor:
+    return simulate_particles(volume, len(rotations), apix, None, torch.Generator().manual_seed(0), max_shift_px=0,
+                              rotations=rotations).images
+
+
+def test_class_order_puts_good_classes_first_by_size_and_leaves_out_empty_ones():
+    counts = torch.tensor([5.0, 0.0, 9.0, 7.0, 9.0, 3.0])
+    junk = torch.tensor([False, False, True, False, False, False])
+    assert class_order(counts, junk).tolist() == [4, 3, 0, 5, 2]
+
+
+def test_a_particle_is_its_class_average_turned_by_psi(volume):
+    """Rz(psi) @ A_c is the class average (the projection at A_c) turned in plane as RELION's 2D psi says:
+    on rays, psi = 90 degrees moves every ray a quarter turn on."""
+    vol, apix = volume
+    class_pose = random_rotations(1, torch.Generator().manual_seed(3))
+    particle = particle_poses(class_pose, np.array([0]), np.array([90.0]))
+    rays = image_rays(_projections(vol, apix, torch.cat([class_pose, particle])), 96, 16, 0.75)
+    assert (rays[1] - torch.roll(rays[0], -24, dims=0)).abs().max() < 1e-3 * rays.abs().max()
+
+
+def test_classical_poser_poses_clean_projections_up_to_one_frame(volume):
+    vol, apix = volume
+    truth = random_rotations(40, torch.Generator().manual_seed(5))
+    order = np.arange(40)
+    matrices = ClassPoser.load(None).pose_classes(_projections(vol, apix, truth), order)
+    assert torch.allclose(matrices[0], torch.eye(3, dtype=torch.float64))  # the reference class's frame
+    assert pose_errors(matrices, truth).geodesic_median_degrees < 5.0
+
+
+def test_more_classes_than_one_pass_share_one_frame(volume):
+    vol, apix = volume
+    n = MAX_CLASS_VIEWS + 20
+    truth = random_rotations(n, torch.Generator().manual_seed(6))
+    averages = _projections(vol, apix, truth)
+    order = np.arange(n - 1)  # the last class is not posed
+    matrices = ClassPoser.load(None).pose_classes(averages, order)
+    assert torch.isnan(matrices[-1]).all()
+    errors = pose_errors(matrices[:-1], truth[:-1])
+    later = errors.geodesic_degrees[MAX_CLASS_VIEWS:]
+    assert errors.geodesic_median_degrees < 5.0 and float(later.median()) < 5.0
+
+
+def test_too_few_classes():
+    with pytest.raises(ValueError, match="at least 2"):
+        ClassPoser.load(None).pose_classes(torch.zeros(3, BOX, BOX), np.array([0]))
