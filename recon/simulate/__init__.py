@@ -5,6 +5,7 @@ from .junk import JunkScale, JunkType, simulate_junk
 from .particles import CtfRange, SimulatedParticles, simulate_particles
 from .potential import atoms_to_volume
 from .procedural import ProceduralSettings, procedural_molecule
+from .ray_views import RayViews, RayVolume, simulate_ray_sets, simulate_ray_views
 from .run import SimulateSettings, run_simulation
 from .session import write_session
 
@@ -14,6 +15,8 @@ __all__ = [
     "JunkScale",
     "JunkType",
     "ProceduralSettings",
+    "RayViews",
+    "RayVolume",
     "SimulateSettings",
     "SimulatedParticles",
     "atoms_to_volume",
@@ -22,5 +25,7 @@ __all__ = [
     "run_simulation",
     "simulate_junk",
     "simulate_particles",
+    "simulate_ray_sets",
+    "simulate_ray_views",
     "write_session",
 ]
