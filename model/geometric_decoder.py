@@ -1,6 +1,7 @@
 """The geometric decoder: views' Fourier rays -> common lines -> relative rotations, cost linear in views.
 
-1. Every view's rays are encoded (:mod:`cryofastar.model.ray_encoder`).
+1. Every view's rays are encoded (:mod:`cryofastar.model.ray_encoder`), each ray's features
+   scaled to unit length, so a pair score is a cosine times a learned temperature.
 2. Its **partners** are the reference (view 0) and the next ``K`` views, the anchors.
    Every view is scored against every partner over all ray pairs plus "no common line"
    (:mod:`cryofastar.model.ray_pairs`): ``V x (K + 1)`` pairs, linear in ``V``.
@@ -23,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from cryofastar.recon.fourier_rays import ray_directions
 from torch import nn
 
@@ -87,13 +89,22 @@ class GeometricDecoder(nn.Module):
         self.none_logit = nn.Parameter(torch.tensor(0.0))
         self.register_buffer("directions", ray_directions(n_rays), persistent=False)
 
+    def ray_features(self, rays: torch.Tensor, noise_scale: torch.Tensor | float) -> torch.Tensor:
+        """`(..., L, R)` rays -> `(..., L, D)` unit-length ray features (pair scores are their cosines)."""
+        lead = rays.shape[:-2]
+        flat = rays.reshape(-1, *rays.shape[-2:])
+        scale = torch.as_tensor(noise_scale, device=rays.device)
+        scale = scale.reshape(-1) if scale.dim() else scale
+        features = self.encoder(flat, scale)
+        return F.normalize(features.float(), dim=-1).reshape(*lead, *features.shape[-2:])
+
     def pair_logits(self, rays: torch.Tensor, noise_scale: torch.Tensor | float) -> tuple[torch.Tensor, int]:
         """`(V, L, R)` rays -> `(V, P, L, L)` logits against the partners, and ``P``."""
         if rays.dim() != 3 or rays.shape[1] != self.n_rays:
             raise ValueError(f"rays must be (V, {self.n_rays}, R), got {tuple(rays.shape)}")
         if rays.shape[0] < 2:
             raise ValueError("at least 2 views are needed (a reference and one other)")
-        features = self.encoder(rays, noise_scale)
+        features = self.ray_features(rays, noise_scale)
         partners = min(self.anchors + 1, rays.shape[0])
         logits = pair_logits(features[:, None], features[None, :partners], self.log_temperature.exp())
         return logits, partners

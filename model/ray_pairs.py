@@ -20,7 +20,7 @@ import torch
 from .common_lines import TrueCommonLines
 
 __all__ = ["common_line_loss", "common_line_targets", "found_within", "hard_pairs", "pair_logits",
-           "pair_probabilities"]
+           "pair_probabilities", "sparse_targets"]
 
 
 def pair_logits(features_a: torch.Tensor, features_b: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
@@ -60,8 +60,9 @@ def hard_pairs(scores: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(flat).scatter_(-1, flat.argmax(-1, keepdim=True), 1.0).reshape(scores.shape)
 
 
-def common_line_targets(lines: TrueCommonLines, n_rays: int, min_angle_degrees: float = 5.0) -> torch.Tensor:
-    """Target distributions over the ``L * L + 1`` outcomes (module docstring).
+def sparse_targets(lines: TrueCommonLines, n_rays: int,
+                   min_angle_degrees: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets of the module docstring as the few outcomes that carry mass.
 
     Parameters
     ----------
@@ -74,29 +75,48 @@ def common_line_targets(lines: TrueCommonLines, n_rays: int, min_angle_degrees: 
 
     Returns
     -------
-    torch.Tensor
-        `(..., L * L + 1)` float32, summing to 1; the last entry is "no line".
+    cells: torch.Tensor
+        `(..., 9)` int64 outcome indices: 8 ray-pair cells ``l * L + m`` (4 per orientation)
+        and "no line" (``L * L``).
+    weights: torch.Tensor
+        `(..., 9)` float32 masses, summing to 1.
     """
-    shape, n = lines.ray_a.shape, n_rays
-    target = torch.zeros(*shape, n * n + 1, dtype=torch.float32, device=lines.ray_a.device)
+    n = n_rays
+    cells, weights = [], []
     for offset in (0.0, n / 2):
         a, b = (lines.ray_a + offset) % n, (lines.ray_b + offset) % n
         a0, b0 = a.floor(), b.floor()
         fa, fb = (a - a0).float(), (b - b0).float()
         for da, wa in ((0, 1 - fa), (1, fa)):
             for db, wb in ((0, 1 - fb), (1, fb)):
-                cell = (((a0 + da) % n) * n + (b0 + db) % n).long()
-                target.scatter_add_(-1, cell[..., None], (0.5 * wa * wb)[..., None])
+                cells.append((((a0 + da) % n) * n + (b0 + db) % n).long())
+                weights.append(0.5 * wa * wb)
     none = lines.angle_degrees < min_angle_degrees
-    target[none] = 0.0
-    target[..., -1] = none.float()
-    return target
+    cells.append(torch.full_like(cells[0], n * n))
+    weights.append(none.float())
+    cells_t, weights_t = torch.stack(cells, -1), torch.stack(weights, -1)
+    weights_t[..., :-1] = torch.where(none[..., None], 0.0, weights_t[..., :-1])
+    return cells_t, weights_t
 
 
-def common_line_loss(logits: torch.Tensor, none_logit: torch.Tensor | float, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of `(..., L, L)` logits (+ "no line") against `(..., L * L + 1)` targets."""
-    log_p = _with_none(logits, none_logit).log_softmax(dim=-1)
-    return -(targets * log_p).sum(-1).mean()
+def common_line_targets(lines: TrueCommonLines, n_rays: int, min_angle_degrees: float = 5.0) -> torch.Tensor:
+    """Dense target distributions over the ``L * L + 1`` outcomes (module docstring).
+
+    Returns
+    -------
+    torch.Tensor
+        `(..., L * L + 1)` float32, summing to 1; the last entry is "no line".
+    """
+    cells, weights = sparse_targets(lines, n_rays, min_angle_degrees)
+    target = torch.zeros(*cells.shape[:-1], n_rays * n_rays + 1, dtype=torch.float32, device=cells.device)
+    return target.scatter_add_(-1, cells, weights)
+
+
+def common_line_loss(logits: torch.Tensor, none_logit: torch.Tensor | float, cells: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `(..., L, L)` logits (+ "no line") against sparse targets (:func:`sparse_targets`)."""
+    flat = _with_none(logits, none_logit)
+    return (flat.logsumexp(-1) - (weights * flat.gather(-1, cells)).sum(-1)).mean()
 
 
 def found_within(scores: torch.Tensor, lines: TrueCommonLines, tolerance_rays: float) -> torch.Tensor:

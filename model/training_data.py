@@ -107,11 +107,14 @@ class MoleculeBank:
         self.apix.append(apix)
         self.names.append(name)
 
-    def refresh(self, n: int = 1) -> None:
-        """Replace ``n`` random slots with new molecules."""
+    def refresh(self, n: int = 1) -> list[int]:
+        """Replace ``n`` random slots with new molecules; return the slots replaced."""
+        slots = []
         for _ in range(n):
             k = int(torch.randint(self.size, (), generator=self.generator))
             self.volumes[k], self.apix[k], self.names[k] = self._new_molecule()
+            slots.append(k)
+        return slots
 
 
 def _rz(angles: torch.Tensor) -> torch.Tensor:

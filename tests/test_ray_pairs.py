@@ -10,6 +10,7 @@ from cryofastar.model.ray_pairs import (
     found_within,
     hard_pairs,
     pair_probabilities,
+    sparse_targets,
 )
 
 L = 8
@@ -40,11 +41,15 @@ def test_probabilities_and_loss():
     logits = torch.randn(3, L, L)
     p, none = pair_probabilities(logits, 0.5)
     assert torch.allclose(p.sum((-2, -1)) + none, torch.ones(3))
-    target = common_line_targets(_lines(2.0, 3.0), L)[0].expand(3, -1)
+    cells, weights = sparse_targets(_lines(2.0, 3.0), L)
+    cells, weights = cells.expand(3, -1), weights.expand(3, -1)
     sharp = torch.full((3, L, L), -20.0)
     sharp[:, 2, 3] = sharp[:, 6, 7] = 20.0
-    assert common_line_loss(sharp, -20.0, target) < common_line_loss(logits, 0.5, target)
-    assert float(common_line_loss(sharp, -20.0, target)) < 0.7  # log 2: the best a split target allows
+    assert common_line_loss(sharp, -20.0, cells, weights) < common_line_loss(logits, 0.5, cells, weights)
+    assert float(common_line_loss(sharp, -20.0, cells, weights)) < 0.7  # log 2: the best a split target allows
+    dense = common_line_targets(_lines(2.0, 3.0), L).expand(3, -1)  # the same loss as a dense cross-entropy
+    log_p = torch.cat([logits.flatten(-2), torch.full((3, 1), 0.5)], -1).log_softmax(-1)
+    assert torch.isclose(common_line_loss(logits, 0.5, cells, weights), -(dense * log_p).sum(-1).mean())
 
 
 def test_found_within_accepts_either_orientation_but_not_a_mismatch():
