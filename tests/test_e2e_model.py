@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import starfile
 import torch
+from cryofastar.model.geometric_weights import load_decoder
 from cryofastar.model.weights import load_model
 from cryofastar.recon.io import read_volume
 
@@ -82,9 +84,24 @@ def test_reconstruct_refuses_bad_weights_and_views(session: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_train_command_checkpoints_and_resumes(tmp_path: Path) -> None:
+def test_train_command_leaves_weights_within_its_budget(tmp_path: Path) -> None:
+    """The geometric decoder's trainer, as a GPU run would be started, on the CPU with a 30-second budget."""
     out = tmp_path / "run"
-    args = ("train", "--out", str(out), "--steps", "2", "--images-per-step", "8", "--bank-size", "2",
+    started = time.monotonic()
+    done = run("train", "--out", str(out), "--budget-min", "0.5", "--log-seconds", "10", "--views", "5", "--sets",
+               "2", "--bank-size", "2", "--procedural-only", "--device", "cpu")
+    assert time.monotonic() - started < 120
+    assert "common lines found at SNR 1" in done.stdout and "best.safetensors" in done.stdout
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(records) >= 3 and records[-1]["final"]
+    decoder, config = load_decoder(out / "latest.safetensors")
+    assert config.box == 64 and (out / "latest.safetensors").stat().st_size < 16 * 2**20
+
+
+@pytest.mark.slow
+def test_train_vit_command_checkpoints_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ("train-vit", "--out", str(out), "--steps", "2", "--images-per-step", "8", "--bank-size", "2",
             "--procedural-only", "--no-progress")
     first = run(*args)
     assert "validation: median" in first.stdout

@@ -48,6 +48,7 @@ from cryofastar.commands import (  # noqa: E402
     simulate,
     subscribe,
     train,
+    train_vit,
     watch,
 )
 
@@ -102,6 +103,7 @@ app.command()(simulate.simulate)
 app.command()(backproject.backproject)
 app.command()(evaluate.evaluate)
 app.command()(train.train)
+app.command(name="train-vit")(train_vit.train_vit)
 
 
 app.command()(reconstruct.reconstruct)
