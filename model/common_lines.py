@@ -216,15 +216,17 @@ def _greedy_dihedrals(covariance: torch.Tensor, n_dihedral: int, starts: int) ->
     n, dtype, device = covariance.shape[0], covariance.dtype, covariance.device
     alpha, beta = _line_angles(covariance[1:, 0])  # anchor k's line: its ray alpha_k, the reference's beta_k
     grid = torch.arange(n_dihedral, dtype=dtype, device=device) * (2 * math.pi / n_dihedral)
+    # every anchor's candidate rotations on the whole grid at once: (N - 1, G, 3, 3)
+    candidates_all = _rz(beta)[:, None] @ _rx(grid)[None] @ _rz(-alpha)[:, None]
     best, best_total = None, -math.inf
     for first in range(1, min(starts, n - 1) + 1):
         order = [first] + [k for k in range(1, n) if k != first]
-        runs = grid[: n_dihedral // 2]  # the first anchor's dihedral; the rest is its mirror
-        placed = {0: torch.eye(3, dtype=dtype, device=device).expand(len(runs), 3, 3),
-                  first: dihedral_rotations(alpha[first - 1], beta[first - 1], runs)}
-        total = torch.zeros(len(runs), dtype=dtype, device=device)
+        runs = n_dihedral // 2  # the first anchor's dihedral in [0, pi); the rest is its mirror
+        placed = {0: torch.eye(3, dtype=dtype, device=device).expand(runs, 3, 3),
+                  first: candidates_all[first - 1, :runs]}
+        total = torch.zeros(runs, dtype=dtype, device=device)
         for k in order[1:]:
-            candidates = dihedral_rotations(alpha[k - 1], beta[k - 1], grid)  # (G, 3, 3)
+            candidates = candidates_all[k - 1]  # (G, 3, 3)
             done = list(placed)
             partners = torch.stack([placed[j] for j in done], 1)  # (runs, placed, 3, 3)
             target = (covariance[k, done] @ partners.transpose(-1, -2)).sum(1)  # (runs, 3, 3): sum_j M_kj R_jᵀ

@@ -29,7 +29,7 @@ from cryofastar.recon.fourier_rays import ray_directions
 from torch import nn
 
 from .common_lines import pair_covariance, place_views, ray_fpm, synchronise
-from .ray_pairs import hard_pairs, pair_logits, pair_probabilities
+from .ray_pairs import pair_logits, pair_probabilities
 
 __all__ = ["DecodedViews", "GeometricDecoder"]
 
@@ -121,18 +121,27 @@ class GeometricDecoder(nn.Module):
             `(V,)` or scalar standard deviation of one Fourier sample's noise.
         """
         logits, partners = self.pair_logits(rays, noise_scale)
-        if self.matching == "hard":
-            probabilities = hard_pairs(logits)
+        n_views = rays.shape[0]
+        u = self.directions.double()
+        not_self = torch.ones(n_views, partners, dtype=torch.bool, device=rays.device)
+        not_self[torch.arange(partners), torch.arange(partners)] = False  # a view against itself means nothing
+        if self.matching == "hard":  # each pair's best ray pair, without a dense (V, P, L, L) one-hot
+            best = logits.flatten(-2).argmax(-1)
+            first, second = best // self.n_rays, best % self.n_rays  # (V, P)
+            covariance = u[first][..., :, None] * u[second][..., None, :]
         else:
-            probabilities, _ = pair_probabilities(logits, self.none_logit)
-        probabilities = probabilities.double()
-        covariance = pair_covariance(probabilities, self.directions.double())  # (V, P, 3, 3)
+            probabilities = pair_probabilities(logits, self.none_logit)[0].double()
+            covariance = pair_covariance(probabilities, u)  # (V, P, 3, 3)
         partner_rotations = synchronise(covariance[:partners])
         others = place_views(covariance[partners:], partner_rotations)
         rotations = torch.cat([partner_rotations, others])
-        # each view against its partners other than itself
-        not_self = torch.ones(rays.shape[0], partners, dtype=probabilities.dtype, device=rays.device)
-        not_self[torch.arange(partners), torch.arange(partners)] = 0.0
-        fpm, confidence = ray_fpm(probabilities * not_self[..., None, None], partner_rotations,
-                                  self.directions.double())
+        if self.matching == "hard":
+            matched = (partner_rotations[None] @ u[second][..., None])[..., 0] * not_self[..., None]  # (V, P, 3)
+            fpm = torch.zeros(n_views, self.n_rays, 3, dtype=torch.float64, device=rays.device)
+            fpm.scatter_add_(1, first[..., None].expand(-1, -1, 3), matched)
+            confidence = torch.zeros(n_views, self.n_rays, dtype=torch.float64, device=rays.device)
+            confidence.scatter_add_(1, first, not_self.double())
+            fpm = fpm / confidence.clamp_min(1e-12)[..., None]
+        else:
+            fpm, confidence = ray_fpm(probabilities * not_self[..., None, None], partner_rotations, u)
         return DecodedViews(rotations, fpm, confidence, logits, self.none_logit, partners)
