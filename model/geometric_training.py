@@ -45,6 +45,10 @@ from .training_data import VALIDATION_SEED_START, MoleculeBank
 __all__ = ["GeometricTrainRun", "GeometricTrainSettings", "TrainedDecoder", "train_decoder"]
 
 
+SEED_STRIDE = 1_000_003
+"""Run ``--seed s`` draws procedural training molecules from seed ``s * SEED_STRIDE`` on (a million runs apart)."""
+
+
 @dataclass(frozen=True)
 class GeometricTrainSettings:
     """How to train (units in the names; ``cryofastar-stream train``'s options).
@@ -104,6 +108,9 @@ class GeometricTrainSettings:
             raise ValueError(f"--views must be at least 2 and --sets at least 1, got {self.views} and {self.sets}")
         if not 0 < self.snr_min <= self.snr_max:
             raise ValueError(f"need 0 < --snr-min <= --snr-max, got {self.snr_min} and {self.snr_max}")
+        if not 0 <= self.seed * SEED_STRIDE < VALIDATION_SEED_START - SEED_STRIDE:
+            raise ValueError(f"--seed must be 0..{VALIDATION_SEED_START // SEED_STRIDE - 2} (its procedural "
+                             f"molecules stay below the validation seeds), got {self.seed}")
         if not self.log_seconds > 0 or self.bank_size < 1 or self.refresh_every < 1:
             raise ValueError("--log-seconds must be positive and --bank-size at least 1")
 
@@ -208,8 +215,8 @@ def train_decoder(out: Path, settings: GeometricTrainSettings, config: Geometric
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    bank = MoleculeBank(config.box, settings.bank_size, structures, settings.real_fraction, seed_start=settings.seed
-                        * 1_000_003, generator=generator)
+    bank = MoleculeBank(config.box, settings.bank_size, structures, settings.real_fraction,
+                        seed_start=settings.seed * SEED_STRIDE, generator=generator)
     volumes = [RayVolume(v.to(device)) for v in bank.volumes]
     validation = held_out_sets(settings.validation_molecules, settings.views, 1.0, seed=1, box=config.box,
                                n_rays=config.n_rays, n_radii=config.n_radii,
