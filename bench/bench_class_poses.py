@@ -14,7 +14,8 @@ spread) is reported: a class average is a blur of that many degrees.
 **Error.** The classes' relative rotations against the true ones after one global rotation and
 hand (:func:`cryofastar.model.evaluation.pose_errors`), median over the classes posed; chance
 (random rotations, aligned the same way) beside it. Molecules: procedural seeds from
-``EVAL_SEED_START`` (held out), never trained on.
+``EVAL_SEED_START`` (held out), never trained on; a Cn oligomer's poses are compared up to its
+symmetry (:func:`~cryofastar.recon.simulate.procedural.oligomer_order`).
 
     .venv/bin/python bench/bench_class_poses.py --molecules 4 --weights RUN/best.safetensors \\
         --json bench/results/class_poses_m3.json
@@ -33,11 +34,13 @@ import numpy as np
 import starfile
 import torch
 from cryofastar.engine.class_posing import ClassPoser, class_order
-from cryofastar.model.evaluation import chance_level, pose_errors
+from cryofastar.model.evaluation import pose_errors
 from cryofastar.model.training_data import EVAL_SEED_START
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.io import read_images
-from cryofastar.recon.rotations import geodesic_degrees
+from cryofastar.recon.pose_alignment import cyclic_symmetry, nearest_symmetry_mates
+from cryofastar.recon.rotations import geodesic_degrees, random_rotations
+from cryofastar.recon.simulate.procedural import oligomer_order
 
 HERE = Path(__file__).parent
 
@@ -58,8 +61,13 @@ def _key(name: str) -> str:
     return f"{int(index)}@{Path(stack).name}"
 
 
-def true_class_poses(session: Path, classified: Path, n_classes: int) -> tuple[torch.Tensor, np.ndarray]:
-    """`(K, 3, 3)` true class poses (chordal mean over members) and `(K,)` median member spread (degrees)."""
+def true_class_poses(session: Path, classified: Path, n_classes: int,
+                     operators: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """`(K, 3, 3)` true class poses (chordal mean over members) and `(K,)` median member spread (degrees).
+
+    For a molecule with symmetry operators ``S_k`` a member's pose is any of ``A @ S_k``: each member
+    takes the mate nearest the class's running mean (two rounds) before the mean is taken.
+    """
     truth = starfile.read(session / "particles.star")["particles"]
     pred = starfile.read(classified / "particles.star")["particles"]
     truth = truth.set_index(truth["rlnImageName"].map(_key)).loc[pred["rlnImageName"].map(_key).to_numpy()]
@@ -75,11 +83,17 @@ def true_class_poses(session: Path, classified: Path, n_classes: int) -> tuple[t
         rows = torch.from_numpy(members == c)
         if not rows.any():
             continue
-        u, _, vh = torch.linalg.svd(implied[rows].sum(0))
-        if torch.linalg.det(u @ vh) < 0:
-            u[:, -1] = -u[:, -1]
-        poses[c] = u @ vh
-        spread[c] = float(geodesic_degrees(implied[rows], poses[c].expand(int(rows.sum()), 3, 3)).median())
+        mine = implied[rows]
+        mean = mine[0]
+        for _ in range(3 if operators is not None else 1):
+            if operators is not None:
+                mine = nearest_symmetry_mates(mean.expand_as(mine), implied[rows], operators)
+            u, _, vh = torch.linalg.svd(mine.sum(0))
+            if torch.linalg.det(u @ vh) < 0:
+                u[:, -1] = -u[:, -1]
+            mean = u @ vh
+        poses[c] = mean
+        spread[c] = float(geodesic_degrees(mine, mean.expand(int(rows.sum()), 3, 3)).median())
     return poses, spread
 
 
@@ -99,17 +113,20 @@ def molecule(seed: int, args: argparse.Namespace, posers: dict[str, ClassPoser])
     counts = torch.tensor(classes["rlnCryofastarParticleCount"].to_numpy(np.float64))
     junk = torch.tensor(classes["rlnCryofastarJunk"].to_numpy() > 0)
     order = class_order(counts, junk)
-    truth, spread = true_class_poses(session, classified, len(averages))
+    order_n = oligomer_order(seed)
+    operators = cyclic_symmetry(order_n) if order_n > 1 else None
+    truth, spread = true_class_poses(session, classified, len(averages), operators)
     good = order[~junk[torch.as_tensor(order)].numpy()]
-    record = {"seed": seed, "classes_posed": len(order), "good_classes": len(good),
+    record = {"seed": seed, "symmetry": f"C{order_n}", "classes_posed": len(order), "good_classes": len(good),
               "median_member_spread_deg": float(np.nanmedian(spread[good]))}
-    chance = chance_level(truth[torch.as_tensor(good)], torch.Generator().manual_seed(seed))
+    chance = pose_errors(random_rotations(len(good), torch.Generator().manual_seed(seed)), truth[torch.as_tensor(good)],
+                         symmetry=order_n)
     record["chance_median_deg"] = chance.geodesic_median_degrees
     for name, poser in posers.items():
         t = time.perf_counter()
         matrices = poser.pose_classes(torch.as_tensor(averages), order)
         seconds = time.perf_counter() - t
-        errors = pose_errors(matrices[torch.as_tensor(good)], truth[torch.as_tensor(good)])
+        errors = pose_errors(matrices[torch.as_tensor(good)], truth[torch.as_tensor(good)], symmetry=order_n)
         record[name] = {"median_deg": errors.geodesic_median_degrees,
                         "within_10": float((errors.geodesic_degrees < 10).double().mean()), "seconds": seconds}
     return record

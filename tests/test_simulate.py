@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from cryofastar.recon.simulate import (
     ProceduralSettings,
     atoms_to_volume,
     load_structure,
+    oligomer_order,
     procedural_molecule,
     write_session,
 )
@@ -91,6 +93,20 @@ def test_procedural_oligomers_have_cyclic_symmetry() -> None:
     m = procedural_molecule(2, settings)
     n = len(m)
     assert n % 2 == 0 or n % 3 == 0
+
+
+def test_oligomer_order_is_the_symmetry_the_molecule_has() -> None:
+    """oligomer_order(seed) without building: the atoms map onto themselves under Rz(360/n) (and not a monomer's)."""
+    orders = {seed: oligomer_order(seed, ProceduralSettings(max_residues=120)) for seed in range(40)}
+    assert set(orders.values()) - {1} and 1 in orders.values()
+    for seed in [next(s for s, o in orders.items() if o > 1), next(s for s, o in orders.items() if o == 1)]:
+        xyz = procedural_molecule(seed, ProceduralSettings(max_residues=120)).xyz_angstrom.double()
+        n = orders[seed]
+        turn = math.radians(360 / max(n, 2))
+        rz = torch.tensor([[math.cos(turn), -math.sin(turn), 0], [math.sin(turn), math.cos(turn), 0], [0, 0, 1]],
+                          dtype=torch.float64)
+        nearest = torch.cdist(xyz @ rz.T, xyz).min(dim=1).values
+        assert (float(nearest.max()) < 1e-3) == (n > 1), (seed, n)
 
 
 def test_write_session_writes_a_readable_relion_set(tmp_path: Path) -> None:

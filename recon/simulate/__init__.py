@@ -4,7 +4,7 @@ from .atoms import Atoms, load_structure
 from .junk import JunkScale, JunkType, simulate_junk
 from .particles import CtfRange, SimulatedParticles, simulate_particles
 from .potential import atoms_to_volume
-from .procedural import ProceduralSettings, procedural_molecule
+from .procedural import ProceduralSettings, oligomer_order, procedural_molecule
 from .ray_views import RayViews, RayVolume, simulate_ray_sets, simulate_ray_views
 from .run import SimulateSettings, run_simulation
 from .session import write_session
@@ -21,6 +21,7 @@ __all__ = [
     "SimulatedParticles",
     "atoms_to_volume",
     "load_structure",
+    "oligomer_order",
     "procedural_molecule",
     "run_simulation",
     "simulate_junk",

@@ -36,7 +36,8 @@ import torch
 
 from .atoms import Atoms
 
-__all__ = ["EVAL_SEED_START", "MAX_SEED", "VALIDATION_SEED_START", "ProceduralSettings", "procedural_molecule"]
+__all__ = ["EVAL_SEED_START", "MAX_SEED", "VALIDATION_SEED_START", "ProceduralSettings", "oligomer_order",
+           "procedural_molecule"]
 
 MAX_SEED = 2**31 - 1
 """Largest procedural seed."""
@@ -133,6 +134,20 @@ def _backbone_and_side_chains(trace: np.ndarray, rng: np.random.Generator) -> tu
     return np.concatenate([positions, *side]), element_list + side_elements
 
 
+def _size_and_order(rng: np.random.Generator, settings: ProceduralSettings) -> tuple[int, int]:
+    """The first draws of a molecule: residues in all and its Cn order (1: a monomer)."""
+    total = int(np.exp(rng.uniform(np.log(settings.min_residues), np.log(settings.max_residues))))
+    order = 1
+    if rng.random() < settings.oligomer_probability:
+        order = int(rng.integers(2, settings.max_oligomer_order + 1))
+    return total, order
+
+
+def oligomer_order(seed: int, settings: ProceduralSettings | None = None) -> int:
+    """The Cn order (about z; 1: none) of :func:`procedural_molecule` ``(seed, settings)``, without building it."""
+    return _size_and_order(np.random.default_rng(seed), settings or ProceduralSettings())[1]
+
+
 def procedural_molecule(seed: int, settings: ProceduralSettings | None = None) -> Atoms:
     """Generate one protein-like molecule (see the module docstring for the recipe).
 
@@ -143,10 +158,7 @@ def procedural_molecule(seed: int, settings: ProceduralSettings | None = None) -
     """
     settings = settings or ProceduralSettings()
     rng = np.random.default_rng(seed)
-    total = int(np.exp(rng.uniform(np.log(settings.min_residues), np.log(settings.max_residues))))
-    order = 1
-    if rng.random() < settings.oligomer_probability:
-        order = int(rng.integers(2, settings.max_oligomer_order + 1))
+    total, order = _size_and_order(rng, settings)
     per_chain = max(settings.min_residues // 2, total // order)
     positions, elements = _backbone_and_side_chains(_fold_chain(per_chain, rng), rng)
     positions = positions - positions.mean(0)
