@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    posers = {"classical": ClassPoser.load(None)}
+    posers = {"classical": ClassPoser.load("classical")}
     if args.weights is not None:
         posers["learned"] = ClassPoser.load(args.weights)
     seeds = args.seeds or [EVAL_SEED_START + args.first + k for k in range(args.molecules)]

@@ -20,8 +20,9 @@ daemon alike:
    (docs/conventions.md, "2D alignment"), so its pose is ``A = Rz(psi) @ A_c`` and its
    2D origin is its 3D origin.
 
-Without trained weights the decoder is the classical one: normalised correlation of raw
-rays, each pair's best ray pair (:class:`~cryofastar.model.ray_encoder.ClassicalRayEncoder`).
+The decoder is the shipped one (``model/weights/cryofastar-geometric.safetensors``, docs/model-card.md)
+unless other weights are given, or the classical one on request: normalised correlation of raw rays,
+each pair's best ray pair (:class:`~cryofastar.model.ray_encoder.ClassicalRayEncoder`).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryofastar.model.geometric_decoder import GeometricDecoder
-from cryofastar.model.geometric_weights import GeometricConfig, load_decoder
+from cryofastar.model.geometric_weights import DEFAULT_DECODER_WEIGHTS, GeometricConfig, load_decoder
 from cryofastar.model.preprocess import to_model_box
 from cryofastar.model.ray_encoder import ClassicalRayEncoder
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.fourier_rays import image_rays
 
-__all__ = ["CLASSICAL_ANCHORS", "MAX_CLASS_VIEWS", "ClassPoser", "class_order", "particle_poses"]
+__all__ = ["CLASSICAL_ANCHORS", "DEFAULT_DECODER_WEIGHTS", "MAX_CLASS_VIEWS", "ClassPoser", "class_order",
+           "particle_poses"]
 
 MAX_CLASS_VIEWS = 128
 """Views in one decoder pass (reference and anchors included)."""
@@ -81,14 +83,22 @@ class ClassPoser:
         self.decoder, self.config = decoder.eval(), config
 
     @classmethod
-    def load(cls, weights: Path | None, device: torch.device | str = "cpu") -> ClassPoser:
-        """The decoder of a weights file, or the classical decoder when ``weights`` is ``None``."""
-        if weights is not None:
-            decoder, config = load_decoder(weights, device)
-            return cls(decoder, config)
-        config = GeometricConfig(anchors=CLASSICAL_ANCHORS)
-        decoder = GeometricDecoder(ClassicalRayEncoder(), config.n_rays, anchors=config.anchors, matching="hard")
-        return cls(decoder.to(device), config)
+    def load(cls, weights: Path | str = "shipped", device: torch.device | str = "cpu") -> ClassPoser:
+        """The decoder ``weights`` names: ``"shipped"`` (:data:`DEFAULT_DECODER_WEIGHTS`), ``"classical"``
+        (no parameters) or a weights file of ``cryofastar-stream train``.
+
+        Raises
+        ------
+        WeightsError
+            The file is missing, unreadable or not a geometric decoder's.
+        """
+        if str(weights) == "classical":
+            config = GeometricConfig(anchors=CLASSICAL_ANCHORS)
+            decoder = GeometricDecoder(ClassicalRayEncoder(), config.n_rays, anchors=config.anchors,
+                                       matching="hard")
+            return cls(decoder.to(device), config)
+        decoder, config = load_decoder(DEFAULT_DECODER_WEIGHTS if str(weights) == "shipped" else weights, device)
+        return cls(decoder, config)
 
     @torch.no_grad()
     def pose_classes(self, averages: torch.Tensor, order: np.ndarray) -> torch.Tensor:

@@ -116,8 +116,9 @@ class ReconstructSettings:
         round 1 finds them uninformative).
     classes: int
         2D classes with ``poses_from="classes"``.
-    class_weights: Path | None
-        Geometric decoder weights for ``poses_from="classes"``; ``None``: classical common lines.
+    class_weights: str
+        Geometric decoder for ``poses_from="classes"``: a weights file, ``shipped`` (the shipped
+        decoder) or ``classical`` (normalised correlation, no parameters).
     refine: bool
         Refine poses against the half maps; ``False`` keeps the network's poses.
     refine_rounds: int
@@ -143,8 +144,9 @@ class ReconstructSettings:
                              "starting poses from map-only ab initio (no network); classes: 2D classification, "
                              "then the class averages posed by common lines (ab initio if they prove uninformative).")
     classes: int = option(50, help="2D classes with --poses-from classes.")
-    class_weights: Path | None = option(None, help="Geometric decoder weights (safetensors) for --poses-from classes; "
-                                        "default: classical common lines.")
+    class_weights: str = option("shipped", help="Geometric decoder for --poses-from classes: a weights file "
+                                "(cryofastar-stream train), shipped (the shipped decoder) or classical (normalised "
+                                "correlation of rays, no parameters).")
     refine: bool = option(True, flags=("--refine/--no-refine",), help="Refine poses by projection matching against "
                           "the half maps (docs/refinement.md); --no-refine keeps the network's poses.")
     refine_rounds: int = option(4, help="Rounds of refinement (with a network the first is a best-of-local-and-global "
@@ -166,6 +168,9 @@ class ReconstructSettings:
             raise ValueError(f"chunk must be at least 1, got {self.chunk}")
         if self.classes < 2:
             raise ValueError(f"--classes must be at least 2, got {self.classes}")
+        if self.class_weights not in ("shipped", "classical") and not Path(self.class_weights).is_file():
+            raise ValueError(f"--class-weights {self.class_weights}: no such weights file (or say shipped or "
+                             "classical)")
 
 
 @dataclass

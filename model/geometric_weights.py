@@ -16,9 +16,11 @@ from .geometric_decoder import GeometricDecoder
 from .ray_encoder import RayEncoder
 from .weights import WeightsError, read_metadata
 
-__all__ = ["GeometricConfig", "build_decoder", "load_decoder", "save_decoder"]
+__all__ = ["DEFAULT_DECODER_WEIGHTS", "GeometricConfig", "build_decoder", "load_decoder", "save_decoder"]
 
 KIND = "geometric-decoder"
+DEFAULT_DECODER_WEIGHTS = Path(__file__).resolve().parent / "weights" / "cryofastar-geometric.safetensors"
+"""The shipped geometric decoder (training run 1, docs/model-card.md)."""
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,18 @@ def test_classical_poser_poses_clean_projections_up_to_one_frame(volume):
     vol, apix = volume
     truth = random_rotations(40, torch.Generator().manual_seed(5))
     order = np.arange(40)
-    matrices = ClassPoser.load(None).pose_classes(_projections(vol, apix, truth), order)
+    matrices = ClassPoser.load("classical").pose_classes(_projections(vol, apix, truth), order)
     assert torch.allclose(matrices[0], torch.eye(3, dtype=torch.float64))  # the reference class's frame
     assert pose_errors(matrices, truth).geodesic_median_degrees < 5.0
+
+
+def test_shipped_decoder_poses_clean_projections(volume):
+    vol, apix = volume
+    truth = random_rotations(40, torch.Generator().manual_seed(7))
+    poser = ClassPoser.load()  # the shipped weights
+    assert poser.config.anchors == 24
+    matrices = poser.pose_classes(_projections(vol, apix, truth), np.arange(40))
+    assert pose_errors(matrices, truth).geodesic_median_degrees < 10.0
 
 
 def test_more_classes_than_one_pass_share_one_frame(volume):
@@ -57,7 +66,7 @@ def test_more_classes_than_one_pass_share_one_frame(volume):
     truth = random_rotations(n, torch.Generator().manual_seed(6))
     averages = _projections(vol, apix, truth)
     order = np.arange(n - 1)  # the last class is not posed
-    matrices = ClassPoser.load(None).pose_classes(averages, order)
+    matrices = ClassPoser.load("classical").pose_classes(averages, order)
     assert torch.isnan(matrices[-1]).all()
     errors = pose_errors(matrices[:-1], truth[:-1])
     later = errors.geodesic_degrees[MAX_CLASS_VIEWS:]
@@ -66,4 +75,4 @@ def test_more_classes_than_one_pass_share_one_frame(volume):
 
 def test_too_few_classes():
     with pytest.raises(ValueError, match="at least 2"):
-        ClassPoser.load(None).pose_classes(torch.zeros(3, BOX, BOX), np.array([0]))
+        ClassPoser.load("classical").pose_classes(torch.zeros(3, BOX, BOX), np.array([0]))

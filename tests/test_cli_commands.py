@@ -73,6 +73,8 @@ def test_simulate_backproject_evaluate_in_process(tmp_path: Path) -> None:
     (["reconstruct", "X/none.star", "-o", "X/run"], "X/none.star"),
     (["reconstruct", "X/p.star", "-o", "X/run", "--poses-from", "classes", "--classes", "1"],
      "--classes must be at least 2, got 1"),
+    (["reconstruct", "X/p.star", "-o", "X/run", "--poses-from", "classes", "--class-weights", "X/none.safetensors"],
+     "--class-weights X/none.safetensors: no such weights file"),
     (["reconstruct", "X/p.star", "-o", "X/run", "--poses-from", "magic"], "--poses-from must be network, map-only or "
      "classes, got 'magic'"),
     (["watch", "X/missing"], "--watch X/missing: not an existing directory"),
