@@ -172,10 +172,10 @@ class DaemonSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.interpolation not in ("nearest", "trilinear"):
             raise ValueError(f"--interpolation must be nearest or trilinear, got {self.interpolation!r}")
-        check_pose_source(self.poses_from, self.refine, self.refine_box)
         if self.poses_from == "classes":
             raise ValueError("--poses-from classes is offline only so far (reconstruct --poses-from classes); "
                              "watch takes network or map-only")
+        check_pose_source(self.poses_from, self.refine, self.refine_box, sources=("network", "map-only"))
         if self.refine_after < 2:
             raise ValueError(f"--refine-after must be at least 2 particles, got {self.refine_after}")
         if self.repose_per_pass < 0:
