@@ -31,13 +31,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import starfile
 import torch
 from cryofastar.engine.class_posing import ClassPoser, class_order
 from cryofastar.model.evaluation import pose_errors
 from cryofastar.model.training_data import EVAL_SEED_START
 from cryofastar.recon.euler import euler_to_matrix
-from cryofastar.recon.io import read_images
+from cryofastar.recon.io import image_keys, read_images, read_particles
 from cryofastar.recon.pose_alignment import cyclic_symmetry, nearest_symmetry_mates
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.simulate.procedural import oligomer_order
@@ -56,23 +57,17 @@ def _run(command: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}); see {log}")
 
 
-def _key(name: str) -> str:
-    index, stack = name.split("@")
-    return f"{int(index)}@{Path(stack).name}"
-
-
 def true_class_poses(session: Path, classified: Path, n_classes: int,
                      operators: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """`(K, 3, 3)` true class poses (chordal mean over members) and `(K,)` median member spread (degrees).
 
     For a molecule with symmetry operators ``S_k`` a member's pose is any of ``A @ S_k``: each member
-    takes the mate nearest the class's running mean (two rounds) before the mean is taken.
+    takes the mate nearest the class's running mean (three rounds) before the mean is taken.
     """
-    truth = starfile.read(session / "particles.star")["particles"]
-    pred = starfile.read(classified / "particles.star")["particles"]
-    truth = truth.set_index(truth["rlnImageName"].map(_key)).loc[pred["rlnImageName"].map(_key).to_numpy()]
-    angles = torch.tensor(truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64))
-    a_true = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    truth_table, pred_table = read_particles(session / "particles.star"), read_particles(classified / "particles.star")
+    rows = pd.Series(np.arange(len(truth_table)), index=image_keys(truth_table))[image_keys(pred_table)].to_numpy()
+    a_true = truth_table.rotations()[torch.as_tensor(rows)]
+    pred = pred_table.particles
     psi = torch.tensor(pred["rlnAnglePsi"].to_numpy(np.float64))
     inplane = euler_to_matrix(torch.zeros_like(psi), torch.zeros_like(psi), psi)
     implied = inplane.transpose(-1, -2) @ a_true

@@ -150,6 +150,11 @@ this far apart counts ``exp(-1/2)`` as much as one that agrees exactly (a proper
 for every molecule)."""
 
 
+def _robust_weights(cosine: torch.Tensor, robust_degrees: float) -> torch.Tensor:
+    """``exp(-theta^2 / (2 robust_degrees^2))`` of the angle ``theta`` (degrees) whose cosine is given."""
+    return torch.exp(-torch.rad2deg(torch.arccos(cosine)).square() / (2 * robust_degrees ** 2))
+
+
 def synchronise(covariance: torch.Tensor, n_dihedral: int = 120, sweeps: int = 8, starts: int = 4,
                 robust_degrees: float = ROBUST_DEGREES) -> torch.Tensor:
     """Relative rotations of a reference (view 0) and its anchors from all their pair covariances.
@@ -202,7 +207,7 @@ def synchronise(covariance: torch.Tensor, n_dihedral: int = 120, sweeps: int = 8
         with torch.no_grad():
             placed = torch.stack(rotations).detach()
             cosine = (trace_agreement(placed[:, None], covariance.detach(), placed[None]) / mass).clamp(-1.0, 1.0)
-            weight = torch.exp(-torch.rad2deg(torch.arccos(cosine)).square() / (2 * robust_degrees ** 2))
+            weight = _robust_weights(cosine, robust_degrees)
         for k in range(1, n):
             others = [j for j in range(n) if j != k]
             partners = torch.stack([rotations[j] for j in others])
@@ -271,7 +276,7 @@ def place_views(covariance: torch.Tensor, partner_rotations: torch.Tensor, itera
     for _ in range(iterations):
         with torch.no_grad():
             cosine = (torch.einsum("vij,vpji->vp", rotations.detach(), placed.detach()) / mass).clamp(-1.0, 1.0)
-            weight = torch.exp(-torch.rad2deg(torch.arccos(cosine)).square() / (2 * robust_degrees ** 2))
+            weight = _robust_weights(cosine, robust_degrees)
         rotations = rotation_from_covariance((weight[..., None, None] * placed).sum(1))
     return rotations
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from cryofastar.recon.fourier_rays import image_rays
-from cryofastar.recon.rotations import geodesic_degrees, random_rotations
+from cryofastar.recon.rotations import geodesic_degrees, mirror_rotations, random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, load_structure, procedural_molecule
 from cryofastar.recon.simulate.particles import CtfRange, simulate_particles
 
@@ -32,10 +32,7 @@ from .geometric_decoder import GeometricDecoder
 from .ray_pairs import found_within
 from .training_data import EVAL_SEED_START
 
-__all__ = ["HeldOutSet", "held_out_sets", "line_accuracy", "pose_accuracy"]
-
-J = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
-
+__all__ = ["HeldOutSet", "hand_errors", "held_out_sets", "line_accuracy", "pose_accuracy"]
 
 @dataclass
 class HeldOutSet:
@@ -127,8 +124,10 @@ def line_accuracy(decoder: GeometricDecoder, sets: Sequence[HeldOutSet], toleran
     return {"found": found / max(pairs, 1), "pairs": pairs, "chance": chance}
 
 
-def _hand_errors(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    e1, e2 = geodesic_degrees(pred, true), geodesic_degrees(J @ pred @ J, true)
+def hand_errors(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """`(n,)` geodesic errors (degrees) of relative rotations in the reference's frame, in the better of the
+    two hands (``R`` or its mirror ``J R J``, which common lines cannot tell apart; chosen by the median)."""
+    e1, e2 = geodesic_degrees(pred, true), geodesic_degrees(mirror_rotations(pred), true)
     return e1 if e1.median() <= e2.median() else e2
 
 
@@ -139,9 +138,9 @@ def pose_accuracy(decoder: GeometricDecoder, sets: Sequence[HeldOutSet], seed: i
     generator = torch.Generator().manual_seed(seed)
     for held in sets:
         out = decoder(held.rays, _noise_scale(held))
-        errors.append(_hand_errors(out.rotations[1:], held.rotations[1:]))
+        errors.append(hand_errors(out.rotations[1:], held.rotations[1:]))
         random = random_rotations(len(held.rotations), generator)
-        chance.append(_hand_errors((random[0] @ random.transpose(-1, -2))[1:], held.rotations[1:]))
+        chance.append(hand_errors((random[0] @ random.transpose(-1, -2))[1:], held.rotations[1:]))
     errors_all = torch.cat(errors)
     return {"median": float(errors_all.median()), "views": len(errors_all),
             "fraction_within_10": float((errors_all < 10).double().mean()),

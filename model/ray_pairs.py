@@ -19,8 +19,8 @@ import torch
 
 from .common_lines import TrueCommonLines
 
-__all__ = ["common_line_loss", "common_line_targets", "found_within", "hard_pairs", "pair_logits",
-           "pair_probabilities", "sparse_targets"]
+__all__ = ["common_line_loss", "common_line_targets", "found_within", "pair_logits", "pair_probabilities",
+           "sparse_targets"]
 
 
 def pair_logits(features_a: torch.Tensor, features_b: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
@@ -52,12 +52,6 @@ def pair_probabilities(logits: torch.Tensor, none_logit: torch.Tensor | float) -
 def _with_none(logits: torch.Tensor, none_logit: torch.Tensor | float) -> torch.Tensor:
     none = torch.as_tensor(none_logit, dtype=logits.dtype, device=logits.device).expand(logits.shape[:-2])
     return torch.cat([logits.flatten(-2), none[..., None]], dim=-1)
-
-
-def hard_pairs(scores: torch.Tensor) -> torch.Tensor:
-    """`(..., L, L)` -> one-hot `(..., L, L)` at each pair's best-scoring ray pair (classical matching)."""
-    flat = scores.flatten(-2)
-    return torch.zeros_like(flat).scatter_(-1, flat.argmax(-1, keepdim=True), 1.0).reshape(scores.shape)
 
 
 def sparse_targets(lines: TrueCommonLines, n_rays: int,

@@ -8,7 +8,6 @@ from cryofastar.model.ray_pairs import (
     common_line_loss,
     common_line_targets,
     found_within,
-    hard_pairs,
     pair_probabilities,
     sparse_targets,
 )
@@ -58,4 +57,3 @@ def test_found_within_accepts_either_orientation_but_not_a_mismatch():
         scores = torch.zeros(1, L, L)
         scores[0, a, b] = 1.0
         assert bool(found_within(scores, lines, 1.0)[0]) is found, (a, b)
-    assert hard_pairs(torch.tensor([[[0.0, 2.0], [1.0, 0.0]]])).tolist() == [[[0.0, 1.0], [0.0, 0.0]]]
