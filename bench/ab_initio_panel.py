@@ -182,7 +182,8 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
     folder = args.work / key.replace("|", "_")
     star = write_cell(cs, images, folder)
     t = time.perf_counter()
-    settings = ReconstructSettings(device=args.device, poses_from=args.poses_from, seed=seed)
+    settings = ReconstructSettings(device=args.device, poses_from=args.poses_from, seed=seed,
+                                   class_weights=args.class_weights)
     result = reconstruct(star, folder / "out", settings)
     wall = time.perf_counter() - t
     table = read_particles(folder / "out" / "particles.star")
@@ -190,7 +191,7 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
     if args.poses_from == "classes":  # the class poses before refinement (the decoder's, via each particle's class)
         start_rotations, _ = network_poses(table)
         errors = pose_errors(start_rotations, cs.rotations[:n], symmetry=symmetry_operators(molecule))
-        start = {"poses_from": "classes", "classes_posed": result.classes_posed,
+        start = {"poses_from": "classes", "class_weights": args.class_weights, "classes_posed": result.classes_posed,
                  "class_poses_median_deg": errors.geodesic_median_degrees,
                  "class_poses_won_fraction": result.network_won_fraction,
                  "class_poses_informative": "ab-initio" not in result.refine_modes}
@@ -431,6 +432,9 @@ def main() -> None:
     parser.add_argument("--poses-from", choices=["map-only", "classes"], default="map-only",
                         help="the job's source of first poses (reconstruct --poses-from); keep classes cells in their "
                         "own --json")
+    parser.add_argument("--class-weights", default="shipped",
+                        help="with --poses-from classes: the geometric decoder (reconstruct --class-weights: "
+                        "shipped, classical or a weights file); keep each in its own --json")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep each cell's STAR, stack and outputs")
     parser.add_argument("--rescore", action="store_true", help="score again the cells whose poses --work keeps")

@@ -5,7 +5,7 @@ Built on :mod:`cryofastar.engine`, :mod:`cryofastar.model` and :mod:`cryofastar.
 - :mod:`~cryofastar.daemon.pipeline`: :class:`~cryofastar.daemon.pipeline.Daemon`, the threads
   and bounded queues that wire it together, and its read-only API for callers
   (:mod:`~cryofastar.daemon.settings`: what can be set; never changed by the daemon);
-- :mod:`~cryofastar.daemon.pose_source`: the network, or map-only: the effective source of poses;
+- :mod:`~cryofastar.daemon.pose_source`: the network, map-only or classes: the effective source of poses;
 - :mod:`~cryofastar.daemon.watcher`: complete particle files under a directory (inotify or polling);
 - :mod:`~cryofastar.daemon.ingest`: checks a file, lists its new particles, reads their images;
 - :mod:`~cryofastar.daemon.journal`: which particles the session holds;

@@ -76,6 +76,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from cryofastar.engine.class_posing import ClassViews
 from cryofastar.engine.classification import ClassifySettings, classifier_settings, write_class_set
 from cryofastar.engine.junk_exclusion import JunkVerdicts
 from cryofastar.recon.classify2d import StreamingClassifier, class_set, particle_columns
@@ -301,6 +302,7 @@ class ClassificationLane:
         self.last_update: float | None = None  # unix time of the last class set published
         self.junk = 0
         self._verdicts: JunkVerdicts | None = None  # newest, not yet taken by the 3D lane
+        self._views: ClassViews | None = None  # newest settled class set, not yet taken (--poses-from classes)
         self._verdicts_lock = threading.Lock()
         self.read_by_lane = 0  # particles whose images the lane read itself (queue full, or a restart)
         metrics.classify_enabled.set(1)
@@ -661,9 +663,12 @@ class ClassificationLane:
         self.metrics.classes_updated.set(self.last_update)
         if self.settled():  # the 3D lane takes these particles out of its map (engine.junk_exclusion)
             n = c.n_particles
+            stacks, indices = self.table.stacks(np.arange(n)), self.table.index[:n].copy()
             with self._verdicts_lock:
-                self._verdicts = JunkVerdicts(self.table.stacks(np.arange(n)), self.table.index[:n].copy(),
-                                              columns["rlnCryofastarJunk"].astype(bool), self.published)
+                self._verdicts = JunkVerdicts(stacks, indices, columns["rlnCryofastarJunk"].astype(bool),
+                                              self.published)
+                self._views = ClassViews.from_columns(classes.averages, classes.counts, classes.junk, columns,
+                                                      stacks=stacks, indices=indices, version=self.published)
         try:
             write_class_set(classes, self.folder)
             self._write_particles(columns)
@@ -685,6 +690,14 @@ class ClassificationLane:
         with self._verdicts_lock:
             verdicts, self._verdicts = self._verdicts, None
         return verdicts
+
+    def class_views(self) -> ClassViews | None:
+        """The newest settled class set with every particle's 2D alignment, for class poses
+        (:mod:`~cryofastar.engine.class_posing`; any thread; each set handed out once: ``None`` until a newer
+        one)."""
+        with self._verdicts_lock:
+            views, self._views = self._views, None
+        return views
 
     def _write_particles(self, columns: dict[str, np.ndarray]) -> None:
         c = self.classifier

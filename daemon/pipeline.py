@@ -25,7 +25,10 @@ nothing is dropped)::
   each chunk to it, never waiting (a full queue keeps the particles' locations only); it
   classifies them, publishes and writes its class sets in ``--out/classes`` and checkpoints
   itself. Its failure disables it and never stops the daemon; :meth:`Daemon.stop` asks it to
-  stop first and waits for its last files at the end.
+  stop first and waits for its last files at the end. With ``--poses-from classes`` its first
+  settled class set gives the map's particles their class poses (the accumulator applies it,
+  :meth:`~cryofastar.engine.live_refinement.LiveRefinement.pose_from_classes`); its failure
+  then sends the session to map-only ab initio.
 
 The poser and the accumulator run at the same time, ``queue_size`` posed passes apart
 (making them take turns on a 2-core CPU was measured slower). :meth:`Daemon.stop`: the
@@ -59,11 +62,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryofastar.engine.class_posing import ClassPoser
 from cryofastar.engine.junk_exclusion import JunkExclusion
 from cryofastar.engine.live_refinement import LiveRefinement
 from cryofastar.engine.posing import NetworkPoser, Poses, RandomPoser, sets_per_pass
 from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
-from cryofastar.model.weights import DEFAULT_WEIGHTS
+from cryofastar.model.weights import DEFAULT_WEIGHTS, WeightsError
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
@@ -141,6 +145,7 @@ class Daemon:
         self._device = resolve_device(s.device)
         self._sets_per_pass = sets_per_pass(self._device)  # passes per forward call
         self.model, self._poses_from = load_network(s, self._device)
+        self.class_poser = _load_class_poser(s.class_weights, self._device) if self._poses_from == "classes" else None
         # the refiner works with the effective source of poses; the caller's settings stay as given
         self.refiner = StreamingRefiner(s, self._device, poses_from=self._poses_from)
         self.metrics = DaemonMetrics()
@@ -224,7 +229,8 @@ class Daemon:
 
     @property
     def poses_from(self) -> str:
-        """Where poses come from: ``network``, or ``map-only`` (asked for, or the shipped weights did not load)."""
+        """Where poses come from: ``network``, ``map-only`` (asked for, or the shipped weights did not load) or
+        ``classes``."""
         return self._poses_from
 
     @property
@@ -798,7 +804,7 @@ class Daemon:
         return images
 
     def _record_refinement(self, step: str, n: int, seconds: float) -> None:
-        """Metrics of a refinement step (``refine``, ``repose``, ``ab_initio``)."""
+        """Metrics of a refinement step (``refine``, ``repose``, ``ab_initio``, ``class_poses``)."""
         if step in ("refine", "repose"):
             self._count("particles_refined" if step == "refine" else "particles_reposed", n)
         if step == "ab_initio" and self.refiner.ab_verdict is not None:
@@ -810,6 +816,7 @@ class Daemon:
         """Write and publish the map, and checkpoint, when :class:`OutputSchedule` says so (accumulator thread)."""
         st = self.state
         self._exclude_junk()
+        self._pose_from_classes()
         self._update_views()
         now = time.monotonic()
         if self._schedule.map_due(st.n_particles, self._edits, first=not st.fsc_history,
@@ -839,6 +846,22 @@ class Daemon:
             self._exclusion_edits += step.removed + step.restored
             self._record_map_counts()
             self.metrics.latency.labels("exclude_junk").observe(time.perf_counter() - t0)
+
+    def _pose_from_classes(self) -> None:
+        """--poses-from classes: once the 2D lane hands over a settled class set, move the map's particles to
+        their class poses and probe them (engine/live_refinement.py); a failed lane: map-only ab initio."""
+        if not self.refinement.wants_class_views or self.state.accumulator is None:
+            return
+        lane = self.classification
+        if lane is None or lane.state == "failed":
+            self.refinement.give_up_classes(f"the 2D lane failed ({None if lane is None else lane.error})")
+            return
+        views = lane.class_views()
+        if views is None:
+            return
+        assert self.class_poser is not None and self.state.geometry is not None
+        with self._map_change():  # particles are taken out of the map and put back at their class poses
+            self.refinement.pose_from_classes(views, self.class_poser, self.state.geometry.apix)
 
     def _record_map_counts(self) -> None:
         """Particles in the map and taken out of it as junk: the two gauges and :attr:`particles_accounted`."""
@@ -913,3 +936,11 @@ class Daemon:
             self.metrics.files_rejected.inc()
             self.state.counters["files_rejected"] = self.state.counters.get("files_rejected", 0) + 1
         self._rejections.record(path, reason)
+
+
+def _load_class_poser(weights: str, device: torch.device) -> ClassPoser:
+    """The geometric decoder of a ``classes`` session (ValueError naming --class-weights if it cannot load)."""
+    try:
+        return ClassPoser.load(weights, device)
+    except WeightsError as exc:
+        raise ValueError(f"--class-weights {weights}: {exc}") from None

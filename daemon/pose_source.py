@@ -1,4 +1,4 @@
-"""Where a session's poses come from: the CryoFastAR network, or the map only.
+"""Where a session's poses come from: the CryoFastAR network, the map only, or the 2D classes.
 
 ``DaemonSettings.poses_from`` is what the user asked for. The *effective* source can
 differ: when the shipped weights cannot be loaded (not installed, incompatible), a
@@ -8,7 +8,8 @@ that effective value on its own (:attr:`Daemon.poses_from
 <cryofastar.daemon.pipeline.Daemon.poses_from>`, the ``pose_source`` field of status
 messages; their ``poses_from`` says where the map's poses come from in the current
 refinement phase, :func:`~cryofastar.daemon.reporting.poses_now`); the settings object
-stays as the user gave it.
+stays as the user gave it. A ``classes`` session has no network either: random poses until
+its 2D classes have settled, then class poses (:mod:`~cryofastar.engine.class_posing`).
 """
 
 from __future__ import annotations
@@ -38,17 +39,17 @@ def load_network(settings: DaemonSettings, device: torch.device):  # noqa: ANN20
     Returns
     -------
     tuple
-        ``(model, poses_from)``: the network and ``"network"``, or ``(None, "map-only")``
+        ``(model, poses_from)``: the network and ``"network"``; ``(None, "map-only")``
         when ``settings.poses_from`` is ``map-only`` or the shipped weights cannot be
-        loaded (logged as a warning).
+        loaded (logged as a warning); ``(None, "classes")`` for ``classes``.
 
     Raises
     ------
     ValueError
         Weights the user named (``settings.weights``) cannot be loaded.
     """
-    if settings.poses_from == "map-only":
-        return None, "map-only"
+    if settings.poses_from in ("map-only", "classes"):
+        return None, settings.poses_from
     try:
         return load_model(settings.weights, device), "network"
     except WeightsError as exc:

@@ -144,7 +144,8 @@ def poses_now(pose_source: str, phase: str) -> str:
 
     ``network``: the network's poses as they are (refinement off, waiting for
     ``--refine-after`` particles, or probing the network); ``random``: a map-only session
-    before refinement starts (random poses, replaced once it does); ``map-only ab initio``:
+    before refinement starts, or a classes session before its 2D classes have settled (random
+    poses, replaced once it does); ``map-only ab initio``:
     the streaming ab initio's global search against the map (``--poses-from map-only``, or a
     network found uninformative); ``refined``: refined locally against the session's own
     half maps, after either.
@@ -152,22 +153,23 @@ def poses_now(pose_source: str, phase: str) -> str:
     Parameters
     ----------
     pose_source: str
-        The session's effective source of first poses, ``network`` or ``map-only``
+        The session's effective source of first poses, ``network``, ``map-only`` or ``classes``
         (:attr:`Daemon.poses_from <cryofastar.daemon.pipeline.Daemon.poses_from>`).
     phase: str
         :attr:`StreamingRefiner.phase <cryofastar.engine.streaming_refiner.StreamingRefiner.phase>`:
-        ``off``, ``waiting``, ``probe``, ``ab-initio`` or ``local``.
+        ``off``, ``waiting``, ``probe``, ``classes``, ``ab-initio`` or ``local``.
     """
     if phase == "ab-initio":
         return "map-only ab initio"
     if phase == "local":
         return "refined"
-    return "random" if pose_source == "map-only" else "network"
+    return "random" if pose_source in ("map-only", "classes") else "network"
 
 
 def refinement_status(refiner: StreamingRefiner, precision: PosePrecision | None = None) -> dict[str, object]:
-    """The ``refinement`` field of status messages: the refiner's phase, map version, band, ab initio's verdict
-    and the refined poses' estimated ``precision`` (:mod:`~cryofastar.recon.pose_precision`)."""
+    """The ``refinement`` field of status messages: the refiner's phase, map version, band, ab initio's verdict,
+    what the class poses found (``classes`` sessions) and the refined poses' estimated ``precision``
+    (:mod:`~cryofastar.recon.pose_precision`)."""
     r = refiner
     return {"active": r.active, "phase": r.phase, "reference_version": r.version,
             "network_informative": r.network_informative,
@@ -175,6 +177,7 @@ def refinement_status(refiner: StreamingRefiner, precision: PosePrecision | None
             "band_angstrom": None if r.reference is None else r.reference.apix_work / r.reference.local_band,
             "ab_initio": None if r.ab_verdict is None else {**r.ab_verdict.as_dict(),
                                                             "summary": r.ab_verdict.summary()},
+            "class_poses": r.class_poses,
             "pose_precision": None if precision is None else {**precision.as_dict(), "summary": precision.summary()}}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryofastar.engine.class_posing import CLASS_WEIGHTS_HELP, check_class_weights
 from cryofastar.engine.classification import ClassifySettings
 from cryofastar.engine.policy import check_pose_source
 
@@ -70,9 +71,13 @@ class DaemonSettings:
     candidates: int
         Particles scored to choose the session reference.
     poses_from: str
-        ``network`` (the CryoFastAR network; refinement finishes its poses) or
+        ``network`` (the CryoFastAR network; refinement finishes its poses),
         ``map-only`` (no network: random poses until refinement starts, then global
-        search against the running map, a streaming ab initio).
+        search against the running map, a streaming ab initio) or ``classes`` (random
+        poses until the 2D lane's classes have settled, then each particle through its
+        class, the class averages posed by the geometric decoder; docs/refinement.md).
+    class_weights: str
+        The geometric decoder of ``classes``: ``shipped``, ``classical`` or a weights file.
     refine: bool
         Refine poses against the running map (docs/refinement.md).
     refine_after: int
@@ -132,7 +137,10 @@ class DaemonSettings:
     candidates: int = 64
     poses_from: str = option("network", help="network: the CryoFastAR network gives poses, refinement finishes "
                              "them; map-only: no network, a streaming ab initio by global search against the "
-                             "running map (docs/refinement.md).")
+                             "running map; classes: once the 2D lane's classes have settled, the class averages "
+                             "posed by common lines pose their particles, map-only ab initio if they prove "
+                             "uninformative (docs/refinement.md).")
+    class_weights: str = option("shipped", help=CLASS_WEIGHTS_HELP)
     refine: bool = option(True, flags=("--refine/--no-refine",), help="Refine poses against the running map once "
                           "it holds --refine-after particles, and re-pose older particles as it improves.")
     refine_after: int = option(1000, help="Particles the map must hold before refinement starts.")
@@ -172,10 +180,15 @@ class DaemonSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.interpolation not in ("nearest", "trilinear"):
             raise ValueError(f"--interpolation must be nearest or trilinear, got {self.interpolation!r}")
+        check_pose_source(self.poses_from, self.refine, self.refine_box)
         if self.poses_from == "classes":
-            raise ValueError("--poses-from classes is offline only so far (reconstruct --poses-from classes); "
-                             "watch takes network or map-only")
-        check_pose_source(self.poses_from, self.refine, self.refine_box, sources=("network", "map-only"))
+            if not self.classify:
+                raise ValueError("--poses-from classes needs the 2D lane (its class averages are the views): drop "
+                                 "--no-classify")
+            if not self.refine:
+                raise ValueError("--poses-from classes needs refinement (class poses come once the 2D classes "
+                                 "have settled, and replace random poses): drop --no-refine")
+            check_class_weights(self.class_weights)
         if self.refine_after < 2:
             raise ValueError(f"--refine-after must be at least 2 particles, got {self.refine_after}")
         if self.repose_per_pass < 0:

@@ -27,6 +27,7 @@ each pair's best ray pair (:class:`~cryofastar.model.ray_encoder.ClassicalRayEnc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +39,24 @@ from cryofastar.model.ray_encoder import ClassicalRayEncoder
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.fourier_rays import image_rays
 
-__all__ = ["CLASSICAL_ANCHORS", "DEFAULT_DECODER_WEIGHTS", "MAX_CLASS_VIEWS", "ClassPoser", "class_order",
-           "particle_poses"]
+__all__ = ["CLASSICAL_ANCHORS", "CLASS_WEIGHTS_HELP", "DEFAULT_DECODER_WEIGHTS", "MAX_CLASS_VIEWS", "ClassPoser",
+           "ClassViews", "check_class_weights", "class_order", "particle_poses"]
 
 MAX_CLASS_VIEWS = 128
 """Views in one decoder pass (reference and anchors included)."""
 CLASSICAL_ANCHORS = 24
 """Anchors of the classical decoder: measured on class averages of SNR 0.1 sessions (docs/model-card.md),
 more anchors made synchronisation robust to wrong lines (8: median 11 degrees, 24: 2.7 on one molecule)."""
+
+CLASS_WEIGHTS_HELP = ("Geometric decoder for --poses-from classes: a weights file (cryofastar-stream train), shipped "
+                      "(the shipped decoder) or classical (normalised correlation of rays, no parameters).")
+"""The ``--class-weights`` option's help (``reconstruct`` and ``watch``)."""
+
+
+def check_class_weights(weights: str) -> None:
+    """Raise ValueError (one line, naming the option) unless ``weights`` is shipped, classical or an existing file."""
+    if weights not in ("shipped", "classical") and not Path(weights).is_file():
+        raise ValueError(f"--class-weights {weights}: no such weights file (or say shipped or classical)")
 
 
 def class_order(counts: torch.Tensor, junk: torch.Tensor) -> np.ndarray:
@@ -66,6 +77,68 @@ def class_order(counts: torch.Tensor, junk: torch.Tensor) -> np.ndarray:
     counts_np, junk_np = counts.double().cpu().numpy(), junk.bool().cpu().numpy()
     keys = np.lexsort((np.arange(len(counts_np)), -counts_np, junk_np))
     return keys[counts_np[keys] > 0]
+
+
+@dataclass(frozen=True)
+class ClassViews:
+    """A 2D class set and its particles' 2D alignment: what class poses are made from.
+
+    The offline job builds it from ``classify_source``; the daemon's 2D lane hands it to the
+    3D lane once its classes have settled
+    (:meth:`~cryofastar.daemon.classification_lane.ClassificationLane.class_views`).
+
+    Attributes
+    ----------
+    averages: torch.Tensor
+        `(K, B, B)` class averages [class, y, x], centre ``B // 2``, the particles' field of view.
+    counts: torch.Tensor
+        `(K,)` class sizes (sum of membership weights).
+    junk: torch.Tensor
+        `(K,)` bool junk flags.
+    classes: np.ndarray
+        `(n,)` int64 0-based class of each particle.
+    psi_degrees: np.ndarray
+        `(n,)` RELION 2D ``rlnAnglePsi`` of each particle (degrees).
+    origins_angstrom: np.ndarray
+        `(n, 2)` float64 RELION 2D ``rlnOriginX/YAngst`` of each particle (Å).
+    stacks: np.ndarray | None
+        `(n,)` str: the particles' stacks as the session's pose table names them (daemon; ``None`` offline,
+        where particles are rows of the source).
+    indices: np.ndarray | None
+        `(n,)` int64 1-based index of each particle in its stack (with ``stacks``).
+    version: int
+        The class set (the daemon's ``classes`` message version; 0 offline).
+    """
+
+    averages: torch.Tensor
+    counts: torch.Tensor
+    junk: torch.Tensor
+    classes: np.ndarray
+    psi_degrees: np.ndarray
+    origins_angstrom: np.ndarray
+    stacks: np.ndarray | None = None
+    indices: np.ndarray | None = None
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        n, k = len(self.classes), len(self.averages)
+        if not len(self.psi_degrees) == len(self.origins_angstrom) == n:
+            raise ValueError(f"class views of unequal lengths: {n} classes, {len(self.psi_degrees)} angles, "
+                             f"{len(self.origins_angstrom)} origins")
+        if self.stacks is not None and not (self.indices is not None and len(self.stacks) == len(self.indices) == n):
+            raise ValueError("class views name their particles by stack and index, both of every particle")
+        if not len(self.counts) == len(self.junk) == k:
+            raise ValueError(f"{k} class averages but {len(self.counts)} counts and {len(self.junk)} junk flags")
+
+    @classmethod
+    def from_columns(cls, averages: torch.Tensor, counts: torch.Tensor, junk: torch.Tensor,
+                     columns: dict[str, np.ndarray], **where: object) -> ClassViews:
+        """From RELION Class2D particle columns (:func:`~cryofastar.recon.classify2d.particle_columns`:
+        1-based ``rlnClassNumber``, ``rlnAnglePsi``, ``rlnOriginX/YAngst``); ``where``: ``stacks``,
+        ``indices``, ``version``."""
+        origins = np.stack([columns["rlnOriginXAngst"], columns["rlnOriginYAngst"]], -1).astype(np.float64)
+        return cls(averages, counts, junk, np.asarray(columns["rlnClassNumber"], np.int64) - 1,
+                   np.asarray(columns["rlnAnglePsi"], np.float64), origins, **where)  # type: ignore[arg-type]
 
 
 class ClassPoser:
@@ -137,6 +210,20 @@ class ClassPoser:
         matrices = torch.full((len(averages), 3, 3), float("nan"), dtype=torch.float64)
         matrices[torch.as_tensor(order)] = relative.transpose(-1, -2).cpu()
         return matrices
+
+
+    def pose_particles(self, views: ClassViews) -> tuple[torch.Tensor, int]:
+        """Every particle's pose through its class (module docstring, steps 1-3).
+
+        Returns
+        -------
+        tuple
+            `(n, 3, 3)` float64 RELION matrices ``Rz(psi) A_c`` in the reference class's frame (NaN for a
+            particle of a class not posed), and the number of classes posed.
+        """
+        order = class_order(views.counts, views.junk)
+        class_matrices = self.pose_classes(views.averages, order)
+        return particle_poses(class_matrices, views.classes, views.psi_degrees), len(order)
 
 
 def _noise_scale(views: torch.Tensor) -> torch.Tensor:

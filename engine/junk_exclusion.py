@@ -36,6 +36,7 @@ import torch
 from cryofastar.recon.io.errors import out_of_descriptors
 
 from .live_refinement import SessionMap
+from .pose_table import positions_of
 from .streaming_refiner import NEVER, UNREADABLE
 
 logger = logging.getLogger(__name__)
@@ -93,19 +94,9 @@ def rows_to_change(stack_names: list[str], stack_id: np.ndarray, index: np.ndarr
     while its images can be read again (``refined`` != UNREADABLE). Rows the verdicts do
     not name are left alone.
     """
-    ids = {name: i for i, name in enumerate(stack_names)}
-    names, inverse = np.unique(np.asarray(verdicts.stacks).astype(str), return_inverse=True)
-    verdict_ids = np.array([ids.get(str(name), -1) for name in names], np.int64)[inverse.reshape(-1)]
-    known = verdict_ids >= 0  # stacks the map holds nothing of yet
-    width = np.int64(max(int(index.max(initial=0)), int(np.max(verdicts.indices, initial=0))) + 1)
-    table_keys = stack_id.astype(np.int64) * width + index.astype(np.int64)
-    verdict_keys = verdict_ids[known] * width + np.asarray(verdicts.indices, np.int64)[known]
-    junk = np.asarray(verdicts.junk, bool)[known]
-    order = np.argsort(verdict_keys, kind="stable")
-    verdict_keys, junk = verdict_keys[order], junk[order]
-    at = np.clip(np.searchsorted(verdict_keys, table_keys), 0, max(len(verdict_keys) - 1, 0))
-    named = (verdict_keys[at] == table_keys) if len(verdict_keys) else np.zeros(len(table_keys), bool)
-    judged_junk = named & junk[at] if len(junk) else named
+    at = positions_of(stack_names, stack_id, index, verdicts.stacks, verdicts.indices)
+    named = at >= 0
+    judged_junk = named & np.asarray(verdicts.junk, bool)[np.maximum(at, 0)] if len(verdicts.junk) else named
     excluded = excluded.astype(bool)
     readable = refined != UNREADABLE  # a stack gone or replaced: its particles stay as they are
     remove = np.flatnonzero(judged_junk & ~excluded & readable)

@@ -11,6 +11,8 @@ while idle, lets it re-pose particles already in the map. What is refined and wh
   read again, the old contribution removed from the half-set grids and the new one added
   (exactly: the map equals one built from scratch with the new poses), their rows of
   the pose table updated;
+- :meth:`pose_from_classes`: (``--poses-from classes``) the map's particles moved to their class
+  poses once the 2D lane's classes have settled, and the probe that judges them;
 - :meth:`idle_work_left`: whether re-posing is still worth doing while nothing new arrives.
 
 It reads images through the ``read_images`` function it is given and reports timings
@@ -31,8 +33,10 @@ from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.io.errors import out_of_descriptors
 from cryofastar.recon.rotations import geodesic_degrees
 
+from .class_posing import ClassPoser, ClassViews
+from .policy import CLASS_PROBE_PARTICLES
 from .pose_table import PoseTable
-from .streaming_refiner import UNREADABLE, RefinedPoses, StreamingRefiner
+from .streaming_refiner import NEVER, UNREADABLE, RefinedPoses, StreamingRefiner
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,9 @@ __all__ = ["LiveRefinement", "SessionMap"]
 ReadImages = Callable[[np.ndarray], torch.Tensor]
 """Pose-table rows -> `(len(rows), B, B)` float32 images read again (raises ParticleFileError or ValueError)."""
 Record = Callable[[str, int, float], None]
-"""Called with a step (``refine``, ``repose``, ``ab_initio``), its particles and its wall time (s)."""
+"""Called with a step (``refine``, ``repose``, ``ab_initio``, ``class_poses``), its particles and its wall time (s)."""
+CLASS_POSE_CHUNK = 2048
+"""Particles read again and moved to their class poses at a time (bounds memory)."""
 
 
 class SessionMap(Protocol):
@@ -127,10 +133,107 @@ class LiveRefinement:
             return
         halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
         origins = torch.from_numpy(table.column("origins")[rows])
-        new = self.refiner.repose(images, halves, table.rotations(rows), origins, ctf, rows)
-        self._replace(rows, images, halves, ctf, new)
+        rotations = table.rotations(rows)
+        if self.refiner.phase == "ab-initio" or self.refiner.poses_from == "network":
+            new = self.refiner.repose(images, halves, rotations, origins, ctf, rows)
+            self._replace(rows, images, halves, ctf, new)
+        else:  # no network: a particle never refined sits at a random pose, searched globally
+            never = table.column("refined")[rows] == NEVER
+            for mask, mode in ((never, "global"), (~never, "local")):  # two groups, not a loop over particles
+                if mask.any():
+                    sel = torch.from_numpy(mask)
+                    part_ctf = None if ctf is None else ctf[sel]
+                    new = self.refiner.repose(images[sel], halves[sel], rotations[sel], origins[sel], part_ctf,
+                                              rows[mask], mode)
+                    self._replace(rows[mask], images[sel], halves[sel], part_ctf, new)
         self.refiner.maybe_finish_ab_initio(self._refined())
         self._record("repose", len(rows), time.perf_counter() - t0)
+
+    @property
+    def wants_class_views(self) -> bool:
+        """Whether the session waits for a settled 2D class set (``--poses-from classes``)."""
+        return self.refiner.wants_class_views
+
+    def give_up_classes(self, why: str) -> None:
+        """No class set will come (the 2D lane failed): map-only ab initio instead."""
+        self.refiner.give_up_classes(why)
+
+    def pose_from_classes(self, views: ClassViews, poser: ClassPoser, apix: float) -> bool:
+        """Move the map's particles ``views`` names to their class poses, then probe them (module docstring).
+
+        Parameters
+        ----------
+        views: ClassViews
+            A settled class set of the 2D lane, naming particles by stack and index.
+        poser: ClassPoser
+            The geometric decoder that poses the class averages.
+        apix: float
+            The session's pixel size (Å).
+
+        Returns
+        -------
+        bool
+            ``False`` when the set names fewer than ``refine_after`` particles of the map (the next set
+            is awaited); ``True`` once done (the refiner is then in ``local`` or ``ab-initio``). Any
+            failure of the decoder or the probe sends the session to map-only ab initio, never loses
+            particles: each chunk is moved whole or not at all.
+        """
+        table, acc = self.session.poses, self.session.accumulator
+        assert acc is not None and views.stacks is not None and views.indices is not None
+        at = table.positions_of(views.stacks, views.indices)
+        rows = np.flatnonzero((at >= 0) & table.in_map() & (table.column("refined") != UNREADABLE))
+        if len(rows) < self.refiner.settings.refine_after:
+            logger.info("class set %d names %d particles of the map (fewer than %d): waiting for the next",
+                        views.version, len(rows), self.refiner.settings.refine_after)
+            return False
+        t0 = time.perf_counter()
+        try:
+            rotations, posed = poser.pose_particles(views)
+            rotations = rotations[torch.from_numpy(at[rows])]
+            origins = torch.from_numpy(views.origins_angstrom[at[rows]])
+            keep = torch.isfinite(rotations).flatten(1).all(1).numpy()  # particles of a class left unposed stay
+            rows, rotations, origins = rows[keep], rotations[torch.from_numpy(keep)], origins[torch.from_numpy(keep)]
+            version = self.refiner.start_class_poses()
+            moved = self._move_in_chunks(rows, rotations, origins, version)
+            probe = moved[np.linspace(0, len(moved) - 1, min(CLASS_PROBE_PARTICLES, len(moved))).astype(int)] \
+                if len(moved) else moved
+            if len(probe) == 0:
+                raise ValueError("no particle of the class set could be read again")
+            images, ctf = self._read(probe), table.ctf(probe)
+            halves = torch.from_numpy(table.column("half_set")[probe].astype(np.int64))
+            self.refiner.update_reference(acc.half_volumes(), apix, acc.resolution_angstrom(), self.session.n_particles)
+            record = {"class_set": views.version, "classes_posed": posed, "particles": len(moved)}
+            new = self.refiner.probe_class_poses(images, halves, table.rotations(probe),
+                                                 torch.from_numpy(table.column("origins")[probe]), ctf, record)
+            self._replace(probe, images, halves, ctf, new)
+        except Exception as exc:  # noqa: BLE001 - the session goes on with map-only ab initio
+            logger.exception("class poses failed")
+            self.refiner.give_up_classes(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return True
+        self._record("class_poses", len(rows), time.perf_counter() - t0)
+        return True
+
+    def _move_in_chunks(self, rows: np.ndarray, rotations: torch.Tensor, origins: torch.Tensor,
+                        version: int) -> np.ndarray:
+        """Move map particles ``rows`` to ``rotations`` `(n, 3, 3)` and ``origins`` `(n, 2)` Å, at most
+        :data:`CLASS_POSE_CHUNK` at a time; returns the rows moved (those whose images could be read)."""
+        table, moved = self.session.poses, []
+        for first in range(0, len(rows), CLASS_POSE_CHUNK):
+            part = slice(first, first + CLASS_POSE_CHUNK)
+            chunk = rows[part]
+            try:
+                images, ctf = self._read(chunk), table.ctf(chunk)
+            except ValueError as exc:  # ParticleFileError is a ValueError: these keep their poses
+                logger.warning("cannot read %d particles again for their class poses (%s); they keep theirs",
+                               len(chunk), exc)
+                continue
+            halves = torch.from_numpy(table.column("half_set")[chunk].astype(np.int64))
+            n = len(chunk)
+            self._replace(chunk, images, halves, ctf, RefinedPoses(
+                rotations[part], origins[part], torch.full((n,), float("nan")), torch.full((n,), float("nan")),
+                "classes", version))
+            moved.append(chunk)
+        return np.concatenate(moved) if moved else rows[:0]
 
     def _bootstrap(self, apix: float) -> None:
         """Start the streaming ab initio on the map's oldest particles and re-insert them at its poses."""

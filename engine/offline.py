@@ -61,7 +61,7 @@ from cryofastar.recon.refinement import RefinementReference, RefineSettings, ima
 
 from cryofastar.options import argument, option
 
-from .class_posing import ClassPoser, class_order, particle_poses
+from .class_posing import CLASS_WEIGHTS_HELP, ClassPoser, ClassViews, check_class_weights
 from .classification import ClassifySettings, classify_source
 from .policy import (
     AB_INITIO_PASSES,
@@ -144,9 +144,7 @@ class ReconstructSettings:
                              "starting poses from map-only ab initio (no network); classes: 2D classification, "
                              "then the class averages posed by common lines (ab initio if they prove uninformative).")
     classes: int = option(50, help="2D classes with --poses-from classes.")
-    class_weights: str = option("shipped", help="Geometric decoder for --poses-from classes: a weights file "
-                                "(cryofastar-stream train), shipped (the shipped decoder) or classical (normalised "
-                                "correlation of rays, no parameters).")
+    class_weights: str = option("shipped", help=CLASS_WEIGHTS_HELP)
     refine: bool = option(True, flags=("--refine/--no-refine",), help="Refine poses by projection matching against "
                           "the half maps (docs/refinement.md); --no-refine keeps the network's poses.")
     refine_rounds: int = option(4, help="Rounds of refinement (with a network the first is a best-of-local-and-global "
@@ -168,9 +166,7 @@ class ReconstructSettings:
             raise ValueError(f"chunk must be at least 1, got {self.chunk}")
         if self.classes < 2:
             raise ValueError(f"--classes must be at least 2, got {self.classes}")
-        if self.class_weights not in ("shipped", "classical") and not Path(self.class_weights).is_file():
-            raise ValueError(f"--class-weights {self.class_weights}: no such weights file (or say shipped or "
-                             "classical)")
+        check_class_weights(self.class_weights)
 
 
 @dataclass
@@ -459,20 +455,17 @@ def _class_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulat
     classified = classify_source(source, ClassifySettings(classes=settings.classes, classify_seed=settings.seed),
                                  progress)
     classes = classified.classes
-    order = class_order(classes.counts, classes.junk)
-    class_matrices = ClassPoser.load(settings.class_weights, job.device).pose_classes(classes.averages, order)
     columns = particle_columns(classified.classifier, classes)
-    member = columns["rlnClassNumber"] - 1
-    rotations = particle_poses(class_matrices, member, columns["rlnAnglePsi"])
-    origins = torch.as_tensor(np.stack([columns["rlnOriginXAngst"], columns["rlnOriginYAngst"]], -1),
-                              dtype=torch.float64)
+    views = ClassViews.from_columns(classes.averages, classes.counts, classes.junk, columns)
+    rotations, posed = ClassPoser.load(settings.class_weights, job.device).pose_particles(views)
+    origins = torch.as_tensor(views.origins_angstrom)
     t1 = time.perf_counter()
     logger.info("%d particles in %d classes (%d posed by common lines) in %.1f s", len(source), settings.classes,
-                len(order), t1 - t0)
+                posed, t1 - t0)
     poses = _read_working_images(job)
     poses.rotations, poses.origins, poses.pose_seconds = rotations, origins, t1 - t0
     poses.columns = {"rlnClassNumber": columns["rlnClassNumber"]}
-    poses.classes_posed = len(order)
+    poses.classes_posed = posed
     acc = job.backproject(rotations, origins)
     poses.insert_seconds = time.perf_counter() - t1
     return acc, poses

@@ -7,6 +7,8 @@ One place for each rule, so that ``reconstruct`` and ``watch`` decide alike:
   is informative when its neighbourhood won (the kept pose lies within
   ``NEIGHBOURHOOD_RANGES`` local search ranges of the network's) for at least
   ``INFORMATIVE_FRACTION`` of the particles. Otherwise poses come from map-only ab initio.
+  Class poses (``--poses-from classes``) are judged the same way: offline on every particle,
+  live on up to ``CLASS_PROBE_PARTICLES`` of the map's once the 2D classes have settled.
 - **Ab initio that did not converge is run again** (``AB_INITIO_ATTEMPTS``): when no two
   random starts of its seed stage agree (its verdict, :class:`AbInitioVerdict`), the next
   attempt has a seed set twice as large (more signal per map update, as low SNR needs).
@@ -25,9 +27,9 @@ import torch
 from cryofastar.recon.ab_initio import AbInitioSettings
 from cryofastar.recon.rotations import geodesic_degrees
 
-__all__ = ["AB_INITIO_ATTEMPTS", "AB_INITIO_PASSES", "INFORMATIVE_FRACTION", "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO",
-           "NEIGHBOURHOOD_RANGES", "POSE_SOURCES", "ab_initio_attempts", "check_pose_source", "is_informative",
-           "network_won_fraction"]
+__all__ = ["AB_INITIO_ATTEMPTS", "AB_INITIO_PASSES", "CLASS_PROBE_PARTICLES", "INFORMATIVE_FRACTION",
+           "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO", "NEIGHBOURHOOD_RANGES", "POSE_SOURCES", "ab_initio_attempts",
+           "check_pose_source", "is_informative", "network_won_fraction"]
 
 INFORMATIVE_FRACTION = 0.5
 """The network is informative when its neighbourhood wins the ``best`` probe for at least this fraction."""
@@ -39,6 +41,9 @@ MIN_LOCAL_ROUNDS_AFTER_AB_INITIO = 1
 """Ab initio's poses are capped at its own small box: at least this many local rounds follow it."""
 AB_INITIO_ATTEMPTS = 2
 """Ab initio runs at most this many times; each attempt after a negative verdict doubles the seed set."""
+CLASS_PROBE_PARTICLES = 1000
+"""The daemon's class poses: particles of the ``best`` probe that decides whether they are informative (offline:
+every particle)."""
 POSE_SOURCES = ("network", "map-only", "classes")
 """Where a session's first poses come from: the CryoFastAR network on particles, none (map-only ab initio), or
 the geometric decoder on 2D class averages (each particle through its class)."""

@@ -24,9 +24,41 @@ from cryofastar.recon.euler import euler_to_matrix, matrix_to_euler
 from cryofastar.recon.io.columns import CONFIDENCE_COLUMN, SCORE_COLUMN, SPREAD_COLUMN
 from cryofastar.recon.io.names import relative_image_names
 
-__all__ = ["PoseTable"]
+__all__ = ["PoseTable", "positions_of"]
 
 _CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift")
+
+
+def positions_of(stack_names: list[str], stack_id: np.ndarray, index: np.ndarray, stacks: np.ndarray,
+                 indices: np.ndarray) -> np.ndarray:
+    """Where each pose-table row appears in a list of particles named by stack and index.
+
+    Parameters
+    ----------
+    stack_names, stack_id, index:
+        The pose table's stack names and its `(n,)` ``stack_id`` and 1-based ``index`` columns.
+    stacks, indices: np.ndarray
+        `(m,)` the list: stack paths (str, as the table names them) and 1-based indices; a particle
+        named twice counts at its first place.
+
+    Returns
+    -------
+    np.ndarray
+        `(n,)` int64: the row's position in the list, or -1 when the list does not name it.
+    """
+    ids = {name: i for i, name in enumerate(stack_names)}
+    names, inverse = np.unique(np.asarray(stacks).astype(str), return_inverse=True)
+    list_ids = np.array([ids.get(str(name), -1) for name in names], np.int64)[inverse.reshape(-1)]
+    known = np.flatnonzero(list_ids >= 0)  # stacks the table holds nothing of yet are never matched
+    width = np.int64(max(int(np.max(index, initial=0)), int(np.max(indices, initial=0))) + 1)
+    table_keys = stack_id.astype(np.int64) * width + index.astype(np.int64)
+    list_keys = list_ids[known] * width + np.asarray(indices, np.int64)[known]
+    order = np.argsort(list_keys, kind="stable")
+    list_keys, places = list_keys[order], known[order]
+    if len(list_keys) == 0:
+        return np.full(len(table_keys), -1, np.int64)
+    at = np.clip(np.searchsorted(list_keys, table_keys), 0, len(list_keys) - 1)
+    return np.where(list_keys[at] == table_keys, places[at], -1).astype(np.int64)
 
 
 class PoseTable:
@@ -206,6 +238,12 @@ class PoseTable:
         if refinement:
             columns.update({SCORE_COLUMN: self.column("score"), SPREAD_COLUMN: self.column("spread")})
         return columns
+
+    def positions_of(self, stacks: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """`(n,)` each row's position among the particles ``stacks``, ``indices`` names, or -1
+        (:func:`positions_of`)."""
+        with self._lock:
+            return positions_of(self.stack_names, self.column("stack_id"), self.column("index"), stacks, indices)
 
     def in_map(self) -> np.ndarray:
         """`(n,)` bool: the particle is in the map (not taken out as 2D junk, ``excluded``)."""

@@ -103,8 +103,8 @@ class StreamingRefiner:
     device: torch.device
         Where matching and ab initio run.
     poses_from: str
-        Where the session's poses come from: ``network`` or ``map-only`` (the effective
-        source: ``map-only`` also when the network could not be loaded).
+        Where the session's poses come from: ``network``, ``map-only`` (the effective
+        source: ``map-only`` also when the network could not be loaded) or ``classes``.
     """
 
     def __init__(self, settings: StreamingRefineSettings, device: torch.device, poses_from: str = "network") -> None:
@@ -129,10 +129,12 @@ class StreamingRefiner:
         self._sweep: list[torch.Tensor] = []  # how far re-posed particles moved since new particles came
         self._swept = 0
         self.converged = False
+        self.class_poses: dict | None = None  # what the class poses and their probe found (classes sessions)
 
     def wants_reference(self, n_particles: int) -> bool:
         """Whether the map should be published now to become a (first or fresher) reference."""
-        if not self.settings.refine or n_particles < self.settings.refine_after or self.phase == "ab-initio":
+        if not self.settings.refine or n_particles < self.settings.refine_after or self.phase in ("ab-initio",
+                                                                                                    "classes"):
             return False
         return self.reference is None or n_particles >= 1.25 * self.reference_particles
 
@@ -158,7 +160,8 @@ class StreamingRefiner:
     @property
     def active(self) -> bool:
         """Whether new passes are refined (the map reached ``refine_after`` particles)."""
-        return self.phase not in ("waiting", "off") and (self.reference is not None or self.phase == "ab-initio")
+        return self.phase not in ("waiting", "off", "classes") and (self.reference is not None
+                                                                    or self.phase == "ab-initio")
 
     @property
     def network_informative(self) -> bool | None:
@@ -176,7 +179,7 @@ class StreamingRefiner:
         self.reference_particles = n_particles
         self.version += 1
         if self.phase == "waiting":
-            self.phase = "ab-initio" if self.poses_from == "map-only" else "probe"
+            self.phase = {"map-only": "ab-initio", "classes": "classes"}.get(self.poses_from, "probe")
         logger.info("refinement reference v%d: %d particles, %.1f Å (band %.3f cycles/px at %d px)", self.version,
                     n_particles, resolution_angstrom, self.reference.local_band, self.reference.work)
 
@@ -276,10 +279,50 @@ class StreamingRefiner:
                             "refining its poses locally" if self.phase == "local" else "map-only ab initio")
         return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, mode, self.version)
 
+    @property
+    def wants_class_views(self) -> bool:
+        """Whether the session waits for a settled 2D class set to pose its particles by (module docstring)."""
+        return self.phase == "classes"
+
+    def start_class_poses(self) -> int:
+        """A new map version for the particles moved to their class poses (returned)."""
+        self.version += 1
+        return self.version
+
+    def probe_class_poses(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,
+                          origins_angstrom: torch.Tensor, ctf: CtfParams | None, record: dict) -> RefinedPoses:
+        """The ``best`` probe of class-posed particles against the map they make; decides the next phase.
+
+        `(n, B, B)` images at the session box, `(n,)` half sets, `(n, 3, 3)` class poses and `(n, 2)`
+        origins (Å); the reference must be the map of the class poses (:meth:`update_reference`).
+        ``record`` (classes posed, particles moved, class set) is kept in :attr:`class_poses` with the
+        probe's figures. Informative: ``local`` (the next published map becomes the reference); else
+        ``ab-initio``.
+        """
+        assert self.reference is not None and self.phase == "classes"
+        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, "best", ctf)
+        won = network_won_fraction(match.rotations, rotations, self.search.local_range_degrees)
+        informative = is_informative(won)
+        self.class_poses = {**record, "probed": len(images), "won_fraction": won, "informative": informative}
+        logger.info("class poses: their neighbourhood was the better start for %.0f%% of %d particles: %s",
+                    100 * won, len(images), "refining them locally" if informative else "map-only ab initio")
+        self.phase = "local" if informative else "ab-initio"
+        if informative:
+            self.reference = None  # the next published map (of the probed poses) becomes the reference
+        return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, "best", self.version)
+
+    def give_up_classes(self, why: str) -> None:
+        """No class poses to wait for (the 2D lane failed, or posing failed): map-only ab initio instead."""
+        if self.phase == "classes":
+            logger.warning("no class poses (%s): map-only ab initio instead", why)
+            self.class_poses = {"error": why, "informative": False}
+            self.phase = "ab-initio"
+
     def repose(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,
                origins_angstrom: torch.Tensor, ctf: CtfParams | None = None,
-               rows: np.ndarray | None = None) -> RefinedPoses:
-        """Re-pose particles already in the map (pose-table ``rows``): ab initio, or local against the reference."""
+               rows: np.ndarray | None = None, mode: str = "local") -> RefinedPoses:
+        """Re-pose particles already in the map (pose-table ``rows``): ab initio, or ``mode`` (``local``, or
+        ``global`` for particles never refined in a session without a network) against the reference."""
         if self.phase == "ab-initio":
             assert self.ab is not None and rows is not None
             small = self._working(images)
@@ -297,8 +340,8 @@ class StreamingRefiner:
                 self._final_band_version = self.version  # the band is as fine as the schedule and the FSC allow
             return self._soft_result(soft, rows)
         assert self.reference is not None
-        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, "local", ctf)
-        return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, "local", self.version)
+        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, mode, ctf)
+        return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, mode, self.version)
 
     def maybe_finish_ab_initio(self, refined: np.ndarray) -> bool:
         """Move from ``ab-initio`` to ``local`` once every particle was posed after the schedule ran out."""

@@ -80,7 +80,10 @@ def test_simulate_backproject_evaluate_in_process(tmp_path: Path) -> None:
     (["watch", "X/missing"], "--watch X/missing: not an existing directory"),
     (["watch", "X", "--idle-exit", "0"], "--idle-exit must be positive, got 0.0"),
     (["watch", "X", "--refine-box", "8"], "--refine-box must be 16..512 px, got 8"),
-    (["watch", "X", "--poses-from", "classes"], "--poses-from classes is offline only so far"),
+    (["watch", "X", "--poses-from", "classes", "--no-classify"], "--poses-from classes needs the 2D lane (its class "
+     "averages are the views): drop --no-classify"),
+    (["watch", "X", "--poses-from", "classes", "--class-weights", "X/none.safetensors"],
+     "--class-weights X/none.safetensors: no such weights file"),
     (["subscribe", "tcp://127.0.0.1:1", "--count", "0"], "--count must be at least 1, got 0"),
     (["dashboard", "--connect", "nowhere"], "--connect 'nowhere': expected a ZeroMQ address"),
     (["dashboard", "--port", "70000"], "--port must be 0..65535, got 70000"),
@@ -113,7 +116,7 @@ def test_watch_help_shows_the_daemon_settings_defaults_and_help() -> None:
         if f.name not in ("watch", "out") and value is not None and not isinstance(value, bool):
             assert f"[default: {value}]" in text, f.name
         shown += 1
-    assert shown == 24
+    assert shown == 25
     assert "--classify --no-classify" in text and "--classes <int> Number of 2D classes. [default: 50]" in text
     assert "--publish-every <float> Write and publish the map at least this often, in seconds... [default: 10.0]" \
         in text

@@ -358,7 +358,7 @@ def test_watch_help_explains_every_option_and_bad_options_fail_cleanly(tmp_path)
     for args, message in ((["--watch", str(tmp_path / "missing")], "not an existing directory"),
                           (["--watch", str(tmp_path), "--batch", "2"], "--batch must be at least 3"),
                           (["--watch", str(tmp_path), "--poll", "0"], "--poll must be positive"),
-                          (["--watch", str(tmp_path), "--poses-from", "oracle"], "--poses-from must be network or"),
+                          (["--watch", str(tmp_path), "--poses-from", "oracle"], "--poses-from must be network, map-only or"),
                           (["--watch", str(tmp_path), "--poses-from", "map-only", "--no-refine"], "needs refinement")):
         result = subprocess.run([str(SCRIPT), *args, "--metrics-port", "-1", "--zmq", "tcp://127.0.0.1:0"],
                                 capture_output=True, text=True, env=ENV, timeout=120, check=False)

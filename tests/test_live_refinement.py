@@ -9,11 +9,13 @@ import pytest
 import torch
 from cryofastar.daemon.settings import DaemonSettings
 from cryofastar.daemon.state import SessionState
+from cryofastar.engine.class_posing import ClassPoser, ClassViews
 from cryofastar.engine.live_refinement import LiveRefinement
 from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.io import ParticleSource, write_stack
-from cryofastar.recon.rotations import random_rotations
+from cryofastar.model.evaluation import pose_errors
+from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
 
@@ -35,7 +37,7 @@ def session(tmp_path: Path):
     state.poses.append(np.array([str(stack)] * N), np.arange(1, N + 1), wrong, zero, torch.ones(N), halves, None)
     settings = DaemonSettings(watch=tmp_path, out=tmp_path / "out", refine_after=10, refine_box=16,
                               repose_per_pass=10)
-    refiner = StreamingRefiner(settings, torch.device("cpu"), poses_from="map-only")
+    refiner = StreamingRefiner(settings, torch.device("cpu"), poses_from=getattr(tmp_path, "poses_from", "map-only"))
     steps: list[tuple[str, int]] = []
 
     def read(rows: np.ndarray) -> torch.Tensor:
@@ -112,3 +114,69 @@ def test_particles_are_tried_again_when_the_process_is_out_of_file_descriptors(s
     assert torch.equal(state.accumulator.grids, before)
     live.repose(APIX)  # descriptors back: the same particles are re-posed
     assert steps == [("repose", 10)] and live.moved == 10
+
+
+def _own_classes(state, sim, tmp_path: Path, keep: int = N) -> ClassViews:
+    """Every particle its own class (its image the average, psi and origin 0), naming the first ``keep``."""
+    table = state.poses
+    return ClassViews(sim.images[:keep], torch.ones(keep), torch.zeros(keep, dtype=torch.bool), np.arange(keep),
+                      np.zeros(keep), np.zeros((keep, 2)), stacks=table.stack_paths(np.arange(keep)),
+                      indices=table.column("index")[:keep], version=3)
+
+
+def _classes_session(session):
+    live, state, sim, volume, halves, steps = session
+    live.refiner.poses_from = "classes"
+    live.refiner.update_reference(torch.stack([volume, volume]), APIX, 12.0, n_particles=N)
+    assert live.wants_class_views and not live.idle_work_left()
+    return live, state, sim, halves, steps
+
+
+def test_class_poses_move_the_named_particles_exactly_then_a_probe_judges_them(session, tmp_path: Path) -> None:
+    live, state, sim, halves, steps = _classes_session(session)
+    assert live.pose_from_classes(_own_classes(state, sim, tmp_path), ClassPoser.load("classical"), APIX)
+    record = live.refiner.class_poses
+    assert record["class_set"] == 3 and record["classes_posed"] == N and record["particles"] == N
+    assert record["probed"] == N and record["informative"] and live.refiner.phase == "local"
+    assert steps == [("class_poses", N)] and live.moved == 2 * N  # moved to the class poses, then by the probe
+    # the map is exactly the one built from scratch with the recorded poses, which are right up to one frame
+    rebuilt = HalfSetAccumulator(BOX, APIX)
+    poses = state.poses.rotations(np.arange(N))
+    rebuilt.add(sim.images, poses, torch.from_numpy(state.poses.column("origins")), halves)
+    torch.testing.assert_close(state.accumulator.grids, rebuilt.grids, atol=1e-3, rtol=1e-4)
+    assert pose_errors(poses, sim.rotations).geodesic_median_degrees < 25.0  # 32 px, 24 views; chance: 128
+
+
+def test_a_class_set_naming_too_few_particles_is_passed_over(session, tmp_path: Path) -> None:
+    live, state, sim, _, steps = _classes_session(session)
+    before = state.accumulator.grids.clone()
+    assert not live.pose_from_classes(_own_classes(state, sim, tmp_path, keep=5), ClassPoser.load("classical"), APIX)
+    assert live.wants_class_views and steps == [] and torch.equal(state.accumulator.grids, before)
+
+
+def test_class_poses_that_fail_send_the_session_to_ab_initio_and_leave_the_map(session, tmp_path: Path) -> None:
+    live, state, sim, _, steps = _classes_session(session)
+    before = state.accumulator.grids.clone()
+    views = _own_classes(state, sim, tmp_path)
+    one_class = ClassViews(views.averages, torch.eye(N)[0], views.junk, np.zeros(N, np.int64), views.psi_degrees,
+                           views.origins_angstrom, stacks=views.stacks, indices=views.indices)
+    assert live.pose_from_classes(one_class, ClassPoser.load("classical"), APIX)  # one class: nothing to pose
+    assert live.refiner.phase == "ab-initio" and "at least 2" in live.refiner.class_poses["error"]
+    assert steps == [] and torch.equal(state.accumulator.grids, before)
+
+
+def test_without_a_network_particles_never_refined_are_searched_globally(session) -> None:
+    live, state, sim, volume, _, _ = session
+    live.refiner.update_reference(torch.stack([volume, volume]), APIX, 12.0, n_particles=N)
+    live.refiner.phase = "local"
+    start = state.poses.rotations(np.arange(10))
+    state.poses.set_values("refined", np.arange(5), 1)  # refined once (stale): local; rows 5-9 never: global
+    live.refiner.version = 2
+    state.poses.set_values("refined", np.arange(10, N), 2)  # up to date: not picked
+    live.repose(APIX)
+    assert (state.poses.column("refined")[:10] == 2).all()
+    moved = state.poses.rotations(np.arange(10))
+    local_range = live.refiner.search.local_range_degrees
+    assert float(geodesic_degrees(moved[:5], start[:5]).max()) <= 2 * local_range  # stayed near where they were
+    # random starts searched globally land near the truth (the true map fixes the frame)
+    assert float(geodesic_degrees(moved[5:], sim.rotations[5:10]).median()) < 20.0

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from cryofastar.engine.pose_table import PoseTable
+from cryofastar.engine.pose_table import PoseTable, positions_of
 from cryofastar.recon import CtfParams
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
@@ -141,3 +141,12 @@ def test_the_owners_column_stays_the_tables_while_others_read_it():
     table.set_values("refined", np.array([1, 7]), 5)
     assert table.column("excluded").tolist() == [False, False, False, True, False, False, False, False]
     assert table.column("refined")[[1, 7]].tolist() == [5, 5] and table.in_map().sum() == 7
+
+
+def test_positions_of_finds_each_row_in_a_list_by_stack_and_index():
+    names = ["/s/a.mrcs", "/s/b.mrcs"]
+    stack_id, index = np.array([0, 0, 1, 1, 0]), np.array([1, 2, 1, 2, 3])
+    stacks = np.array(["/s/b.mrcs", "/s/a.mrcs", "/s/c.mrcs", "/s/a.mrcs", "/s/a.mrcs"])
+    indices = np.array([2, 3, 1, 1, 3])  # c is unknown to the table; a:3 is named twice
+    assert positions_of(names, stack_id, index, stacks, indices).tolist() == [3, -1, -1, 0, 1]
+    assert positions_of(names, stack_id, index, stacks[:0], indices[:0]).tolist() == [-1] * 5

@@ -103,7 +103,7 @@ def test_the_report_carries_the_session_its_counts_and_its_rejections(tmp_path):
     assert status["poses_from"] == "random"  # waiting for --refine-after particles: random poses
     assert status["refinement"] == {"active": False, "phase": "waiting", "reference_version": 0,
                                     "network_informative": None, "working_box": None, "band_angstrom": None,
-                                    "ab_initio": None, "pose_precision": None}
+                                    "ab_initio": None, "class_poses": None, "pose_precision": None}
     precise = refinement_status(refiner, pose_precision(torch.tensor([3.0, 5.0, float("nan")])))["pose_precision"]
     assert precise["particles"] == 2 and precise["median_spread_degrees"] == 4.0 and precise["precise"]
     assert precise["summary"].startswith("poses precise: estimated median error 3.6°")

@@ -117,3 +117,18 @@ def test_ab_initio_that_did_not_converge_starts_again_once_the_map_holds_a_large
     assert refiner.seed_particles == 2000 and not refiner.retry_due(1999) and refiner.retry_due(2000)
     refiner.bootstrap(noise, half_sets, None, 4.0, np.arange(40))  # the second and last attempt
     assert not refiner.ab_verdict.converged and not refiner.retry_due(10_000)
+
+
+def test_a_classes_session_waits_for_its_classes_then_gives_up_for_ab_initio_if_none_come(tmp_path):
+    box, apix = 32, 4.0
+    volume = atoms_to_volume(procedural_molecule(1_000_000_005), box, apix)
+    refiner = StreamingRefiner(_settings(tmp_path, refine_after=10, refine_box=16, poses_from="classes"),
+                               torch.device("cpu"), poses_from="classes")
+    assert refiner.phase == "waiting" and not refiner.wants_class_views
+    refiner.update_reference(torch.stack([volume, volume]), apix, 12.0, n_particles=20)
+    # nothing is refined while the session waits for settled classes: new passes go in at their random poses
+    assert refiner.phase == "classes" and refiner.wants_class_views and not refiner.active
+    assert not refiner.wants_reference(100)
+    refiner.give_up_classes("the 2D lane failed (boom)")
+    assert refiner.phase == "ab-initio" and refiner.needs_bootstrap and refiner.active
+    assert refiner.class_poses == {"error": "the 2D lane failed (boom)", "informative": False}
