@@ -15,7 +15,9 @@ Per molecule (``--molecules``, default three of bench/ab_initio_panel.py's panel
    ab_initio_panel.write_star). The stacks are written into ``<root>/watch/.stacks`` and the
    STAR files into ``<root>/watch/.staging``, both hidden, so the watcher ignores them.
 2. **Daemon**: an in-process :class:`~cryofastar.daemon.pipeline.Daemon` with the settings
-   ``cryofastar-stream --watch <root>/watch`` gives (every default: poses from the network,
+   ``cryofastar-stream --watch <root>/watch`` gives (every default: poses from the network
+   unless ``--poses-from`` says otherwise (its cells' keys then end in ``|map-only`` or
+   ``|classes-<class weights>``),
    refinement on, refine after 1,000 particles, settle 1 s, flush 5 s, a map every 10 s or
    2,000 particles, outputs in ``watch/cryofastar``) except: ``--device`` (default CPU),
    no /metrics server, ZeroMQ on ``tcp://127.0.0.1:0``. Its effective source of poses
@@ -403,7 +405,8 @@ def run_molecule(molecule, args: argparse.Namespace, root: Path) -> dict:  # noq
     stars, stacks, counts = write_session(cs, images, watch, args.per_stack)
     stack_numbers = {str(s.resolve()): k for k, s in enumerate(stacks)}
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    settings = DaemonSettings(watch=watch, zmq="tcp://127.0.0.1:0", metrics_port=None, device=args.device)
+    settings = DaemonSettings(watch=watch, zmq="tcp://127.0.0.1:0", metrics_port=None, device=args.device,
+                              poses_from=args.poses_from, class_weights=args.class_weights)
     t = time.monotonic()
     daemon = Daemon(settings)
     daemon.start()
@@ -465,6 +468,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's watched directory (with the "
                         "daemon's outputs in watch/cryofastar) under DIR/<molecule>")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--poses-from", choices=["network", "map-only", "classes"], default="network",
+                        help="the daemon's --poses-from (cells of other sources than network get it in their key)")
+    parser.add_argument("--class-weights", default="shipped", help="the daemon's --class-weights (with classes)")
     parser.add_argument("--verbose", action="store_true", help="the daemon's INFO log lines")
     args = parser.parse_args()
     known = {m.name for m in MOLECULES}
@@ -490,6 +496,8 @@ def main() -> None:
     store = json.loads(args.json.read_text()) if args.json.exists() else {"cells": {}}
     store["machine"] = {**machine(), **hardware(torch.device(args.device))}
     arrival = "all" if args.rate is None else f"r{args.rate:g}"
+    if args.poses_from != "network":
+        arrival += f"|{args.poses_from}" + (f"-{args.class_weights}" if args.poses_from == "classes" else "")
     for molecule in (m for m in MOLECULES if m.name in args.molecules):
         key = f"{cell_key(molecule.name, BOX, args.ctf, args.snr, args.n, args.seed)}|ps{args.per_stack}|{arrival}"
         root = Path(tempfile.mkdtemp(prefix="stream-ab-initio-")) if args.keep is None else args.keep / molecule.name

@@ -74,10 +74,10 @@ def settings(watch: Path, out: Path, **kw) -> DaemonSettings:
     classification = kw.pop("classification", ClassifySettings(classes=CLASSES))
     # exclude_junk off: these sessions have no junk and the tests count the map's particles exactly; junk
     # exclusion is tested on a session with junk (test_junk_leaves_the_map_...)
-    return DaemonSettings(watch=watch, out=out, zmq="tcp://127.0.0.1:0", poses_from="map-only", refine_after=100000,
-                          settle_seconds=0.3, flush_seconds=0.5, publish_seconds=2, checkpoint_seconds=2,
-                          status_seconds=0.5, classification=classification,
-                          **{"metrics_port": None, "classes_every": 1.0, "exclude_junk": False, **kw})
+    return DaemonSettings(watch=watch, out=out, zmq="tcp://127.0.0.1:0", settle_seconds=0.3, flush_seconds=0.5,
+                          publish_seconds=2, checkpoint_seconds=2, status_seconds=0.5, classification=classification,
+                          **{"metrics_port": None, "classes_every": 1.0, "exclude_junk": False,
+                             "poses_from": "map-only", "refine_after": 100000, **kw})
 
 
 def wait_until(daemon: Daemon, wanted, what: str, timeout: float = 60) -> dict:  # noqa: ANN001
@@ -219,9 +219,11 @@ def test_a_restart_resumes_and_classifies_again_what_an_older_2d_checkpoint_lack
     names = image_names(out / CLASSES_DIR / "particles.star")
     assert len(names) == 800 and len(set(names)) == 800 and set(names) == set(image_names(out / "particles.star"))
 
-    # a lane that fails (a 2D checkpoint of 8 classes, asked for 6) is disabled; the 3D lane goes on
+    # a lane that fails (a 2D checkpoint of 8 classes, asked for 6) is disabled; the 3D lane goes on, and a
+    # session waiting for class poses turns to map-only ab initio (no re-posing here: its bootstrap never starts)
     before = checkpoint.read_bytes()
-    daemon = Daemon(settings(watch, out, metrics_port=0, classification=ClassifySettings(classes=6, diameter=70.0)))
+    daemon = Daemon(settings(watch, out, metrics_port=0, classification=ClassifySettings(classes=6, diameter=70.0),
+                             poses_from="classes", refine_after=900, repose_per_pass=0))
     daemon.start()
     try:
         failed = wait_until(daemon, lambda s: lane(s)["state"] == "failed", "the lane disabled")
@@ -229,6 +231,8 @@ def test_a_restart_resumes_and_classifies_again_what_an_older_2d_checkpoint_lack
         for stack in stacks_of(session)[8:10]:
             place(stack, watch)
         wait_until(daemon, lambda s: s["particles_in_map"] == 1000, "the map going on without the 2D lane")
+        gave_up = wait_until(daemon, lambda s: s["refinement"]["phase"] == "ab-initio", "map-only ab initio")
+        assert "the 2D lane failed" in gave_up["refinement"]["class_poses"]["error"]
         metrics = scrape(daemon.metrics_url)
         assert metrics["cryofastar_classify_failures_total"] == 1 and metrics["cryofastar_classify_enabled"] == 0
     finally:

@@ -358,7 +358,8 @@ def test_watch_help_explains_every_option_and_bad_options_fail_cleanly(tmp_path)
     for args, message in ((["--watch", str(tmp_path / "missing")], "not an existing directory"),
                           (["--watch", str(tmp_path), "--batch", "2"], "--batch must be at least 3"),
                           (["--watch", str(tmp_path), "--poll", "0"], "--poll must be positive"),
-                          (["--watch", str(tmp_path), "--poses-from", "oracle"], "--poses-from must be network, map-only or"),
+                          (["--watch", str(tmp_path), "--poses-from", "oracle"],
+                           "--poses-from must be network, map-only or"),
                           (["--watch", str(tmp_path), "--poses-from", "map-only", "--no-refine"], "needs refinement")):
         result = subprocess.run([str(SCRIPT), *args, "--metrics-port", "-1", "--zmq", "tcp://127.0.0.1:0"],
                                 capture_output=True, text=True, env=ENV, timeout=120, check=False)
@@ -366,14 +367,17 @@ def test_watch_help_explains_every_option_and_bad_options_fail_cleanly(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("poses_from", ["network", "map-only"])
+@pytest.mark.parametrize("poses_from", ["network", "map-only", "classes"])
 def test_refinement_reposes_particles_and_the_map_matches_their_final_poses(stacks, tmp_path, poses_from, daemons):
     """Refinement starts after --refine-after particles; re-posed particles leave the running map equal to a
-    fresh back-projection of particles.star (old contributions really removed, new ones really added)."""
+    fresh back-projection of particles.star (old contributions really removed, new ones really added).
+    With classes: once the 2D lane's classes settle, the map's particles move to their class poses, a probe
+    judges them, and the session goes on refining them (informative) or by map-only ab initio."""
     watch, out = tmp_path / "session", tmp_path / "out"
     watch.mkdir()
+    extra = ["--classes", "8", "--classes-every", "1", "--keep-junk"] if poses_from == "classes" else []
     daemon = daemons(watch, out, "--refine-after", "80", "--repose-per-pass", "60", "--refine-box", "32",
-                     "--poses-from", poses_from)
+                     "--poses-from", poses_from, *extra)
     with Subscriber(daemon.zmq) as subscriber:
         for stack in stacks[:2]:
             place(stack, watch)
@@ -381,6 +385,11 @@ def test_refinement_reposes_particles_and_the_map_matches_their_final_poses(stac
         for stack in stacks[2:]:
             place(stack, watch)
         wait_for_map(subscriber, N_STACKS * PER_STACK)
+        if poses_from == "classes":
+            body = wait_for_status(subscriber, lambda s: s["refinement"]["phase"] != "classes", timeout=180)
+            record = body["refinement"]["class_poses"]
+            assert record["classes_posed"] >= 2 and record["particles"] >= 80 and 0 <= record["won_fraction"] <= 1
+            assert body["refinement"]["phase"] == ("local" if record["informative"] else "ab-initio")
         status = None
         while not isinstance(status, StatusMessage):
             status = subscriber.receive(timeout_s=5.0)
@@ -391,7 +400,10 @@ def test_refinement_reposes_particles_and_the_map_matches_their_final_poses(stac
         precision = status.status["refinement"]["pose_precision"]  # estimated from the refined particles' spreads
         assert precision["particles"] > 0 and precision["estimated_median_error_degrees"] >= 0
         metrics = daemon.scrape()
-    assert metrics["cryofastar_particles_refined_total"] > 0
+    if poses_from == "classes":  # every particle was in before the classes settled: moved, then re-posed
+        assert metrics['cryofastar_stage_latency_seconds_count{stage="class_poses"}'] == 1
+    else:
+        assert metrics["cryofastar_particles_refined_total"] > 0
     assert metrics["cryofastar_pose_precision_degrees"] >= 0
     assert metrics["cryofastar_particles_reposed_total"] > 0
     assert 'cryofastar_stage_latency_seconds_count{stage="repose"}' in metrics

@@ -12,9 +12,9 @@ from cryofastar.daemon.state import SessionState
 from cryofastar.engine.class_posing import ClassPoser, ClassViews
 from cryofastar.engine.live_refinement import LiveRefinement
 from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
+from cryofastar.model.evaluation import pose_errors
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.io import ParticleSource, write_stack
-from cryofastar.model.evaluation import pose_errors
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
 from cryofastar.recon.simulate.particles import simulate_particles
