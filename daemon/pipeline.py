@@ -65,6 +65,7 @@ import torch
 from cryofastar.engine.class_posing import ClassPoser
 from cryofastar.engine.junk_exclusion import JunkExclusion
 from cryofastar.engine.live_refinement import LiveRefinement
+from cryofastar.engine.policy import CLASS_POSES_WAIT_SECONDS
 from cryofastar.engine.posing import NetworkPoser, Poses, RandomPoser, sets_per_pass
 from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
 from cryofastar.model.weights import DEFAULT_WEIGHTS, WeightsError
@@ -849,12 +850,16 @@ class Daemon:
 
     def _pose_from_classes(self) -> None:
         """--poses-from classes: once the 2D lane hands over a settled class set, move the map's particles to
-        their class poses and probe them (engine/live_refinement.py); a failed lane: map-only ab initio."""
+        their class poses and probe them (engine/live_refinement.py); a failed lane, or none settled within
+        CLASS_POSES_WAIT_SECONDS: map-only ab initio."""
         if not self.refinement.wants_class_views or self.state.accumulator is None:
             return
         lane = self.classification
         if lane is None or lane.state == "failed":
             self.refinement.give_up_classes(f"the 2D lane failed ({None if lane is None else lane.error})")
+            return
+        if self.refiner.classes_overdue():
+            self.refinement.give_up_classes(f"no settled 2D classes within {CLASS_POSES_WAIT_SECONDS:.0f} s")
             return
         views = lane.class_views()
         if views is None:

@@ -8,7 +8,8 @@ One place for each rule, so that ``reconstruct`` and ``watch`` decide alike:
   ``NEIGHBOURHOOD_RANGES`` local search ranges of the network's) for at least
   ``INFORMATIVE_FRACTION`` of the particles. Otherwise poses come from map-only ab initio.
   Class poses (``--poses-from classes``) are judged the same way: offline on every particle,
-  live on up to ``CLASS_PROBE_PARTICLES`` of the map's once the 2D classes have settled.
+  live on up to ``CLASS_PROBE_PARTICLES`` of the map's once the 2D classes have settled
+  (map-only ab initio when they have not within ``CLASS_POSES_WAIT_SECONDS``).
 - **Ab initio that did not converge is run again** (``AB_INITIO_ATTEMPTS``): when no two
   random starts of its seed stage agree (its verdict, :class:`AbInitioVerdict`), the next
   attempt has a seed set twice as large (more signal per map update, as low SNR needs).
@@ -27,9 +28,9 @@ import torch
 from cryofastar.recon.ab_initio import AbInitioSettings
 from cryofastar.recon.rotations import geodesic_degrees
 
-__all__ = ["AB_INITIO_ATTEMPTS", "AB_INITIO_PASSES", "CLASS_PROBE_PARTICLES", "INFORMATIVE_FRACTION",
-           "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO", "NEIGHBOURHOOD_RANGES", "POSE_SOURCES", "ab_initio_attempts",
-           "check_pose_source", "is_informative", "network_won_fraction"]
+__all__ = ["AB_INITIO_ATTEMPTS", "AB_INITIO_PASSES", "CLASS_POSES_WAIT_SECONDS", "CLASS_PROBE_PARTICLES",
+           "INFORMATIVE_FRACTION", "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO", "NEIGHBOURHOOD_RANGES", "POSE_SOURCES",
+           "ab_initio_attempts", "check_pose_source", "is_informative", "network_won_fraction"]
 
 INFORMATIVE_FRACTION = 0.5
 """The network is informative when its neighbourhood wins the ``best`` probe for at least this fraction."""
@@ -44,6 +45,9 @@ AB_INITIO_ATTEMPTS = 2
 CLASS_PROBE_PARTICLES = 1000
 """The daemon's class poses: particles of the ``best`` probe that decides whether they are informative (offline:
 every particle)."""
+CLASS_POSES_WAIT_SECONDS = 600.0
+"""The daemon's class poses: a session whose 2D classes have not settled this long after its map reached
+``--refine-after`` particles turns to map-only ab initio (a map must not wait on the 2D lane for ever)."""
 POSE_SOURCES = ("network", "map-only", "classes")
 """Where a session's first poses come from: the CryoFastAR network on particles, none (map-only ab initio), or
 the geometric decoder on 2D class averages (each particle through its class)."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,7 +52,13 @@ from cryofastar.recon.ab_initio import AbInitio, AbInitioSettings, AbInitioVerdi
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 
-from .policy import AB_INITIO_ATTEMPTS, ab_initio_attempts, is_informative, network_won_fraction
+from .policy import (
+    AB_INITIO_ATTEMPTS,
+    CLASS_POSES_WAIT_SECONDS,
+    ab_initio_attempts,
+    is_informative,
+    network_won_fraction,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +137,7 @@ class StreamingRefiner:
         self._swept = 0
         self.converged = False
         self.class_poses: dict | None = None  # what the class poses and their probe found (classes sessions)
+        self._classes_since: float | None = None  # time.monotonic() the session began waiting for classes
 
     def wants_reference(self, n_particles: int) -> bool:
         """Whether the map should be published now to become a (first or fresher) reference."""
@@ -180,6 +188,7 @@ class StreamingRefiner:
         self.version += 1
         if self.phase == "waiting":
             self.phase = {"map-only": "ab-initio", "classes": "classes"}.get(self.poses_from, "probe")
+            self._classes_since = time.monotonic()
         logger.info("refinement reference v%d: %d particles, %.1f Å (band %.3f cycles/px at %d px)", self.version,
                     n_particles, resolution_angstrom, self.reference.local_band, self.reference.work)
 
@@ -283,6 +292,11 @@ class StreamingRefiner:
     def wants_class_views(self) -> bool:
         """Whether the session waits for a settled 2D class set to pose its particles by (module docstring)."""
         return self.phase == "classes"
+
+    def classes_overdue(self, now: float | None = None) -> bool:
+        """Whether the session has waited for settled classes longer than ``CLASS_POSES_WAIT_SECONDS``."""
+        return (self.phase == "classes" and self._classes_since is not None
+                and (time.monotonic() if now is None else now) - self._classes_since > CLASS_POSES_WAIT_SECONDS)
 
     def start_class_poses(self) -> int:
         """A new map version for the particles moved to their class poses (returned)."""

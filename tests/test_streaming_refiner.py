@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from cryofastar.daemon.settings import DaemonSettings
+from cryofastar.engine.policy import CLASS_POSES_WAIT_SECONDS
 from cryofastar.engine.streaming_refiner import StreamingRefiner
 from cryofastar.recon.io import ParticleFileError, ParticleSource, write_stack
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
@@ -129,6 +131,7 @@ def test_a_classes_session_waits_for_its_classes_then_gives_up_for_ab_initio_if_
     # nothing is refined while the session waits for settled classes: new passes go in at their random poses
     assert refiner.phase == "classes" and refiner.wants_class_views and not refiner.active
     assert not refiner.wants_reference(100)
+    assert not refiner.classes_overdue() and refiner.classes_overdue(time.monotonic() + CLASS_POSES_WAIT_SECONDS + 1)
     refiner.give_up_classes("the 2D lane failed (boom)")
     assert refiner.phase == "ab-initio" and refiner.needs_bootstrap and refiner.active
     assert refiner.class_poses == {"error": "the 2D lane failed (boom)", "informative": False}
