@@ -188,8 +188,13 @@ class LiveRefinement:
             return False
         t0 = time.perf_counter()
         try:
-            rotations, posed = poser.pose_particles(views)
-            rotations = rotations[torch.from_numpy(at[rows])]
+            class_poses = poser.pose_particles(views)
+            record = {"class_set": views.version, **class_poses.as_dict()}
+            if not class_poses.trusted:  # two decoder starts disagree: nothing moves, map-only ab initio
+                self.refiner.give_up_classes(class_poses.summary(), record)
+                self._record("class_poses", 0, time.perf_counter() - t0)
+                return True
+            rotations = class_poses.rotations[torch.from_numpy(at[rows])]
             origins = torch.from_numpy(views.origins_angstrom[at[rows]])
             keep = torch.isfinite(rotations).flatten(1).all(1).numpy()  # particles of a class left unposed stay
             rows, rotations, origins = rows[keep], rotations[torch.from_numpy(keep)], origins[torch.from_numpy(keep)]
@@ -202,7 +207,7 @@ class LiveRefinement:
             images, ctf = self._read(probe), table.ctf(probe)
             halves = torch.from_numpy(table.column("half_set")[probe].astype(np.int64))
             self.refiner.update_reference(acc.half_volumes(), apix, acc.resolution_angstrom(), self.session.n_particles)
-            record = {"class_set": views.version, "classes_posed": posed, "particles": len(moved)}
+            record["particles"] = len(moved)
             new = self.refiner.probe_class_poses(images, halves, table.rotations(probe),
                                                  torch.from_numpy(table.column("origins")[probe]), ctf, record)
             self._replace(probe, images, halves, ctf, new)

@@ -206,6 +206,9 @@ class ReconstructResult:
         Wall time of ab initio (0 when it did not run).
     classes_posed: int
         With ``poses_from="classes"``: the classes the decoder posed (0 otherwise).
+    class_poses: dict | None
+        With ``poses_from="classes"``: their verdict (:meth:`~cryofastar.engine.class_posing.ClassPoses.as_dict`:
+        whether two decoder starts agree); class poses not trusted go straight to ab initio, unprobed.
     ab_initio: dict | None
         When ab initio ran: its verdict (``AbInitioVerdict.as_dict``, the last attempt's),
         ``attempts`` (each attempt's verdict) and ``pose_precision``; also written to
@@ -232,6 +235,7 @@ class ReconstructResult:
     ab_initio: dict | None = None
     pose_precision: dict | None = None
     classes_posed: int = 0
+    class_poses: dict | None = None
 
 
 @dataclass
@@ -275,6 +279,8 @@ class _Poses:
     disagreement: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     columns: dict[str, np.ndarray] = field(default_factory=dict)  # extra output columns (2D classes)
     classes_posed: int = 0
+    class_poses: dict | None = None  # the class poses' verdict (ClassPoses.as_dict)
+    trusted: bool = True  # class poses: two decoder starts agree (network poses: always probed)
 
 
 def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
@@ -304,7 +310,7 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
     rotations, origins = poses.rotations, poses.origins
     finished = None
     if settings.refine:
-        finished = _finish_poses(job, acc, rotations, origins)
+        finished = _finish_poses(job, acc, rotations, origins, probe=poses.trusted)
         acc, rotations, origins = finished.accumulator, finished.rotations, finished.origins
     record = PoseTable()  # the final poses, in the engine's one pose table (as the daemon keeps them)
     record.append(source.stacks, source.indices, rotations, origins, poses.confidence, source.half_sets, job.ctf,
@@ -335,7 +341,7 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
         ab_initio_seconds=0.0 if finished is None else finished.ab_initio_seconds,
         ab_initio=None if finished is None else finished.ab_initio,
         pose_precision=None if precision is None else {**precision.as_dict(), "summary": precision.summary()},
-        classes_posed=poses.classes_posed)
+        classes_posed=poses.classes_posed, class_poses=poses.class_poses)
 
 
 @dataclass
@@ -355,14 +361,17 @@ class _Finished:
 
 
 def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Tensor | None,
-                  origins: torch.Tensor | None) -> _Finished:
-    """Refinement rounds against the half maps, with ab initio when the network is not informative (module doc)."""
+                  origins: torch.Tensor | None, probe: bool = True) -> _Finished:
+    """Refinement rounds against the half maps, with ab initio when the network is not informative (module doc).
+
+    ``probe=False``: starting poses not trusted (class poses whose two starts disagree) go to ab initio unprobed.
+    """
     t0 = time.perf_counter()
     source, settings = job.source, job.settings
     search = RefineSettings(working_box=job.work_images.shape[-1])
     modes: list[str] = []
     won, ab_initio_s, local_rounds = None, 0.0, settings.refine_rounds
-    if settings.poses_from in ("network", "classes"):  # round 1: their neighbourhood against a global search
+    if settings.poses_from in ("network", "classes") and probe:  # round 1: their neighbourhood against global
         matched = _match_all(job, acc, search, rotations, origins, "best")
         won = network_won_fraction(matched[0], rotations, search.local_range_degrees)
         rotations, origins, scores, spread = matched
@@ -457,8 +466,10 @@ def _class_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulat
     classes = classified.classes
     columns = particle_columns(classified.classifier, classes)
     views = ClassViews.from_columns(classes.averages, classes.counts, classes.junk, columns)
-    rotations, posed = ClassPoser.load(settings.class_weights, job.device).pose_particles(views)
+    class_poses = ClassPoser.load(settings.class_weights, job.device).pose_particles(views)
+    rotations, posed = class_poses.rotations, class_poses.classes_posed
     origins = torch.as_tensor(views.origins_angstrom)
+    logger.info("%s", class_poses.summary())
     t1 = time.perf_counter()
     logger.info("%d particles in %d classes (%d posed by common lines) in %.1f s", len(source), settings.classes,
                 posed, t1 - t0)
@@ -466,6 +477,8 @@ def _class_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulat
     poses.rotations, poses.origins, poses.pose_seconds = rotations, origins, t1 - t0
     poses.columns = {"rlnClassNumber": columns["rlnClassNumber"]}
     poses.classes_posed = posed
+    poses.class_poses = class_poses.as_dict()
+    poses.trusted = class_poses.trusted
     acc = job.backproject(rotations, origins)
     poses.insert_seconds = time.perf_counter() - t1
     return acc, poses

@@ -7,7 +7,8 @@ One place for each rule, so that ``reconstruct`` and ``watch`` decide alike:
   is informative when its neighbourhood won (the kept pose lies within
   ``NEIGHBOURHOOD_RANGES`` local search ranges of the network's) for at least
   ``INFORMATIVE_FRACTION`` of the particles. Otherwise poses come from map-only ab initio.
-  Class poses (``--poses-from classes``) are judged the same way: offline on every particle,
+  Class poses (``--poses-from classes``) must first pass their own verdict (two decoder
+  starts agree, ``CLASS_AGREEMENT_DEGREES``), then are judged the same way: offline on every particle,
   live on up to ``CLASS_PROBE_PARTICLES`` of the map's once the 2D classes have settled
   (map-only ab initio when they have not within ``CLASS_POSES_WAIT_SECONDS``).
 - **Ab initio that did not converge is run again** (``AB_INITIO_ATTEMPTS``): when no two
@@ -28,9 +29,9 @@ import torch
 from cryofastar.recon.ab_initio import AbInitioSettings
 from cryofastar.recon.rotations import geodesic_degrees
 
-__all__ = ["AB_INITIO_ATTEMPTS", "AB_INITIO_PASSES", "CLASS_POSES_WAIT_SECONDS", "CLASS_PROBE_PARTICLES",
-           "INFORMATIVE_FRACTION", "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO", "NEIGHBOURHOOD_RANGES", "POSE_SOURCES",
-           "ab_initio_attempts", "check_pose_source", "is_informative", "network_won_fraction"]
+__all__ = ["AB_INITIO_ATTEMPTS", "AB_INITIO_PASSES", "CLASS_AGREEMENT_DEGREES", "CLASS_POSES_WAIT_SECONDS",
+           "CLASS_PROBE_PARTICLES", "INFORMATIVE_FRACTION", "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO", "NEIGHBOURHOOD_RANGES",
+           "POSE_SOURCES", "ab_initio_attempts", "check_pose_source", "is_informative", "network_won_fraction"]
 
 INFORMATIVE_FRACTION = 0.5
 """The network is informative when its neighbourhood wins the ``best`` probe for at least this fraction."""
@@ -42,6 +43,9 @@ MIN_LOCAL_ROUNDS_AFTER_AB_INITIO = 1
 """Ab initio's poses are capped at its own small box: at least this many local rounds follow it."""
 AB_INITIO_ATTEMPTS = 2
 """Ab initio runs at most this many times; each attempt after a negative verdict doubles the seed set."""
+CLASS_AGREEMENT_DEGREES = AbInitioSettings().agreement_degrees
+"""Class poses are trusted when two decoder starts agree within this median angle: ab initio's rule for two random
+starts (:func:`~cryofastar.recon.pose_alignment.pose_agreement`)."""
 CLASS_PROBE_PARTICLES = 1000
 """The daemon's class poses: particles of the ``best`` probe that decides whether they are informative (offline:
 every particle)."""

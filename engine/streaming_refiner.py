@@ -325,11 +325,12 @@ class StreamingRefiner:
             self.reference = None  # the next published map (of the probed poses) becomes the reference
         return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, "best", self.version)
 
-    def give_up_classes(self, why: str) -> None:
-        """No class poses to wait for (the 2D lane failed, or posing failed): map-only ab initio instead."""
+    def give_up_classes(self, why: str, record: dict | None = None) -> None:
+        """No class poses to use (the 2D lane failed, posing failed, or the two decoder starts disagree, with
+        their ``record``): map-only ab initio instead."""
         if self.phase == "classes":
             logger.warning("no class poses (%s): map-only ab initio instead", why)
-            self.class_poses = {"error": why, "informative": False}
+            self.class_poses = {**(record or {}), "error": why, "informative": False}
             self.phase = "ab-initio"
 
     def repose(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cryofastar.engine.class_posing import MAX_CLASS_VIEWS, ClassPoser, class_order, particle_poses
+from cryofastar.engine.class_posing import (
+    MAX_CLASS_VIEWS,
+    ClassPoser,
+    ClassViews,
+    class_order,
+    particle_poses,
+    second_start,
+)
 from cryofastar.model.evaluation import pose_errors
 from cryofastar.recon.fourier_rays import image_rays
 from cryofastar.recon.rotations import random_rotations
@@ -76,3 +83,28 @@ def test_more_classes_than_one_pass_share_one_frame(volume):
 def test_too_few_classes():
     with pytest.raises(ValueError, match="at least 2"):
         ClassPoser.load("classical").pose_classes(torch.zeros(3, BOX, BOX), np.array([0]))
+
+
+def _views(averages: torch.Tensor) -> ClassViews:
+    k = len(averages)
+    return ClassViews(averages, torch.arange(k, 0, -1).double(), torch.zeros(k, dtype=torch.bool), np.arange(k),
+                      np.zeros(k), np.zeros((k, 2)))
+
+
+def test_second_start_has_another_reference_and_every_class():
+    order = np.array([7, 3, 9, 1, 4])
+    assert second_start(order).tolist() == [3, 1, 7, 9, 4]
+
+
+def test_class_poses_are_trusted_when_two_decoder_starts_agree_and_not_on_noise(volume):
+    vol, apix = volume
+    truth = random_rotations(30, torch.Generator().manual_seed(8))
+    poser = ClassPoser.load("classical")
+    good = poser.pose_particles(_views(_projections(vol, apix, truth)))
+    assert good.trusted and good.agreement.median_degrees < 5.0 and good.classes_posed == 30
+    assert pose_errors(good.rotations, truth).geodesic_median_degrees < 5.0
+    assert "trusted: two decoder starts agree" in good.summary()
+    noise = poser.pose_particles(_views(torch.randn(30, BOX, BOX, generator=torch.Generator().manual_seed(2))))
+    assert not noise.trusted and noise.as_dict()["agree"] is False and "NOT trusted" in noise.summary()
+    few = poser.pose_particles(_views(_projections(vol, apix, truth[:3])))
+    assert few.agreement is None and not few.trusted and "too few" in few.summary()

@@ -137,7 +137,7 @@ def test_class_poses_move_the_named_particles_exactly_then_a_probe_judges_them(s
     assert live.pose_from_classes(_own_classes(state, sim, tmp_path), ClassPoser.load("classical"), APIX)
     record = live.refiner.class_poses
     assert record["class_set"] == 3 and record["classes_posed"] == N and record["particles"] == N
-    assert record["probed"] == N and record["informative"] and live.refiner.phase == "local"
+    assert record["probed"] == N and record["informative"] and live.refiner.phase == "local" and record["agree"]
     assert steps == [("class_poses", N)] and live.moved == 2 * N  # moved to the class poses, then by the probe
     # the map is exactly the one built from scratch with the recorded poses, which are right up to one frame
     rebuilt = HalfSetAccumulator(BOX, APIX)
@@ -180,3 +180,17 @@ def test_without_a_network_particles_never_refined_are_searched_globally(session
     assert float(geodesic_degrees(moved[:5], start[:5]).max()) <= 2 * local_range  # stayed near where they were
     # random starts searched globally land near the truth (the true map fixes the frame)
     assert float(geodesic_degrees(moved[5:], sim.rotations[5:10]).median()) < 20.0
+
+
+def test_class_poses_two_decoder_starts_disagree_on_move_nothing_and_turn_to_ab_initio(session, tmp_path: Path):
+    live, state, sim, _, steps = _classes_session(session)
+    before = state.accumulator.grids.clone()
+    views = _own_classes(state, sim, tmp_path)
+    noise = torch.randn(views.averages.shape, generator=torch.Generator().manual_seed(1))
+    unseen = ClassViews(noise, views.counts, views.junk, views.classes, views.psi_degrees, views.origins_angstrom,
+                        stacks=views.stacks, indices=views.indices, version=4)
+    assert live.pose_from_classes(unseen, ClassPoser.load("classical"), APIX)
+    record = live.refiner.class_poses
+    assert live.refiner.phase == "ab-initio" and not record["agree"] and not record["informative"]
+    assert record["class_set"] == 4 and "NOT trusted" in record["error"]
+    assert steps == [("class_poses", 0)] and live.moved == 0 and torch.equal(state.accumulator.grids, before)

@@ -50,6 +50,7 @@ def test_class_poses_pose_every_particle_through_its_class(star: Path, tmp_path:
     settings = ReconstructSettings(device="cpu", poses_from="classes", classes=8, refine=False)
     result = reconstruct(star, tmp_path, settings)
     assert result.n_particles == N and 2 <= result.classes_posed <= 8 and result.refine_modes == []
+    assert result.class_poses["classes_posed"] == result.classes_posed and result.class_poses["agree"] in (True, False)
     particles = starfile.read(tmp_path / "particles.star")["particles"]
     assert set(NETWORK_COLUMNS) | {"rlnClassNumber"} <= set(particles.columns)
     assert particles["rlnClassNumber"].between(1, 8).all()

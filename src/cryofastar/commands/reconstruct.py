@@ -56,6 +56,11 @@ def summary(result: ReconstructResult, settings: ReconstructSettings) -> list[st
     else:
         lines = [f"{result.n_particles} particles, no network ({result.total_seconds:.1f} s in all); half-map "
                  f"FSC 0.143 resolution {resolution_text(result.resolution_angstrom)}"]
+    if result.class_poses is not None:
+        c = result.class_poses
+        agreement = "" if c["agreement_degrees"] is None else f" (median {c['agreement_degrees']:.1f}°)"
+        lines.append(f"class poses {'trusted' if c['agree'] else 'NOT trusted: ab initio instead'}: two decoder "
+                     f"starts {'agree' if c['agree'] else 'disagree'}{agreement}")
     if result.refine_modes:
         source = "class" if settings.poses_from == "classes" else "network's"
         won = "" if result.network_won_fraction is None else \
