@@ -11,6 +11,10 @@ matrix ``A_p`` and 2D angle ``psi_p`` says the class average is the projection a
 is the chordal mean of these over its members, and their median distance to it (the class's
 spread) is reported: a class average is a blur of that many degrees.
 
+**Verdict.** Whether the class poses are trusted (two decoder starts agree,
+:meth:`~cryofastar.engine.class_posing.ClassPoser.pose_particles`), and whether that verdict is right
+(trusted exactly when the median error is under 10°).
+
 **Error.** The classes' relative rotations against the true ones after one global rotation and
 hand (:func:`cryofastar.model.evaluation.pose_errors`), median over the classes posed; chance
 (random rotations, aligned the same way) beside it. Molecules: procedural seeds from
@@ -34,7 +38,7 @@ import numpy as np
 import pandas as pd
 import starfile
 import torch
-from cryofastar.engine.class_posing import ClassPoser, class_order
+from cryofastar.engine.class_posing import ClassPoser, ClassViews, class_order
 from cryofastar.model.evaluation import pose_errors
 from cryofastar.model.training_data import EVAL_SEED_START
 from cryofastar.recon.euler import euler_to_matrix
@@ -122,8 +126,11 @@ def molecule(seed: int, args: argparse.Namespace, posers: dict[str, ClassPoser])
         matrices = poser.pose_classes(torch.as_tensor(averages), order)
         seconds = time.perf_counter() - t
         errors = pose_errors(matrices[torch.as_tensor(good)], truth[torch.as_tensor(good)], symmetry=order_n)
+        verdict = poser.pose_particles(ClassViews(torch.as_tensor(averages), counts, junk, np.zeros(0, np.int64),
+                                                  np.zeros(0), np.zeros((0, 2))))
         record[name] = {"median_deg": errors.geodesic_median_degrees,
-                        "within_10": float((errors.geodesic_degrees < 10).double().mean()), "seconds": seconds}
+                        "within_10": float((errors.geodesic_degrees < 10).double().mean()), "seconds": seconds,
+                        "trusted": verdict.trusted, "agreement_deg": verdict.as_dict()["agreement_degrees"]}
     return record
 
 
@@ -156,6 +163,9 @@ def main() -> None:
         chance = float(np.median([r["chance_median_deg"] for r in records]))
         print(f"{name}: class pose median per molecule {[round(m, 1) for m in medians]}; median of medians "
               f"{float(np.median(medians)):.1f}° (chance {chance:.0f}°)")
+        right = [r[name]["trusted"] == (r[name]["median_deg"] < 10) for r in records]
+        print(f"{name}: two-start verdict {[r[name]['trusted'] for r in records]}; agrees with the truth "
+              f"(median < 10°) on {sum(right)} of {len(right)}")
     if args.json is not None:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "molecules": records},
                                         indent=1))
