@@ -37,7 +37,7 @@ def session(tmp_path: Path):
     state.poses.append(np.array([str(stack)] * N), np.arange(1, N + 1), wrong, zero, torch.ones(N), halves, None)
     settings = DaemonSettings(watch=tmp_path, out=tmp_path / "out", refine_after=10, refine_box=16,
                               repose_per_pass=10)
-    refiner = StreamingRefiner(settings, torch.device("cpu"), poses_from=getattr(tmp_path, "poses_from", "map-only"))
+    refiner = StreamingRefiner(settings, torch.device("cpu"), poses_from="map-only")
     steps: list[tuple[str, int]] = []
 
     def read(rows: np.ndarray) -> torch.Tensor:
@@ -116,7 +116,7 @@ def test_particles_are_tried_again_when_the_process_is_out_of_file_descriptors(s
     assert steps == [("repose", 10)] and live.moved == 10
 
 
-def _own_classes(state, sim, tmp_path: Path, keep: int = N) -> ClassViews:
+def _own_classes(state, sim, keep: int = N) -> ClassViews:
     """Every particle its own class (its image the average, psi and origin 0), naming the first ``keep``."""
     table = state.poses
     return ClassViews(sim.images[:keep], torch.ones(keep), torch.zeros(keep, dtype=torch.bool), np.arange(keep),
@@ -134,7 +134,7 @@ def _classes_session(session):
 
 def test_class_poses_move_the_named_particles_exactly_then_a_probe_judges_them(session, tmp_path: Path) -> None:
     live, state, sim, halves, steps = _classes_session(session)
-    assert live.pose_from_classes(_own_classes(state, sim, tmp_path), ClassPoser.load("classical"), APIX)
+    assert live.pose_from_classes(_own_classes(state, sim), ClassPoser.load("classical"), APIX)
     record = live.refiner.class_poses
     assert record["class_set"] == 3 and record["classes_posed"] == N and record["particles"] == N
     assert record["probed"] == N and record["informative"] and live.refiner.phase == "local" and record["agree"]
@@ -150,14 +150,14 @@ def test_class_poses_move_the_named_particles_exactly_then_a_probe_judges_them(s
 def test_a_class_set_naming_too_few_particles_is_passed_over(session, tmp_path: Path) -> None:
     live, state, sim, _, steps = _classes_session(session)
     before = state.accumulator.grids.clone()
-    assert not live.pose_from_classes(_own_classes(state, sim, tmp_path, keep=5), ClassPoser.load("classical"), APIX)
+    assert not live.pose_from_classes(_own_classes(state, sim, keep=5), ClassPoser.load("classical"), APIX)
     assert live.wants_class_views and steps == [] and torch.equal(state.accumulator.grids, before)
 
 
 def test_class_poses_that_fail_send_the_session_to_ab_initio_and_leave_the_map(session, tmp_path: Path) -> None:
     live, state, sim, _, steps = _classes_session(session)
     before = state.accumulator.grids.clone()
-    views = _own_classes(state, sim, tmp_path)
+    views = _own_classes(state, sim)
     one_class = ClassViews(views.averages, torch.eye(N)[0], views.junk, np.zeros(N, np.int64), views.psi_degrees,
                            views.origins_angstrom, stacks=views.stacks, indices=views.indices)
     assert live.pose_from_classes(one_class, ClassPoser.load("classical"), APIX)  # one class: nothing to pose
@@ -185,7 +185,7 @@ def test_without_a_network_particles_never_refined_are_searched_globally(session
 def test_class_poses_two_decoder_starts_disagree_on_move_nothing_and_turn_to_ab_initio(session, tmp_path: Path):
     live, state, sim, _, steps = _classes_session(session)
     before = state.accumulator.grids.clone()
-    views = _own_classes(state, sim, tmp_path)
+    views = _own_classes(state, sim)
     noise = torch.randn(views.averages.shape, generator=torch.Generator().manual_seed(1))
     unseen = ClassViews(noise, views.counts, views.junk, views.classes, views.psi_degrees, views.origins_angstrom,
                         stacks=views.stacks, indices=views.indices, version=4)
