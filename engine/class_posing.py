@@ -306,6 +306,6 @@ def particle_poses(class_matrices: torch.Tensor, classes: np.ndarray, psi_degree
     psi_degrees: np.ndarray
         `(n,)` RELION 2D ``rlnAnglePsi`` of each particle.
     """
-    psi = torch.as_tensor(np.asarray(psi_degrees), dtype=torch.float64)
+    psi = torch.from_numpy(np.array(psi_degrees, dtype=np.float64))  # a copy: inputs may be read-only
     inplane = euler_to_matrix(torch.zeros_like(psi), torch.zeros_like(psi), psi)
-    return inplane @ class_matrices[torch.as_tensor(np.asarray(classes), dtype=torch.long)]
+    return inplane @ class_matrices[torch.from_numpy(np.array(classes, dtype=np.int64))]
