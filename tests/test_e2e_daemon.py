@@ -394,7 +394,9 @@ def test_refinement_reposes_particles_and_the_map_matches_their_final_poses(stac
                 assert body["refinement"]["phase"] == ("local" if record["informative"] else "ab-initio")
             else:  # not trusted: nothing moved, map-only ab initio
                 assert body["refinement"]["phase"] == "ab-initio" and "NOT trusted" in record["error"]
-        body = wait_for_status(subscriber, lambda s: s["refinement"]["pose_precision"] is not None, timeout=120)
+        # refined poses (their precision) and particles of the map re-posed (classes: after the class poses)
+        body = wait_for_status(subscriber, lambda s: s["refinement"]["pose_precision"] is not None
+                               and s["particles_reposed"] > 0, timeout=120)
         assert body["pose_source"] == poses_from and body["refinement"]["active"]
         phase = body["refinement"]["phase"]  # where the map's poses come from now (issue 20: not "network")
         assert body["poses_from"] == {"probe": "network", "ab-initio": "map-only ab initio", "local": "refined"}[phase]
