@@ -852,14 +852,15 @@ class Daemon:
         """--poses-from classes: once the 2D lane hands over a settled class set, move the map's particles to
         their class poses and probe them (engine/live_refinement.py); a failed lane, or none settled within
         CLASS_POSES_WAIT_SECONDS: map-only ab initio."""
-        if not self.refinement.wants_class_views or self.state.accumulator is None:
+        if not self.refiner.wants_class_views or self.state.accumulator is None:
             return
         lane = self.classification
-        if lane is None or lane.state == "failed":
-            self.refinement.give_up_classes(f"the 2D lane failed ({None if lane is None else lane.error})")
+        assert lane is not None  # settings refuse --poses-from classes with --no-classify
+        if lane.state == "failed":
+            self.refiner.give_up_classes(f"the 2D lane failed ({lane.error})")
             return
         if self.refiner.classes_overdue():
-            self.refinement.give_up_classes(f"no settled 2D classes within {CLASS_POSES_WAIT_SECONDS:.0f} s")
+            self.refiner.give_up_classes(f"no settled 2D classes within {CLASS_POSES_WAIT_SECONDS:.0f} s")
             return
         views = lane.class_views()
         if views is None:

@@ -191,13 +191,13 @@ class ClassViews:
 
     @classmethod
     def from_columns(cls, averages: torch.Tensor, counts: torch.Tensor, junk: torch.Tensor,
-                     columns: dict[str, np.ndarray], **where: object) -> ClassViews:
+                     columns: dict[str, np.ndarray], stacks: np.ndarray | None = None,
+                     indices: np.ndarray | None = None, version: int = 0) -> ClassViews:
         """From RELION Class2D particle columns (:func:`~cryofastar.recon.classify2d.particle_columns`:
-        1-based ``rlnClassNumber``, ``rlnAnglePsi``, ``rlnOriginX/YAngst``); ``where``: ``stacks``,
-        ``indices``, ``version``."""
+        1-based ``rlnClassNumber``, ``rlnAnglePsi``, ``rlnOriginX/YAngst``); the other fields as above."""
         origins = np.stack([columns["rlnOriginXAngst"], columns["rlnOriginYAngst"]], -1).astype(np.float64)
         return cls(averages, counts, junk, np.asarray(columns["rlnClassNumber"], np.int64) - 1,
-                   np.asarray(columns["rlnAnglePsi"], np.float64), origins, **where)  # type: ignore[arg-type]
+                   np.asarray(columns["rlnAnglePsi"], np.float64), origins, stacks, indices, version)
 
 
 class ClassPoser:

@@ -149,15 +149,6 @@ class LiveRefinement:
         self.refiner.maybe_finish_ab_initio(self._refined())
         self._record("repose", len(rows), time.perf_counter() - t0)
 
-    @property
-    def wants_class_views(self) -> bool:
-        """Whether the session waits for a settled 2D class set (``--poses-from classes``)."""
-        return self.refiner.wants_class_views
-
-    def give_up_classes(self, why: str) -> None:
-        """No class set will come (the 2D lane failed): map-only ab initio instead."""
-        self.refiner.give_up_classes(why)
-
     def pose_from_classes(self, views: ClassViews, poser: ClassPoser, apix: float) -> bool:
         """Move the map's particles ``views`` names to their class poses, then probe them (module docstring).
 

@@ -280,7 +280,6 @@ class _Poses:
     columns: dict[str, np.ndarray] = field(default_factory=dict)  # extra output columns (2D classes)
     classes_posed: int = 0
     class_poses: dict | None = None  # the class poses' verdict (ClassPoses.as_dict)
-    trusted: bool = True  # class poses: two decoder starts agree (network poses: always probed)
 
 
 def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
@@ -310,7 +309,8 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
     rotations, origins = poses.rotations, poses.origins
     finished = None
     if settings.refine:
-        finished = _finish_poses(job, acc, rotations, origins, probe=poses.trusted)
+        trusted = poses.class_poses is None or bool(poses.class_poses["agree"])  # network poses: always probed
+        finished = _finish_poses(job, acc, rotations, origins, probe=trusted)
         acc, rotations, origins = finished.accumulator, finished.rotations, finished.origins
     record = PoseTable()  # the final poses, in the engine's one pose table (as the daemon keeps them)
     record.append(source.stacks, source.indices, rotations, origins, poses.confidence, source.half_sets, job.ctf,
@@ -457,8 +457,9 @@ def _read_working_images(job: _Job) -> _Poses:
     return _Poses(None, None, torch.zeros(n))
 
 
-def _class_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulator, _Poses]:
-    """Poses of every particle through its 2D class (module docstring), inserted; working-box images kept."""
+def _class_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulator | None, _Poses]:
+    """Poses of every particle through its 2D class (module docstring), inserted (not when they are untrusted and
+    ab initio follows: no map, as map-only); working-box images kept."""
     source, settings = job.source, job.settings
     t0 = time.perf_counter()
     classified = classify_source(source, ClassifySettings(classes=settings.classes, classify_seed=settings.seed),
@@ -478,8 +479,8 @@ def _class_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulat
     poses.columns = {"rlnClassNumber": columns["rlnClassNumber"]}
     poses.classes_posed = posed
     poses.class_poses = class_poses.as_dict()
-    poses.trusted = class_poses.trusted
-    acc = job.backproject(rotations, origins)
+    # untrusted class poses go to ab initio unprobed (_finish_poses): their map is needed only without refinement
+    acc = job.backproject(rotations, origins) if class_poses.trusted or not settings.refine else None
     poses.insert_seconds = time.perf_counter() - t1
     return acc, poses
 

@@ -57,16 +57,13 @@ POSE_SOURCES = ("network", "map-only", "classes")
 the geometric decoder on 2D class averages (each particle through its class)."""
 
 
-def check_pose_source(poses_from: str, refine: bool, refine_box: int, sources: tuple[str, ...] = POSE_SOURCES
-                      ) -> None:
+def check_pose_source(poses_from: str, refine: bool, refine_box: int) -> None:
     """Raise ValueError (one line, naming the option) unless the source of poses and refinement fit together.
 
-    ``poses_from`` must be one of ``sources`` (the daemon takes fewer than the offline job);
     ``map-only`` has no poses but refinement's; the working box ``refine_box`` (px) must be 16..512.
     """
-    if poses_from not in sources:
-        named = ", ".join(sources[:-1]) + (" or " if len(sources) > 1 else "") + sources[-1]
-        raise ValueError(f"--poses-from must be {named}, got {poses_from!r}")
+    if poses_from not in POSE_SOURCES:
+        raise ValueError(f"--poses-from must be network, map-only or classes, got {poses_from!r}")
     if poses_from == "map-only" and not refine:
         raise ValueError("--poses-from map-only needs refinement (it is the only source of poses): drop --no-refine")
     if not 16 <= refine_box <= 512:

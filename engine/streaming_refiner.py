@@ -188,7 +188,8 @@ class StreamingRefiner:
         self.version += 1
         if self.phase == "waiting":
             self.phase = {"map-only": "ab-initio", "classes": "classes"}.get(self.poses_from, "probe")
-            self._classes_since = time.monotonic()
+            if self.phase == "classes":
+                self._classes_since = time.monotonic()
         logger.info("refinement reference v%d: %d particles, %.1f Å (band %.3f cycles/px at %d px)", self.version,
                     n_particles, resolution_angstrom, self.reference.local_band, self.reference.work)
 

@@ -128,7 +128,7 @@ def _classes_session(session):
     live, state, sim, volume, halves, steps = session
     live.refiner.poses_from = "classes"
     live.refiner.update_reference(torch.stack([volume, volume]), APIX, 12.0, n_particles=N)
-    assert live.wants_class_views and not live.idle_work_left()
+    assert live.refiner.wants_class_views and not live.idle_work_left()
     return live, state, sim, halves, steps
 
 
@@ -151,7 +151,7 @@ def test_a_class_set_naming_too_few_particles_is_passed_over(session, tmp_path: 
     live, state, sim, _, steps = _classes_session(session)
     before = state.accumulator.grids.clone()
     assert not live.pose_from_classes(_own_classes(state, sim, keep=5), ClassPoser.load("classical"), APIX)
-    assert live.wants_class_views and steps == [] and torch.equal(state.accumulator.grids, before)
+    assert live.refiner.wants_class_views and steps == [] and torch.equal(state.accumulator.grids, before)
 
 
 def test_class_poses_that_fail_send_the_session_to_ab_initio_and_leave_the_map(session, tmp_path: Path) -> None:
