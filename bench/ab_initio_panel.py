@@ -195,6 +195,7 @@ def run_cell(args: argparse.Namespace, molecule, box: int, ctf: bool, snr: float
                  "class_poses_median_deg": errors.geodesic_median_degrees,
                  "class_poses_won_fraction": result.network_won_fraction,
                  "class_poses_verdict": result.class_poses,
+                 "class_poses_confirmation": result.confirmation,
                  "class_poses_informative": "ab-initio" not in result.refine_modes}
     poses = {"rotations": table.rotations().double(), "origins_angstrom": table.origins_angstrom().double()}
     poses_path(args, key).parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,10 @@ job's classifier, :func:`~cryofastar.engine.classification.classify_source`); on
 geometric decoder over the class averages poses the classes, and every particle takes its
 class's pose composed with its own 2D angle and origin (:mod:`~cryofastar.engine.class_posing`).
 From there refinement goes as with the network: round 1 is the ``best`` probe, and map-only
-ab initio replaces the poses if the class poses are not informative.
+ab initio replaces the poses if the class poses are not informative. Class poses found
+informative must also be confirmed by one random ab initio start on a subset
+(:func:`~cryofastar.recon.ab_initio.confirm_poses`); map-only ab initio replaces them if it
+finds another structure.
 
 With ``poses_from="map-only"`` there is no network: the starting poses come from ab
 initio on the particles Fourier-cropped to the refinement's working box, then
@@ -45,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryofastar.recon import HalfSetAccumulator
-from cryofastar.recon.ab_initio import AbInitioResult, AbInitioSettings, run_ab_initio
+from cryofastar.recon.ab_initio import AbInitioResult, AbInitioSettings, PoseConfirmation, confirm_poses, run_ab_initio
 from cryofastar.recon.backprojection import backproject
 from cryofastar.recon.classify2d import particle_columns
 from cryofastar.recon.ctf import CtfParams
@@ -68,6 +71,7 @@ from .policy import (
     MIN_LOCAL_ROUNDS_AFTER_AB_INITIO,
     ab_initio_attempts,
     check_pose_source,
+    confirmation_rows,
     is_informative,
     network_won_fraction,
 )
@@ -204,6 +208,10 @@ class ReconstructResult:
         (``None`` without a network or without refinement).
     ab_initio_seconds: float
         Wall time of ab initio (0 when it did not run).
+    confirmation: dict | None
+        When the ``best`` probe found class poses informative: whether one random ab
+        initio start agrees with them (:meth:`~cryofastar.recon.ab_initio.PoseConfirmation.as_dict`);
+        map-only ab initio replaced them when it did not.
     classes_posed: int
         With ``poses_from="classes"``: the classes the decoder posed (0 otherwise).
     class_poses: dict | None
@@ -234,6 +242,7 @@ class ReconstructResult:
     ab_initio_seconds: float = 0.0
     ab_initio: dict | None = None
     pose_precision: dict | None = None
+    confirmation: dict | None = None
     classes_posed: int = 0
     class_poses: dict | None = None
 
@@ -341,6 +350,7 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
         ab_initio_seconds=0.0 if finished is None else finished.ab_initio_seconds,
         ab_initio=None if finished is None else finished.ab_initio,
         pose_precision=None if precision is None else {**precision.as_dict(), "summary": precision.summary()},
+        confirmation=None if finished is None else finished.confirmation,
         classes_posed=poses.classes_posed, class_poses=poses.class_poses)
 
 
@@ -358,6 +368,7 @@ class _Finished:
     seconds: float
     ab_initio_seconds: float
     ab_initio: dict | None
+    confirmation: dict | None  # PoseConfirmation.as_dict of informative class poses
 
 
 def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Tensor | None,
@@ -371,13 +382,16 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
     search = RefineSettings(working_box=job.work_images.shape[-1])
     modes: list[str] = []
     won, ab_initio_s, local_rounds = None, 0.0, settings.refine_rounds
+    confirmation = None
     if settings.poses_from in ("network", "classes") and probe:  # round 1: their neighbourhood against global
         matched = _match_all(job, acc, search, rotations, origins, "best")
         won = network_won_fraction(matched[0], rotations, search.local_range_degrees)
         rotations, origins, scores, spread = matched
         acc = _next_map(job, "best", modes, rotations, origins)
         local_rounds -= 1
-    if won is None or not is_informative(won):  # no network, or an uninformative one
+        if settings.poses_from == "classes" and is_informative(won):  # one random ab initio start must find the
+            confirmation = _confirm(job, rotations)  # same structure (policy)
+    if won is None or not is_informative(won) or (confirmation is not None and not confirmation.agree):
         t1 = time.perf_counter()
         work = job.work_images.shape[-1]
         result, ab_initio = _ab_initio(job, source.apix * source.box / work)
@@ -391,7 +405,19 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
         rotations, origins, scores, spread = _match_all(job, acc, search, rotations, origins, "local")
         acc = _next_map(job, "local", modes, rotations, origins)
     return _Finished(acc, rotations, origins, scores, spread, modes, won, time.perf_counter() - t0, ab_initio_s,
-                     None if ab_initio_s == 0.0 else ab_initio)
+                     None if ab_initio_s == 0.0 else ab_initio,
+                     None if confirmation is None else confirmation.as_dict())
+
+
+def _confirm(job: _Job, rotations: torch.Tensor) -> PoseConfirmation:
+    """One random ab initio start on the policy's subset of the particles, against their ``rotations``."""
+    rows = torch.as_tensor(confirmation_rows(len(job.halves), job.settings.seed))
+    work = job.work_images.shape[-1]
+    confirmation = confirm_poses(job.work_images[rows], job.halves[rows], job.source.apix * job.source.box / work,
+                                 rotations[rows], None if job.ctf is None else job.ctf[rows],
+                                 seed=job.settings.seed + 555, device=job.device)
+    logger.info("starting poses: %s", confirmation.summary())
+    return confirmation
 
 
 def _ab_initio(job: _Job, apix: float) -> tuple[AbInitioResult, dict]:

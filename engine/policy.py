@@ -11,6 +11,14 @@ One place for each rule, so that ``reconstruct`` and ``watch`` decide alike:
   starts agree, ``CLASS_AGREEMENT_DEGREES``), then are judged the same way: offline on every particle,
   live on up to ``CLASS_PROBE_PARTICLES`` of the map's once the 2D classes have settled
   (map-only ab initio when they have not within ``CLASS_POSES_WAIT_SECONDS``).
+- **Class poses judged informative are confirmed**: one random start of ab initio's seed
+  stage on ``CONFIRM_PARTICLES`` of the particles (live: the probed ones) must find the
+  same structure (ab initio's own agreement rule,
+  :func:`~cryofastar.recon.ab_initio.confirm_poses`); else map-only ab initio replaces them.
+  The decoder can be wrong in a self-consistent way (its two starts agree, its map matches
+  its particles: a Cn oligomer's common lines are n-fold ambiguous); a random start shares
+  none of its errors. (The network's poses are not confirmed: it is not informative on
+  unseen molecules, and the probe already sends it to ab initio.)
 - **Ab initio that did not converge is run again** (``AB_INITIO_ATTEMPTS``): when no two
   random starts of its seed stage agree (its verdict, :class:`AbInitioVerdict`), the next
   attempt has a seed set twice as large (more signal per map update, as low SNR needs).
@@ -30,8 +38,9 @@ from cryofastar.recon.ab_initio import AbInitioSettings
 from cryofastar.recon.rotations import geodesic_degrees
 
 __all__ = ["AB_INITIO_ATTEMPTS", "AB_INITIO_PASSES", "CLASS_AGREEMENT_DEGREES", "CLASS_POSES_WAIT_SECONDS",
-           "CLASS_PROBE_PARTICLES", "INFORMATIVE_FRACTION", "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO", "NEIGHBOURHOOD_RANGES",
-           "POSE_SOURCES", "ab_initio_attempts", "check_pose_source", "is_informative", "network_won_fraction"]
+           "CLASS_PROBE_PARTICLES", "CONFIRM_PARTICLES", "INFORMATIVE_FRACTION", "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO",
+           "NEIGHBOURHOOD_RANGES", "POSE_SOURCES", "ab_initio_attempts", "check_pose_source", "confirmation_rows",
+           "is_informative", "network_won_fraction"]
 
 INFORMATIVE_FRACTION = 0.5
 """The network is informative when its neighbourhood wins the ``best`` probe for at least this fraction."""
@@ -49,6 +58,9 @@ starts (:func:`~cryofastar.recon.pose_alignment.pose_agreement`)."""
 CLASS_PROBE_PARTICLES = 1000
 """The daemon's class poses: particles of the ``best`` probe that decides whether they are informative (offline:
 every particle)."""
+CONFIRM_PARTICLES = AbInitioSettings().seed_particles
+"""Class poses judged informative are confirmed by one random ab initio start on this many particles (its seed set's
+size: the start is as likely to converge as ab initio's own); the daemon uses the ``CLASS_PROBE_PARTICLES`` probed."""
 CLASS_POSES_WAIT_SECONDS = 600.0
 """The daemon's class poses: a session whose 2D classes have not settled this long after its map reached
 ``--refine-after`` particles turns to map-only ab initio (a map must not wait on the 2D lane for ever)."""
@@ -104,3 +116,10 @@ def ab_initio_attempts(settings: AbInitioSettings, n_particles: int) -> Iterator
         seeds.append(min(2 * seeds[-1], n_particles))
     for seed in seeds:
         yield replace(settings, seed_particles=seed)
+
+
+def confirmation_rows(n: int, seed: int) -> np.ndarray:
+    """Sorted rows of the ``min(n, CONFIRM_PARTICLES)`` particles (of ``n``) the confirming start runs on (random,
+    reproducible from ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    return np.sort(torch.randperm(n, generator=generator)[: min(n, CONFIRM_PARTICLES)].numpy())

@@ -48,7 +48,15 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from cryofastar.recon.ab_initio import AbInitio, AbInitioSettings, AbInitioVerdict, SoftPoses, run_ab_initio
+from cryofastar.recon.ab_initio import (
+    AbInitio,
+    AbInitioSettings,
+    AbInitioVerdict,
+    PoseConfirmation,
+    SoftPoses,
+    confirm_poses,
+    run_ab_initio,
+)
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 
@@ -308,30 +316,48 @@ class StreamingRefiner:
                           origins_angstrom: torch.Tensor, ctf: CtfParams | None, record: dict) -> RefinedPoses:
         """The ``best`` probe of class-posed particles against the map they make; decides the next phase.
 
-        `(n, B, B)` images at the session box, `(n,)` half sets, `(n, 3, 3)` class poses and `(n, 2)`
-        origins (Å); the reference must be the map of the class poses (:meth:`update_reference`).
-        ``record`` (classes posed, particles moved, class set) is kept in :attr:`class_poses` with the
-        probe's figures. Informative: ``local`` (the next published map becomes the reference); else
-        ``ab-initio``.
+        `(n, B, B)` images at the session box, `(n,)` half sets, `(n, 3, 3)` class poses
+        and `(n, 2)` origins (Å); the reference must be the map of the class poses (:meth:`update_reference`).
+        Informative poses must also be confirmed by one random ab initio start on the same particles
+        (policy, :func:`~cryofastar.recon.ab_initio.confirm_poses`). ``record`` (classes posed, particles
+        moved, class set) is kept in :attr:`class_poses` with the probe's and the confirmation's figures.
+        Informative and confirmed: ``local`` (the next published map becomes the reference); else ``ab-initio``.
         """
         assert self.reference is not None and self.phase == "classes"
         match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, "best", ctf)
         won = network_won_fraction(match.rotations, rotations, self.search.local_range_degrees)
         informative = is_informative(won)
         self.class_poses = {**record, "probed": len(images), "won_fraction": won, "informative": informative}
-        logger.info("class poses: their neighbourhood was the better start for %.0f%% of %d particles: %s",
-                    100 * won, len(images), "refining them locally" if informative else "map-only ab initio")
-        self.phase = "local" if informative else "ab-initio"
+        logger.info("class poses: their neighbourhood was the better start for %.0f%% of %d particles%s",
+                    100 * won, len(images), "" if informative else ": map-only ab initio")
+        used = informative
         if informative:
+            confirmation = self._confirm(images, half_sets, match.rotations, ctf)
+            self.class_poses["confirmation"] = confirmation.as_dict()
+            used = confirmation.agree
+            logger.info("class poses: %s: %s", confirmation.summary(),
+                        "refining them locally" if used else "map-only ab initio")
+        self.class_poses["used"] = used
+        self.phase = "local" if used else "ab-initio"
+        if used:
             self.reference = None  # the next published map (of the probed poses) becomes the reference
         return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, "best", self.version)
+
+    def _confirm(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,
+                 ctf: CtfParams | None) -> PoseConfirmation:
+        """One random ab initio start on these particles (session box) against their ``rotations`` (policy)."""
+        assert self.reference is not None
+        small = self._working(images)
+        return confirm_poses(small, half_sets, self.reference.apix * images.shape[-1] / small.shape[-1], rotations,
+                             ctf, AbInitioSettings(interpolation=self.settings.interpolation), seed=555,
+                             device=self.device)
 
     def give_up_classes(self, why: str, record: dict | None = None) -> None:
         """No class poses to use (the 2D lane failed, posing failed, or the two decoder starts disagree, with
         their ``record``): map-only ab initio instead."""
         if self.phase == "classes":
             logger.warning("no class poses (%s): map-only ab initio instead", why)
-            self.class_poses = {**(record or {}), "error": why, "informative": False}
+            self.class_poses = {**(record or {}), "error": why, "informative": False, "used": False}
             self.phase = "ab-initio"
 
     def repose(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,

@@ -398,7 +398,7 @@ def network_poses(table: ParticleTable) -> tuple[torch.Tensor, torch.Tensor] | N
     # upward import, for now: the reconstruct engine (and its column names) moves below model/ at the merge
     if not set(NETWORK_COLUMNS) <= set(table.particles.columns):
         return None
-    values = torch.from_numpy(table.particles[list(NETWORK_COLUMNS)].to_numpy(np.float64))
+    values = torch.from_numpy(table.particles[list(NETWORK_COLUMNS)].to_numpy(np.float64, copy=True))
     return euler_to_matrix(values[:, 0], values[:, 1], values[:, 2]), values[:, 3:] / table.apix
 
 

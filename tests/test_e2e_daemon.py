@@ -391,7 +391,9 @@ def test_refinement_reposes_particles_and_the_map_matches_their_final_poses(stac
             assert record["class_set"] >= 1 and record["classes_posed"] >= 2
             if record["agree"]:  # two decoder starts agree: particles moved, then probed
                 assert record["particles"] >= 80 and 0 <= record["won_fraction"] <= 1
-                assert body["refinement"]["phase"] == ("local" if record["informative"] else "ab-initio")
+                assert body["refinement"]["phase"] == ("local" if record["used"] else "ab-initio")
+                # informative ones are used only if one random ab initio start agrees with them (policy)
+                assert record["used"] == (record["informative"] and record["confirmation"]["agree"])
             else:  # not trusted: nothing moved, map-only ab initio
                 assert body["refinement"]["phase"] == "ab-initio" and "NOT trusted" in record["error"]
         # refined poses (their precision) and particles of the map re-posed (classes: after the class poses)

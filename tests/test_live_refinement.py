@@ -137,7 +137,13 @@ def test_class_poses_move_the_named_particles_exactly_then_a_probe_judges_them(s
     assert live.pose_from_classes(_own_classes(state, sim), ClassPoser.load("classical"), APIX)
     record = live.refiner.class_poses
     assert record["class_set"] == 3 and record["classes_posed"] == N and record["particles"] == N
-    assert record["probed"] == N and record["informative"] and live.refiner.phase == "local" and record["agree"]
+    assert record["probed"] == N and record["informative"] and record["agree"]
+    # informative class poses are confirmed by one random ab initio start on the probed particles (policy); used
+    # only if it agrees
+    confirmation = record["confirmation"]
+    assert confirmation["particles"] == N and confirmation["seconds"] > 0
+    assert record["used"] == confirmation["agree"]
+    assert live.refiner.phase == ("local" if confirmation["agree"] else "ab-initio")
     assert steps == [("class_poses", N)] and live.moved == 2 * N  # moved to the class poses, then by the probe
     # the map is exactly the one built from scratch with the recorded poses, which are right up to one frame
     rebuilt = HalfSetAccumulator(BOX, APIX)
@@ -192,5 +198,6 @@ def test_class_poses_two_decoder_starts_disagree_on_move_nothing_and_turn_to_ab_
     assert live.pose_from_classes(unseen, ClassPoser.load("classical"), APIX)
     record = live.refiner.class_poses
     assert live.refiner.phase == "ab-initio" and not record["agree"] and not record["informative"]
+    assert not record["used"] and "confirmation" not in record  # untrusted: not probed, not confirmed
     assert record["class_set"] == 4 and "NOT trusted" in record["error"]
     assert steps == [("class_poses", 0)] and live.moved == 0 and torch.equal(state.accumulator.grids, before)

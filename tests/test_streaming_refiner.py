@@ -134,4 +134,4 @@ def test_a_classes_session_waits_for_its_classes_then_gives_up_for_ab_initio_if_
     assert not refiner.classes_overdue() and refiner.classes_overdue(time.monotonic() + CLASS_POSES_WAIT_SECONDS + 1)
     refiner.give_up_classes("the 2D lane failed (boom)")
     assert refiner.phase == "ab-initio" and refiner.needs_bootstrap and refiner.active
-    assert refiner.class_poses == {"error": "the 2D lane failed (boom)", "informative": False}
+    assert refiner.class_poses == {"error": "the 2D lane failed (boom)", "informative": False, "used": False}

@@ -64,9 +64,11 @@ shift that re-centres the particle (docs/conventions.md). Maps (and hence poses)
 defined up to a global rotation and the hand.
 """
 
+from .confirmation import PoseConfirmation, confirm_poses
 from .offline import AbInitioResult, AbInitioVerdict, run_ab_initio
 from .settings import AbInitioSettings
 from .soft_poses import SoftPoses
 from .streaming import AbInitio
 
-__all__ = ["AbInitio", "AbInitioResult", "AbInitioVerdict", "AbInitioSettings", "SoftPoses", "run_ab_initio"]
+__all__ = ["AbInitio", "AbInitioResult", "AbInitioVerdict", "AbInitioSettings", "PoseConfirmation", "SoftPoses",
+           "confirm_poses", "run_ab_initio"]

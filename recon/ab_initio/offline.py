@@ -169,10 +169,7 @@ def run_ab_initio(images: torch.Tensor, half_sets: torch.Tensor, apix: float, pa
     everyone = torch.randperm(run.n, generator=run.order_generator)
     seed_set = everyone[: min(run.n, settings.seed_particles)]
     seed_passes = settings.seed_passes if seed_set.numel() < run.n else max(settings.seed_passes, passes)
-    if settings.particle_diameter_angstrom is None:  # measured on (at most) 2,000 of the particles
-        sample = everyone[:2000]
-        diameter = estimate_particle_diameter(images[sample], apix, None if ctf is None else ctf[sample])
-        run.settings = settings = replace(settings, particle_diameter_angstrom=diameter)
+    run.settings = settings = run.with_diameter(everyone, apix)
     state, verdict = run.seed_stage(seed_set, seed_passes, apix, device)
     if seed_set.numel() < run.n:
         run.step(state, f"pass 1/{passes}", everyone[seed_set.numel():], new=True)
@@ -214,6 +211,42 @@ class _Run:
         if self.callback is not None:
             self.callback(label, self.poses, self.seen.clone())
 
+    def with_diameter(self, everyone: torch.Tensor, apix: float) -> AbInitioSettings:
+        """The settings, with the particle's diameter measured on (at most) 2,000 of ``everyone`` if not given."""
+        if self.settings.particle_diameter_angstrom is not None:
+            return self.settings
+        sample = everyone[:2000]
+        diameter = estimate_particle_diameter(self.images[sample], apix, None if self.ctf is None else self.ctf[sample])
+        return replace(self.settings, particle_diameter_angstrom=diameter)
+
+    def seed_start(self, seed_set: torch.Tensor, seed_passes: int, apix: float, device: torch.device | str,
+                   restart: int) -> tuple[float, AbInitio, SoftPoses]:
+        """One random start of the seed stage (restart number ``restart``, 0-based): its score, state and poses.
+
+        The seed set is added, then re-posed at least ``seed_passes - 1`` times and until the median change
+        of the best orientations is at most ``settled_change_degrees`` (``max_seed_passes`` in all at most).
+        The score is the seed set's mean best score at the shared band (comparable between restarts).
+        """
+        s = self.settings
+        state = AbInitio(self.images.shape[-1], apix, s, seed=self.seed + 7919 * restart, device=device)
+        prefix = f"restart {restart + 1} "
+        self.step(state, f"{prefix}seed 1", seed_set, new=True)
+        p = 1
+        while True:  # at least seed_passes, then until the poses settle (or max_seed_passes)
+            before = self.poses.rotations[seed_set].clone()
+            p += 1
+            self.step(state, f"{prefix}seed {p}", seed_set, new=False)
+            change = float(geodesic_degrees(before, self.poses.rotations[seed_set]).median())
+            self.history[-1]["median_change_degrees"] = change
+            if p >= seed_passes and (change <= s.settled_change_degrees or p >= s.max_seed_passes):
+                break
+        check = state.match(self.images[seed_set], self.halves[seed_set],
+                            None if self.ctf is None else self.ctf[seed_set],
+                            resolution_angstrom=state.settings.shared_resolution_angstrom)
+        score = float(check.scores.mean())
+        self.history[-1]["restart_score"] = score
+        return score, state, self.poses[seed_set]
+
     def seed_stage(self, seed_set: torch.Tensor, seed_passes: int, apix: float,
                    device: torch.device | str) -> tuple[AbInitio, AbInitioVerdict]:
         """Seed stages from random starts until two agree (:class:`AbInitioSettings`); the kept one and the verdict."""
@@ -222,25 +255,9 @@ class _Run:
         pairs: dict[tuple[int, int], float] = {}  # (i, j) -> median angle between the restarts' poses
         agreeing: list[tuple[int, int]] = []
         orders: dict[tuple[int, int], int] = {}  # agreeing pair -> the cyclic symmetry the agreement needed
-        seed_ctf = None if self.ctf is None else self.ctf[seed_set]
         while len(runs) < max(1, s.max_seed_restarts):
             restart = len(runs)
-            state = AbInitio(self.images.shape[-1], apix, s, seed=self.seed + 7919 * restart, device=device)
-            prefix = f"restart {restart + 1} "
-            self.step(state, f"{prefix}seed 1", seed_set, new=True)
-            p = 1
-            while True:  # at least seed_passes, then until the poses settle (or max_seed_passes)
-                before = self.poses.rotations[seed_set].clone()
-                p += 1
-                self.step(state, f"{prefix}seed {p}", seed_set, new=False)
-                change = float(geodesic_degrees(before, self.poses.rotations[seed_set]).median())
-                self.history[-1]["median_change_degrees"] = change
-                if p >= seed_passes and (change <= s.settled_change_degrees or p >= s.max_seed_passes):
-                    break
-            check = state.match(self.images[seed_set], self.halves[seed_set], seed_ctf,
-                                resolution_angstrom=state.settings.shared_resolution_angstrom)
-            runs.append((float(check.scores.mean()), state, self.poses[seed_set]))
-            self.history[-1]["restart_score"] = runs[-1][0]
+            runs.append(self.seed_start(seed_set, seed_passes, apix, device, restart))
             for j in range(restart):
                 agreement = pose_agreement(runs[restart][2].rotations, runs[j][2].rotations, s.agreement_degrees)
                 pairs[(j, restart)] = agreement.median_degrees

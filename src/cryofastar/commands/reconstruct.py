@@ -65,8 +65,14 @@ def summary(result: ReconstructResult, settings: ReconstructSettings) -> list[st
         source = "class" if settings.poses_from == "classes" else "network's"
         won = "" if result.network_won_fraction is None else \
             f"; the {source} poses were the better start for {100 * result.network_won_fraction:.0f}% of particles"
+        confirmed = result.confirmation
+        if confirmed is not None:
+            symmetric = f", up to C{confirmed['symmetry_order']}" if confirmed["symmetry_order"] > 1 else ""
+            won += (f"; a random ab initio start {'agrees' if confirmed['agree'] else 'DISAGREES'} with them "
+                    f"(median {confirmed['median_degrees']:.1f}°{symmetric})")
         if result.network_won_fraction is not None and "ab-initio" in result.refine_modes:
-            won += f" (uninformative {source} poses: poses from ab initio instead)"
+            why = "unconfirmed" if confirmed is not None and not confirmed["agree"] else "uninformative"
+            won += f" ({why} {source} poses: poses from ab initio instead)"
         ab = f"; ab initio took {result.ab_initio_seconds:.1f} s" if "ab-initio" in result.refine_modes else ""
         lines.append(f"refined in {result.refine_seconds:.1f} s ({', '.join(result.refine_modes)}){won}{ab}")
     if result.ab_initio is not None:
