@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from cryofastar.engine.policy import (
+    CONFIRM_PARTICLES,
     INFORMATIVE_FRACTION,
     NEIGHBOURHOOD_RANGES,
+    confirmation_rows,
     is_informative,
     network_won_fraction,
 )
@@ -47,3 +50,12 @@ def test_ab_initio_attempts_double_the_seed_set_while_particles_allow() -> None:
     assert seeds == [1000, 2000][:AB_INITIO_ATTEMPTS]
     assert [s.seed_particles for s in ab_initio_attempts(AbInitioSettings(seed_particles=1000), 800)] == [1000]
     assert [s.seed_particles for s in ab_initio_attempts(AbInitioSettings(seed_particles=1000), 1500)] == [1000, 1500]
+
+
+def test_confirmation_rows_are_a_reproducible_random_subset_of_at_most_the_seed_set() -> None:
+    rows = confirmation_rows(5000, seed=1)
+    assert len(rows) == CONFIRM_PARTICLES and len(np.unique(rows)) == len(rows) and (np.diff(rows) > 0).all()
+    assert rows.min() >= 0 and rows.max() < 5000 and rows.max() > 4000  # spread over the session, not its start
+    assert np.array_equal(rows, confirmation_rows(5000, seed=1))
+    assert not np.array_equal(rows, confirmation_rows(5000, seed=2))
+    assert np.array_equal(confirmation_rows(300, seed=1), np.arange(300))  # fewer particles: all of them
