@@ -173,9 +173,15 @@ class CleanSet:
 def clean_set(molecule: Molecule, box: int, ctf: bool, n: int, cache: Path | None = None) -> CleanSet:
     """Clean particles of ``molecule`` (at least ``n``), from the cache or simulated and cached."""
     cache = Path(cache) if cache is not None else default_cache_dir() / "panel"
-    path = cache / f"{molecule.name}-b{box}-{'ctf' if ctf else 'noctf'}-n{n}.pt"
+    stem = f"{molecule.name}-b{box}-{'ctf' if ctf else 'noctf'}"
+    path = cache / f"{stem}-n{n}.pt"
     if path.exists():
         return CleanSet(**torch.load(path, weights_only=False))
+    # a larger set of the same molecule holds these particles first (one generator, 1,000 at a time)
+    larger = [] if n % 1000 else sorted((int(p.stem.rsplit("-n", 1)[1]), p) for p in cache.glob(f"{stem}-n*.pt")
+                    if p.stem.rsplit("-n", 1)[1].isdigit() and int(p.stem.rsplit("-n", 1)[1]) > n)
+    if larger:
+        return CleanSet(**torch.load(larger[0][1], weights_only=False))
     atoms = atoms_of(molecule)
     apix = pixel_size(atoms, box)
     volume = atoms_to_volume(atoms, box, apix)
