@@ -68,12 +68,14 @@ from .class_posing import CLASS_WEIGHTS_HELP, ClassPoser, ClassViews, check_clas
 from .classification import ClassifySettings, classify_source
 from .policy import (
     AB_INITIO_PASSES,
+    CONFIRM_SEED_OFFSET,
     MIN_LOCAL_ROUNDS_AFTER_AB_INITIO,
     ab_initio_attempts,
     check_pose_source,
     confirmation_rows,
     is_informative,
     network_won_fraction,
+    random_rows,
 )
 from .pose_table import PoseTable
 from .posing import NetworkPoser
@@ -266,6 +268,11 @@ class _Job:
         """The particles' CTF for back-projection (``None`` with ``--no-ctf`` or none in the file)."""
         return self.source.ctf if self.settings.use_ctf else None
 
+    @property
+    def work_apix(self) -> float:
+        """Pixel size (Å) of ``work_images``."""
+        return self.source.apix * self.source.box / self.work_images.shape[-1]
+
     def backproject(self, rotations: torch.Tensor, origins: torch.Tensor) -> HalfSetAccumulator:
         """A fresh half-set accumulator with every particle at its pose (images read again, ``chunk`` at a time)."""
         return backproject(self.source, rotations, origins, self.ctf, batch=self.settings.chunk, device=self.device)
@@ -394,7 +401,7 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
     if won is None or not is_informative(won) or (confirmation is not None and not confirmation.agree):
         t1 = time.perf_counter()
         work = job.work_images.shape[-1]
-        result, ab_initio = _ab_initio(job, source.apix * source.box / work)
+        result, ab_initio = _ab_initio(job, job.work_apix)
         rotations, origins = result.poses.rotations.clone(), result.poses.origins_angstrom.clone()
         ab_initio_s = time.perf_counter() - t1
         # result.accumulator is the back-projection of the working-box images at their best poses
@@ -411,11 +418,10 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
 
 def _confirm(job: _Job, rotations: torch.Tensor) -> PoseConfirmation:
     """One random ab initio start on the policy's subset of the particles, against their ``rotations``."""
-    rows = torch.as_tensor(confirmation_rows(len(job.halves), job.settings.seed))
-    work = job.work_images.shape[-1]
-    confirmation = confirm_poses(job.work_images[rows], job.halves[rows], job.source.apix * job.source.box / work,
-                                 rotations[rows], None if job.ctf is None else job.ctf[rows],
-                                 seed=job.settings.seed + 555, device=job.device)
+    rows = confirmation_rows(len(job.halves), job.settings.seed)
+    at = torch.as_tensor(rows)
+    confirmation = confirm_poses(job.work_images[at], job.halves[at], job.work_apix, rotations[at], job._ctf(rows),
+                                 seed=job.settings.seed + CONFIRM_SEED_OFFSET, device=job.device)
     logger.info("starting poses: %s", confirmation.summary())
     return confirmation
 
@@ -516,8 +522,7 @@ def _network_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumul
     source, settings = job.source, job.settings
     poser = NetworkPoser.load(settings.weights, job.device, views=settings.views)
     n = len(source)
-    generator = torch.Generator().manual_seed(settings.seed)
-    candidate_rows = np.sort(torch.randperm(n, generator=generator)[: min(settings.candidates, n)].numpy())
+    candidate_rows = random_rows(n, settings.candidates, settings.seed)
     reference_row = int(candidate_rows[poser.choose_reference(source.images(candidate_rows).all_images())])
     logger.info("%d particles, box %d px at %.3f Å/px -> model box %d px; reference %s", n, source.box, source.apix,
                 poser.model_box, source.names[reference_row])

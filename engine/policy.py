@@ -38,9 +38,9 @@ from cryofastar.recon.ab_initio import AbInitioSettings
 from cryofastar.recon.rotations import geodesic_degrees
 
 __all__ = ["AB_INITIO_ATTEMPTS", "AB_INITIO_PASSES", "CLASS_AGREEMENT_DEGREES", "CLASS_POSES_WAIT_SECONDS",
-           "CLASS_PROBE_PARTICLES", "CONFIRM_PARTICLES", "INFORMATIVE_FRACTION", "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO",
-           "NEIGHBOURHOOD_RANGES", "POSE_SOURCES", "ab_initio_attempts", "check_pose_source", "confirmation_rows",
-           "is_informative", "network_won_fraction"]
+           "CLASS_PROBE_PARTICLES", "CONFIRM_PARTICLES", "CONFIRM_SEED_OFFSET", "INFORMATIVE_FRACTION",
+           "MIN_LOCAL_ROUNDS_AFTER_AB_INITIO", "NEIGHBOURHOOD_RANGES", "POSE_SOURCES", "ab_initio_attempts",
+           "check_pose_source", "confirmation_rows", "is_informative", "network_won_fraction", "random_rows"]
 
 INFORMATIVE_FRACTION = 0.5
 """The network is informative when its neighbourhood wins the ``best`` probe for at least this fraction."""
@@ -61,6 +61,9 @@ every particle)."""
 CONFIRM_PARTICLES = AbInitioSettings().seed_particles
 """Class poses judged informative are confirmed by one random ab initio start on this many particles (its seed set's
 size: the start is as likely to converge as ab initio's own); the daemon uses the ``CLASS_PROBE_PARTICLES`` probed."""
+CONFIRM_SEED_OFFSET = 555
+"""The confirming start's random seed: the session's seed (offline ``--seed``; live 0) plus this, so that it shares
+no random start with ab initio's own restarts."""
 CLASS_POSES_WAIT_SECONDS = 600.0
 """The daemon's class poses: a session whose 2D classes have not settled this long after its map reached
 ``--refine-after`` particles turns to map-only ab initio (a map must not wait on the 2D lane for ever)."""
@@ -118,8 +121,13 @@ def ab_initio_attempts(settings: AbInitioSettings, n_particles: int) -> Iterator
         yield replace(settings, seed_particles=seed)
 
 
+def random_rows(n: int, count: int, seed: int) -> np.ndarray:
+    """Sorted rows of ``min(n, count)`` of ``n`` particles, drawn at random and reproducible from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return np.sort(torch.randperm(n, generator=generator)[: min(n, count)].numpy())
+
+
 def confirmation_rows(n: int, seed: int) -> np.ndarray:
     """Sorted rows of the ``min(n, CONFIRM_PARTICLES)`` particles (of ``n``) the confirming start runs on (random,
     reproducible from ``seed``)."""
-    generator = torch.Generator().manual_seed(seed)
-    return np.sort(torch.randperm(n, generator=generator)[: min(n, CONFIRM_PARTICLES)].numpy())
+    return random_rows(n, CONFIRM_PARTICLES, seed)

@@ -63,6 +63,7 @@ from cryofastar.recon.refinement import RefinementReference, RefineSettings, ima
 from .policy import (
     AB_INITIO_ATTEMPTS,
     CLASS_POSES_WAIT_SECONDS,
+    CONFIRM_SEED_OFFSET,
     ab_initio_attempts,
     is_informative,
     network_won_fraction,
@@ -349,7 +350,7 @@ class StreamingRefiner:
         assert self.reference is not None
         small = self._working(images)
         return confirm_poses(small, half_sets, self.reference.apix * images.shape[-1] / small.shape[-1], rotations,
-                             ctf, AbInitioSettings(interpolation=self.settings.interpolation), seed=555,
+                             ctf, AbInitioSettings(interpolation=self.settings.interpolation), seed=CONFIRM_SEED_OFFSET,
                              device=self.device)
 
     def give_up_classes(self, why: str, record: dict | None = None) -> None:
