@@ -101,6 +101,7 @@ __all__ = ["Daemon", "DaemonSettings"]  # DaemonSettings re-exported from .setti
 
 _STOP = object()
 _STAGES = ("reader", "poser", "accumulator")  # in pipeline order: each one's input queue, then the next
+_BACKGROUND_STOP_SECONDS = 60.0  # stop() waits at most this for the ab initio's or the probe's step in progress
 _LANE_STOP_SECONDS = 30.0  # stop() waits at most this for the 2D lane's step in progress and its last files
 
 
@@ -109,6 +110,7 @@ class _Posed:
     chunks: list[ParticleChunk]
     poses: Poses
     frame_state: dict
+    network: bool = True  # the poses are the network's (else random: the network's would not be used)
 
 
 class Daemon:
@@ -184,6 +186,8 @@ class Daemon:
         self._outputs_written = False  # the accumulator wrote its final outputs (it ended normally)
         self._stopped = False
         self._batch_counter = 0
+        self._pose_calls = 0  # poser calls so far (the network is asked for every probe_every-th when unused)
+        self._random_poser = self.poser if isinstance(self.poser, RandomPoser) else RandomPoser(seed=1)
         self._rejections = RejectionLog(s.out)
         self._board = StatusBoard(
             self.metrics, self._rejections, watch=s.watch, device=str(self._device), poses_from=self._poses_from,
@@ -339,7 +343,7 @@ class Daemon:
             classification = {**self.classification.status(), "exclude_junk": self.settings.exclude_junk,
                               "excluded": self.exclusion.excluded}
         return self._board.report(self.state, queues, 0 if self._watcher is None else self._watcher.pending,
-                                  refinement_status(self.refiner, precision), self.geometry,
+                                  refinement_status(self.refiner, precision, self.refinement.background), self.geometry,
                                   classification=classification)
 
     # ------------------------------------------------------------------ lifecycle
@@ -397,6 +401,9 @@ class Daemon:
             self._watcher.stop()
         if self._threads:
             self._drain(time.monotonic() + drain_seconds)
+            if not self.refinement.stop_background(timeout=_BACKGROUND_STOP_SECONDS):
+                logger.warning("the refinement step in the background did not stop within %.0f s",
+                               _BACKGROUND_STOP_SECONDS)
             if not self._outputs_written and self._map_consistent and self.state.accumulator is not None:
                 self._final_outputs_after_failure()
             self._status_stop.set()
@@ -621,9 +628,13 @@ class Daemon:
         assert self.geometry is not None
         images = torch.cat([c.images for c in chunks])
         t0 = time.perf_counter()
-        if isinstance(self.poser, RandomPoser):  # map-only: random poses, which refinement replaces
+        self._pose_calls += 1
+        if isinstance(self.poser, RandomPoser) or (self.poser.has_reference
+                                                   and not self.refiner.wants_network_poses(self._pose_calls)):
+            # map-only, or the network's poses would not be used now: random poses, which refinement replaces
             self._count("particles_posed", len(images))
-            self._put(_Posed(chunks, self.poser.pose(images, self.geometry.apix), {}), "accumulator")
+            self._put(_Posed(chunks, self._random_poser.pose(images, self.geometry.apix), {}, network=False),
+                      "accumulator")
             return
         try:
             poses = self._network_poses(chunks)
@@ -717,8 +728,9 @@ class Daemon:
                                                 interpolation=s.interpolation, device=self.device)  # type: ignore[arg-type]
         pass_rotations = posed.poses.rotations
         pass_origins = posed.poses.origins_angstrom
-        with self._map_change():  # starting the ab initio re-inserts the map's oldest particles
-            refined = self._refine_pass(posed.chunks, pass_rotations, pass_origins)
+        hurry = self._behind()
+        with self._map_change():  # finishing the ab initio's start re-inserts the map's oldest particles
+            refined = self._refine_pass(posed.chunks, pass_rotations, pass_origins, posed.network, hurry)
         start = 0
         for chunk in posed.chunks:  # a few chunks (files) per pass, not particles
             n = len(chunk)
@@ -754,7 +766,7 @@ class Daemon:
             st.frame = posed.frame_state
         self._inserted += len(pass_rotations)
         self.refiner.note_new_particles()
-        if refined is not None:
+        if refined is not None and not hurry:  # behind the stream: re-posing waits until particles stop waiting
             self._repose()
         self._schedule.particles_arrived(has_map=bool(st.fsc_history))
         self._record_map_counts()
@@ -767,12 +779,19 @@ class Daemon:
         """Changes to the map so far: particles inserted or moved to new poses (the map changed since published)."""
         return self._inserted + self.refinement.moved + self._exclusion_edits
 
-    def _refine_pass(self, chunks: list[ParticleChunk], rotations: torch.Tensor, origins: torch.Tensor):  # noqa: ANN202
-        """The pass's poses refined against the running map (``None`` before refinement starts or on failure)."""
+    def _refine_pass(self, chunks: list[ParticleChunk], rotations: torch.Tensor, origins: torch.Tensor,  # noqa: ANN202
+                     network: bool, hurry: bool):
+        """The pass's poses refined against the running map (``None``: it goes in unrefined; before refinement
+        starts, while the ab initio starts, when behind with an informative network, or on failure)."""
         ctf = CtfParams.cat([c.ctf for c in chunks]) if all(c.ctf is not None for c in chunks) else None
         return self.refinement.refine_pass(torch.cat([c.images for c in chunks]),
                                            torch.cat([c.half_sets for c in chunks]), rotations, origins, ctf,
-                                           self.state.geometry.apix)
+                                           self.state.geometry.apix, network=network, hurry=hurry)
+
+    def _behind(self) -> bool:
+        """Whether particles wait behind the pass in hand (files, chunks or posed passes queued): refinement then
+        gives new passes first poses only and leaves re-posing for later (docs/refinement.md, "Keeping up")."""
+        return any(q.qsize() for q in (self.files, self.chunks, self.posed))
 
     def _idle_work_left(self) -> bool:
         """Whether re-posing while idle is worth doing (not while stopping)."""
@@ -818,6 +837,9 @@ class Daemon:
         st = self.state
         self._exclude_junk()
         self._pose_from_classes()
+        if st.accumulator is not None:
+            with self._map_change():  # a chunk moved to class poses, or a finished ab initio's poses applied
+                self.refinement.poll(st.geometry.apix)
         self._update_views()
         now = time.monotonic()
         if self._schedule.map_due(st.n_particles, self._edits, first=not st.fsc_history,
@@ -852,7 +874,7 @@ class Daemon:
         """--poses-from classes: once the 2D lane hands over a settled class set, move the map's particles to
         their class poses and probe them (engine/live_refinement.py); a failed lane, or none settled within
         CLASS_POSES_WAIT_SECONDS: map-only ab initio."""
-        if not self.refiner.wants_class_views or self.state.accumulator is None:
+        if not self.refinement.wants_class_views or self.state.accumulator is None:
             return
         lane = self.classification
         assert lane is not None  # settings refuse --poses-from classes with --no-classify

@@ -166,12 +166,14 @@ def poses_now(pose_source: str, phase: str) -> str:
     return "random" if pose_source in ("map-only", "classes") else "network"
 
 
-def refinement_status(refiner: StreamingRefiner, precision: PosePrecision | None = None) -> dict[str, object]:
+def refinement_status(refiner: StreamingRefiner, precision: PosePrecision | None = None,
+                      background: str | None = None) -> dict[str, object]:
     """The ``refinement`` field of status messages: the refiner's phase, map version, band, ab initio's verdict,
-    what the class poses found (``classes`` sessions) and the refined poses' estimated ``precision``
-    (:mod:`~cryofastar.recon.pose_precision`)."""
+    what the class poses found (``classes`` sessions), the refined poses' estimated ``precision``
+    (:mod:`~cryofastar.recon.pose_precision`) and the step running ``background`` (``ab_initio``,
+    ``class_probe``) beside the stream, if any."""
     r = refiner
-    return {"active": r.active, "phase": r.phase, "reference_version": r.version,
+    return {"active": r.active, "phase": r.phase, "background": background, "reference_version": r.version,
             "network_informative": r.network_informative,
             "working_box": None if r.reference is None else r.reference.work,
             "band_angstrom": None if r.reference is None else r.reference.apix_work / r.reference.local_band,

@@ -16,8 +16,9 @@ Rules (docs/refinement.md):
   informative and the session goes straight to ``local``; otherwise, and always with
   ``--poses-from map-only``, to ``ab-initio``: streaming map-only ab initio
   (:class:`~cryofastar.recon.ab_initio.AbInitio`) bootstrapped on the oldest
-  ``seed_particles`` of the map (:func:`~cryofastar.recon.ab_initio.run_ab_initio`,
-  blocking once; the pipeline holds back meanwhile, nothing is lost), then fed every
+  ``seed_particles`` of the map (:func:`~cryofastar.recon.ab_initio.run_ab_initio`, in
+  a worker thread: new passes go into the map at their own poses meanwhile, never
+  refined, and are added to the ab initio when re-posed), then fed every
   new pass and re-posing the map's particles least recently posed first. Once its
   resolution schedule has run out (its band is then as fine as the schedule and its
   internal FSC allow) and every particle was posed after that, the session moves to
@@ -43,6 +44,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +52,7 @@ import numpy as np
 import torch
 from cryofastar.recon.ab_initio import (
     AbInitio,
+    AbInitioResult,
     AbInitioSettings,
     AbInitioVerdict,
     PoseConfirmation,
@@ -71,12 +74,16 @@ from .policy import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NEVER", "UNREADABLE", "RefinedPoses", "StreamingRefiner"]
+__all__ = ["COARSE", "NEVER", "UNREADABLE", "ClassProbe", "RefinedPoses", "StreamingRefiner"]
 
 NEVER = 0
 """``refined`` value of a particle never refined (map versions start at 1)."""
+COARSE = -1
+"""``refined`` value of a particle given only a first pose by a global search (re-posed first, locally)."""
 UNREADABLE = np.iinfo(np.int32).max
 """``refined`` value of a particle whose stack could not be read again (never re-posed)."""
+PROBE_CHUNK = 256
+"""Particles the class poses' probe matches at a time (a stop request is heard between chunks)."""
 CONVERGED_DEGREES = 1.0
 """Idle re-posing stops once a whole sweep moved the median particle by less than this."""
 
@@ -92,6 +99,23 @@ class RefinedPoses:
     mode: str
     version: int
     soft: SoftPoses | None = None  # the ab initio's soft poses (ab-initio phase only)
+
+    def subset(self, keep: torch.Tensor) -> RefinedPoses:
+        """The poses of the particles ``keep`` (an `(n,)` bool mask or indices) selects."""
+        return RefinedPoses(self.rotations[keep], self.origins_angstrom[keep], self.scores[keep],
+                            self.spread_degrees[keep], self.mode, self.version,
+                            None if self.soft is None else self.soft[keep])
+
+
+@dataclass
+class ClassProbe:
+    """What the probe of class poses found (:meth:`StreamingRefiner.class_probe_work`)."""
+
+    poses: RefinedPoses  # the probed particles' poses after the best probe
+    won: float  # share of particles whose class pose's neighbourhood beat a global search
+    informative: bool  # the policy's verdict on ``won``
+    confirmation: PoseConfirmation | None  # the random ab initio start's verdict (informative poses only)
+    particles: int  # particles probed
 
 
 class StreamingRefineSettings(Protocol):
@@ -139,6 +163,7 @@ class StreamingRefiner:
         self.ab_verdict: AbInitioVerdict | None = None  # the last bootstrap's verdict
         self._ab_attempts = 0  # bootstraps run
         self._retry_seed: int | None = None  # seed set of the next attempt after a negative verdict
+        self._bootstrapping: AbInitioSettings | None = None  # the settings of a bootstrap handed out, not finished
         self._soft: SoftPoses | None = None  # per pose-table row (rows with _has_soft)
         self._has_soft = np.zeros(0, dtype=bool)
         self._final_band_version: int | None = None  # first ab step at the final band
@@ -202,16 +227,34 @@ class StreamingRefiner:
         logger.info("refinement reference v%d: %d particles, %.1f Å (band %.3f cycles/px at %d px)", self.version,
                     n_particles, resolution_angstrom, self.reference.local_band, self.reference.work)
 
-    def _mode(self) -> str:
-        if self.phase == "probe" or (self.poses_from == "network"
-                                     and self._passes % self.settings.probe_every == 0):
-            return "best"
-        return "local" if self.poses_from == "network" and self.network_informative else "global"
+    def _mode(self, network: bool) -> str:
+        """How the next pass is matched: ``best`` (the probe of network poses), ``local`` or ``global``."""
+        if not network:
+            return "global"
+        if self.phase == "probe" or self.poses_from != "network":
+            return "best" if self.phase == "probe" else "global"
+        if self.network_informative:
+            return "best" if self._passes % self.settings.probe_every == 0 else "local"
+        return "best"  # an uninformative network's poses come only to be probed (wants_network_poses)
+
+    def wants_network_poses(self, calls: int) -> bool:
+        """Whether the network should pose the next pass (the poser asks; a hint read without a lock, so a
+        stale answer costs one pass its network poses or an unneeded forward pass, nothing else).
+
+        Its poses are used before refinement starts and by the probe, by local refinement while the network
+        is informative, and every ``probe_every``-th pass (``calls`` counts the poser's passes) to probe an
+        uninformative network again; never while the ab initio or the class poses pose the session.
+        """
+        if self.poses_from != "network" or self.phase in ("off", "waiting", "probe"):
+            return self.poses_from == "network"
+        if self.phase == "local":
+            return bool(self.network_informative) or calls % self.settings.probe_every == 0
+        return False
 
     @property
     def needs_bootstrap(self) -> bool:
         """Whether the ab initio must be started (on the map's oldest particles) before the next step."""
-        return self.phase == "ab-initio" and self.ab is None
+        return self.phase == "ab-initio" and self.ab is None and self._bootstrapping is None
 
     def retry_due(self, n_particles: int) -> bool:
         """Whether ab initio, whose verdict was negative, should start again now (policy: a doubled seed set).
@@ -219,7 +262,7 @@ class StreamingRefiner:
         True once the map holds the larger seed set, while ab initio is still the phase.
         """
         return (self.phase == "ab-initio" and self._retry_seed is not None and self.ab is not None
-                and n_particles >= self._retry_seed)
+                and self._bootstrapping is None and n_particles >= self._retry_seed)
 
     @property
     def seed_particles(self) -> int:
@@ -229,16 +272,34 @@ class StreamingRefiner:
     def _working(self, images: torch.Tensor) -> torch.Tensor:
         return images_to_working_box(images, min(self.settings.refine_box, images.shape[-1]))
 
-    def bootstrap(self, images: torch.Tensor, half_sets: torch.Tensor, ctf: CtfParams | None, apix: float,
-                  rows: np.ndarray) -> RefinedPoses:
-        """Start the ab initio on particles already in the map (pose-table ``rows``; `(n, B, B)` images)."""
+    def bootstrap_work(self, images: torch.Tensor, half_sets: torch.Tensor, ctf: CtfParams | None,
+                       apix: float, check: Callable[[], None] | None = None) -> Callable[[], AbInitioResult]:
+        """The ab initio start on particles already in the map (`(n, B, B)` images at the session box, pixel size
+        ``apix`` Å), as a function that touches no state of the refiner: the daemon runs it in a worker thread
+        (:class:`~cryofastar.engine.background_step.BackgroundStep`) while new particles go on into the map, then
+        hands its result to :meth:`finish_bootstrap`. Until then :attr:`needs_bootstrap` and :meth:`retry_due`
+        are false (one bootstrap at a time). ``check`` is called after each of its passes; what it raises
+        stops the run (:meth:`~cryofastar.engine.background_step.BackgroundStep.check`)."""
         small = self._working(images)
         apix_work = apix * images.shape[-1] / small.shape[-1]
         attempts = list(ab_initio_attempts(AbInitioSettings(interpolation=self.settings.interpolation),
-                                           max(len(rows), self.seed_particles)))
-        self.ab_settings = attempts[min(self._ab_attempts, len(attempts) - 1)]
-        result = run_ab_initio(small, half_sets, apix_work, passes=1, ctf=ctf, settings=self.ab_settings,
-                               seed=1000 * self._ab_attempts, device=self.device)
+                                           max(len(images), self.seed_particles)))
+        settings = attempts[min(self._ab_attempts, len(attempts) - 1)]
+        seed, device = 1000 * self._ab_attempts, self.device
+        self._bootstrapping = settings
+        callback = None if check is None else (lambda *_: check())
+        return lambda: run_ab_initio(small, half_sets, apix_work, passes=1, ctf=ctf, settings=settings, seed=seed,
+                                     device=device, callback=callback)
+
+    def finish_bootstrap(self, result: AbInitioResult | None, rows: np.ndarray) -> RefinedPoses | None:
+        """Take a finished bootstrap (:meth:`bootstrap_work`) on pose-table ``rows``: its poses (to move those
+        rows to) and its state for the passes and re-posing that follow. ``None`` (the bootstrap failed): the
+        session goes on with global search instead (phase ``local``), and ``None`` is returned."""
+        settings, self._bootstrapping = self._bootstrapping, None
+        if result is None or settings is None:
+            self.phase = "local"
+            return None
+        self.ab_settings = settings
         self.ab = result.ab_initio
         self._has_soft[:] = False  # a new ab initio holds only these rows; the others are added to it when re-posed
         self.ab_verdict = result.verdict
@@ -252,6 +313,11 @@ class StreamingRefiner:
             logger.warning("ab initio did not converge; it starts again on %d particles once the map holds them",
                            self._retry_seed)
         return self._soft_result(result.poses, rows)
+
+    @property
+    def bootstrapping(self) -> bool:
+        """Whether a bootstrap was handed out (:meth:`bootstrap_work`) and not yet finished."""
+        return self._bootstrapping is not None
 
     def _soft_result(self, soft: SoftPoses, rows: np.ndarray | None) -> RefinedPoses:
         if rows is not None:
@@ -273,9 +339,14 @@ class StreamingRefiner:
         self._has_soft[rows] = True
 
     def refine(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,
-               origins_angstrom: torch.Tensor, ctf: CtfParams | None = None) -> RefinedPoses:
+               origins_angstrom: torch.Tensor, ctf: CtfParams | None = None, network: bool = True,
+               hurry: bool = False) -> RefinedPoses | None:
         """Pose or refine one pass's particles (`(n, B, B)` images at the session box; module docstring).
 
+        ``network``: ``rotations`` are the network's poses (else random ones: the pass is searched globally).
+        ``hurry`` (particles wait behind this pass): only a first pose, the rest is left to re-posing — the
+        network's poses as they are when it is informative (``None`` is returned: the pass goes in unrefined),
+        else the global search alone (``coarse``, version :data:`COARSE`); the ab initio poses the pass as always.
         In the ab-initio phase the returned ``soft`` poses must be handed to
         :meth:`record_soft` with the particles' pose-table rows once they are inserted.
         """
@@ -284,9 +355,14 @@ class StreamingRefiner:
             self._passes += 1
             return self._soft_result(self.ab.add(self._working(images), half_sets, ctf), None)
         assert self.reference is not None
-        mode = self._mode()
+        mode = self._mode(network)
+        if hurry and network and self.phase == "local" and self.network_informative:
+            return None  # its own poses, refined when re-posed (no probe in a hurry)
+        if hurry:
+            mode = "coarse"
         self._passes += 1
-        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, mode, ctf)
+        match, origins = self.reference.match(images, half_sets, rotations if network else None, origins_angstrom,
+                                              mode, ctf)
         if mode == "best":  # which start won: the network's neighbourhood or the global search
             won = network_won_fraction(match.rotations, rotations, self.search.local_range_degrees)
             self._probes.append(won)
@@ -296,7 +372,8 @@ class StreamingRefiner:
                 self.phase = "local" if self.network_informative else "ab-initio"
                 logger.info("the network is %sinformative: %s", "" if self.network_informative else "not ",
                             "refining its poses locally" if self.phase == "local" else "map-only ab initio")
-        return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, mode, self.version)
+        return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, mode,
+                            COARSE if mode == "coarse" else self.version)
 
     @property
     def wants_class_views(self) -> bool:
@@ -313,45 +390,70 @@ class StreamingRefiner:
         self.version += 1
         return self.version
 
-    def probe_class_poses(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,
-                          origins_angstrom: torch.Tensor, ctf: CtfParams | None, record: dict) -> RefinedPoses:
-        """The ``best`` probe of class-posed particles against the map they make; decides the next phase.
+    def class_probe_work(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,
+                         origins_angstrom: torch.Tensor, ctf: CtfParams | None,
+                         check: Callable[[], None] | None = None) -> Callable[[], ClassProbe]:
+        """The ``best`` probe of class-posed particles against the map they make, and the confirmation, as a
+        function to run in a worker thread; :meth:`finish_class_probe` takes its result and decides the phase.
 
-        `(n, B, B)` images at the session box, `(n,)` half sets, `(n, 3, 3)` class poses
-        and `(n, 2)` origins (Å); the reference must be the map of the class poses (:meth:`update_reference`).
-        Informative poses must also be confirmed by one random ab initio start on the same particles
-        (policy, :func:`~cryofastar.recon.ab_initio.confirm_poses`). ``record`` (classes posed, particles
-        moved, class set) is kept in :attr:`class_poses` with the probe's and the confirmation's figures.
-        Informative and confirmed: ``local`` (the next published map becomes the reference); else ``ab-initio``.
+        `(n, B, B)` images at the session box, `(n,)` half sets, `(n, 3, 3)` class poses and `(n, 2)` origins
+        (Å); the reference must be the map of the class poses (:meth:`update_reference`); nothing else uses it
+        meanwhile (the session waits in the ``classes`` phase). Informative poses must also be confirmed by one
+        random ab initio start on the same particles (policy, :func:`~cryofastar.recon.ab_initio.confirm_poses`).
+        ``check`` is called between its steps; what it raises stops it.
         """
         assert self.reference is not None and self.phase == "classes"
-        match, origins = self.reference.match(images, half_sets, rotations, origins_angstrom, "best", ctf)
-        won = network_won_fraction(match.rotations, rotations, self.search.local_range_degrees)
-        informative = is_informative(won)
-        self.class_poses = {**record, "probed": len(images), "won_fraction": won, "informative": informative}
+        reference, local_range = self.reference, self.search.local_range_degrees
+        check = check or (lambda: None)
+
+        def probe() -> ClassProbe:
+            parts = []
+            for first in range(0, len(images), PROBE_CHUNK):  # chunks: a stop request is heard between them
+                check()
+                at = slice(first, first + PROBE_CHUNK)
+                parts.append(reference.match(images[at], half_sets[at], rotations[at], origins_angstrom[at], "best",
+                                             None if ctf is None else ctf[torch.arange(len(images))[at]]))
+            matches = [m for m, _ in parts]
+            poses = RefinedPoses(torch.cat([m.rotations for m in matches]), torch.cat([o for _, o in parts]),
+                                 torch.cat([m.scores for m in matches]), torch.cat([m.spread_degrees for m in matches]),
+                                 "best", 0)
+            won = network_won_fraction(poses.rotations, rotations, local_range)
+            informative = is_informative(won)
+            confirmation = self._confirm(images, half_sets, poses.rotations, ctf, reference,
+                                         lambda *_: check()) if informative else None
+            return ClassProbe(poses, won, informative, confirmation, len(images))
+
+        return probe
+
+    def finish_class_probe(self, probe: ClassProbe, record: dict) -> RefinedPoses:
+        """Take a finished probe (:meth:`class_probe_work`): ``record`` (classes posed, particles moved, class set)
+        is kept in :attr:`class_poses` with the probe's and the confirmation's figures. Informative and confirmed:
+        ``local`` (the next published map becomes the reference); else ``ab-initio``. Returns the probed
+        particles' poses (the better of the class pose's neighbourhood and a global search, per particle)."""
+        self.class_poses = {**record, "probed": probe.particles, "won_fraction": probe.won,
+                            "informative": probe.informative}
         logger.info("class poses: their neighbourhood was the better start for %.0f%% of %d particles%s",
-                    100 * won, len(images), "" if informative else ": map-only ab initio")
-        used = informative
-        if informative:
-            confirmation = self._confirm(images, half_sets, match.rotations, ctf)
-            self.class_poses["confirmation"] = confirmation.as_dict()
-            used = confirmation.agree
-            logger.info("class poses: %s: %s", confirmation.summary(),
+                    100 * probe.won, probe.particles, "" if probe.informative else ": map-only ab initio")
+        used = probe.informative
+        if probe.confirmation is not None:
+            self.class_poses["confirmation"] = probe.confirmation.as_dict()
+            used = probe.confirmation.agree
+            logger.info("class poses: %s: %s", probe.confirmation.summary(),
                         "refining them locally" if used else "map-only ab initio")
         self.class_poses["used"] = used
         self.phase = "local" if used else "ab-initio"
         if used:
             self.reference = None  # the next published map (of the probed poses) becomes the reference
-        return RefinedPoses(match.rotations, origins, match.scores, match.spread_degrees, "best", self.version)
+        probe.poses.version = self.version
+        return probe.poses
 
     def _confirm(self, images: torch.Tensor, half_sets: torch.Tensor, rotations: torch.Tensor,
-                 ctf: CtfParams | None) -> PoseConfirmation:
+                 ctf: CtfParams | None, reference: RefinementReference, callback) -> PoseConfirmation:  # noqa: ANN001
         """One random ab initio start on these particles (session box) against their ``rotations`` (policy)."""
-        assert self.reference is not None
         small = self._working(images)
-        return confirm_poses(small, half_sets, self.reference.apix * images.shape[-1] / small.shape[-1], rotations,
+        return confirm_poses(small, half_sets, reference.apix * images.shape[-1] / small.shape[-1], rotations,
                              ctf, AbInitioSettings(interpolation=self.settings.interpolation), seed=CONFIRM_SEED_OFFSET,
-                             device=self.device)
+                             device=self.device, callback=callback)
 
     def give_up_classes(self, why: str, record: dict | None = None) -> None:
         """No class poses to use (the 2D lane failed, posing failed, or the two decoder starts disagree, with

@@ -194,7 +194,9 @@ class RefinementReference:
             particle's own half map; ``"global"``: a search of SO(3) against the map of
             both halves (band :attr:`global_band`), then a local search around its best
             against the particle's own half map; ``"best"``: both, keeping per particle
-            the pose whose final local score is higher (poses of unknown quality).
+            the pose whose final local score is higher (poses of unknown quality); ``"coarse"``: the
+            global search alone (poses on its grid, about a quarter of ``global``'s cost; a first pose
+            to be refined later).
         ctf: CtfParams | None
             The particles' CTF (the images contain it; the maps are CTF-corrected): each is
             matched against its CTF-modulated projections. ``None``: no CTF.
@@ -205,13 +207,13 @@ class RefinementReference:
             The match (``origins_px`` in working-box px; ``spread_degrees`` of the
             global search where one ran) and `(n, 2)` float64 new rlnOriginX/YAngst.
         """
-        if mode not in ("local", "global", "best"):
-            raise ValueError(f"mode must be 'local', 'global' or 'best', got {mode!r}")
+        if mode not in ("local", "global", "best", "coarse"):
+            raise ValueError(f"mode must be 'local', 'global', 'best' or 'coarse', got {mode!r}")
         n = images.shape[0]
         if images.ndim != 3 or images.shape[1:] not in ((self.box, self.box), (self.work, self.work)):
             raise ValueError(f"images must be (n, {self.box}, {self.box}) or at the working box {self.work}, got "
                              f"{tuple(images.shape)}")
-        if mode != "global" and (rotations is None or rotations.shape != (n, 3, 3)):
+        if mode in ("local", "best") and (rotations is None or rotations.shape != (n, 3, 3)):
             raise ValueError(f"mode {mode!r} needs rotations (n, 3, 3)")
         small = images_to_working_box(images, self.work).to(self.device)
         if ctf is not None and len(ctf) != n:
@@ -232,6 +234,8 @@ class RefinementReference:
         if plain is not None and self.delocalisation_loss is None:  # global mode: fit at the poses found
             self._fit_delocalisation(small, halves, found.rotations, found.origins_px, ctf, plain)
             ctf_grid = self._effective_ctf(ctf, plain)
+        if mode == "coarse":
+            return found, found.origins_px * self.apix_work
         polished = self._local_per_half(small, halves, found.rotations, found.origins_px, ctf_grid)
         polished.spread_degrees = found.spread_degrees  # the global search's uncertainty covers all of SO(3)
         if mode == "global":

@@ -153,12 +153,12 @@ class AccumulatorBug(Daemon):
     """The accumulator fails in the middle of changing the map, on the pass that holds ``b.mrcs``: its images are
     in the grids already, not yet in the journal (what a failure between the two writes leaves)."""
 
-    def _refine_pass(self, chunks, rotations, origins):  # noqa: ANN001, ANN202
+    def _refine_pass(self, chunks, rotations, origins, network, hurry):  # noqa: ANN001, ANN202
         if any(chunk.origin.name == "b.mrcs" for chunk in chunks):
             images = torch.cat([chunk.images for chunk in chunks])
             self.state.accumulator.add(images, rotations, origins, torch.cat([chunk.half_sets for chunk in chunks]))
             raise RuntimeError("planted bug while changing the map")
-        return super()._refine_pass(chunks, rotations, origins)
+        return super()._refine_pass(chunks, rotations, origins, network, hurry)
 
 
 def test_a_stage_failing_while_changing_the_map_keeps_the_last_checkpoint(tmp_path):

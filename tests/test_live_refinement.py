@@ -135,6 +135,12 @@ def _classes_session(session):
 def test_class_poses_move_the_named_particles_exactly_then_a_probe_judges_them(session, tmp_path: Path) -> None:
     live, state, sim, halves, steps = _classes_session(session)
     assert live.pose_from_classes(_own_classes(state, sim), ClassPoser.load("classical"), APIX)
+    assert not live.wants_class_views  # the set is being applied: no other is asked for
+    live.poll(APIX)  # the first (here the only) chunk moves to its class poses
+    assert live.moved == N and live.background is None and live.refiner.phase == "classes"
+    live.poll(APIX)  # all moved: the probe starts beside the stream
+    assert live.background == "class_probe"
+    assert live.wait_background(APIX, timeout=120)
     record = live.refiner.class_poses
     assert record["class_set"] == 3 and record["classes_posed"] == N and record["particles"] == N
     assert record["probed"] == N and record["informative"] and record["agree"]
@@ -167,6 +173,7 @@ def test_class_poses_that_fail_send_the_session_to_ab_initio_and_leave_the_map(s
     one_class = ClassViews(views.averages, torch.eye(N)[0], views.junk, np.zeros(N, np.int64), views.psi_degrees,
                            views.origins_angstrom, stacks=views.stacks, indices=views.indices)
     assert live.pose_from_classes(one_class, ClassPoser.load("classical"), APIX)  # one class: nothing to pose
+    assert live.wait_background(APIX, timeout=10)
     assert live.refiner.phase == "ab-initio" and "at least 2" in live.refiner.class_poses["error"]
     assert steps == [] and torch.equal(state.accumulator.grids, before)
 
@@ -196,8 +203,33 @@ def test_class_poses_two_decoder_starts_disagree_on_move_nothing_and_turn_to_ab_
     unseen = ClassViews(noise, views.counts, views.junk, views.classes, views.psi_degrees, views.origins_angstrom,
                         stacks=views.stacks, indices=views.indices, version=4)
     assert live.pose_from_classes(unseen, ClassPoser.load("classical"), APIX)
+    assert live.wait_background(APIX, timeout=10)
     record = live.refiner.class_poses
     assert live.refiner.phase == "ab-initio" and not record["agree"] and not record["informative"]
     assert not record["used"] and "confirmation" not in record  # untrusted: not probed, not confirmed
     assert record["class_set"] == 4 and "NOT trusted" in record["error"]
     assert steps == [("class_poses", 0)] and live.moved == 0 and torch.equal(state.accumulator.grids, before)
+
+
+def test_the_ab_initio_starts_beside_the_stream_and_its_poses_are_applied_exactly(session) -> None:
+    live, state, sim, volume, halves, steps = session
+    live.refiner.update_reference(torch.stack([volume, volume]), APIX, 12.0, n_particles=N)
+    assert live.refiner.phase == "ab-initio" and live.refiner.needs_bootstrap  # map-only
+    before = state.poses.rotations(np.arange(N))
+    # a new pass starts it in the background and goes into the map at its own poses, unrefined
+    assert live.refine_pass(sim.images[:4], halves[:4], sim.rotations[:4], sim.origins_angstrom[:4], None,
+                            APIX) is None
+    assert live.background == "ab_initio" and live.refiner.bootstrapping and not live.refiner.needs_bootstrap
+    assert not live.idle_work_left()  # nothing to re-pose with until it is done
+    live.repose(APIX)  # and re-posing waits for it too
+    assert live.moved == 0 and torch.equal(state.poses.rotations(np.arange(N)), before)
+    assert live.wait_background(APIX, timeout=120)
+    assert live.background is None and live.refiner.ab is not None and steps == [("ab_initio", N)]
+    assert live.moved == N and (state.poses.column("refined") == live.refiner.version).all()
+    rebuilt = HalfSetAccumulator(BOX, APIX)
+    rebuilt.add(sim.images, state.poses.rotations(np.arange(N)), torch.from_numpy(state.poses.column("origins")),
+                halves)
+    torch.testing.assert_close(state.accumulator.grids, rebuilt.grids, atol=1e-3, rtol=1e-4)
+    # from now on new passes are posed by it
+    again = live.refine_pass(sim.images[:4], halves[:4], sim.rotations[:4], sim.origins_angstrom[:4], None, APIX)
+    assert again is not None and again.mode == "ab-initio"

@@ -79,6 +79,20 @@ def test_global_mode_finds_poses_from_nothing(data):
     assert float(geodesic_degrees(best.rotations, sim.rotations).median()) < 5.0
 
 
+def test_coarse_mode_is_the_global_search_alone_a_first_pose_on_its_grid(data):
+    volume, sim = data
+    halves = 1 + (torch.arange(24) % 2)
+    settings = RefineSettings(working_box=32)
+    reference = RefinementReference(torch.stack([volume, volume]), APIX, 8.0, settings)
+    coarse, origins = reference.match(sim.images, halves, None, torch.zeros(24, 2), mode="coarse")
+    polished, _ = reference.match(sim.images, halves, None, torch.zeros(24, 2), mode="global")
+    # within the grid's reach of the truth, and no nearer than a polish gets
+    assert float(geodesic_degrees(coarse.rotations, sim.rotations).median()) < settings.global_step_degrees
+    assert float(geodesic_degrees(polished.rotations, sim.rotations).median()) <= \
+        float(geodesic_degrees(coarse.rotations, sim.rotations).median())
+    assert float((origins - sim.origins_angstrom).norm(dim=-1).median()) < 2 * APIX
+
+
 def test_bad_arguments_are_refused(data):
     volume, sim = data
     reference = RefinementReference(torch.stack([volume, volume]), APIX, 8.0)

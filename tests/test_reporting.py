@@ -101,7 +101,7 @@ def test_the_report_carries_the_session_its_counts_and_its_rejections(tmp_path):
     assert status["resolution_angstrom"] is None and status["views"] is None
     assert status["pose_source"] == "map-only" and status["model"] is None and status["device"] == "cpu"
     assert status["poses_from"] == "random"  # waiting for --refine-after particles: random poses
-    assert status["refinement"] == {"active": False, "phase": "waiting", "reference_version": 0,
+    assert status["refinement"] == {"active": False, "phase": "waiting", "background": None, "reference_version": 0,
                                     "network_informative": None, "working_box": None, "band_angstrom": None,
                                     "ab_initio": None, "class_poses": None, "pose_precision": None}
     precise = refinement_status(refiner, pose_precision(torch.tensor([3.0, 5.0, float("nan")])))["pose_precision"]

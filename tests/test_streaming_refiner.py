@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from cryofastar.daemon.settings import DaemonSettings
 from cryofastar.engine.policy import CLASS_POSES_WAIT_SECONDS
-from cryofastar.engine.streaming_refiner import StreamingRefiner
+from cryofastar.engine.streaming_refiner import COARSE, StreamingRefiner
 from cryofastar.recon.io import ParticleFileError, ParticleSource, write_stack
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
@@ -55,8 +56,11 @@ def test_refinement_starts_with_enough_particles_and_probes_the_network(tmp_path
     assert bad.refine(sim.images, half_sets, random_poses, torch.zeros(16, 2)).mode == "best"
     assert bad.network_informative is False and bad.phase == "ab-initio" and bad.needs_bootstrap
     rows = np.arange(16)
-    started = bad.bootstrap(sim.images, half_sets, None, apix, rows)  # on the particles "already in the map"
+    work = bad.bootstrap_work(sim.images, half_sets, None, apix)  # on the particles "already in the map"
+    assert bad.bootstrapping and not bad.needs_bootstrap  # one at a time: none other is due while it runs
+    started = bad.finish_bootstrap(work(), rows)
     assert started.mode == "ab-initio" and started.soft is not None and not bad.needs_bootstrap
+    assert not bad.bootstrapping
     again = bad.repose(sim.images, half_sets, started.rotations, started.origins_angstrom, None, rows)
     assert again.mode == "ab-initio" and again.version > started.version and len(again.soft) == 16
     new = bad.refine(sim.images[:4], half_sets[:4], random_poses[:4], torch.zeros(4, 2))
@@ -78,7 +82,7 @@ def test_as_many_particles_as_pixels_a_side_are_reposed_as_images_not_as_a_map(t
     refiner = StreamingRefiner(_settings(tmp_path, refine_after=10, refine_box=16), torch.device("cpu"))
     refiner.update_reference(torch.stack([volume, volume]), apix, 10.0, n_particles=box)
     refiner.phase = "ab-initio"
-    started = refiner.bootstrap(sim.images, half_sets, None, apix, rows)
+    started = refiner.finish_bootstrap(refiner.bootstrap_work(sim.images, half_sets, None, apix)(), rows)
     again = refiner.repose(sim.images, half_sets, started.rotations, started.origins_angstrom, None, rows)
     assert again.rotations.shape == (box, 3, 3) and len(again.soft) == box
 
@@ -93,6 +97,41 @@ def test_images_are_read_again_per_stack(tmp_path):
     assert torch.equal(got, torch.stack([-images[1], images[4], -images[0]]))
     with pytest.raises(ParticleFileError):
         ParticleSource.from_locations(tmp_path, names[[0]], np.array([9]), 8, 1.0).images()
+
+
+def test_a_bootstrap_that_fails_leaves_the_session_to_global_search(tmp_path):
+    refiner = StreamingRefiner(_settings(tmp_path, refine_after=10, refine_box=16), torch.device("cpu"),
+                               poses_from="map-only")
+    refiner.phase = "ab-initio"
+    refiner.bootstrap_work(torch.randn(4, 16, 16), 1 + torch.arange(4) % 2, None, 4.0)
+    assert refiner.finish_bootstrap(None, np.arange(4)) is None
+    assert refiner.phase == "local" and refiner.ab is None and not refiner.bootstrapping
+
+
+def test_in_a_hurry_a_pass_gets_a_first_pose_only_and_the_network_runs_only_when_used(tmp_path):
+    box, apix = 32, 4.0
+    volume = atoms_to_volume(procedural_molecule(1_000_000_005), box, apix)
+    sim = simulate_particles(volume, 8, apix, 2.0, torch.Generator().manual_seed(2), max_shift_px=1.0)
+    half_sets = 1 + torch.arange(8) % 2
+    refiner = StreamingRefiner(_settings(tmp_path, refine_after=10, refine_box=32, probe_every=4), torch.device("cpu"))
+    assert refiner.wants_network_poses(1)  # before refinement starts the network's poses go in
+    refiner.update_reference(torch.stack([volume, volume]), apix, 10.0, n_particles=10)
+    assert refiner.phase == "probe" and refiner.wants_network_poses(1)  # for the probe
+    refiner.phase, refiner._probes = "local", collections.deque([0.9])  # informative
+    assert refiner.wants_network_poses(1) and refiner.wants_network_poses(2)
+    assert refiner.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom, hurry=True) is None  # as is
+    refiner._probes = collections.deque([0.1])  # uninformative: only every probe_every-th pass, to probe it
+    assert [refiner.wants_network_poses(c) for c in range(1, 9)] == [False, False, False, True] * 2
+    start = random_rotations(8, torch.Generator().manual_seed(1))
+    first = refiner.refine(sim.images, half_sets, start, torch.zeros(8, 2), network=False, hurry=True)
+    assert first.mode == "coarse" and first.version == COARSE  # re-posed first, locally
+    assert refiner.refine(sim.images, half_sets, sim.rotations, torch.zeros(8, 2), network=False).mode == "global"
+    assert refiner.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom).mode == "best"  # the probe
+    refiner.phase = "ab-initio"
+    assert not refiner.wants_network_poses(4)  # the ab initio poses everything: the network is not run
+    for source in ("map-only", "classes"):
+        assert not StreamingRefiner(_settings(tmp_path), torch.device("cpu"), poses_from=source).wants_network_poses(1)
+    assert refiner.pick_stale(np.array([COARSE, 0, 3]), np.full(3, np.nan)).tolist() == [0, 1]  # coarse ones first
 
 
 def test_a_session_restarted_past_its_ab_initio_resumes_in_the_local_phase(tmp_path):
@@ -114,10 +153,12 @@ def test_ab_initio_that_did_not_converge_starts_again_once_the_map_holds_a_large
     noise = torch.randn(40, 16, 16, generator=torch.Generator().manual_seed(4))
     half_sets = 1 + torch.arange(40) % 2
     assert refiner.needs_bootstrap and refiner.ab_verdict is None and refiner.seed_particles == 1000
-    refiner.bootstrap(noise, half_sets, None, 4.0, np.arange(40))
+    refiner.finish_bootstrap(refiner.bootstrap_work(noise, half_sets, None, 4.0)(), np.arange(40))
     assert refiner.ab_verdict is not None and not refiner.ab_verdict.converged
     assert refiner.seed_particles == 2000 and not refiner.retry_due(1999) and refiner.retry_due(2000)
-    refiner.bootstrap(noise, half_sets, None, 4.0, np.arange(40))  # the second and last attempt
+    work = refiner.bootstrap_work(noise, half_sets, None, 4.0)  # the second and last attempt
+    assert not refiner.retry_due(2000)  # not while it runs
+    refiner.finish_bootstrap(work(), np.arange(40))
     assert not refiner.ab_verdict.converged and not refiner.retry_due(10_000)
 
 

@@ -15,6 +15,7 @@ not say which of the two is right: callers fall back to the full map-only ab ini
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,6 +24,7 @@ from ..ctf import CtfParams
 from ..pose_alignment import pose_agreement
 from .offline import _Run
 from .settings import AbInitioSettings
+from .soft_poses import SoftPoses
 
 __all__ = ["PoseConfirmation", "confirm_poses"]
 
@@ -64,7 +66,8 @@ class PoseConfirmation:
 
 def confirm_poses(images: torch.Tensor, half_sets: torch.Tensor, apix: float, rotations: torch.Tensor,
                   ctf: CtfParams | None = None, settings: AbInitioSettings | None = None, seed: int = 0,
-                  device: torch.device | str = "cpu") -> PoseConfirmation:
+                  device: torch.device | str = "cpu",
+                  callback: Callable[[str, SoftPoses, torch.Tensor], None] | None = None) -> PoseConfirmation:
     """Run one random start of ab initio's seed stage on these particles and compare it with ``rotations``.
 
     Parameters
@@ -86,6 +89,9 @@ def confirm_poses(images: torch.Tensor, half_sets: torch.Tensor, apix: float, ro
         Seed of the random start.
     device: torch.device | str
         Where to compute.
+    callback: Callable | None
+        Called after every pass as :func:`~cryofastar.recon.ab_initio.run_ab_initio`'s (what it raises ends
+        the run: a caller's way to stop it).
     """
     n = images.shape[0]
     if images.ndim != 3 or n == 0:
@@ -93,7 +99,7 @@ def confirm_poses(images: torch.Tensor, half_sets: torch.Tensor, apix: float, ro
     if rotations.shape != (n, 3, 3):
         raise ValueError(f"rotations must be ({n}, 3, 3), got {tuple(rotations.shape)}")
     t0 = time.perf_counter()
-    run = _Run(images, torch.as_tensor(half_sets).long().cpu(), ctf, settings or AbInitioSettings(), seed, None)
+    run = _Run(images, torch.as_tensor(half_sets).long().cpu(), ctf, settings or AbInitioSettings(), seed, callback)
     everyone = torch.arange(n)
     run.settings = run.with_diameter(everyone, apix)
     _, _, poses = run.seed_start(everyone, run.settings.seed_passes, apix, device, restart=0)
