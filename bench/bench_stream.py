@@ -269,6 +269,10 @@ def parse_arguments() -> tuple[argparse.Namespace, list[str], torch.device]:
     parser.add_argument("--dashboard", default="none",
                         help="comma list of none, server (the dashboard process beside the daemon) and browser "
                              "(plus a headless chromium page on it); each is one daemon run on the same stacks")
+    parser.add_argument("--polish", type=float, default=0.0,
+                        help="after the last particle is in the map, leave the daemon running until its refinement "
+                             "has caught up (converged, nothing in the background) or this many seconds passed, and "
+                             "report how long that took")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the --dashboard runs, alternating, this often")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the daemon's log")
     args = parser.parse_args()

@@ -201,7 +201,15 @@ class Progress:
     last: tuple[float, int] | None = None
     first_posed: tuple[float, int] | None = None
     timeline: list[tuple[float, int, int]] = field(default_factory=list)  # (s since first placed, posed, in map)
+    phases: list[tuple[float, str, str | None]] = field(default_factory=list)  # (s, refinement phase, background)
     reason: str = "all particles in the map"
+
+    def longest_pause(self) -> tuple[float, float]:
+        """The longest time (s) between two increases of the map's particle count while particles were still
+        to come (the first accumulation to the last), and when (s since the first stack was placed) it began."""
+        rises = [t for (t, _, n), (_, _, m) in zip(self.timeline[1:], self.timeline, strict=False) if n > m]
+        gaps = [(b - a, a) for a, b in zip(rises, rises[1:], strict=False)]
+        return max(gaps, default=(0.0, 0.0))
 
 
 def follow(daemon: Daemon, placed: dict[str, float], expected: int, out: Path, stall: float) -> Progress:
@@ -231,7 +239,8 @@ def follow(daemon: Daemon, placed: dict[str, float], expected: int, out: Path, s
     while True:
         now = time.monotonic()
         n_now = daemon.particles_in_map
-        posed_now = int(daemon.status()["particles_posed"])
+        status = daemon.status()
+        posed_now = int(status["particles_posed"])
         if posed_now != posed_prev and progress.first_posed is None:
             progress.first_posed = (now, posed_now)
         if n_now != n_prev:
@@ -241,6 +250,10 @@ def follow(daemon: Daemon, placed: dict[str, float], expected: int, out: Path, s
         if n_now != n_prev or posed_now != posed_prev:
             progress.timeline.append((round(now - t_place, 3), posed_now, n_now))
             n_prev, posed_prev = n_now, posed_now
+        refinement = status["refinement"]
+        phase = (refinement["phase"], refinement.get("background"))
+        if not progress.phases or progress.phases[-1][1:] != phase:
+            progress.phases.append((round(now - t_place, 3), *phase))
         if n_now >= expected:
             break
         if daemon.errors:
@@ -365,6 +378,9 @@ def run_figures(daemon: Daemon, settings: DaemonSettings, expected: int, startup
         "run_seconds": last[0] - t_place,
         "end_to_end_rate": last[1] / (last[0] - t_place),
         "max_posed_not_in_map": max((p - m for _, p, m in progress.timeline), default=0),
+        "longest_pause_seconds": progress.longest_pause()[0],
+        "longest_pause_began_seconds": progress.longest_pause()[1],
+        "refinement_phases": progress.phases,
         "daemon_reported_rate": status["particles_per_second"],
         "stop_seconds": stopped.stop_seconds,
         "forward_passes_in_window": stopped.batches,
@@ -409,5 +425,28 @@ def run_daemon(root: Path, stacks: list[Path], counts: list[int], args: argparse
     daemon, startup, load, volumes = start_daemon(settings, dashboard)
     placer, placed = start_placing(stacks, root / "watch", counts, args.rate)
     progress = follow(daemon, placed, expected, root / "out", args.stall)
+    polish = polish_until_converged(daemon, getattr(args, "polish", 0.0), placed["first_placed"], progress)
     stopped = stop_run(daemon, placer, volumes, load)
-    return run_figures(daemon, settings, expected, startup, placed, progress, volumes, stopped)
+    return {**run_figures(daemon, settings, expected, startup, placed, progress, volumes, stopped), **polish}
+
+
+def polish_until_converged(daemon: Daemon, seconds: float, t_place: float, progress: Progress) -> dict[str, object]:
+    """After the last particle is in the map, leave the daemon running until its refinement has caught up
+    (``refinement_converged``: no step in the background and a whole re-posing sweep moved the median particle
+    by under 1°) or ``seconds`` have passed; the phases seen are added to ``progress``. ``seconds`` 0: not at all.
+    """
+    if seconds <= 0:
+        return {}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds and not daemon.errors:
+        refinement = daemon.status()["refinement"]
+        phase = (refinement["phase"], refinement.get("background"))
+        if progress.phases[-1][1:] != phase:
+            progress.phases.append((round(time.monotonic() - t_place, 3), *phase))
+        if daemon.refinement_converged and refinement.get("background") is None:
+            break
+        time.sleep(0.5)
+    status = daemon.status()
+    return {"polish_seconds": time.monotonic() - t0, "polish_converged": daemon.refinement_converged,
+            "polish_phase": status["refinement"]["phase"], "particles_refined": status["particles_refined"],
+            "particles_reposed": status["particles_reposed"]}

@@ -78,7 +78,15 @@ def figure_rows(daemon: dict, bare: dict, mem: dict) -> list[tuple[str, str, str
         ("daemon: first stack -> first published map (s)", fmt(daemon["first_map_seconds"]),
          "at stop" if daemon["first_map_at_stop"] else f"{daemon['first_map_particles']} particles"),
         ("daemon: most particles posed but not yet in the map", f"{daemon['max_posed_not_in_map']}", ""),
+        ("daemon: longest pause of the map's count (s)", fmt(daemon["longest_pause_seconds"]),
+         f"from {daemon['longest_pause_began_seconds']:.1f} s; target <= 10"),
+        ("daemon: refinement phases (s: phase[+background])",
+         " ".join(f"{t:.0f}:{ph}{'+' + bg if bg else ''}" for t, ph, bg in daemon["refinement_phases"]), ""),
         ("daemon: stop, final map + checkpoint (s)", fmt(daemon["stop_seconds"]), ""),
+        *([("daemon: refinement caught up after the last particle (s)", fmt(daemon["polish_seconds"]),
+            f"converged {daemon['polish_converged']}, phase {daemon['polish_phase']}, refined on arrival "
+            f"{daemon['particles_refined']}, re-posed {daemon['particles_reposed']}")] if "polish_seconds" in daemon
+          else []),
         ("peak RSS after simulation (MiB)", fmt(mem["simulation"]["peak_rss_mib"], ".0f"), ""),
         ("peak RSS after daemon run (MiB)", fmt(mem["daemon"]["peak_rss_mib"], ".0f"), ""),
         ("peak RSS after bare stage (MiB)", fmt(mem["bare"]["peak_rss_mib"], ".0f"), ""),
