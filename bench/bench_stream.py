@@ -269,6 +269,9 @@ def parse_arguments() -> tuple[argparse.Namespace, list[str], torch.device]:
     parser.add_argument("--dashboard", default="none",
                         help="comma list of none, server (the dashboard process beside the daemon) and browser "
                              "(plus a headless chromium page on it); each is one daemon run on the same stacks")
+    parser.add_argument("--classify", action=argparse.BooleanOptionalAction, default=True,
+                        help="the daemon's 2D lane (on by default, as in watch)")
+    parser.add_argument("--poses-from", default="network", choices=["network", "map-only", "classes"])
     parser.add_argument("--polish", type=float, default=0.0,
                         help="after the last particle is in the map, leave the daemon running until its refinement "
                              "has caught up (converged, nothing in the background) or this many seconds passed, and "

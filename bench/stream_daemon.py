@@ -121,7 +121,7 @@ def daemon_settings(root: Path, args: argparse.Namespace, publish_particles: int
     root : Path
         The run's directory.
     args : argparse.Namespace
-        bench_stream.py's arguments (device, batch, interpolation, refine).
+        bench_stream.py's arguments (device, batch, interpolation, refine, classify, poses_from).
     publish_particles : int
         A map every this many particles.
 
@@ -135,6 +135,7 @@ def daemon_settings(root: Path, args: argparse.Namespace, publish_particles: int
         watch=watch, out=out, zmq="tcp://127.0.0.1:0", metrics_port=None, device=args.device, batch=args.batch,
         settle_seconds=SETTLE_SECONDS, flush_seconds=FLUSH_SECONDS, publish_seconds=PUBLISH_SECONDS,
         publish_particles=publish_particles, interpolation=args.interpolation, refine=args.refine,
+        classify=getattr(args, "classify", True), poses_from=getattr(args, "poses_from", "network"),
     )
 
 

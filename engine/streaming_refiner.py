@@ -356,9 +356,9 @@ class StreamingRefiner:
             return self._soft_result(self.ab.add(self._working(images), half_sets, ctf), None)
         assert self.reference is not None
         mode = self._mode(network)
-        if hurry and network and self.phase == "local" and self.network_informative:
-            return None  # its own poses, refined when re-posed (no probe in a hurry)
-        if hurry:
+        if hurry and self.phase != "probe":  # the session's first probe decides its course: never skipped
+            if network and self.phase == "local" and self.network_informative:
+                return None  # its own poses, refined when re-posed (no periodic probe in a hurry)
             mode = "coarse"
         self._passes += 1
         match, origins = self.reference.match(images, half_sets, rotations if network else None, origins_angstrom,

@@ -117,7 +117,9 @@ def test_in_a_hurry_a_pass_gets_a_first_pose_only_and_the_network_runs_only_when
     assert refiner.wants_network_poses(1)  # before refinement starts the network's poses go in
     refiner.update_reference(torch.stack([volume, volume]), apix, 10.0, n_particles=10)
     assert refiner.phase == "probe" and refiner.wants_network_poses(1)  # for the probe
-    refiner.phase, refiner._probes = "local", collections.deque([0.9])  # informative
+    probe = refiner.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom, hurry=True)
+    assert probe.mode == "best" and refiner.phase == "local"  # the session's first probe runs even in a hurry
+    refiner._probes = collections.deque([0.9])  # informative
     assert refiner.wants_network_poses(1) and refiner.wants_network_poses(2)
     assert refiner.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom, hurry=True) is None  # as is
     refiner._probes = collections.deque([0.1])  # uninformative: only every probe_every-th pass, to probe it
