@@ -346,14 +346,18 @@ class StreamingRefiner:
         ``network``: ``rotations`` are the network's poses (else random ones: the pass is searched globally).
         ``hurry`` (particles wait behind this pass): only a first pose, the rest is left to re-posing — the
         network's poses as they are when it is informative (``None`` is returned: the pass goes in unrefined),
-        else the global search alone (``coarse``, version :data:`COARSE`); the ab initio poses the pass as always.
+        else the global search alone (``coarse``, version :data:`COARSE`); in the ab-initio phase the ab initio
+        poses the pass until its schedule has run out, then the global search alone against the latest map.
         In the ab-initio phase the returned ``soft`` poses must be handed to
         :meth:`record_soft` with the particles' pose-table rows once they are inserted.
         """
-        if self.phase == "ab-initio":
+        if self.phase == "ab-initio" and not (hurry and self._final_band_version is not None
+                                              and self.reference is not None):
             assert self.ab is not None
             self._passes += 1
             return self._soft_result(self.ab.add(self._working(images), half_sets, ctf), None)
+        # (in a hurry once the ab initio's schedule has run out: a coarse search of the map its poses make, and
+        # the ab initio poses the pass again when it is re-posed, before the phase ends)
         assert self.reference is not None
         mode = self._mode(network)
         if hurry and self.phase != "probe":  # the session's first probe decides its course: never skipped

@@ -66,8 +66,13 @@ def test_refinement_starts_with_enough_particles_and_probes_the_network(tmp_path
     new = bad.refine(sim.images[:4], half_sets[:4], random_poses[:4], torch.zeros(4, 2))
     assert new.mode == "ab-initio" and new.rotations.shape == (4, 3, 3)
     assert not bad.maybe_finish_ab_initio(np.full(16, again.version))  # its schedule has not run out
+    hurried = bad.refine(sim.images[:4], half_sets[:4], random_poses[:4], torch.zeros(4, 2), hurry=True)
+    assert hurried.mode == "ab-initio"  # before it has run out, the ab initio poses new passes even in a hurry
     bad.ab.poses_done = bad.ab_settings.schedule_particles  # as if it had
     last = bad.repose(sim.images, half_sets, again.rotations, again.origins_angstrom, None, rows)
+    hurried = bad.refine(sim.images[:4], half_sets[:4], random_poses[:4], torch.zeros(4, 2), network=False,
+                         hurry=True)  # now: a coarse search of the latest map, the ab initio poses them later
+    assert hurried.mode == "coarse" and hurried.version == COARSE and bad.phase == "ab-initio"
     assert not bad.maybe_finish_ab_initio(np.full(16, again.version))  # not every particle posed since
     assert bad.maybe_finish_ab_initio(np.full(16, last.version))
     assert bad.phase == "local" and bad.ab is None and bad.reference is None and bad.wants_reference(16)
