@@ -238,17 +238,32 @@ def launch(nproc: int, entrypoint: Callable[..., Any], *args: Any) -> dict[int, 
         with _launcher_quiet():
             return elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        raise RankFailed(f"rank {rank} of {nproc} failed (exit code {failure.exitcode}): "
-                         f"{_failure_text(failure.message)}") from None
+        raise RankFailed(_describe(exc.failures, nproc)) from None
 
 
-def _failure_text(message: Any) -> str:
-    """The exception line (``ValueError: ...``) or signal text of a launcher ``ProcessFailure.message``."""
-    if isinstance(message, dict):
-        message = message.get("message", message)
-    text = str(message).strip()
-    return text.splitlines()[-1] if text else "no error recorded"
+_CONSEQUENCES = ("gloo", "nccl", "connection closed", "connection reset", "distbackenderror", "timed out")
+"""Words of a collective's error: a rank that failed *because* a peer died (reported after the peer)."""
+
+
+def _describe(failures: dict[int, Any], nproc: int) -> str:
+    """One line: the rank that failed first and its exception or signal, then any other rank's.
+
+    A failure the launcher saw at the same moment as a collective's error on another rank comes first (the
+    launcher's timestamps are whole seconds: the dead peer is the cause, the broken collective the consequence).
+    """
+    def text(failure: Any) -> str:
+        message = failure.message
+        if isinstance(message, dict):
+            message = message.get("message", message)
+        lines = str(message).strip().splitlines()
+        return lines[-1] if lines else "no error recorded"
+
+    def order(rank: int) -> tuple[int, bool, int]:
+        return failures[rank].timestamp, any(word in text(failures[rank]).lower() for word in _CONSEQUENCES), rank
+
+    first, *others = sorted(failures, key=order)
+    line = f"rank {first} of {nproc} failed (exit code {failures[first].exitcode}): {text(failures[first])}"
+    return "; ".join([line, *(f"then rank {rank}: {text(failures[rank])}" for rank in others)])
 
 
 # ---------------------------------------------------------------------- the split
