@@ -28,6 +28,12 @@ initio on the particles Fourier-cropped to the refinement's working box, then
 ``refine_rounds`` ``local`` rounds finish them at that box. Ab initio is not counted
 among the rounds, and at least one ``local`` round always follows it.
 
+With ``nproc > 1`` (or under ``torchrun``) the job runs on several ranks
+(:mod:`~cryofastar.engine.distributed`, docs/scaling.md): the same functions, each rank on its share of
+the particles (whole network passes dealt round-robin), the half-set grids all-reduced before each map
+and the poses gathered after each round; map-only ab initio, the class-pose confirmation and 2D
+classification run on rank 0 alone and their poses are broadcast. Rank 0 writes every output.
+
 Outputs (:func:`reconstruct`): ``particles.star`` (the input rows with the final
 rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, the network's confidence and own poses, and
 the last round's score and angular spread, :mod:`~cryofastar.recon.io.columns`) and the
@@ -40,22 +46,24 @@ map set ``volume.mrc``, ``volume_half1/2.mrc``, ``volume_fsc.tsv``
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from cryofastar.recon import HalfSetAccumulator
-from cryofastar.recon.ab_initio import AbInitioResult, AbInitioSettings, PoseConfirmation, confirm_poses, run_ab_initio
+from cryofastar.recon.ab_initio import AbInitioSettings, PoseConfirmation, confirm_poses, run_ab_initio
 from cryofastar.recon.backprojection import backproject
 from cryofastar.recon.classify2d import particle_columns
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.euler import matrix_to_euler
-from cryofastar.recon.io import ParticleSource
+from cryofastar.recon.io import ParticleFileError, ParticleSource
 from cryofastar.recon.io.columns import NETWORK_COLUMNS
+from cryofastar.recon.io.source import DUPLICATE, SkippedImages
 from cryofastar.recon.io.star import write_particles
 from cryofastar.recon.io.tables import write_json
 from cryofastar.recon.map_set import map_set, read_known_map, write_map_set
@@ -66,6 +74,19 @@ from cryofastar.options import argument, option
 
 from .class_posing import CLASS_WEIGHTS_HELP, ClassPoser, ClassViews, check_class_weights
 from .classification import ClassifySettings, classify_source
+from .distributed import (
+    Ranks,
+    all_reduce_accumulator,
+    allreduce_bytes,
+    broadcast,
+    check_processes,
+    deal,
+    gather_objects,
+    gather_rows,
+    in_torchrun_environment,
+    launch,
+    units,
+)
 from .policy import (
     AB_INITIO_PASSES,
     CONFIRM_SEED_OFFSET,
@@ -83,7 +104,7 @@ from .star_output import optics_for_output, particles_for_output
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReconstructJob", "ReconstructResult", "ReconstructSettings", "reconstruct"]
+__all__ = ["ReconstructJob", "ReconstructResult", "ReconstructSettings", "reconstruct", "reconstruct_on_ranks"]
 
 Progress = Callable[[int, int], None]
 """Called with the particles just posed and inserted, and the total (a progress bar's ``advance`` and ``total``)."""
@@ -132,6 +153,9 @@ class ReconstructSettings:
         ``local``), each followed by a fresh back-projection; ab initio comes on top.
     refine_box: int
         Working box (px) of refinement (particles and maps Fourier-cropped to it).
+    nproc: int
+        Local processes sharing the job (torch.distributed: gloo on CPUs, NCCL with one GPU each;
+        docs/scaling.md); 1 under ``torchrun``, whose ``--nproc-per-node`` starts the ranks.
     """
 
     device: str = option("auto", help="auto, cpu or cuda.")
@@ -157,6 +181,9 @@ class ReconstructSettings:
                                 "probe, the others local), each followed by a fresh back-projection; ab initio, when "
                                 "it runs, comes on top.")
     refine_box: int = option(64, help="Working box in px for refinement (particles and maps Fourier-cropped to it).")
+    nproc: int = option(1, help="Processes sharing the job on this machine (torch.distributed: gloo on CPUs, NCCL "
+                        "with one GPU each); the map is one process's to float rounding (docs/scaling.md). Under "
+                        "torchrun leave it at 1.")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -173,6 +200,7 @@ class ReconstructSettings:
         if self.classes < 2:
             raise ValueError(f"--classes must be at least 2, got {self.classes}")
         check_class_weights(self.class_weights)
+        check_processes(self.nproc, self.device)
 
 
 @dataclass
@@ -226,6 +254,16 @@ class ReconstructResult:
     pose_precision: dict | None
         After refinement: how precisely the final poses are known, estimated from the last
         round's posterior spreads (:func:`~cryofastar.recon.pose_precision.pose_precision`).
+    nproc: int
+        Ranks that shared the job (1: one process).
+    allreduces: int
+        All-reduces of the half-set grids (one per map made; 0 with one process).
+    allreduce_seconds: float
+        Wall time rank 0 spent in them, waiting for the slowest rank included.
+    allreduce_bytes: int
+        Bytes one all-reduce sums (:func:`~cryofastar.engine.distributed.allreduce_bytes`; 0 with one process).
+
+    ``pose_seconds`` and ``insert_seconds`` are the slowest rank's.
     """
 
     n_particles: int
@@ -247,16 +285,29 @@ class ReconstructResult:
     confirmation: dict | None = None
     classes_posed: int = 0
     class_poses: dict | None = None
+    nproc: int = 1
+    allreduces: int = 0
+    allreduce_seconds: float = 0.0
+    allreduce_bytes: int = 0
 
 
 @dataclass
 class _Job:
-    """One run's particles and where they are on the way (internal)."""
+    """One run's particles, this rank's share of them, and where they are on the way (internal).
+
+    With one process the share is every particle; the functions below are the same either way.
+    """
 
     source: ParticleSource  # the particles with finite images (what every output holds)
     device: torch.device
     settings: ReconstructSettings
-    work_images: torch.Tensor | None  # (n, W, W) float32 at the refinement's working box
+    ranks: Ranks
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # this rank's rows, ascending
+    work_images: torch.Tensor | None = None  # (len(rows), W, W) float32 at the refinement's working box
+    allreduces: int = 0
+    allreduce_seconds: float = 0.0
+    _share_source: ParticleSource | None = None
+    _fit_images: torch.Tensor | None = None
 
     @property
     def halves(self) -> torch.Tensor:
@@ -269,13 +320,62 @@ class _Job:
         return self.source.ctf if self.settings.use_ctf else None
 
     @property
+    def work_box(self) -> int:
+        """Side (px) of the refinement's working box."""
+        return min(self.settings.refine_box, self.source.box)
+
+    @property
     def work_apix(self) -> float:
         """Pixel size (Å) of ``work_images``."""
-        return self.source.apix * self.source.box / self.work_images.shape[-1]
+        return self.source.apix * self.source.box / self.work_box
+
+    def take_share(self, rows: np.ndarray) -> None:
+        """Make ``rows`` this rank's share (kept ascending) and make room for their working-box images."""
+        self.rows = np.sort(np.asarray(rows, dtype=np.int64))
+        self._share_source = None
+        if self.settings.refine:
+            self.work_images = torch.empty(len(self.rows), self.work_box, self.work_box)
+
+    def at(self, rows: np.ndarray) -> torch.Tensor:
+        """Positions in ``work_images`` of ``rows`` (rows of this rank's share)."""
+        return torch.as_tensor(np.searchsorted(self.rows, rows))
+
+    def reduce(self, acc: HalfSetAccumulator) -> HalfSetAccumulator:
+        """``acc`` all-reduced over the ranks, in place (counted and timed; nothing with one process)."""
+        if self.ranks.distributed:
+            t0 = time.perf_counter()
+            all_reduce_accumulator(acc, self.ranks)
+            self.allreduces += 1
+            self.allreduce_seconds += time.perf_counter() - t0
+        return acc
 
     def backproject(self, rotations: torch.Tensor, origins: torch.Tensor) -> HalfSetAccumulator:
-        """A fresh half-set accumulator with every particle at its pose (images read again, ``chunk`` at a time)."""
-        return backproject(self.source, rotations, origins, self.ctf, batch=self.settings.chunk, device=self.device)
+        """The map of every particle at its pose: this rank's share back-projected (images read again, ``chunk``
+        at a time), then all-reduced. ``rotations`` `(n, 3, 3)`, ``origins`` `(n, 2)` Å of every particle."""
+        if self._share_source is None:
+            self._share_source = self.source.select(self.rows) if self.ranks.distributed else self.source
+        at = torch.as_tensor(self.rows)
+        return self.reduce(backproject(self._share_source, rotations[at], origins[at],
+                                       None if self.ctf is None else self.ctf[at], batch=self.settings.chunk,
+                                       device=self.device))
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """`(n, ...)` values of every particle on every rank, from `(len(rows), ...)` of this rank's share."""
+        return gather_rows(self.ranks, self.rows, values)
+
+    def images_of(self, rows: np.ndarray, root_only: bool = False) -> torch.Tensor | None:
+        """`(len(rows), W, W)` working-box images of sorted ``rows`` of any rank, on every rank (or on rank 0;
+        the others get ``None``). Every rank must call it."""
+        if not self.ranks.distributed and len(rows) == len(self.rows):
+            return self.work_images  # every row, in order: no copy
+        mine = np.intersect1d(self.rows, rows)
+        return gather_rows(self.ranks, mine, self.work_images[self.at(mine)], root_only=root_only)
+
+    def fit_images(self) -> torch.Tensor:
+        """Working-box images of :func:`_fit_rows` (gathered once, then kept)."""
+        if self._fit_images is None:
+            self._fit_images = self.images_of(_fit_rows(self))
+        return self._fit_images
 
     def _ctf(self, rows: np.ndarray) -> CtfParams | None:
         return None if self.ctf is None else self.ctf[torch.as_tensor(rows)]
@@ -298,36 +398,43 @@ class _Poses:
     class_poses: dict | None = None  # the class poses' verdict (ClassPoses.as_dict)
 
 
-def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
-                progress: Progress | None = None) -> ReconstructResult:
-    """Run the offline job (module docstring) on the STAR file ``particles``; write its outputs in ``outdir``."""
+def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings, progress: Progress | None = None,
+                ranks: Ranks | None = None) -> ReconstructResult | None:
+    """Run the offline job (module docstring) on the STAR file ``particles``; write its outputs in ``outdir``.
+
+    ``ranks``: this process's place in a job shared by several (:meth:`Ranks.join`); ``None``: one process.
+    Every rank must call it with the same arguments; rank 0 writes the outputs and returns the result, the
+    others return ``None``. ``progress`` reports rank 0's share.
+    """
     settings.validate()
+    ranks = ranks if ranks is not None else Ranks.single(resolve_device(settings.device))
     start = time.perf_counter()
     source = ParticleSource.from_star(particles, apix=settings.apix)
-    known_map = read_known_map(settings.known_map, source.box)
-    source, _ = source.finite(settings.chunk)  # images with NaN or Inf pixels: one warning, left out of every output
+    known_map = read_known_map(settings.known_map, source.box) if ranks.root else None
+    source = _finite(source, ranks, settings.chunk)  # images with NaN or Inf pixels: one warning, left out of all
     table = source.table
-    work = min(settings.refine_box, source.box)
-    job = _Job(source, resolve_device(settings.device), settings,
-               torch.empty(len(source), work, work) if settings.refine else None)
+    job = _Job(source, ranks.device, settings, ranks)
     acc = None  # map-only: no map before ab initio
     if settings.poses_from == "network":
         acc, poses = _network_poses(job, progress)
     elif settings.poses_from == "classes":
         acc, poses = _class_poses(job, progress)
     else:
+        job.take_share(deal(_blocks(job), ranks.rank, ranks.world))
         poses = _read_working_images(job)
-    extra: dict[str, np.ndarray] = dict(poses.columns)
-    if settings.poses_from in ("network", "classes"):
-        rot, tilt, psi = matrix_to_euler(poses.rotations)
-        extra.update(zip(NETWORK_COLUMNS, (rot.numpy(), tilt.numpy(), psi.numpy(), poses.origins[:, 0].numpy().copy(),
-                                           poses.origins[:, 1].numpy().copy()), strict=True))
     rotations, origins = poses.rotations, poses.origins
     finished = None
     if settings.refine:
         trusted = poses.class_poses is None or bool(poses.class_poses["agree"])  # network poses: always probed
         finished = _finish_poses(job, acc, rotations, origins, probe=trusted)
         acc, rotations, origins = finished.accumulator, finished.rotations, finished.origins
+    if not ranks.root:
+        return None  # every output has one writer: rank 0
+    extra: dict[str, np.ndarray] = dict(poses.columns)
+    if settings.poses_from in ("network", "classes"):
+        rot, tilt, psi = matrix_to_euler(poses.rotations)
+        extra.update(zip(NETWORK_COLUMNS, (rot.numpy(), tilt.numpy(), psi.numpy(), poses.origins[:, 0].numpy().copy(),
+                                           poses.origins[:, 1].numpy().copy()), strict=True))
     record = PoseTable()  # the final poses, in the engine's one pose table (as the daemon keeps them)
     record.append(source.stacks, source.indices, rotations, origins, poses.confidence, source.half_sets, job.ctf,
                   None if finished is None else finished.scores, None if finished is None else finished.spread,
@@ -358,7 +465,110 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings,
         ab_initio=None if finished is None else finished.ab_initio,
         pose_precision=None if precision is None else {**precision.as_dict(), "summary": precision.summary()},
         confirmation=None if finished is None else finished.confirmation,
-        classes_posed=poses.classes_posed, class_poses=poses.class_poses)
+        classes_posed=poses.classes_posed, class_poses=poses.class_poses, nproc=ranks.world,
+        allreduces=job.allreduces, allreduce_seconds=job.allreduce_seconds,
+        allreduce_bytes=allreduce_bytes(source.box) if ranks.distributed else 0)
+
+
+def reconstruct_on_ranks(particles: Path, outdir: Path, settings: ReconstructSettings,
+                         progress: Callable[[], Progress] | None = None) -> ReconstructResult | None:
+    """:func:`reconstruct` on ``settings.nproc`` local processes, on the ranks ``torchrun`` started, or in this one.
+
+    Parameters
+    ----------
+    particles, outdir, settings:
+        As for :func:`reconstruct`.
+    progress: Callable[[], Progress] | None
+        Makes rank 0's progress callback in the process that runs rank 0 (a picklable factory, e.g. a class;
+        its ``stop()`` is called at the end if it has one).
+
+    Returns
+    -------
+    ReconstructResult | None
+        Rank 0's result; ``None`` in the other ranks under ``torchrun``.
+
+    Raises
+    ------
+    RankFailed
+        A worker of ``--nproc`` raised or died (:func:`~cryofastar.engine.distributed.launch`).
+    ValueError
+        ``--nproc`` above 1 under ``torchrun``, or impossible settings.
+    """
+    settings.validate()
+    if in_torchrun_environment():
+        if settings.nproc != 1:
+            raise ValueError(f"--nproc {settings.nproc} under torchrun: torchrun's --nproc-per-node starts the "
+                             "ranks, leave --nproc at 1")
+        return _rank_main(particles, outdir, settings, progress, None)
+    if settings.nproc == 1:
+        return _with_progress(progress, lambda bar: reconstruct(particles, outdir, settings, bar))
+    results = launch(settings.nproc, _rank_main, particles, outdir, settings, progress,
+                     logging.getLogger().getEffectiveLevel())
+    return results[0]
+
+
+def _rank_main(particles: Path, outdir: Path, settings: ReconstructSettings, progress: Callable[[], Progress] | None,
+               log_level: int | None) -> ReconstructResult | None:
+    """One rank: join the group, run the job, leave. ``log_level``: configure logging (a fresh worker process)."""
+    rank = int(os.environ.get("RANK", "0"))
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if rank != 0:  # rank 0 speaks for the job
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    ranks = Ranks.join(settings.device)
+    try:
+        return _with_progress(progress if ranks.root else None,
+                              lambda bar: reconstruct(particles, outdir, settings, bar, ranks))
+    finally:
+        ranks.leave()
+
+
+def _with_progress(factory: Callable[[], Progress] | None,
+                   run: Callable[[Progress | None], ReconstructResult | None]) -> ReconstructResult | None:
+    """``run(bar)`` with a progress callback made by ``factory`` (``None``: none), stopped afterwards."""
+    bar = factory() if factory is not None else None
+    try:
+        return run(bar)
+    finally:
+        stop = getattr(bar, "stop", None)
+        if stop is not None:
+            stop()
+
+
+def _finite(source: ParticleSource, ranks: Ranks, size: int) -> ParticleSource:
+    """The source restricted to its first, usable images (:meth:`ParticleSource.finite`), the reads shared by the
+    ranks: each reads whole blocks of the distinct rows (dealt round-robin), the verdicts are gathered, and every
+    rank keeps the same rows; rank 0 logs the one warning line."""
+    if not ranks.distributed:
+        return source.finite(size)[0]
+    first = source.first_rows()
+    repeats = np.setdiff1d(np.arange(len(source)), first)
+    unique = source.select(first) if len(repeats) else source
+    block = max(1, min(size, -(-len(unique) // ranks.world)))
+    kept, skipped = [np.empty(0, dtype=np.int64)], []
+    for rows in units(np.arange(len(unique)), block)[ranks.rank :: ranks.world]:
+        chunk = unique.images(rows)
+        kept.append(first[chunk.rows])
+        skipped.append(SkippedImages(first[chunk.skipped.rows], chunk.skipped.names, chunk.skipped.reasons))
+    parts = gather_objects(ranks, (np.concatenate(kept), SkippedImages.concat(skipped)))
+    rows = np.sort(np.concatenate([part[0] for part in parts]))
+    report = SkippedImages.concat([SkippedImages(repeats, source.names[repeats], DUPLICATE),
+                                   *(part[1] for part in parts)])
+    if len(rows) == 0:
+        raise ParticleFileError(f"{source.origin}: every image contains {report.reason}; nothing to use")
+    if len(report) and ranks.root:
+        logger.warning("%s", report.describe(source.origin))
+    return source.select(rows) if len(report) else source
+
+
+def _blocks(job: _Job) -> list[np.ndarray]:
+    """The units of work without a network: consecutive blocks of ``views - 1`` rows (a network pass's size)."""
+    return units(np.arange(len(job.source)), job.settings.views - 1)
+
+
+def _fit_rows(job: _Job) -> np.ndarray:
+    """Rows the CTF delocalisation loss is fitted on in each round: one process's first batch (``chunk`` rows)."""
+    return np.arange(min(len(job.source), job.settings.chunk))
 
 
 @dataclass
@@ -383,10 +593,12 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
     """Refinement rounds against the half maps, with ab initio when the network is not informative (module doc).
 
     ``probe=False``: starting poses not trusted (class poses whose two starts disagree) go to ab initio unprobed.
+    Every rank takes the same branches: the verdicts are computed from every particle's poses (gathered) or
+    broadcast from rank 0.
     """
     t0 = time.perf_counter()
     source, settings = job.source, job.settings
-    search = RefineSettings(working_box=job.work_images.shape[-1])
+    search = RefineSettings(working_box=job.work_box)
     modes: list[str] = []
     won, ab_initio_s, local_rounds = None, 0.0, settings.refine_rounds
     confirmation = None
@@ -400,13 +612,11 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
             confirmation = _confirm(job, rotations)  # same structure (policy)
     if won is None or not is_informative(won) or (confirmation is not None and not confirmation.agree):
         t1 = time.perf_counter()
-        work = job.work_images.shape[-1]
-        result, ab_initio = _ab_initio(job, job.work_apix)
-        rotations, origins = result.poses.rotations.clone(), result.poses.origins_angstrom.clone()
+        rotations, origins, ab_initio, done = _ab_initio(job, job.work_apix)
         ab_initio_s = time.perf_counter() - t1
-        # result.accumulator is the back-projection of the working-box images at their best poses
+        # ab initio's accumulator is the back-projection of the working-box images at their best poses
         acc = _next_map(job, "ab-initio", modes, rotations, origins,
-                        done=result.accumulator if work == source.box else None)
+                        done=done if job.work_box == source.box else None)
         local_rounds = max(MIN_LOCAL_ROUNDS_AFTER_AB_INITIO, local_rounds)
     for _ in range(local_rounds):
         rotations, origins, scores, spread = _match_all(job, acc, search, rotations, origins, "local")
@@ -417,34 +627,54 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
 
 
 def _confirm(job: _Job, rotations: torch.Tensor) -> PoseConfirmation:
-    """One random ab initio start on the policy's subset of the particles, against their ``rotations``."""
+    """One random ab initio start on the policy's subset of the particles, against their ``rotations``.
+
+    Runs on rank 0 alone (the subset's images gathered there); its verdict is broadcast.
+    """
     rows = confirmation_rows(len(job.halves), job.settings.seed)
-    at = torch.as_tensor(rows)
-    confirmation = confirm_poses(job.work_images[at], job.halves[at], job.work_apix, rotations[at], job._ctf(rows),
-                                 seed=job.settings.seed + CONFIRM_SEED_OFFSET, device=job.device)
-    logger.info("starting poses: %s", confirmation.summary())
-    return confirmation
+    images = job.images_of(rows, root_only=True)
+    confirmation = None
+    if job.ranks.root:
+        at = torch.as_tensor(rows)
+        confirmation = confirm_poses(images, job.halves[at], job.work_apix, rotations[at], job._ctf(rows),
+                                     seed=job.settings.seed + CONFIRM_SEED_OFFSET, device=job.device)
+        logger.info("starting poses: %s", confirmation.summary())
+    return broadcast(job.ranks, confirmation)
 
 
-def _ab_initio(job: _Job, apix: float) -> tuple[AbInitioResult, dict]:
+def _ab_initio(job: _Job, apix: float) -> tuple[torch.Tensor, torch.Tensor, dict, HalfSetAccumulator]:
     """Map-only ab initio, attempted again with a larger seed set when its verdict is negative (policy).
 
-    Returns the result kept (the first that converged, else the last) and the record written
-    to ``ab_initio.json``: the kept verdict and every attempt's.
+    Runs on rank 0 alone (every working-box image gathered there); its poses and record are broadcast.
+    Returns the kept result's (the first that converged, else the last) `(n, 3, 3)` rotations and `(n, 2)`
+    origins (Å), the record written to ``ab_initio.json`` (the kept verdict and every attempt's), and its
+    accumulator on rank 0 (an empty one of the same layout on the others: summed by an all-reduce it is rank
+    0's on every rank).
     """
-    attempts: list[dict] = []
-    result = None
-    for attempt, settings in enumerate(ab_initio_attempts(AbInitioSettings(), len(job.source))):
-        result = run_ab_initio(job.work_images, job.halves, apix, passes=AB_INITIO_PASSES, ctf=job.ctf,
-                               settings=settings, seed=job.settings.seed + 1000 * attempt, device=job.device,
-                               callback=lambda label, *_: logger.info("ab initio: %s done", label))
-        attempts.append({"seed_particles": min(settings.seed_particles, len(job.source)),
-                         **result.verdict.as_dict()})
-        logger.info("ab initio attempt %d: %s", attempt + 1, result.verdict.summary())
-        if result.verdict.converged:
-            break
-    assert result is not None  # ab_initio_attempts yields at least one
-    return result, {**result.verdict.as_dict(), "summary": result.verdict.summary(), "attempts": attempts}
+    images = job.images_of(np.arange(len(job.source)), root_only=True)
+    payload = None
+    if job.ranks.root:
+        attempts: list[dict] = []
+        result = None
+        for attempt, settings in enumerate(ab_initio_attempts(AbInitioSettings(), len(job.source))):
+            result = run_ab_initio(images, job.halves, apix, passes=AB_INITIO_PASSES, ctf=job.ctf,
+                                   settings=settings, seed=job.settings.seed + 1000 * attempt, device=job.device,
+                                   callback=lambda label, *_: logger.info("ab initio: %s done", label))
+            attempts.append({"seed_particles": min(settings.seed_particles, len(job.source)),
+                             **result.verdict.as_dict()})
+            logger.info("ab initio attempt %d: %s", attempt + 1, result.verdict.summary())
+            if result.verdict.converged:
+                break
+        assert result is not None  # ab_initio_attempts yields at least one
+        record = {**result.verdict.as_dict(), "summary": result.verdict.summary(), "attempts": attempts}
+        done = result.accumulator
+        layout = {"box": done.box, "apix": done.apix, "oversampling": done.oversampling,
+                  "interpolation": done.interpolation, "min_weight": done.min_weight}
+        payload = (result.poses.rotations.clone(), result.poses.origins_angstrom.clone(), record, layout)
+    rotations, origins, record, layout = broadcast(job.ranks, payload)
+    if not job.ranks.root:
+        done = HalfSetAccumulator(**layout, device=job.device)
+    return rotations, origins, record, done
 
 
 def _match_all(job: _Job, acc: HalfSetAccumulator, search: RefineSettings, rotations: torch.Tensor,
@@ -453,106 +683,193 @@ def _match_all(job: _Job, acc: HalfSetAccumulator, search: RefineSettings, rotat
 
     ``rotations`` `(n, 3, 3)` float64 RELION matrices and ``origins`` `(n, 2)` float64
     rlnOriginX/YAngst (Å) to start from (not modified); ``mode`` ``"local"`` or ``"best"``
-    (:meth:`RefinementReference.match`). Returns new `(n, 3, 3)` matrices, `(n, 2)`
-    origins (Å), `(n,)` best NCC and `(n,)` angular spread (degrees).
+    (:meth:`RefinementReference.match`). Each rank matches its share, ``chunk`` at a time; the results
+    are gathered. Returns new `(n, 3, 3)` matrices, `(n, 2)` origins (Å), `(n,)` best NCC and `(n,)`
+    angular spread (degrees) of every particle, on every rank.
     """
     ref = RefinementReference(acc.half_volumes(), job.source.apix, acc.resolution_angstrom(), search, job.device)
-    n, chunk = len(job.halves), job.settings.chunk
-    rotations, origins = rotations.clone(), origins.clone()
-    scores, spread = torch.empty(n), torch.empty(n)
-    for first in range(0, n, chunk):  # vectorised within a chunk; chunks bound memory
-        part = slice(first, min(n, first + chunk))
-        ctf = None if job.ctf is None else job.ctf[torch.arange(part.start, part.stop)]
-        match, new_origins = ref.match(job.work_images[part], job.halves[part], rotations[part], origins[part], mode,
-                                       ctf)
+    _fit_delocalisation(job, ref, rotations, origins)
+    rows, chunk = job.rows, job.settings.chunk
+    at = torch.as_tensor(rows)
+    rotations, origins = rotations[at].clone(), origins[at].clone()  # this rank's share
+    scores, spread = torch.empty(len(rows)), torch.empty(len(rows))
+    for first in range(0, len(rows), chunk):  # vectorised within a chunk; chunks bound memory
+        part = slice(first, min(len(rows), first + chunk))
+        match, new_origins = ref.match(job.work_images[part], job.halves[at[part]], rotations[part], origins[part],
+                                       mode, job._ctf(rows[part]))
         rotations[part], origins[part] = match.rotations, new_origins
         scores[part], spread[part] = match.scores, match.spread_degrees
-    return rotations, origins, scores, spread
+    return job.gather(rotations), job.gather(origins), job.gather(scores), job.gather(spread)
+
+
+def _fit_delocalisation(job: _Job, ref: RefinementReference, rotations: torch.Tensor, origins: torch.Tensor) -> None:
+    """Fit ``ref``'s CTF delocalisation loss on the same particles with any number of ranks.
+
+    :meth:`RefinementReference.match` fits it on the first batch it matches; one process's first batch is
+    :func:`_fit_rows`, at their poses of the round. A reference of the same half maps with a minimal local
+    search (7 candidates, one shift; nothing else differs) matches those particles, and its fitted loss is
+    given to ``ref``, whose own first batch then fits nothing. Without a CTF there is nothing to fit.
+    """
+    if job.ctf is None:
+        return
+    rows = _fit_rows(job)
+    at = torch.as_tensor(rows)
+    trivial = replace(ref.settings, local_range_degrees=ref.settings.local_step_degrees, local_stages=1,
+                      local_max_shift_px=0, mean_range_degrees=0.0)  # 7 candidates, one shift
+    probe = RefinementReference(ref.half_volumes, ref.apix_work, ref.resolution_angstrom, trivial, ref.device)
+    probe.match(job.fit_images(), job.halves[at], rotations[at], origins[at], "local", job._ctf(rows))
+    ref.delocalisation_loss = probe.delocalisation_loss
 
 
 def _next_map(job: _Job, step: str, modes: list[str], rotations: torch.Tensor, origins: torch.Tensor,
               done: HalfSetAccumulator | None = None) -> HalfSetAccumulator:
-    """Record refinement step ``step`` in ``modes`` and return the full-box map of its poses (``done`` if given)."""
+    """Record refinement step ``step`` in ``modes`` and return the full-box map of its poses (``done``, all-reduced,
+    if given)."""
     modes.append(step)
-    acc = done if done is not None else job.backproject(rotations, origins)
-    logger.info("refinement step %d (%s): %.2f Å", len(modes), step, acc.resolution_angstrom())
+    acc = job.reduce(done) if done is not None else job.backproject(rotations, origins)
+    if job.ranks.root:
+        logger.info("refinement step %d (%s): %.2f Å", len(modes), step, acc.resolution_angstrom())
     return acc
 
 
 def _read_working_images(job: _Job) -> _Poses:
-    """Read every particle into ``job.work_images`` (Fourier-cropped; none without refinement), ``chunk`` at a
+    """Read this rank's share into ``job.work_images`` (Fourier-cropped; none without refinement), ``chunk`` at a
     time; no poses yet."""
-    n, chunk = len(job.source), job.settings.chunk
-    for first in range(0, n if job.work_images is not None else 0, chunk):
-        rows = np.arange(first, min(n, first + chunk))
-        job.work_images[rows] = images_to_working_box(job.source.images(rows).all_images(), job.work_images.shape[-1])
+    n, m, chunk = len(job.source), len(job.rows), job.settings.chunk
+    for first in range(0, m if job.work_images is not None else 0, chunk):
+        rows = job.rows[first : first + chunk]
+        job.work_images[first : first + len(rows)] = images_to_working_box(job.source.images(rows).all_images(),
+                                                                           job.work_box)
     return _Poses(None, None, torch.zeros(n))
 
 
 def _class_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulator | None, _Poses]:
     """Poses of every particle through its 2D class (module docstring), inserted (not when they are untrusted and
-    ab initio follows: no map, as map-only); working-box images kept."""
+    ab initio follows: no map, as map-only); working-box images kept.
+
+    The 2D classification and the decoder run on rank 0 alone (it reads every image); the poses are broadcast.
+    """
     source, settings = job.source, job.settings
     t0 = time.perf_counter()
-    classified = classify_source(source, ClassifySettings(classes=settings.classes, classify_seed=settings.seed),
-                                 progress)
-    classes = classified.classes
-    columns = particle_columns(classified.classifier, classes)
-    views = ClassViews.from_columns(classes.averages, classes.counts, classes.junk, columns)
-    class_poses = ClassPoser.load(settings.class_weights, job.device).pose_particles(views)
-    rotations, posed = class_poses.rotations, class_poses.classes_posed
-    origins = torch.as_tensor(views.origins_angstrom)
-    logger.info("%s", class_poses.summary())
+    payload = None
+    if job.ranks.root:
+        classified = classify_source(source, ClassifySettings(classes=settings.classes, classify_seed=settings.seed),
+                                     progress)
+        classes = classified.classes
+        columns = particle_columns(classified.classifier, classes)
+        views = ClassViews.from_columns(classes.averages, classes.counts, classes.junk, columns)
+        class_poses = ClassPoser.load(settings.class_weights, job.device).pose_particles(views)
+        logger.info("%s", class_poses.summary())
+        logger.info("%d particles in %d classes (%d posed by common lines) in %.1f s", len(source), settings.classes,
+                    class_poses.classes_posed, time.perf_counter() - t0)
+        payload = (class_poses.rotations, torch.as_tensor(views.origins_angstrom), columns["rlnClassNumber"],
+                   class_poses.classes_posed, class_poses.as_dict(), class_poses.trusted)
+    rotations, origins, numbers, posed, verdict, trusted = broadcast(job.ranks, payload)
     t1 = time.perf_counter()
-    logger.info("%d particles in %d classes (%d posed by common lines) in %.1f s", len(source), settings.classes,
-                posed, t1 - t0)
+    job.take_share(deal(_blocks(job), job.ranks.rank, job.ranks.world))
     poses = _read_working_images(job)
     poses.rotations, poses.origins, poses.pose_seconds = rotations, origins, t1 - t0
-    poses.columns = {"rlnClassNumber": columns["rlnClassNumber"]}
+    poses.columns = {"rlnClassNumber": numbers}
     poses.classes_posed = posed
-    poses.class_poses = class_poses.as_dict()
+    poses.class_poses = verdict
     # untrusted class poses go to ab initio unprobed (_finish_poses): their map is needed only without refinement
-    acc = job.backproject(rotations, origins) if class_poses.trusted or not settings.refine else None
+    acc = job.backproject(rotations, origins) if trusted or not settings.refine else None
     poses.insert_seconds = time.perf_counter() - t1
     return acc, poses
 
 
+def _pass_units(n: int, reference_row: int, views: int, anchors: int) -> list[np.ndarray]:
+    """The network's forward passes over ``n`` particles, as units of rows (the session frame's passes).
+
+    The reference's pass-mates first, in row order: the first pass holds ``views - 1`` new particles (no
+    anchors yet: its most confident become them), every later one ``views - 1 - anchors``; the reference
+    itself last, in a pass of its own (:mod:`~cryofastar.model.session_frame`).
+    """
+    others = np.setdiff1d(np.arange(n), [reference_row])
+    return [*units(others, max(1, views - 1 - anchors), first=views - 1), np.array([reference_row])]
+
+
+def _pose_groups(blocks: list[np.ndarray], reference_row: int, chunk: int) -> list[list[np.ndarray]]:
+    """Consecutive units posed (and read) together, up to ``chunk`` rows each; the reference's pass alone."""
+    groups: list[list[np.ndarray]] = []
+    for block in blocks:
+        if (groups and not _is_reference([block], reference_row) and not _is_reference(groups[-1], reference_row)
+                and sum(len(b) for b in groups[-1]) + len(block) <= chunk):
+            groups[-1].append(block)
+        else:
+            groups.append([block])
+    return groups
+
+
+def _is_reference(group: list[np.ndarray], reference_row: int) -> bool:
+    return len(group[0]) == 1 and group[0][0] == reference_row
+
+
 def _network_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulator, _Poses]:
-    """Network poses of every particle in the session frame, inserted; working-box images kept."""
-    source, settings = job.source, job.settings
+    """Network poses of every particle in the session frame, inserted; working-box images kept.
+
+    Rank 0 chooses the session reference (among the same candidates as one process) and poses the first pass,
+    whose most confident particles become the anchors; the frame (reference and anchors) is broadcast. Every
+    rank then poses its own passes (:func:`_pass_units`, dealt round-robin): each pass holds exactly the
+    particles it holds in one process, so the poses are the same.
+    """
+    source, settings, ranks = job.source, job.settings, job.ranks
     poser = NetworkPoser.load(settings.weights, job.device, views=settings.views)
     n = len(source)
-    candidate_rows = random_rows(n, settings.candidates, settings.seed)
-    reference_row = int(candidate_rows[poser.choose_reference(source.images(candidate_rows).all_images())])
-    logger.info("%d particles, box %d px at %.3f Å/px -> model box %d px; reference %s", n, source.box, source.apix,
-                poser.model_box, source.names[reference_row])
+    plan = None
+    if ranks.root:
+        candidate_rows = random_rows(n, settings.candidates, settings.seed)
+        reference_row = int(candidate_rows[poser.choose_reference(source.images(candidate_rows).all_images())])
+        plan = (reference_row, poser.frame.n_anchors)
+        logger.info("%d particles, box %d px at %.3f Å/px -> model box %d px; reference %s", n, source.box,
+                    source.apix, poser.model_box, source.names[reference_row])
+    reference_row, anchors = broadcast(ranks, plan)
+    blocks = _pass_units(n, reference_row, settings.views, anchors)
+    job.take_share(deal(blocks, ranks.rank, ranks.world))
+    mine = blocks[ranks.rank :: ranks.world]
     acc = HalfSetAccumulator(source.box, source.apix, device=job.device)
-    poses = _Poses(torch.empty(n, 3, 3, dtype=torch.float64), torch.empty(n, 2, dtype=torch.float64), torch.empty(n),
-                   reference_row=reference_row)
-    disagreement = []
-    others = np.setdiff1d(np.arange(n), [reference_row])
-    # the reference itself last: identity rotation, its shift as the network sees it in a pass of its own
-    for rows in [*(others[first : first + settings.chunk] for first in range(0, len(others), settings.chunk)),
-                 np.array([reference_row])]:
+    m = len(job.rows)
+    rotations, origins = torch.empty(m, 3, 3, dtype=torch.float64), torch.empty(m, 2, dtype=torch.float64)
+    confidence = torch.empty(m)
+    stats = {"disagreement": [], "mirrored": 0, "pose_seconds": 0.0, "insert_seconds": 0.0}
+
+    def pose(group: list[np.ndarray]) -> None:
+        rows = np.concatenate(group)
         images = source.images(rows).all_images()
         t0 = time.perf_counter()
         batch = poser.pose(images, source.apix)
         t1 = time.perf_counter()
-        poses.rotations[rows], poses.confidence[rows], poses.origins[rows] = (batch.rotations, batch.confidence,
-                                                                              batch.origins_angstrom)
-        if rows[0] == reference_row and len(rows) == 1:
-            poses.rotations[rows] = torch.eye(3, dtype=torch.float64)
+        if len(batch.mirrored) != len(group):
+            raise RuntimeError(f"{len(group)} passes expected, the session frame made {len(batch.mirrored)}")
+        at = job.at(rows)
+        rotations[at], confidence[at], origins[at] = batch.rotations, batch.confidence, batch.origins_angstrom
+        if _is_reference(group, reference_row):
+            rotations[at] = torch.eye(3, dtype=torch.float64)
         else:
-            disagreement.append(batch.anchor_disagreement_degrees)
-            poses.mirrored += int(batch.mirrored.sum())
+            stats["disagreement"].append(batch.anchor_disagreement_degrees)
+            stats["mirrored"] += int(batch.mirrored.sum())
         if job.work_images is not None:
-            job.work_images[rows] = images_to_working_box(images, job.work_images.shape[-1])
-        acc.add(images, poses.rotations[rows], poses.origins[rows], job.halves[rows], job._ctf(rows))
-        poses.insert_seconds += time.perf_counter() - t1
-        poses.pose_seconds += t1 - t0
+            job.work_images[at] = images_to_working_box(images, job.work_box)
+        acc.add(images, rotations[at], origins[at], job.halves[rows], job._ctf(rows))
+        stats["insert_seconds"] += time.perf_counter() - t1
+        stats["pose_seconds"] += t1 - t0
         if progress is not None:
-            progress(len(rows), n)
-    poses.disagreement = torch.cat(disagreement) if disagreement else torch.empty(0)
+            progress(len(rows), m)
+
+    if ranks.root:  # the first pass: no anchors yet, its most confident particles become them
+        pose(mine[:1])
+        mine = mine[1:]
+    frame = broadcast(ranks, poser.state_dict() if ranks.root else None)
+    if not ranks.root:
+        poser = NetworkPoser(poser.model, settings.views, frame_state=frame)
+    for group in _pose_groups(mine, reference_row, settings.chunk):
+        pose(group)
+    job.reduce(acc)
+    every = gather_objects(ranks, stats)
+    disagreement = [d for each in every for d in each["disagreement"]]
+    poses = _Poses(job.gather(rotations), job.gather(origins), job.gather(confidence), reference_row=reference_row,
+                   pose_seconds=max(each["pose_seconds"] for each in every),
+                   insert_seconds=max(each["insert_seconds"] for each in every),
+                   mirrored=sum(each["mirrored"] for each in every),
+                   disagreement=torch.cat(disagreement) if disagreement else torch.empty(0))
     return acc, poses
-
-

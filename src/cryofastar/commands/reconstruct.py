@@ -6,19 +6,26 @@ Example usage::
     cryofastar-stream reconstruct session/particles.star -o recon/ --no-refine           # network only
     cryofastar-stream reconstruct session/particles.star -o recon/ --poses-from map-only  # no network
     cryofastar-stream reconstruct session/particles.star -o recon/ --poses-from classes   # 2D classes, common lines
+    cryofastar-stream reconstruct session/particles.star -o recon/ --nproc 2              # two processes (gloo)
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+        --no-python cryofastar-stream reconstruct session/particles.star -o recon/        # 8 ranks, 2 machines
 
 The options are the fields of :class:`~cryofastar.engine.offline.ReconstructJob` and
 :class:`~cryofastar.engine.offline.ReconstructSettings`; the job is
 :func:`cryofastar.engine.offline.reconstruct` (steps and outputs in its module docstring).
-This command adds a progress bar and prints the figures.
+This command adds a progress bar and prints the figures; with ``--nproc N`` (or under ``torchrun``)
+:func:`cryofastar.engine.offline.reconstruct_on_ranks` runs the job on N ranks, rank 0's bar and
+figures only (docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import functools
+
 import typer
 
-from cryofastar.engine.offline import ReconstructJob, ReconstructResult, ReconstructSettings
-from cryofastar.engine.offline import reconstruct as run
+from cryofastar.engine.distributed import RankFailed
+from cryofastar.engine.offline import ReconstructJob, ReconstructResult, ReconstructSettings, reconstruct_on_ranks
 from cryofastar.options import settings_command
 from cryofastar.recon.fsc import resolution_text
 
@@ -27,16 +34,16 @@ from .progress import ProgressBar
 __all__ = ["reconstruct"]
 
 
-@settings_command(ReconstructJob, ReconstructSettings)  # ParticleFileError is a ValueError
-def reconstruct(job: ReconstructJob, settings: ReconstructSettings) -> None:
+@settings_command(ReconstructJob, ReconstructSettings, errors=(ValueError, OSError, RankFailed))
+def reconstruct(job: ReconstructJob, settings: ReconstructSettings) -> None:  # ParticleFileError is a ValueError
     """Ab initio: poses from the network (or the map alone), refined against the map, then the map."""
     label = {"network": "posing + inserting", "classes": "2D classification"}.get(settings.poses_from)
-    bar = ProgressBar(label) if job.progress and label is not None else None
-    try:
-        result = run(job.particles, job.out, settings, progress=bar)
-    finally:
-        if bar is not None:
-            bar.stop()
+    if label is not None and settings.nproc > 1 and settings.poses_from == "network":
+        label += " (rank 0's share)"
+    bar = functools.partial(ProgressBar, label) if job.progress and label is not None else None
+    result = reconstruct_on_ranks(job.particles, job.out, settings, progress=bar)
+    if result is None:
+        return  # a rank other than 0 under torchrun: rank 0 prints
     for line in summary(result, settings):
         typer.echo(line)
 
@@ -79,6 +86,10 @@ def summary(result: ReconstructResult, settings: ReconstructSettings) -> list[st
         lines.append(f"ab initio {result.ab_initio['summary']} after {len(result.ab_initio['attempts'])} attempt(s)")
     if result.pose_precision is not None:
         lines.append(result.pose_precision["summary"])
+    if result.nproc > 1:
+        plural = "" if result.allreduces == 1 else "s"
+        lines.append(f"{result.nproc} ranks: {result.allreduces} all-reduce{plural} of the half-set grids "
+                     f"({result.allreduce_bytes / 2**20:.1f} MiB each) took {result.allreduce_seconds:.1f} s")
     if result.known_map_resolution_angstrom is not None:
         known = resolution_text(result.known_map_resolution_angstrom)
         lines.append(f"FSC 0.5 resolution against {settings.known_map}: {known} "
