@@ -21,7 +21,8 @@ no daemon and no command line (docs/scaling.md, "Offline: reconstruct --nproc").
   :data:`COLLECTIVE_TIMEOUT_SECONDS` (environment :data:`TIMEOUT_ENV` overrides it), so a
   rank whose peer vanished without its launcher noticing (another machine) fails instead of
   hanging. It must exceed the longest step rank 0 runs alone while the others wait (map-only
-  ab initio, 2D classification: docs/scaling.md).
+  ab initio, 2D classification: docs/scaling.md); during such a step a CPU rank 0 takes every
+  core of its machine (:func:`alone`: the others wait idle in a collective).
 - The split: rows ``0..n-1`` cut into whole units (:func:`units`: e.g. the network's forward
   passes), dealt round-robin (:func:`deal`: unit ``k`` to rank ``k % world``).
 - The meeting points: :func:`all_reduce_accumulator` sums a
@@ -53,7 +54,7 @@ from cryofastar.recon import HalfSetAccumulator
 logger = logging.getLogger(__name__)
 
 __all__ = ["COLLECTIVE_TIMEOUT_SECONDS", "TIMEOUT_ENV", "RankFailed", "Ranks", "all_reduce_accumulator",
-           "accumulator_tensors", "allreduce_bytes", "broadcast", "check_processes", "cpu_threads", "deal",
+           "accumulator_tensors", "allreduce_bytes", "alone", "broadcast", "check_processes", "cpu_threads", "deal",
            "gather_objects", "gather_rows", "in_torchrun_environment", "launch", "units"]
 
 COLLECTIVE_TIMEOUT_SECONDS = 3600.0
@@ -173,6 +174,22 @@ def check_processes(nproc: int, device: str) -> None:
 def cpu_threads(local_world: int) -> int:
     """Torch intra-op threads of one CPU rank: the usable cores shared by the ``local_world`` ranks, at least 1."""
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_world))
+
+
+@contextlib.contextmanager
+def alone(ranks: Ranks) -> Iterator[None]:
+    """A step rank 0 runs by itself while the other ranks wait in a collective: on a CPU, rank 0 uses every usable
+    core of its machine meanwhile (its own share's threads are restored afterwards). Nothing on a GPU, with one
+    process, or on the other ranks."""
+    if not (ranks.distributed and ranks.root and ranks.device.type == "cpu"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------- launching

@@ -78,6 +78,7 @@ from .distributed import (
     Ranks,
     all_reduce_accumulator,
     allreduce_bytes,
+    alone,
     broadcast,
     check_processes,
     deal,
@@ -636,8 +637,9 @@ def _confirm(job: _Job, rotations: torch.Tensor) -> PoseConfirmation:
     confirmation = None
     if job.ranks.root:
         at = torch.as_tensor(rows)
-        confirmation = confirm_poses(images, job.halves[at], job.work_apix, rotations[at], job._ctf(rows),
-                                     seed=job.settings.seed + CONFIRM_SEED_OFFSET, device=job.device)
+        with alone(job.ranks):
+            confirmation = confirm_poses(images, job.halves[at], job.work_apix, rotations[at], job._ctf(rows),
+                                         seed=job.settings.seed + CONFIRM_SEED_OFFSET, device=job.device)
         logger.info("starting poses: %s", confirmation.summary())
     return broadcast(job.ranks, confirmation)
 
@@ -657,9 +659,10 @@ def _ab_initio(job: _Job, apix: float) -> tuple[torch.Tensor, torch.Tensor, dict
         attempts: list[dict] = []
         result = None
         for attempt, settings in enumerate(ab_initio_attempts(AbInitioSettings(), len(job.source))):
-            result = run_ab_initio(images, job.halves, apix, passes=AB_INITIO_PASSES, ctf=job.ctf,
-                                   settings=settings, seed=job.settings.seed + 1000 * attempt, device=job.device,
-                                   callback=lambda label, *_: logger.info("ab initio: %s done", label))
+            with alone(job.ranks):
+                result = run_ab_initio(images, job.halves, apix, passes=AB_INITIO_PASSES, ctf=job.ctf,
+                                       settings=settings, seed=job.settings.seed + 1000 * attempt, device=job.device,
+                                       callback=lambda label, *_: logger.info("ab initio: %s done", label))
             attempts.append({"seed_particles": min(settings.seed_particles, len(job.source)),
                              **result.verdict.as_dict()})
             logger.info("ab initio attempt %d: %s", attempt + 1, result.verdict.summary())
@@ -753,12 +756,13 @@ def _class_poses(job: _Job, progress: Progress | None) -> tuple[HalfSetAccumulat
     t0 = time.perf_counter()
     payload = None
     if job.ranks.root:
-        classified = classify_source(source, ClassifySettings(classes=settings.classes, classify_seed=settings.seed),
-                                     progress)
-        classes = classified.classes
-        columns = particle_columns(classified.classifier, classes)
-        views = ClassViews.from_columns(classes.averages, classes.counts, classes.junk, columns)
-        class_poses = ClassPoser.load(settings.class_weights, job.device).pose_particles(views)
+        with alone(job.ranks):
+            classified = classify_source(source, ClassifySettings(classes=settings.classes,
+                                                                  classify_seed=settings.seed), progress)
+            classes = classified.classes
+            columns = particle_columns(classified.classifier, classes)
+            views = ClassViews.from_columns(classes.averages, classes.counts, classes.junk, columns)
+            class_poses = ClassPoser.load(settings.class_weights, job.device).pose_particles(views)
         logger.info("%s", class_poses.summary())
         logger.info("%d particles in %d classes (%d posed by common lines) in %.1f s", len(source), settings.classes,
                     class_poses.classes_posed, time.perf_counter() - t0)

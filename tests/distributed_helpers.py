@@ -56,7 +56,9 @@ def accumulate_share(n: int, unit: int) -> dict:
         d.all_reduce_accumulator(acc, ranks)
         gathered = d.gather_rows(ranks, rows, rotations[at])
         to_root = d.gather_rows(ranks, rows, origins[at], root_only=True)
-        return {"rank": ranks.rank, "world": ranks.world, "backend": ranks.backend, "rows": rows,
+        with d.alone(ranks):  # rank 0 alone: every core; the others keep their share of them
+            alone = torch.get_num_threads()
+        return {"rank": ranks.rank, "world": ranks.world, "backend": ranks.backend, "rows": rows, "alone": alone,
                 "grids": acc.grids.clone(), "counts": acc.particle_counts.clone(), "gathered": gathered,
                 "to_root": to_root, "broadcast": d.broadcast(ranks, {"from": ranks.rank}),
                 "threads": torch.get_num_threads()}

@@ -90,7 +90,8 @@ def test_two_gloo_ranks_sum_to_the_accumulator_of_every_particle() -> None:
     for rank in (0, 1):
         got = results[rank]
         assert got["rank"] == rank and got["world"] == 2 and got["backend"] == "gloo"
-        assert got["threads"] == d.cpu_threads(2)
+        assert got["threads"] == d.cpu_threads(2)  # back to its share of the cores after alone()
+        assert got["alone"] == (d.cpu_threads(1) if rank == 0 else d.cpu_threads(2))
         assert torch.equal(got["counts"], one.particle_counts)
         assert float((got["grids"] - one.grids).abs().max()) <= 1e-5 * scale  # float32 sums, another order
         assert torch.equal(got["gathered"], rotations)  # back in row order, on every rank
