@@ -403,7 +403,8 @@ def reconstruct(particles: Path, outdir: Path, settings: ReconstructSettings, pr
                 ranks: Ranks | None = None) -> ReconstructResult | None:
     """Run the offline job (module docstring) on the STAR file ``particles``; write its outputs in ``outdir``.
 
-    ``ranks``: this process's place in a job shared by several (:meth:`Ranks.join`); ``None``: one process.
+    ``ranks``: this process's place in a job shared by several (:meth:`Ranks.join`); ``None``: one process
+    (``settings.nproc`` is read by :func:`reconstruct_on_ranks`, which starts the ranks).
     Every rank must call it with the same arguments; rank 0 writes the outputs and returns the result, the
     others return ``None``. ``progress`` reports rank 0's share.
     """
@@ -598,7 +599,7 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
     broadcast from rank 0.
     """
     t0 = time.perf_counter()
-    source, settings = job.source, job.settings
+    settings = job.settings
     search = RefineSettings(working_box=job.work_box)
     modes: list[str] = []
     won, ab_initio_s, local_rounds = None, 0.0, settings.refine_rounds
@@ -616,8 +617,7 @@ def _finish_poses(job: _Job, acc: HalfSetAccumulator | None, rotations: torch.Te
         rotations, origins, ab_initio, done = _ab_initio(job, job.work_apix)
         ab_initio_s = time.perf_counter() - t1
         # ab initio's accumulator is the back-projection of the working-box images at their best poses
-        acc = _next_map(job, "ab-initio", modes, rotations, origins,
-                        done=done if job.work_box == source.box else None)
+        acc = _next_map(job, "ab-initio", modes, rotations, origins, done=done)
         local_rounds = max(MIN_LOCAL_ROUNDS_AFTER_AB_INITIO, local_rounds)
     for _ in range(local_rounds):
         rotations, origins, scores, spread = _match_all(job, acc, search, rotations, origins, "local")
@@ -644,14 +644,15 @@ def _confirm(job: _Job, rotations: torch.Tensor) -> PoseConfirmation:
     return broadcast(job.ranks, confirmation)
 
 
-def _ab_initio(job: _Job, apix: float) -> tuple[torch.Tensor, torch.Tensor, dict, HalfSetAccumulator]:
+def _ab_initio(job: _Job, apix: float) -> tuple[torch.Tensor, torch.Tensor, dict, HalfSetAccumulator | None]:
     """Map-only ab initio, attempted again with a larger seed set when its verdict is negative (policy).
 
     Runs on rank 0 alone (every working-box image gathered there); its poses and record are broadcast.
     Returns the kept result's (the first that converged, else the last) `(n, 3, 3)` rotations and `(n, 2)`
-    origins (Å), the record written to ``ab_initio.json`` (the kept verdict and every attempt's), and its
-    accumulator on rank 0 (an empty one of the same layout on the others: summed by an all-reduce it is rank
-    0's on every rank).
+    origins (Å), the record written to ``ab_initio.json`` (the kept verdict and every attempt's), and, when
+    the working box is the particles' box (its map is then the next one), its accumulator on rank 0 and an
+    empty one of the same layout on the others (summed by an all-reduce it is rank 0's on every rank);
+    ``None`` otherwise.
     """
     images = job.images_of(np.arange(len(job.source)), root_only=True)
     payload = None
@@ -675,9 +676,9 @@ def _ab_initio(job: _Job, apix: float) -> tuple[torch.Tensor, torch.Tensor, dict
                   "interpolation": done.interpolation, "min_weight": done.min_weight}
         payload = (result.poses.rotations.clone(), result.poses.origins_angstrom.clone(), record, layout)
     rotations, origins, record, layout = broadcast(job.ranks, payload)
-    if not job.ranks.root:
-        done = HalfSetAccumulator(**layout, device=job.device)
-    return rotations, origins, record, done
+    if job.work_box != job.source.box:
+        return rotations, origins, record, None
+    return rotations, origins, record, done if job.ranks.root else HalfSetAccumulator(**layout, device=job.device)
 
 
 def _match_all(job: _Job, acc: HalfSetAccumulator, search: RefineSettings, rotations: torch.Tensor,
