@@ -40,6 +40,7 @@ import contextlib
 import logging
 import os
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -245,17 +246,20 @@ def launch(nproc: int, entrypoint: Callable[..., Any], *args: Any) -> dict[int, 
         A worker raised or was killed: the message names the first rank that failed and its exception
         (``ValueError: ...``) or signal; the launcher has stopped the other workers.
     """
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"cryofastar-{uuid.uuid4().hex[:12]}",
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
-                          monitor_interval=0.1)
-    try:
-        with _launcher_quiet():
-            return elastic_launch(config, entrypoint)(*args)
-    except ChildFailedError as exc:
-        raise RankFailed(_describe(exc.failures, nproc)) from None
+    with tempfile.TemporaryDirectory(prefix="cryofastar-ranks-") as logs:  # the workers' error files, then gone
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+                              run_id=f"cryofastar-{uuid.uuid4().hex[:12]}", rdzv_backend="c10d",
+                              rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, monitor_interval=0.1,
+                              logs_specs=DefaultLogsSpecs(log_dir=logs))
+        try:
+            with _launcher_quiet():
+                return elastic_launch(config, entrypoint)(*args)
+        except ChildFailedError as exc:
+            raise RankFailed(_describe(exc.failures, nproc)) from None
 
 
 _CONSEQUENCES = ("gloo", "nccl", "connection closed", "connection reset", "distbackenderror", "timed out")
