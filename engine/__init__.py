@@ -16,7 +16,10 @@ and the benchmarks, so that a rule exists once:
 - :mod:`~cryofastar.engine.streaming_refiner`: the same policy applied pass by pass
   to a growing session (the daemon's refinement);
 - :mod:`~cryofastar.engine.live_refinement`: that policy carried out on the live map
-  (each pass refined, old particles re-posed by exact remove + add);
+  (each pass refined, old particles re-posed by exact remove + add, the ab initio
+  bootstrap and the class poses' probe beside the stream);
+- :mod:`~cryofastar.engine.background_step`: one long computation in a worker thread,
+  its result applied by the thread that owns the map;
 - :mod:`~cryofastar.engine.pose_table`: the one pose table of both paths, and the pose
   columns of every ``particles.star`` they write.
 
