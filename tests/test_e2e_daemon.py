@@ -396,9 +396,11 @@ def test_refinement_reposes_particles_and_the_map_matches_their_final_poses(stac
                 assert record["used"] == (record["informative"] and record["confirmation"]["agree"])
             else:  # not trusted: nothing moved, map-only ab initio
                 assert body["refinement"]["phase"] == "ab-initio" and "NOT trusted" in record["error"]
-        # refined poses (their precision) and particles of the map re-posed (classes: after the class poses)
+        # refined poses (their precision) and particles of the map re-posed (classes: after the class poses), as
+        # many re-posings as particles: those that came in unrefined while the ab initio started beside the
+        # stream (or behind it, with first poses only) are re-posed first
         body = wait_for_status(subscriber, lambda s: s["refinement"]["pose_precision"] is not None
-                               and s["particles_reposed"] > 0, timeout=120)
+                               and s["particles_reposed"] >= N_STACKS * PER_STACK, timeout=180)
         assert body["pose_source"] == poses_from and body["refinement"]["active"]
         phase = body["refinement"]["phase"]  # where the map's poses come from now (issue 20: not "network")
         assert body["poses_from"] == {"probe": "network", "ab-initio": "map-only ab initio", "local": "refined"}[phase]
