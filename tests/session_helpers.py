@@ -17,6 +17,15 @@ SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 
 
+def run_cli(*args: str, ok: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``cryofastar-stream *args`` to its end (output captured); with ``ok``, its exit status must be 0."""
+    result = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=timeout,
+                            check=False)
+    if ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
 def simulate_stacks(out: Path, n: int, box: int, per_stack: int, seed: int) -> list[Path]:
     """``cryofastar-stream simulate`` into ``out`` (3 Å/px, SNR 1); the stacks in order."""
     result = subprocess.run([str(SCRIPT), "simulate", "--out", str(out), "--n", str(n), "--box", str(box), "--apix",

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from cryofastar.recon import fsc
 from cryofastar.recon.io import read_volume
-
-SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
-ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr
-    return result
+from session_helpers import run_cli as run
 
 
 @pytest.mark.slow

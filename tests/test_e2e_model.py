@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,16 +12,7 @@ import torch
 from cryofastar.model.geometric_weights import load_decoder
 from cryofastar.model.weights import load_model
 from cryofastar.recon.io import read_volume
-
-SCRIPT = Path(sys.executable).parent / "cryofastar-stream"
-ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
-
-
-def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=600, check=False)
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
+from session_helpers import run_cli as run
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,10 @@ import torch
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.rotations import geodesic_degrees
 from session_helpers import ENV, SCRIPT
+from session_helpers import run_cli as run
 
 N = 300
 NAN_IMAGE = "000050@particles_00003.mrcs"  # read by rank 1 when the ranks check the images (the last block)
-
-
-def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=300, check=False)
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")
