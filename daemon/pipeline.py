@@ -851,7 +851,7 @@ class Daemon:
     def _map_busy(self) -> bool:
         """Whether the 3D lane has work in hand: files, chunks or posed passes queued, or its ab initio running
         (the 2D lane then does no idle re-alignment; any thread)."""
-        return self.refiner.phase == "ab-initio" or any(q.qsize() for q in (self.files, self.chunks, self.posed))
+        return self.refiner.phase == "ab-initio" or self._behind()
 
     def _exclude_junk(self) -> None:
         """Apply the 2D lane's newest junk verdicts to the map (--exclude-junk; engine/junk_exclusion.py)."""

@@ -231,8 +231,10 @@ class StreamingRefiner:
         """How the next pass is matched: ``best`` (the probe of network poses), ``local`` or ``global``."""
         if not network:
             return "global"
-        if self.phase == "probe" or self.poses_from != "network":
-            return "best" if self.phase == "probe" else "global"
+        if self.phase == "probe":
+            return "best"
+        if self.poses_from != "network":
+            return "global"
         if self.network_informative:
             return "best" if self._passes % self.settings.probe_every == 0 else "local"
         return "best"  # an uninformative network's poses come only to be probed (wants_network_poses)
@@ -416,7 +418,7 @@ class StreamingRefiner:
                 check()
                 at = slice(first, first + PROBE_CHUNK)
                 parts.append(reference.match(images[at], half_sets[at], rotations[at], origins_angstrom[at], "best",
-                                             None if ctf is None else ctf[torch.arange(len(images))[at]]))
+                                             None if ctf is None else ctf[at]))
             matches = [m for m, _ in parts]
             poses = RefinedPoses(torch.cat([m.rotations for m in matches]), torch.cat([o for _, o in parts]),
                                  torch.cat([m.scores for m in matches]), torch.cat([m.spread_degrees for m in matches]),
