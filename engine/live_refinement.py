@@ -152,8 +152,7 @@ class LiveRefinement:
         t0 = time.perf_counter()
         rows = np.sort(rows)
         try:
-            images = self._read(rows)
-            ctf = table.ctf(rows)
+            images, halves, ctf = self._read_back(rows)
         except ValueError as exc:  # ParticleFileError is a ValueError
             if out_of_descriptors(exc):  # says nothing about the stacks: picked again by a later pass
                 logger.warning("cannot re-pose %d particles now (%s); tried again later", len(rows), exc)
@@ -161,7 +160,6 @@ class LiveRefinement:
             logger.warning("cannot re-pose %d particles (%s); they keep their poses", len(rows), exc)
             table.column("refined")[rows] = UNREADABLE
             return
-        halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
         origins = torch.from_numpy(table.column("origins")[rows])
         rotations = table.rotations(rows)
         if self.refiner.phase == "ab-initio" or self.refiner.poses_from == "network":
@@ -285,8 +283,7 @@ class LiveRefinement:
                 if len(moved) else moved
             if len(probe) == 0:
                 raise ValueError("no particle of the class set could be read again")
-            images, ctf = self._read(probe), table.ctf(probe)
-            halves = torch.from_numpy(table.column("half_set")[probe].astype(np.int64))
+            images, halves, ctf = self._read_back(probe)
             self.refiner.update_reference(acc.half_volumes(), apix, acc.resolution_angstrom(), self.session.n_particles)
             job.record["particles"] = len(moved)
             job.probe = (probe, images, halves, ctf)
@@ -311,12 +308,11 @@ class LiveRefinement:
         if len(rows) == 0:
             return rows
         try:
-            images, ctf = self._read(rows), table.ctf(rows)
+            images, halves, ctf = self._read_back(rows)
         except ValueError as exc:  # ParticleFileError is a ValueError: these keep their poses
             logger.warning("cannot read %d particles again for their class poses (%s); they keep theirs",
                            len(rows), exc)
             return rows[:0]
-        halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
         n = len(rows)
         self._replace(rows, images, halves, ctf, RefinedPoses(
             rotations, origins, torch.full((n,), float("nan")), torch.full((n,), float("nan")), "classes", version))
@@ -328,9 +324,7 @@ class LiveRefinement:
         table = self.session.poses
         rows = np.flatnonzero(table.in_map())[: self.refiner.seed_particles]  # the oldest in the map
         try:
-            images = self._read(rows)
-            ctf = table.ctf(rows)
-            halves = torch.from_numpy(table.column("half_set")[rows].astype(np.int64))
+            images, halves, ctf = self._read_back(rows)
             work = self.refiner.bootstrap_work(images, halves, ctf, apix, self._background.check)
         except Exception:  # noqa: BLE001 - without ab initio the session goes on with global search
             logger.exception("ab initio could not start; new particles are searched globally instead")
@@ -381,6 +375,13 @@ class LiveRefinement:
                 new.subset(at)
         if len(rows):
             self._replace(rows, images, halves, ctf, new)
+
+    def _read_back(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, CtfParams | None]:
+        """`(len(rows), B, B)` images of map particles ``rows`` read again, their `(len(rows),)` int64 half sets
+        and their CTF (raises what ``read_images`` raises)."""
+        table = self.session.poses
+        return (self._read(rows), torch.from_numpy(table.column("half_set")[rows].astype(np.int64)),
+                table.ctf(rows))
 
     def _refined(self) -> np.ndarray:
         """`(n,)` map version each particle was last matched against; those out of the map (2D junk) as
