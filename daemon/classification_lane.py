@@ -340,6 +340,18 @@ class ClassificationLane:
                 self._overflow_count += len(chunk)
         self._wake.set()
 
+    def offer_located(self, located: Located, box: int, apix: float) -> None:
+        """Hand the lane particles known by location only (another rank of ``watch --nproc`` read them): the lane
+        reads their images itself when it comes to them; never blocks."""
+        if self.state == "failed" or not len(located):
+            return
+        if self.geometry is None:
+            self.geometry = (int(box), float(apix))
+        with self._overflow_lock:
+            self._overflow.append(located)
+            self._overflow_count += len(located)
+        self._wake.set()
+
     def request_stop(self) -> None:
         """Ask the thread to stop after the step in progress (returns at once; :meth:`stop` waits)."""
         self._stop.set()

@@ -63,6 +63,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryofastar.engine.class_posing import ClassPoser
+from cryofastar.engine.distributed import Ranks, owners
 from cryofastar.engine.junk_exclusion import JunkExclusion
 from cryofastar.engine.live_refinement import LiveRefinement
 from cryofastar.engine.policy import CLASS_POSES_WAIT_SECONDS
@@ -88,6 +89,7 @@ from .metrics import DaemonMetrics, serve_metrics
 from .pose_source import load_network
 from .preflight import check_settings, descriptor_usage, out_of_descriptors
 from .publisher import Publisher
+from .rank_sync import SYNC_SECONDS, Command, Handover, InsertedChunk, RanksLost, announce, lead
 from .rejections import RejectionLog
 from .reporting import StatusBoard, refinement_status
 from .schedule import OutputSchedule
@@ -131,6 +133,11 @@ class Daemon:
     ----------
     settings: DaemonSettings
         What the user set; validated here.
+    ranks: Ranks | None
+        This process's place in a session of several ranks (``watch --nproc``; it must be rank 0, the others
+        run :class:`~cryofastar.daemon.rank_worker.RankWorker`): it then reads only its share of the
+        particles and takes the others' at each sync (:mod:`~cryofastar.daemon.rank_sync`). ``None``: one
+        process.
 
     Raises
     ------
@@ -141,11 +148,14 @@ class Daemon:
         (:mod:`~cryofastar.daemon.preflight`): raised before the network or checkpoint is loaded.
     """
 
-    def __init__(self, settings: DaemonSettings) -> None:
+    def __init__(self, settings: DaemonSettings, ranks: Ranks | None = None) -> None:
         settings.validate()
         check_settings(settings)  # ports and file descriptors: in milliseconds, before anything slow
         self.settings = s = settings
-        self._device = resolve_device(s.device)
+        self.ranks = ranks if ranks is not None else Ranks.single()
+        if not self.ranks.root:
+            raise ValueError("the daemon runs on rank 0; the other ranks run RankWorker")
+        self._device = self.ranks.device if self.ranks.distributed else resolve_device(s.device)
         self._sets_per_pass = sets_per_pass(self._device)  # passes per forward call
         self.model, self._poses_from = load_network(s, self._device)
         self.class_poser = _load_class_poser(s.class_weights, self._device) if self._poses_from == "classes" else None
@@ -217,9 +227,17 @@ class Daemon:
         else:
             self.metrics.classify_enabled.set(0)
         self._accounted = 0  # in the map or taken out as junk, as last recorded by the accumulator thread
+        self._ranks_waiting = 0  # particles the other ranks held at the last sync
+        self._ranks_done = False  # the other ranks were told to stop, or are gone
+        self._last_sync = -math.inf  # time.monotonic() of the last sync
+        self._reference_sent = 0  # map version of the reference last sent to the other ranks
+        self._frame_sent = False
         self._record_map_counts()
         if self.state.fsc_history:
             self.metrics.set_resolution_angstrom(self.state.fsc_history[-1][2])
+        if self.ranks.distributed:  # the other ranks read nothing before this (a restart's journal)
+            announce(self.ranks, Command("start", self.refiner.rank_policy(), frame=self._frame_to_send(),
+                                         geometry=self.geometry, journal=self.state.journal.state_dict()))
 
     # ------------------------------------------------------------------ public, read-only
     @property
@@ -409,6 +427,7 @@ class Daemon:
             self._status_stop.set()
             for name in ("status", "poser", "reader"):  # a pass in progress ends, a dead stage is not waited on
                 self._threads[name].join(timeout=2.0)
+        self._release_ranks()  # the others end once told (a session never started, or whose accumulator failed)
         if self.classification is not None:
             self.classification.stop(timeout=_LANE_STOP_SECONDS)  # its classes and checkpoint written
         self._stopped = True
@@ -477,7 +496,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if (self.files.unfinished_tasks == 0 and self.chunks.unfinished_tasks == 0 and self._buffered == 0
                     and self.posed.unfinished_tasks == 0 and self._watcher is not None and self._watcher.pending == 0
-                    and self._watcher.queued == 0):
+                    and self._watcher.queued == 0 and self._ranks_waiting == 0):
                 return True
             time.sleep(0.05)
         return False
@@ -562,6 +581,9 @@ class Daemon:
             return
         if len(source) == 0:
             return
+        if self.ranks.distributed:  # this rank's share; the file fixes the session's geometry for every rank
+            self.geometry = geometry
+            source = source.select(owners(source.stacks, source.indices, self.ranks.world) == self.ranks.rank)
         skipped: list[SkippedImages] = []
         try:
             for chunk in source.chunks(s.read_chunk):
@@ -694,7 +716,16 @@ class Daemon:
         self._outputs_written = True
 
     def _final_outputs(self) -> None:
-        """At stop: the view directions, the map if it changed since last published, particles.star and checkpoint."""
+        """At stop: the other ranks' last particles, the view directions, the map if it changed since last published,
+        particles.star and checkpoint."""
+        try:
+            self._sync_ranks(final=True)
+        except RanksLost as exc:  # the map holds what was handed over before: written; what was not is read again
+            if exc.torn:
+                raise
+            self._errors.append(f"the last sync of the ranks failed ({exc})")
+            logger.error("the last sync of the ranks failed (%s); the map, particles.star and checkpoint hold the "
+                         "particles handed over before, the others are read again at the next start", exc)
         self._update_views(force=True)
         if self.state.n_particles and (self._schedule.changed(self._edits) or not self.state.fsc_history):
             self._publish_map()
@@ -719,13 +750,11 @@ class Daemon:
         self._changing_map = False
 
     def _accumulate(self, posed: _Posed) -> None:
-        s, st = self.settings, self.state
+        st = self.state
         assert self.geometry is not None and self._broadcast is not None
         t0 = time.perf_counter()
         if st.accumulator is None:
-            st.geometry = self.geometry
-            st.accumulator = HalfSetAccumulator(self.geometry.box, self.geometry.apix,
-                                                interpolation=s.interpolation, device=self.device)  # type: ignore[arg-type]
+            self._make_accumulator()
         pass_rotations = posed.poses.rotations
         pass_origins = posed.poses.origins_angstrom
         hurry = self._behind()
@@ -750,28 +779,51 @@ class Daemon:
                     self._reject(chunk.origin, f"{chunk.origin}: insertion failed ({exc})", count_file=False)
                     self._count("particles_rejected", n)
                     continue
-                st.journal.add(chunk.stacks, chunk.indices)
-                st.fingerprints.add(chunk.stacks, chunk.indices, image_fingerprints(chunk.images))
-                first_row = len(st.poses)
-                st.poses.append(chunk.stacks, chunk.indices, rotations, origins, confidence, chunk.half_sets,
-                                chunk.ctf, score, spread, 0 if refined is None else refined.version)
+                first_row = self._record_inserted(InsertedChunk(
+                    chunk.stacks, chunk.indices, chunk.half_sets, rotations, origins, confidence, chunk.ctf,
+                    chunk.optics, score, spread, 0 if refined is None else refined.version,
+                    image_fingerprints(chunk.images), str(chunk.origin)))
                 if refined is not None and refined.soft is not None:
                     self.refiner.record_soft(np.arange(first_row, first_row + n), refined.soft[rows])
-            if chunk.optics and not st.optics:
-                st.optics = dict(chunk.optics)
-            self.metrics.particles_accumulated.inc(n)
-            self._broadcast.poses(chunk.stacks, chunk.indices, chunk.half_sets, rotations, origins, confidence,
-                                  self._batch_counter)
         if posed.frame_state:
             st.frame = posed.frame_state
-        self._inserted += len(pass_rotations)
-        self.refiner.note_new_particles()
+        self._note_inserted(len(pass_rotations))
         if refined is not None and not hurry:  # behind the stream: re-posing waits until particles stop waiting
             self._repose()
         self._schedule.particles_arrived(has_map=bool(st.fsc_history))
         self._record_map_counts()
         self._board.rate.add(time.monotonic(), st.n_particles)
         self.metrics.latency.labels("accumulate").observe(time.perf_counter() - t0)
+
+    def _make_accumulator(self) -> None:
+        """The session's grids, at the geometry the first file fixed."""
+        assert self.geometry is not None
+        self.state.geometry = self.geometry
+        self.state.accumulator = HalfSetAccumulator(self.geometry.box, self.geometry.apix,
+                                                    interpolation=self.settings.interpolation,
+                                                    device=self.device)  # type: ignore[arg-type]
+
+    def _record_inserted(self, rows: InsertedChunk) -> int:
+        """Record particles just inserted into the grids (by this rank or, at a sync, another): the journal, the
+        fingerprints, the pose table, the optics, the count and their ZeroMQ poses. Returns their first row."""
+        st = self.state
+        assert self._broadcast is not None
+        st.journal.add(rows.stacks, rows.indices)
+        st.fingerprints.add(rows.stacks, rows.indices, rows.fingerprints)
+        first_row = len(st.poses)
+        st.poses.append(rows.stacks, rows.indices, rows.rotations, rows.origins, rows.confidence, rows.half_sets,
+                        rows.ctf, rows.scores, rows.spread, rows.version)
+        if rows.optics and not st.optics:
+            st.optics = dict(rows.optics)
+        self.metrics.particles_accumulated.inc(len(rows))
+        self._broadcast.poses(rows.stacks, rows.indices, rows.half_sets, rows.rotations, rows.origins,
+                              rows.confidence, self._batch_counter)
+        return first_row
+
+    def _note_inserted(self, n: int) -> None:
+        """``n`` new particles are in the map: it changed, refinement's sweep starts again."""
+        self._inserted += n
+        self.refiner.note_new_particles()
 
     # ------------------------------------------------------------------ refinement (engine.live_refinement)
     @property
@@ -835,6 +887,7 @@ class Daemon:
     def _maybe_publish_and_checkpoint(self) -> None:
         """Write and publish the map, and checkpoint, when :class:`OutputSchedule` says so (accumulator thread)."""
         st = self.state
+        self._sync_ranks()
         self._exclude_junk()
         self._pose_from_classes()
         if st.accumulator is not None:
@@ -847,6 +900,97 @@ class Daemon:
             self._publish_map()
         if self._schedule.checkpoint_due(now) and st.accumulator is not None:
             self._checkpoint()
+
+    # ------------------------------------------------------------------ ranks (watch --nproc; daemon/rank_sync.py)
+    def _sync_ranks(self, final: bool = False) -> None:
+        """Lead a sync of the ranks when :data:`SYNC_SECONDS` have passed since the last (``final``: now, the last
+        one: the others then end) and record the particles they hand over (accumulator thread, or :meth:`stop`'s
+        once it has ended).
+
+        Raises
+        ------
+        RanksLost
+            A rank is gone: no sync is tried again (``torn``: during the reduce; the map is then not trusted).
+        """
+        if not self.ranks.distributed or self._ranks_done:
+            return
+        now = time.monotonic()
+        if not final and now - self._last_sync < SYNC_SECONDS:
+            return
+        st = self.state
+        if st.accumulator is None and self.geometry is not None:  # the others may insert before rank 0 does
+            self._make_accumulator()
+        command = Command("stop" if final else "sync", self.refiner.rank_policy(), self._reference_to_send(),
+                          self._frame_to_send(), self.geometry)
+        self._last_sync = now
+        if final:
+            self._ranks_done = True
+        t0 = time.perf_counter()
+        self._changing_map = True  # a failure during the reduce leaves the grids torn (RanksLost.torn)
+        try:
+            handovers = lead(self.ranks, command, st.accumulator)
+        except RanksLost as exc:
+            self._ranks_done = True
+            self._changing_map = exc.torn
+            raise
+        self._changing_map = False
+        self._take_handovers(handovers)
+        self.metrics.latency.labels("sync").observe(time.perf_counter() - t0)
+
+    def _release_ranks(self) -> None:
+        """:meth:`stop` of a session whose accumulator did not end normally (never started, failed): the other
+        ranks are told to stop; what they hand over is not recorded (not in the journal: read again at the next
+        start)."""
+        if not self.ranks.distributed or self._ranks_done:
+            return
+        self._ranks_done = True
+        g = self.geometry
+        scratch = None if g is None else HalfSetAccumulator(g.box, g.apix, interpolation=self.settings.interpolation,
+                                                            device=self.device)  # type: ignore[arg-type]
+        try:
+            lead(self.ranks, Command("stop", geometry=g), scratch)
+        except RanksLost as exc:
+            logger.warning("the other ranks could not be told to stop (%s)", exc)
+
+    def _take_handovers(self, handovers: list[Handover]) -> None:
+        """Record what the other ranks handed over (their grids are already in rank 0's): rows, counts, rejections,
+        the 2D lane's share of them."""
+        st, n = self.state, 0
+        for handover in handovers:
+            for name, count in handover.counts.items():
+                self._count(name, count)
+            for path, reason in handover.rejections:
+                self._reject(Path(path), reason, count_file=False)
+            for rows in handover.chunks:
+                self.taken.add(rows.stacks, rows.indices)
+                self._record_inserted(rows)
+                n += len(rows)
+                if self.classification is not None and self.geometry is not None:
+                    self.classification.offer_located(
+                        Located(rows.stacks, rows.indices, rows.half_sets, rows.ctf, dict(rows.optics)),
+                        self.geometry.box, self.geometry.apix)
+        self._ranks_waiting = sum(handover.waiting for handover in handovers)
+        if n:
+            self._note_inserted(n)
+            self._schedule.particles_arrived(has_map=bool(st.fsc_history))
+            self._record_map_counts()
+            self._board.rate.add(time.monotonic(), st.n_particles)
+
+    def _reference_to_send(self):  # noqa: ANN202 - ReferenceSource | None
+        """Rank 0's reference for the other ranks, when its version changed since last sent."""
+        source = self.refiner.reference_source
+        if source is None or self.refiner.version == self._reference_sent:
+            return None
+        self._reference_sent = self.refiner.version
+        return (*source, self.refiner.version)
+
+    def _frame_to_send(self) -> dict | None:
+        """The network's session frame for the other ranks, once complete (its anchors chosen), sent once."""
+        frame = self.state.frame
+        if self._frame_sent or not frame or self.model is None or len(frame["anchor_rotations"]) < frame["anchors"]:
+            return None
+        self._frame_sent = True
+        return frame
 
     def _map_busy(self) -> bool:
         """Whether the 3D lane has work in hand: files, chunks or posed passes queued, or its ab initio running

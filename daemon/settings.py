@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cryofastar.engine.class_posing import CLASS_WEIGHTS_HELP, check_class_weights
 from cryofastar.engine.classification import ClassifySettings
+from cryofastar.engine.distributed import check_processes
 from cryofastar.engine.policy import check_pose_source
 
 from cryofastar.options import argument, negative_is_none, option
@@ -39,6 +40,9 @@ class DaemonSettings:
         Port of the Prometheus ``/metrics`` server on ``metrics_host``; ``None``: no server.
     device: str
         ``auto``, ``cpu`` or ``cuda``.
+    nproc: int
+        Processes sharing the session on this machine (``watch --nproc``, docs/scaling.md "Live: watch
+        --nproc"): rank 0 runs the daemon, the others read, pose and insert their share; 1 under ``torchrun``.
     batch: int
         Views per forward pass, reference and anchors included (>= 3).
     anchors: int
@@ -113,6 +117,9 @@ class DaemonSettings:
                                       "/metrics endpoint (0: any free port; -1: none).")
     metrics_host: str = option("127.0.0.1", help="Address the /metrics endpoint binds to.")
     device: str = option("auto", help="auto, cpu or cuda.")
+    nproc: int = option(1, help="Processes sharing the session on this machine (torch.distributed: gloo on CPUs, "
+                        "NCCL with one GPU each): rank 0 keeps the map and its outputs, the others pose and insert "
+                        "their share of the particles (docs/scaling.md). Under torchrun leave it at 1.")
     batch: int = option(128, help="Views per forward pass, the session reference and anchors included.")
     anchors: int = 8
     apix: float | None = option(None, help="Pixel size in Å, overriding the files' (for stacks whose header "
@@ -166,6 +173,7 @@ class DaemonSettings:
         """Raise ValueError (one line, naming the option) on impossible settings."""
         if not self.watch.is_dir():
             raise ValueError(f"--watch {self.watch}: not an existing directory")
+        check_processes(self.nproc, self.device)
         if self.batch < 3:
             raise ValueError(f"--batch must be at least 3, got {self.batch}")
         if self.anchors < 0 or self.anchors > self.batch - 2:

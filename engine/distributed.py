@@ -32,6 +32,9 @@ no daemon and no command line (docs/scaling.md, "Offline: reconstruct --nproc").
   :func:`broadcast` and :func:`gather_objects` carry small Python objects;
   :func:`allreduce_bytes` is what one all-reduce moves for a box, from a real accumulator's
   tensors.
+- A live session (``watch --nproc``, docs/scaling.md "Live: watch --nproc"): :func:`owners` says
+  which rank takes each particle as files arrive (no rank waits for another to decide), and
+  :func:`reduce_accumulator` adds the other ranks' new contributions to rank 0's grids.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import os
 import socket
 import tempfile
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -56,7 +60,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["COLLECTIVE_TIMEOUT_SECONDS", "TIMEOUT_ENV", "RankFailed", "Ranks", "all_reduce_accumulator",
            "accumulator_tensors", "allreduce_bytes", "alone", "broadcast", "check_processes", "cpu_threads", "deal",
-           "gather_objects", "gather_rows", "in_torchrun_environment", "launch", "units"]
+           "gather_objects", "gather_rows", "in_torchrun_environment", "launch", "owners", "reduce_accumulator",
+           "units"]
 
 COLLECTIVE_TIMEOUT_SECONDS = 3600.0
 """How long a collective waits for the other ranks before it fails (s): longer than any step rank 0 runs alone."""
@@ -313,6 +318,30 @@ def deal(blocks: Sequence[np.ndarray], rank: int, world: int) -> np.ndarray:
     return np.concatenate(mine).astype(np.int64) if mine else np.empty(0, dtype=np.int64)
 
 
+SHARE_BLOCK = 16
+"""Consecutive images of a stack a live session's rank takes together (:func:`owners`)."""
+
+
+def owners(stacks: np.ndarray, indices: np.ndarray, world: int, block: int = SHARE_BLOCK) -> np.ndarray:
+    """`(n,)` int64: the rank of ``world`` that takes each particle of a live session.
+
+    A stack's images go in blocks of ``block`` consecutive indices to the ranks in turn, starting at a rank
+    fixed by the stack's path (its CRC-32), so that many small stacks spread over the ranks too. The rule
+    depends on the particle alone (``stacks`` `(n,)` str paths, ``indices`` `(n,)` 1-based): every rank
+    decides it for every file without asking, in whatever order the files reach it, and a restart with
+    another number of ranks still takes every particle once (what the journal holds is skipped first).
+    """
+    if world < 1 or block < 1:
+        raise ValueError(f"world and block must be at least 1, got {world} and {block}")
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    stacks = np.asarray(stacks).reshape(-1)
+    if world == 1:
+        return np.zeros(len(indices), dtype=np.int64)
+    names, inverse = np.unique(stacks.astype(str), return_inverse=True)  # one CRC per stack, not per particle
+    start = np.array([zlib.crc32(name.encode("utf-8", "surrogateescape")) for name in names], dtype=np.int64)
+    return (start[inverse.reshape(-1)] + (indices - 1) // block) % world
+
+
 # ---------------------------------------------------------------------- meeting points
 def accumulator_tensors(acc: HalfSetAccumulator) -> list[torch.Tensor]:
     """The tensors of ``acc`` an all-reduce sums: ``grids`` `(2, N+2, N+2, N//2+2, 3)` float32 and
@@ -336,6 +365,26 @@ def all_reduce_accumulator(acc: HalfSetAccumulator, ranks: Ranks) -> HalfSetAccu
             moved = tensor.to(ranks.device)
             dist.all_reduce(moved)
             tensor.copy_(moved.to(tensor.device))
+    return acc
+
+
+def reduce_accumulator(acc: HalfSetAccumulator, ranks: Ranks) -> HalfSetAccumulator:
+    """Add every other rank's ``acc`` to rank 0's, in place (a live session: the others hold what they inserted
+    since the last call; they zero theirs afterwards, since a reduce may use them as scratch space).
+
+    Rank 0's grids then hold its own particles and the others', exactly as if it had inserted them all (up to
+    float32 rounding: the order of the sums). Returns ``acc``. One process: unchanged.
+    """
+    if not ranks.distributed:
+        return acc
+    for tensor in accumulator_tensors(acc):
+        if tensor.device == ranks.device or ranks.backend == "gloo":
+            dist.reduce(tensor, dst=0)
+        else:  # NCCL reduces CUDA tensors only (the particle counts live on the CPU)
+            moved = tensor.to(ranks.device)
+            dist.reduce(moved, dst=0)
+            if ranks.root:
+                tensor.copy_(moved.to(tensor.device))
     return acc
 
 

@@ -134,6 +134,15 @@ class NetworkPoser:
         return Poses(batch.rotations, batch.origins_px * apix_model, batch.confidence,
                      batch.anchor_disagreement_degrees, batch.mirrored)
 
+    def adopt_frame(self, frame_state: dict) -> None:
+        """Pose in a frame another poser chose (its :meth:`state_dict`; another rank of the session)."""
+        self.frame = SessionFrame.from_state_dict(self.model, frame_state, sets_per_pass=self._sets)
+
+    @property
+    def frame_complete(self) -> bool:
+        """Whether the frame is chosen and has all its anchors (it no longer changes)."""
+        return self.frame is not None and self.frame.anchor_rotations.shape[0] >= self.frame.n_anchors
+
     def state_dict(self) -> dict:
         """The session frame (reference, anchors, hand): ``{}`` before the reference is chosen."""
         return {} if self.frame is None else self.frame.state_dict()

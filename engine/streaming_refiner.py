@@ -74,7 +74,7 @@ from .policy import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COARSE", "NEVER", "UNREADABLE", "ClassProbe", "RefinedPoses", "StreamingRefiner"]
+__all__ = ["COARSE", "NEVER", "UNREADABLE", "ClassProbe", "RankPolicy", "RefinedPoses", "StreamingRefiner"]
 
 NEVER = 0
 """``refined`` value of a particle never refined (map versions start at 1)."""
@@ -118,6 +118,35 @@ class ClassProbe:
     particles: int  # particles probed
 
 
+@dataclass(frozen=True)
+class RankPolicy:
+    """How another rank of a live session (``watch --nproc``) gives its passes their first poses: what rank 0's
+    refiner would do with a pass in a hurry (:meth:`StreamingRefiner.hurried_mode`), which it sends at each sync.
+
+    The other ranks never run the probe, the ab initio or the class poses (rank 0's, on the whole map); their
+    particles go in at these first poses and rank 0 re-poses them like its own.
+
+    Attributes
+    ----------
+    network: bool
+        Pose passes with the network (in rank 0's session frame); else random poses.
+    network_mode, random_mode: str
+        ``own`` (the pass goes in at its network or random poses, unrefined) or ``coarse`` (the global search
+        alone against the reference, version :data:`COARSE`), for network and random poses.
+    version: int
+        The reference's map version (0: none yet).
+    """
+
+    network: bool = False
+    network_mode: str = "own"
+    random_mode: str = "own"
+    version: int = 0
+
+    def mode(self, network: bool) -> str:
+        """``own`` or ``coarse`` for a pass posed by the network (``network``) or at random."""
+        return self.network_mode if network else self.random_mode
+
+
 class StreamingRefineSettings(Protocol):
     """What the streaming refiner reads of a session's settings (:class:`cryofastar.daemon.settings.DaemonSettings`).
 
@@ -152,6 +181,8 @@ class StreamingRefiner:
         self.device = device
         self.poses_from = poses_from
         self.reference: RefinementReference | None = None
+        self.reference_source: tuple[torch.Tensor, float, float] | None = None
+        """(half maps `(2, B, B, B)`, Å/px, FSC resolution Å) the reference was made from (sent to other ranks)."""
         self.version = 0
         self._passes = 0
         self._probes: collections.deque[float] = collections.deque(maxlen=4)  # network win fraction per probe
@@ -218,6 +249,7 @@ class StreamingRefiner:
         if not self.settings.refine or n_particles < self.settings.refine_after:
             return
         self.reference = RefinementReference(half_volumes, apix, resolution_angstrom, self.search, self.device)
+        self.reference_source = (half_volumes, float(apix), float(resolution_angstrom))
         self.reference_particles = n_particles
         self.version += 1
         if self.phase == "waiting":
@@ -252,6 +284,28 @@ class StreamingRefiner:
         if self.phase == "local":
             return bool(self.network_informative) or calls % self.settings.probe_every == 0
         return False
+
+    def hurried_mode(self, network: bool) -> str:
+        """How a pass in a hurry is posed outside the probe and the ab initio: ``own`` (its network or random
+        poses, unrefined) or ``coarse`` (the global search alone). ``network``: its poses are the network's.
+
+        Its own poses before refinement starts, during the probe, while the ab initio's schedule runs and when
+        the network is informative; else the coarse search of the reference.
+        """
+        if not self.active or self.reference is None or self.phase == "probe":
+            return "own"
+        if self.phase == "ab-initio":
+            return "coarse" if self._final_band_version is not None else "own"
+        if network and self.phase == "local" and self.network_informative:
+            return "own"
+        return "coarse"
+
+    def rank_policy(self) -> RankPolicy:
+        """What the other ranks of a live session need to pose their passes now (:class:`RankPolicy`)."""
+        network = self.poses_from == "network" and (self.phase in ("off", "waiting", "probe") or (
+            self.phase == "local" and bool(self.network_informative)))
+        return RankPolicy(network, self.hurried_mode(True), self.hurried_mode(False),
+                          self.version if self.reference is not None else 0)
 
     @property
     def needs_bootstrap(self) -> bool:
@@ -363,8 +417,8 @@ class StreamingRefiner:
         assert self.reference is not None
         mode = self._mode(network)
         if hurry and self.phase != "probe":  # the session's first probe decides its course: never skipped
-            if network and self.phase == "local" and self.network_informative:
-                return None  # its own poses, refined when re-posed (no periodic probe in a hurry)
+            if self.hurried_mode(network) == "own":
+                return None  # the informative network's poses, refined when re-posed (no periodic probe in a hurry)
             mode = "coarse"
         self._passes += 1
         match, origins = self.reference.match(images, half_sets, rotations if network else None, origins_angstrom,

@@ -9,6 +9,7 @@ Example usage::
 
     cryofastar-stream --watch /data/session42 --out /data/session42/cryofastar
     cryofastar-stream watch /data/session42 --poll 5          # NFS/SMB/GPFS: poll instead of inotify
+    cryofastar-stream watch /data/session42 --nproc 2         # two processes share the session
     cryofastar-stream subscribe tcp://127.0.0.1:5555 --save maps/
 """
 
@@ -29,12 +30,17 @@ __all__ = ["watch"]
 @settings_command(DaemonSettings, ClassifySettings, ServiceSettings)  # PublisherError is an OSError
 def watch(settings: DaemonSettings, classification: ClassifySettings, service: ServiceSettings) -> None:
     """Watch DIRECTORY and keep a live map and 2D classes (also: cryofastar-stream --watch DIRECTORY)."""
-    from cryofastar.services.watch import run_service  # the pipeline: loaded only when it runs
+    from cryofastar.engine.distributed import RankFailed
+    from cryofastar.services.watch import run_session  # the pipeline: loaded only when it runs
 
     settings = dataclasses.replace(settings, classification=classification)
 
     try:
-        run_service(settings, service, echo=typer.echo)
+        run_session(settings, service, echo=typer.echo)
+    except RankFailed as exc:  # --nproc: a rank failed or died; rank 0 wrote what was consistent
+        typer.echo(f"error: {exc}; restart with the same --out to resume (particles not in the map are read again)",
+                   err=True)
+        raise typer.Exit(code=1) from None
     except RuntimeError as exc:  # the pipeline failed after writing what it had: status 1
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None

@@ -14,11 +14,19 @@ startup stops the daemon as soon as its network is loaded, before it reads anyth
 Its settings are :class:`~cryofastar.daemon.settings.DaemonSettings` and
 :class:`~cryofastar.daemon.settings.ServiceSettings` (what only the service adds: idle
 exit and the dashboard).
+
+:func:`run_session` is what the command calls: :func:`run_service` in this process, or, with
+``--nproc N`` (or under ``torchrun``), on N ranks (docs/scaling.md "Live: watch --nproc"):
+rank 0 runs :func:`run_service` (the daemon, its outputs, the dashboard, the signals), the
+others a :class:`~cryofastar.daemon.rank_worker.RankWorker`. A rank that fails or dies ends
+the session: the launcher stops the others (SIGTERM; rank 0 then writes what is
+consistent), and the command reports which rank failed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -26,23 +34,80 @@ from collections.abc import Callable
 
 from cryofastar import interrupts
 from cryofastar.daemon.pipeline import Daemon
-from cryofastar.daemon.preflight import probe_port, raise_descriptor_limit
+from cryofastar.daemon.preflight import check_settings, probe_port, raise_descriptor_limit
 from cryofastar.daemon.settings import DaemonSettings
+from cryofastar.engine.distributed import Ranks, in_torchrun_environment, launch
 from cryofastar.monitoring.dashboard_process import DashboardProcess, connectable
 from cryofastar.recon.fsc import resolution_text
 from cryofastar.services.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DRAIN_SECONDS", "run_service"]
+__all__ = ["DRAIN_SECONDS", "run_service", "run_session"]
 
 DRAIN_SECONDS = 10.0
 """After SIGINT/SIGTERM, queued particles are posed and inserted for at most this long; then the pass in
 progress is finished and the rest is left for the next start (read again: nothing is lost)."""
 
 
+def run_session(settings: DaemonSettings, service: ServiceSettings | None = None,
+                echo: Callable[[str], object] = print) -> None:
+    """``watch``: :func:`run_service` in this process, on ``settings.nproc`` local ranks, or on this rank of a
+    ``torchrun`` group (module docstring).
+
+    Raises
+    ------
+    OSError
+        As :func:`run_service` (checked here, before any rank starts).
+    RuntimeError
+        A stage failed (:func:`run_service`), or a rank failed or died
+        (:class:`~cryofastar.engine.distributed.RankFailed`, naming the rank).
+    ValueError
+        ``--nproc`` above 1 under ``torchrun``, or impossible settings.
+    """
+    if in_torchrun_environment():
+        if settings.nproc != 1:
+            raise ValueError(f"--nproc {settings.nproc} under torchrun: torchrun's --nproc-per-node starts the "
+                             "ranks, leave --nproc at 1")
+        _rank_main(settings, service, echo, None)
+        return
+    if settings.nproc == 1:
+        run_service(settings, service, echo)
+        return
+    settings.validate()
+    check_settings(settings)  # a port in use: said here, before N processes start
+    if service is not None and service.dashboard_port is not None:
+        probe_port(service.dashboard_host, service.dashboard_port, "--dashboard-port")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    try:
+        launch(settings.nproc, _rank_main, settings, service, echo, logging.getLogger().getEffectiveLevel())
+    except SignalException:  # SIGINT/SIGTERM of this process: the launcher passed it on; rank 0 stopped cleanly
+        logger.info("stopped by a signal; the ranks have ended")
+
+
+def _rank_main(settings: DaemonSettings, service: ServiceSettings | None, echo: Callable[[str], object],
+               log_level: int | None) -> None:
+    """One rank of a live session: join the group; rank 0 runs the service, the others a RankWorker; leave."""
+    from cryofastar.daemon.rank_worker import RankWorker
+
+    rank = int(os.environ.get("RANK", "0"))
+    if log_level is not None:  # a fresh worker process
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if rank != 0:  # rank 0 speaks for the session
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    ranks = Ranks.join(settings.device)
+    try:
+        if ranks.root:
+            run_service(settings, service, echo, ranks)
+        else:
+            RankWorker(settings, ranks).run()
+    finally:
+        ranks.leave()
+
+
 def run_service(settings: DaemonSettings, service: ServiceSettings | None = None,
-                echo: Callable[[str], object] = print) -> Daemon:
+                echo: Callable[[str], object] = print, ranks: Ranks | None = None) -> Daemon:
     """Run the daemon until SIGINT/SIGTERM (or ``service.idle_exit`` seconds without new particles).
 
     With ``service.dashboard_port`` the live web dashboard runs beside it in a child
@@ -57,6 +122,8 @@ def run_service(settings: DaemonSettings, service: ServiceSettings | None = None
         Idle exit and dashboard (``None``: the defaults, neither).
     echo: Callable[[str], object]
         Prints a line (where it watches, the dashboard's URL, the final figures).
+    ranks: Ranks | None
+        Rank 0 of a session of several ranks (:func:`run_session`); ``None``: one process.
 
     Returns
     -------
@@ -93,7 +160,7 @@ def run_service(settings: DaemonSettings, service: ServiceSettings | None = None
     dashboard = None
     try:
         logger.info("loading the session (network, checkpoint); SIGINT/SIGTERM from now on stop it cleanly")
-        daemon = Daemon(settings)
+        daemon = Daemon(settings, ranks)
         if not stop.is_set():
             daemon.start()
             echo(f"watching {settings.watch} -> {settings.out}; ZeroMQ {daemon.address}"

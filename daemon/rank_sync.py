@@ -1,0 +1,255 @@
+"""How the ranks of one live session meet (``watch --nproc``; docs/scaling.md "Live: watch --nproc").
+
+Rank 0 runs the whole daemon (:class:`~cryofastar.daemon.pipeline.Daemon`): the journal, the
+checkpoints, the map files, ZeroMQ, ``/metrics``, the 2D lane and all refinement. Every other
+rank (:class:`~cryofastar.daemon.rank_worker.RankWorker`) reads, poses and inserts its own
+share of the particles (:func:`~cryofastar.engine.distributed.owners`) into grids of its own
+that hold only what it inserted since the last sync. Rank 0's accumulator thread leads a
+sync every :data:`SYNC_SECONDS` (the map it publishes then holds every rank's particles), and
+a last one when it stops. The collectives, in the same order on every rank:
+
+1. **broadcast** from rank 0: a :class:`Command` (``start`` once, then ``sync`` or ``stop``):
+   its refinement policy for first poses, its reference map when it changed, its network
+   frame and the session's box and pixel size once known; ``start`` also carries the
+   journal (a restarted session's particles are not read again);
+2. **gather** to rank 0: each other rank's :class:`Handover`: the rows it inserted since the
+   last sync (locations, poses, scores, CTF, fingerprints), its counts and rejections, and
+   how many particles it still holds; then an all-reduce of one number, the particles handed
+   over, so every rank knows whether step 3 happens;
+3. **reduce** into rank 0's grids, when any handover holds particles
+   (:func:`~cryofastar.engine.distributed.reduce_accumulator`); the others then zero theirs.
+
+Rank 0 records the handed-over rows exactly as its own (journal, pose table, ZeroMQ poses):
+its grids, journal and pose table agree after every sync, and between syncs (its own
+particles only), so a checkpoint written at any time is consistent. A rank that dies loses
+only the particles it had not handed over; they are not in the journal, so the next start
+reads them again. A collective that fails raises :class:`RanksLost` (rank 0 then stops;
+``torn``: the failure came during the reduce, rank 0's grids are not trusted and the last
+checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from cryofastar.engine.distributed import Ranks, broadcast, reduce_accumulator
+from cryofastar.engine.rank_posing import ReferenceSource
+from cryofastar.engine.streaming_refiner import RankPolicy
+from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.ctf import CtfParams
+
+from .ingest import SessionGeometry
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SYNC_SECONDS", "Command", "Handover", "InsertedChunk", "RanksLost", "announce", "hand_over", "lead",
+           "receive"]
+
+SYNC_SECONDS = 2.0
+"""Rank 0 leads a sync at most this often (s): the other ranks' particles reach the map this late at most, plus
+the sync itself (box 128: a reduce of 198 MiB, about 0.15 s over gloo on one machine)."""
+
+
+class RanksLost(RuntimeError):
+    """A collective between the ranks failed (a rank died or stopped answering).
+
+    Attributes
+    ----------
+    torn: bool
+        The failure came while the other ranks' grids were being added to rank 0's (its map is not trusted).
+    """
+
+    def __init__(self, message: str, torn: bool = False) -> None:
+        super().__init__(message)
+        self.torn = torn
+
+
+@dataclass
+class Command:
+    """What rank 0 tells the other ranks at a sync (collective 1).
+
+    Attributes
+    ----------
+    op: str
+        ``start`` (once, before anything is read), ``sync`` or ``stop`` (the last sync: the others hand over
+        what they inserted, then end).
+    policy: RankPolicy
+        How to give passes their first poses (:mod:`~cryofastar.engine.rank_posing`).
+    reference: ReferenceSource | None
+        Rank 0's reference map, sent when its version differs from the last one sent.
+    frame: dict | None
+        The network's session frame (``NetworkPoser.state_dict``), sent once it exists until sent.
+    geometry: SessionGeometry | None
+        The session's box and pixel size (``None`` until rank 0 planned a file with particles).
+    journal: dict | None
+        ``start``: the particles already in the map (``IngestJournal.state_dict``).
+    """
+
+    op: str
+    policy: RankPolicy = field(default_factory=RankPolicy)
+    reference: ReferenceSource | None = None
+    frame: dict | None = None
+    geometry: SessionGeometry | None = None
+    journal: dict | None = None
+
+
+@dataclass
+class InsertedChunk:
+    """Particles of one chunk a rank inserted into its grids: what rank 0 records of them.
+
+    ``stacks`` `(n,)` str resolved paths, ``indices`` `(n,)` 1-based, ``half_sets`` `(n,)` 1/2, ``rotations``
+    `(n, 3, 3)` RELION matrices, ``origins`` `(n, 2)` Å, ``confidence`` `(n,)`, ``ctf`` (or ``None``),
+    ``optics``, ``scores``/``spread`` `(n,)` (``None``: not refined), ``version`` (0: unrefined, ``COARSE``),
+    ``fingerprints`` `(n,)` (:func:`~cryofastar.daemon.fingerprints.image_fingerprints`), ``origin``: the
+    file (str) they came from.
+    """
+
+    stacks: np.ndarray
+    indices: np.ndarray
+    half_sets: torch.Tensor
+    rotations: torch.Tensor
+    origins: torch.Tensor
+    confidence: torch.Tensor
+    ctf: CtfParams | None
+    optics: dict[str, float]
+    scores: torch.Tensor | None
+    spread: torch.Tensor | None
+    version: int
+    fingerprints: np.ndarray
+    origin: str
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+@dataclass
+class Handover:
+    """What a rank hands rank 0 at a sync (collective 2): everything since its previous handover.
+
+    Attributes
+    ----------
+    chunks: list[InsertedChunk]
+        The particles it inserted into the grids it is about to add to rank 0's.
+    counts: dict[str, int]
+        Counters of the status message it adds to (``particles_ingested``, ``particles_posed``,
+        ``particles_rejected``, ``particles_refined``).
+    rejections: list[tuple[str, str]]
+        ``(file, reason)`` of images it left out (rank 0 writes ``rejected.tsv``).
+    waiting: int
+        Particles it holds and has not inserted yet (files seen, read, being posed).
+    """
+
+    chunks: list[InsertedChunk] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    rejections: list[tuple[str, str]] = field(default_factory=list)
+    waiting: int = 0
+
+    @property
+    def particles(self) -> int:
+        """Particles inserted since the previous handover."""
+        return sum(len(chunk) for chunk in self.chunks)
+
+    def count(self, name: str, n: int) -> None:
+        """Add ``n`` to counter ``name``."""
+        self.counts[name] = self.counts.get(name, 0) + n
+
+
+# ---------------------------------------------------------------------- rank 0
+def announce(ranks: Ranks, command: Command) -> None:
+    """Rank 0's ``start``: collective 1 alone (the others' :class:`~cryofastar.daemon.rank_worker.RankWorker` waits
+    for it before it reads anything).
+
+    Raises
+    ------
+    RanksLost
+        Another rank is gone.
+    """
+    try:
+        broadcast(ranks, command)
+    except Exception as exc:  # noqa: BLE001
+        raise RanksLost(_lost(exc)) from exc
+
+
+def lead(ranks: Ranks, command: Command, accumulator: HalfSetAccumulator | None) -> list[Handover]:
+    """Rank 0's side of one sync: send ``command``, collect the others' handovers and add their grids to
+    ``accumulator`` (rank 0's, in place). Returns the handovers of ranks ``1..world-1``.
+
+    Raises
+    ------
+    RanksLost
+        A collective failed (``torn`` when it was the reduce).
+    """
+    try:
+        broadcast(ranks, command)
+        parts: list[Handover] = [Handover()] * ranks.world
+        dist.gather_object(Handover(), parts, dst=0)
+        total = _total(ranks, 0)
+    except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses of their own
+        raise RanksLost(_lost(exc)) from exc
+    handovers = parts[1:]
+    if total:
+        if accumulator is None:  # (the others read nothing before rank 0 sent the geometry, which makes its grids)
+            raise RuntimeError("other ranks handed over particles before rank 0 had grids")
+        try:
+            reduce_accumulator(accumulator, ranks)
+        except Exception as exc:  # noqa: BLE001
+            raise RanksLost(_lost(exc), torn=True) from exc
+    return handovers
+
+
+def _total(ranks: Ranks, particles: int) -> int:
+    """Particles handed over at this sync by all ranks together (every rank learns whether the grids meet)."""
+    total = torch.tensor([particles], dtype=torch.int64, device=ranks.device)  # NCCL: on the rank's GPU
+    dist.all_reduce(total)
+    return int(total)
+
+
+def _lost(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"another rank stopped answering ({type(exc).__name__}: {first})"
+
+
+# ---------------------------------------------------------------------- the other ranks
+def receive(ranks: Ranks) -> Command:
+    """Another rank's side of collective 1: rank 0's next command (blocks until rank 0 sends it).
+
+    Raises
+    ------
+    RanksLost
+        Rank 0 is gone.
+    """
+    try:
+        return broadcast(ranks, None)
+    except Exception as exc:  # noqa: BLE001
+        raise RanksLost(_lost(exc)) from exc
+
+
+def hand_over(ranks: Ranks, handover: Handover, accumulator: HalfSetAccumulator | None) -> None:
+    """Another rank's side of collectives 2 and 3: send ``handover``, add ``accumulator`` to rank 0's grids when
+    any rank has particles, then zero it (it then holds nothing not yet handed over). The caller holds its
+    insertion lock throughout, so the handover and the grids hold the same particles.
+
+    Raises
+    ------
+    RanksLost
+        Rank 0 is gone.
+    """
+    try:
+        dist.gather_object(handover, None, dst=0)
+        total = _total(ranks, handover.particles)
+    except Exception as exc:  # noqa: BLE001
+        raise RanksLost(_lost(exc)) from exc
+    if total == 0:
+        return
+    if accumulator is None:
+        raise RuntimeError("particles inserted before the session's geometry was known")
+    try:
+        reduce_accumulator(accumulator, ranks)
+    except Exception as exc:  # noqa: BLE001
+        raise RanksLost(_lost(exc)) from exc
+    accumulator.grids.zero_()
+    accumulator.particle_counts.zero_()
