@@ -14,8 +14,9 @@ It writes no file, publishes nothing and serves no metrics: rank 0 records every
 hands over (the journal, ``particles.star``, ``rejected.tsv``, the ZeroMQ messages). Files
 rank 0's reader refuses it refuses too, silently (rank 0 reports them).
 
-Signals: SIGINT is ignored (a Ctrl-C reaches every rank; rank 0 stops the session and sends
-``stop``); SIGTERM ends the process (the launcher's, after another rank died: what it had
+Signals: SIGINT and SIGTERM are ignored once it runs (a Ctrl-C reaches every rank, and
+``watch --nproc`` passes its SIGTERM on to every rank: rank 0 stops the session and sends
+``stop``). When rank 0 is gone, the next collective fails and the rank ends (what it had
 not handed over is read again at the next start). A failure of one of its threads ends it
 after its next handover, so that rank 0 stops the session (the launcher stops every rank).
 """
@@ -102,7 +103,7 @@ class RankWorker:
         RuntimeError
             A thread of this rank failed (after its last handover).
         """
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         s = self.settings
         for name, target in (("reader", self._reader), ("poser", self._poser)):
             thread = threading.Thread(target=self._guard(name, target), name=f"cryofastar-rank-{name}", daemon=True)
@@ -127,7 +128,8 @@ class RankWorker:
                     return
         finally:
             self._stop_pipeline()
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _adopt(self, command: Command) -> None:
         """Take what rank 0 sent: its policy and reference, its network frame, the session's geometry."""

@@ -224,7 +224,8 @@ def _launcher_quiet() -> Iterator[None]:
             each.setLevel(level)
 
 
-def launch(nproc: int, entrypoint: Callable[..., Any], *args: Any) -> dict[int, Any]:
+def launch(nproc: int, entrypoint: Callable[..., Any], *args: Any,
+           signals: str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT") -> dict[int, Any]:
     """Run ``entrypoint(*args)`` in ``nproc`` local worker processes that form one group; return each rank's value.
 
     Torch's own launcher (``elastic_launch``, spawn start method, c10d rendezvous on 127.0.0.1 and a free
@@ -239,6 +240,9 @@ def launch(nproc: int, entrypoint: Callable[..., Any], *args: Any) -> dict[int, 
         A module-level function (the workers import it by name); its arguments and return value are pickled.
     *args: Any
         Its arguments.
+    signals: str
+        The signals of this process on which the launcher ends every worker at once (then waits up to 30 s
+        for them before SIGKILL); the others are left to the caller's handlers (``watch --nproc``).
 
     Returns
     -------
@@ -259,7 +263,7 @@ def launch(nproc: int, entrypoint: Callable[..., Any], *args: Any) -> dict[int, 
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                               run_id=f"cryofastar-{uuid.uuid4().hex[:12]}", rdzv_backend="c10d",
                               rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, monitor_interval=0.1,
-                              logs_specs=DefaultLogsSpecs(log_dir=logs))
+                              logs_specs=DefaultLogsSpecs(log_dir=logs), signals_to_handle=signals)
         try:
             with _launcher_quiet():
                 return elastic_launch(config, entrypoint)(*args)

@@ -25,12 +25,14 @@ consistent), and the command reports which rank failed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from cryofastar import interrupts
 from cryofastar.daemon.pipeline import Daemon
@@ -69,7 +71,7 @@ def run_session(settings: DaemonSettings, service: ServiceSettings | None = None
         if settings.nproc != 1:
             raise ValueError(f"--nproc {settings.nproc} under torchrun: torchrun's --nproc-per-node starts the "
                              "ranks, leave --nproc at 1")
-        _rank_main(settings, service, echo, None)
+        _rank_main(settings, service, echo, None, False)
         return
     if settings.nproc == 1:
         run_service(settings, service, echo)
@@ -78,19 +80,44 @@ def run_session(settings: DaemonSettings, service: ServiceSettings | None = None
     check_settings(settings)  # a port in use: said here, before N processes start
     if service is not None and service.dashboard_port is not None:
         probe_port(service.dashboard_host, service.dashboard_port, "--dashboard-port")
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    with _signals_to_rank_zero():
+        launch(settings.nproc, _rank_main, settings, service, echo, logging.getLogger().getEffectiveLevel(), True,
+               signals="SIGHUP,SIGQUIT")
 
+
+@contextlib.contextmanager
+def _signals_to_rank_zero() -> Iterator[None]:
+    """While the launcher runs the ranks: a session stops the way one process does, through rank 0.
+
+    The ranks leave this process's group as they start (:func:`_rank_main`), so a Ctrl-C reaches this process
+    alone; SIGINT and SIGTERM are passed on to the ranks once each (rank 0 stops the session, or hurries at the
+    second; the others ignore them and wait for its ``stop``). The launcher's own handling (it would end every
+    rank at once, then wait 30 s for their return values) is left to SIGHUP and SIGQUIT (:func:`~cryofastar.engine.distributed.launch`'s ``signals``).
+    """
+    def forward(signum: int, _frame: object) -> None:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)  # type: ignore[arg-type]
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        launch(settings.nproc, _rank_main, settings, service, echo, logging.getLogger().getEffectiveLevel())
-    except SignalException:  # SIGINT/SIGTERM of this process: the launcher passed it on; rank 0 stopped cleanly
-        logger.info("stopped by a signal; the ranks have ended")
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _rank_main(settings: DaemonSettings, service: ServiceSettings | None, echo: Callable[[str], object],
-               log_level: int | None) -> None:
-    """One rank of a live session: join the group; rank 0 runs the service, the others a RankWorker; leave."""
+               log_level: int | None, own_group: bool) -> None:
+    """One rank of a live session: join the group; rank 0 runs the service, the others a RankWorker; leave.
+
+    ``own_group``: leave the launching process's process group (a terminal's Ctrl-C then reaches the launcher
+    alone, which passes it on once: :func:`_signals_to_rank_zero`).
+    """
     from cryofastar.daemon.rank_worker import RankWorker
 
+    if own_group:
+        os.setpgid(0, 0)
     rank = int(os.environ.get("RANK", "0"))
     if log_level is not None:  # a fresh worker process
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
