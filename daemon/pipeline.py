@@ -228,6 +228,7 @@ class Daemon:
             self.metrics.classify_enabled.set(0)
         self._accounted = 0  # in the map or taken out as junk, as last recorded by the accumulator thread
         self._ranks_waiting = 0  # particles the other ranks held at the last sync
+        self._from_ranks = 0  # particles the other ranks handed over in this run
         self._ranks_done = False  # the other ranks were told to stop, or are gone
         self._last_sync = -math.inf  # time.monotonic() of the last sync
         self._reference_sent = 0  # map version of the reference last sent to the other ranks
@@ -511,8 +512,11 @@ class Daemon:
                 torn = name == "accumulator" and self._changing_map
                 if torn:
                     self._map_consistent = False
-                logger.exception("the %s stage failed%s; the daemon stops", name,
-                                 " while changing the map (the last checkpoint is kept)" if torn else "")
+                if isinstance(exc, RanksLost):  # not a bug here: one line (the launcher names the rank that died)
+                    logger.error("%s; the daemon stops%s", exc, " (the last checkpoint is kept)" if torn else "")
+                else:
+                    logger.exception("the %s stage failed%s; the daemon stops", name,
+                                     " while changing the map (the last checkpoint is kept)" if torn else "")
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 self._errors.append(f"the {name} stage failed ({type(exc).__name__}: {first})")
         return run
@@ -726,6 +730,9 @@ class Daemon:
             self._errors.append(f"the last sync of the ranks failed ({exc})")
             logger.error("the last sync of the ranks failed (%s); the map, particles.star and checkpoint hold the "
                          "particles handed over before, the others are read again at the next start", exc)
+        if self.ranks.distributed:
+            logger.info("ranks: the other %d posed and inserted %d of the %d particles this run added",
+                        self.ranks.world - 1, self._from_ranks, self._inserted)
         self._update_views(force=True)
         if self.state.n_particles and (self._schedule.changed(self._edits) or not self.state.fsc_history):
             self._publish_map()
@@ -970,6 +977,7 @@ class Daemon:
                         Located(rows.stacks, rows.indices, rows.half_sets, rows.ctf, dict(rows.optics)),
                         self.geometry.box, self.geometry.apix)
         self._ranks_waiting = sum(handover.waiting for handover in handovers)
+        self._from_ranks += n
         if n:
             self._note_inserted(n)
             self._schedule.particles_arrived(has_map=bool(st.fsc_history))

@@ -43,6 +43,23 @@ def place(stack: Path, directory: Path) -> Path:
     return target
 
 
+def launched_workers(parent: int) -> list[int]:
+    """Pids of the worker processes torch's launcher spawned under ``parent`` (not multiprocessing's helpers), in
+    the order it started them (local rank 0 first)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in command:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 class ScriptProcess:
     """``cryofastar-stream ARGS`` in a subprocess, its stdout lines collected by a thread.
 

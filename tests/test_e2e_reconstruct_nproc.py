@@ -16,7 +16,7 @@ import starfile
 import torch
 from cryofastar.recon.euler import euler_to_matrix
 from cryofastar.recon.rotations import geodesic_degrees
-from session_helpers import ENV, SCRIPT
+from session_helpers import ENV, SCRIPT, launched_workers
 from session_helpers import run_cli as run
 
 N = 300
@@ -62,22 +62,6 @@ def test_two_ranks_write_the_one_process_map_and_poses(star: Path, tmp_path: Pat
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
-def _workers(parent: int) -> list[int]:
-    """Pids of the worker processes the launcher spawned under ``parent`` (not multiprocessing's helpers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and b"spawn_main" in command:
-            found.append(int(entry.name))
-    return sorted(found)
-
-
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_command_with_one_error_line(star: Path, tmp_path: Path) -> None:
     started = time.monotonic()
@@ -88,7 +72,7 @@ def test_a_killed_rank_ends_the_command_with_one_error_line(star: Path, tmp_path
         workers: list[int] = []
         while len(workers) < 2 and process.poll() is None and time.monotonic() - started < 60:
             time.sleep(0.05)
-            workers = _workers(process.pid)
+            workers = launched_workers(process.pid)
         assert len(workers) == 2, "the launcher did not start two workers"
         os.kill(workers[-1], signal.SIGKILL)  # one of the ranks (ours: started by this test's command)
         stdout, stderr = process.communicate(timeout=120)

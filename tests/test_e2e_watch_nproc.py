@@ -1,0 +1,135 @@
+"""End to end through the real console script: ``watch --nproc 2`` (a real 2-rank gloo group started by torch's
+launcher, both ranks watching a real directory while stacks arrive) against one process's back-projection of the
+particles it wrote, and a rank killed mid-session, then the session resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+import torch
+from cryofastar.daemon.state import CHECKPOINT_NAME, SessionState
+from session_helpers import ENV, SCRIPT, launched_workers, place, simulate_stacks
+from session_helpers import run_cli as run
+
+N_STACKS, PER_STACK = 16, 100
+N = N_STACKS * PER_STACK
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory) -> list[Path]:
+    return simulate_stacks(tmp_path_factory.mktemp("simulated"), N, box=32, per_stack=PER_STACK, seed=1000000011)
+
+
+def _watch(watch: Path, *extra: str) -> subprocess.Popen[str]:
+    """``watch --nproc 2`` with refinement on (from 300 particles), trilinear insertion (the map is then a
+    continuous function of the poses, which particles.star rounds), its own session (no terminal signals)."""
+    return subprocess.Popen([str(SCRIPT), "-v", "watch", str(watch), "--nproc", "2", "--zmq", "tcp://127.0.0.1:0",
+                             "--metrics-port", "-1", "--no-classify", "--refine-after", "300", "--publish-every", "2",
+                             "--interpolation", "trilinear", "--settle", "0.3", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+
+
+def _feed(stacks: list[Path], watch: Path, every: float) -> threading.Thread:
+    """Place ``stacks`` in ``watch`` one every ``every`` seconds, in a thread."""
+    def feed() -> None:
+        for stack in stacks:
+            place(stack, watch)
+            time.sleep(every)
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return thread
+
+
+def _map_error(out: Path, rebuilt: Path) -> float:
+    """Largest difference between the session's map and ``backproject particles.star``'s, in units of its std."""
+    run("backproject", str(out / "particles.star"), "-o", str(rebuilt))
+    live = mrcfile.read(out / "volume.mrc").astype(np.float64)
+    fresh = mrcfile.read(rebuilt).astype(np.float64)
+    return float(np.abs(live - fresh).max() / fresh.std())
+
+
+def _names(out: Path) -> list[str]:
+    return starfile.read(out / "particles.star")["particles"]["rlnImageName"].tolist()
+
+
+@pytest.mark.slow
+def test_two_ranks_share_a_live_session_and_write_the_map_of_its_particles(stacks: list[Path], tmp_path: Path) -> None:
+    watch = tmp_path / "session"
+    watch.mkdir()
+    for stack in stacks[:4]:
+        place(stack, watch)
+    process = _watch(watch, "--idle-exit", "8")
+    try:
+        _feed(stacks[4:], watch, every=0.3)
+        stdout, stderr = process.communicate(timeout=400)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    assert f"stopped: {N} particles in the map" in stdout and "Traceback" not in stderr
+    out = watch / "cryofastar"
+    names = _names(out)
+    assert len(names) == N and len(set(names)) == N  # every particle once, whichever rank took it
+    particles = starfile.read(out / "particles.star")["particles"]
+    assert particles["rlnCryofastarRefineScore"].notna().sum() > 0  # rank 0 refined the map of both shares
+    shares = [line for line in stderr.splitlines() if "ranks: the other 1 posed and inserted" in line]
+    assert len(shares) == 1 and int(shares[0].split("inserted ")[1].split()[0]) >= N // 4, stderr[-3000:]
+    # the map is one process's back-projection of the same particles at the same poses, to float rounding
+    assert _map_error(out, tmp_path / "rebuilt.mrc") <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_session_cleanly_and_a_restart_resumes_exactly(stacks: list[Path],
+                                                                              tmp_path: Path) -> None:
+    watch = tmp_path / "session"
+    watch.mkdir()
+    process = _watch(watch)
+    started = time.monotonic()
+    try:
+        feeder = _feed(stacks[:10], watch, every=0.5)
+        stderr_lines: list[str] = []
+        assert process.stderr is not None
+        for line in process.stderr:  # the map holds particles of both ranks: a sync has happened
+            stderr_lines.append(line)
+            if "INFO cryofastar.daemon.pipeline: map: " in line and int(line.split("map: ")[1].split()[0]) > 200:
+                break
+        workers = launched_workers(process.pid)
+        assert len(workers) == 2, "the launcher did not start two ranks"
+        os.kill(workers[1], signal.SIGKILL)  # rank 1: the launcher starts local rank 0 first
+        feeder.join()
+        stdout, rest = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    stderr = "".join(stderr_lines) + rest
+    assert time.monotonic() - started < 200  # no hang: rank 0 saw its peer go at the next sync
+    assert process.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rank 1 of 2 failed (exit code -9)") and "SIGKILL" in last, last
+    assert "restart with the same --out to resume" in last
+    out = watch / "cryofastar"
+    # rank 0 wrote what is consistent: the grids, the journal and the pose table hold the same particles
+    state = SessionState.load(out / CHECKPOINT_NAME, torch.device("cpu"))
+    kept = state.n_particles
+    assert 0 < kept < N and len(state.journal) == kept == len(state.poses) == len(_names(out))
+    # the restart reads what the checkpoint lacks, and only that
+    for stack in stacks[10:]:
+        place(stack, watch)
+    process = _watch(watch, "--idle-exit", "8")
+    stdout, stderr = process.communicate(timeout=400)
+    assert process.returncode == 0, stderr[-3000:]
+    assert f"stopped: {N} particles in the map" in stdout
+    names = _names(out)
+    assert len(names) == N and len(set(names)) == N
+    assert _map_error(out, tmp_path / "rebuilt.mrc") <= 1e-4
