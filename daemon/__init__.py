@@ -16,7 +16,9 @@ Built on :mod:`cryofastar.engine`, :mod:`cryofastar.model` and :mod:`cryofastar.
   the ZeroMQ stream (messages, what the session sends, the socket);
 - :mod:`~cryofastar.daemon.reporting`: the status message's body (counts, rate, view directions);
 - :mod:`~cryofastar.daemon.rejections`: ``rejected.tsv`` and the recent rejections;
-- :mod:`~cryofastar.daemon.metrics`: Prometheus metrics.
+- :mod:`~cryofastar.daemon.metrics`: Prometheus metrics;
+- :mod:`~cryofastar.daemon.rank_sync` / :mod:`~cryofastar.daemon.rank_worker`: one session on several
+  ranks (``watch --nproc``): how rank 0's daemon and the other ranks meet, and what the others run.
 
 Posing and refinement are the session engine's (:mod:`cryofastar.engine`: the same recipe
 and policy as the offline job); the long-running services around the daemon (``watch``

@@ -11,8 +11,10 @@ and the benchmarks, so that a rule exists once:
   rounds);
 - :mod:`~cryofastar.engine.offline`: the offline job on a whole particle set: poses,
   refinement rounds, ab initio when the network is uninformative, the maps;
-- :mod:`~cryofastar.engine.distributed`: a job's ranks (``reconstruct --nproc``, ``torchrun``):
-  the split of the particles, the all-reduce of the half-set grids, the gathers;
+- :mod:`~cryofastar.engine.distributed`: a job's ranks (``reconstruct --nproc``, ``watch --nproc``,
+  ``torchrun``): the split of the particles, the all-reduce (or reduce) of the half-set grids, the gathers;
+- :mod:`~cryofastar.engine.rank_posing`: the first poses another rank of a live session gives its
+  share (rank 0's policy for a pass in a hurry);
 - :mod:`~cryofastar.engine.streaming_refiner`: the same policy applied pass by pass
   to a growing session (the daemon's refinement);
 - :mod:`~cryofastar.engine.live_refinement`: that policy carried out on the live map
