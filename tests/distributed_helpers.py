@@ -1,14 +1,30 @@
-"""Worker functions of tests/test_distributed.py: they run in the processes ``engine.distributed.launch`` spawns,
-which import them by name (``pythonpath = ["tests"]`` in pyproject.toml; spawned workers inherit ``sys.path``)."""
+"""Worker functions of tests/test_distributed.py and tests/test_rank_sync.py: they run in the processes
+``engine.distributed.launch`` spawns, which import them by name (``pythonpath = ["tests"]`` in pyproject.toml;
+spawned workers inherit ``sys.path``)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from cryofastar.daemon.fingerprints import image_fingerprints
+from cryofastar.daemon.ingest import SessionGeometry
+from cryofastar.daemon.journal import IngestJournal
+from cryofastar.daemon.rank_sync import (
+    Command,
+    Handover,
+    InsertedChunk,
+    RanksLost,
+    announce,
+    hand_over,
+    lead,
+    receive,
+)
 from cryofastar.engine import distributed as d
 from cryofastar.engine.offline import (
     ReconstructSettings,
@@ -17,6 +33,7 @@ from cryofastar.engine.offline import (
     _match_all,
     _read_working_images,
 )
+from cryofastar.engine.streaming_refiner import RankPolicy
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.io import ParticleSource
@@ -100,5 +117,114 @@ def refine_round(star: Path, chunk: int, views: int) -> dict | None:
             return None
         return {"rotations": rotations, "origins": origins, "scores": scores, "spread": spread,
                 "volume": after.volume(), "allreduces": job.allreduces, "share": len(job.rows)}
+    finally:
+        ranks.leave()
+
+
+def reduce_share(n: int) -> dict:
+    """Each rank inserts its rows of :func:`particles` (rank ``r``: rows ``r, r + world, ...``), then
+    :func:`~cryofastar.engine.distributed.reduce_accumulator`; returns the grids and counts."""
+    ranks = d.Ranks.join("cpu")
+    try:
+        images, rotations, origins, halves, ctf = particles(n)
+        mine = torch.arange(ranks.rank, n, ranks.world)
+        acc = HalfSetAccumulator(BOX, APIX)
+        acc.add(images[mine], rotations[mine], origins[mine], halves[mine], ctf[mine])
+        returned = d.reduce_accumulator(acc, ranks)
+        return {"same": returned is acc, "grids": acc.grids.clone(), "counts": acc.particle_counts.clone()}
+    finally:
+        ranks.leave()
+
+
+# ---------------------------------------------------------------------- tests/test_rank_sync.py
+SYNC_STACK = "/session/Particles/a_particles.mrcs"
+
+
+def start_command() -> Command:
+    """The ``start`` rank 0 announces in :func:`sync_session` (a journal of two stacks, a policy, a reference)."""
+    journal = IngestJournal()
+    journal.add("/session/old.mrcs", np.array([1, 2, 5]))
+    journal.add(SYNC_STACK, np.array([40]))
+    halves = torch.arange(2 * 4 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4, 4)
+    return Command("start", RankPolicy(True, "own", "coarse", 3), (halves, APIX, 11.5, 3), {"views": 16},
+                   SessionGeometry(BOX, APIX), journal.state_dict())
+
+
+def inserted_chunk(rows: torch.Tensor, n: int) -> InsertedChunk:
+    """What a rank records of rows ``rows`` of :func:`particles` (``n``) inserted at their true poses."""
+    images, rotations, origins, halves, ctf = particles(n)
+    return InsertedChunk(np.array([SYNC_STACK] * len(rows)), rows.numpy() + 1, halves[rows], rotations[rows],
+                         origins[rows], torch.full((len(rows),), 2.5), ctf[rows], {"rlnVoltage": 300.0}, None, None,
+                         0, image_fingerprints(images[rows]), "/session/a_particles.star")
+
+
+def sync_session(n: int) -> dict:
+    """Rank 0 announces :func:`start_command`, then leads a sync, an empty sync and a stop; rank 1 inserts the odd
+    rows of :func:`particles` (rank 0 the even ones) and hands them over at the first sync. Returns what each saw."""
+    ranks = d.Ranks.join("cpu", timeout_seconds=60)
+    try:
+        images, rotations, origins, halves, ctf = particles(n)
+        mine = torch.arange(ranks.rank, n, 2)
+        acc = HalfSetAccumulator(BOX, APIX)
+        acc.add(images[mine], rotations[mine], origins[mine], halves[mine], ctf[mine])
+        if ranks.root:
+            announce(ranks, start_command())
+            first = lead(ranks, Command("sync", RankPolicy(False, "coarse", "coarse", 4)), acc)
+            grids, counts = acc.grids.clone(), acc.particle_counts.clone()
+            second = lead(ranks, Command("sync"), acc)
+            unchanged = torch.equal(acc.grids, grids) and torch.equal(acc.particle_counts, counts)
+            last = lead(ranks, Command("stop"), None)  # no particles: no grids needed
+            return {"first": first, "second": second, "last": last, "grids": grids, "counts": counts,
+                    "unchanged": unchanged}
+        commands = [receive(ranks), receive(ranks)]
+        handover = Handover([inserted_chunk(mine, n)], rejections=[("/session/b.star", "box 32 px")], waiting=7)
+        handover.count("particles_ingested", len(mine))
+        handover.count("particles_posed", len(mine))
+        hand_over(ranks, handover, acc)
+        zeroed = not acc.grids.any() and not acc.particle_counts.any()
+        commands.append(receive(ranks))
+        acc.add(images[:4], rotations[:4], origins[:4], halves[:4], ctf[:4])  # grids no handover names: not added
+        held = acc.grids.clone()
+        hand_over(ranks, Handover(waiting=3), acc)
+        kept = torch.equal(acc.grids, held)
+        commands.append(receive(ranks))
+        hand_over(ranks, Handover(), None)
+        return {"commands": commands, "zeroed": zeroed, "kept": kept}
+    finally:
+        ranks.leave()
+
+
+def lose_rank(how: str, timeout: float) -> dict:
+    """A sync with a rank gone (collective timeout ``timeout`` s). ``how``: ``leave`` (rank 1 leaves the group
+    after receiving the sync's command), ``torn`` (rank 1 hands over particles, then leaves before the reduce),
+    ``root`` (rank 0 leaves after ``start``; rank 1 waits for the next command). Every rank returns normally:
+    what it caught (``None``: nothing), and how long its failing call took (s)."""
+    ranks = d.Ranks.join("cpu", timeout_seconds=timeout)
+    caught = None
+    try:
+        if ranks.root:
+            announce(ranks, Command("start", journal={}))
+            if how == "root":
+                return {"caught": None, "seconds": 0.0}
+            acc = HalfSetAccumulator(BOX, APIX)
+            started = time.monotonic()
+            try:
+                lead(ranks, Command("sync"), acc)
+            except RanksLost as exc:
+                caught = (exc.torn, str(exc))
+            return {"caught": caught, "seconds": time.monotonic() - started}
+        receive(ranks)
+        if how == "root":
+            started = time.monotonic()
+            try:
+                receive(ranks)
+            except RanksLost as exc:
+                caught = (exc.torn, str(exc))
+            return {"caught": caught, "seconds": time.monotonic() - started}
+        receive(ranks)
+        if how == "torn":  # hand_over's first two collectives (gather, then the total), not the reduce
+            dist.gather_object(Handover([inserted_chunk(torch.arange(3), 3)]), None, dst=0)
+            dist.all_reduce(torch.tensor([3], dtype=torch.int64))
+        return {"caught": None, "seconds": 0.0}
     finally:
         ranks.leave()

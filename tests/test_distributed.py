@@ -128,3 +128,77 @@ def test_a_refinement_round_on_two_ranks_is_the_one_process_round(session: Path)
     assert float((one["origins"] - two["origins"]).abs().max()) < 1e-4
     assert torch.allclose(one["scores"], two["scores"], atol=1e-5)
     assert float((one["volume"] - two["volume"]).abs().max()) <= 1e-4 * float(one["volume"].std())
+
+
+# ---------------------------------------------------------------------- a live session's split and meeting (watch)
+def _stacks(count: int, per_stack: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` stacks of `per_stack` particles each: (stacks, 1-based indices), stack by stack."""
+    names = np.array([f"/session/Particles/mic_{i:05d}_particles.mrcs" for i in range(count)])
+    return np.repeat(names, per_stack), np.tile(np.arange(1, per_stack + 1), count)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_owners_give_each_particle_one_rank_whatever_else_is_in_the_call(world: int) -> None:
+    stacks, indices = _stacks(40, 37)
+    ranks = d.owners(stacks, indices, world)
+    assert ranks.shape == (len(indices),) and ranks.dtype == np.int64
+    assert set(ranks.tolist()) == set(range(world))  # every rank has a share, none outside 0..world-1
+    if world == 1:
+        assert not ranks.any()
+    order = np.random.default_rng(0).permutation(len(indices))
+    assert np.array_equal(d.owners(stacks[order], indices[order], world), ranks[order])  # any order
+    some = order[:50]  # a few particles of a few stacks, alone in the call
+    assert np.array_equal(d.owners(stacks[some], indices[some], world), ranks[some])
+    for row in (0, 500, len(indices) - 1):  # one at a time, path given as a list of str
+        assert d.owners([str(stacks[row])], [indices[row]], world).tolist() == [ranks[row]]
+    assert d.owners(np.array([], dtype=str), np.array([], dtype=np.int64), world).shape == (0,)
+
+
+@pytest.mark.parametrize(("world", "block"), [(2, d.SHARE_BLOCK), (3, d.SHARE_BLOCK), (4, 5)])
+def test_owners_deal_blocks_of_a_stack_to_the_ranks_in_turn(world: int, block: int) -> None:
+    stacks, indices = _stacks(6, 10 * block + 3)
+    ranks = d.owners(stacks, indices, world, block)
+    for stack in np.unique(stacks):
+        mine, at = ranks[stacks == stack], indices[stacks == stack]
+        blocks = (at - 1) // block
+        first = mine[0]
+        for k in np.unique(blocks):
+            assert set(mine[blocks == k].tolist()) == {(first + k) % world}  # one rank per block, then the next
+
+
+def test_owners_share_a_session_evenly() -> None:
+    for count, per_stack in ((200, 50), (1500, 4)):  # large stacks; stacks smaller than a block (their paths decide)
+        stacks, indices = _stacks(count, per_stack)
+        shares = np.bincount(d.owners(stacks, indices, 3), minlength=3)
+        third = len(indices) / 3
+        assert np.abs(shares - third).max() <= 0.1 * third, (count, per_stack, shares)
+
+
+@pytest.mark.parametrize(("world", "block"), [(0, 16), (-1, 16), (2, 0)])
+def test_owners_refuse_an_impossible_world_or_block(world: int, block: int) -> None:
+    with pytest.raises(ValueError, match="world and block must be at least 1"):
+        d.owners(np.array(["a.mrcs"]), np.array([1]), world, block)
+
+
+def test_reduce_accumulator_adds_the_other_ranks_grids_to_rank_zeros() -> None:
+    n = 60
+    results = d.launch(2, helpers.reduce_share, n)
+    images, rotations, origins, halves, ctf = helpers.particles(n)
+    one = HalfSetAccumulator(helpers.BOX, helpers.APIX)
+    one.add(images, rotations, origins, halves, ctf)
+    alone = HalfSetAccumulator(helpers.BOX, helpers.APIX)
+    alone.add(images[::2], rotations[::2], origins[::2], halves[::2], ctf[::2])
+    root = results[0]
+    assert root["same"] and results[1]["same"]
+    assert torch.equal(root["counts"], one.particle_counts)
+    assert float((root["grids"] - one.grids).abs().max()) <= 1e-5 * float(one.grids.abs().max())
+    assert float((root["grids"] - alone.grids).abs().max()) > 0.1 * float(one.grids.abs().max())  # rank 1's added
+
+
+def test_reduce_accumulator_of_one_process_is_its_input() -> None:
+    images, rotations, origins, halves, ctf = helpers.particles(8)
+    acc = HalfSetAccumulator(helpers.BOX, helpers.APIX)
+    acc.add(images, rotations, origins, halves, ctf)
+    grids, counts = acc.grids.clone(), acc.particle_counts.clone()
+    assert d.reduce_accumulator(acc, d.Ranks.single()) is acc
+    assert torch.equal(acc.grids, grids) and torch.equal(acc.particle_counts, counts)

@@ -65,3 +65,26 @@ def test_random_start_is_uniform_reproducible_and_unshifted(images: torch.Tensor
     assert bool((first.confidence == 0).all()) and len(first.anchor_disagreement_degrees) == 0
     many = RandomPoser(seed=1).pose(torch.zeros(4000, 2, 2), APIX).rotations
     assert float(many[:, 2, 2].mean().abs()) < 0.05  # cos(tilt) of uniform rotations averages 0
+
+
+def test_another_poser_adopts_the_frame_and_poses_alike(poser: NetworkPoser, images: torch.Tensor) -> None:
+    """A poser of another rank takes rank 0's frame (adopt_frame): the same poses for the same images."""
+    first = NetworkPoser(poser.model, views=16, anchors=4)
+    assert not first.frame_complete
+    first.choose_reference(images[:8])
+    assert first.has_reference and not first.frame_complete  # no anchors before the first pass
+    early = NetworkPoser(poser.model, views=16, anchors=4)
+    early.adopt_frame(first.state_dict())
+    assert early.has_reference and not early.frame_complete
+    first.pose(images[:2], APIX)
+    assert not first.frame_complete and len(first.state_dict()["anchor_rotations"]) == 2  # 2 of its 4 anchors
+    first.pose(images[2:20], APIX)
+    assert first.frame_complete
+    other = NetworkPoser(poser.model, views=16, anchors=4)
+    other.adopt_frame(first.state_dict())
+    assert other.frame_complete
+    mine, theirs = first.pose(images[20:], APIX), other.pose(images[20:], APIX)
+    torch.testing.assert_close(theirs.rotations, mine.rotations)
+    torch.testing.assert_close(theirs.origins_angstrom, mine.origins_angstrom)
+    torch.testing.assert_close(theirs.confidence, mine.confidence)
+    torch.testing.assert_close(other.state_dict()["anchor_rotations"], first.state_dict()["anchor_rotations"])

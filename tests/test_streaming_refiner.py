@@ -11,7 +11,7 @@ import pytest
 import torch
 from cryofastar.daemon.settings import DaemonSettings
 from cryofastar.engine.policy import CLASS_POSES_WAIT_SECONDS
-from cryofastar.engine.streaming_refiner import COARSE, StreamingRefiner
+from cryofastar.engine.streaming_refiner import COARSE, RankPolicy, StreamingRefiner
 from cryofastar.recon.io import ParticleFileError, ParticleSource, write_stack
 from cryofastar.recon.rotations import geodesic_degrees, random_rotations
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
@@ -183,3 +183,75 @@ def test_a_classes_session_waits_for_its_classes_then_gives_up_for_ab_initio_if_
     refiner.give_up_classes("the 2D lane failed (boom)")
     assert refiner.phase == "ab-initio" and refiner.needs_bootstrap and refiner.active
     assert refiner.class_poses == {"error": "the 2D lane failed (boom)", "informative": False, "used": False}
+
+
+def test_the_hurried_mode_and_the_other_ranks_policy_follow_the_phase(tmp_path):
+    """hurried_mode/rank_policy (watch --nproc) per phase; refine(hurry=True) skips a pass exactly when 'own'."""
+    box, apix = 32, 4.0
+    volume = atoms_to_volume(procedural_molecule(1_000_000_005), box, apix)
+    halves = torch.stack([volume, volume])
+    sim = simulate_particles(volume, 8, apix, 2.0, torch.Generator().manual_seed(2), max_shift_px=1.0)
+    half_sets, start = 1 + torch.arange(8) % 2, random_rotations(8, torch.Generator().manual_seed(1))
+
+    def modes(refiner: StreamingRefiner) -> tuple[str, str]:
+        return refiner.hurried_mode(True), refiner.hurried_mode(False)
+
+    refiner = StreamingRefiner(_settings(tmp_path, refine_after=10, refine_box=32), torch.device("cpu"))
+    assert refiner.phase == "waiting" and modes(refiner) == ("own", "own")
+    assert refiner.rank_policy() == RankPolicy(True, "own", "own", 0) and refiner.reference_source is None
+    refiner.update_reference(halves, apix, 10.0, n_particles=9)  # too few particles: no reference
+    assert refiner.reference_source is None and refiner.rank_policy().version == 0
+    refiner.update_reference(halves, apix, 10.0, n_particles=10)
+    assert refiner.phase == "probe" and modes(refiner) == ("own", "own")
+    assert refiner.rank_policy() == RankPolicy(True, "own", "own", 1)
+    source = refiner.reference_source
+    assert source[0] is halves and source[1:] == (apix, 10.0) and type(source[1]) is float
+
+    probe = refiner.refine(sim.images, half_sets, sim.rotations, sim.origins_angstrom, hurry=True)
+    assert probe.mode == "best" and refiner.phase == "local" and refiner.network_informative
+    assert modes(refiner) == ("own", "coarse")
+    assert refiner.rank_policy() == RankPolicy(True, "own", "coarse", 1)
+    refiner._probes = collections.deque([0.1])  # a later probe found the network uninformative
+    assert modes(refiner) == ("coarse", "coarse")
+    assert refiner.rank_policy() == RankPolicy(False, "coarse", "coarse", 1)  # the others pose at random
+    for won in (0.9, 0.1):  # in a hurry, refine() leaves a pass unrefined exactly when the policy says 'own'
+        refiner._probes = collections.deque([won])
+        for network in (True, False):
+            poses = refiner.refine(sim.images, half_sets, sim.rotations if network else start, torch.zeros(8, 2),
+                                   network=network, hurry=True)
+            assert (poses is None) == (refiner.hurried_mode(network) == "own"), (won, network)
+            assert poses is None or (poses.mode == "coarse" and poses.version == COARSE)
+    refiner.update_reference(halves, apix, 8.0, n_particles=20)
+    assert refiner.rank_policy().version == 2 and refiner.reference_source[2] == 8.0
+
+    refiner.phase = "ab-initio"  # its schedule runs: its own poses (the ab initio poses them when re-posed)
+    assert modes(refiner) == ("own", "own")
+    assert refiner.rank_policy() == RankPolicy(False, "own", "own", refiner.version)
+    refiner._final_band_version = refiner.version  # its schedule has run out: a coarse search of the latest map
+    assert modes(refiner) == ("coarse", "coarse")
+    assert refiner.rank_policy() == RankPolicy(False, "coarse", "coarse", refiner.version)
+    assert refiner.maybe_finish_ab_initio(np.full(4, refiner.version))  # local, waiting for its next reference
+    assert modes(refiner) == ("own", "own") and refiner.rank_policy() == RankPolicy(False, "own", "own", 0)
+    refiner._probes = collections.deque([0.9])
+    assert refiner.rank_policy() == RankPolicy(True, "own", "own", 0)
+
+
+@pytest.mark.parametrize("poses_from", ["map-only", "classes"])
+def test_sessions_without_the_network_never_ask_the_other_ranks_for_its_poses(tmp_path, poses_from):
+    box, apix = 32, 4.0
+    volume = atoms_to_volume(procedural_molecule(1_000_000_005), box, apix)
+    refiner = StreamingRefiner(_settings(tmp_path, refine_after=10, refine_box=16, poses_from=poses_from),
+                               torch.device("cpu"), poses_from=poses_from)
+    assert refiner.rank_policy() == RankPolicy(False, "own", "own", 0)
+    refiner.update_reference(torch.stack([volume, volume]), apix, 12.0, n_particles=20)
+    assert refiner.phase == {"map-only": "ab-initio", "classes": "classes"}[poses_from]
+    assert refiner.rank_policy() == RankPolicy(False, "own", "own", 1)
+    refiner.phase = "local"  # after the ab initio or the class poses
+    assert refiner.rank_policy() == RankPolicy(False, "coarse", "coarse", 1)
+
+
+def test_without_refinement_the_other_ranks_use_the_sessions_own_poses(tmp_path):
+    for poses_from, network in (("network", True), ("map-only", False)):
+        refiner = StreamingRefiner(_settings(tmp_path, refine=False, poses_from=poses_from), torch.device("cpu"),
+                                   poses_from=poses_from)
+        assert refiner.phase == "off" and refiner.rank_policy() == RankPolicy(network, "own", "own", 0)
