@@ -5,6 +5,9 @@ procedural molecule (held out, seed 1,000,000,007) is simulated at ``--box`` px,
 Å, SNR ``--snr`` with a CTF; the steps are timed on ``--n`` particles (each after one
 warm-up call), in this process's torch threads:
 
+- **read**: reading the images from an ``.mrcs`` stack in the page cache the way the daemon's reader
+  does (:meth:`~cryofastar.recon.io.source.ParticleSource.chunks` of 512, the pixel checks included) and
+  their fingerprints (:func:`~cryofastar.daemon.fingerprints.image_fingerprints`), per particle;
 - **network**: a 128-view forward pass + pose solve of the shipped network at its model box
   (:class:`~cryofastar.engine.posing.NetworkPoser`, reference chosen first), per particle;
 - **insert** / **remove**: :class:`~cryofastar.recon.HalfSetAccumulator` ``add`` / ``remove``
@@ -18,6 +21,7 @@ warm-up call), in this process's torch threads:
 
     python bench/bench_stage_costs.py                       # box 128, 512 particles
     python bench/bench_stage_costs.py --box 64 --json costs64.json
+    python bench/bench_stage_costs.py --threads 1 --no-ab-initio   # one rank's costs when 2 share 2 cores
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
+import mrcfile
 import torch
+from cryofastar.daemon.fingerprints import image_fingerprints
 from cryofastar.engine.posing import NetworkPoser
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ab_initio import AbInitioSettings, run_ab_initio
+from cryofastar.recon.io import ParticleSource
 from cryofastar.recon.map_set import map_set
 from cryofastar.recon.refinement import RefinementReference, RefineSettings, images_to_working_box
 from cryofastar.recon.simulate import atoms_to_volume, procedural_molecule
@@ -53,8 +61,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512, help="particles each step is timed on")
     parser.add_argument("--refine-box", type=int, default=64)
     parser.add_argument("--seed-particles", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; one rank of N on C cores has C // N)")
+    parser.add_argument("--ab-initio", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the ab initio's bootstrap and steps (about 100 s at box 128)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     n, box, apix = args.n, args.box, args.apix
     total = max(2 * n, args.seed_particles + n)
@@ -64,6 +78,20 @@ def main() -> None:
     halves = 1 + torch.arange(total) % 2
     costs: dict[str, float] = {}
     at = torch.arange(n)
+
+    with tempfile.TemporaryDirectory(prefix="cryofastar-costs-") as folder:
+        stack = Path(folder) / "particles.mrcs"
+        with mrcfile.new(stack) as mrc:
+            mrc.set_data(images[:n].numpy().astype("float32"))
+            mrc.set_image_stack()
+            mrc.voxel_size = apix
+
+        def read() -> None:
+            for chunk in ParticleSource.from_stack(stack).chunks(512):
+                image_fingerprints(chunk.images)
+
+        read()  # warm-up (and the page cache)
+        costs["read_ms"] = 1e3 * timed(read, n)
 
     poser = NetworkPoser.load(None, torch.device("cpu"))
     poser.choose_reference(images[:64])
@@ -100,17 +128,18 @@ def main() -> None:
         reference.match(images[other], halves[other], start, origins[other], mode, ctf[other])
         costs[f"{mode}_ms"] = 1e3 * (time.perf_counter() - t0) / n
 
-    small = images_to_working_box(images, min(args.refine_box, box))
-    apix_work = apix * box / small.shape[-1]
-    seed = torch.arange(args.seed_particles)
-    t0 = time.perf_counter()
-    result = run_ab_initio(small[seed], halves[seed], apix_work, passes=1, ctf=ctf[seed],
-                           settings=AbInitioSettings(interpolation="nearest"), seed=0)
-    costs["ab_initio_bootstrap_s"] = time.perf_counter() - t0
-    new = torch.arange(args.seed_particles, args.seed_particles + n)
-    costs["ab_initio_add_ms"] = 1e3 * timed(lambda: result.ab_initio.add(small[new], halves[new], ctf[new]), n)
-    costs["ab_initio_repose_ms"] = 1e3 * timed(
-        lambda: result.ab_initio.repose(small[seed[:n]], halves[seed[:n]], result.poses[seed[:n]], ctf[seed[:n]]), n)
+    if args.ab_initio:
+        small = images_to_working_box(images, min(args.refine_box, box))
+        apix_work = apix * box / small.shape[-1]
+        seed = torch.arange(args.seed_particles)
+        t0 = time.perf_counter()
+        result = run_ab_initio(small[seed], halves[seed], apix_work, passes=1, ctf=ctf[seed],
+                               settings=AbInitioSettings(interpolation="nearest"), seed=0)
+        costs["ab_initio_bootstrap_s"] = time.perf_counter() - t0
+        new = torch.arange(args.seed_particles, args.seed_particles + n)
+        costs["ab_initio_add_ms"] = 1e3 * timed(lambda: result.ab_initio.add(small[new], halves[new], ctf[new]), n)
+        costs["ab_initio_repose_ms"] = 1e3 * timed(lambda: result.ab_initio.repose(
+            small[seed[:n]], halves[seed[:n]], result.poses[seed[:n]], ctf[seed[:n]]), n)
 
     figures = {"box": box, "apix": apix, "snr": args.snr, "particles": n, "refine_box": args.refine_box,
                "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

@@ -16,7 +16,8 @@ process count in ``--nproc`` (default ``1,2``), in turn, on the same simulated s
 
 Figures per run: **rate** = particles in the map between the first status message that
 shows any and the first that shows all, over that time (so the network's start and the
-stop are outside); time from the first stack placed to all in the map; the **longest
+stop are outside); **steady rate** = 80 % of the particles over the time the map took from
+10 % to 90 % of them (the first passes' warm-up outside too); time from the first stack placed to all in the map; the **longest
 pause** of the map's particle count while particles wait; the stop's duration; and, for
 K > 1, the share the other ranks inserted (rank 0's log line). On 2 CPU cores, K ranks
 share the cores one process uses, so K = 2 measures the cost of the ranks' meetings, not a
@@ -118,8 +119,13 @@ def run_session(root: Path, stacks: list[Path], nproc: int, args: argparse.Names
         if n != previous:
             since, previous = t, n
         longest = max(longest, t - since)
+    def reached(fraction: float) -> float:
+        return next(t for t, n in counts if n >= fraction * args.n)
+
+    steady = 0.8 * args.n / max(1e-9, reached(0.9) - reached(0.1))
     share = re.search(r"ranks: the other \d+ posed and inserted (\d+) of the (\d+)", text)
     return {"nproc": nproc, "particles": args.n, "rate": (args.n - n_first) / max(1e-9, t_all - t_first),
+            "steady_rate": steady,
             "time_to_all_seconds": t_all - placed, "longest_pause_seconds": longest,
             "status_interval_seconds": sum(intervals) / max(1, len(intervals)),
             "stop_seconds": time.monotonic() - stopped,
@@ -159,7 +165,8 @@ def main() -> None:
         for nproc in [int(k) for k in args.nproc.split(",")]:
             runs.append(run_session(root, stacks, nproc, args))
             r = runs[-1]
-            print(f"{nproc} rank(s): {r['rate']:.1f} particles/s, all {args.n} in the map "
+            print(f"{nproc} rank(s): {r['rate']:.1f} particles/s ({r['steady_rate']:.1f} from 10 to 90 %), "
+                  f"all {args.n} in the map "
                   f"{r['time_to_all_seconds']:.1f} s after the stacks came, longest pause "
                   f"{r['longest_pause_seconds']:.1f} s, stop {r['stop_seconds']:.1f} s, other ranks inserted "
                   f"{r['other_ranks_inserted']}", flush=True)

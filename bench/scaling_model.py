@@ -21,6 +21,15 @@ figures and measured ``reconstruct --nproc 1/2`` runs of ``bench/bench_allreduce
    all-reduce a ring over ``--nvlink-gbs`` GB/s within a node and ``--network-gbs`` between nodes.
    What the model says is the shape: the serial share (ab initio on rank 0, rank 0's maps) and
    the all-reduces against the work that divides.
+3. **A live session** (``watch --nproc``, docs/scaling.md "Live: watch --nproc") predicted for 1 and
+   2 ranks against ``bench/bench_watch_ranks.py``'s measured runs (``--live``, run with
+   ``--no-refine``: the stream's own work). N ranks on C cores, each with C // N torch threads and
+   the per-particle costs measured at that many threads (``--costs-threads``: ``bench_stage_costs.py
+   --threads 1``): each rank reads, poses and inserts n / N particles, rank 0 also makes the maps
+   (one per ``publish_particles`` and a last one), and every rank spends ``t_reduce`` of each
+   ``SYNC_SECONDS`` in the sync:
+   ``T(N) = (n / N (c_read + c_net + c_ins) + M c_map) / (1 - t_reduce / SYNC)``, compared with the
+   measured steady rate (10 to 90 % of the particles in the map).
 
     python bench/scaling_model.py
     python bench/scaling_model.py --costs bench/results/stage_costs_b64_snr1.json --gpu-factor 0.02
@@ -55,6 +64,21 @@ def offline_seconds(n: int, costs: dict, speedup: float, allreduce_s: float, lau
     return parts
 
 
+SYNC_SECONDS = 2.0  # daemon.rank_sync.SYNC_SECONDS
+
+
+def live_seconds(n: int, ranks: int, costs: dict, maps: int, reduce_s: float) -> dict[str, float]:
+    """A live burst of ``n`` particles on ``ranks`` ranks, without refinement (module docstring, 3.): the slowest
+    rank's (rank 0's) time by part, ``costs`` at the threads each rank has."""
+    ms = 1e-3
+    parts = {"read_pose_insert": n / ranks * ms * (costs["read_ms"] + costs["network_ms"] + costs["insert_ms"]),
+             "maps_rank0": maps * costs["map_s"]}
+    busy = sum(parts.values())
+    parts["syncs"] = busy / (1 - reduce_s / SYNC_SECONDS) - busy if ranks > 1 else 0.0
+    parts["total"] = busy + parts["syncs"]
+    return parts
+
+
 def ring_seconds(bytes_: int, ranks: int, gbs: float) -> float:
     """A ring all-reduce of ``bytes_`` over ``ranks`` at ``gbs`` GB/s per link (latency left out)."""
     return 0.0 if ranks == 1 else 2 * (ranks - 1) / ranks * bytes_ / (gbs * 1e9)
@@ -66,6 +90,11 @@ def main() -> None:
     parser.add_argument("--costs-128", type=Path, default=RESULTS / "stage_costs_b128.json")
     parser.add_argument("--allreduce", type=Path, default=RESULTS / "bench_allreduce_cpu.json")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--live", type=Path, default=RESULTS / "watch_ranks_b128_norefine.json",
+                        help="bench_watch_ranks.py's runs (--no-refine) to predict")
+    parser.add_argument("--costs-threads", type=Path, default=RESULTS / "stage_costs_b128_1thread.json",
+                        help="bench_stage_costs.py --threads 1 (one rank of 2 on 2 cores)")
+    parser.add_argument("--publish-particles", type=int, default=2000, help="the daemon's default")
     parser.add_argument("--launch-seconds", type=float, default=2.6, help="measured start of the workers")
     parser.add_argument("--gpu-factor", type=float, default=0.02,
                         help="assumed time per particle on one GPU over 2 CPU cores' (not measured)")
@@ -103,6 +132,25 @@ def main() -> None:
                                                                   if ranks > 1 else 0.0))
         measured = runs[f"nproc_{ranks}"]["wall_seconds"]
         print(f"{ranks:>5} {total:>12.1f} {measured:>11.1f} {100 * (total / measured - 1):>+6.0f}%")
+
+    if args.live.exists() and args.costs_threads.exists():
+        live = json.loads(args.live.read_text())
+        by_threads = {args.cores: json.loads(args.costs_128.read_text())["costs"],
+                      1: json.loads(args.costs_threads.read_text())["costs"]}
+        reduce_s = next(b["seconds_median"] for b in allreduce["boxes"] if b["box"] == live["settings"]["box"])
+        n_live = live["settings"]["n"]
+        maps = -(-n_live // args.publish_particles) + 1
+        print(f"\n# live burst: {n_live} particles at box {live['settings']['box']}, --no-refine, {maps} maps, "
+              f"a reduce of {reduce_s:.3f} s every {SYNC_SECONDS:.0f} s")
+        print(f"{'ranks':>5} {'predicted p/s':>14} {'measured p/s':>13} {'error':>7}   parts (s)")
+        for run in live["runs"]:
+            ranks = run["nproc"]
+            parts = live_seconds(n_live, ranks, by_threads[max(1, args.cores // ranks)], maps, reduce_s)
+            predicted = n_live / parts["total"]
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k != "total")
+            print(f"{ranks:>5} {predicted:>14.1f} {run['steady_rate']:>13.1f} "
+                  f"{100 * (predicted / run['steady_rate'] - 1):>+6.0f}%"
+                  f"   {shown}")
 
     big = json.loads(args.costs_128.read_text())["costs"]
     print(f"\n# projection: 1,000,000 particles, GPU per-particle cost = {args.gpu_factor} x 2 CPU cores' "
