@@ -18,8 +18,8 @@ Figures per run: **rate** = particles in the map between the first status messag
 shows any and the first that shows all, over that time (so the network's start and the
 stop are outside); **steady rate** = 80 % of the particles over the time the map took from
 10 % to 90 % of them (the first passes' warm-up outside too); time from the first stack
-placed to all in the map; the **longest pause** of the map's particle count while particles wait; the stop's duration; and, for
-K > 1, the share the other ranks inserted (rank 0's log line). On 2 CPU cores, K ranks
+placed to all in the map; the **longest pause** of the map's particle count while particles
+wait; the stop's duration; and, for K > 1, the share the other ranks inserted (rank 0's log line). On 2 CPU cores, K ranks
 share the cores one process uses, so K = 2 measures the cost of the ranks' meetings, not a
 speed-up (docs/scaling.md "Live: watch --nproc").
 
