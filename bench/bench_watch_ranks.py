@@ -19,9 +19,9 @@ shows any and the first that shows all, over that time (so the network's start a
 stop are outside); **steady rate** = 80 % of the particles over the time the map took from
 10 % to 90 % of them (the first passes' warm-up outside too); time from the first stack
 placed to all in the map; the **longest pause** of the map's particle count while particles
-wait; the stop's duration; and, for K > 1, the share the other ranks inserted (rank 0's log line). On 2 CPU cores, K ranks
-share the cores one process uses, so K = 2 measures the cost of the ranks' meetings, not a
-speed-up (docs/scaling.md "Live: watch --nproc").
+wait; the stop's duration; and, for K > 1, the share the other ranks inserted (rank 0's
+log line). On 2 CPU cores, K ranks share the cores one process uses, so K = 2 measures the
+cost of the ranks' meetings, not a speed-up (docs/scaling.md "Live: watch --nproc").
 
     python bench/bench_watch_ranks.py                                  # 4000 particles, box 128, 1 and 2 ranks
     python bench/bench_watch_ranks.py --n 1000 --box 64 --per-stack 100 # a quick run
