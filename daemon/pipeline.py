@@ -927,8 +927,10 @@ class Daemon:
         st = self.state
         if st.accumulator is None and self.geometry is not None:  # the others may insert before rank 0 does
             self._make_accumulator()
-        command = Command("stop" if final else "sync", self.refiner.rank_policy(), self._reference_to_send(),
-                          self._frame_to_send(), self.geometry)
+        policy = self.refiner.rank_policy()
+        # the reference only when the others search it (the ab initio makes a new one at every step, unused there)
+        reference = self._reference_to_send() if "coarse" in (policy.network_mode, policy.random_mode) else None
+        command = Command("stop" if final else "sync", policy, reference, self._frame_to_send(), self.geometry)
         self._last_sync = now
         if final:
             self._ranks_done = True
@@ -985,7 +987,8 @@ class Daemon:
             self._board.rate.add(time.monotonic(), st.n_particles)
 
     def _reference_to_send(self):  # noqa: ANN202 - ReferenceSource | None
-        """Rank 0's reference for the other ranks, when its version changed since last sent."""
+        """Rank 0's reference for the other ranks, when its version changed since last sent (a sync whose policy
+        has them search it)."""
         source = self.refiner.reference_source
         if source is None or self.refiner.version == self._reference_sent:
             return None
