@@ -361,9 +361,12 @@ class Daemon:
         if self.classification is not None:  # with the map's side of it: particles out of the map as junk
             classification = {**self.classification.status(), "exclude_junk": self.settings.exclude_junk,
                               "excluded": self.exclusion.excluded}
-        return self._board.report(self.state, queues, 0 if self._watcher is None else self._watcher.pending,
-                                  refinement_status(self.refiner, precision, self.refinement.background), self.geometry,
-                                  classification=classification)
+        report = self._board.report(self.state, queues, 0 if self._watcher is None else self._watcher.pending,
+                                    refinement_status(self.refiner, precision, self.refinement.background),
+                                    self.geometry, classification=classification)
+        report["ranks"] = {"world": self.ranks.world, "waiting": self._ranks_waiting,
+                           "from_other_ranks": self._from_ranks}
+        return report
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

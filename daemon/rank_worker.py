@@ -246,10 +246,22 @@ class RankWorker:
         assert self.geometry is not None and self.accumulator is not None
         apix = self.geometry.apix
         t0 = time.perf_counter()
-        poses = (self.network.pose(chunk.images, apix) if network and self.network is not None
-                 else self.random.pose(chunk.images, apix))
+        try:
+            poses = (self.network.pose(chunk.images, apix) if network and self.network is not None
+                     else self.random.pose(chunk.images, apix))
+            refined = self.first.first_poses(chunk.images, chunk.half_sets, poses.origins_angstrom, chunk.ctf,
+                                             network)
+        except Exception as exc:  # noqa: BLE001 - as on rank 0: the chunk is rejected, the session goes on
+            logger.exception("rank %d: posing %s failed", self.ranks.rank, chunk.origin)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self.taken.remove(chunk.stacks, chunk.indices)
+            with self.lock:
+                self.handover.count("particles_rejected", len(chunk))
+                self.handover.rejections.append(
+                    (str(chunk.origin), f"{chunk.origin}: pose estimation failed ({type(exc).__name__}: {first})"))
+                self._held -= len(chunk)
+            return
         rotations, origins = poses.rotations, poses.origins_angstrom
-        refined = self.first.first_poses(chunk.images, chunk.half_sets, origins, chunk.ctf, network)
         scores = spread = None
         if refined is not None:
             rotations, origins, scores, spread = (refined.rotations, refined.origins_angstrom, refined.scores,

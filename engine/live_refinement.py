@@ -146,7 +146,7 @@ class LiveRefinement:
         if self.refiner.phase == "ab-initio" and self.refiner.ab is None:
             return  # the ab initio starts in the background
         table = self.session.poses
-        rows = self.refiner.pick_stale(self._refined(), table.column("spread"))
+        rows = self._one_ctf_kind(self.refiner.pick_stale(self._refined(), table.column("spread")))
         if len(rows) == 0:
             return
         t0 = time.perf_counter()
@@ -322,7 +322,7 @@ class LiveRefinement:
         """Start the streaming ab initio on the map's oldest particles, in the background (:meth:`poll` applies it:
         they are re-inserted at its poses)."""
         table = self.session.poses
-        rows = np.flatnonzero(table.in_map())[: self.refiner.seed_particles]  # the oldest in the map
+        rows = self._one_ctf_kind(np.flatnonzero(table.in_map()))[: self.refiner.seed_particles]  # the oldest
         try:
             images, halves, ctf = self._read_back(rows)
             work = self.refiner.bootstrap_work(images, halves, ctf, apix, self._background.check)
@@ -375,6 +375,15 @@ class LiveRefinement:
                 new.subset(at)
         if len(rows):
             self._replace(rows, images, halves, ctf, new)
+
+    def _one_ctf_kind(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` with a CTF, or those without, whichever are more (ties: with), in their order. A session may
+        hold both (a stack taken bare, then one named by a STAR file: docs/daemon.md), and one match or ab initio
+        step takes particles of one kind; the others are picked by a later step."""
+        known = np.isfinite(self.session.poses.column("ctf")[rows, 0])
+        if known.all() or not known.any():
+            return rows
+        return rows[known] if 2 * int(known.sum()) >= len(rows) else rows[~known]
 
     def _read_back(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, CtfParams | None]:
         """`(len(rows), B, B)` images of map particles ``rows`` read again, their `(len(rows),)` int64 half sets

@@ -116,11 +116,11 @@ def test_watch_help_shows_the_daemon_settings_defaults_and_help() -> None:
         if f.name not in ("watch", "out") and value is not None and not isinstance(value, bool):
             assert f"[default: {value}]" in text, f.name
         shown += 1
-    assert shown == 25
+    assert shown == 26  # --nproc included
     assert "--classify --no-classify" in text and "--classes <int> Number of 2D classes. [default: 50]" in text
     assert "--publish-every <float> Write and publish the map at least this often, in seconds... [default: 10.0]" \
         in text
-    assert "--refine --no-refine" in text and "--idle-exit" in text and "--dashboard-port" in text
+    assert "--refine --no-refine" in text and "--idle-exit" in text and "--dashboard-port" in text and "--nproc" in text
 
 
 def test_watch_alias_and_root_options() -> None:

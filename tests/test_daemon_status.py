@@ -28,6 +28,7 @@ def test_a_new_daemon_reports_an_empty_session_before_it_starts(tmp_path):
     assert status["particles_per_second"] == 0.0 and status["particles_in_map"] == 0
     assert status["rejected_recent"] == [] and status["pose_source"] == "map-only"
     assert status["poses_from"] == "random"  # a map-only session before refinement: random poses, not the map's
+    assert status["ranks"] == {"world": 1, "waiting": 0, "from_other_ranks": 0}  # one process
 
 
 def test_recent_rejections_come_back_in_status_after_a_restart(tmp_path):

@@ -233,3 +233,35 @@ def test_the_ab_initio_starts_beside_the_stream_and_its_poses_are_applied_exactl
     # from now on new passes are posed by it
     again = live.refine_pass(sim.images[:4], halves[:4], sim.rotations[:4], sim.origins_angstrom[:4], None, APIX)
     assert again is not None and again.mode == "ab-initio"
+
+
+def test_a_map_mixing_particles_with_and_without_a_ctf_is_reposed_one_kind_at_a_time(session) -> None:
+    """A stack taken bare, then one named by a STAR file: one step re-poses particles of one kind (the more
+    numerous first), never marking the others unreadable; the next steps take the rest."""
+    from cryofastar.recon.ctf import CtfParams
+
+    live, state, sim, volume, halves, steps = session
+    k = 8  # particles of a second "file", with a CTF: the first k images again under other names
+    defocus = torch.full((k,), 15_000.0, dtype=torch.float64)
+
+    def each(value: float) -> torch.Tensor:
+        return torch.full((k,), value, dtype=torch.float64)
+
+    ctf = CtfParams(defocus, defocus, each(0.0), each(300.0), each(2.7), each(0.1), each(0.0))
+    stack = state.poses.stack_paths(np.array([0]))[0]
+    wrong = random_rotations(k, torch.Generator().manual_seed(11))
+    zero = torch.zeros(k, 2, dtype=torch.float64)
+    state.accumulator.add(sim.images[:k], wrong, zero, halves[:k], ctf)
+    state.poses.append(np.array([stack] * k), np.arange(1, k + 1), wrong, zero, torch.ones(k), halves[:k], ctf)
+    refiner = live.refiner
+    refiner.update_reference(torch.stack([volume, volume]), APIX, 12.0, n_particles=N + k)
+    refiner.phase = "local"
+    kinds = []
+    for _ in range(5):  # 24 without a CTF, 8 with; at most 10 a step, of one kind
+        before = state.poses.column("refined").copy()
+        live.repose(APIX)
+        moved = np.flatnonzero(state.poses.column("refined") != before)
+        kinds.append(sorted({bool(row >= N) for row in moved}))
+    assert (state.poses.column("refined") != UNREADABLE).all()
+    assert kinds[0] == [False] and all(len(kind) == 1 for kind in kinds) and [True] in kinds
+    assert (state.poses.column("refined") == refiner.version).all()  # all re-posed after five steps
