@@ -20,7 +20,7 @@ from cryofastar.daemon.state import CHECKPOINT_NAME, SessionState
 from session_helpers import ENV, SCRIPT, launched_workers, place, simulate_stacks
 from session_helpers import run_cli as run
 
-N_STACKS, PER_STACK = 16, 100
+N_STACKS, PER_STACK = 12, 100
 N = N_STACKS * PER_STACK
 
 
@@ -67,7 +67,7 @@ def test_two_ranks_share_a_live_session_and_write_the_map_of_its_particles(stack
     watch.mkdir()
     for stack in stacks[:4]:
         place(stack, watch)
-    process = _watch(watch, "--idle-exit", "8")
+    process = _watch(watch, "--idle-exit", "5")
     try:
         _feed(stacks[4:], watch, every=0.3)
         stdout, stderr = process.communicate(timeout=400)
@@ -96,7 +96,7 @@ def test_a_killed_rank_stops_the_session_cleanly_and_a_restart_resumes_exactly(s
     process = _watch(watch)
     started = time.monotonic()
     try:
-        feeder = _feed(stacks[:10], watch, every=0.5)
+        feeder = _feed(stacks[:8], watch, every=0.5)
         stderr_lines: list[str] = []
         assert process.stderr is not None
         for line in process.stderr:  # the map holds particles of both ranks: a sync has happened
@@ -124,9 +124,9 @@ def test_a_killed_rank_stops_the_session_cleanly_and_a_restart_resumes_exactly(s
     kept = state.n_particles
     assert 0 < kept < N and len(state.journal) == kept == len(state.poses) == len(_names(out))
     # the restart reads what the checkpoint lacks, and only that
-    for stack in stacks[10:]:
+    for stack in stacks[8:]:
         place(stack, watch)
-    process = _watch(watch, "--idle-exit", "8")
+    process = _watch(watch, "--idle-exit", "5")
     stdout, stderr = process.communicate(timeout=400)
     assert process.returncode == 0, stderr[-3000:]
     assert f"stopped: {N} particles in the map" in stdout
