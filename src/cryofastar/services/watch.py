@@ -92,7 +92,8 @@ def _signals_to_rank_zero() -> Iterator[None]:
     The ranks leave this process's group as they start (:func:`_rank_main`), so a Ctrl-C reaches this process
     alone; SIGINT and SIGTERM are passed on to the ranks once each (rank 0 stops the session, or hurries at the
     second; the others ignore them and wait for its ``stop``). The launcher's own handling (it would end every
-    rank at once, then wait 30 s for their return values) is left to SIGHUP and SIGQUIT (:func:`~cryofastar.engine.distributed.launch`'s ``signals``).
+    rank at once, then wait 30 s for their return values) is left to SIGHUP and SIGQUIT
+    (:func:`~cryofastar.engine.distributed.launch`'s ``signals``).
     """
     def forward(signum: int, _frame: object) -> None:
         for child in multiprocessing.active_children():
