@@ -63,14 +63,16 @@ def simulate(staging: Path, args: argparse.Namespace) -> list[Path]:
     return sorted(staging.glob("particles_*.mrcs"))
 
 
-def run_session(root: Path, stacks: list[Path], nproc: int, args: argparse.Namespace) -> dict[str, object]:
-    """One session on ``nproc`` ranks (module docstring); its figures."""
-    watch = root / f"watch-{nproc}"
+def run_session(root: Path, stacks: list[Path], nproc: int, args: argparse.Namespace,
+                run: int = 0) -> dict[str, object]:
+    """One session on ``nproc`` ranks (module docstring), the ``run``-th of the bench; its figures."""
+    name = f"watch-{nproc}" + (f"-{run}" if run else "")
+    watch = root / name
     watch.mkdir()
     address = f"tcp://127.0.0.1:{free_port()}"
     command = [str(SCRIPT), "-v", "watch", str(watch), "--nproc", str(nproc), "--zmq", address, "--metrics-port",
                "-1", "--classify" if args.classify else "--no-classify", *args.extra]
-    log = (root / f"watch-{nproc}.log").open("w")
+    log = (root / f"{name}.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     counts: list[tuple[float, int]] = []
     placed = stopped = None
@@ -109,7 +111,7 @@ def run_session(root: Path, stacks: list[Path], nproc: int, args: argparse.Names
             process.kill()
             process.wait()
         log.close()
-    text = (root / f"watch-{nproc}.log").read_text(errors="replace")
+    text = (root / f"{name}.log").read_text(errors="replace")
     first = next(i for i, (_, n) in enumerate(counts) if n > 0)
     t_first, n_first = counts[first]
     t_all = counts[-1][0]
@@ -144,7 +146,7 @@ def place(stacks: list[Path], watch: Path, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nproc", default="1,2", help="process counts to run, in turn")
+    parser.add_argument("--nproc", default="1,2", help="process counts to run, in turn (repeats allowed: 1,2,1,2)")
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--box", type=int, default=128)
     parser.add_argument("--apix", type=float, default=1.5)
@@ -162,8 +164,8 @@ def main() -> None:
     try:
         stacks = simulate(root / "staging", args)
         runs = []
-        for nproc in [int(k) for k in args.nproc.split(",")]:
-            runs.append(run_session(root, stacks, nproc, args))
+        for run, nproc in enumerate(int(k) for k in args.nproc.split(",")):
+            runs.append(run_session(root, stacks, nproc, args, run))
             r = runs[-1]
             print(f"{nproc} rank(s): {r['rate']:.1f} particles/s ({r['steady_rate']:.1f} from 10 to 90 %), "
                   f"all {args.n} in the map "

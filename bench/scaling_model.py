@@ -29,7 +29,8 @@ figures and measured ``reconstruct --nproc 1/2`` runs of ``bench/bench_allreduce
    (one per ``publish_particles`` and a last one), and every rank spends ``t_reduce`` of each
    ``SYNC_SECONDS`` in the sync:
    ``T(N) = (n / N (c_read + c_net + c_ins) + M c_map) / (1 - t_reduce / SYNC)``, compared with the
-   measured steady rate (10 to 90 % of the particles in the map).
+   measured steady rates (10 to 90 % of the particles in the map): their mean per rank count, and each
+   run (they vary by ±15 % on this VM).
 
     python bench/scaling_model.py
     python bench/scaling_model.py --costs bench/results/stage_costs_b64_snr1.json --gpu-factor 0.02
@@ -90,8 +91,9 @@ def main() -> None:
     parser.add_argument("--costs-128", type=Path, default=RESULTS / "stage_costs_b128.json")
     parser.add_argument("--allreduce", type=Path, default=RESULTS / "bench_allreduce_cpu.json")
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--live", type=Path, default=RESULTS / "watch_ranks_b128_norefine.json",
-                        help="bench_watch_ranks.py's runs (--no-refine) to predict")
+    parser.add_argument("--live", type=Path, nargs="+", default=[RESULTS / "watch_ranks_b128_norefine.json",
+                                                                  RESULTS / "watch_ranks_b128_norefine_repeat.json"],
+                        help="bench_watch_ranks.py's runs (--no-refine, same settings) to predict")
     parser.add_argument("--costs-threads", type=Path, default=RESULTS / "stage_costs_b128_1thread.json",
                         help="bench_stage_costs.py --threads 1 (one rank of 2 on 2 cores)")
     parser.add_argument("--publish-particles", type=int, default=2000, help="the daemon's default")
@@ -133,8 +135,9 @@ def main() -> None:
         measured = runs[f"nproc_{ranks}"]["wall_seconds"]
         print(f"{ranks:>5} {total:>12.1f} {measured:>11.1f} {100 * (total / measured - 1):>+6.0f}%")
 
-    if args.live.exists() and args.costs_threads.exists():
-        live = json.loads(args.live.read_text())
+    if all(path.exists() for path in args.live) and args.costs_threads.exists():
+        files = [json.loads(path.read_text()) for path in args.live]
+        live = files[0]
         by_threads = {args.cores: json.loads(args.costs_128.read_text())["costs"],
                       1: json.loads(args.costs_threads.read_text())["costs"]}
         reduce_s = next(b["seconds_median"] for b in allreduce["boxes"] if b["box"] == live["settings"]["box"])
@@ -142,15 +145,19 @@ def main() -> None:
         maps = -(-n_live // args.publish_particles) + 1
         print(f"\n# live burst: {n_live} particles at box {live['settings']['box']}, --no-refine, {maps} maps, "
               f"a reduce of {reduce_s:.3f} s every {SYNC_SECONDS:.0f} s")
-        print(f"{'ranks':>5} {'predicted p/s':>14} {'measured p/s':>13} {'error':>7}   parts (s)")
-        for run in live["runs"]:
-            ranks = run["nproc"]
+        print(f"{'ranks':>5} {'predicted p/s':>14} {'measured p/s (mean)':>20} {'error':>7}   runs; parts (s)")
+        runs_by_ranks: dict[int, list[float]] = {}
+        for each in files:
+            for run in each["runs"]:
+                runs_by_ranks.setdefault(run["nproc"], []).append(run["steady_rate"])
+        for ranks, rates in sorted(runs_by_ranks.items()):
             parts = live_seconds(n_live, ranks, by_threads[max(1, args.cores // ranks)], maps, reduce_s)
             predicted = n_live / parts["total"]
+            mean = sum(rates) / len(rates)
             shown = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k != "total")
-            print(f"{ranks:>5} {predicted:>14.1f} {run['steady_rate']:>13.1f} "
-                  f"{100 * (predicted / run['steady_rate'] - 1):>+6.0f}%"
-                  f"   {shown}")
+            each_run = " / ".join(f"{rate:.1f} ({100 * (predicted / rate - 1):+.0f}%)" for rate in rates)
+            print(f"{ranks:>5} {predicted:>14.1f} {mean:>20.1f} {100 * (predicted / mean - 1):>+6.0f}%   "
+                  f"{each_run}; {shown}")
 
     big = json.loads(args.costs_128.read_text())["costs"]
     print(f"\n# projection: 1,000,000 particles, GPU per-particle cost = {args.gpu_factor} x 2 CPU cores' "
