@@ -1,5 +1,5 @@
 """End to end through the real console script: ``watch --nproc 2`` (a real 2-rank gloo group started by torch's
-launcher, both ranks watching a real directory while stacks arrive) against one process's back-projection of the
+launcher, both ranks watching a real directory while particles arrive) against one process's back-projection of the
 particles it wrote, and a rank killed mid-session, then the session resumed."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import starfile
 import torch
 from cryofastar.daemon.state import CHECKPOINT_NAME, SessionState
+from cryofastar.recon.io.star import write_particles
 from session_helpers import ENV, SCRIPT, launched_workers, place, simulate_stacks
 from session_helpers import run_cli as run
 
@@ -27,6 +28,38 @@ N = N_STACKS * PER_STACK
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory) -> list[Path]:
     return simulate_stacks(tmp_path_factory.mktemp("simulated"), N, box=32, per_stack=PER_STACK, seed=1000000011)
+
+
+@pytest.fixture(scope="module")
+def ctf_session(tmp_path_factory) -> Path:
+    """A simulated session with a CTF: stacks and the RELION STAR file of their particles (defocus per particle)."""
+    out = tmp_path_factory.mktemp("simulated_ctf")
+    run("simulate", "--out", str(out), "--n", str(N), "--box", "32", "--apix", "3", "--snr", "1", "--ctf",
+        "--per-stack", str(PER_STACK), "--seed", "1000000012")
+    return out
+
+
+def _feed_stars(session: Path, watch: Path, every: float) -> threading.Thread:
+    """As acquisition software with CTF estimation: every stack first copied into ``watch/.stacks`` (hidden: never
+    taken bare), then one STAR file per stack naming it appears every ``every`` seconds, in a thread."""
+    hidden = watch / ".stacks"
+    hidden.mkdir()
+    stacks = sorted(session.glob("particles_*.mrcs"))
+    for stack in stacks:
+        place(stack, hidden)
+    table = starfile.read(session / "particles.star")
+    particles = table["particles"]
+    by_stack = particles["rlnImageName"].str.split("@").str[1]
+
+    def feed() -> None:
+        for stack in stacks:
+            rows = particles[by_stack == stack.name].copy()
+            rows["rlnImageName"] = rows["rlnImageName"].str.replace("@", "@.stacks/", regex=False)
+            write_particles(watch / f"{stack.stem}.star", rows, table["optics"])
+            time.sleep(every)
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return thread
 
 
 def _watch(watch: Path, *extra: str) -> subprocess.Popen[str]:
@@ -62,14 +95,13 @@ def _names(out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_ranks_share_a_live_session_and_write_the_map_of_its_particles(stacks: list[Path], tmp_path: Path) -> None:
+def test_two_ranks_share_a_live_session_and_write_the_map_of_its_particles(ctf_session: Path,
+                                                                             tmp_path: Path) -> None:
     watch = tmp_path / "session"
     watch.mkdir()
-    for stack in stacks[:4]:
-        place(stack, watch)
     process = _watch(watch, "--idle-exit", "5")
     try:
-        _feed(stacks[4:], watch, every=0.3)
+        _feed_stars(ctf_session, watch, every=0.4)
         stdout, stderr = process.communicate(timeout=400)
     finally:
         if process.poll() is None:
@@ -82,9 +114,10 @@ def test_two_ranks_share_a_live_session_and_write_the_map_of_its_particles(stack
     assert len(names) == N and len(set(names)) == N  # every particle once, whichever rank took it
     particles = starfile.read(out / "particles.star")["particles"]
     assert particles["rlnCryofastarRefineScore"].notna().sum() > 0  # rank 0 refined the map of both shares
+    assert particles["rlnDefocusU"].notna().all()  # every particle kept its CTF, whichever rank read it
     shares = [line for line in stderr.splitlines() if "ranks: the other 1 posed and inserted" in line]
     assert len(shares) == 1 and int(shares[0].split("inserted ")[1].split()[0]) >= N // 4, stderr[-3000:]
-    # the map is one process's back-projection of the same particles at the same poses, to float rounding
+    # the map is one process's (CTF-corrected) back-projection of the same particles at the same poses
     assert _map_error(out, tmp_path / "rebuilt.mrc") <= 1e-4
 
 
