@@ -279,6 +279,7 @@ class LiveRefinement:
                 return
             moved = np.concatenate(job.moved) if job.moved else job.rows[:0]
             moved = moved[self.session.poses.in_map()[moved]]  # 2D junk taken out meanwhile is not probed
+            moved = self._one_ctf_kind(moved)  # the probe matches particles of one kind (with a CTF or without)
             probe = moved[np.linspace(0, len(moved) - 1, min(CLASS_PROBE_PARTICLES, len(moved))).astype(int)] \
                 if len(moved) else moved
             if len(probe) == 0:
@@ -307,6 +308,10 @@ class LiveRefinement:
         rows, rotations, origins = rows[keep], rotations[torch.from_numpy(keep)], origins[torch.from_numpy(keep)]
         if len(rows) == 0:
             return rows
+        known = np.isfinite(table.column("ctf")[rows, 0])
+        if known.any() and not known.all():  # with a CTF and without: one read and insertion takes one kind
+            return np.concatenate([self._move(rows[kind], rotations[torch.from_numpy(kind)],
+                                              origins[torch.from_numpy(kind)], version) for kind in (known, ~known)])
         try:
             images, halves, ctf = self._read_back(rows)
         except ValueError as exc:  # ParticleFileError is a ValueError: these keep their poses

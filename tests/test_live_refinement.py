@@ -235,13 +235,10 @@ def test_the_ab_initio_starts_beside_the_stream_and_its_poses_are_applied_exactl
     assert again is not None and again.mode == "ab-initio"
 
 
-def test_a_map_mixing_particles_with_and_without_a_ctf_is_reposed_one_kind_at_a_time(session) -> None:
-    """A stack taken bare, then one named by a STAR file: one step re-poses particles of one kind (the more
-    numerous first), never marking the others unreadable; the next steps take the rest."""
+def _add_ctf_rows(state, sim, halves, k: int = 8):  # noqa: ANN001, ANN202 - test helper
+    """Append k particles with a CTF (the first k images again, at random poses) to the map; their CTF."""
     from cryofastar.recon.ctf import CtfParams
 
-    live, state, sim, volume, halves, steps = session
-    k = 8  # particles of a second "file", with a CTF: the first k images again under other names
     defocus = torch.full((k,), 15_000.0, dtype=torch.float64)
 
     def each(value: float) -> torch.Tensor:
@@ -253,6 +250,15 @@ def test_a_map_mixing_particles_with_and_without_a_ctf_is_reposed_one_kind_at_a_
     zero = torch.zeros(k, 2, dtype=torch.float64)
     state.accumulator.add(sim.images[:k], wrong, zero, halves[:k], ctf)
     state.poses.append(np.array([stack] * k), np.arange(1, k + 1), wrong, zero, torch.ones(k), halves[:k], ctf)
+    return ctf
+
+
+def test_a_map_mixing_particles_with_and_without_a_ctf_is_reposed_one_kind_at_a_time(session) -> None:
+    """A stack taken bare, then one named by a STAR file: one step re-poses particles of one kind (the more
+    numerous first), never marking the others unreadable; the next steps take the rest."""
+    live, state, sim, volume, halves, steps = session
+    k = 8
+    _add_ctf_rows(state, sim, halves, k)
     refiner = live.refiner
     refiner.update_reference(torch.stack([volume, volume]), APIX, 12.0, n_particles=N + k)
     refiner.phase = "local"
@@ -265,3 +271,25 @@ def test_a_map_mixing_particles_with_and_without_a_ctf_is_reposed_one_kind_at_a_
     assert (state.poses.column("refined") != UNREADABLE).all()
     assert kinds[0] == [False] and all(len(kind) == 1 for kind in kinds) and [True] in kinds
     assert (state.poses.column("refined") == refiner.version).all()  # all re-posed after five steps
+
+
+def test_class_poses_move_a_map_mixing_particles_with_and_without_a_ctf_exactly(session) -> None:
+    live, state, sim, halves, steps = _classes_session(session)
+    k = 8
+    ctf = _add_ctf_rows(state, sim, halves, k)
+    table = state.poses
+    views = ClassViews(torch.cat([sim.images, sim.images[:k]]), torch.ones(N + k), torch.zeros(N + k, dtype=torch.bool),
+                       np.arange(N + k), np.zeros(N + k), np.zeros((N + k, 2)),
+                       stacks=table.stack_paths(np.arange(N + k)), indices=table.column("index"), version=3)
+    assert live.pose_from_classes(views, ClassPoser.load("classical"), APIX)
+    live.poll(APIX)  # the chunk of both kinds moves, one kind at a time
+    assert live.moved == N + k
+    live.poll(APIX)  # the probe starts, on particles of one kind
+    assert live.background == "class_probe" and live.wait_background(APIX, timeout=120)
+    assert live.refiner.class_poses["probed"] == N  # the more numerous kind: without a CTF
+    rebuilt = HalfSetAccumulator(BOX, APIX)
+    rows = np.arange(N + k)
+    origins = torch.from_numpy(table.column("origins"))
+    rebuilt.add(sim.images, table.rotations(rows[:N]), origins[:N], halves)
+    rebuilt.add(sim.images[:k], table.rotations(rows[N:]), origins[N:], halves[:k], ctf)
+    torch.testing.assert_close(state.accumulator.grids, rebuilt.grids, atol=1e-3, rtol=1e-4)
