@@ -30,7 +30,9 @@ checkpoint is kept).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,10 +170,8 @@ def announce(ranks: Ranks, command: Command) -> None:
     RanksLost
         Another rank is gone.
     """
-    try:
+    with _answering():
         broadcast(ranks, command)
-    except Exception as exc:  # noqa: BLE001
-        raise RanksLost(_lost(exc)) from exc
 
 
 def lead(ranks: Ranks, command: Command, accumulator: HalfSetAccumulator | None) -> list[Handover]:
@@ -183,22 +183,17 @@ def lead(ranks: Ranks, command: Command, accumulator: HalfSetAccumulator | None)
     RanksLost
         A collective failed (``torn`` when it was the reduce).
     """
-    try:
+    with _answering():
         broadcast(ranks, command)
         parts: list[Handover] = [Handover()] * ranks.world
         dist.gather_object(Handover(), parts, dst=0)
         total = _total(ranks, 0)
-    except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses of their own
-        raise RanksLost(_lost(exc)) from exc
-    handovers = parts[1:]
     if total:
         if accumulator is None:  # (the others read nothing before rank 0 sent the geometry, which makes its grids)
             raise RuntimeError("other ranks handed over particles before rank 0 had grids")
-        try:
+        with _answering(torn=True):
             reduce_accumulator(accumulator, ranks)
-        except Exception as exc:  # noqa: BLE001
-            raise RanksLost(_lost(exc), torn=True) from exc
-    return handovers
+    return parts[1:]
 
 
 def _total(ranks: Ranks, particles: int) -> int:
@@ -208,9 +203,15 @@ def _total(ranks: Ranks, particles: int) -> int:
     return int(total)
 
 
-def _lost(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"another rank stopped answering ({type(exc).__name__}: {first})"
+@contextlib.contextmanager
+def _answering(torn: bool = False) -> Iterator[None]:
+    """Collectives inside: whatever they raise (gloo and NCCL raise RuntimeError subclasses of their own) becomes
+    :class:`RanksLost` (``torn``: they were adding to rank 0's grids)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RanksLost(f"another rank stopped answering ({type(exc).__name__}: {first})", torn=torn) from exc
 
 
 # ---------------------------------------------------------------------- the other ranks
@@ -222,10 +223,8 @@ def receive(ranks: Ranks) -> Command:
     RanksLost
         Rank 0 is gone.
     """
-    try:
+    with _answering():
         return broadcast(ranks, None)
-    except Exception as exc:  # noqa: BLE001
-        raise RanksLost(_lost(exc)) from exc
 
 
 def hand_over(ranks: Ranks, handover: Handover, accumulator: HalfSetAccumulator | None) -> None:
@@ -238,18 +237,14 @@ def hand_over(ranks: Ranks, handover: Handover, accumulator: HalfSetAccumulator 
     RanksLost
         Rank 0 is gone.
     """
-    try:
+    with _answering():
         dist.gather_object(handover, None, dst=0)
         total = _total(ranks, handover.particles)
-    except Exception as exc:  # noqa: BLE001
-        raise RanksLost(_lost(exc)) from exc
     if total == 0:
         return
     if accumulator is None:
         raise RuntimeError("particles inserted before the session's geometry was known")
-    try:
+    with _answering():
         reduce_accumulator(accumulator, ranks)
-    except Exception as exc:  # noqa: BLE001
-        raise RanksLost(_lost(exc)) from exc
     accumulator.grids.zero_()
     accumulator.particle_counts.zero_()
