@@ -69,6 +69,7 @@ from cryofastar.engine.live_refinement import LiveRefinement
 from cryofastar.engine.policy import CLASS_POSES_WAIT_SECONDS
 from cryofastar.engine.posing import NetworkPoser, Poses, RandomPoser, sets_per_pass
 from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
+from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.weights import DEFAULT_WEIGHTS, WeightsError
 from cryofastar.recon import HalfSetAccumulator
 from cryofastar.recon.ctf import CtfParams
@@ -83,7 +84,7 @@ from .batching import PassGatherer
 from .broadcast import SessionBroadcast
 from .classification_lane import ClassificationLane, Located
 from .fingerprints import ChangedImages, image_fingerprints
-from .ingest import NotParticles, Rejected, plan_particle_file
+from .ingest import NotParticles, Rejected, SessionGeometry, plan_particle_file
 from .memory import release_free_memory
 from .metrics import DaemonMetrics, serve_metrics
 from .pose_source import load_network
@@ -337,7 +338,7 @@ class Daemon:
             return []
         stacks, indices = table.stack_paths(np.arange(n)), table.column("index")
         halves = torch.from_numpy(table.column("half_set").astype(np.int64))
-        known = np.isfinite(table.column("ctf")[:, 0])
+        known = table.has_ctf()
         located = []
         for rows in (np.flatnonzero(known), np.flatnonzero(~known)):  # with a CTF, without
             for start in range(0, rows.size, self.settings.read_chunk):
@@ -800,18 +801,18 @@ class Daemon:
         self._note_inserted(len(pass_rotations))
         if refined is not None and not hurry:  # behind the stream: re-posing waits until particles stop waiting
             self._repose()
-        self._schedule.particles_arrived(has_map=bool(st.fsc_history))
-        self._record_map_counts()
-        self._board.rate.add(time.monotonic(), st.n_particles)
         self.metrics.latency.labels("accumulate").observe(time.perf_counter() - t0)
 
     def _make_accumulator(self) -> None:
         """The session's grids, at the geometry the first file fixed."""
         assert self.geometry is not None
         self.state.geometry = self.geometry
-        self.state.accumulator = HalfSetAccumulator(self.geometry.box, self.geometry.apix,
-                                                    interpolation=self.settings.interpolation,
-                                                    device=self.device)  # type: ignore[arg-type]
+        self.state.accumulator = self._new_grids(self.geometry)
+
+    def _new_grids(self, geometry: SessionGeometry) -> HalfSetAccumulator:
+        """Empty half-set grids of ``geometry`` with the session's interpolation, on its device."""
+        return HalfSetAccumulator(geometry.box, geometry.apix, interpolation=self.settings.interpolation,
+                                  device=self.device)  # type: ignore[arg-type]
 
     def _record_inserted(self, rows: InsertedChunk) -> int:
         """Record particles just inserted into the grids (by this rank or, at a sync, another): the journal, the
@@ -831,9 +832,13 @@ class Daemon:
         return first_row
 
     def _note_inserted(self, n: int) -> None:
-        """``n`` new particles are in the map: it changed, refinement's sweep starts again."""
+        """``n`` new particles are in the map: it changed, refinement's sweep starts again, the output schedule,
+        the map's counts and the rate hear of them."""
         self._inserted += n
         self.refiner.note_new_particles()
+        self._schedule.particles_arrived(has_map=bool(self.state.fsc_history))
+        self._record_map_counts()
+        self._board.rate.add(time.monotonic(), self.state.n_particles)
 
     # ------------------------------------------------------------------ refinement (engine.live_refinement)
     @property
@@ -957,17 +962,15 @@ class Daemon:
             return
         self._ranks_done = True
         g = self.geometry
-        scratch = None if g is None else HalfSetAccumulator(g.box, g.apix, interpolation=self.settings.interpolation,
-                                                            device=self.device)  # type: ignore[arg-type]
         try:
-            lead(self.ranks, Command("stop", geometry=g), scratch)
+            lead(self.ranks, Command("stop", geometry=g), None if g is None else self._new_grids(g))
         except RanksLost as exc:
             logger.warning("the other ranks could not be told to stop (%s)", exc)
 
     def _take_handovers(self, handovers: list[Handover]) -> None:
         """Record what the other ranks handed over (their grids are already in rank 0's): rows, counts, rejections,
         the 2D lane's share of them."""
-        st, n = self.state, 0
+        n = 0
         for handover in handovers:
             for name, count in handover.counts.items():
                 self._count(name, count)
@@ -985,9 +988,6 @@ class Daemon:
         self._from_ranks += n
         if n:
             self._note_inserted(n)
-            self._schedule.particles_arrived(has_map=bool(st.fsc_history))
-            self._record_map_counts()
-            self._board.rate.add(time.monotonic(), st.n_particles)
 
     def _reference_to_send(self):  # noqa: ANN202 - ReferenceSource | None
         """Rank 0's reference for the other ranks, when its version changed since last sent (a sync whose policy
@@ -1001,7 +1001,7 @@ class Daemon:
     def _frame_to_send(self) -> dict | None:
         """The network's session frame for the other ranks, once complete (its anchors chosen), sent once."""
         frame = self.state.frame
-        if self._frame_sent or not frame or self.model is None or len(frame["anchor_rotations"]) < frame["anchors"]:
+        if self._frame_sent or self.model is None or not SessionFrame.complete(frame):
             return None
         self._frame_sent = True
         return frame

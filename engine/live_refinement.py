@@ -308,7 +308,7 @@ class LiveRefinement:
         rows, rotations, origins = rows[keep], rotations[torch.from_numpy(keep)], origins[torch.from_numpy(keep)]
         if len(rows) == 0:
             return rows
-        known = np.isfinite(table.column("ctf")[rows, 0])
+        known = table.has_ctf(rows)
         if known.any() and not known.all():  # with a CTF and without: one read and insertion takes one kind
             return np.concatenate([self._move(rows[kind], rotations[torch.from_numpy(kind)],
                                               origins[torch.from_numpy(kind)], version) for kind in (known, ~known)])
@@ -385,7 +385,7 @@ class LiveRefinement:
         """``rows`` with a CTF, or those without, whichever are more (ties: with), in their order. A session may
         hold both (a stack taken bare, then one named by a STAR file: docs/daemon.md), and one match or ab initio
         step takes particles of one kind; the others are picked by a later step."""
-        known = np.isfinite(self.session.poses.column("ctf")[rows, 0])
+        known = self.session.poses.has_ctf(rows)
         if known.all() or not known.any():
             return rows
         return rows[known] if 2 * int(known.sum()) >= len(rows) else rows[~known]

@@ -158,6 +158,10 @@ class PoseTable:
         angles = torch.from_numpy(self.column("angles")[rows])
         return euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
 
+    def has_ctf(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """`(len(rows),)` bool: whether each particle was inserted with a CTF (a stack taken bare was not)."""
+        return np.isfinite(self.column("ctf")[rows, 0])
+
     def ctf(self, rows: np.ndarray) -> CtfParams | None:
         """CTF of particles ``rows`` as inserted (``None`` if they had none).
 
@@ -165,7 +169,7 @@ class PoseTable:
         (particles of a checkpoint written before they were).
         """
         defocus, optics = self.column("ctf")[rows], self.column("ctf_optics")[rows]
-        known = np.isfinite(defocus[:, 0])
+        known = self.has_ctf(rows)
         if not known.any():
             return None
         if not known.all() or not np.isfinite(optics).all():

@@ -141,7 +141,7 @@ class NetworkPoser:
     @property
     def frame_complete(self) -> bool:
         """Whether the frame is chosen and has all its anchors (it no longer changes)."""
-        return self.frame is not None and self.frame.anchor_rotations.shape[0] >= self.frame.n_anchors
+        return SessionFrame.complete(self.state_dict())
 
     def state_dict(self) -> dict:
         """The session frame (reference, anchors, hand): ``{}`` before the reference is chosen."""

@@ -95,6 +95,12 @@ class SessionFrame:
         return {"reference": self.reference, "anchor_images": self.anchor_images,
                 "anchor_rotations": self.anchor_rotations, "views": self.views, "anchors": self.n_anchors}
 
+    @staticmethod
+    def complete(state: dict) -> bool:
+        """Whether a frame saved with :meth:`state_dict` has all its anchors (it no longer changes); ``{}``
+        (no frame yet): False."""
+        return bool(state) and len(state["anchor_rotations"]) >= int(state["anchors"])
+
     @classmethod
     def from_state_dict(cls, model: CryoFastAR, state: dict, sets_per_pass: int = 1) -> SessionFrame:
         """Rebuild a frame saved with :meth:`state_dict`."""
