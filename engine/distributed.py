@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["COLLECTIVE_TIMEOUT_SECONDS", "TIMEOUT_ENV", "RankFailed", "Ranks", "all_reduce_accumulator",
            "accumulator_tensors", "allreduce_bytes", "alone", "broadcast", "check_processes", "cpu_threads", "deal",
            "gather_objects", "gather_rows", "in_torchrun_environment", "launch", "owners", "reduce_accumulator",
-           "units"]
+           "units", "worker_logging"]
 
 COLLECTIVE_TIMEOUT_SECONDS = 3600.0
 """How long a collective waits for the other ranks before it fails (s): longer than any step rank 0 runs alone."""
@@ -158,6 +158,16 @@ class Ranks:
         """Leave the group (nothing for :meth:`single`)."""
         if self.backend is not None and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def worker_logging(log_level: int | None) -> None:
+    """Logging of one rank's process: ``log_level`` the launching process's (a fresh worker of :func:`launch`;
+    ``None``: as configured already, e.g. under ``torchrun``); ranks other than 0 say only warnings and errors
+    (rank 0 speaks for the job). Reads ``RANK`` (the launcher's or torchrun's; 0 when unset)."""
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
 
 
 def in_torchrun_environment() -> bool:

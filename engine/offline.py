@@ -46,7 +46,6 @@ map set ``volume.mrc``, ``volume_half1/2.mrc``, ``volume_fsc.tsv``
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -87,6 +86,7 @@ from .distributed import (
     in_torchrun_environment,
     launch,
     units,
+    worker_logging,
 )
 from .policy import (
     AB_INITIO_PASSES,
@@ -512,11 +512,7 @@ def reconstruct_on_ranks(particles: Path, outdir: Path, settings: ReconstructSet
 def _rank_main(particles: Path, outdir: Path, settings: ReconstructSettings, progress: Callable[[], Progress] | None,
                log_level: int | None) -> ReconstructResult | None:
     """One rank: join the group, run the job, leave. ``log_level``: configure logging (a fresh worker process)."""
-    rank = int(os.environ.get("RANK", "0"))
-    if log_level is not None:
-        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if rank != 0:  # rank 0 speaks for the job
-        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    worker_logging(log_level)
     ranks = Ranks.join(settings.device)
     try:
         return _with_progress(progress if ranks.root else None,

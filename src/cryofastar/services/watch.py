@@ -38,7 +38,7 @@ from cryofastar import interrupts
 from cryofastar.daemon.pipeline import Daemon
 from cryofastar.daemon.preflight import check_settings, probe_port, raise_descriptor_limit
 from cryofastar.daemon.settings import DaemonSettings
-from cryofastar.engine.distributed import Ranks, in_torchrun_environment, launch
+from cryofastar.engine.distributed import Ranks, in_torchrun_environment, launch, worker_logging
 from cryofastar.monitoring.dashboard_process import DashboardProcess, connectable
 from cryofastar.recon.fsc import resolution_text
 from cryofastar.services.settings import ServiceSettings
@@ -119,11 +119,7 @@ def _rank_main(settings: DaemonSettings, service: ServiceSettings | None, echo: 
 
     if own_group:
         os.setpgid(0, 0)
-    rank = int(os.environ.get("RANK", "0"))
-    if log_level is not None:  # a fresh worker process
-        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if rank != 0:  # rank 0 speaks for the session
-        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    worker_logging(log_level)
     ranks = Ranks.join(settings.device)
     try:
         if ranks.root:
