@@ -55,6 +55,7 @@ from torch_fourier_rescale import fourier_rescale_2d
 
 from ..ctf import CtfParams, ctf_at
 from ..fourier import irfft2_centered, rfft2_centered
+from .class_delta import ClassDelta, ClassReferences, NoiseResidual
 from .class_sums import ClassSums
 from .fourier_sampling import PaddedSpectra, padded_spectra
 from .inplane_search import PolarGrid, PolarReferences, polar_samples, score_alignments, shift_disc
@@ -238,6 +239,8 @@ class StreamingClassifier:
         self.seeds: dict[int, torch.Tensor] = {}
         self.start_at = settings.start_particles  # particles placed at random before any alignment
         self._polar: dict[PolarGrid, PolarReferences] = {}
+        self.follower = False  # aligns against another classifier's references (:meth:`adopt`)
+        self._residuals: list[NoiseResidual] = []  # a follower's, since its last hand-over
 
     # ------------------------------------------------------------------ geometry
     def _radius(self, angstrom: float) -> int:
@@ -289,7 +292,8 @@ class StreamingClassifier:
         for lo in range(len(random_rows), n, self.settings.batch):
             part = slice(lo, min(lo + self.settings.batch, n))
             self._align(padded_spectra(images[part]), rows[part], None if ctf is None else ctf[part], previous=None)
-        self._rebuild()
+        if not self.follower:  # a follower's references are the lead's (:meth:`adopt`)
+            self._rebuild()
         return rows
 
     def realign(self, rows: np.ndarray, images: torch.Tensor, ctf: CtfParams | None = None) -> None:
@@ -327,6 +331,102 @@ class StreamingClassifier:
         when = self.table.aligned_at[: self.table.n]
         order = np.argsort(when, kind="stable")
         return order[:count].astype(np.int64)
+
+    # ------------------------------------------------------------------ lead and followers (class_delta.py)
+    def references(self) -> ClassReferences:
+        """The classes as they are, for followers to align new particles against (:mod:`.class_delta`).
+
+        Raises
+        ------
+        ValueError
+            The random start is not complete (the references mean nothing yet).
+        """
+        if not self.started:
+            raise ValueError("the classes have not started: nothing to align against yet")
+        return ClassReferences(self.settings, self.particle_box, self.particle_apix, self.version,
+                               self.reference_images.clone(), self.noise.clone(), self.noise_mass, self.r_max,
+                               self.offsets_px.clone())
+
+    def adopt(self, references: ClassReferences) -> None:
+        """Follow the lead's ``references`` from now on: :meth:`add` aligns against them (and rebuilds nothing);
+        what this classifier holds moves to their frame.
+
+        Raises
+        ------
+        ValueError
+            References of another box, pixel size or number of classes.
+        """
+        k = self.settings.n_classes
+        if (references.box, references.images.shape) != (self.particle_box, (k, self.box, self.box)) or \
+                abs(references.apix - self.particle_apix) > 1e-6 * self.particle_apix:
+            raise ValueError(f"references of box {references.box} at {references.apix} Å/px and shape "
+                             f"{tuple(references.images.shape)} cannot be followed by a classifier of box "
+                             f"{self.particle_box} at {self.particle_apix} Å/px with {k} classes")
+        self._move_classes(references.offsets_px - self.offsets_px)
+        self.offsets_px = references.offsets_px.clone()
+        self.follower = True
+        self.start_at = 0
+        self.reference_images = references.images.clone()
+        self.noise = references.noise.clone()
+        self.noise_mass = references.noise_mass
+        self.r_max = references.r_max
+        self.version = references.version
+        self._polar = {}
+
+    def hand_over(self, with_sums: bool = True) -> ClassDelta:
+        """A follower's additions since its last hand-over (then it holds none). ``with_sums=False``: the sums
+        are left out of the delta (the caller sends :attr:`sums` by a collective, then calls :meth:`clear`)."""
+        if not self.follower:
+            raise ValueError("only a follower hands over what it added (adopt() references first)")
+        delta = ClassDelta(self.table.state(), self.sums.state_dict() if with_sums else None,
+                           list(self._residuals), self.offsets_px.clone())
+        if with_sums:
+            self.clear()
+        else:
+            self.table = _Grow(self.settings.keep)
+            self._residuals = []
+        return delta
+
+    def clear(self) -> None:
+        """A follower holds nothing again (its table, sums and residuals emptied)."""
+        self.table = _Grow(self.settings.keep)
+        self._residuals = []
+        for tensor in (self.sums.num, self.sums.den, self.sums.mass):
+            tensor.zero_()
+
+    def take(self, delta: ClassDelta) -> np.ndarray:
+        """Add what followers aligned (:mod:`.class_delta`): their rows (returned, in order), sums and noise
+        residuals, moved from the delta's frame to this classifier's; then the references are rebuilt.
+
+        Raises
+        ------
+        ValueError
+            A delta without sums, or whose sums or frame do not fit.
+        """
+        if delta.sums is None:
+            raise ValueError("a class delta without its sums cannot be taken")
+        sums = ClassSums(self.settings.n_classes, self.box, self.apix)
+        sums.load_state_dict(delta.sums)
+        if delta.offsets_px.shape != self.offsets_px.shape:
+            raise ValueError(f"a class delta in a frame of shape {tuple(delta.offsets_px.shape)} for "
+                             f"{self.settings.n_classes} classes")
+        move = self.offsets_px - delta.offsets_px
+        entries = {name: np.array(values, copy=True) for name, values in delta.table.items()}
+        if bool((move != 0).any()):
+            sums.shift_classes(move)
+            entries["shifts"] = _moved_shifts(entries["classes"], entries["psi"], entries["shifts"], move)
+        rows = self.table.extend(len(delta))
+        for name, values in entries.items():
+            getattr(self.table, name)[rows] = values
+        self.table.aligned_at[rows] = self.steps
+        self.steps += 1
+        self.sums.num += sums.num
+        self.sums.den += sums.den
+        self.sums.mass += sums.mass
+        for residual in delta.noise:
+            self._fold_noise(residual)
+        self._rebuild()
+        return rows
 
     def state_dict(self) -> dict[str, object]:
         """Everything needed to resume exactly (tensors and numpy arrays; ``torch.save``-able)."""
@@ -548,11 +648,19 @@ class StreamingClassifier:
         unshifted = particles * torch.polar(torch.ones_like(phase), phase)
         model = turned if ctf_polar is None else turned * ctf_polar
         residual = (unshifted - model).abs().square().mean(-1).to(torch.float64).sum(0)  # (R,)
+        self._fold_noise(NoiseResidual(grid.r_min, grid.r_max, residual, n))
+
+    def _fold_noise(self, residual: NoiseResidual) -> None:
+        """The noise model moved towards one search's residuals (an exponential window of ``noise_memory``
+        particles); a follower also keeps them for its hand-over."""
+        n = residual.particles
         decay = math.exp(-n / self.settings.noise_memory)
-        lo, hi = grid.r_min, grid.r_max + 1
+        lo, hi = residual.first, residual.last + 1
         mass = self.noise_mass
-        self.noise[lo:hi] = (decay * mass * self.noise[lo:hi] + residual) / (decay * mass + n)
+        self.noise[lo:hi] = (decay * mass * self.noise[lo:hi] + residual.power) / (decay * mass + n)
         self.noise_mass = decay * mass + n
+        if self.follower:
+            self._residuals.append(residual)
 
     # ------------------------------------------------------------------ references
     def _rebuild(self, update: bool = True) -> None:
@@ -595,20 +703,17 @@ class StreamingClassifier:
         move = torch.where(com.norm(dim=-1, keepdim=True) > 0.5, -com, torch.zeros_like(com))
         if not bool((move != 0).any()):
             return
+        self._move_classes(move)
+
+    def _move_classes(self, move: torch.Tensor) -> None:
+        """Move each class's content by `(K, 2)` working pixels: the sums, the frame and the members together."""
+        if not bool((move != 0).any()):
+            return
         self.sums.shift_classes(move)
         self.offsets_px += move
-        # a member with pose (psi, d) now sits at d - A(psi) c in the moved class (class_sums docstring)
         t = self.table
         n = t.n
-        cls = t.classes[:n]
-        members = cls >= 0
-        c = move.numpy()[np.where(members, cls, 0)]  # (n, J, 2)
-        psi = np.deg2rad(t.psi[:n])
-        cos, sin = np.cos(psi), np.sin(psi)
-        ax = cos * c[..., 0] + sin * c[..., 1]
-        ay = -sin * c[..., 0] + cos * c[..., 1]
-        t.shifts[:n, :, 0] -= np.where(members, ax, 0)
-        t.shifts[:n, :, 1] -= np.where(members, ay, 0)
+        t.shifts[:n] = _moved_shifts(t.classes[:n], t.psi[:n], t.shifts[:n], move)
 
     def _reseed(self, counts: torch.Tensor) -> None:
         """A class with almost nothing starts again from one half set of the largest class."""
@@ -634,3 +739,18 @@ class StreamingClassifier:
                 min=1e-30)
             self.seeds[k] = image * float(scale)
 
+
+def _moved_shifts(classes: np.ndarray, psi: np.ndarray, shifts: np.ndarray, move: torch.Tensor) -> np.ndarray:
+    """Members' displacements once their classes moved by ``move`` `(K, 2)` pixels.
+
+    ``classes`` `(n, J)` (-1: no entry), ``psi`` `(n, J)` degrees, ``shifts`` `(n, J, 2)` pixels. A member with pose
+    ``(psi, d)`` then sits at ``d - A(psi) c`` in the moved class (:mod:`.class_sums`). Returns a new `(n, J, 2)` array.
+    """
+    members = classes >= 0
+    c = move.numpy()[np.where(members, classes, 0)]  # (n, J, 2)
+    rad = np.deg2rad(psi)
+    cos, sin = np.cos(rad), np.sin(rad)
+    moved = shifts.copy()
+    moved[..., 0] -= np.where(members, cos * c[..., 0] + sin * c[..., 1], 0)
+    moved[..., 1] -= np.where(members, -sin * c[..., 0] + cos * c[..., 1], 0)
+    return moved
