@@ -79,7 +79,7 @@ import torch
 from cryofastar.engine.class_posing import ClassViews
 from cryofastar.engine.classification import ClassifySettings, classifier_settings, write_class_set
 from cryofastar.engine.junk_exclusion import JunkVerdicts
-from cryofastar.recon.classify2d import StreamingClassifier, class_set, particle_columns
+from cryofastar.recon.classify2d import ClassDelta, ClassReferences, StreamingClassifier, class_set, particle_columns
 from cryofastar.recon.ctf import CtfParams, ctf_array, ctf_from_array
 from cryofastar.recon.io import ParticleChunk, ParticleFileError, ParticleSource
 from cryofastar.recon.io.atomic import atomic_path, remove_stale_temporaries
@@ -95,7 +95,7 @@ from .thread_limits import limit_this_thread
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLASSES_DIR", "DIAMETER_SAMPLE", "ClassificationLane", "Located", "LocationTable"]
+__all__ = ["CLASSES_DIR", "DIAMETER_SAMPLE", "ClassificationLane", "ClassifiedRows", "Located", "LocationTable"]
 
 CLASSES_DIR = "classes"
 """The lane's folder in ``--out``."""
@@ -143,6 +143,35 @@ class Located:
         return cls(chunk.stacks, chunk.indices, chunk.half_sets, chunk.ctf, dict(chunk.optics))
 
 
+@dataclass
+class ClassifiedRows:
+    """Particles another rank of ``watch --nproc`` aligned against the lane's classes (daemon/rank_sync.py): the rows
+    of ``delta`` in order.
+
+    ``delta``: a :class:`~cryofastar.recon.classify2d.ClassDelta` without its sums (they travel by the reduce);
+    ``stacks`` `(n,)` str, ``indices`` `(n,)` 1-based, ``ctf`` `(n, 9)` (``ctf_array``; NaN: none),
+    ``fingerprints`` `(n,)`, ``optics`` of the files they came from.
+    """
+
+    delta: ClassDelta
+    stacks: np.ndarray
+    indices: np.ndarray
+    ctf: np.ndarray
+    fingerprints: np.ndarray
+    optics: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    @staticmethod
+    def merged(parts: list[ClassifiedRows], sums: dict[str, torch.Tensor]) -> ClassifiedRows:
+        """The rows of several ranks' ``parts`` in order, with the sums of all of them (the reduce's)."""
+        delta = ClassDelta.merged([part.delta for part in parts], sums)
+        optics = next((part.optics for part in parts if part.optics), {})
+        return ClassifiedRows(delta, *(np.concatenate([getattr(part, name) for part in parts])
+                                       for name in ("stacks", "indices", "ctf", "fingerprints")), dict(optics))
+
+
 class LocationTable:
     """Where each classifier row's particle lives: one row per particle, in the classifier's row order.
 
@@ -163,8 +192,10 @@ class LocationTable:
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
-    def append(self, stacks: np.ndarray, indices: np.ndarray, ctf: CtfParams | None, fingerprints: np.ndarray) -> None:
-        """Rows for `(n,)` particles just added to the classifier (in its order)."""
+    def append(self, stacks: np.ndarray, indices: np.ndarray, ctf: CtfParams | np.ndarray | None,
+               fingerprints: np.ndarray) -> None:
+        """Rows for `(n,)` particles just added to the classifier (in its order); ``ctf`` as parameters or as a
+        `(n, 9)` ``ctf_array`` (NaN rows: none)."""
         names, inverse = np.unique(np.asarray(stacks).astype(str), return_inverse=True)
         for name in names:  # per stack, not per particle
             self._ids.setdefault(str(name), len(self.stack_names))
@@ -174,7 +205,7 @@ class LocationTable:
         n = len(ids)
         self.stack_id = np.concatenate([self.stack_id, ids])
         self.index = np.concatenate([self.index, np.asarray(indices, np.int64)])
-        self.ctf = np.concatenate([self.ctf, ctf_array(ctf, n)])
+        self.ctf = np.concatenate([self.ctf, ctf if isinstance(ctf, np.ndarray) else ctf_array(ctf, n)])
         self.fingerprint = np.concatenate([self.fingerprint, np.asarray(fingerprints, np.int64)])
         self.readable = np.concatenate([self.readable, np.ones(n, bool)])
 
@@ -305,6 +336,9 @@ class ClassificationLane:
         self._views: ClassViews | None = None  # newest settled class set, not yet taken (--poses-from classes)
         self._verdicts_lock = threading.Lock()
         self.read_by_lane = 0  # particles whose images the lane read itself (queue full, or a restart)
+        self._classified: collections.deque[ClassifiedRows] = collections.deque()  # other ranks', not yet taken
+        self._shared: ClassReferences | None = None  # the newest classes for other ranks (shared_references)
+        self.from_other_ranks = 0  # particles other ranks aligned, taken in this run
         metrics.classify_enabled.set(1)
 
     # ------------------------------------------------------------------ public
@@ -352,6 +386,21 @@ class ClassificationLane:
             self._overflow_count += len(located)
         self._wake.set()
 
+    def offer_classified(self, rows: ClassifiedRows) -> None:
+        """Hand the lane particles another rank of ``watch --nproc`` aligned against its classes (with the sums
+        they add): the lane takes them at its next step (:meth:`~cryofastar.recon.classify2d.StreamingClassifier.take`);
+        never blocks. Any thread."""
+        if self.state == "failed" or not len(rows):
+            return
+        with self._overflow_lock:
+            self._classified.append(rows)
+        self._wake.set()
+
+    def shared_references(self) -> ClassReferences | None:
+        """The newest classes for other ranks to align new particles against (``None`` until the classes have
+        started, or once the lane failed). Any thread."""
+        return None if self.state == "failed" else self._shared
+
     def request_stop(self) -> None:
         """Ask the thread to stop after the step in progress (returns at once; :meth:`stop` waits)."""
         self._stop.set()
@@ -364,6 +413,10 @@ class ClassificationLane:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 logger.warning("the 2D lane is still in a step after %.0f s; not waiting for it", timeout)
+            elif self.state == "stopped" and self._classified:  # handed over by other ranks at their last sync
+                while self._take_classified():
+                    pass
+                self._final_outputs()
 
     @property
     def waiting(self) -> int:
@@ -381,6 +434,7 @@ class ClassificationLane:
         return {"state": self.state, "particles": 0 if c is None else c.n_particles, "waiting": waiting,
                 "version": self.published, "classes": self.settings.classes, "junk": self.junk,
                 "alignments": self.alignments, "alignments_per_second": rate, "read_by_lane": self.read_by_lane,
+                "from_other_ranks": self.from_other_ranks,
                 "diameter_angstrom": self.diameter if c is not None else None,
                 "last_update": self.last_update, "error": self.error}
 
@@ -392,6 +446,7 @@ class ClassificationLane:
             self._resume_checkpoint()
             while not self._stop.is_set():
                 took = self._step()
+                self._share()
                 self._maybe_output()
                 if took is None:  # nothing to do: wait for particles
                     self._wake.wait(min(1.0, self.classes_every))
@@ -412,6 +467,8 @@ class ClassificationLane:
     def _step(self) -> float | None:
         """One step: new particles (and their re-alignments), else idle re-alignment. Returns ``0`` after new
         particles, the seconds an idle re-alignment took, ``None`` when there was nothing to do."""
+        if self._take_classified():
+            return 0.0
         new = self._next_new()
         if new is not None:
             self._last_new = time.monotonic()
@@ -435,6 +492,37 @@ class ClassificationLane:
                 return None
             return time.perf_counter() - t0
         return None
+
+    def _share(self) -> None:
+        """Keep :meth:`shared_references` the classes as they are now (once started; a copy per new version)."""
+        c = self.classifier
+        if c is not None and c.started and (self._shared is None or self._shared.version != c.version):
+            self._shared = c.references()
+
+    def _take_classified(self) -> bool:
+        """Take the next particles another rank aligned (rows, sums, noise; then the references are rebuilt), and
+        re-align ``revisits_per_taken`` as many due ones. Returns whether there were any."""
+        with self._overflow_lock:
+            rows = self._classified.popleft() if self._classified else None
+        if rows is None:
+            return False
+        c = self.classifier
+        assert c is not None  # other ranks align against the classes only once this lane shared them
+        held = self.held.contains(rows.stacks, rows.indices)
+        if held.any():  # never expected: each particle reaches the map, hence the lane, once
+            logger.error("2D lane: %d of %d particles another rank classified are already held; these %d are not "
+                         "taken (their sums cannot be parted)", int(held.sum()), len(rows), len(rows))
+            return True
+        self.held.add(rows.stacks, rows.indices)
+        c.take(rows.delta)
+        self.table.append(rows.stacks, rows.indices, rows.ctf, rows.fingerprints)
+        if rows.optics and not self.optics:
+            self.optics = dict(rows.optics)
+        self.from_other_ranks += len(rows)
+        self._aligned(len(rows))
+        if not self._stop.is_set() and not (self.waiting and self._map_is_busy()):
+            self._realign(int(self.policy.revisits_per_taken * len(rows)))
+        return True
 
     def _next_new(self) -> ParticleChunk | None:
         """The next new particles with their images: the queue first, then particles known by location."""

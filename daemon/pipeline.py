@@ -72,6 +72,8 @@ from cryofastar.engine.streaming_refiner import UNREADABLE, StreamingRefiner
 from cryofastar.model.session_frame import SessionFrame
 from cryofastar.model.weights import DEFAULT_WEIGHTS, WeightsError
 from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.classify2d import ClassReferences
+from cryofastar.recon.classify2d.class_sums import ClassSums
 from cryofastar.recon.ctf import CtfParams
 from cryofastar.recon.device import resolve_device
 from cryofastar.recon.fsc import resolution_text
@@ -82,7 +84,7 @@ from cryofastar.recon.pose_precision import pose_precision
 
 from .batching import PassGatherer
 from .broadcast import SessionBroadcast
-from .classification_lane import ClassificationLane, Located
+from .classification_lane import ClassificationLane, ClassifiedRows, Located
 from .fingerprints import ChangedImages, image_fingerprints
 from .ingest import NotParticles, Rejected, SessionGeometry, plan_particle_file
 from .memory import release_free_memory
@@ -234,6 +236,7 @@ class Daemon:
         self._last_sync = -math.inf  # time.monotonic() of the last sync
         self._reference_sent = 0  # map version of the reference last sent to the other ranks
         self._frame_sent = False
+        self._classes_sent: ClassReferences | None = None  # the 2D classes last sent to the other ranks
         self._record_map_counts()
         if self.state.fsc_history:
             self.metrics.set_resolution_angstrom(self.state.fsc_history[-1][2])
@@ -938,20 +941,25 @@ class Daemon:
         policy = self.refiner.rank_policy()
         # the reference only when the others search it (the ab initio makes a new one at every step, unused there)
         reference = self._reference_to_send() if "coarse" in (policy.network_mode, policy.random_mode) else None
-        command = Command("stop" if final else "sync", policy, reference, self._frame_to_send(), self.geometry)
+        lane = self.classification
+        classify = lane is not None and lane.state != "failed"
+        command = Command("stop" if final else "sync", policy, reference, self._frame_to_send(), self.geometry,
+                          classes=self._classes_to_send(), classify=classify)
         self._last_sync = now
         if final:
             self._ranks_done = True
         t0 = time.perf_counter()
+        sent = self._classes_sent  # the others' 2D sums are in the frame of these classes
+        class_sums = None if sent is None else ClassSums(sent.settings.n_classes, sent.images.shape[-1], 1.0)
         self._changing_map = True  # a failure during the reduce leaves the grids torn (RanksLost.torn)
         try:
-            handovers = lead(self.ranks, command, st.accumulator)
+            handovers = lead(self.ranks, command, st.accumulator, class_sums)
         except RanksLost as exc:
             self._ranks_done = True
             self._changing_map = exc.torn
             raise
         self._changing_map = False
-        self._take_handovers(handovers)
+        self._take_handovers(handovers, class_sums)
         self.metrics.latency.labels("sync").observe(time.perf_counter() - t0)
 
     def _release_ranks(self) -> None:
@@ -967,10 +975,12 @@ class Daemon:
         except RanksLost as exc:
             logger.warning("the other ranks could not be told to stop (%s)", exc)
 
-    def _take_handovers(self, handovers: list[Handover]) -> None:
-        """Record what the other ranks handed over (their grids are already in rank 0's): rows, counts, rejections,
-        the 2D lane's share of them."""
+    def _take_handovers(self, handovers: list[Handover], class_sums: ClassSums | None) -> None:
+        """Record what the other ranks handed over (their grids are already in rank 0's, their 2D sums in
+        ``class_sums``): rows, counts, rejections; to the 2D lane, the particles they classified and, by location,
+        those they did not."""
         n = 0
+        lane, g = self.classification, self.geometry
         for handover in handovers:
             for name, count in handover.counts.items():
                 self._count(name, count)
@@ -980,14 +990,28 @@ class Daemon:
                 self.taken.add(rows.stacks, rows.indices)
                 self._record_inserted(rows)
                 n += len(rows)
-                if self.classification is not None and self.geometry is not None:
-                    self.classification.offer_located(
-                        Located(rows.stacks, rows.indices, rows.half_sets, rows.ctf, dict(rows.optics)),
-                        self.geometry.box, self.geometry.apix)
+                if lane is not None and g is not None and not rows.classified_here:
+                    lane.offer_located(Located(rows.stacks, rows.indices, rows.half_sets, rows.ctf,
+                                               dict(rows.optics)), g.box, g.apix)
+            for located in handover.to_classify:
+                if lane is not None and g is not None:
+                    lane.offer_located(located, g.box, g.apix)
+        classified = [handover.classified for handover in handovers if handover.classified is not None]
+        if classified and lane is not None and class_sums is not None:
+            lane.offer_classified(ClassifiedRows.merged(classified, class_sums.state_dict()))
         self._ranks_waiting = sum(handover.waiting for handover in handovers)
         self._from_ranks += n
         if n:
             self._note_inserted(n)
+
+    def _classes_to_send(self) -> ClassReferences | None:
+        """The 2D lane's classes for the other ranks, when their version changed since last sent."""
+        lane = self.classification
+        shared = None if lane is None else lane.shared_references()
+        if shared is None or (self._classes_sent is not None and shared.version == self._classes_sent.version):
+            return None
+        self._classes_sent = shared
+        return shared
 
     def _reference_to_send(self):  # noqa: ANN202 - ReferenceSource | None
         """Rank 0's reference for the other ranks, when its version changed since last sent (a sync whose policy

@@ -16,8 +16,21 @@ a last one when it stops. The collectives, in the same order on every rank:
    last sync (locations, poses, scores, CTF, fingerprints), its counts and rejections, and
    how many particles it still holds; then an all-reduce of one number, the particles handed
    over, so every rank knows whether step 3 happens;
-3. **reduce** into rank 0's grids, when any handover holds particles
-   (:func:`~cryofastar.engine.distributed.reduce_accumulator`); the others then zero theirs.
+3. **reduce** of the 2D class sums, when any rank aligned particles against rank 0's classes
+   (below), into scratch sums of rank 0's; then of the grids into rank 0's, when any handover
+   holds particles (:func:`~cryofastar.engine.distributed.reduce_accumulator`); the others then
+   zero theirs.
+
+**2D classes** (the 2D lane, ``--classify``): once rank 0's classes have started, each command
+carries their newest :class:`~cryofastar.recon.classify2d.ClassReferences`; every other rank
+then aligns the particles it inserts against them with a follower classifier
+(:mod:`~cryofastar.recon.classify2d.class_delta`) and hands over the rows
+(:class:`~cryofastar.daemon.classification_lane.ClassifiedRows`) with the sums reduced in
+step 3. Rank 0's 2D lane takes them
+(:meth:`~cryofastar.daemon.classification_lane.ClassificationLane.offer_classified`) and keeps
+every operation that moves particles already held: re-alignment, centring, re-seeding, the
+noise model. Particles a rank inserted but did not classify (no classes yet, its queue full,
+stopping) go to the lane by location, which reads and classifies them itself.
 
 Rank 0 records the handed-over rows exactly as its own (journal, pose table, ZeroMQ poses):
 its grids, journal and pose table agree after every sync, and between syncs (its own
@@ -38,18 +51,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
-from cryofastar.engine.distributed import Ranks, broadcast, reduce_accumulator
+from cryofastar.engine.distributed import Ranks, broadcast, reduce_accumulator, reduce_tensors
 from cryofastar.engine.rank_posing import ReferenceSource
 from cryofastar.engine.streaming_refiner import RankPolicy
 from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.classify2d import ClassReferences
+from cryofastar.recon.classify2d.class_sums import ClassSums
 from cryofastar.recon.ctf import CtfParams
 
+from .classification_lane import ClassifiedRows, Located
 from .ingest import SessionGeometry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYNC_SECONDS", "Command", "Handover", "InsertedChunk", "RanksLost", "announce", "hand_over", "lead",
-           "receive"]
+__all__ = ["SYNC_SECONDS", "Command", "Handover", "InsertedChunk", "RanksLost", "announce",
+           "hand_over", "lead", "receive"]
 
 SYNC_SECONDS = 2.0
 """Rank 0 leads a sync at most this often (s): the other ranks' particles reach the map this late at most, plus
@@ -89,6 +105,11 @@ class Command:
         The session's box and pixel size (``None`` until rank 0 planned a file with particles).
     journal: dict | None
         ``start``: the particles already in the map (``IngestJournal.state_dict``).
+    classes: ClassReferences | None
+        Rank 0's 2D classes, sent when their version differs from the last one sent (module docstring).
+    classify: bool
+        Whether rank 0 runs a 2D lane that takes particles (``False``: none, or it failed; the others then
+        classify nothing).
     """
 
     op: str
@@ -97,6 +118,8 @@ class Command:
     frame: dict | None = None
     geometry: SessionGeometry | None = None
     journal: dict | None = None
+    classes: ClassReferences | None = None
+    classify: bool = False
 
 
 @dataclass
@@ -107,7 +130,8 @@ class InsertedChunk:
     `(n, 3, 3)` RELION matrices, ``origins`` `(n, 2)` Å, ``confidence`` `(n,)`, ``ctf`` (or ``None``),
     ``optics``, ``scores``/``spread`` `(n,)` (``None``: not refined), ``version`` (0: unrefined, ``COARSE``),
     ``fingerprints`` `(n,)` (:func:`~cryofastar.daemon.fingerprints.image_fingerprints`), ``origin``: the
-    file (str) they came from.
+    file (str) they came from; ``classified_here``: the rank aligns them against rank 0's 2D classes itself
+    (``ClassifiedRows`` of this or a later handover), else rank 0's 2D lane reads them by location.
     """
 
     stacks: np.ndarray
@@ -123,6 +147,7 @@ class InsertedChunk:
     version: int
     fingerprints: np.ndarray
     origin: str
+    classified_here: bool = False
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -143,12 +168,19 @@ class Handover:
         ``(file, reason)`` of images it left out (rank 0 writes ``rejected.tsv``).
     waiting: int
         Particles it holds and has not inserted yet (files seen, read, being posed).
+    classified: ClassifiedRows | None
+        The particles it aligned against rank 0's 2D classes (their sums: the reduce).
+    to_classify: list[Located]
+        Particles it had meant to classify and did not (stopping, or its classifier failed): rank 0's lane reads
+        them.
     """
 
     chunks: list[InsertedChunk] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     rejections: list[tuple[str, str]] = field(default_factory=list)
     waiting: int = 0
+    classified: ClassifiedRows | None = None
+    to_classify: list[Located] = field(default_factory=list)
 
     @property
     def particles(self) -> int:
@@ -174,21 +206,28 @@ def announce(ranks: Ranks, command: Command) -> None:
         broadcast(ranks, command)
 
 
-def lead(ranks: Ranks, command: Command, accumulator: HalfSetAccumulator | None) -> list[Handover]:
-    """Rank 0's side of one sync: send ``command``, collect the others' handovers and add their grids to
-    ``accumulator`` (rank 0's, in place). Returns the handovers of ranks ``1..world-1``.
+def lead(ranks: Ranks, command: Command, accumulator: HalfSetAccumulator | None,
+         class_sums: ClassSums | None = None) -> list[Handover]:
+    """Rank 0's side of one sync: send ``command``, collect the others' handovers, add their grids to
+    ``accumulator`` (rank 0's, in place) and their 2D class sums to ``class_sums`` (zeros of the shape of the
+    classes last sent: afterwards the sum of the handovers' ``classified`` rows). Returns the handovers of
+    ranks ``1..world-1``.
 
     Raises
     ------
     RanksLost
-        A collective failed (``torn`` when it was the reduce).
+        A collective failed (``torn`` when it was the reduce into ``accumulator``).
     """
     with _answering():
         broadcast(ranks, command)
         parts: list[Handover] = [Handover()] * ranks.world
         dist.gather_object(Handover(), parts, dst=0)
-        total = _total(ranks, 0)
-    if total:
+        particles, classified = _totals(ranks, Handover())
+        if classified:  # into scratch sums: a failure here leaves rank 0 as it was
+            if class_sums is None:
+                raise RuntimeError("other ranks handed over 2D classes before rank 0 sent any")
+            reduce_tensors(_class_tensors(class_sums), ranks)
+    if particles:
         if accumulator is None:  # (the others read nothing before rank 0 sent the geometry, which makes its grids)
             raise RuntimeError("other ranks handed over particles before rank 0 had grids")
         with _answering(torn=True):
@@ -196,11 +235,17 @@ def lead(ranks: Ranks, command: Command, accumulator: HalfSetAccumulator | None)
     return parts[1:]
 
 
-def _total(ranks: Ranks, particles: int) -> int:
-    """Particles handed over at this sync by all ranks together (every rank learns whether the grids meet)."""
-    total = torch.tensor([particles], dtype=torch.int64, device=ranks.device)  # NCCL: on the rank's GPU
+def _totals(ranks: Ranks, handover: Handover) -> tuple[int, int]:
+    """Particles inserted and particles classified handed over at this sync by all ranks together (every rank
+    learns whether the grids and the class sums meet)."""
+    rows = 0 if handover.classified is None else len(handover.classified)
+    total = torch.tensor([handover.particles, rows], dtype=torch.int64, device=ranks.device)  # NCCL: on the GPU
     dist.all_reduce(total)
-    return int(total)
+    return int(total[0]), int(total[1])
+
+
+def _class_tensors(sums: ClassSums) -> list[torch.Tensor]:
+    return [sums.num, sums.den, sums.mass]
 
 
 @contextlib.contextmanager
@@ -227,10 +272,13 @@ def receive(ranks: Ranks) -> Command:
         return broadcast(ranks, None)
 
 
-def hand_over(ranks: Ranks, handover: Handover, accumulator: HalfSetAccumulator | None) -> None:
-    """Another rank's side of collectives 2 and 3: send ``handover``, add ``accumulator`` to rank 0's grids when
-    any rank has particles, then zero it (it then holds nothing not yet handed over). The caller holds its
-    insertion lock throughout, so the handover and the grids hold the same particles.
+def hand_over(ranks: Ranks, handover: Handover, accumulator: HalfSetAccumulator | None,
+              class_sums: ClassSums | None = None) -> None:
+    """Another rank's side of collectives 2 and 3: send ``handover``, add ``class_sums`` (its follower
+    classifier's, holding what ``handover.classified`` adds) to rank 0's when any rank classified particles, and
+    ``accumulator`` to rank 0's grids when any rank has particles; then zero both (they then hold nothing not yet
+    handed over). The caller holds its insertion and classification locks throughout, so the handover, the grids
+    and the sums hold the same particles.
 
     Raises
     ------
@@ -239,8 +287,15 @@ def hand_over(ranks: Ranks, handover: Handover, accumulator: HalfSetAccumulator 
     """
     with _answering():
         dist.gather_object(handover, None, dst=0)
-        total = _total(ranks, handover.particles)
-    if total == 0:
+        particles, classified = _totals(ranks, handover)
+    if classified:
+        if class_sums is None:
+            raise RuntimeError("2D classes handed over by another rank before this one had any")
+        with _answering():
+            reduce_tensors(_class_tensors(class_sums), ranks)
+        for tensor in _class_tensors(class_sums):
+            tensor.zero_()
+    if particles == 0:
         return
     if accumulator is None:
         raise RuntimeError("particles inserted before the session's geometry was known")

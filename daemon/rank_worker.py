@@ -6,9 +6,15 @@ It watches the same directory as rank 0 and takes its own share of every file's 
 the particles already taken left out) and reads its share ``read_chunk`` at a time; the
 poser gives each chunk its first poses (:class:`~cryofastar.engine.rank_posing.RankPoser`:
 the network in rank 0's frame or random poses, then rank 0's hurried policy) and inserts it
-into grids that hold only what this rank inserted since the last sync. Its main thread
-answers rank 0's syncs (:mod:`~cryofastar.daemon.rank_sync`): it hands over the rows and
-grids, under the lock the insertions take, so both hold the same particles.
+into grids that hold only what this rank inserted since the last sync. With the 2D lane on,
+once rank 0 has sent its 2D classes, a classifier thread aligns each inserted chunk against
+them (a follower :class:`~cryofastar.recon.classify2d.StreamingClassifier`, :data:`PIECE`
+particles per step, one core) into class sums that hold only what it aligned since the last
+sync; chunks it does not classify (no classes yet, its queue full, stopping, its classifier
+failed) go to rank 0's lane by location. Its main thread answers rank 0's syncs
+(:mod:`~cryofastar.daemon.rank_sync`): it adopts rank 0's newest classes and hands over the
+rows, grids and class sums, under the locks the insertions and the alignments take, so all
+of them hold the same particles.
 
 It writes no file, publishes nothing and serves no metrics: rank 0 records everything it
 hands over (the journal, ``particles.star``, ``rejected.tsv``, the ZeroMQ messages). Files
@@ -31,18 +37,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import torch
 from cryofastar.engine.distributed import Ranks, owners
 from cryofastar.engine.posing import NetworkPoser, RandomPoser
 from cryofastar.engine.rank_posing import RankPoser
 from cryofastar.recon import HalfSetAccumulator
+from cryofastar.recon.classify2d import ClassReferences, StreamingClassifier
+from cryofastar.recon.ctf import ctf_array
 from cryofastar.recon.io import ParticleChunk, ParticleFileError, SkippedImages
 
+from .classification_lane import ClassifiedRows, Located
 from .fingerprints import image_fingerprints
 from .ingest import NotParticles, Rejected, SessionGeometry, plan_particle_file
 from .journal import IngestJournal
 from .pose_source import load_network
 from .rank_sync import Command, Handover, InsertedChunk, hand_over, receive
 from .settings import DaemonSettings
+from .thread_limits import limit_this_thread
 from .watcher import StackWatcher
 
 logger = logging.getLogger(__name__)
@@ -50,6 +62,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["RankWorker"]
 
 _POLL = 0.2  # s: how often waiting threads look at the stop flag
+PIECE = 64
+"""Particles the classifier thread aligns per step (a sync waits for at most one step: about 0.2 s on one core)."""
 
 
 class RankWorker:
@@ -86,6 +100,13 @@ class RankWorker:
         self._errors: list[str] = []
         self._threads: list[threading.Thread] = []
         self._watcher: StackWatcher | None = None
+        # the 2D part: a follower of rank 0's classes (its sums and table: what it aligned since the last sync)
+        self.classes: StreamingClassifier | None = None
+        self.class_lock = threading.Lock()  # taken by each alignment step and by each handover
+        self.to_classify: queue.Queue[tuple[ParticleChunk, np.ndarray]] = queue.Queue(settings.classify_queue)
+        self._classified: list[tuple[Located, np.ndarray]] = []  # the follower's rows, in order, and fingerprints
+        self._classify = False  # rank 0 runs a 2D lane that takes particles (its last command)
+        self._class_failed = False
         start = receive(ranks)
         if start.op != "start" or start.journal is None:
             raise RuntimeError(f"rank 0 sent {start.op!r} before 'start'")
@@ -105,7 +126,10 @@ class RankWorker:
         """
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         s = self.settings
-        for name, target in (("reader", self._reader), ("poser", self._poser)):
+        stages = [("reader", self._reader), ("poser", self._poser)]
+        if s.classify:
+            stages.append(("classifier", self._classifier))
+        for name, target in stages:
             thread = threading.Thread(target=self._guard(name, target), name=f"cryofastar-rank-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -118,10 +142,13 @@ class RankWorker:
                 self._adopt(command)
                 if command.op == "stop":
                     self._stop_pipeline()
-                with self.lock:
+                with self.class_lock, self.lock:
+                    self._follow(command)
                     handover, self.handover = self.handover, Handover()
                     handover.waiting = self._waiting()
-                    hand_over(self.ranks, handover, self.accumulator)
+                    handover.classified = self._classified_rows()
+                    hand_over(self.ranks, handover, self.accumulator, None if self.classes is None else
+                              self.classes.sums)
                 if self._errors:
                     raise RuntimeError(f"rank {self.ranks.rank}: {self._errors[0]}")
                 if command.op == "stop":
@@ -142,6 +169,64 @@ class RankWorker:
                                                   device=self.device)  # type: ignore[arg-type]
             self._known.set()
 
+    def _follow(self, command: Command) -> None:
+        """Rank 0's 2D classes (under both locks): the newest to align against (what the follower holds moves to
+        their frame), or, when rank 0's lane takes no more particles, stop classifying."""
+        self._classify = command.classify and self.settings.classify
+        if command.classes is not None and not self._class_failed:
+            self._adopt_classes(command.classes)
+        if not self._classify:
+            self._give_up_classes()
+
+    def _adopt_classes(self, references: ClassReferences) -> None:
+        try:
+            if self.classes is None:
+                self.classes = StreamingClassifier(references.settings, references.box,  # type: ignore[arg-type]
+                                                   references.apix)
+            self.classes.adopt(references)
+        except ValueError as exc:  # never expected: rank 0's classes are those of the session's geometry
+            logger.error("rank %d: rank 0's 2D classes cannot be followed (%s); its particles go to rank 0's lane "
+                         "by location", self.ranks.rank, exc)
+            self._class_failed = True
+            self._give_up_classes()
+
+    def _classifying(self) -> bool:
+        return self._classify and self.classes is not None and not self._class_failed
+
+    def _classified_rows(self) -> ClassifiedRows | None:
+        """What the follower aligned since the last sync (its sums are handed over by the reduce)."""
+        if self.classes is None or not self._classified:
+            return None
+        delta = self.classes.hand_over(with_sums=False)
+        parts, self._classified = self._classified, []
+        located = [part for part, _ in parts]
+        rows = ClassifiedRows(delta, np.concatenate([p.stacks for p in located]),
+                              np.concatenate([p.indices for p in located]),
+                              np.concatenate([ctf_array(p.ctf, len(p)) for p in located]),
+                              np.concatenate([fingerprints for _, fingerprints in parts]),
+                              dict(next((p.optics for p in located if p.optics), {})))
+        if len(rows) != len(delta):
+            raise RuntimeError(f"rank {self.ranks.rank}: {len(delta)} rows classified for {len(rows)} particles")
+        return rows
+
+    def _give_up_classes(self) -> None:
+        """Classify nothing more here (under both locks): what was aligned and not handed over, and what waits,
+        goes to rank 0's lane by location."""
+        pending, self._classified = self._classified, []
+        self.handover.to_classify.extend(located for located, _ in pending)
+        if self.classes is not None:
+            self.classes.clear()
+        self._drain_classes_queue()
+
+    def _drain_classes_queue(self) -> None:
+        """The chunks waiting for the classifier, to rank 0's lane by location (under :attr:`lock`)."""
+        while True:
+            try:
+                chunk, _ = self.to_classify.get_nowait()
+            except queue.Empty:
+                return
+            self.handover.to_classify.append(Located.of(chunk))
+
     def _waiting(self) -> int:
         """Particles this rank holds and has not inserted (a file not read yet counts as one)."""
         files = self.files.qsize() + (0 if self._watcher is None else self._watcher.pending + self._watcher.queued)
@@ -155,6 +240,8 @@ class RankWorker:
             self._watcher.stop()
         for thread in self._threads:
             thread.join(timeout=60.0)
+        with self.lock:  # not classified here: rank 0's lane reads them (or the next start, by location)
+            self._drain_classes_queue()
 
     # ------------------------------------------------------------------ threads
     def _guard(self, name: str, target):  # noqa: ANN001, ANN202 - thread wrapper
@@ -231,6 +318,35 @@ class RankWorker:
                 return  # stopping before rank 0's network frame came: read again at the next start
             self._insert(chunk, network)
 
+    def _classifier(self) -> None:
+        """Align each queued chunk against rank 0's classes, :data:`PIECE` particles per step (one core)."""
+        limit_this_thread(1)
+        while not self._stopping.is_set():
+            try:
+                chunk, fingerprints = self.to_classify.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+            for start in range(0, len(chunk), PIECE):
+                with self.class_lock:
+                    rest = np.arange(start, len(chunk))
+                    if self._stopping.is_set() or not self._classifying():
+                        with self.lock:
+                            self.handover.to_classify.append(Located.of(_rows(chunk, rest)))
+                        break
+                    piece = _rows(chunk, rest[:PIECE])
+                    try:
+                        assert self.classes is not None
+                        self.classes.add(piece.images, piece.ctf, piece.half_sets.to(torch.int64))
+                    except Exception:  # noqa: BLE001 - as rank 0's lane: 2D fails alone, the session goes on
+                        logger.exception("rank %d: 2D classification failed; this rank's particles go to rank 0's "
+                                         "lane by location from now on", self.ranks.rank)
+                        self._class_failed = True
+                        with self.lock:
+                            self.handover.to_classify.append(Located.of(_rows(chunk, rest)))
+                            self._give_up_classes()
+                        break
+                    self._classified.append((Located.of(piece), fingerprints[rest[:PIECE]]))
+
     def _wait_for_frame(self) -> bool | None:
         """Whether to pose with the network now; while rank 0 wants network poses and its frame has not come, wait
         (``None``: stopping meanwhile)."""
@@ -275,12 +391,29 @@ class RankWorker:
                 self.handover.count("particles_rejected", len(chunk))
                 self.handover.rejections.append((str(chunk.origin), f"{chunk.origin}: insertion failed ({exc})"))
             else:
+                here = self._classifying() and self._queue_for_classes(chunk, fingerprints)
                 self.handover.chunks.append(InsertedChunk(
                     chunk.stacks, chunk.indices, chunk.half_sets, rotations, origins, poses.confidence, chunk.ctf,
                     dict(chunk.optics), scores, spread, 0 if refined is None else refined.version, fingerprints,
-                    str(chunk.origin)))
+                    str(chunk.origin), classified_here=here))
                 self.handover.count("particles_posed", len(chunk))
                 if refined is not None:
                     self.handover.count("particles_refined", len(chunk))
             self._held -= len(chunk)
         logger.debug("rank %d: %d particles in %.2f s", self.ranks.rank, len(chunk), time.perf_counter() - t0)
+
+    def _queue_for_classes(self, chunk: ParticleChunk, fingerprints: np.ndarray) -> bool:
+        """Whether the chunk went to the classifier thread (``False``: its queue is full; rank 0's lane reads it)."""
+        try:
+            self.to_classify.put_nowait((chunk, fingerprints))
+        except queue.Full:
+            return False
+        return True
+
+
+def _rows(chunk: ParticleChunk, keep: np.ndarray) -> ParticleChunk:
+    """The chunk's particles at positions ``keep`` `(k,)`."""
+    picked = torch.from_numpy(keep)
+    return ParticleChunk(chunk.origin, chunk.rows[keep], chunk.stacks[keep], chunk.indices[keep],
+                         chunk.images[picked], chunk.half_sets[picked],
+                         None if chunk.ctf is None else chunk.ctf[picked], chunk.optics)

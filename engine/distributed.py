@@ -34,7 +34,8 @@ no daemon and no command line (docs/scaling.md, "Offline: reconstruct --nproc").
   tensors.
 - A live session (``watch --nproc``, docs/scaling.md "Live: watch --nproc"): :func:`owners` says
   which rank takes each particle as files arrive (no rank waits for another to decide), and
-  :func:`reduce_accumulator` adds the other ranks' new contributions to rank 0's grids.
+  :func:`reduce_accumulator` adds the other ranks' new contributions to rank 0's grids
+  (:func:`reduce_tensors`, which also adds their 2D class sums).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["COLLECTIVE_TIMEOUT_SECONDS", "TIMEOUT_ENV", "RankFailed", "Ranks", "all_reduce_accumulator",
            "accumulator_tensors", "allreduce_bytes", "alone", "broadcast", "check_processes", "cpu_threads", "deal",
            "gather_objects", "gather_rows", "in_torchrun_environment", "launch", "owners", "reduce_accumulator",
-           "units", "worker_logging"]
+           "reduce_tensors", "units", "worker_logging"]
 
 COLLECTIVE_TIMEOUT_SECONDS = 3600.0
 """How long a collective waits for the other ranks before it fails (s): longer than any step rank 0 runs alone."""
@@ -389,17 +390,25 @@ def reduce_accumulator(acc: HalfSetAccumulator, ranks: Ranks) -> HalfSetAccumula
     Rank 0's grids then hold its own particles and the others', exactly as if it had inserted them all (up to
     float32 rounding: the order of the sums). Returns ``acc``. One process: unchanged.
     """
+    reduce_tensors(accumulator_tensors(acc), ranks)
+    return acc
+
+
+def reduce_tensors(tensors: Sequence[torch.Tensor], ranks: Ranks) -> None:
+    """Add every other rank's ``tensors`` to rank 0's, in place (the same shapes and dtypes on every rank; complex
+    ones are summed as their real and imaginary parts). The others' may be used as scratch space: they zero or
+    drop theirs afterwards. One process: nothing happens."""
     if not ranks.distributed:
-        return acc
-    for tensor in accumulator_tensors(acc):
+        return
+    for tensor in tensors:
+        flat = torch.view_as_real(tensor) if tensor.is_complex() else tensor
         if tensor.device == ranks.device or ranks.backend == "gloo":
-            dist.reduce(tensor, dst=0)
-        else:  # NCCL reduces CUDA tensors only (the particle counts live on the CPU)
-            moved = tensor.to(ranks.device)
+            dist.reduce(flat, dst=0)
+        else:  # NCCL reduces CUDA tensors only (the particle counts, the 2D class sums live on the CPU)
+            moved = flat.to(ranks.device)
             dist.reduce(moved, dst=0)
             if ranks.root:
-                tensor.copy_(moved.to(tensor.device))
-    return acc
+                flat.copy_(moved.to(flat.device))
 
 
 def allreduce_bytes(box: int, oversampling: int = 2) -> int:

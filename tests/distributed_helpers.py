@@ -224,7 +224,55 @@ def lose_rank(how: str, timeout: float) -> dict:
         receive(ranks)
         if how == "torn":  # hand_over's first two collectives (gather, then the total), not the reduce
             dist.gather_object(Handover([inserted_chunk(torch.arange(3), 3)]), None, dst=0)
-            dist.all_reduce(torch.tensor([3], dtype=torch.int64))
+            dist.all_reduce(torch.tensor([3, 0], dtype=torch.int64))  # particles inserted, classified
         return {"caught": None, "seconds": 0.0}
+    finally:
+        ranks.leave()
+
+
+def classes_sync(n_lead: int, n_follow: int) -> dict:
+    """One sync carrying 2D classes: rank 0 sends its classes (``n_lead`` particles classified), rank 1 aligns
+    ``n_follow`` more against them as a follower and hands them over; rank 0 takes them. Rank 0 returns how far its
+    classes are from those of classifying every particle itself, rank 1 whether its sums were zeroed."""
+    import copy
+
+    from cryofastar.daemon.classification_lane import ClassifiedRows
+    from cryofastar.recon.classify2d import StreamingClassifier
+    from cryofastar.recon.classify2d.class_sums import ClassSums
+    from cryofastar.recon.ctf import ctf_array
+    from test_classify2d import _classifier, _two_views
+
+    ranks = d.Ranks.join("cpu")
+    sim, _, _ = _two_views(n_lead + n_follow, snr=0.5, seed=3)
+    new = torch.arange(n_lead, n_lead + n_follow)
+    halves = (new % 2 + 1).to(torch.int64)
+    try:
+        if ranks.root:
+            lead_clf = _classifier(k=4, start=n_lead - 20)
+            lead_clf.add(sim.images[:n_lead], sim.ctf[torch.arange(n_lead)])
+            alone = copy.deepcopy(lead_clf)
+            refs = lead_clf.references()
+            announce(ranks, Command("start", journal={}))
+            sums = ClassSums(4, lead_clf.box, lead_clf.apix)
+            handovers = lead(ranks, Command("sync", classes=refs, classify=True), None, sums)
+            rows = ClassifiedRows.merged([h.classified for h in handovers], sums.state_dict())
+            taken = lead_clf.take(rows.delta)
+            alone.add(sim.images[n_lead:], sim.ctf[new], halves)
+            scale = float(alone.sums.num.abs().max())
+            return {"taken": taken.tolist(), "indices": rows.indices.tolist(),
+                    "num": float((lead_clf.sums.num - alone.sums.num).abs().max()) / scale,
+                    "classes": bool(np.array_equal(lead_clf.table.classes[: lead_clf.n_particles],
+                                                   alone.table.classes[: alone.n_particles]))}
+        receive(ranks)
+        command = receive(ranks)
+        refs = command.classes
+        follower = StreamingClassifier(refs.settings, refs.box, refs.apix)
+        follower.adopt(refs)
+        follower.add(sim.images[n_lead:], sim.ctf[new], halves)
+        classified = ClassifiedRows(follower.hand_over(with_sums=False), np.array(["/s.mrcs"] * n_follow),
+                                    new.numpy() + 1, ctf_array(sim.ctf[new], n_follow),
+                                    image_fingerprints(sim.images[n_lead:]))
+        hand_over(ranks, Handover(classified=classified), None, follower.sums)
+        return {"zeroed": float(follower.sums.num.abs().max()) == 0.0 and follower.n_particles == 0}
     finally:
         ranks.leave()

@@ -98,3 +98,13 @@ def test_a_sync_command_defaults_to_the_initial_policy_and_sends_nothing_else() 
     assert command.policy == RankPolicy(False, "own", "own", 0)
     assert (command.reference, command.frame, command.geometry, command.journal) == (None, None, None, None)
     assert RanksLost("gone").torn is False and RanksLost("gone", torn=True).torn is True
+
+
+def test_particles_another_rank_classifies_reach_rank_zeros_classes_as_its_own() -> None:
+    """Rank 0's 2D classes travel in a command; rank 1 aligns particles against them as a follower and hands over
+    its rows, its class sums by the reduce: rank 0's classes become those of classifying every particle itself."""
+    results = d.launch(2, helpers.classes_sync, 80, 40)
+    root, other = results[0], results[1]
+    assert root["taken"] == list(range(80, 120)) and root["indices"] == list(range(81, 121))
+    assert root["num"] < 1e-9 and root["classes"]
+    assert other["zeroed"]
