@@ -417,6 +417,9 @@ class ClassificationLane:
                 while self._take_classified():
                     pass
                 self._final_outputs()
+        if self.from_other_ranks and self.classifier is not None:
+            logger.info("2D lane: %d particles classified; the other ranks aligned %d of them in this run",
+                        self.classifier.n_particles, self.from_other_ranks)
 
     @property
     def waiting(self) -> int:

@@ -16,13 +16,19 @@ import numpy as np
 import pytest
 import starfile
 import torch
+from cryofastar.daemon.classification_lane import _from_tensors
 from cryofastar.daemon.state import CHECKPOINT_NAME, SessionState
+from cryofastar.engine.classification import ClassifySettings, classifier_settings
+from cryofastar.recon.classify2d import StreamingClassifier
+from cryofastar.recon.classify2d.class_sums import ClassSums
+from cryofastar.recon.classify2d.fourier_sampling import padded_spectra
 from cryofastar.recon.io.star import write_particles
 from session_helpers import ENV, SCRIPT, launched_workers, place, simulate_stacks
 from session_helpers import run_cli as run
 
 N_STACKS, PER_STACK = 12, 100
 N = N_STACKS * PER_STACK
+CLASSES_2D = 6
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +172,62 @@ def test_a_killed_rank_stops_the_session_cleanly_and_a_restart_resumes_exactly(s
     names = _names(out)
     assert len(names) == N and len(set(names)) == N
     assert _map_error(out, tmp_path / "rebuilt.mrc") <= 1e-4
+
+
+def _sums_of_the_table(classes: Path) -> tuple[float, int]:
+    """The 2D checkpoint's class sums against what its table says every particle adds (read again from its stack):
+    the largest difference relative to the largest sum, and the number of particles."""
+    state = torch.load(classes / "checkpoint.pt", weights_only=True)
+    settings = classifier_settings(ClassifySettings(classes=CLASSES_2D), state["box"], state["apix"],
+                                   state["diameter"])
+    clf = StreamingClassifier(settings, state["box"], state["apix"])
+    clf.load_state_dict(_from_tensors(state["classifier"]))
+    where = state["locations"]
+    names, ids, indices = where["stack_names"], where["stack_id"].numpy(), where["index"].numpy()
+    read = [mrcfile.read(name) for name in names]
+    images = torch.from_numpy(np.stack([read[i][k - 1] for i, k in zip(ids, indices, strict=True)])).float()
+    fresh, t = ClassSums(CLASSES_2D, clf.box, clf.apix), clf.table
+    spectra = padded_spectra(images)
+    for slot in range(t.keep):
+        present = t.classes[: t.n, slot] >= 0
+        terms = fresh.contributions(spectra, torch.from_numpy(present), None, torch.from_numpy(t.psi[: t.n, slot]),
+                                    torch.from_numpy(t.shifts[: t.n, slot]))
+        fresh.add(torch.from_numpy(t.classes[: t.n, slot][present]), torch.from_numpy(t.halves[: t.n][present]),
+                  torch.from_numpy(t.weights[: t.n, slot][present]), terms)
+    return float((clf.sums.num - fresh.num).abs().max() / fresh.num.abs().max()), t.n
+
+
+@pytest.mark.slow
+def test_two_ranks_classify_in_2d_together_and_the_class_sums_are_those_of_every_particle(stacks: list[Path],
+                                                                                          tmp_path: Path) -> None:
+    """The 2D lane on 2 ranks: rank 1 aligns its particles against rank 0's classes and hands over class sums; rank 0
+    re-aligns and centres. Every particle is classified once and the sums are exactly what the table says."""
+    watch = tmp_path / "session"
+    watch.mkdir()
+    process = subprocess.Popen(
+        [str(SCRIPT), "-v", "watch", str(watch), "--nproc", "2", "--zmq", "tcp://127.0.0.1:0", "--metrics-port",
+         "-1", "--refine-after", "100000", "--settle", "0.3", "--classes", str(CLASSES_2D), "--diameter", "70",
+         "--classes-every", "0.5", "--checkpoint-every", "1", "--keep-junk"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    out = watch / "cryofastar"
+    try:
+        _feed(stacks, watch, every=0.5).join()
+        star, deadline = out / "classes" / "particles.star", time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if star.exists() and len(starfile.read(star)["particles"]) == N:
+                break
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr[-3000:]
+    names = starfile.read(out / "classes" / "particles.star")["particles"]["rlnImageName"].tolist()
+    assert len(names) == N and set(names) == set(_names(out))  # every particle of the map, once
+    shares = [line for line in stderr.splitlines() if "2D lane: " in line and "the other ranks aligned" in line]
+    assert len(shares) == 1 and int(shares[0].split("aligned ")[1].split()[0]) >= N // 8, stderr[-3000:]
+    difference, n = _sums_of_the_table(out / "classes")
+    print(shares[0], f"class sums vs table: {difference:.2e}")
+    assert n == N and difference < 1e-6
