@@ -11,8 +11,9 @@ process count in ``--nproc`` (default ``1,2``), in turn, on the same simulated s
    its status messages (``particles_in_map``, every second);
 3. once the session has loaded (its first status message), every stack is linked into the
    directory at once (or at ``--rate`` particles/s);
-4. when the map holds every particle the session is stopped (SIGINT to the command, as a
-   terminal's Ctrl-C) and its exit awaited.
+4. when the map holds every particle (and, with ``--classify``, the 2D lane has classified
+   every one) the session is stopped (SIGINT to the command, as a terminal's Ctrl-C) and its
+   exit awaited.
 
 Figures per run: **rate** = particles in the map between the first status message that
 shows any and the first that shows all, over that time (so the network's start and the
@@ -22,6 +23,11 @@ placed to all in the map; the **longest pause** of the map's particle count whil
 wait; the stop's duration; and, for K > 1, the share the other ranks inserted (rank 0's
 log line). On 2 CPU cores, K ranks share the cores one process uses, so K = 2 measures the
 cost of the ranks' meetings, not a speed-up (docs/scaling.md "Live: watch --nproc").
+
+With ``--classify``, the 2D lane's figures too (its status field ``classification``):
+**2D rate** = particles classified between the first status message that shows any and the
+first that shows all, over that time; time from the first stack placed to all classified;
+and, for K > 1, how many of them the other ranks aligned (rank 0's lane's log line at stop).
 
     python bench/bench_watch_ranks.py                                  # 4000 particles, box 128, 1 and 2 ranks
     python bench/bench_watch_ranks.py --n 1000 --box 64 --per-stack 100 # a quick run
@@ -75,6 +81,7 @@ def run_session(root: Path, stacks: list[Path], nproc: int, args: argparse.Names
     log = (root / f"{name}.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     counts: list[tuple[float, int]] = []
+    classified: list[tuple[float, int]] = []  # (time, particles the 2D lane classified)
     placed = stopped = None
     try:
         with Subscriber(address, topics=("status",)) as subscriber:
@@ -95,11 +102,13 @@ def run_session(root: Path, stacks: list[Path], nproc: int, args: argparse.Names
                         raise RuntimeError(f"no progress for {args.stall:.0f} s")
                     continue
                 n = int(message.status.get("particles_in_map") or 0)
+                lane = int((message.status.get("classification") or {}).get("particles") or 0)
                 now = time.monotonic()
-                if not counts or n != counts[-1][1]:
+                if not counts or n != counts[-1][1] or lane != classified[-1][1]:
                     last_change = now
                 counts.append((now, n))
-                if n >= args.n:
+                classified.append((now, lane))
+                if n >= args.n and (not args.classify or lane >= args.n):
                     break
                 if now - last_change > args.stall:
                     raise RuntimeError(f"no progress for {args.stall:.0f} s at {n} particles")
@@ -114,7 +123,7 @@ def run_session(root: Path, stacks: list[Path], nproc: int, args: argparse.Names
     text = (root / f"{name}.log").read_text(errors="replace")
     first = next(i for i, (_, n) in enumerate(counts) if n > 0)
     t_first, n_first = counts[first]
-    t_all = counts[-1][0]
+    t_all = next(t for t, n in counts if n >= args.n)
     intervals = [b[0] - a[0] for a, b in zip(counts[first:], counts[first + 1:], strict=False)]
     longest, since, previous = 0.0, t_first, n_first
     for t, n in counts[first + 1:]:  # the longest time the count held still while particles waited
@@ -126,7 +135,15 @@ def run_session(root: Path, stacks: list[Path], nproc: int, args: argparse.Names
 
     steady = 0.8 * args.n / max(1e-9, reached(0.9) - reached(0.1))
     share = re.search(r"ranks: the other \d+ posed and inserted (\d+) of the (\d+)", text)
-    return {"nproc": nproc, "particles": args.n, "rate": (args.n - n_first) / max(1e-9, t_all - t_first),
+    two_d: dict[str, object] = {}
+    if args.classify:
+        t_c, n_c = next((t, n) for t, n in classified if n > 0)
+        t_c_all = next(t for t, n in classified if n >= args.n)
+        aligned = re.search(r"2D lane: \d+ particles classified; the other ranks aligned (\d+)", text)
+        two_d = {"classify_rate": (args.n - n_c) / max(1e-9, t_c_all - t_c),
+                 "time_to_all_classified_seconds": t_c_all - placed,
+                 "other_ranks_aligned": int(aligned.group(1)) if aligned else 0}
+    return {**two_d, "nproc": nproc, "particles": args.n, "rate": (args.n - n_first) / max(1e-9, t_all - t_first),
             "steady_rate": steady,
             "time_to_all_seconds": t_all - placed, "longest_pause_seconds": longest,
             "status_interval_seconds": sum(intervals) / max(1, len(intervals)),
@@ -172,6 +189,10 @@ def main() -> None:
                   f"{r['time_to_all_seconds']:.1f} s after the stacks came, longest pause "
                   f"{r['longest_pause_seconds']:.1f} s, stop {r['stop_seconds']:.1f} s, other ranks inserted "
                   f"{r['other_ranks_inserted']}", flush=True)
+            if args.classify:
+                print(f"    2D lane: {r['classify_rate']:.1f} particles/s, all classified "
+                      f"{r['time_to_all_classified_seconds']:.1f} s after the stacks came, other ranks aligned "
+                      f"{r['other_ranks_aligned']}", flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
