@@ -8,7 +8,8 @@ process count in ``--nproc`` (default ``1,2``), in turn, on the same simulated s
 2. ``cryofastar-stream watch DIR --nproc K`` starts on an empty directory (its own ZeroMQ
    port, no ``/metrics``, the daemon's defaults otherwise: refinement on; ``--no-classify``
    unless ``--classify``); a :class:`~cryofastar.monitoring.subscriber.Subscriber` follows
-   its status messages (``particles_in_map``, every second);
+   its status messages (``particles_in_map``, every second; with ``--classify`` also
+   ``--keep-junk``, so that the map comes to hold every particle);
 3. once the session has loaded (its first status message), every stack is linked into the
    directory at once (or at ``--rate`` particles/s);
 4. when the map holds every particle (and, with ``--classify``, the 2D lane has classified
@@ -77,7 +78,7 @@ def run_session(root: Path, stacks: list[Path], nproc: int, args: argparse.Names
     watch.mkdir()
     address = f"tcp://127.0.0.1:{free_port()}"
     command = [str(SCRIPT), "-v", "watch", str(watch), "--nproc", str(nproc), "--zmq", address, "--metrics-port",
-               "-1", "--classify" if args.classify else "--no-classify", *args.extra]
+               "-1", *(("--classify", "--keep-junk") if args.classify else ("--no-classify",)), *args.extra]
     log = (root / f"{name}.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     counts: list[tuple[float, int]] = []

@@ -978,7 +978,7 @@ class Daemon:
     def _take_handovers(self, handovers: list[Handover], class_sums: ClassSums | None) -> None:
         """Record what the other ranks handed over (their grids are already in rank 0's, their 2D sums in
         ``class_sums``): rows, counts, rejections; to the 2D lane, the particles they classified and, by location,
-        those they did not."""
+        those they read and did not classify."""
         n = 0
         lane, g = self.classification, self.geometry
         for handover in handovers:
@@ -990,9 +990,6 @@ class Daemon:
                 self.taken.add(rows.stacks, rows.indices)
                 self._record_inserted(rows)
                 n += len(rows)
-                if lane is not None and g is not None and not rows.classified_here:
-                    lane.offer_located(Located(rows.stacks, rows.indices, rows.half_sets, rows.ctf,
-                                               dict(rows.optics)), g.box, g.apix)
             for located in handover.to_classify:
                 if lane is not None and g is not None:
                     lane.offer_located(located, g.box, g.apix)

@@ -29,8 +29,10 @@ then aligns the particles it inserts against them with a follower classifier
 step 3. Rank 0's 2D lane takes them
 (:meth:`~cryofastar.daemon.classification_lane.ClassificationLane.offer_classified`) and keeps
 every operation that moves particles already held: re-alignment, centring, re-seeding, the
-noise model. Particles a rank inserted but did not classify (no classes yet, its queue full,
-stopping) go to the lane by location, which reads and classifies them itself.
+noise model. Each rank routes its particles to 2D as it reads them, as rank 0's reader does
+(the 2D lane never waits for the map): particles it does not classify itself (no classes yet,
+its queue full, stopping, its classifier failed) go to the lane by location, which reads and
+classifies them itself.
 
 Rank 0 records the handed-over rows exactly as its own (journal, pose table, ZeroMQ poses):
 its grids, journal and pose table agree after every sync, and between syncs (its own
@@ -130,8 +132,7 @@ class InsertedChunk:
     `(n, 3, 3)` RELION matrices, ``origins`` `(n, 2)` Å, ``confidence`` `(n,)`, ``ctf`` (or ``None``),
     ``optics``, ``scores``/``spread`` `(n,)` (``None``: not refined), ``version`` (0: unrefined, ``COARSE``),
     ``fingerprints`` `(n,)` (:func:`~cryofastar.daemon.fingerprints.image_fingerprints`), ``origin``: the
-    file (str) they came from; ``classified_here``: the rank aligns them against rank 0's 2D classes itself
-    (``ClassifiedRows`` of this or a later handover), else rank 0's 2D lane reads them by location.
+    file (str) they came from.
     """
 
     stacks: np.ndarray
@@ -147,7 +148,6 @@ class InsertedChunk:
     version: int
     fingerprints: np.ndarray
     origin: str
-    classified_here: bool = False
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -171,8 +171,8 @@ class Handover:
     classified: ClassifiedRows | None
         The particles it aligned against rank 0's 2D classes (their sums: the reduce).
     to_classify: list[Located]
-        Particles it had meant to classify and did not (stopping, or its classifier failed): rank 0's lane reads
-        them.
+        Particles it read and does not classify itself (rank 0's classes not there yet, its queue full, stopping,
+        its classifier failed): rank 0's lane reads them.
     """
 
     chunks: list[InsertedChunk] = field(default_factory=list)

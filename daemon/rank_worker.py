@@ -7,7 +7,7 @@ the particles already taken left out) and reads its share ``read_chunk`` at a ti
 poser gives each chunk its first poses (:class:`~cryofastar.engine.rank_posing.RankPoser`:
 the network in rank 0's frame or random poses, then rank 0's hurried policy) and inserts it
 into grids that hold only what this rank inserted since the last sync. With the 2D lane on,
-once rank 0 has sent its 2D classes, a classifier thread aligns each inserted chunk against
+once rank 0 has sent its 2D classes, a classifier thread aligns each chunk read against
 them (a follower :class:`~cryofastar.recon.classify2d.StreamingClassifier`, :data:`PIECE`
 particles per step, one core) into class sums that hold only what it aligned since the last
 sync; chunks it does not classify (no classes yet, its queue full, stopping, its classifier
@@ -291,6 +291,7 @@ class RankWorker:
                 if not len(chunk):
                     continue
                 self.taken.add(chunk.stacks, chunk.indices)
+                self._to_classes(chunk)
                 with self.lock:
                     self._held += len(chunk)
                     self.handover.count("particles_ingested", len(chunk))
@@ -391,24 +392,29 @@ class RankWorker:
                 self.handover.count("particles_rejected", len(chunk))
                 self.handover.rejections.append((str(chunk.origin), f"{chunk.origin}: insertion failed ({exc})"))
             else:
-                here = self._classifying() and self._queue_for_classes(chunk, fingerprints)
                 self.handover.chunks.append(InsertedChunk(
                     chunk.stacks, chunk.indices, chunk.half_sets, rotations, origins, poses.confidence, chunk.ctf,
                     dict(chunk.optics), scores, spread, 0 if refined is None else refined.version, fingerprints,
-                    str(chunk.origin), classified_here=here))
+                    str(chunk.origin)))
                 self.handover.count("particles_posed", len(chunk))
                 if refined is not None:
                     self.handover.count("particles_refined", len(chunk))
             self._held -= len(chunk)
         logger.debug("rank %d: %d particles in %.2f s", self.ranks.rank, len(chunk), time.perf_counter() - t0)
 
-    def _queue_for_classes(self, chunk: ParticleChunk, fingerprints: np.ndarray) -> bool:
-        """Whether the chunk went to the classifier thread (``False``: its queue is full; rank 0's lane reads it)."""
-        try:
-            self.to_classify.put_nowait((chunk, fingerprints))
-        except queue.Full:
-            return False
-        return True
+    def _to_classes(self, chunk: ParticleChunk) -> None:
+        """A chunk just read, to 2D (reader thread; never waits, as rank 0's reader's offer to its lane): to the
+        classifier thread, or, with no classes yet or its queue full, to rank 0's lane by location."""
+        if not self.settings.classify:
+            return
+        if self._classifying():
+            try:
+                self.to_classify.put_nowait((chunk, image_fingerprints(chunk.images)))
+                return
+            except queue.Full:
+                pass
+        with self.lock:
+            self.handover.to_classify.append(Located.of(chunk))
 
 
 def _rows(chunk: ParticleChunk, keep: np.ndarray) -> ParticleChunk:
