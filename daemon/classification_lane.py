@@ -575,7 +575,7 @@ class ClassificationLane:
         if not fresh.all():
             if not fresh.any():
                 return
-            chunk = _subset(chunk, fresh)
+            chunk = chunk.subset(fresh)
         self.held.add(chunk.stacks, chunk.indices)
         if chunk.optics and not self.optics:
             self.optics = dict(chunk.optics)
@@ -897,10 +897,3 @@ class ClassificationLane:
         if missing:
             logger.info("2D lane: %d particles of the session's map are not in the 2D checkpoint: classified "
                         "again (read from their stacks)", missing)
-
-
-def _subset(chunk: ParticleChunk, keep: np.ndarray) -> ParticleChunk:
-    picked = torch.from_numpy(np.flatnonzero(keep))
-    return ParticleChunk(chunk.origin, chunk.rows[keep], chunk.stacks[keep], chunk.indices[keep],
-                         chunk.images[picked], chunk.half_sets[picked],
-                         None if chunk.ctf is None else chunk.ctf[picked], chunk.optics)

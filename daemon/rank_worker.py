@@ -332,9 +332,9 @@ class RankWorker:
                     rest = np.arange(start, len(chunk))
                     if self._stopping.is_set() or not self._classifying():
                         with self.lock:
-                            self.handover.to_classify.append(Located.of(_rows(chunk, rest)))
+                            self.handover.to_classify.append(Located.of(chunk.subset(rest)))
                         break
-                    piece = _rows(chunk, rest[:PIECE])
+                    piece = chunk.subset(rest[:PIECE])
                     try:
                         assert self.classes is not None
                         self.classes.add(piece.images, piece.ctf, piece.half_sets.to(torch.int64))
@@ -343,7 +343,7 @@ class RankWorker:
                                          "lane by location from now on", self.ranks.rank)
                         self._class_failed = True
                         with self.lock:
-                            self.handover.to_classify.append(Located.of(_rows(chunk, rest)))
+                            self.handover.to_classify.append(Located.of(chunk.subset(rest)))
                             self._give_up_classes()
                         break
                     self._classified.append((Located.of(piece), fingerprints[rest[:PIECE]]))
@@ -415,11 +415,3 @@ class RankWorker:
                 pass
         with self.lock:
             self.handover.to_classify.append(Located.of(chunk))
-
-
-def _rows(chunk: ParticleChunk, keep: np.ndarray) -> ParticleChunk:
-    """The chunk's particles at positions ``keep`` `(k,)`."""
-    picked = torch.from_numpy(keep)
-    return ParticleChunk(chunk.origin, chunk.rows[keep], chunk.stacks[keep], chunk.indices[keep],
-                         chunk.images[picked], chunk.half_sets[picked],
-                         None if chunk.ctf is None else chunk.ctf[picked], chunk.optics)

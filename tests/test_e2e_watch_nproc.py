@@ -4,6 +4,7 @@ particles it wrote, and a rank killed mid-session, then the session resumed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,6 +78,17 @@ def _watch(watch: Path, *extra: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
 
 
+@contextlib.contextmanager
+def _reaped(process: subprocess.Popen[str]):  # noqa: ANN202 - a context manager
+    """``process`` killed (its pipes drained) if it still runs when the block ends (a failed assertion, a timeout)."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def _feed(stacks: list[Path], watch: Path, every: float) -> threading.Thread:
     """Place ``stacks`` in ``watch`` one every ``every`` seconds, in a thread."""
     def feed() -> None:
@@ -105,14 +117,9 @@ def test_two_ranks_share_a_live_session_and_write_the_map_of_its_particles(ctf_s
                                                                              tmp_path: Path) -> None:
     watch = tmp_path / "session"
     watch.mkdir()
-    process = _watch(watch, "--idle-exit", "5")
-    try:
+    with _reaped(_watch(watch, "--idle-exit", "5")) as process:
         _feed_stars(ctf_session, watch, every=0.4)
         stdout, stderr = process.communicate(timeout=400)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0, stderr
     assert f"stopped: {N} particles in the map" in stdout and "Traceback" not in stderr
     out = watch / "cryofastar"
@@ -132,9 +139,8 @@ def test_a_killed_rank_stops_the_session_cleanly_and_a_restart_resumes_exactly(s
                                                                               tmp_path: Path) -> None:
     watch = tmp_path / "session"
     watch.mkdir()
-    process = _watch(watch)
     started = time.monotonic()
-    try:
+    with _reaped(_watch(watch)) as process:
         feeder = _feed(stacks[:8], watch, every=0.5)
         stderr_lines: list[str] = []
         assert process.stderr is not None
@@ -147,10 +153,6 @@ def test_a_killed_rank_stops_the_session_cleanly_and_a_restart_resumes_exactly(s
         os.kill(workers[1], signal.SIGKILL)  # rank 1: the launcher starts local rank 0 first
         feeder.join()
         stdout, rest = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     stderr = "".join(stderr_lines) + rest
     assert time.monotonic() - started < 200  # no hang: rank 0 saw its peer go at the next sync
     assert process.returncode == 1, stderr[-3000:]
@@ -210,7 +212,7 @@ def test_two_ranks_classify_in_2d_together_and_the_class_sums_are_those_of_every
          "--classes-every", "0.5", "--checkpoint-every", "1", "--keep-junk"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
     out = watch / "cryofastar"
-    try:
+    with _reaped(process):
         _feed(stacks, watch, every=0.5).join()
         star, deadline = out / "classes" / "particles.star", time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
@@ -219,10 +221,6 @@ def test_two_ranks_classify_in_2d_together_and_the_class_sums_are_those_of_every
             time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0, stderr[-3000:]
     names = starfile.read(out / "classes" / "particles.star")["particles"]["rlnImageName"].tolist()
     assert len(names) == N and set(names) == set(_names(out))  # every particle of the map, once

@@ -156,6 +156,20 @@ def test_select_restricts_every_per_particle_field_together(tmp_path):
         source.select(np.ones(3, dtype=bool))
 
 
+def test_a_chunk_subset_keeps_every_per_particle_field_together(tmp_path):
+    star, a, b = _two_stack_set(tmp_path)
+    chunk = ParticleSource.from_star(star).images()
+    mask = np.zeros(9, dtype=bool)
+    mask[[2, 6, 7]] = True
+    for keep in (mask, np.array([2, 6, 7])):
+        part = chunk.subset(keep)
+        assert part.rows.tolist() == [2, 6, 7] and part.indices.tolist() == [3, 3, 4]
+        assert torch.equal(part.images, torch.stack([b[2], a[2], a[3]]))
+        assert part.ctf.defocus_u_angstrom.tolist() == [10002.0, 10006.0, 10007.0]
+        assert part.half_sets.tolist() == chunk.half_sets[[2, 6, 7]].tolist() and part.optics == chunk.optics
+    assert chunk.subset(np.array([7, 2])).indices.tolist() == [4, 3]  # positions: in the order given
+
+
 def test_a_bare_stack_and_a_star_naming_it_give_the_same_particles(tmp_path):
     volume = torch.zeros(BOX, BOX, BOX)
     volume[5:11, 6:10, 4:12] = 1.0

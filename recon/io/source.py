@@ -175,6 +175,16 @@ class ParticleChunk:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def subset(self, keep: np.ndarray) -> ParticleChunk:
+        """The chunk's particles at ``keep``: `(n,)` bool, or `(k,)` int64 positions (in that order); nothing
+        skipped."""
+        keep = np.asarray(keep)
+        picked = np.flatnonzero(keep) if keep.dtype == bool else keep.astype(np.int64)
+        index = torch.from_numpy(picked)
+        return ParticleChunk(self.origin, self.rows[picked], self.stacks[picked], self.indices[picked],
+                             self.images[index], self.half_sets[index], None if self.ctf is None else self.ctf[index],
+                             self.optics)
+
     def all_images(self) -> torch.Tensor:
         """`(n, B, B)` images when every row asked for was read, for callers that cannot go without one.
 
