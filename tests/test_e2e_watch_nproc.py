@@ -213,7 +213,7 @@ def test_two_ranks_classify_in_2d_together_and_the_class_sums_are_those_of_every
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
     out = watch / "cryofastar"
     with _reaped(process):
-        _feed(stacks, watch, every=0.5).join()
+        _feed(stacks, watch, every=0.25).join()
         star, deadline = out / "classes" / "particles.star", time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
             if star.exists() and len(starfile.read(star)["particles"]) == N:
