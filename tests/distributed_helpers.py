@@ -276,3 +276,80 @@ def classes_sync(n_lead: int, n_follow: int) -> dict:
         return {"zeroed": float(follower.sums.num.abs().max()) == 0.0 and follower.n_particles == 0}
     finally:
         ranks.leave()
+
+
+def follow_classes(watch: str, give_up: bool) -> dict:
+    """Rank 1 runs a real ``RankWorker`` on the stacks in ``watch``; rank 0 leads its syncs by hand, with a lead
+    classifier that classified rank 0's own share: its classes go out at the first sync and, with ``give_up``, from
+    the sync after the first that brought classified particles on, rank 0 says its lane takes no more (rank 1 is
+    then in the middle of its share). Rank 0 returns where each of rank 1's particles went (classified there, or by
+    location), how far its class sums are from what its table says every particle adds, and whether particles still
+    came classified after it said so."""
+    import mrcfile
+    from cryofastar.daemon.classification_lane import ClassifiedRows
+    from cryofastar.daemon.rank_worker import RankWorker
+    from cryofastar.daemon.settings import DaemonSettings
+    from cryofastar.engine.classification import ClassifySettings
+    from cryofastar.recon.classify2d.class_sums import ClassSums
+    from cryofastar.recon.classify2d.fourier_sampling import padded_spectra
+    from test_classify2d import APIX as APIX_2D
+    from test_classify2d import BOX as BOX_2D
+    from test_classify2d import _classifier
+
+    ranks = d.Ranks.join("cpu")
+    try:
+        settings = DaemonSettings(watch=Path(watch), out=Path(watch) / "out", settle_seconds=0.3, metrics_port=None,
+                                  poses_from="map-only", refine_after=100000,
+                                  classification=ClassifySettings(classes=4))
+        if not ranks.root:
+            RankWorker(settings, ranks).run()
+            return {}
+        stacks = sorted(str(p.resolve()) for p in Path(watch).glob("*.mrcs"))
+        images = {name: torch.from_numpy(mrcfile.read(name).copy()) for name in stacks}
+        names = np.concatenate([[name] * len(images[name]) for name in stacks])
+        indices = np.concatenate([np.arange(1, len(images[name]) + 1) for name in stacks])
+        mine = d.owners(names, indices, 2) == 0
+        lead_clf = _classifier(k=4, start=40)
+        own = [(str(n), int(k)) for n, k in zip(names[mine], indices[mine], strict=True)]
+        lead_clf.add(torch.stack([images[n][k - 1] for n, k in own]), None,
+                     torch.from_numpy(indices[mine] % 2 + 1).to(torch.int64))
+        share = int((~mine).sum())
+        geometry = SessionGeometry(BOX_2D, APIX_2D)
+        announce(ranks, Command("start", journal=IngestJournal().state_dict()))
+        acc = HalfSetAccumulator(BOX_2D, APIX_2D)
+        taken, located, inserted, late, step, classify = list(own), [], 0, False, 0, True
+        deadline = time.monotonic() + 120
+        while True:
+            step += 1
+            classify = classify and not (give_up and len(taken) > len(own))
+            done = inserted >= share and len(taken) - len(own) + len(located) >= share
+            op = "stop" if done or time.monotonic() > deadline else "sync"
+            sums = ClassSums(4, lead_clf.box, lead_clf.apix)
+            command = Command(op, geometry=geometry, classes=lead_clf.references() if step == 1 else None,
+                              classify=classify)
+            for handover in lead(ranks, command, acc, sums):
+                inserted += handover.particles
+                located += [(str(n), int(k)) for part in handover.to_classify
+                            for n, k in zip(part.stacks, part.indices, strict=True)]
+                if handover.classified is not None:
+                    late |= not classify
+                    rows = ClassifiedRows.merged([handover.classified], sums.state_dict())
+                    lead_clf.take(rows.delta)
+                    taken += [(str(n), int(k)) for n, k in zip(rows.stacks, rows.indices, strict=True)]
+            if op == "stop":
+                break
+            time.sleep(0.3)
+        fresh, t = ClassSums(4, lead_clf.box, lead_clf.apix), lead_clf.table
+        spectra = padded_spectra(torch.stack([images[n][k - 1] for n, k in taken]))
+        for slot in range(t.keep):
+            present = t.classes[: t.n, slot] >= 0
+            terms = fresh.contributions(spectra, torch.from_numpy(present), None,
+                                        torch.from_numpy(t.psi[: t.n, slot]), torch.from_numpy(t.shifts[: t.n, slot]))
+            fresh.add(torch.from_numpy(t.classes[: t.n, slot][present]), torch.from_numpy(t.halves[: t.n][present]),
+                      torch.from_numpy(t.weights[: t.n, slot][present]), terms)
+        theirs = sorted((str(n), int(k)) for n, k in zip(names[~mine], indices[~mine], strict=True))
+        return {"share": theirs, "classified": sorted(taken[len(own):]), "located": sorted(located),
+                "inserted": inserted, "late": late, "rows": t.n,
+                "sums": float((lead_clf.sums.num - fresh.num).abs().max() / fresh.num.abs().max())}
+    finally:
+        ranks.leave()
