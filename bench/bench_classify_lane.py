@@ -27,7 +27,8 @@ within 30 s of the first 1,000 particles. This script measures both on the real 
    daemon's clock): particles read (``particles_ingested``), posed, in the map (``particles_in_map``, the 3D
    lane) and its refinement phase, in the 2D classes (``classification.particles``), waiting for the 2D lane
    (``classification.waiting``), 2D alignments (new and re-aligned), class set version; and every ``classes``
-   message (version, particles, time). It stops when both lanes hold every particle, when the daemon exits, or
+   message (version, particles, time). It stops when both lanes hold every particle (and, with
+   ``--until-aligned P``, the 2D lane has made ``P`` alignments per particle), when the daemon exits, or
    after ``--timeout`` s; then it sends the daemon SIGINT and waits for it to write its files and exit.
 5. **Figures** (a crossing time is interpolated linearly between the two status samples around it):
 
@@ -48,7 +49,12 @@ within 30 s of the first 1,000 particles. This script measures both on the real 
      <= 30 s). When all stacks are in place at the start, the daemon reads 1,000 particles before its first
      status message: that time is then only interpolated, and the figure judged is the upper bound, from the
      daemon's start (Python and the network loading included) to the first classes;
-   - the daemon's CPU time (``/proc/PID/stat``, all its threads) over the run, and the load average.
+   - the daemon's CPU time (``/proc/PID/stat``, all its threads) over the run, and the load average (with
+     ``--nproc`` that process is the launcher, whose ranks are not counted: the figure is then meaningless).
+
+With ``--evaluate``, the lane's last class set (written when the daemon stopped) is then scored against the
+session's truth (``bench/classify_eval.py``: each class matched to a projection of the true map; in-plane
+error of the real particles): the figures to compare two settings by, e.g. ``--extra-args="--nproc 2"``.
 
 A table of the figures beside the targets (met or not) is printed and the whole record, every sample
 included, written as JSON to ``bench/results/classify_lane_<tag>.json``. A benchmark, not a test: the
@@ -223,7 +229,8 @@ def record(args: argparse.Namespace, watch: Path, staged: list[tuple[Path, int]]
                 if placer is None and rest and (last["posed"] or 0) >= warm_count:  # live, or after the warm-up
                     placer = threading.Thread(target=place, args=(rest, watch, args.live_rate, placed), daemon=True)
                     placer.start()
-                if (last["map"] or 0) >= n and (last["classified"] or 0) >= n:
+                if (last["map"] or 0) >= n and (last["classified"] or 0) >= n and \
+                        (last["alignments"] or 0) >= args.until_aligned * n:
                     stop_reason = "both lanes hold every particle"
                     break
                 if len(samples) % 10 == 0:
@@ -470,6 +477,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/bench_classify_lane", help="working directory (sessions, runs)")
     p.add_argument("--extra-args", default="", help="extra arguments for watch (one string)")
     p.add_argument("--tag", default=None, help="JSON name: bench/results/classify_lane_<tag>.json")
+    p.add_argument("--until-aligned", type=float, default=0.0, metavar="PASSES",
+                   help="also wait until the 2D lane has made this many alignments per particle (its idle "
+                        "re-alignment goes on to --passes, 4 by default)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="after the run, score the 2D lane's last class set against the session's truth "
+                        "(bench/classify_eval.py: class correlation with the true map, in-plane error)")
     p.add_argument("--figures-from", default=None, metavar="JSON",
                    help="run nothing: compute the figures of a recorded run (its JSON) again, print them and "
                         "write them back into it")
@@ -496,6 +509,30 @@ def refigure(path: Path) -> int:
     path.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
     print(f"\nwrote {path}")
     return 0
+
+
+def evaluate_against_truth(session: Path, run: Path) -> dict:
+    """The lane's last class set (``run/out/classes``) scored against the simulated ``session``'s truth
+    (:func:`classify_eval.evaluate_classification`). The lane names particles relative to ``--out`` and through the
+    watched directory's hard links, so the truth is rewritten to name the same links (``run/truth``) and the
+    class files are read from a folder beside ``out`` (``run/classes_scored``), where those names resolve."""
+    import starfile
+    from classify_eval import evaluate_classification
+
+    truth = starfile.read(session / "particles.star", always_dict=True)
+    particles = truth["particles"].copy()
+    links = (run / "watch" / ".stacks").resolve()
+    parts = particles["rlnImageName"].str.split("@", n=1, expand=True)
+    particles["rlnImageName"] = parts[0] + "@" + parts[1].map(lambda name: str(links / Path(name).name))
+    folder = run / "truth"
+    folder.mkdir(exist_ok=True)
+    starfile.write({"optics": truth["optics"], "particles": particles}, folder / "particles.star", overwrite=True)
+    reference = folder / "reference.mrc"
+    if not reference.exists():
+        reference.symlink_to((session / "reference.mrc").resolve())
+    scored = run / "classes_scored"
+    shutil.copytree(run / "out" / "classes", scored, dirs_exist_ok=True)
+    return evaluate_classification(scored, folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,6 +571,13 @@ def main(argv: list[str] | None = None) -> int:
                            "python": platform.python_version(), "uptime_start": uptime_start,
                            "uptime_end": uptime_end},
                "figures": f, "run": rec}
+    if args.evaluate:
+        quality = evaluate_against_truth(session, run)
+        payload["quality"] = quality
+        inplane = quality["inplane"]
+        print(f"\nclasses against the truth: good fraction {quality['good_fraction']:.3f}, median class correlation "
+              f"{quality['median_class_correlation']:.3f}, in-plane error median {inplane['median_degrees']:.2f}° "
+              f"(90th percentile {inplane['p90_degrees']:.1f}°, within 5° {inplane['within_5_degrees']:.3f})")
     path.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
     print(f"\nwrote {path}")
     complete = rec["stop_reason"] == "both lanes hold every particle" and rec["exit_code"] == 0
