@@ -504,7 +504,8 @@ class ClassificationLane:
 
     def _take_classified(self) -> bool:
         """Take the next particles another rank aligned (rows, sums, noise; then the references are rebuilt), and
-        re-align ``revisits_per_taken`` as many due ones. Returns whether there were any."""
+        re-align due ones as after the lane's own new particles (:meth:`_revisit`). Returns whether there were
+        any."""
         with self._overflow_lock:
             rows = self._classified.popleft() if self._classified else None
         if rows is None:
@@ -523,8 +524,7 @@ class ClassificationLane:
             self.optics = dict(rows.optics)
         self.from_other_ranks += len(rows)
         self._aligned(len(rows))
-        if not self._stop.is_set() and not (self.waiting and self._map_is_busy()):
-            self._realign(int(self.policy.revisits_per_taken * len(rows)))
+        self._revisit(len(rows))
         return True
 
     def _next_new(self) -> ParticleChunk | None:
@@ -624,11 +624,19 @@ class ClassificationLane:
             self.classifier.add(images, ctf, chunk.half_sets[part].to(torch.int64))
             self.table.append(chunk.stacks[part], chunk.indices[part], ctf, image_fingerprints(images))
             self._aligned(len(images))
-        if not self._stop.is_set():
-            per_new = self.policy.revisits_when_behind if self.waiting else self.policy.revisits_per_new
-            if self.waiting and self._map_is_busy():
-                per_new = 0.0  # behind, and the 3D lane too: new particles first, re-alignment once there is time
-            self._realign(int(per_new * len(chunk)))
+        self._revisit(len(chunk))
+
+    def _revisit(self, n: int) -> None:
+        """After ``n`` new particles (the lane's own, or another rank's): re-align ``revisits_per_new * n`` due
+        ones, ``revisits_when_behind * n`` while more new particles wait (queued, by location, or aligned by
+        another rank and not yet taken), none while more wait and the 3D lane is busy too."""
+        if self._stop.is_set():
+            return
+        behind = bool(self.waiting or self._classified)
+        per_new = self.policy.revisits_when_behind if behind else self.policy.revisits_per_new
+        if behind and self._map_is_busy():
+            per_new = 0.0  # behind, and the 3D lane too: new particles first, re-alignment once there is time
+        self._realign(int(per_new * n))
 
     def _aligned(self, n: int) -> None:
         self.alignments += n

@@ -73,16 +73,10 @@ class ClassificationPolicy:
         Alignments per particle the offline job completes (the first one included).
     chunk: int
         Particles per call to the classifier.
-    revisits_per_taken: float
-        Re-alignments by the live lane per particle another rank of ``watch --nproc`` aligned
-        (daemon/rank_sync.py): re-alignment stays with the lane, which holds every particle, so
-        this is kept low, or the lane would do the whole session's re-alignment while the others
-        share only the new particles; it catches up while the microscope pauses.
     """
 
     revisits_per_new: float = 1.0
     revisits_when_behind: float = 0.25
-    revisits_per_taken: float = 0.25
     passes: int = 4
     chunk: int = 512
 
