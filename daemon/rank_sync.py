@@ -14,8 +14,8 @@ a last one when it stops. The collectives, in the same order on every rank:
    journal (a restarted session's particles are not read again);
 2. **gather** to rank 0: each other rank's :class:`Handover`: the rows it inserted since the
    last sync (locations, poses, scores, CTF, fingerprints), its counts and rejections, and
-   how many particles it still holds; then an all-reduce of one number, the particles handed
-   over, so every rank knows whether step 3 happens;
+   how many particles it still holds; then an all-reduce of two numbers, the particles inserted
+   and the particles classified that were handed over, so every rank knows what step 3 holds;
 3. **reduce** of the 2D class sums, when any rank aligned particles against rank 0's classes
    (below), into scratch sums of rank 0's; then of the grids into rank 0's, when any handover
    holds particles (:func:`~cryofastar.engine.distributed.reduce_accumulator`); the others then
@@ -23,7 +23,7 @@ a last one when it stops. The collectives, in the same order on every rank:
 
 **2D classes** (the 2D lane, ``--classify``): once rank 0's classes have started, each command
 carries their newest :class:`~cryofastar.recon.classify2d.ClassReferences`; every other rank
-then aligns the particles it inserts against them with a follower classifier
+then aligns the particles it reads against them with a follower classifier
 (:mod:`~cryofastar.recon.classify2d.class_delta`) and hands over the rows
 (:class:`~cryofastar.daemon.classification_lane.ClassifiedRows`) with the sums reduced in
 step 3. Rank 0's 2D lane takes them
@@ -223,10 +223,11 @@ def lead(ranks: Ranks, command: Command, accumulator: HalfSetAccumulator | None,
         parts: list[Handover] = [Handover()] * ranks.world
         dist.gather_object(Handover(), parts, dst=0)
         particles, classified = _totals(ranks, Handover())
-        if classified:  # into scratch sums: a failure here leaves rank 0 as it was
-            if class_sums is None:
-                raise RuntimeError("other ranks handed over 2D classes before rank 0 sent any")
-            reduce_tensors(_class_tensors(class_sums), ranks)
+    if classified:  # into scratch sums: a failure here leaves rank 0 as it was
+        if class_sums is None:  # a bug, not a lost rank: raised as it is
+            raise RuntimeError("other ranks handed over 2D classes before rank 0 sent any")
+        with _answering():
+            reduce_tensors(class_sums.tensors(), ranks)
     if particles:
         if accumulator is None:  # (the others read nothing before rank 0 sent the geometry, which makes its grids)
             raise RuntimeError("other ranks handed over particles before rank 0 had grids")
@@ -242,10 +243,6 @@ def _totals(ranks: Ranks, handover: Handover) -> tuple[int, int]:
     total = torch.tensor([handover.particles, rows], dtype=torch.int64, device=ranks.device)  # NCCL: on the GPU
     dist.all_reduce(total)
     return int(total[0]), int(total[1])
-
-
-def _class_tensors(sums: ClassSums) -> list[torch.Tensor]:
-    return [sums.num, sums.den, sums.mass]
 
 
 @contextlib.contextmanager
@@ -292,8 +289,8 @@ def hand_over(ranks: Ranks, handover: Handover, accumulator: HalfSetAccumulator 
         if class_sums is None:
             raise RuntimeError("2D classes handed over by another rank before this one had any")
         with _answering():
-            reduce_tensors(_class_tensors(class_sums), ranks)
-        for tensor in _class_tensors(class_sums):
+            reduce_tensors(class_sums.tensors(), ranks)
+        for tensor in class_sums.tensors():
             tensor.zero_()
     if particles == 0:
         return

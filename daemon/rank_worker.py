@@ -89,7 +89,7 @@ class RankWorker:
         self.random = RandomPoser(seed=1 + ranks.rank)
         self.first = RankPoser(settings.refine_box, self.device)
         self.files: queue.Queue[Path] = queue.Queue(settings.queue_size)
-        self.chunks: queue.Queue[ParticleChunk] = queue.Queue(settings.queue_size)
+        self.chunks: queue.Queue[tuple[ParticleChunk, np.ndarray]] = queue.Queue(settings.queue_size)  # + fingerprints
         self.lock = threading.Lock()  # taken by each insertion and by each handover
         self.handover = Handover()
         self.accumulator: HalfSetAccumulator | None = None
@@ -291,13 +291,14 @@ class RankWorker:
                 if not len(chunk):
                     continue
                 self.taken.add(chunk.stacks, chunk.indices)
-                self._to_classes(chunk)
+                fingerprints = image_fingerprints(chunk.images)  # once, for the map's rows and for 2D
+                self._to_classes(chunk, fingerprints)
                 with self.lock:
                     self._held += len(chunk)
                     self.handover.count("particles_ingested", len(chunk))
                 while True:
                     try:
-                        self.chunks.put(chunk, timeout=_POLL)
+                        self.chunks.put((chunk, fingerprints), timeout=_POLL)
                         break
                     except queue.Full:
                         if self._stopping.is_set():
@@ -311,13 +312,13 @@ class RankWorker:
     def _poser(self) -> None:
         while not self._stopping.is_set():
             try:
-                chunk = self.chunks.get(timeout=_POLL)
+                chunk, fingerprints = self.chunks.get(timeout=_POLL)
             except queue.Empty:
                 continue
             network = self._wait_for_frame()
             if network is None:
                 return  # stopping before rank 0's network frame came: read again at the next start
-            self._insert(chunk, network)
+            self._insert(chunk, fingerprints, network)
 
     def _classifier(self) -> None:
         """Align each queued chunk against rank 0's classes, :data:`PIECE` particles per step (one core)."""
@@ -358,8 +359,9 @@ class RankWorker:
             if self._stopping.wait(_POLL):
                 return None
 
-    def _insert(self, chunk: ParticleChunk, network: bool) -> None:
-        """First poses of one chunk, then into the grids and the next handover (one lock)."""
+    def _insert(self, chunk: ParticleChunk, fingerprints: np.ndarray, network: bool) -> None:
+        """First poses of one chunk (``fingerprints`` `(n,)` of its images), then into the grids and the next
+        handover (one lock)."""
         assert self.geometry is not None and self.accumulator is not None
         apix = self.geometry.apix
         t0 = time.perf_counter()
@@ -383,7 +385,6 @@ class RankWorker:
         if refined is not None:
             rotations, origins, scores, spread = (refined.rotations, refined.origins_angstrom, refined.scores,
                                                   refined.spread_degrees)
-        fingerprints = image_fingerprints(chunk.images)
         with self.lock:
             try:
                 self.accumulator.add(chunk.images, rotations, origins, chunk.half_sets, chunk.ctf)
@@ -402,14 +403,15 @@ class RankWorker:
             self._held -= len(chunk)
         logger.debug("rank %d: %d particles in %.2f s", self.ranks.rank, len(chunk), time.perf_counter() - t0)
 
-    def _to_classes(self, chunk: ParticleChunk) -> None:
-        """A chunk just read, to 2D (reader thread; never waits, as rank 0's reader's offer to its lane): to the
-        classifier thread, or, with no classes yet or its queue full, to rank 0's lane by location."""
+    def _to_classes(self, chunk: ParticleChunk, fingerprints: np.ndarray) -> None:
+        """A chunk just read (``fingerprints`` of its images), to 2D (reader thread; never waits, as rank 0's
+        reader's offer to its lane): to the classifier thread, or, with no classes yet or its queue full, to rank
+        0's lane by location."""
         if not self.settings.classify:
             return
         if self._classifying():
             try:
-                self.to_classify.put_nowait((chunk, image_fingerprints(chunk.images)))
+                self.to_classify.put_nowait((chunk, fingerprints))
                 return
             except queue.Full:
                 pass

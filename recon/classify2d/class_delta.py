@@ -18,7 +18,7 @@ frame, and the lead moves a delta from its frame to its own current one, the exa
 :meth:`~.classifier.StreamingClassifier` makes when it centres a class (sums by a phase
 ramp, members' displacements by the turned move). A follower's additions are then the
 same, to rounding, as the lead's own :meth:`~.classifier.StreamingClassifier.add` of the same
-particles against the same references (tests/test_classify2d.py).
+particles against the same references (tests/test_class_delta.py).
 """
 
 from __future__ import annotations

@@ -138,6 +138,10 @@ class ClassSums:
         self.den.view(-1, *self.den.shape[2:]).index_add_(0, slot, den * w)
         self.mass.view(-1).index_add_(0, slot, w[:, 0, 0])
 
+    def tensors(self) -> list[torch.Tensor]:
+        """``num``, ``den`` and ``mass``: everything the sums hold (what an all-reduce adds, what zeroing empties)."""
+        return [self.num, self.den, self.mass]
+
     def shift_classes(self, shifts: torch.Tensor) -> None:
         """Move each class's content by `(K, 2)` pixels (x, y) (a phase ramp; exact)."""
         q = rfft_frequencies_2d(self.box, dtype=torch.float64) * self.box

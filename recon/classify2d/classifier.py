@@ -380,19 +380,16 @@ class StreamingClassifier:
             raise ValueError("only a follower hands over what it added (adopt() references first)")
         delta = ClassDelta(self.table.state(), self.sums.state_dict() if with_sums else None,
                            list(self._residuals), self.offsets_px.clone())
-        if with_sums:
-            self.clear()
-        else:
-            self.table = _Grow(self.settings.keep)
-            self._residuals = []
+        self.clear(sums=with_sums)
         return delta
 
-    def clear(self) -> None:
-        """A follower holds nothing again (its table, sums and residuals emptied)."""
+    def clear(self, sums: bool = True) -> None:
+        """A follower holds no row again (its table and residuals emptied) and, with ``sums``, no sums."""
         self.table = _Grow(self.settings.keep)
         self._residuals = []
-        for tensor in (self.sums.num, self.sums.den, self.sums.mass):
-            tensor.zero_()
+        if sums:
+            for tensor in self.sums.tensors():
+                tensor.zero_()
 
     def take(self, delta: ClassDelta) -> np.ndarray:
         """Add what followers aligned (:mod:`.class_delta`): their rows (returned, in order), sums and noise
@@ -411,7 +408,7 @@ class StreamingClassifier:
             raise ValueError(f"a class delta in a frame of shape {tuple(delta.offsets_px.shape)} for "
                              f"{self.settings.n_classes} classes")
         move = self.offsets_px - delta.offsets_px
-        entries = {name: np.array(values, copy=True) for name, values in delta.table.items()}
+        entries = dict(delta.table)  # written into the table below (a copy); shifts replaced when moved
         if bool((move != 0).any()):
             sums.shift_classes(move)
             entries["shifts"] = _moved_shifts(entries["classes"], entries["psi"], entries["shifts"], move)
@@ -420,9 +417,8 @@ class StreamingClassifier:
             getattr(self.table, name)[rows] = values
         self.table.aligned_at[rows] = self.steps
         self.steps += 1
-        self.sums.num += sums.num
-        self.sums.den += sums.den
-        self.sums.mass += sums.mass
+        for mine, theirs in zip(self.sums.tensors(), sums.tensors(), strict=True):
+            mine += theirs
         for residual in delta.noise:
             self._fold_noise(residual)
         self._rebuild()
@@ -701,8 +697,6 @@ class StreamingClassifier:
         images = irfft2_centered(spectra, self.box).to(torch.float32)
         com = centre_of_mass(images, self.mask).to(torch.float64)  # (K, 2)
         move = torch.where(com.norm(dim=-1, keepdim=True) > 0.5, -com, torch.zeros_like(com))
-        if not bool((move != 0).any()):
-            return
         self._move_classes(move)
 
     def _move_classes(self, move: torch.Tensor) -> None:
